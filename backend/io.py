@@ -1,0 +1,401 @@
+"""CT and mask I/O with exact geometry: :class:`Geometry`, :class:`Volume`, read/write.
+
+Conventions (see ``docs/architecture.md``):
+
+* ``Volume.array`` is a numpy array in SimpleITK order **(z, y, x)**.
+* ``Geometry`` stores ``size``, ``spacing`` and ``origin`` in SimpleITK **(x, y, z)** order and
+  ``direction`` as a row-major 9-tuple (column ``j`` = world direction of index axis ``j``), all in
+  the LPS world frame that ITK uses.
+* Integer images stay integer: the pixel type SimpleITK reads is kept.
+* Files are written atomically (temporary file in the same folder, then :func:`os.replace`), and the
+  file a :class:`Volume` was read from is never overwritten unless the caller asks for it.
+
+NIfTI stores spacing, origin and direction as float32. Geometry read from a NIfTI file therefore
+survives any number of read/write round trips bit-exactly; geometry made up in float64 (e.g.
+spacing 0.7) comes back as its nearest float32 value, which :meth:`Geometry.matches` accepts.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence, Union
+
+import numpy as np
+
+from backend.errors import DiffTumorError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import SimpleITK as sitk
+
+PathLike = Union[str, os.PathLike]
+
+#: File endings SimpleITK reads/writes here (besides DICOM series folders for reading).
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def image_suffix(path: PathLike) -> str:
+    """The image file ending of ``path`` (``".nii.gz"`` counts as one), lower case; "" if unknown."""
+    name = Path(path).name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+def strip_image_suffix(path: PathLike) -> str:
+    """File name of ``path`` without its image ending (``case_001.nii.gz`` -> ``case_001``)."""
+    name = Path(path).name
+    suffix = image_suffix(name)
+    return name[: len(name) - len(suffix)] if suffix else Path(name).stem
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Geometry:
+    """The voxel grid of a 3D image, in SimpleITK (x, y, z) order and LPS world coordinates.
+
+    ``direction`` is row-major: ``np.reshape(direction, (3, 3))[:, j]`` is the world (LPS) unit
+    vector along index axis ``j``; world = origin + D @ (index * spacing).
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
+        object.__setattr__(self, "origin", tuple(float(v) for v in self.origin))
+        object.__setattr__(self, "direction", tuple(float(v) for v in np.ravel(self.direction)))
+        if len(self.size) != 3 or len(self.spacing) != 3 or len(self.origin) != 3:
+            raise ValueError(f"Geometry must be 3D, got size {self.size}, spacing {self.spacing}, origin {self.origin}")
+        if len(self.direction) != 9:
+            raise ValueError(f"Geometry.direction must have 9 values, got {len(self.direction)}")
+        if min(self.spacing) <= 0:
+            raise ValueError(f"Geometry.spacing must be positive, got {self.spacing}")
+
+    # -- conversions -------------------------------------------------------------------------
+    @classmethod
+    def from_image(cls, image: "sitk.Image") -> "Geometry":
+        return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+    def apply_to(self, image: "sitk.Image") -> "sitk.Image":
+        """Set spacing, origin and direction on ``image`` (in place; returned for chaining)."""
+        if tuple(image.GetSize()) != self.size:
+            raise ValueError(f"image size {image.GetSize()} differs from geometry size {self.size}")
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict (lists of Python numbers)."""
+        return {
+            "size": list(self.size),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        return cls(tuple(d["size"]), tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]))
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """numpy array shape (z, y, x) of an image on this grid."""
+        return self.size[::-1]
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres (spacing in mm)."""
+        return float(np.prod(self.spacing)) / 1000.0
+
+    def matches(self, other: "Geometry", *, rtol: float = 1e-6, atol: float = 1e-5) -> bool:
+        """True if both describe the same grid up to floating-point noise.
+
+        Sizes must be equal; spacing, origin (mm) and direction cosines are compared with
+        ``numpy.allclose(rtol, atol)``, so spacing 0.9999999999999929 matches 1.0 but 1.0 vs 1.01
+        (or a flipped axis) does not.
+        """
+        if self.size != other.size:
+            return False
+        return (
+            np.allclose(self.spacing, other.spacing, rtol=rtol, atol=atol)
+            and np.allclose(self.origin, other.origin, rtol=rtol, atol=atol)
+            and np.allclose(self.direction, other.direction, rtol=rtol, atol=atol)
+        )
+
+    def describe_difference(self, other: "Geometry", *, rtol: float = 1e-6, atol: float = 1e-5) -> str:
+        """Short text naming the first field that differs ("" if the grids match)."""
+        if self.size != other.size:
+            return f"size {self.size} vs {other.size}"
+        for name in ("spacing", "origin", "direction"):
+            a, b = getattr(self, name), getattr(other, name)
+            if not np.allclose(a, b, rtol=rtol, atol=atol):
+                return f"{name} {_fmt(a)} vs {_fmt(b)}"
+        return ""
+
+    def world_to_voxel(self, points) -> np.ndarray:
+        """World (LPS, mm) points ``(..., 3)`` -> continuous voxel indices ``(..., 3)`` in (x, y, z) order.
+
+        Index (i, j, k) addresses ``array[k, j, i]``; integer values are voxel centres.
+        """
+        p = np.asarray(points, dtype=np.float64) - np.asarray(self.origin)
+        idx = p @ np.linalg.inv(self.direction_matrix).T
+        return idx / np.asarray(self.spacing)
+
+    def voxel_to_world(self, indices) -> np.ndarray:
+        """Voxel indices ``(..., 3)`` in (x, y, z) order -> world (LPS, mm) points ``(..., 3)``."""
+        idx = np.asarray(indices, dtype=np.float64) * np.asarray(self.spacing)
+        return idx @ self.direction_matrix.T + np.asarray(self.origin)
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+def check_same_grid(a, b, *, names: tuple[str, str] = ("image", "mask"), rtol: float = 1e-6, atol: float = 1e-5) -> None:
+    """Raise :class:`DiffTumorError` unless ``a`` and ``b`` (Geometry or Volume) share one grid.
+
+    ``names`` name the two inputs in the message, e.g. ``("ct.nii.gz", "organs.nii.gz")``; the
+    message reads ``"organs.nii.gz: grid does not match ct.nii.gz (size ... vs ...)"``.
+    """
+    ga = a.geometry if isinstance(a, Volume) else a
+    gb = b.geometry if isinstance(b, Volume) else b
+    if not ga.matches(gb, rtol=rtol, atol=atol):
+        diff = gb.describe_difference(ga, rtol=rtol, atol=atol)
+        raise DiffTumorError(f"{names[1]}: grid does not match {names[0]} ({diff}); resample it onto the same grid first")
+
+
+# --------------------------------------------------------------------------------------------
+# Volume
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Volume:
+    """A 3D image: ``array`` (z, y, x) in SimpleITK order + its :class:`Geometry` (+ source file)."""
+
+    array: np.ndarray
+    geometry: Geometry
+    path: Path | None = field(default=None)
+
+    def __post_init__(self):
+        self.array = np.asarray(self.array)
+        if self.array.ndim != 3:
+            raise ValueError(f"Volume.array must be 3D (z, y, x), got shape {self.array.shape}")
+        if tuple(self.array.shape) != self.geometry.shape:
+            raise ValueError(
+                f"Volume.array shape {self.array.shape} (z, y, x) does not match geometry size {self.geometry.size} (x, y, z)"
+            )
+        if self.path is not None:
+            self.path = Path(self.path)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.geometry.spacing
+
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        return self.geometry.origin
+
+    @property
+    def direction(self) -> tuple[float, ...]:
+        return self.geometry.direction
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "<in-memory volume>"
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        """A new Volume on the same grid (no source path: it is new data)."""
+        return Volume(np.asarray(array), self.geometry, None)
+
+    def to_sitk(self) -> "sitk.Image":
+        import SimpleITK as sitk
+
+        arr = self.array
+        if arr.dtype == np.bool_:
+            arr = arr.astype(np.uint8)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=False)
+        return self.geometry.apply_to(image)
+
+    @classmethod
+    def from_sitk(cls, image: "sitk.Image", path: PathLike | None = None) -> "Volume":
+        import SimpleITK as sitk
+
+        return cls(sitk.GetArrayFromImage(image), Geometry.from_image(image), path)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+def _dicom_series_files(folder: Path) -> list[str]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" is reported by us
+    try:
+        series = reader.GetGDCMSeriesIDs(str(folder)) or ()
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
+    best: list[str] = []
+    for sid in series:
+        files = list(reader.GetGDCMSeriesFileNames(str(folder), sid))
+        if len(files) > len(best):
+            best = files
+    return best
+
+
+def read_image(path: PathLike) -> Volume:
+    """Read a 3D image (NIfTI, NRRD, MHA/MHD, or a DICOM series folder) into a :class:`Volume`.
+
+    A DICOM folder holding several series gives the series with the most files. The pixel type is
+    kept (int16 CT stays int16). Raises :class:`DiffTumorError` naming the file for a missing or
+    unreadable file, a 2D or 4D image, or a multi-component (vector/RGB) image.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise DiffTumorError(f"{path}: no such file or folder")
+    try:
+        if path.is_dir():
+            files = _dicom_series_files(path)
+            if not files:
+                raise DiffTumorError(f"{path}: folder holds no DICOM series (expected a folder of .dcm slices)")
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        else:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            image = reader.Execute()
+    except DiffTumorError:
+        raise
+    except RuntimeError as exc:
+        kind = "a DICOM series" if path.is_dir() else "an image file"
+        raise DiffTumorError(f"{path}: cannot read as {kind} (corrupt or unsupported: {_itk_reason(exc)})") from None
+
+    image = _as_3d(image, path)
+    return Volume.from_sitk(image, path)
+
+
+def _itk_reason(exc: Exception) -> str:
+    """The most informative single line of an ITK exception text."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "rror" in ln or "nable" in ln or "not" in ln:
+            ln = ln.replace("sitk::ERROR:", "").replace("ERROR:", "")
+            return ln.strip(" :")[:200]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
+
+
+def _as_3d(image: "sitk.Image", path: Path) -> "sitk.Image":
+    import SimpleITK as sitk
+
+    n_comp = image.GetNumberOfComponentsPerPixel()
+    if n_comp != 1:
+        raise DiffTumorError(f"{path}: image has {n_comp} components per voxel (vector/RGB); expected a scalar 3D CT or mask")
+    dim = image.GetDimension()
+    size = tuple(image.GetSize())
+    if dim == 4 and size[3] == 1:  # a 3D volume stored with a singleton time axis
+        image = sitk.Extract(image, (*size[:3], 0), (0, 0, 0, 0))
+        dim, size = 3, size[:3]
+    if dim == 2:
+        raise DiffTumorError(f"{path}: image is 2D {size}; expected a 3D volume")
+    if dim != 3:
+        raise DiffTumorError(f"{path}: image is {dim}D {size}; expected a 3D volume (4D/time series are not supported)")
+    if min(size) < 2:
+        raise DiffTumorError(f"{path}: image is a single slice {size}; expected a 3D volume")
+    return image
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+def write_image(
+    data: Volume | np.ndarray,
+    path: PathLike | Geometry,
+    geometry: Geometry | PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    overwrite_source: bool | None = None,
+    compress: bool = True,
+) -> Path:
+    """Write a Volume (or a (z, y, x) array + Geometry) atomically; the format follows the extension.
+
+    Both ``write_image(volume, path)``/``write_image(array, path, geometry)`` and the
+    ``write_image(array, geometry, path)`` order are accepted. Writing onto the file ``data`` was
+    read from is refused unless ``overwrite=True`` (alias ``overwrite_source=True``); other
+    existing files are replaced. Booleans are written as uint8. Returns the written path.
+    """
+    import SimpleITK as sitk
+
+    if isinstance(path, Geometry):  # (data, geometry, path) order
+        path, geometry = geometry, path
+    if path is None:
+        raise ValueError("write_image needs an output path")
+    if overwrite_source is not None:
+        overwrite = overwrite or overwrite_source
+    target = Path(path)
+
+    if isinstance(data, Volume):
+        if geometry is not None and not geometry.matches(data.geometry, rtol=0, atol=0):
+            data = Volume(data.array, geometry, data.path)
+        volume = data
+    else:
+        if geometry is None:
+            raise ValueError("write_image(array, path) needs a geometry")
+        volume = Volume(np.asarray(data), geometry)
+
+    suffix = image_suffix(target)
+    if not suffix:
+        raise DiffTumorError(f"{target}: unknown output format; use one of {', '.join(IMAGE_SUFFIXES)}")
+    if not target.parent.is_dir():
+        raise DiffTumorError(f"{target}: output folder {target.parent} does not exist")
+    if volume.path is not None and not overwrite and _same_file(volume.path, target):
+        raise DiffTumorError(f"{target}: refusing to overwrite the input file this volume was read from (pass overwrite=True)")
+    if suffix in (".mhd", ".nhdr"):
+        # Header + separate data file: an atomic rename of two files is not possible; write directly.
+        sitk.WriteImage(volume.to_sitk(), str(target), useCompression=compress)
+        return target
+
+    # Keep the real ending on the temporary name so SimpleITK picks the right writer; let the
+    # writer create it (mkstemp would leave mode 0600 on the result).
+    tmp = str(target.parent / f".{strip_image_suffix(target)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        sitk.WriteImage(volume.to_sitk(), tmp, useCompression=compress)
+        os.replace(tmp, target)
+    except RuntimeError as exc:
+        raise DiffTumorError(f"{target}: cannot write image ({_itk_reason(exc)})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return Path(os.path.abspath(a)) == Path(os.path.abspath(b))

@@ -1,0 +1,246 @@
+"""backend.io: geometry-exact read/write, DICOM series, bad input."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from backend.errors import DiffTumorError
+from backend.io import Geometry, Volume, check_same_grid, read_image, write_image
+
+
+def _rotation(ax_deg: float, ay_deg: float, az_deg: float) -> np.ndarray:
+    ax, ay, az = np.deg2rad([ax_deg, ay_deg, az_deg])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+OBLIQUE = tuple(_rotation(10, -20, 35).ravel())
+# A permuted + flipped direction and float32-representable spacing/origin: NIfTI keeps them bit-exact.
+PERMUTED = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _ct(shape=(5, 6, 7), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(-1024, 3000, size=shape).astype(np.int16)
+
+
+def _snapshot(path):
+    st = os.stat(path)
+    return path.read_bytes(), st.st_mtime_ns
+
+
+# ------------------------------------------------------------------------------------------ Geometry
+def test_geometry_dict_round_trip_and_shape():
+    g = Geometry((7, 6, 5), (0.7, 0.8, 2.5), (-1.0, 2.0, 3.0), OBLIQUE)
+    assert Geometry.from_dict(g.to_dict()) == g
+    assert g.shape == (5, 6, 7)
+    assert g.voxel_volume_ml == pytest.approx(0.7 * 0.8 * 2.5 / 1000)
+
+
+def test_geometry_matches_tolerates_noise_only():
+    g = Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    noisy = Geometry((4, 4, 4), (0.9999999999999929, 1.0, 1.0000000000000002), (1e-9, 0.0, 0.0))
+    assert g.matches(noisy)
+    assert not g.matches(Geometry((4, 4, 4), (1.01, 1.0, 1.0), (0.0, 0.0, 0.0)))
+    assert not g.matches(Geometry((4, 4, 5), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+    assert not g.matches(Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1)))
+    assert not g.matches(Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.5, 0.0, 0.0)))
+
+
+def test_world_voxel_conversions_agree_with_simpleitk():
+    g = Geometry((7, 6, 5), (0.7, 0.8, 2.5), (-100.3, 20.1, 55.55), OBLIQUE)
+    image = g.apply_to(sitk.Image(7, 6, 5, sitk.sitkInt16))
+    idx = np.array([[0, 0, 0], [3, 2, 1], [6.5, 0.25, 4]])
+    world = g.voxel_to_world(idx)
+    for i, p in zip(idx, world):
+        np.testing.assert_allclose(p, image.TransformContinuousIndexToPhysicalPoint(tuple(i)), atol=1e-9)
+    np.testing.assert_allclose(g.world_to_voxel(world), idx, atol=1e-9)
+
+
+def test_volume_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match="does not match geometry"):
+        Volume(np.zeros((5, 6, 7)), Geometry((5, 6, 7), (1, 1, 1), (0, 0, 0)))
+
+
+# ------------------------------------------------------------------------------------------ round trips
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_round_trip_exact_geometry_and_hu(tmp_path, suffix):
+    g = Geometry((7, 6, 5), (0.75, 0.8125, 2.5), (-100.25, 20.5, 55.125), PERMUTED)
+    arr = _ct()
+    out = write_image(arr, tmp_path / f"ct{suffix}", g)
+    v = read_image(out)
+    assert v.geometry == g  # bit-exact
+    assert v.dtype == np.int16
+    np.testing.assert_array_equal(v.array, arr)
+    assert v.path == out
+
+
+def test_oblique_nifti_round_trip_is_float32_exact_then_stable(tmp_path):
+    g = Geometry((7, 6, 5), (0.7, 0.8, 2.5), (-100.3, 20.1, 55.55), OBLIQUE)
+    arr = _ct()
+    v1 = read_image(write_image(arr, tmp_path / "a.nii.gz", g))
+    # NIfTI stores float32: the first trip rounds float64 inputs to float32 and nothing more ...
+    np.testing.assert_allclose(v1.spacing, np.float32(g.spacing), rtol=0, atol=0)
+    np.testing.assert_allclose(v1.origin, np.float32(g.origin), rtol=0, atol=0)
+    np.testing.assert_allclose(v1.direction, g.direction, atol=1e-7)
+    assert v1.geometry.matches(g)
+    # ... and geometry read from a file then survives any further trips bit-exactly.
+    v2 = read_image(write_image(v1, tmp_path / "b.nii.gz"))
+    assert v2.geometry == v1.geometry
+    np.testing.assert_array_equal(v2.array, arr)
+
+
+def test_real_ct_round_trip_is_bit_exact(totalseg_ct, tmp_path):
+    v = read_image(totalseg_ct)
+    assert v.dtype == np.int16
+    assert v.geometry.direction == (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    w = read_image(write_image(v, tmp_path / "copy.nii.gz"))
+    assert w.geometry == v.geometry
+    assert w.dtype == np.int16
+    np.testing.assert_array_equal(w.array, v.array)
+
+
+def test_write_geometry_first_order_and_bool(tmp_path):
+    g = Geometry((4, 3, 2), (1.5, 1.5, 3.0), (0, 0, 0))
+    mask = np.zeros(g.shape, bool)
+    mask[1, 1, 1] = True
+    v = read_image(write_image(mask, g, tmp_path / "m.nii.gz"))
+    assert v.dtype == np.uint8 and v.array.sum() == 1
+
+
+# ------------------------------------------------------------------------------------------ DICOM
+def _write_dicom_series(volume: Volume, folder, series_uid: str, n_slices: int | None = None):
+    image = volume.to_sitk()
+    d = np.reshape(volume.direction, (3, 3))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    orientation = "\\".join(f"{v:.10f}" for v in (*d[:, 0], *d[:, 1]))
+    n = image.GetDepth() if n_slices is None else n_slices
+    for k in range(n):
+        sl = image[:, :, k]
+        pos = image.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {
+            "0008|0060": "CT",
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": series_uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.10f}" for v in pos),
+            "0020|0037": orientation,
+            "0018|0050": f"{volume.spacing[2]:.6f}",
+            "0028|0030": f"{volume.spacing[1]:.6f}\\{volume.spacing[0]:.6f}",
+            "0028|1052": "0",
+            "0028|1053": "1",
+        }
+        for key, value in tags.items():
+            sl.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"{series_uid[-3:]}_{k:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_dicom_series_matches_nifti_conversion(tmp_path):
+    rot = _rotation(0, 0, 20) @ np.diag([-1.0, -1.0, 1.0])  # right-handed, oblique in-plane
+    g = Geometry((8, 7, 6), (0.75, 0.8, 2.5), (120.0, -30.0, 200.0), tuple(rot.ravel()))
+    v = Volume(_ct((6, 7, 8), seed=3), g)
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    _write_dicom_series(v, folder, "1.2.826.0.1.3680043.2.1125.2.100")
+    _write_dicom_series(v, folder, "1.2.826.0.1.3680043.2.1125.2.200", n_slices=3)  # smaller decoy series
+    before = {p.name: _snapshot(p) for p in folder.iterdir()}
+
+    d = read_image(folder)
+    assert d.shape == (6, 7, 8)
+    assert d.geometry.matches(g)
+    np.testing.assert_array_equal(d.array, v.array)
+    assert np.issubdtype(d.dtype, np.integer)
+
+    n = read_image(write_image(d, tmp_path / "converted.nii.gz"))
+    assert n.geometry.matches(d.geometry)
+    np.testing.assert_array_equal(n.array, d.array)
+    assert {p.name: _snapshot(p) for p in folder.iterdir()} == before
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_missing_file(tmp_path):
+    with pytest.raises(DiffTumorError, match=r"nope\.nii\.gz: no such file"):
+        read_image(tmp_path / "nope.nii.gz")
+
+
+def test_corrupt_file_is_one_line_and_untouched(tmp_path):
+    p = tmp_path / "x.nii.gz"
+    p.write_bytes(b"\x1f\x8b garbage, not an image" * 50)
+    before = _snapshot(p)
+    with pytest.raises(DiffTumorError) as info:
+        read_image(p)
+    msg = str(info.value)
+    assert str(p) in msg and "cannot read" in msg and "\n" not in msg
+    assert _snapshot(p) == before
+
+
+def test_2d_image_rejected(tmp_path):
+    p = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkInt16), str(p))
+    before = _snapshot(p)
+    with pytest.raises(DiffTumorError, match=r"slice\.nii\.gz: image is 2D"):
+        read_image(p)
+    assert _snapshot(p) == before
+
+
+def test_4d_image_rejected_but_singleton_time_accepted(tmp_path):
+    p = tmp_path / "series.nii.gz"
+    sitk.WriteImage(sitk.Image([6, 5, 4, 3], sitk.sitkInt16), str(p))
+    before = _snapshot(p)
+    with pytest.raises(DiffTumorError, match=r"series\.nii\.gz: image is 4D"):
+        read_image(p)
+    assert _snapshot(p) == before
+    q = tmp_path / "single.nii.gz"
+    sitk.WriteImage(sitk.Image([6, 5, 4, 1], sitk.sitkInt16), str(q))
+    assert read_image(q).shape == (4, 5, 6)
+
+
+def test_vector_image_rejected(tmp_path):
+    p = tmp_path / "rgb.nii.gz"
+    sitk.WriteImage(sitk.Image([6, 5, 4], sitk.sitkVectorUInt8, 3), str(p))
+    with pytest.raises(DiffTumorError, match=r"rgb\.nii\.gz: image has 3 components"):
+        read_image(p)
+
+
+def test_folder_without_dicom(tmp_path):
+    with pytest.raises(DiffTumorError, match="holds no DICOM series"):
+        read_image(tmp_path)
+
+
+def test_write_refuses_to_overwrite_source(tmp_path):
+    p = write_image(_ct(), tmp_path / "ct.nii.gz", Geometry((7, 6, 5), (1, 1, 1), (0, 0, 0)))
+    v = read_image(p)
+    before = _snapshot(p)
+    with pytest.raises(DiffTumorError, match="refusing to overwrite the input"):
+        write_image(Volume(v.array * 0, v.geometry, p), p)
+    assert _snapshot(p) == before
+    write_image(Volume(v.array * 0, v.geometry, p), p, overwrite=True)
+    assert read_image(p).array.max() == 0
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["ct.nii.gz"]  # no temporary left behind
+
+
+def test_write_bad_targets(tmp_path):
+    g = Geometry((7, 6, 5), (1, 1, 1), (0, 0, 0))
+    with pytest.raises(DiffTumorError, match="unknown output format"):
+        write_image(_ct(), tmp_path / "ct.png", g)
+    with pytest.raises(DiffTumorError, match="does not exist"):
+        write_image(_ct(), tmp_path / "missing" / "ct.nii.gz", g)
+
+
+def test_check_same_grid_message():
+    a = Geometry((7, 6, 5), (1, 1, 1), (0, 0, 0))
+    check_same_grid(a, Geometry((7, 6, 5), (1.0000000001, 1, 1), (0, 0, 0)), names=("ct.nii.gz", "m.nii.gz"))
+    with pytest.raises(DiffTumorError, match=r"m\.nii\.gz: grid does not match ct\.nii\.gz \(spacing"):
+        check_same_grid(a, Geometry((7, 6, 5), (2, 1, 1), (0, 0, 0)), names=("ct.nii.gz", "m.nii.gz"))
+    with pytest.raises(DiffTumorError, match=r"size \(7, 6, 4\) vs \(7, 6, 5\)"):
+        check_same_grid(a, Geometry((7, 6, 4), (1, 1, 1), (0, 0, 0)), names=("ct.nii.gz", "m.nii.gz"))
