@@ -1,0 +1,1 @@
+"""Stage 2: conditional latent diffusion (denoiser, noise schedule, samplers, official weights)."""

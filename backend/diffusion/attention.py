@@ -1,0 +1,166 @@
+"""Attention building blocks of the DiffTumor denoiser (:mod:`backend.diffusion.unet`).
+
+Three kinds of attention, all over tensors laid out (B, C, F, H, W) with F the slice ("frame") axis:
+
+* :class:`Attention` - multi-head softmax attention over a token axis, optionally with rotary position
+  embedding (Su et al. 2021, "RoFormer") and an additive relative-position bias (Raffel et al. 2020, T5).
+  Wrapped by :class:`AlongAxis` it attends along the frames (temporal) or over the pixels of one frame.
+* :class:`SpatialLinearAttention` - linear attention per frame (Shen et al. 2021, "Efficient attention").
+* :class:`RelativePositionBias` and :class:`RotaryEmbedding` - the position encodings, computed once per
+  forward pass by the U-Net and handed to every temporal attention.
+
+Module and parameter names follow the released checkpoints so that their state dicts load strictly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding with interleaved pairs and 'lang' frequencies 1/theta^(2i/dim).
+
+    ``freqs`` is a persistent buffer (as in the released files, where one instance is shared by every
+    temporal attention and therefore appears once per attention in the state dict).
+    """
+
+    def __init__(self, dim: int, theta: float = 10000.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"rotary dim must be even, got {dim}")
+        self.dim = dim
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+        self.register_buffer("freqs", freqs)
+
+    def cos_sin(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) tables of shape (seq_len, dim), each frequency repeated for its pair."""
+        pos = torch.arange(seq_len, device=self.freqs.device, dtype=self.freqs.dtype)
+        angles = torch.repeat_interleave(pos[:, None] * self.freqs[None, :], 2, dim=-1)  # (n, dim)
+        return angles.cos(), angles.sin()
+
+    @staticmethod
+    def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the first ``cos.shape[-1]`` features of ``t`` (..., n, d) by position."""
+        rot = cos.shape[-1]
+        head, tail = t[..., :rot], t[..., rot:]
+        pairs = rearrange(head, "... (d r) -> ... d r", r=2)
+        x1, x2 = pairs.unbind(-1)
+        rotated_half = rearrange(torch.stack((-x2, x1), dim=-1), "... d r -> ... (d r)")
+        head = head * cos + rotated_half * sin
+        return torch.cat((head, tail), dim=-1) if tail.shape[-1] else head
+
+
+class RelativePositionBias(nn.Module):
+    """T5 relative position bias: signed, bucketed distances -> one learned scalar per head."""
+
+    def __init__(self, heads: int = 8, num_buckets: int = 32, max_distance: int = 32):
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.relative_attention_bias = nn.Embedding(num_buckets, heads)
+
+    @staticmethod
+    def bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+        # half of the buckets per sign; exact below max_exact, log-spaced up to max_distance
+        n = -relative_position
+        num_buckets //= 2
+        ret = (n < 0).long() * num_buckets
+        n = n.abs()
+        max_exact = num_buckets // 2
+        is_small = n < max_exact
+        large = max_exact + (
+            torch.log(n.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+        ).long()
+        large = large.clamp(max=num_buckets - 1)
+        return ret + torch.where(is_small, n, large)
+
+    def forward(self, n: int) -> torch.Tensor:
+        """Bias (heads, n, n) for a sequence of length n."""
+        device = self.relative_attention_bias.weight.device
+        pos = torch.arange(n, dtype=torch.long, device=device)
+        rel = pos[None, :] - pos[:, None]  # (i, j) = key - query
+        buckets = self.bucket(rel, self.num_buckets, self.max_distance)
+        return rearrange(self.relative_attention_bias(buckets), "i j h -> h i j")
+
+
+class Attention(nn.Module):
+    """Multi-head softmax attention over the second-to-last axis of (..., n, dim)."""
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 32, rotary_emb: RotaryEmbedding | None = None):
+        super().__init__()
+        self.heads = heads
+        self.scale = dim_head**-0.5
+        hidden = heads * dim_head
+        self.rotary_emb = rotary_emb
+        self.to_qkv = nn.Linear(dim, hidden * 3, bias=False)
+        self.to_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos_bias: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        q, k, v = (rearrange(t, "... n (h d) -> ... h n d", h=self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
+        lead = q.shape[:-3]
+        q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))  # (B', h, n, d)
+        q = q * self.scale
+        if self.rotary_emb is not None:
+            cos, sin = rotary if rotary is not None else self.rotary_emb.cos_sin(q.shape[-2])
+            q = RotaryEmbedding.rotate(q, cos, sin)
+            k = RotaryEmbedding.rotate(k, cos, sin)
+        # softmax(q k^T + bias) v; q is already scaled
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=pos_bias, scale=1.0)
+        out = out.reshape(*lead, *out.shape[-3:])
+        return self.to_out(rearrange(out, "... h n d -> ... n (h d)"))
+
+
+class AlongAxis(nn.Module):
+    """Run ``fn`` on tokens taken along the frames ('temporal') or the pixels of each frame ('spatial')."""
+
+    def __init__(self, axis: str, fn: nn.Module):
+        super().__init__()
+        if axis not in ("temporal", "spatial"):
+            raise ValueError(f"axis must be 'temporal' or 'spatial', got {axis!r}")
+        self.axis = axis
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        b, c, f, h, w = x.shape
+        if self.axis == "temporal":
+            tokens = rearrange(x, "b c f h w -> b (h w) f c")  # one sequence of F frames per pixel
+            out = self.fn(tokens, **kwargs)
+            return rearrange(out, "b (h w) f c -> b c f h w", h=h, w=w)
+        tokens = rearrange(x, "b c f h w -> b f (h w) c")  # one sequence of H*W pixels per frame
+        out = self.fn(tokens, **kwargs)
+        return rearrange(out, "b f (h w) c -> b c f h w", h=h, w=w)
+
+
+class SpatialLinearAttention(nn.Module):
+    """Linear attention over the pixels of each frame: q softmax over features, k softmax over positions."""
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 32):
+        super().__init__()
+        self.heads = heads
+        self.scale = dim_head**-0.5
+        hidden = heads * dim_head
+        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
+        self.to_out = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, f, h, w = x.shape
+        frames = rearrange(x, "b c f h w -> (b f) c h w")
+        q, k, v = (
+            rearrange(t, "n (h d) x y -> n h d (x y)", h=self.heads) for t in self.to_qkv(frames).chunk(3, dim=1)
+        )
+        q = q.softmax(dim=-2) * self.scale
+        k = k.softmax(dim=-1)
+        context = torch.einsum("bhdn,bhen->bhde", k, v)  # (B', h, d, e)
+        out = torch.einsum("bhde,bhdn->bhen", context, q)  # (B', h, e, n)
+        out = rearrange(out, "n h e (x y) -> n (h e) x y", x=h, y=w)
+        return rearrange(self.to_out(out), "(b f) c h w -> b c f h w", b=b)
