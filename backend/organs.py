@@ -1,0 +1,235 @@
+"""Organ vocabulary and organ masks from the four label conventions.
+
+Organs: ``liver``, ``pancreas``, ``kidney`` (left + right together), ``kidney_left``,
+``kidney_right``, ``spleen``.
+
+Conventions understood by :func:`load_organ_mask`:
+
+``totalseg``
+    One multi-label file with TotalSegmentator v2 ids: 1 spleen, 2 kidney_right, 3 kidney_left,
+    5 liver, 7 pancreas (``kidney`` = 2 + 3).
+``atlas``
+    An AbdomenAtlas-style case folder ``<case>/segmentations/<organ>.nii.gz`` (the
+    ``segmentations`` folder itself is accepted too); ``kidney`` = ``kidney_left`` +
+    ``kidney_right`` files (a case with only one kidney file uses that one).
+``msd``
+    MSD / LiTS / KiTS label maps: 0 background, 1 organ, 2 tumor (KiTS21 adds 3 cyst). The organ
+    mask is every labelled voxel (``label >= 1``): the organ *including* its tumors. These maps
+    do not tell kidney sides apart, so ``kidney_left``/``kidney_right`` are refused.
+explicit ``label_id``
+    ``mask = (labels == label_id)`` on any label file, whatever the convention.
+
+``convention="auto"`` picks: a folder -> ``atlas``; a label map whose values are a subset of
+{0, 1, 2} -> ``msd`` (this includes a plain binary organ mask); anything else -> ``totalseg``.
+A TotalSegmentator map that happens to hold only ids 1 and 2 is therefore read as ``msd``: pass
+``convention="totalseg"`` for such a cropped map.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Union
+
+import numpy as np
+
+from backend.errors import DiffTumorError
+from backend.io import Geometry, Volume, check_same_grid, read_image
+
+ORGANS: tuple[str, ...] = ("liver", "pancreas", "kidney", "kidney_left", "kidney_right", "spleen")
+
+#: TotalSegmentator v2 ("total" task) ids of the single structures this project names.
+TOTALSEG_IDS: dict[str, int] = {
+    "spleen": 1,
+    "kidney_right": 2,
+    "kidney_left": 3,
+    "liver": 5,
+    "pancreas": 7,
+    "aorta": 52,
+    "inferior_vena_cava": 63,
+}
+
+#: Label ids that make up each organ of :data:`ORGANS` in a TotalSegmentator map.
+ORGAN_TOTALSEG_IDS: dict[str, tuple[int, ...]] = {
+    "liver": (5,),
+    "pancreas": (7,),
+    "kidney": (2, 3),
+    "kidney_left": (3,),
+    "kidney_right": (2,),
+    "spleen": (1,),
+}
+
+#: Per-organ files (without extension) of an AbdomenAtlas ``segmentations`` folder.
+ATLAS_FILES: dict[str, tuple[str, ...]] = {
+    "liver": ("liver",),
+    "pancreas": ("pancreas",),
+    "kidney": ("kidney_left", "kidney_right"),
+    "kidney_left": ("kidney_left",),
+    "kidney_right": ("kidney_right",),
+    "spleen": ("spleen",),
+}
+
+Convention = Literal["auto", "totalseg", "atlas", "msd"]
+CONVENTIONS: tuple[str, ...] = ("auto", "totalseg", "atlas", "msd")
+MSD_LABELS = {1: "organ", 2: "tumor", 3: "cyst"}
+
+_ALIASES = {
+    "kidneys": "kidney",
+    "left_kidney": "kidney_left",
+    "right_kidney": "kidney_right",
+    "kidney_l": "kidney_left",
+    "kidney_r": "kidney_right",
+}
+
+Source = Union[str, os.PathLike, Volume, np.ndarray]
+
+
+def parse_organ(name: str) -> str:
+    """Normalise an organ name (case, spaces, dashes, a few aliases) or raise listing the allowed ones."""
+    key = "_".join(str(name).strip().lower().replace("-", " ").replace("_", " ").split())
+    key = _ALIASES.get(key, key)
+    if key not in ORGANS:
+        raise DiffTumorError(f"unknown organ '{name}'; choose one of {', '.join(ORGANS)}")
+    return key
+
+
+def detect_convention(labels: np.ndarray) -> str:
+    """``"msd"`` if the values are a subset of {0, 1, 2}, else ``"totalseg"`` (see the module docstring)."""
+    values = np.unique(labels)
+    return "msd" if set(values.tolist()) <= {0, 1, 2} else "totalseg"
+
+
+def _describe(source) -> str:
+    if isinstance(source, Volume):
+        return source.name
+    if isinstance(source, np.ndarray):
+        return "<label array>"
+    return str(source)
+
+
+def _as_labels(arr: np.ndarray, name: str) -> np.ndarray:
+    """Integer label array; float maps are accepted only when every value is a whole number."""
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        return arr
+    if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+        raise DiffTumorError(f"{name}: not a label map (values are not whole numbers)")
+    return arr.astype(np.int32)
+
+
+def _check_reference(reference, geometry: Geometry | None, name: str) -> None:
+    if reference is None or geometry is None:
+        return
+    ref_geo = reference.geometry if isinstance(reference, Volume) else reference
+    ref_name = reference.name if isinstance(reference, Volume) else "the CT"
+    check_same_grid(ref_geo, geometry, names=(ref_name, name))
+
+
+def load_organ_mask(
+    source: Source,
+    organ: str,
+    *,
+    convention: Convention = "auto",
+    label_id: int | None = None,
+    reference: Geometry | Volume | None = None,
+) -> np.ndarray:
+    """The boolean (z, y, x) mask of ``organ`` from a label file, AbdomenAtlas folder, Volume or array.
+
+    ``reference`` (the CT's Geometry or Volume) makes a mask on a different grid an error.
+    Raises :class:`DiffTumorError` naming the source for an unknown organ or convention, an organ
+    absent from the mask, a grid mismatch, or an unreadable file.
+    """
+    organ = parse_organ(organ)
+    if convention not in CONVENTIONS:
+        raise DiffTumorError(f"unknown label convention '{convention}'; choose one of {', '.join(CONVENTIONS)}")
+    name = _describe(source)
+
+    if not isinstance(source, (Volume, np.ndarray)) and Path(source).is_dir():
+        if label_id is not None or convention not in ("auto", "atlas"):
+            raise DiffTumorError(f"{name}: a folder is read as an AbdomenAtlas case; convention '{convention}' / label_id need a label file")
+        return _load_atlas(Path(source), organ, reference)
+    if convention == "atlas":
+        raise DiffTumorError(f"{name}: convention 'atlas' needs a case folder with segmentations/<organ>.nii.gz")
+
+    if isinstance(source, np.ndarray):
+        labels, geometry = _as_labels(np.asarray(source), name), None
+    else:
+        volume = source if isinstance(source, Volume) else read_image(source)
+        labels, geometry = _as_labels(volume.array, name), volume.geometry
+    _check_reference(reference, geometry, name)
+
+    if label_id is not None:
+        mask = labels == int(label_id)
+        if not mask.any():
+            raise DiffTumorError(f"{name}: no voxels with label {int(label_id)} in this mask")
+        return mask
+
+    if convention == "auto":
+        convention = detect_convention(labels)
+    if convention == "msd":
+        if organ in ("kidney_left", "kidney_right"):
+            raise DiffTumorError(f"{name}: MSD/KiTS label maps do not tell kidney sides apart; use organ 'kidney'")
+        mask = labels >= 1
+        if not mask.any():
+            raise DiffTumorError(f"{name}: no '{organ}' voxels (label >= 1) in this mask")
+        return mask
+
+    ids = ORGAN_TOTALSEG_IDS[organ]
+    mask = np.isin(labels, ids)
+    if not mask.any():
+        id_text = "label " + " or ".join(str(i) for i in ids)
+        raise DiffTumorError(f"{name}: no '{organ}' voxels ({id_text}) in this mask")
+    return mask
+
+
+def _atlas_file(seg_dir: Path, stem: str) -> Path | None:
+    for suffix in (".nii.gz", ".nii"):
+        p = seg_dir / f"{stem}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _load_atlas(folder: Path, organ: str, reference) -> np.ndarray:
+    seg_dir = folder / "segmentations" if (folder / "segmentations").is_dir() else folder
+    files = [f for f in (_atlas_file(seg_dir, stem) for stem in ATLAS_FILES[organ]) if f is not None]
+    if not files:
+        wanted = " or ".join(f"{stem}.nii.gz" for stem in ATLAS_FILES[organ])
+        raise DiffTumorError(f"{folder}: no {wanted} in {seg_dir} (AbdomenAtlas case folder expected)")
+    mask = None
+    first_geometry = None
+    for f in files:
+        volume = read_image(f)
+        _check_reference(reference, volume.geometry, str(f))
+        if first_geometry is None:
+            first_geometry = volume.geometry
+        else:
+            check_same_grid(first_geometry, volume.geometry, names=(str(files[0]), str(f)))
+        arr = volume.array
+        part = arr >= 0.5 if np.issubdtype(arr.dtype, np.floating) else arr > 0
+        mask = part if mask is None else (mask | part)
+    if not mask.any():
+        raise DiffTumorError(f"{folder}: no '{organ}' voxels in {', '.join(f.name for f in files)}")
+    return mask
+
+
+def organs_present(source: Volume | np.ndarray, *, convention: Convention = "auto") -> dict[str, int]:
+    """Voxel counts of the named structures found in a label map (for ``difftumor info``).
+
+    TotalSegmentator maps give the structures of :data:`TOTALSEG_IDS` that are present; MSD-style
+    maps give ``organ`` / ``tumor`` (/ ``cyst``) counts.
+    """
+    arr = source.array if isinstance(source, Volume) else np.asarray(source)
+    labels = _as_labels(arr, _describe(source))
+    if convention == "auto":
+        convention = detect_convention(labels)
+    counts = np.bincount(labels.ravel().astype(np.int64, copy=False)) if labels.min() >= 0 else None
+    if counts is None:
+        raise DiffTumorError(f"{_describe(source)}: label map has negative values")
+
+    def count(i: int) -> int:
+        return int(counts[i]) if i < len(counts) else 0
+
+    table = MSD_LABELS if convention == "msd" else {v: k for k, v in TOTALSEG_IDS.items()}
+    return {name: count(i) for i, name in sorted(table.items()) if count(i) > 0}

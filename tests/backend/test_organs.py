@@ -1,0 +1,137 @@
+"""backend.organs: the four label conventions, auto-detection and bad input."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from backend.errors import DiffTumorError
+from backend.io import Geometry, Volume, read_image, write_image
+from backend.organs import ORGANS, detect_convention, load_organ_mask, organs_present, parse_organ
+
+GEO = Geometry((6, 5, 4), (1.5, 1.5, 2.0), (10.0, -5.0, 3.0))
+
+
+def _totalseg() -> np.ndarray:
+    lab = np.zeros(GEO.shape, np.uint8)
+    lab[0, :2, :2] = 1  # spleen: 4 voxels
+    lab[1, 0, :3] = 2  # kidney_right: 3
+    lab[1, 4, :2] = 3  # kidney_left: 2
+    lab[2:, 1:4, 1:5] = 5  # liver: 24
+    lab[0, 4, 5] = 7  # pancreas: 1
+    lab[3, 0, 0] = 52  # aorta
+    return lab
+
+
+def _snapshot(path):
+    return path.read_bytes(), os.stat(path).st_mtime_ns
+
+
+def test_parse_organ():
+    assert parse_organ(" Liver ") == "liver"
+    assert parse_organ("kidney-left") == "kidney_left"
+    assert parse_organ("left kidney") == "kidney_left"
+    assert parse_organ("kidneys") == "kidney"
+    with pytest.raises(DiffTumorError, match=r"unknown organ 'lung'; choose one of liver, pancreas, kidney"):
+        parse_organ("lung")
+
+
+def test_detect_convention():
+    assert detect_convention(np.array([0, 1, 2])) == "msd"
+    assert detect_convention(np.array([0, 1])) == "msd"
+    assert detect_convention(np.array([0, 1, 2, 5])) == "totalseg"
+
+
+@pytest.mark.parametrize(
+    "organ, expected",
+    [("spleen", 4), ("kidney_right", 3), ("kidney_left", 2), ("kidney", 5), ("liver", 24), ("pancreas", 1)],
+)
+def test_totalseg_file(tmp_path, organ, expected):
+    p = write_image(_totalseg(), tmp_path / "seg.nii.gz", GEO)
+    mask = load_organ_mask(p, organ, reference=GEO)
+    assert mask.dtype == np.bool_ and mask.shape == GEO.shape
+    assert mask.sum() == expected
+
+
+def test_totalseg_real_seg_against_real_ct(totalseg_ct, totalseg_seg):
+    ct = read_image(totalseg_ct)
+    seg = read_image(totalseg_seg)
+    liver = load_organ_mask(totalseg_seg, "liver", reference=ct)
+    np.testing.assert_array_equal(liver, seg.array == 5)
+    kidney = load_organ_mask(seg, "kidney", reference=ct.geometry)
+    np.testing.assert_array_equal(kidney, np.isin(seg.array, (2, 3)))
+    found = organs_present(seg)
+    for name in ("spleen", "kidney_right", "kidney_left", "liver", "pancreas", "aorta", "inferior_vena_cava"):
+        assert found[name] > 0
+    assert found["liver"] == int((seg.array == 5).sum())
+
+
+def test_atlas_folder(tmp_path):
+    seg_dir = tmp_path / "BDMAP_0001" / "segmentations"
+    seg_dir.mkdir(parents=True)
+    lab = _totalseg()
+    for name, i in (("liver", 5), ("kidney_left", 3), ("kidney_right", 2), ("pancreas", 7)):
+        write_image((lab == i).astype(np.uint8), seg_dir / f"{name}.nii.gz", GEO)
+    case = tmp_path / "BDMAP_0001"
+    np.testing.assert_array_equal(load_organ_mask(case, "liver", reference=GEO), lab == 5)
+    np.testing.assert_array_equal(load_organ_mask(case, "kidney"), np.isin(lab, (2, 3)))
+    np.testing.assert_array_equal(load_organ_mask(seg_dir, "kidney_left", convention="atlas"), lab == 3)
+    with pytest.raises(DiffTumorError, match=r"BDMAP_0001: no spleen\.nii\.gz"):
+        load_organ_mask(case, "spleen")
+
+
+def test_msd_map_organ_includes_tumor(tmp_path):
+    lab = np.zeros(GEO.shape, np.uint8)
+    lab[1:3, 1:4, 1:4] = 1
+    lab[2, 2, 2] = 2
+    p = write_image(lab, tmp_path / "liver_007.nii.gz", GEO)
+    mask = load_organ_mask(p, "liver")  # auto -> msd
+    assert mask.sum() == 18 and mask[2, 2, 2]
+    assert load_organ_mask(p, "pancreas", convention="msd").sum() == 18
+    assert organs_present(read_image(p)) == {"organ": 17, "tumor": 1}
+    with pytest.raises(DiffTumorError, match="do not tell kidney sides apart"):
+        load_organ_mask(p, "kidney_left")
+    # the same map read as TotalSegmentator ids: label 1 is the spleen, the liver is absent
+    with pytest.raises(DiffTumorError, match=r"no 'liver' voxels \(label 5\)"):
+        load_organ_mask(p, "liver", convention="totalseg")
+
+
+def test_explicit_label_id_and_arrays():
+    lab = _totalseg()
+    np.testing.assert_array_equal(load_organ_mask(lab, "liver", label_id=52), lab == 52)
+    np.testing.assert_array_equal(load_organ_mask(Volume(lab, GEO), "pancreas"), lab == 7)
+    with pytest.raises(DiffTumorError, match="no voxels with label 9"):
+        load_organ_mask(lab, "liver", label_id=9)
+
+
+def test_absent_organ_names_file_and_label(tmp_path):
+    lab = _totalseg()
+    lab[lab == 7] = 0
+    p = write_image(lab, tmp_path / "seg.nii.gz", GEO)
+    before = _snapshot(p)
+    with pytest.raises(DiffTumorError) as info:
+        load_organ_mask(p, "pancreas")
+    assert str(info.value) == f"{p}: no 'pancreas' voxels (label 7) in this mask"
+    assert _snapshot(p) == before
+
+
+def test_mask_grid_mismatch(tmp_path):
+    other = Geometry(GEO.size, (1.5, 1.5, 3.0), GEO.origin)
+    p = write_image(_totalseg(), tmp_path / "seg.nii.gz", other)
+    before = _snapshot(p)
+    ct = Volume(np.zeros(GEO.shape, np.int16), GEO, tmp_path / "ct.nii.gz")
+    with pytest.raises(DiffTumorError, match=rf"{p}: grid does not match {tmp_path / 'ct.nii.gz'} \(spacing"):
+        load_organ_mask(p, "liver", reference=ct)
+    assert _snapshot(p) == before
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(DiffTumorError, match="unknown label convention 'nnunet'"):
+        load_organ_mask(_totalseg(), "liver", convention="nnunet")
+    with pytest.raises(DiffTumorError, match="not a label map"):
+        load_organ_mask(np.full(GEO.shape, 0.5), "liver")
+    with pytest.raises(DiffTumorError, match="needs a case folder"):
+        load_organ_mask(_totalseg(), "liver", convention="atlas")
+    assert set(ORGANS) == {"liver", "pancreas", "kidney", "kidney_left", "kidney_right", "spleen"}
