@@ -1,0 +1,396 @@
+"""Blinded study creation: a reader package that cannot give the truth away, and a separate key.
+
+``create_study`` re-writes every case (real or synthetic) through one identical path:
+read (backend.io) -> one linear resampling onto a fixed grid that is at once canonical
+(LPS, identity direction), at one common spacing and cropped to a fixed-size box centred on the
+tumor mask (or on the volume centre when no masks are given) -> rounded to int16 HU clipped to
+[-1024, 3071] -> written as NIfTI with origin zero, no description, no source metadata, the same
+compression (none by default, so every case file also has the same byte size) and the same
+modification time. Case ids are random tokens drawn from the recorded seed; files are written in
+id order, which is unrelated to the class.
+
+Reader package (``STUDY/``): ``study.json`` (versioned metadata: settings, readers, per-reader
+orders, seed, display window, options) and ``cases/<ID>.nii[.gz]``. Nothing of the truth.
+Answer key (``STUDY.key/`` by default, kept by the coordinator): ``key.csv`` with columns
+``case_id,truth,organ,source,mask`` and ``key.json`` (study id, seed). :func:`read_key` is the one
+function that reads it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from backend.errors import DiffTumorError
+
+STUDY_FORMAT = "difftumor-reader-study"
+STUDY_VERSION = 1
+KEY_COLUMNS = ("case_id", "truth", "organ")
+HU_RANGE = (-1024, 3071)  # int16 CT range written for every case
+READER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ID_ALPHABET = "ACDEFHJKLMNPRTUVWXY34679"  # no look-alikes (0/O, 1/I, 5/S, 8/B, 2/Z)
+ID_LENGTH = 5
+FIXED_MTIME = 946684800  # 2000-01-01: every case file gets this mtime (write order stays hidden)
+
+
+def check_reader_name(reader: str) -> str:
+    """Reader names become file names: letters, digits, '_', '-', '.' only."""
+    if not READER_PATTERN.match(reader or ""):
+        raise DiffTumorError(
+            f"reader {reader!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    return reader
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    unsure: bool = False  # offer an "Unsure" answer (counted, excluded from the rates)
+    confidence: bool = False  # ask a 1 (guess) .. 5 (certain) confidence with every answer
+    revisit: bool = False  # allow going back and changing earlier answers
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    readers: tuple[str, ...] = ("R1",)
+    seed: int | None = None  # None: drawn at random, recorded in study.json and key.json
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # mm, (x, y, z), common to all cases
+    roi_size_mm: tuple[float, float, float] = (160.0, 160.0, 96.0)  # fixed box (x, y, z) around the tumor
+    window: tuple[float, float] = (-160.0, 240.0)  # HU display window (abdomen W400/L40)
+    compress: bool = False  # .nii.gz: smaller, but file sizes then vary with content
+    organ: str = "all"  # organ for cases whose list gives none
+    options: StudyOptions = field(default_factory=StudyOptions)
+
+    def __post_init__(self):
+        if not self.readers:
+            raise DiffTumorError("--readers: give at least one reader")
+        for r in self.readers:
+            check_reader_name(r)
+        if len(set(self.readers)) != len(self.readers):
+            raise DiffTumorError(f"--readers: duplicate reader names in {','.join(self.readers)}")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise DiffTumorError(f"--spacing {self.spacing}: need three positive values in mm")
+        if len(self.roi_size_mm) != 3 or min(self.roi_size_mm) <= 0:
+            raise DiffTumorError(f"--roi-size {self.roi_size_mm}: need three positive values in mm")
+        if len(self.window) != 2 or self.window[0] >= self.window[1]:
+            raise DiffTumorError(f"--window {self.window}: need LOW,HIGH with LOW < HIGH")
+
+    @property
+    def grid_size(self) -> tuple[int, int, int]:
+        """Output voxels (x, y, z)."""
+        return tuple(max(2, int(round(r / s))) for r, s in zip(self.roi_size_mm, self.spacing))
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    image: Path
+    truth: str
+    organ: str
+    mask: Path | None = None
+
+
+@dataclass(frozen=True)
+class Study:
+    """A reader package as loaded from ``study.json``."""
+
+    root: Path
+    study_id: str
+    seed: int
+    readers: tuple[str, ...]
+    orders: dict[str, tuple[str, ...]]
+    case_files: dict[str, str]  # case id -> path relative to root
+    spacing: tuple[float, float, float]
+    size: tuple[int, int, int]  # (x, y, z)
+    window: tuple[float, float]
+    options: StudyOptions
+    created: str = ""
+
+    @property
+    def case_ids(self) -> tuple[str, ...]:
+        return tuple(sorted(self.case_files))
+
+    def case_path(self, case_id: str) -> Path:
+        return self.root / self.case_files[case_id]
+
+    @property
+    def centre_zyx(self) -> tuple[float, float, float]:
+        """World coordinates (mm, napari z, y, x order) of the ROI centre = centre of every case."""
+        return tuple((n - 1) / 2 * s for n, s in zip(reversed(self.size), reversed(self.spacing)))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def load_study(folder: str | Path) -> Study:
+    """Read ``folder/study.json``; one clear error if the folder is not a reader package."""
+    root = Path(folder)
+    meta_path = root / "study.json"
+    if not root.is_dir():
+        raise DiffTumorError(f"{root}: not a folder (expected a study created by 'difftumor study create')")
+    if not meta_path.is_file():
+        raise DiffTumorError(f"{root}: not a study (no study.json; create one with 'difftumor study create')")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DiffTumorError(f"{meta_path}: unreadable study metadata ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != STUDY_FORMAT:
+        raise DiffTumorError(f"{meta_path}: not a difftumor study file")
+    if int(meta.get("version", 0)) > STUDY_VERSION:
+        raise DiffTumorError(f"{meta_path}: study version {meta['version']} is newer than this difftumor supports")
+    try:
+        cases = {c["id"]: c["file"] for c in meta["cases"]}
+        orders = {r: tuple(o) for r, o in meta["orders"].items()}
+        study = Study(
+            root=root,
+            study_id=str(meta["study_id"]),
+            seed=int(meta["seed"]),
+            readers=tuple(meta["readers"]),
+            orders=orders,
+            case_files=cases,
+            spacing=tuple(float(s) for s in meta["grid"]["spacing"]),
+            size=tuple(int(s) for s in meta["grid"]["size"]),
+            window=tuple(float(w) for w in meta["display"]["window"]),
+            options=StudyOptions(**meta["options"]),
+            created=str(meta.get("created", "")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DiffTumorError(f"{meta_path}: incomplete study metadata (missing or bad {exc})") from None
+    for reader, order in study.orders.items():
+        if sorted(order) != sorted(cases):
+            raise DiffTumorError(f"{meta_path}: the order of reader {reader} does not list every case exactly once")
+    return study
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and key
+# --------------------------------------------------------------------------------------------
+def list_cases(spec: str | Path, truth: str, organ: str = "all") -> list[CaseSource]:
+    """Cases from a folder of images or a CSV with columns ``image[,mask][,organ]`` (paths relative to it)."""
+    from backend.io import IMAGE_SUFFIXES, image_suffix
+
+    spec = Path(spec)
+    flag = f"--{truth}"
+    if spec.is_dir():
+        images = sorted(p for p in spec.iterdir() if p.is_file() and image_suffix(p) in IMAGE_SUFFIXES)
+        if not images:
+            raise DiffTumorError(f"{flag} {spec}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return [CaseSource(p, truth, organ) for p in images]
+    if not spec.is_file():
+        raise DiffTumorError(f"{flag} {spec}: no such folder or CSV file")
+    with open(spec, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "image" not in rows[0]:
+        raise DiffTumorError(f"{flag} {spec}: CSV needs a header with an 'image' column (optional 'mask', 'organ')")
+    out = []
+    for i, row in enumerate(rows, start=2):
+        image = (row.get("image") or "").strip()
+        if not image:
+            raise DiffTumorError(f"{flag} {spec}: line {i} has no image")
+        mask = (row.get("mask") or "").strip()
+        resolve = lambda p: (spec.parent / p) if not Path(p).is_absolute() else Path(p)  # noqa: E731
+        out.append(CaseSource(resolve(image), truth, (row.get("organ") or "").strip() or organ,
+                              resolve(mask) if mask else None))
+    for c in out:
+        for p in (c.image, c.mask):
+            if p is not None and not p.exists():
+                raise DiffTumorError(f"{flag} {spec}: {p} does not exist")
+    return out
+
+
+def read_key(path: str | Path) -> dict[str, tuple[str, str]]:
+    """The unblinding key: case id -> (truth, organ). ``path`` is key.csv or the folder holding it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "key.csv"
+    if not path.is_file():
+        raise DiffTumorError(f"{path}: no such key file (expected key.csv with columns {','.join(KEY_COLUMNS)})")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in KEY_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DiffTumorError(f"{path}: key lacks column(s) {','.join(missing)} (needs {','.join(KEY_COLUMNS)})")
+        key: dict[str, tuple[str, str]] = {}
+        for i, row in enumerate(reader, start=2):
+            cid, truth, organ = (row[c].strip() for c in KEY_COLUMNS)
+            if truth not in ("real", "synthetic"):
+                raise DiffTumorError(f"{path}: line {i}: truth {truth!r} must be real or synthetic")
+            if cid in key:
+                raise DiffTumorError(f"{path}: line {i}: case {cid} appears twice")
+            key[cid] = (truth, organ or "all")
+    if not key:
+        raise DiffTumorError(f"{path}: key lists no cases")
+    return key
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing (identical for every case)
+# --------------------------------------------------------------------------------------------
+def roi_centre(volume, mask) -> np.ndarray:
+    """World (LPS, x y z) centre: tumor centroid (label 2 if present, else any non-zero) or volume centre."""
+    geometry = volume.geometry
+    if mask is None:
+        return np.asarray(geometry.voxel_to_world((np.asarray(geometry.size) - 1) / 2.0), dtype=float).reshape(3)
+    arr = mask.array
+    sel = arr == 2 if np.any(arr == 2) else arr != 0
+    zyx = np.argwhere(sel)
+    if zyx.size == 0:
+        raise DiffTumorError(f"{mask.name}: the tumor mask is empty; cannot centre the view")
+    xyz = zyx.mean(axis=0)[::-1]
+    return np.asarray(mask.geometry.voxel_to_world(xyz), dtype=float).reshape(3)
+
+
+def preprocess_case(volume, mask, settings: StudySettings) -> np.ndarray:
+    """One case -> int16 (z, y, x) array on the study grid (see module docstring)."""
+    import SimpleITK as sitk
+
+    centre = roi_centre(volume, mask)
+    size = settings.grid_size
+    spacing = np.asarray(settings.spacing, dtype=float)
+    origin = centre - (np.asarray(size) - 1) / 2.0 * spacing  # identity direction: LPS axes
+    image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
+    out = sitk.Resample(image, [int(s) for s in size], sitk.Transform(), sitk.sitkLinear,
+                        origin.tolist(), spacing.tolist(), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0),
+                        float(HU_RANGE[0]), sitk.sitkFloat32)
+    arr = np.rint(sitk.GetArrayFromImage(out))
+    return np.clip(arr, *HU_RANGE).astype(np.int16)
+
+
+# --------------------------------------------------------------------------------------------
+# Creation
+# --------------------------------------------------------------------------------------------
+def _case_ids(n: int, rng: np.random.Generator) -> list[str]:
+    ids: list[str] = []
+    seen = set()
+    while len(ids) < n:
+        token = "".join(rng.choice(list(ID_ALPHABET), size=ID_LENGTH))
+        if token not in seen:
+            seen.add(token)
+            ids.append(token)
+    return ids
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def default_key_path(out: Path) -> Path:
+    return out.parent / f"{out.name}.key"
+
+
+def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: str | Path, *,
+                      settings: StudySettings | None = None, key_out: str | Path | None = None,
+                      ) -> Iterator[tuple[str, int, int]]:
+    """Create the reader package and key; yields ``(message, done, total)``, returns the :class:`Study`.
+
+    Everything is built in hidden temporary folders beside the targets and moved into place at
+    the end, so a failure leaves no half-made study. Existing targets are never overwritten.
+    """
+    from backend.io import Geometry, check_same_grid, read_image, write_image
+
+    settings = settings or StudySettings()
+    out = Path(out)
+    key_dir = Path(key_out) if key_out else default_key_path(out)
+    for target, flag in ((out, "--out"), (key_dir, "--key-out")):
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise DiffTumorError(f"{flag} {target}: already exists and is not empty; refusing to overwrite")
+    if key_dir.resolve().is_relative_to(out.resolve()):
+        raise DiffTumorError(f"--key-out {key_dir}: must not be inside the reader package {out}")
+    if not real or not synthetic:
+        raise DiffTumorError("study: need at least one real and one synthetic case")
+    cases = list(real) + list(synthetic)
+    with_mask = sum(c.mask is not None for c in cases)
+    if 0 < with_mask < len(cases):
+        raise DiffTumorError(f"study: {with_mask} of {len(cases)} cases have a tumor mask; give masks for all or none "
+                             "(otherwise the view centring differs between cases)")
+    seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % (2**31))
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(cases))
+    ids = _case_ids(len(cases), rng)
+    assigned = {ids[i]: cases[int(p)] for i, p in enumerate(perm)}  # id -> source, class-independent
+    orders = {r: [ids[int(i)] for i in rng.permutation(len(ids))] for r in settings.readers}
+    suffix = ".nii.gz" if settings.compress else ".nii"
+    size = settings.grid_size
+    geometry = Geometry(size=size, spacing=tuple(float(s) for s in settings.spacing), origin=(0.0, 0.0, 0.0))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    key_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp_key = key_dir.parent / f".{key_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        (tmp_out / "cases").mkdir(parents=True)
+        tmp_key.mkdir(parents=True)
+        total = len(ids)
+        for done, cid in enumerate(sorted(ids)):
+            src = assigned[cid]
+            yield (f"case {done + 1} of {total}", done, total)
+            volume = read_image(src.image)
+            mask = read_image(src.mask) if src.mask is not None else None
+            if mask is not None:
+                check_same_grid(volume, mask, names=(str(src.image), str(src.mask)))
+            arr = preprocess_case(volume, mask, settings)
+            path = tmp_out / "cases" / f"{cid}{suffix}"
+            write_image(arr, path, geometry, compress=settings.compress)
+            os.utime(path, (FIXED_MTIME, FIXED_MTIME))
+        study_id = uuid.UUID(int=int(rng.integers(0, 2**63)) << 64 | int(rng.integers(0, 2**63))).hex
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        _write_json(tmp_out / "study.json", {
+            "format": STUDY_FORMAT,
+            "version": STUDY_VERSION,
+            "study_id": study_id,
+            "created": created,
+            "seed": seed,
+            "readers": list(settings.readers),
+            "orders": orders,
+            "cases": [{"id": cid, "file": f"cases/{cid}{suffix}"} for cid in sorted(ids)],
+            "grid": {"spacing": list(geometry.spacing), "size": list(size), "orientation": "LPS",
+                     "dtype": "int16", "hu_range": list(HU_RANGE), "compressed": settings.compress},
+            "display": {"window": list(settings.window)},
+            "options": asdict(settings.options),
+        })
+        with open(tmp_key / "key.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow([*KEY_COLUMNS, "source", "mask"])
+            for cid in sorted(ids):
+                src = assigned[cid]
+                w.writerow([cid, src.truth, src.organ, str(src.image.resolve()),
+                            str(src.mask.resolve()) if src.mask else ""])
+        _write_json(tmp_key / "key.json", {"format": "difftumor-study-key", "version": STUDY_VERSION,
+                                            "study_id": study_id, "seed": seed, "created": created,
+                                            "n_real": len(real), "n_synthetic": len(synthetic)})
+        for tmp, final in ((tmp_key, key_dir), (tmp_out, out)):
+            if final.exists():
+                final.rmdir()  # checked empty above
+            os.replace(tmp, final)
+    finally:
+        for tmp in (tmp_out, tmp_key):
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    yield ("done", len(ids), len(ids))
+    return load_study(out)
+
+
+def run_generator(gen: Iterator, progress: Callable[[str, int, int], None] | None = None):
+    """Run a ``(message, done, total)`` generator to the end and return its result."""
+    while True:
+        try:
+            msg = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(*msg)
+
+
+def create_study(real, synthetic, out, *, settings: StudySettings | None = None, key_out=None,
+                 progress: Callable[[str, int, int], None] | None = None) -> Study:
+    return run_generator(iter_create_study(real, synthetic, out, settings=settings, key_out=key_out), progress)

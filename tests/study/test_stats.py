@@ -1,0 +1,141 @@
+"""Study statistics on small hand-computed tables (positives = real tumors)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from study import stats
+from study.stats import (
+    Counts,
+    accuracy,
+    accuracy_interval,
+    accuracy_p_value,
+    answer_score,
+    binomial_p_value,
+    count_answers,
+    fleiss_kappa,
+    format_percent,
+    roc_auc,
+    sensitivity,
+    specificity,
+    wilson_interval,
+)
+
+R, S, U = stats.REAL, stats.SYNTHETIC, stats.UNSURE
+
+
+def test_counts_by_hand():
+    c = count_answers([R, R, R, R, S, S, S], [R, R, S, U, R, S, U])
+    assert (c.tp, c.fn, c.fp, c.tn, c.unsure_real, c.unsure_synthetic) == (2, 1, 1, 1, 1, 1)
+    assert (c.n_real, c.n_synthetic, c.n_unsure, c.n_decided) == (4, 3, 2, 5)
+    assert sensitivity(c) == pytest.approx(2 / 3)  # unsure excluded from the denominator
+    assert specificity(c) == pytest.approx(1 / 2)
+    assert accuracy(c) == pytest.approx(3 / 5)
+
+
+def test_reader_with_no_real_cases():
+    c = count_answers([S, S, S, S], [S, R, S, S])
+    assert c.n_real == 0
+    assert math.isnan(sensitivity(c))
+    assert specificity(c) == pytest.approx(0.75)
+    assert accuracy(c) == pytest.approx(0.75)
+    assert all(math.isnan(v) for v in stats.sensitivity_interval(c))
+    assert format_percent(sensitivity(c)) == "n/a"
+
+
+def test_reader_who_answered_everything_real():
+    c = count_answers([R, R, R, S, S], [R] * 5)
+    assert sensitivity(c) == 1.0
+    assert specificity(c) == 0.0
+    assert accuracy(c) == pytest.approx(3 / 5)
+    lo, hi = stats.specificity_interval(c)
+    assert lo == 0.0 and 0 < hi < 1
+
+
+def test_all_unsure_and_empty():
+    c = count_answers([R, S], [U, U])
+    assert c.n_unsure == 2 and c.n_decided == 0
+    assert all(math.isnan(f(c)) for f in (sensitivity, specificity, accuracy))
+    assert math.isnan(accuracy_p_value(c))
+    assert all(math.isnan(v) for v in accuracy_interval(Counts()))
+
+
+def test_bad_labels_raise():
+    with pytest.raises(ValueError, match="maybe"):
+        count_answers([R], ["maybe"])
+    with pytest.raises(ValueError, match="1 truths but 2 answers"):
+        count_answers([R], [R, S])
+
+
+def test_wilson_interval_closed_forms():
+    z2 = 1.959963984540054**2
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(z2 / (10 + z2))  # k = 0: upper = z^2 / (n + z^2)
+    lo2, hi2 = wilson_interval(10, 10)
+    assert hi2 == 1.0 and lo2 == pytest.approx(1 - hi)
+    lo, hi = wilson_interval(89, 120)  # hand-computed: centre 0.734171, half-width 0.077456
+    assert lo == pytest.approx(0.656715, abs=2e-6) and hi == pytest.approx(0.811626, abs=2e-6)
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_binomial_p_values():
+    assert binomial_p_value(8, 10) == pytest.approx(112 / 1024)  # 2 * (1 + 10 + 45) / 2^10
+    assert binomial_p_value(5, 10) == pytest.approx(1.0)
+    assert math.isnan(binomial_p_value(0, 0))
+
+
+def test_fleiss_kappa_by_hand():
+    ratings = [[R, R, R], [S, S, S], [R, R, S], [R, S, S], [R, U, R], [S, None, S]]
+    # complete cases only: table [3,0],[0,3],[2,1],[1,2] -> P_i 1,1,1/3,1/3; P_bar 2/3; p = .5,.5 -> P_e .5
+    assert fleiss_kappa(ratings) == pytest.approx(1 / 3)
+    assert fleiss_kappa([[R, R], [S, S]]) == pytest.approx(1.0)
+    assert fleiss_kappa([[R, S], [S, R]]) == pytest.approx(-1.0)
+    assert math.isnan(fleiss_kappa([[R, R], [R, R]]))  # one category only: P_e = 1
+    assert math.isnan(fleiss_kappa([[R], [S]]))  # one reader
+    assert math.isnan(fleiss_kappa([[U, R]]))  # no complete case
+
+
+def test_answer_score_and_auc():
+    assert [answer_score(S, c) for c in (5, 4, 3, 2, 1)] == [1, 2, 3, 4, 5]
+    assert [answer_score(R, c) for c in (1, 2, 3, 4, 5)] == [6, 7, 8, 9, 10]
+    assert answer_score(R, None) == 1.0 and answer_score(S, None) == 0.0
+    assert math.isnan(answer_score(U, 3))
+    with pytest.raises(ValueError):
+        answer_score(R, 6)
+    # pairs (real, synthetic): 10>5, 10>6, 6>5, 6=6 (half) -> 3.5 / 4
+    assert roc_auc([R, R, S, S], [10, 6, 5, 6]) == pytest.approx(0.875)
+    assert roc_auc([R, R, S, S, R], [10, 6, 5, 6, math.nan]) == pytest.approx(0.875)
+    assert math.isnan(roc_auc([S, S], [1, 2]))
+
+
+# Table-1-style counts: 120 real + 120 synthetic cases per organ and reader. (tp, tn) per cell.
+TABLE1_COUNTS = {
+    ("Reader 1", "liver"): (89, 101),
+    ("Reader 1", "pancreas"): (70, 58),
+    ("Reader 1", "kidney"): (61, 66),
+    ("Reader 2", "liver"): (103, 95),
+    ("Reader 2", "pancreas"): (77, 83),
+    ("Reader 2", "kidney"): (94, 52),
+}
+TABLE1_PERCENT = {  # (sensitivity, specificity, accuracy) as printed, one decimal
+    ("Reader 1", "liver"): ("74.2", "84.2", "79.2"),
+    ("Reader 1", "pancreas"): ("58.3", "48.3", "53.3"),
+    ("Reader 1", "kidney"): ("50.8", "55.0", "52.9"),
+    ("Reader 2", "liver"): ("85.8", "79.2", "82.5"),
+    ("Reader 2", "pancreas"): ("64.2", "69.2", "66.7"),
+    ("Reader 2", "kidney"): ("78.3", "43.3", "60.8"),
+}
+
+
+@pytest.mark.parametrize("cell", sorted(TABLE1_COUNTS))
+def test_table1_percentages_to_one_decimal(cell):
+    tp, tn = TABLE1_COUNTS[cell]
+    truths = [R] * 120 + [S] * 120
+    answers = [R] * tp + [S] * (120 - tp) + [S] * tn + [R] * (120 - tn)
+    c = count_answers(truths, answers)
+    assert (c.n_real, c.n_synthetic) == (120, 120)
+    got = tuple(format_percent(f(c)) for f in (sensitivity, specificity, accuracy))
+    assert got == TABLE1_PERCENT[cell]
