@@ -1,0 +1,337 @@
+"""Viewing CT the way radiologists do: window/level presets, mouse window/level, three views.
+
+Pure functions first (no viewer needed): :func:`window_to_contrast_limits`,
+:func:`contrast_limits_to_window`, :func:`drag_window_level`, :func:`vertical_orientation`.
+Then the Qt side: :func:`keep_radiological` (superior stays at the top whenever the z axis is shown
+vertically), :class:`ThreeViews` (coronal + sagittal canvases linked to the main viewer's cursor)
+and :class:`ViewingWidget`, the "Window / level" dock widget.
+
+Layers opened by the DiffTumor reader are in LPS order (z, y, x) = (superior, posterior, left), so the
+default axial view shows anterior at the top and the patient's left on the screen's right.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton
+
+if TYPE_CHECKING:
+    import napari
+    import napari.layers
+
+# name -> (window width, window level) in HU
+PRESETS: dict[str, tuple[float, float]] = {
+    "abdomen": (400.0, 50.0),
+    "liver": (150.0, 30.0),
+    "soft tissue": (350.0, 40.0),
+    "bone": (1800.0, 400.0),
+    "lung": (1500.0, -600.0),
+}
+DEFAULT_PRESET = "abdomen"
+# HU per screen pixel of mouse drag for the width (horizontal) and level (vertical)
+DRAG_HU_PER_PIXEL = 2.0
+MIN_WIDTH = 1.0
+
+
+def window_to_contrast_limits(width: float, level: float) -> tuple[float, float]:
+    """(W, L) -> napari contrast limits ``[L - W/2, L + W/2]``; W400/L50 -> (-150, 250)."""
+    if not width > 0:
+        raise ValueError(f"window width must be > 0, got {width}")
+    return (float(level) - float(width) / 2.0, float(level) + float(width) / 2.0)
+
+
+def contrast_limits_to_window(low: float, high: float) -> tuple[float, float]:
+    """Napari contrast limits -> (W, L), the inverse of :func:`window_to_contrast_limits`."""
+    return (float(high) - float(low), (float(high) + float(low)) / 2.0)
+
+
+def drag_window_level(
+    width: float, level: float, dx: float, dy: float, *, hu_per_pixel: float = DRAG_HU_PER_PIXEL
+) -> tuple[float, float]:
+    """New (W, L) after dragging the mouse by (dx, dy) screen pixels from where (W, L) was set.
+
+    Right widens the window, left narrows it (never below :data:`MIN_WIDTH`); down raises the
+    level (image darker), up lowers it (image brighter) - the usual workstation convention.
+    """
+    return (max(MIN_WIDTH, width + dx * hu_per_pixel), level + dy * hu_per_pixel)
+
+
+def vertical_orientation(dims_order: tuple[int, ...], ndisplay: int, ndim: int) -> str:
+    """'up' when the superior-inferior axis (z = world axis ``ndim - 3``) is shown vertically.
+
+    In a 2D view the vertical screen axis is ``dims_order[-2]``; z grows toward superior in LPS, so
+    it must grow upward on screen for coronal and sagittal views. Axial views keep 'down'
+    (posterior grows downward: anterior at the top).
+    """
+    if ndisplay != 2 or ndim < 3:
+        return "down"
+    return "up" if dims_order[-2] == ndim - 3 else "down"
+
+
+def keep_radiological(viewer: napari.components.ViewerModel) -> None:
+    """Keep superior at the top whenever the z axis is displayed vertically (now and later)."""
+
+    def _update(event=None):
+        up = vertical_orientation(tuple(viewer.dims.order), viewer.dims.ndisplay, viewer.dims.ndim)
+        if viewer.camera.orientation2d[0] != up:
+            viewer.camera.orientation2d = (up, viewer.camera.orientation2d[1])
+
+    for emitter in (viewer.dims.events.order, viewer.dims.events.ndisplay, viewer.dims.events.ndim):
+        emitter.connect(_update)
+    _update()
+
+
+def ct_layers(viewer: napari.components.ViewerModel) -> list[napari.layers.Image]:
+    """Single-channel image layers, CT (DiffTumor metadata kind 'ct') first."""
+    from napari.layers import Image
+
+    images = [ly for ly in viewer.layers if isinstance(ly, Image) and not ly.rgb]
+    return sorted(images, key=lambda ly: ly.metadata.get("difftumor", {}).get("kind") != "ct")
+
+
+class ThreeViews:
+    """Coronal and sagittal canvases beside the main (axial) canvas, sharing its cursor.
+
+    Each extra view is a napari ``ViewerModel`` with its own ``QtViewer`` canvas holding light copies
+    of the main viewer's image and labels layers (same arrays, no data copy) whose contrast,
+    colormap, visibility, opacity and data follow the originals. Moving the slider in any view moves
+    the others; a click in a view moves the cursor (and so the other views' slices) there.
+    """
+
+    # name -> dims order; the last two axes are displayed (vertical, horizontal)
+    VIEWS = {"coronal": (1, 0, 2), "sagittal": (2, 0, 1)}
+
+    def __init__(self, viewer: napari.Viewer):
+        from napari.components import ViewerModel
+        from napari.qt import QtViewer
+        from qtpy.QtCore import Qt
+        from qtpy.QtWidgets import QSplitter
+
+        self.viewer = viewer
+        self.models: dict[str, ViewerModel] = {}
+        self.widget = QSplitter(Qt.Orientation.Horizontal)
+        self.widget.setMinimumHeight(260)
+        self._qt_viewers = []
+        for name in self.VIEWS:
+            model = ViewerModel(title=name)
+            qt_viewer = QtViewer(model)
+            self.models[name] = model
+            self._qt_viewers.append(qt_viewer)
+            self.widget.addWidget(qt_viewer)
+            model.dims.events.current_step.connect(self._on_view_step)
+            model.mouse_drag_callbacks.append(self._click_to_cursor)
+        self._links: list[tuple[object, object]] = []
+        self._syncing = False
+        viewer.dims.events.current_step.connect(self._on_main_step)
+        for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed,
+                        viewer.layers.events.reordered):
+            emitter.connect(self.rebuild)
+        self.rebuild()
+
+    # -- layers ---------------------------------------------------------------------------------
+    def rebuild(self, event=None) -> None:
+        """Recreate the copies from the main viewer's 3D image/labels layers."""
+        from napari.layers import Image, Labels, Layer
+
+        for source_emitter, callback in self._links:
+            source_emitter.disconnect(callback)
+        self._links = []
+        sources = [ly for ly in self.viewer.layers
+                   if isinstance(ly, (Image, Labels)) and ly.ndim == 3 and not getattr(ly, "rgb", False)]
+        for name, model in self.models.items():
+            model.layers.clear()
+            for src in sources:
+                data, state, kind = src.as_layer_data_tuple()
+                copy = Layer.create(data, state, kind)
+                model.layers.append(copy)
+                self._link(src, copy)
+            if sources:
+                model.dims.order = self.VIEWS[name]
+                model.camera.orientation2d = ("up", "right")  # superior at the top
+                model.reset_view()
+        self._on_main_step()
+
+    def _link(self, src, copy) -> None:
+        names = ["visible", "opacity", "data"]
+        names += ["contrast_limits", "colormap", "gamma"] if hasattr(src, "contrast_limits") else []
+        for attr in names:
+            emitter = getattr(src.events, attr)
+
+            def _follow(event=None, attr=attr, copy=copy, src=src):
+                setattr(copy, attr, getattr(src, attr))
+
+            emitter.connect(_follow)
+            self._links.append((emitter, _follow))
+        if hasattr(src.events, "paint"):
+            emitter = src.events.paint
+            emitter.connect(copy.refresh)
+            self._links.append((emitter, copy.refresh))
+
+    # -- cursor ---------------------------------------------------------------------------------
+    def _on_main_step(self, event=None) -> None:
+        if self._syncing:
+            return
+        self._syncing = True
+        try:
+            for model in self.models.values():
+                if model.dims.ndim == self.viewer.dims.ndim:
+                    model.dims.point = self.viewer.dims.point
+        finally:
+            self._syncing = False
+
+    def _on_view_step(self, event=None) -> None:
+        if self._syncing:
+            return
+        source = next((m for m in self.models.values() if m.dims is event.source), None)
+        if source is None or source.dims.ndim != self.viewer.dims.ndim:
+            return
+        self._syncing = True
+        try:
+            self.viewer.dims.point = source.dims.point
+            for model in self.models.values():
+                if model is not source:
+                    model.dims.point = source.dims.point
+        finally:
+            self._syncing = False
+        self._on_main_step()
+
+    def _click_to_cursor(self, model, event):
+        """A click without drag moves the shared cursor to the clicked point."""
+        moved = False
+        yield
+        while event.type == "mouse_move":
+            moved = True
+            yield
+        if not moved and event.button == 1:
+            axes = tuple(model.dims.displayed)
+            self.viewer.dims.set_point(axes, tuple(event.position[a] for a in axes))
+
+    def close(self) -> None:
+        for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
+                        self.viewer.layers.events.reordered):
+            emitter.disconnect(self.rebuild)
+        self.viewer.dims.events.current_step.disconnect(self._on_main_step)
+        for source_emitter, callback in self._links:
+            source_emitter.disconnect(callback)
+        self._links = []
+        for model in self.models.values():
+            model.layers.clear()
+
+
+class ViewingWidget(Container):
+    """Dock widget: window/level presets, W/L spin boxes, mouse window/level mode, three views."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._three_views: ThreeViews | None = None
+        self._dock = None
+        self._drag_active = False
+        self._saved_pan = True
+
+        self.layer = ComboBox(label="CT layer", choices=self._layer_choices, nullable=True)
+        self.width_box = FloatSpinBox(label="Window (W)", min=MIN_WIDTH, max=10000, step=10, value=400)
+        self.level_box = FloatSpinBox(label="Level (L)", min=-3000, max=5000, step=5, value=50)
+        self.preset_buttons = {name: PushButton(text=f"{name.title()}  W{w:g}/L{lv:g}")
+                               for name, (w, lv) in PRESETS.items()}
+        self.mouse_wl = CheckBox(text="Mouse window/level (left-drag)")
+        self.three_views_button = PushButton(text="Three views (axial / coronal / sagittal)")
+        self.extend([self.layer, self.width_box, self.level_box, *self.preset_buttons.values(),
+                     self.mouse_wl, self.three_views_button])
+
+        for name, button in self.preset_buttons.items():
+            button.changed.connect(lambda _=None, name=name: self.apply_preset(name))
+        self.width_box.changed.connect(self._on_boxes)
+        self.level_box.changed.connect(self._on_boxes)
+        self.layer.changed.connect(self._on_layer)
+        self.mouse_wl.changed.connect(self._on_mouse_wl)
+        self.three_views_button.changed.connect(lambda _=None: self.toggle_three_views())
+        for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            emitter.connect(self.reset_choices)
+        keep_radiological(viewer)
+        self.reset_choices()
+        self._on_layer()
+
+    def _layer_choices(self, widget=None):
+        return [(ly.name, ly) for ly in ct_layers(self._viewer)]
+
+    # -- window / level -------------------------------------------------------------------------
+    def apply_preset(self, name: str) -> None:
+        width, level = PRESETS[name]
+        self.set_window(width, level)
+
+    def set_window(self, width: float, level: float) -> None:
+        """Set W/L on the chosen CT layer (and the spin boxes)."""
+        layer = self.layer.value
+        if layer is None:
+            from napari.utils.notifications import show_warning
+
+            show_warning("Window / level: open a CT image first")
+            return
+        low, high = window_to_contrast_limits(width, level)
+        lo_range, hi_range = layer.contrast_limits_range
+        if low < lo_range or high > hi_range:  # let the window reach beyond the data range
+            layer.contrast_limits_range = (min(lo_range, low), max(hi_range, high))
+        layer.contrast_limits = (low, high)
+
+    def _on_boxes(self, _=None) -> None:
+        if self.layer.value is not None:
+            current = contrast_limits_to_window(*self.layer.value.contrast_limits)
+            wanted = (self.width_box.value, self.level_box.value)
+            if max(abs(a - b) for a, b in zip(current, wanted)) > 1e-6:
+                self.set_window(*wanted)
+
+    def _on_layer(self, _=None) -> None:
+        for layer in ct_layers(self._viewer):
+            layer.events.contrast_limits.disconnect(self._show_limits)
+        if self.layer.value is not None:
+            self.layer.value.events.contrast_limits.connect(self._show_limits)
+            self._show_limits()
+
+    def _show_limits(self, event=None) -> None:
+        width, level = contrast_limits_to_window(*self.layer.value.contrast_limits)
+        with self.width_box.changed.blocked(), self.level_box.changed.blocked():
+            self.width_box.value = max(MIN_WIDTH, width)
+            self.level_box.value = level
+
+    # -- mouse window / level -------------------------------------------------------------------
+    def _on_mouse_wl(self, on: bool) -> None:
+        callbacks = self._viewer.mouse_drag_callbacks
+        if on and self._drag_window_level not in callbacks:
+            callbacks.append(self._drag_window_level)
+            self._saved_pan = self._viewer.camera.mouse_pan
+            self._viewer.camera.mouse_pan = False
+        elif not on and self._drag_window_level in callbacks:
+            callbacks.remove(self._drag_window_level)
+            self._viewer.camera.mouse_pan = self._saved_pan
+
+    def _drag_window_level(self, viewer, event):
+        """Left-drag: horizontal changes the width, vertical the level (see drag_window_level)."""
+        layer = self.layer.value
+        if layer is None or event.button != 1:
+            return
+        start = tuple(event.pos)
+        width0, level0 = contrast_limits_to_window(*layer.contrast_limits)
+        yield
+        while event.type == "mouse_move":
+            dx, dy = event.pos[0] - start[0], event.pos[1] - start[1]
+            self.set_window(*drag_window_level(width0, level0, dx, dy))
+            yield
+
+    # -- three views ----------------------------------------------------------------------------
+    def toggle_three_views(self) -> bool:
+        """Show (or hide) the coronal + sagittal views; returns whether they are shown."""
+        window = getattr(self._viewer, "window", None)
+        if window is None:
+            from napari.utils.notifications import show_error
+
+            show_error("Three views: needs a napari window (not a headless viewer model)")
+            return False
+        if self._dock is None:
+            self._three_views = ThreeViews(self._viewer)
+            self._dock = window.add_dock_widget(self._three_views.widget, name="Three views", area="bottom")
+            return True
+        visible = not self._dock.isVisible()
+        self._dock.setVisible(visible)
+        return visible
