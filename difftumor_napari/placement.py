@@ -1,0 +1,314 @@
+"""Tumour placement without Qt: click -> voxel, ellipsoid / random tumours, undo stack, layer guesses.
+
+The placement widget (``_placement.py``) only collects values and calls these functions. Arrays are
+in the napari display order (z, y, x) of the DiffTumor reader (an LPS grid); the grid itself is a
+:class:`backend.io.Geometry` built by :func:`layer_geometry` from the layer's metadata (or its
+``scale``/``translate``). Shapes come from :mod:`backend.synthesis.masks` (the engine's generators):
+:func:`masks.ellipsoid_mask` for a placed tumour, :func:`masks.generate_tumor_mask` (the release's
+random generator, run in 1 mm model space and brought back) for random placement.
+
+The tumour-mask layer holds one id per placed tumour (1, 2, ...) so each has its own colour and can
+be undone on its own; synthesis treats every non-zero voxel as tumour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from backend.errors import DiffTumorError
+
+if TYPE_CHECKING:
+    from backend.io import Geometry
+
+PLACEABLE_ORGANS = ("liver", "pancreas", "kidney", "spleen")
+SIZE_NAMES = ("tiny", "small", "medium", "large")
+CT_MIN_HU, CT_MAX_HU = -500.0, 100.0  # a CT reaches below -500 (air/lung) and above 100 (bone, contrast)
+
+
+# --------------------------------------------------------------------------------------------
+# coordinates and grids
+# --------------------------------------------------------------------------------------------
+def world_to_data(world: Sequence[float], scale: Sequence[float], translate: Sequence[float]) -> np.ndarray:
+    """World position (napari order, last 3 = z, y, x in mm) -> continuous data index (z, y, x).
+
+    ``data = (world - translate) / scale``, the inverse of napari's scale + translate transform.
+    """
+    w = np.asarray(world, dtype=np.float64)[-3:]
+    return (w - np.asarray(translate, np.float64)[-3:]) / np.asarray(scale, np.float64)[-3:]
+
+
+def layer_geometry(shape: Sequence[int], scale: Sequence[float], translate: Sequence[float],
+                   metadata: dict | None = None) -> "Geometry":
+    """The grid of a displayed layer: the reader's ``display_geometry`` when recorded, else an
+    axis-aligned LPS grid from ``scale``/``translate`` (reversed to SimpleITK (x, y, z) order)."""
+    from backend.io import Geometry
+
+    info = (metadata or {}).get("difftumor") or {}
+    if "display_geometry" in info:
+        g = Geometry.from_dict(info["display_geometry"])
+        if g.shape == tuple(shape):
+            return g
+    return Geometry(tuple(shape)[::-1], tuple(scale)[-3:][::-1], tuple(translate)[-3:][::-1])
+
+
+def size_class_radii(size: str) -> tuple[float, float, float]:
+    """Radii (mm) for a size class: its base radius on all three axes (diameter = 2 r)."""
+    from backend.synthesis.masks import SIZE_CLASSES
+
+    if size not in SIZE_CLASSES:
+        raise DiffTumorError(f"size class '{size}': choose one of {', '.join(SIZE_CLASSES)}")
+    r = float(SIZE_CLASSES[size].radius)
+    return (r, r, r)
+
+
+def size_class_text(size: str) -> str:
+    """'small: 12–20 mm diameter' for tooltips."""
+    from backend.synthesis.masks import SIZE_CLASSES
+
+    lo, hi = SIZE_CLASSES[size].diameter_mm
+    return f"{size}: {lo}–{hi} mm diameter"
+
+
+# --------------------------------------------------------------------------------------------
+# layer guesses (duck-typed: anything with .data / .metadata works)
+# --------------------------------------------------------------------------------------------
+def looks_like_ct(data: Any) -> bool:
+    """3D intensities spanning a CT-like HU range (something below -500 and above 100)."""
+    arr = np.asarray(data)
+    if arr.ndim != 3 or arr.dtype == np.bool_ or arr.size == 0:
+        return False
+    step = max(1, int(round((arr.size / 2e6) ** (1 / 3))))
+    sample = arr[::step, ::step, ::step]
+    return float(sample.min()) < CT_MIN_HU and float(sample.max()) > CT_MAX_HU
+
+
+def organs_in_labels(data: Any) -> list[str]:
+    """Placeable organs present in a label map (TotalSegmentator ids, or MSD 1 = organ -> all)."""
+    from backend.organs import detect_convention, organs_present
+
+    arr = np.asarray(data)
+    if arr.ndim != 3 or arr.size == 0 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        return []
+    if arr.dtype != np.bool_ and arr.min() < 0:
+        return []
+    if detect_convention(arr) == "msd":
+        return list(PLACEABLE_ORGANS) if (arr == 1).any() else []
+    present = organs_present(arr, convention="totalseg")
+    found = [o for o in PLACEABLE_ORGANS if o in present]
+    if "kidney" not in found and ("kidney_left" in present or "kidney_right" in present):
+        found.insert(2 if len(found) >= 2 else len(found), "kidney")
+    return [o for o in PLACEABLE_ORGANS if o in found]
+
+
+def pick_ct_layer(layers: Sequence[Any]):
+    """The CT among image layers: DiffTumor kind 'ct' first, then any CT-like image (None if none)."""
+    images = [ly for ly in layers if type(ly).__name__ == "Image" and not getattr(ly, "rgb", False)]
+    for ly in images:
+        if ly.metadata.get("difftumor", {}).get("kind") == "ct":
+            return ly
+    for ly in images:
+        if looks_like_ct(ly.data):
+            return ly
+    return None
+
+
+def pick_organ_layer(layers: Sequence[Any]):
+    """The first Labels layer whose values include organ ids (our own tumour layers excluded)."""
+    for ly in layers:
+        if type(ly).__name__ != "Labels" or ly.metadata.get("difftumor", {}).get("kind") in ("tumor", "synthetic"):
+            continue
+        if organs_in_labels(ly.data):
+            return ly
+    return None
+
+
+def organ_mask(labels: Any, organ: str, *, name: str = "organ labels") -> np.ndarray:
+    """Boolean organ mask from a label layer's data (the 4 conventions of :mod:`backend.organs`)."""
+    from backend.organs import load_organ_mask
+
+    if labels is None:
+        raise DiffTumorError("organ labels: no organ label layer; open or draw an organ segmentation first")
+    try:
+        return load_organ_mask(np.asarray(labels), organ)
+    except DiffTumorError as exc:
+        raise DiffTumorError(str(exc).replace("<label array>", name)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# placements and their undo stack
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TumorSpec:
+    """One placed ellipsoid: centre as a data index (z, y, x), radii (mm) along x (R-L), y (A-P),
+    z (S-I), rotation (Euler degrees about x, y, z), irregularity in [0, 1] and its seed."""
+
+    centre_zyx: tuple[float, float, float]
+    radii_mm: tuple[float, float, float]
+    rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    irregularity: float = 0.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class Placement:
+    """What one placement wrote: voxel indices, their previous values and the id it painted."""
+
+    label: int
+    index: tuple[np.ndarray, ...]
+    previous: np.ndarray
+    params: dict = field(default_factory=dict)
+
+
+def ellipsoid_on_grid(geometry: "Geometry", spec: TumorSpec) -> np.ndarray:
+    """The tumour of ``spec`` on the display grid (boolean (z, y, x))."""
+    from backend.synthesis.masks import ellipsoid_mask
+
+    z, y, x = spec.centre_zyx
+    return ellipsoid_mask(geometry, (x, y, z), spec.radii_mm, voxel=True, rotation=spec.rotation_deg,
+                          irregularity=spec.irregularity, rng=spec.seed)
+
+
+def check_centre(centre_zyx: Sequence[float], organ: np.ndarray | None, organ_name: str) -> tuple[int, int, int]:
+    """Nearest voxel of a clicked point; refuse points outside the image or outside the organ."""
+    idx = np.rint(np.asarray(centre_zyx, np.float64)).astype(int)
+    shape = np.asarray(organ.shape if organ is not None else (0, 0, 0))
+    if organ is None:
+        raise DiffTumorError(f"{organ_name}: no organ mask; choose an organ label layer first")
+    if np.any(idx < 0) or np.any(idx >= shape):
+        raise DiffTumorError(f"click at voxel {idx.tolist()} (z, y, x) is outside the image {shape.tolist()}")
+    if not organ[tuple(idx)]:
+        raise DiffTumorError(f"click at voxel {idx.tolist()} (z, y, x) is outside the {organ_name}; click inside the organ")
+    return tuple(int(v) for v in idx)
+
+
+def check_fits(tumor: np.ndarray, organ: np.ndarray, organ_name: str, spacing_zyx: Sequence[float]) -> None:
+    """Refuse a tumour larger than the organ it is placed in."""
+    vox_ml = float(np.prod(spacing_zyx)) / 1000.0
+    n_t, n_o = int(tumor.sum()), int(organ.sum())
+    if n_t > n_o:
+        raise DiffTumorError(
+            f"tumour of {n_t * vox_ml:.1f} ml is larger than the {organ_name} ({n_o * vox_ml:.1f} ml); choose smaller radii"
+        )
+
+
+class PlacementHistory:
+    """Undo/redo of placements on a label array (the tumour-mask layer's data, edited in place).
+
+    Undo puts back the previous values only where the voxel still holds the placement's id, so brush
+    strokes made after the placement survive; napari's own Ctrl+Z keeps undoing brush strokes.
+    """
+
+    def __init__(self) -> None:
+        self.done: list[Placement] = []
+        self.undone: list[Placement] = []
+
+    def next_label(self, labels: np.ndarray) -> int:
+        return int(labels.max()) + 1 if labels.size else 1
+
+    def apply(self, labels: np.ndarray, mask: np.ndarray, *, params: dict | None = None, label: int | None = None) -> Placement:
+        if mask.shape != labels.shape:
+            raise DiffTumorError(f"tumour mask layer: shape {labels.shape} differs from the CT {mask.shape}; remove it and place again")
+        label = self.next_label(labels) if label is None else label
+        index = np.nonzero(mask)
+        placement = Placement(label, index, labels[index].copy(), dict(params or {}))
+        labels[index] = label
+        self.done.append(placement)
+        self.undone.clear()
+        return placement
+
+    def undo(self, labels: np.ndarray) -> Placement | None:
+        if not self.done:
+            return None
+        p = self.done.pop()
+        still = labels[p.index] == p.label
+        sub = tuple(i[still] for i in p.index)
+        labels[sub] = p.previous[still]
+        self.undone.append(p)
+        return p
+
+    def redo(self, labels: np.ndarray) -> Placement | None:
+        if not self.undone:
+            return None
+        p = self.undone.pop()
+        p.previous = labels[p.index].copy()
+        labels[p.index] = p.label
+        self.done.append(p)
+        return p
+
+    def params(self) -> list[dict]:
+        """The parameters of the placements still in effect (for provenance)."""
+        return [dict(p.params, label=p.label) for p in self.done]
+
+
+def place_ellipsoid(labels: np.ndarray, history: PlacementHistory, geometry: "Geometry", organ: np.ndarray | None,
+                    spec: TumorSpec, *, organ_name: str, keep_inside_organ: bool = True) -> Placement:
+    """Validate ``spec`` against the organ, draw it (clipped to the organ if asked) and record it."""
+    check_centre(spec.centre_zyx, organ, organ_name)
+    tumor = ellipsoid_on_grid(geometry, spec)
+    check_fits(tumor, organ, organ_name, geometry.spacing[::-1])
+    if keep_inside_organ:
+        tumor &= organ
+    if not tumor.any():
+        raise DiffTumorError(f"tumour at {list(spec.centre_zyx)} covers no voxel of the {organ_name}; enlarge the radii")
+    return history.apply(labels, tumor, params={"kind": "ellipsoid", "organ": organ_name,
+                                                "keep_inside_organ": keep_inside_organ, **spec.to_dict()})
+
+
+def random_tumors(geometry: "Geometry", organ: np.ndarray, organ_name: str, *, size: str, count: int,
+                  seed: int, keep_inside_organ: bool = True) -> tuple[list[np.ndarray], list[dict]]:
+    """``count`` tumours of ``size`` at valid places in the organ, from the release's generator.
+
+    The organ is taken to 1 mm model space, :func:`backend.synthesis.masks.generate_tumor_mask`
+    draws one tumour per call (same seeded generator), and each is brought back to the display grid
+    (nearest neighbour; a tumour thinner than a voxel keeps at least its centre voxel).
+    """
+    from backend.io import Volume
+    from backend.preprocess import from_model_space, to_model_space
+    from backend.synthesis.masks import SIZE_CLASSES, as_rng, generate_tumor_mask
+
+    if size not in SIZE_CLASSES:
+        raise DiffTumorError(f"size class '{size}': choose one of {', '.join(SIZE_CLASSES)}")
+    if count < 1:
+        raise DiffTumorError(f"number of tumours: must be at least 1, got {count}")
+    if organ is None or not organ.any():
+        raise DiffTumorError(f"{organ_name}: the organ is absent from the label layer; choose another organ")
+    ref = to_model_space(Volume(organ.astype(np.uint8), geometry), is_label=True)
+    rng = as_rng(seed)
+    shapes, params = [], []
+    for _ in range(count):
+        m, ps = generate_tumor_mask(ref.array.astype(bool), organ_name, size=size, count=1, rng=rng)
+        back = from_model_space(m.astype(np.uint8), ref, is_label=True).astype(bool)
+        p = ps[0].to_dict()
+        if not back.any():  # thinner than the display voxels: keep the centre voxel
+            world = ref.geometry.voxel_to_world(np.asarray(p["centre"], float))
+            ijk = np.clip(np.rint(geometry.world_to_voxel(world)).astype(int), 0, np.asarray(geometry.size) - 1)
+            back[ijk[2], ijk[1], ijk[0]] = True
+        if keep_inside_organ:
+            clipped = back & organ
+            back = clipped if clipped.any() else back
+        p = {"kind": "random", "organ": organ_name, "seed": int(seed), "keep_inside_organ": keep_inside_organ,
+             **{k: list(v) if isinstance(v, tuple) else v for k, v in p.items()}}
+        shapes.append(back)
+        params.append(p)
+    return shapes, params
+
+
+def tumor_stage(labels: np.ndarray, spacing_zyx: Sequence[float]) -> str:
+    """'early' when every tumour's largest diameter is below 20 mm (tiny/small classes), else 'mid_late'."""
+    from scipy import ndimage
+
+    from backend.synthesis.masks import largest_diameter_mm
+
+    comps, n = ndimage.label(np.asarray(labels) > 0)
+    if n == 0:
+        raise DiffTumorError("tumour mask: it is empty; place a tumour first")
+    for i in range(1, n + 1):
+        if largest_diameter_mm(comps == i, spacing_zyx) >= 20.0:
+            return "mid_late"
+    return "early"
