@@ -1,0 +1,334 @@
+"""The weights folder: where it is, what it holds, whether it loads, and fetching the released files.
+
+One folder holds the released file names —
+``AutoencoderModel.ckpt`` (stage 1, shared by all organs) and ``{organ}_early.pt`` /
+``{organ}_noearly.pt`` (stage 2, per organ) — or our own checkpoints saved under the same names.
+
+The folder is found, in order, from: an explicit argument, the environment variable
+``DIFFTUMOR_WEIGHTS``, the user config ``~/.config/difftumor/config.json`` (key ``weights_dir``;
+``$XDG_CONFIG_HOME`` is honoured). The napari widget remembers the folder with :func:`set_weights_dir`.
+
+``difftumor weights check [DIR]`` and ``difftumor weights fetch`` (``backend/cli/weights.py``) use
+:func:`check_folder` and :func:`fetch`. sha256 sums are cached in a sidecar ``.sha256-cache.json``
+keyed by (size, mtime) so that a check of 1.5 GB of weights is instant the second time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backend.errors import DiffTumorError
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "DIFFTUMOR_WEIGHTS"
+AE_NAME = "AutoencoderModel.ckpt"
+WEIGHT_ORGANS = ("liver", "pancreas", "kidney")  # organs with released diffusion weights
+STAGES = ("early", "noearly")
+SHA_CACHE = ".sha256-cache.json"
+MANIFEST_PATH = Path(__file__).with_name("weights_manifest.json")
+
+
+# --------------------------------------------------------------------------------------------
+# user config
+# --------------------------------------------------------------------------------------------
+def config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "difftumor" / "config.json"
+
+
+def read_config() -> dict:
+    p = config_path()
+    if not p.is_file():
+        return {}
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise DiffTumorError(f"{p}: not a readable JSON config ({exc}); fix or delete it") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def write_config(data: dict) -> Path:
+    p = config_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, p)
+    return p
+
+
+def get_weights_dir_setting() -> Path | None:
+    """The folder remembered in the user config, or None."""
+    v = read_config().get("weights_dir")
+    return Path(v).expanduser() if v else None
+
+
+def set_weights_dir(path) -> Path:
+    """Remember ``path`` as the weights folder in the user config (None forgets it)."""
+    data = read_config()
+    if path is None:
+        data.pop("weights_dir", None)
+    else:
+        data["weights_dir"] = str(Path(path).expanduser().resolve())
+    return write_config(data)
+
+
+def resolve_weights_dir(path=None) -> tuple[Path | None, str]:
+    """(folder, where it came from) — ``argument``, ``$DIFFTUMOR_WEIGHTS``, ``user config`` or (None, "none").
+
+    An explicit argument or environment value that is not a folder is an error (one line).
+    """
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise DiffTumorError(f"--weights {p}: not a folder")
+        return p, "argument"
+    env = os.environ.get(ENV_VAR)
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_dir():
+            raise DiffTumorError(f"${ENV_VAR}={env}: not a folder")
+        return p, f"${ENV_VAR}"
+    p = get_weights_dir_setting()
+    if p is not None:
+        if not p.is_dir():
+            raise DiffTumorError(f"{config_path()}: weights_dir {p} is not a folder; set another with 'difftumor weights check DIR --remember'")
+        return p, "user config"
+    return None, "none"
+
+
+# --------------------------------------------------------------------------------------------
+# the folder's content
+# --------------------------------------------------------------------------------------------
+def weight_organ(organ: str) -> str:
+    """Which released organ's weights serve ``organ`` (kidney_left/right -> kidney)."""
+    return "kidney" if organ.startswith("kidney") else organ
+
+
+def diffusion_name(organ: str, stage: str) -> str:
+    """File name for ``stage`` in {"early", "noearly", "mid_late"} (mid_late = noearly)."""
+    st = "noearly" if stage in ("noearly", "mid_late") else stage
+    if st not in STAGES:
+        raise ValueError(f"stage {stage!r} is not one of early, noearly, mid_late")
+    return f"{weight_organ(organ)}_{st}.pt"
+
+
+@dataclass
+class WeightsFolder:
+    """A weights folder (``root`` may be None: nothing found)."""
+
+    root: Path | None
+    source: str = "argument"
+    _sha: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def find(cls, path=None) -> "WeightsFolder":
+        root, source = resolve_weights_dir(path)
+        return cls(root, source)
+
+    def path(self, name: str) -> Path | None:
+        if self.root is None:
+            return None
+        p = self.root / name
+        return p if p.is_file() else None
+
+    def files_for(self, organ: str, stage: str) -> list[str]:
+        """File names needed for ``stage`` of ``organ`` (the AE encodes; early decodes with the .pt's VQGAN)."""
+        return [AE_NAME, diffusion_name(organ, stage)]
+
+    def missing(self, organ: str, stage: str) -> list[str]:
+        return [n for n in self.files_for(organ, stage) if self.path(n) is None]
+
+    def has(self, organ: str, stage: str) -> bool:
+        return not self.missing(organ, stage)
+
+    def require(self, organ: str, stage: str) -> dict[str, Path]:
+        """Paths for ``stage`` of ``organ`` or one clear sentence naming what is missing."""
+        miss = self.missing(organ, stage)
+        if miss:
+            where = f"weights folder {self.root}" if self.root else (
+                f"no weights folder (give --weights DIR, set ${ENV_VAR}, or run 'difftumor weights fetch')"
+            )
+            raise DiffTumorError(f"{where}: missing {', '.join(miss)} needed for {stage} {organ} tumours")
+        return {n: self.path(n) for n in self.files_for(organ, stage)}
+
+    def sha256(self, name: str) -> str:
+        p = self.path(name)
+        if p is None:
+            raise FileNotFoundError(name)
+        return sha256_cached(p)
+
+
+# --------------------------------------------------------------------------------------------
+# sha256 with a (size, mtime) cache
+# --------------------------------------------------------------------------------------------
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def sha256_cached(path: Path) -> str:
+    """sha256 of ``path``, cached in the folder's sidecar JSON under (size, mtime_ns)."""
+    path = Path(path)
+    st = path.stat()
+    side = path.parent / SHA_CACHE
+    cache = {}
+    if side.is_file():
+        try:
+            cache = json.loads(side.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    entry = cache.get(path.name)
+    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return entry["sha256"]
+    digest = sha256_file(path)
+    cache[path.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    try:
+        tmp = side.with_name(side.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        os.replace(tmp, side)
+    except OSError:  # read-only folder: no cache, still correct
+        pass
+    return digest
+
+
+# --------------------------------------------------------------------------------------------
+# check
+# --------------------------------------------------------------------------------------------
+def load_weight_file(path: Path):
+    """Load through the stage-1 / stage-2 loaders (raises DiffTumorError on a broken file)."""
+    if path.name == AE_NAME:
+        from backend.vqgan.official import load_autoencoder
+
+        return load_autoencoder(path)
+    from backend.diffusion.official import load_diffusion
+
+    return load_diffusion(path)
+
+
+def manifest() -> dict:
+    return json.loads(MANIFEST_PATH.read_text())
+
+
+def check_folder(root, *, organs=WEIGHT_ORGANS, load: bool = True) -> list[dict]:
+    """One row per expected file: name, present, size, sha256, expected sha256 match, loads, error."""
+    folder = WeightsFolder(Path(root))
+    expected = {f["name"]: f.get("sha256") for f in manifest()["files"]}
+    names = [AE_NAME] + [diffusion_name(o, s) for o in organs for s in STAGES]
+    rows = []
+    for name in names:
+        row = {"name": name, "present": False, "size": None, "sha256": None, "sha_ok": None, "loads": None, "error": ""}
+        p = folder.path(name)
+        if p is not None:
+            row.update(present=True, size=p.stat().st_size, sha256=sha256_cached(p))
+            if expected.get(name):
+                row["sha_ok"] = row["sha256"] == expected[name]
+            if load:
+                try:
+                    load_weight_file(p)
+                    row["loads"] = True
+                except Exception as exc:  # any failure = this file is unusable; say why in one line
+                    row["loads"] = False
+                    row["error"] = " ".join(str(exc).split())[:300]
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# fetch
+# --------------------------------------------------------------------------------------------
+def fetch_plan(*, organs=WEIGHT_ORGANS, base_url: str | None = None) -> list[dict]:
+    """Manifest entries needed for ``organs`` (the AE always), with their full URL."""
+    m = manifest()
+    base = (base_url or m["base_url"]).rstrip("/") + "/"
+    want = {AE_NAME} | {diffusion_name(o, s) for o in organs for s in STAGES}
+    return [dict(f, url=base + f["path"]) for f in m["files"] if f["name"] in want]
+
+
+def download(url: str, dest: Path, *, sha256: str | None = None, progress: bool = True, chunk: int = 1 << 20, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` through ``dest.part`` with HTTP Range resume, then verify and rename.
+
+    A partial ``.part`` left by an interrupted run is resumed when the server honours ``Range``
+    (status 206); otherwise the download restarts. A sha256 mismatch deletes the part file and
+    raises one clear line.
+    """
+    import urllib.error
+    import urllib.request
+
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.is_file() else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "difftumor-weights"})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # already complete
+            resp = None
+        else:
+            raise DiffTumorError(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise DiffTumorError(f"{url}: download failed ({getattr(exc, 'reason', exc)})") from exc
+    if resp is not None:
+        with resp:
+            resumed = have and resp.status == 206
+            if not resumed:
+                have = 0
+            total = resp.headers.get("Content-Length")
+            total = int(total) + have if total is not None else None
+            from tqdm import tqdm
+
+            with open(part, "ab" if resumed else "wb") as f, tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False
+            ) as bar:
+                while True:
+                    try:
+                        b = resp.read(chunk)
+                    except OSError as exc:
+                        raise DiffTumorError(f"{url}: connection lost after {f.tell()} bytes ({exc}); rerun to resume") from exc
+                    if not b:
+                        break
+                    f.write(b)
+                    bar.update(len(b))
+    if sha256:
+        got = sha256_file(part)
+        if got != sha256:
+            part.unlink()
+            raise DiffTumorError(f"{url}: sha256 {got[:16]}… differs from the expected {sha256[:16]}…; the partial file was deleted, rerun to retry")
+    os.replace(part, dest)
+    return dest
+
+
+def fetch(dest=None, *, organs=WEIGHT_ORGANS, base_url: str | None = None, progress: bool = True, force: bool = False) -> list[Path]:
+    """Download the released files for ``organs`` into ``dest`` (default: the resolved weights folder)."""
+    if dest is None:
+        dest, _ = resolve_weights_dir(None)
+        if dest is None:
+            raise DiffTumorError(f"weights fetch: no destination; give --dest DIR or set ${ENV_VAR}")
+    dest = Path(dest).expanduser()
+    dest.mkdir(parents=True, exist_ok=True)
+    got = []
+    for f in fetch_plan(organs=organs, base_url=base_url):
+        target = dest / f["name"]
+        if target.is_file() and not force:
+            log.info("%s: present, skipped", target)
+            got.append(target)
+            continue
+        t0 = time.perf_counter()
+        download(f["url"], target, sha256=f.get("sha256"), progress=progress)
+        log.info("%s: downloaded in %.1f s", target, time.perf_counter() - t0)
+        got.append(target)
+    return got

@@ -1,0 +1,164 @@
+"""Weights folder: discovery, user config, check (sha256 cache, loading), fetch with Range resume."""
+
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from backend import weights
+from backend.errors import DiffTumorError
+
+
+@pytest.fixture(autouse=True)
+def _isolated_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.delenv(weights.ENV_VAR, raising=False)
+
+
+def test_resolution_order(tmp_path, monkeypatch):
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    assert weights.resolve_weights_dir() == (None, "none")
+    weights.set_weights_dir(c)
+    assert weights.get_weights_dir_setting() == c.resolve()
+    assert weights.resolve_weights_dir() == (c.resolve(), "user config")
+    monkeypatch.setenv(weights.ENV_VAR, str(b))
+    assert weights.resolve_weights_dir()[1] == "$DIFFTUMOR_WEIGHTS"
+    assert weights.resolve_weights_dir(a) == (a, "argument")
+    with pytest.raises(DiffTumorError, match="not a folder"):
+        weights.resolve_weights_dir(tmp_path / "nope")
+    weights.set_weights_dir(None)
+    assert weights.get_weights_dir_setting() is None
+
+
+def test_missing_weights_one_sentence(tmp_path):
+    (tmp_path / "AutoencoderModel.ckpt").write_bytes(b"x")
+    folder = weights.WeightsFolder.find(tmp_path)
+    assert folder.has("liver", "early") is False
+    with pytest.raises(DiffTumorError, match=r"missing liver_early\.pt needed for early liver tumours"):
+        folder.require("liver", "early")
+    with pytest.raises(DiffTumorError, match="no weights folder"):
+        weights.WeightsFolder(None).require("kidney_left", "mid_late")
+    assert weights.diffusion_name("kidney_right", "mid_late") == "kidney_noearly.pt"
+
+
+def test_sha256_cache(tmp_path, monkeypatch):
+    p = tmp_path / "liver_early.pt"
+    p.write_bytes(b"abc" * 1000)
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    assert weights.sha256_cached(p) == digest
+    calls = []
+    monkeypatch.setattr(weights, "sha256_file", lambda path, chunk=0: calls.append(path) or "recomputed")
+    assert weights.sha256_cached(p) == digest and not calls  # served from the sidecar
+    p.write_bytes(b"changed")
+    assert weights.sha256_cached(p) == "recomputed" and calls
+
+
+def test_check_reports_present_missing_and_broken(tmp_path):
+    (tmp_path / "liver_early.pt").write_bytes(b"not a checkpoint")
+    rows = {r["name"]: r for r in weights.check_folder(tmp_path)}
+    assert rows["AutoencoderModel.ckpt"]["present"] is False
+    assert rows["liver_early.pt"]["present"] and rows["liver_early.pt"]["loads"] is False
+    assert rows["liver_early.pt"]["error"]
+    assert len(rows) == 7
+
+
+def test_check_loads_the_official_autoencoder(parity_dir, tmp_path):
+    (tmp_path / "AutoencoderModel.ckpt").symlink_to(parity_dir / "AutoencoderModel.ckpt")
+    row = weights.check_folder(tmp_path, organs=())[0]
+    assert row["loads"] is True, row["error"]
+    assert len(row["sha256"]) == 64
+
+
+# ------------------------------------------------------------------ fetch against 127.0.0.1
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    root: Path
+    seen: list
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        p = self.root / self.path.lstrip("/")
+        if not p.is_file():
+            self.send_error(404)
+            return
+        data = p.read_bytes()
+        rng = self.headers.get("Range")
+        self.seen.append((self.path, rng))
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            body = data[start:]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            body = data
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "srv"
+    (root / "AutoencoderModel").mkdir(parents=True)
+    (root / "DiffusionModel").mkdir()
+    files = {"AutoencoderModel/AutoencoderModel.ckpt": b"A" * 300_000 + b"B" * 77}
+    for s in ("early", "noearly"):
+        files[f"DiffusionModel/liver_{s}.pt"] = (s.encode() * 50_000)[:123_457]
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    handler = type("H", (_RangeHandler,), {"root": root, "seen": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", files, handler.seen
+    httpd.shutdown()
+
+
+def test_fetch_downloads_verifies_and_skips(server, tmp_path):
+    base, files, seen = server
+    dest = tmp_path / "w"
+    got = weights.fetch(dest, organs=("liver",), base_url=base, progress=False)
+    assert sorted(p.name for p in got) == ["AutoencoderModel.ckpt", "liver_early.pt", "liver_noearly.pt"]
+    for rel, data in files.items():
+        assert (dest / Path(rel).name).read_bytes() == data
+    assert not list(dest.glob("*.part"))
+    n = len(seen)
+    weights.fetch(dest, organs=("liver",), base_url=base, progress=False)
+    assert len(seen) == n  # present files are not downloaded again
+
+
+def test_fetch_resumes_interrupted_part(server, tmp_path):
+    base, files, seen = server
+    data = files["AutoencoderModel/AutoencoderModel.ckpt"]
+    dest = tmp_path / "w"
+    dest.mkdir()
+    (dest / "AutoencoderModel.ckpt.part").write_bytes(data[:123_456])
+    sha = hashlib.sha256(data).hexdigest()
+    weights.download(f"{base}/AutoencoderModel/AutoencoderModel.ckpt", dest / "AutoencoderModel.ckpt", sha256=sha, progress=False)
+    assert (dest / "AutoencoderModel.ckpt").read_bytes() == data
+    assert seen[-1][1] == "bytes=123456-"
+
+
+def test_fetch_bad_checksum_and_404(server, tmp_path):
+    base, _, _ = server
+    target = tmp_path / "AutoencoderModel.ckpt"
+    with pytest.raises(DiffTumorError, match="sha256 .* differs"):
+        weights.download(f"{base}/AutoencoderModel/AutoencoderModel.ckpt", target, sha256="0" * 64, progress=False)
+    assert not target.exists() and not target.with_name(target.name + ".part").exists()
+    with pytest.raises(DiffTumorError, match="HTTP 404"):
+        weights.download(f"{base}/nothing.pt", tmp_path / "nothing.pt", progress=False)
+
+
+def test_manifest_lists_release_urls():
+    m = json.loads(weights.MANIFEST_PATH.read_text())
+    assert m["base_url"].startswith("https://huggingface.co/MrGiovanni/DiffTumor")
+    plan = weights.fetch_plan(organs=("kidney",))
+    assert {p["name"] for p in plan} == {"AutoencoderModel.ckpt", "kidney_early.pt", "kidney_noearly.pt"}
+    assert all(p["url"].startswith(m["base_url"]) for p in plan)
