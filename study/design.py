@@ -314,11 +314,13 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
         raise DiffTumorError(f"study: {with_mask} of {len(cases)} cases have a tumor mask; give masks for all or none "
                              "(otherwise the view centring differs between cases)")
     seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % (2**31))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 0])  # case ids and study id
     perm = rng.permutation(len(cases))
     ids = _case_ids(len(cases), rng)
     assigned = {ids[i]: cases[int(p)] for i, p in enumerate(perm)}  # id -> source, class-independent
-    orders = {r: [ids[int(i)] for i in rng.permutation(len(ids))] for r in settings.readers}
+    # one independent stream per reader: adding a reader never changes the others' orders
+    orders = {r: [ids[int(i)] for i in np.random.default_rng([seed, 1, k]).permutation(len(ids))]
+              for k, r in enumerate(settings.readers)}
     suffix = ".nii.gz" if settings.compress else ".nii"
     size = settings.grid_size
     geometry = Geometry(size=size, spacing=tuple(float(s) for s in settings.spacing), origin=(0.0, 0.0, 0.0))

@@ -1,0 +1,150 @@
+"""Study creation: identical preprocessing, blinded reader package, separate key, no leaks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backend.errors import DiffTumorError
+from study.design import (
+    CaseSource,
+    StudyOptions,
+    StudySettings,
+    create_study,
+    list_cases,
+    load_study,
+    read_key,
+)
+
+SETTINGS = dict(readers=("R1", "R2"), seed=1234, roi_size_mm=(16.0, 14.0, 12.0), spacing=(1.0, 1.0, 1.5))
+
+
+def _sources(source_cases, with_masks=True):
+    real, syn = source_cases
+    return ([CaseSource(p, "real", "liver", m if with_masks else None) for p, m in real],
+            [CaseSource(p, "synthetic", "liver", m if with_masks else None) for p, m in syn])
+
+
+@pytest.fixture
+def created(tmp_path, source_cases):
+    real, syn = _sources(source_cases)
+    study = create_study(real, syn, tmp_path / "pkg" / "study1", settings=StudySettings(**SETTINGS))
+    return study, tmp_path / "pkg" / "study1.key", source_cases
+
+
+def test_package_layout_key_and_orders(created):
+    study, key_dir, _ = created
+    assert sorted(p.name for p in study.root.iterdir()) == ["cases", "study.json"]
+    assert len(study.case_ids) == 6 and all(len(c) == 5 for c in study.case_ids)
+    for r in ("R1", "R2"):
+        assert sorted(study.orders[r]) == sorted(study.case_ids)
+    assert study.orders["R1"] != study.orders["R2"]
+    assert study.size == (16, 14, 8) and study.seed == 1234
+    key = read_key(key_dir)
+    assert set(key) == set(study.case_ids)
+    assert sorted(t for t, _ in key.values()) == ["real"] * 3 + ["synthetic"] * 3
+    rows = list(csv.DictReader(open(key_dir / "key.csv")))
+    assert list(rows[0]) == ["case_id", "truth", "organ", "source", "mask"]
+    assert json.loads((key_dir / "key.json").read_text())["study_id"] == study.study_id
+
+
+def test_same_seed_same_assignment(tmp_path, source_cases):
+    real, syn = _sources(source_cases)
+    a = create_study(real, syn, tmp_path / "a", settings=StudySettings(**SETTINGS))
+    b = create_study(real, syn, tmp_path / "b", settings=StudySettings(**SETTINGS))
+    assert a.orders == b.orders and a.study_id == b.study_id
+    assert read_key(tmp_path / "a.key") == read_key(tmp_path / "b.key")
+
+
+def test_reader_package_leaks_nothing(created):
+    study, _, (real, syn) = created
+    import SimpleITK as sitk
+
+    forbidden = [b"real", b"synthetic", b"fake", b"patient", b"hospital", b"diffusion", b"secret", b"liver", b"mask"]
+    forbidden += [Path(p).name.split(".")[0].encode() for p, _ in real + syn]
+    files = [p for p in study.root.rglob("*") if p.is_file()]
+    for path in files:
+        blob = path.read_bytes().lower()
+        for word in forbidden:
+            assert word.lower() not in blob, f"{word!r} found in {path.name}"
+        assert not any(w.decode() in path.name.lower() for w in forbidden)
+    cases = sorted((study.root / "cases").iterdir())
+    headers = {p.read_bytes()[:352] for p in cases}
+    assert len(headers) == 1  # byte-identical NIfTI headers for every case, both classes
+    assert len({p.stat().st_size for p in cases}) == 1
+    assert len({p.stat().st_mtime for p in cases}) == 1
+    for p in cases:
+        img = sitk.ReadImage(str(p))
+        assert img.GetPixelID() == sitk.sitkInt16
+        assert img.GetOrigin() == (0.0, 0.0, 0.0)
+        assert img.GetDirection() == (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
+        assert img.GetSpacing() == (1.0, 1.0, 1.5)
+        assert img.GetMetaData("descrip").strip("\x00 ") == ""
+    meta = json.loads((study.root / "study.json").read_text())
+    assert set(meta) == {"format", "version", "study_id", "created", "seed", "readers", "orders", "cases",
+                         "grid", "display", "options"}
+
+
+def test_view_is_centred_on_the_tumor(created):
+    study, key_dir, _ = created
+    import SimpleITK as sitk
+
+    for cid in study.case_ids:
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(study.case_path(cid)))).astype(float)
+        z, y, x = (np.asarray(arr.shape) - 1) / 2
+        centre = arr[int(z) : int(z) + 2, int(y) : int(y) + 2, int(x) : int(x) + 2].mean()
+        assert centre > arr.mean() + 30  # the bright tumor sits in the middle of every case
+
+
+def test_listing_from_csv_and_folder(tmp_path, source_cases):
+    real, _ = source_cases
+    folder = Path(real[0][0]).parent
+    assert len(list_cases(folder, "real")) == 6  # images and masks alike when given a folder
+    sheet = tmp_path / "real.csv"
+    sheet.write_text("image,mask,organ\n" + "".join(f"{p},{m},pancreas\n" for p, m in real))
+    got = list_cases(sheet, "real")
+    assert [c.organ for c in got] == ["pancreas"] * 3 and got[0].mask == Path(real[0][1])
+    sheet.write_text("image\n/does/not/exist.nii.gz\n")
+    with pytest.raises(DiffTumorError, match="does not exist"):
+        list_cases(sheet, "real")
+
+
+def test_refuses_to_overwrite_and_mixed_masks(tmp_path, source_cases):
+    real, syn = _sources(source_cases)
+    out = tmp_path / "s"
+    create_study(real, syn, out, settings=StudySettings(**SETTINGS))
+    before = sorted(os.listdir(out))
+    with pytest.raises(DiffTumorError, match="refusing to overwrite"):
+        create_study(real, syn, out, settings=StudySettings(**SETTINGS))
+    assert sorted(os.listdir(out)) == before
+    real_nomask, _ = _sources(source_cases, with_masks=False)
+    with pytest.raises(DiffTumorError, match="masks for all or none"):
+        create_study(real_nomask, syn, tmp_path / "t", settings=StudySettings(**SETTINGS))
+    with pytest.raises(DiffTumorError, match="inside the reader package"):
+        create_study(real, syn, tmp_path / "u", key_out=tmp_path / "u" / "key", settings=StudySettings(**SETTINGS))
+    assert not (tmp_path / "t").exists() and not (tmp_path / "u").exists()
+
+
+def test_bad_settings_and_not_a_study(tmp_path):
+    with pytest.raises(DiffTumorError, match="reader"):
+        StudySettings(readers=("bad/name",))
+    with pytest.raises(DiffTumorError, match="--window"):
+        StudySettings(window=(200.0, -100.0))
+    with pytest.raises(DiffTumorError, match="not a study"):
+        load_study(tmp_path)
+    (tmp_path / "study.json").write_text("{}")
+    with pytest.raises(DiffTumorError, match="not a difftumor study"):
+        load_study(tmp_path)
+
+
+def test_options_recorded(tmp_path, source_cases):
+    real, syn = _sources(source_cases)
+    s = create_study(real, syn, tmp_path / "o", settings=StudySettings(
+        **SETTINGS, options=StudyOptions(unsure=True, confidence=True, revisit=True), compress=True))
+    assert s.options == StudyOptions(True, True, True)
+    assert all(f.endswith(".nii.gz") for f in s.case_files.values())
