@@ -1,0 +1,137 @@
+"""VQGAN architecture and codebook behaviour (tiny networks on CPU; the official layout at full size)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from backend.vqgan import VQGAN, Codebook, VQGANConfig, nearest_code
+
+TINY = dict(n_hiddens=4, num_groups=4, n_codes=32, embedding_dim=4)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def test_official_names_shapes_and_counts(shared_dir):
+    layout = json.loads((shared_dir / "reference" / "difftumor_official_layout.json").read_text())["vqgan"]
+    official = {k: tuple(s) for k, s, _ in layout["state_dict"] if not k.startswith(("image_", "video_", "perceptual_"))}
+    ours = {k: tuple(v.shape) for k, v in VQGAN().state_dict().items()}
+    assert ours == official
+    m = VQGAN()
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    assert count(m.encoder) == 441_568 and count(m.decoder) == 948_417
+    assert count(m.pre_vq_conv) + count(m.post_vq_conv) == 520 + 576
+    assert list(m.codebook.parameters()) == []
+
+
+@pytest.mark.parametrize("downsample", [(4, 4, 4), (2, 2, 2), (4, 2, 1)])
+def test_shapes_round_trip(downsample):
+    m = VQGAN(VQGANConfig(downsample=downsample, **TINY)).eval()
+    x = torch.rand(2, 1, 16, 8, 12) * 2 - 1
+    with torch.inference_mode():
+        z = m.encode(x)
+        assert z.shape == (2, 4, 16 // downsample[0], 8 // downsample[1], 12 // downsample[2])
+        z_q, idx = m.quantize(z)
+        assert idx.shape == (2, *z.shape[2:]) and idx.dtype == torch.long
+        y = m.decode(z)
+        assert y.shape == x.shape
+        assert torch.equal(y, m.decode_indices(idx))
+        assert torch.allclose(m.decode(z_q, quantize=False), y, atol=1e-5)  # z_q = (e - z) + z ~ e
+        assert torch.equal(m.decode_stage_2_outputs(z), y)
+        assert torch.equal(m.encode_stage_2_inputs(x), z)
+    lo, hi = m.latent_min_max()
+    assert lo == m.codebook.embeddings.min().item() and hi == m.codebook.embeddings.max().item()
+
+
+def test_bad_config_and_input():
+    with pytest.raises(ValueError, match="powers of two"):
+        VQGANConfig(downsample=(3, 4, 4))
+    with pytest.raises(ValueError, match="padding_type"):
+        VQGANConfig(padding_type="zeros")
+    with pytest.raises(ValueError, match="norm_type"):
+        VQGANConfig(norm_type="batch")
+    m = VQGAN(VQGANConfig(**TINY))
+    with pytest.raises(ValueError, match="not divisible"):
+        m.encode(torch.zeros(1, 1, 10, 8, 8))
+
+
+def test_same_padding_keeps_edges_replicated():
+    m = VQGAN(VQGANConfig(**TINY)).eval()
+    x = torch.full((1, 1, 8, 8, 8), 0.3)
+    with torch.inference_mode():
+        z = m.encode(x)
+    # a constant input with replicate padding gives a constant latent (zero padding would not)
+    assert torch.allclose(z, z[..., :1, :1, :1].expand_as(z), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_nearest_code_matches_brute_force_and_ties(chunk):
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(300, 8, generator=g)
+    z = torch.randn(1000, 8, generator=g)
+    brute = ((z[:, None, :] - e[None]) ** 2).sum(-1).argmin(1)
+    assert torch.equal(nearest_code(z, e, chunk=chunk), brute)
+    e2 = torch.cat([e[:5], e[:5]])  # exact duplicates: the first index wins
+    assert nearest_code(e[:5], e2, chunk=chunk).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_codebook_eval_is_pure_lookup():
+    cb = Codebook(16, 4).eval()
+    before = {k: v.clone() for k, v in cb.state_dict().items()}
+    z = torch.randn(2, 4, 3, 3, 3)
+    out = cb(z)
+    assert torch.equal(out.indices, cb.lookup(z))
+    assert all(torch.equal(before[k], v) for k, v in cb.state_dict().items())
+    assert out.z_q.shape == (2, 4, 3, 3, 3)
+
+
+def test_codebook_training_init_ema_and_restart():
+    torch.manual_seed(0)
+    cb = Codebook(8, 2, restart_thres=1.0).train()
+    z = torch.randn(1, 2, 4, 4, 4)  # 64 vectors >= 8 codes: init picks 8 of them (no noise)
+    cb(z)
+    flat = z.movedim(1, -1).reshape(-1, 2)
+    # data-dependent init: every initial code was one of the batch vectors (then EMA-updated)
+    assert not cb._need_init
+    assert cb.N.sum().item() == pytest.approx(0.99 * 8 + 0.01 * 64, rel=1e-5)
+    # EMA step by hand on a fresh codebook with a known state
+    cb2 = Codebook(4, 2, restart_thres=0.0).train()
+    cb2._need_init = False
+    e0 = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    cb2.embeddings.copy_(e0), cb2.z_avg.copy_(e0), cb2.N.fill_(1.0)
+    pts = torch.tensor([[1.0, 0.0], [9.0, 0.0], [11.0, 0.0]])
+    out = cb2(pts.t().reshape(1, 2, 3, 1, 1))
+    assert out.indices.flatten().tolist() == [0, 1, 1]
+    n_exp = torch.tensor([0.99 + 0.01, 0.99 + 0.02, 0.99, 0.99])
+    assert torch.allclose(cb2.N, n_exp)
+    z_avg1 = 0.99 * e0[1] + 0.01 * torch.tensor([20.0, 0.0])
+    n = n_exp.sum()
+    w1 = (n_exp[1] + 1e-7) / (n + 4e-7) * n
+    assert torch.allclose(cb2.embeddings[1], z_avg1 / w1, atol=1e-5)
+    assert out.commitment_loss.item() == pytest.approx(0.25 * ((1 + 1 + 1) / 6), rel=1e-5)
+    # dead-code restart: with a threshold above every count, all codes are replaced by batch vectors
+    cb3 = Codebook(4, 2, restart_thres=100.0).train()
+    cb3._need_init = False
+    cb3(flat.t().reshape(1, 2, 64, 1, 1))
+    dists = torch.cdist(cb3.embeddings, flat).min(1).values
+    assert (dists < 0.05).all()
+
+
+def test_load_state_clears_init_flag():
+    cb = Codebook(8, 2)
+    cb.load_state_dict(Codebook(8, 2).state_dict())
+    assert not cb._need_init
+
+
+def test_decode_keeps_no_graph_under_inference_mode():
+    m = VQGAN(VQGANConfig(**TINY))
+    with torch.inference_mode():
+        y = m.decode(torch.randn(1, 4, 2, 2, 2))
+    assert not y.requires_grad
+    y = m(torch.rand(1, 1, 8, 8, 8))[0]
+    assert y.requires_grad  # training forward still builds a graph (no forced no_grad)
