@@ -23,6 +23,7 @@ Definitions (also written to every evaluation's JSON):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from itertools import product
 
@@ -85,10 +86,12 @@ def surface_dice(
     box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in ndimage.find_objects(union.astype(np.uint8))[0])
     p = torch.from_numpy(np.ascontiguousarray(pred[box]))[None, None].float()  # (1, 1, *spatial)
     r = torch.from_numpy(np.ascontiguousarray(ref[box]))[None, None].float()
-    value = compute_surface_dice(
-        p, r, class_thresholds=[float(tolerance_mm)], include_background=True,
-        spacing=[float(s) for s in spacing], use_subvoxels=True,
-    )
+    with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal use of a deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        value = compute_surface_dice(
+            p, r, class_thresholds=[float(tolerance_mm)], include_background=True,
+            spacing=[float(s) for s in spacing], use_subvoxels=True,
+        )
     return float(value.reshape(-1)[0])
 
 

@@ -1,0 +1,372 @@
+"""Score segmentation files against reference labels, like the paper's Tables 2 and 4-6.
+
+Layers: :func:`score_case` (arrays -> one row), :func:`iter_evaluate` (file pairs -> rows +
+skipped cases, a progress generator), :func:`summarize` (rows -> mean ± std per organ and fold),
+:func:`write_report` (tables, figure, JSON). Metric definitions live in :mod:`.metrics`.
+
+Outputs of :func:`write_report` in ``out``:
+
+* ``cases.csv``: one row per scored case: ``case_id, organ, fold, dsc, nsd, tumors, detected,
+  false_positives, sensitivity, tumors_<bin>, detected_<bin>`` for the bins ``lt20mm``,
+  ``20_50mm``, ``gt50mm``, ``organ_dsc``, ``diameters_mm`` (";"-joined), ``pred``, ``label``.
+  DSC/NSD/sensitivity are fractions in [0, 1].
+* ``summary.csv`` / ``summary.md``: per organ (and per fold, plus an "all" row per organ when folds
+  are known): number of cases, mean and std of DSC/NSD/organ DSC, pooled tumour-wise sensitivity
+  (sum detected / sum tumours) overall and per size bin, false positives per case.
+* ``skipped.csv``: ``case_id, reason`` for every case that could not be scored.
+* ``summary.png``: DSC/NSD per organ (box plots) and sensitivity by tumour size.
+* ``evaluation.json``: settings, metric definitions (NSD included) and the overall summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from backend.errors import DiffTumorError
+from backend.segmentation import metrics as M
+
+log = logging.getLogger(__name__)
+
+BIN_NAMES = tuple(name for name, _, _ in M.SIZE_BINS)
+CASE_COLUMNS = (
+    ["case_id", "organ", "fold", "dsc", "nsd", "tumors", "detected", "false_positives", "sensitivity"]
+    + [f"{kind}_{b}" for b in BIN_NAMES for kind in ("tumors", "detected")]
+    + ["organ_dsc", "diameters_mm", "pred", "label"]
+)
+
+
+@dataclass
+class EvaluationConfig:
+    """How label values are read and how surfaces are compared."""
+
+    tumor_label: int = 2  # tumour value in the reference labels
+    organ_label: int | None = None  # organ value; when set, tumour predictions are kept inside the organ
+    pred_tumor_label: int | None = None  # tumour value in the predictions (None: same as tumor_label)
+    pred_organ_label: int | None = None  # organ value in the predictions, for organ DSC (None: organ_label)
+    tolerance_mm: float = 2.0  # NSD tolerance tau
+    organ: str = "tumor"  # name used for grouping when the fold file gives none
+    min_overlap_voxels: int = 1  # predicted voxels inside a real tumour needed to call it detected
+    allow_empty_labels: bool = False  # score all-zero labels as tumour-free cases instead of skipping them
+
+    def __post_init__(self):
+        if not (self.tolerance_mm >= 0 and math.isfinite(self.tolerance_mm)):
+            raise DiffTumorError(f"--tolerance-mm: must be a finite number >= 0, got {self.tolerance_mm}")
+        if self.min_overlap_voxels < 1:
+            raise DiffTumorError(f"min_overlap_voxels: must be >= 1, got {self.min_overlap_voxels}")
+        if self.organ_label is not None and self.organ_label == self.tumor_label:
+            raise DiffTumorError(f"--organ-label: {self.organ_label} equals --tumor-label")
+
+
+# ---------------------------------------------------------------------------------- one case
+def score_case(
+    pred: np.ndarray,
+    label: np.ndarray,
+    spacing: tuple[float, ...],
+    cfg: EvaluationConfig,
+    organ_mask: np.ndarray | None = None,
+) -> dict:
+    """Metrics of one case. ``pred``/``label`` are integer label arrays on one grid, ``spacing`` in
+    array-axis order. The tumour prediction is restricted to ``organ_mask`` when given, else to the
+    reference organ (organ or tumour value) when ``cfg.organ_label`` is set."""
+    pred_tumor_value = cfg.tumor_label if cfg.pred_tumor_label is None else cfg.pred_tumor_label
+    ref_tumor = label == cfg.tumor_label
+    pred_tumor = pred == pred_tumor_value
+    ref_organ = None
+    if cfg.organ_label is not None:
+        ref_organ = (label == cfg.organ_label) | ref_tumor
+    restrict = organ_mask if organ_mask is not None else ref_organ
+    if restrict is not None:
+        pred_tumor &= np.asarray(restrict, dtype=bool)
+    det = M.tumor_detection(pred_tumor, ref_tumor, spacing, min_overlap_voxels=cfg.min_overlap_voxels)
+    row = {
+        "dsc": M.dice(pred_tumor, ref_tumor),
+        "nsd": M.surface_dice(pred_tumor, ref_tumor, spacing, cfg.tolerance_mm),
+        "tumors": det.tumors,
+        "detected": det.detected,
+        "false_positives": det.false_positives,
+        "sensitivity": M.sensitivity(det.detected, det.tumors),
+        "organ_dsc": float("nan"),
+        "diameters_mm": ";".join(f"{d:.1f}" for d in det.diameters_mm),
+    }
+    for b in BIN_NAMES:
+        row[f"tumors_{b}"], row[f"detected_{b}"] = det.by_size[b]
+    if ref_organ is not None:
+        pred_organ_value = cfg.organ_label if cfg.pred_organ_label is None else cfg.pred_organ_label
+        pred_organ = (pred == pred_organ_value) | (pred == pred_tumor_value)
+        row["organ_dsc"] = M.dice(pred_organ, ref_organ)
+    return row
+
+
+# ----------------------------------------------------------------------------- pairing files
+def _case_files(path: Path, what: str) -> dict[str, Path]:
+    from backend.io import image_suffix, strip_image_suffix
+
+    if not path.exists():
+        raise DiffTumorError(f"{path}: {what} path does not exist")
+    if path.is_file():
+        return {strip_image_suffix(path): path}
+    files = {strip_image_suffix(p): p for p in sorted(path.iterdir()) if p.is_file() and image_suffix(p)}
+    if not files:
+        raise DiffTumorError(f"{path}: {what} folder holds no image files (.nii.gz, .nii, .nrrd, .mha, .mhd)")
+    return files
+
+
+def pair_files(pred: Path, label: Path, organ_masks: Path | None = None):
+    """Pair prediction and label files by case name -> (pairs, skipped).
+
+    ``pairs`` = [(case_id, pred_path, label_path, organ_mask_path | None)]; a single file on both
+    sides is one pair whatever the names. ``skipped`` = [(case_id, reason)].
+    """
+    pred, label = Path(pred), Path(label)
+    preds, labels = _case_files(pred, "prediction"), _case_files(label, "label")
+    masks = _case_files(Path(organ_masks), "organ mask") if organ_masks is not None else None
+    if pred.is_file() and label.is_file():
+        (cid,) = labels
+        preds = {cid: next(iter(preds.values()))}
+        if masks is not None and Path(organ_masks).is_file():
+            masks = {cid: next(iter(masks.values()))}
+    pairs, skipped = [], []
+    for cid in sorted(set(preds) | set(labels)):
+        if cid not in labels:
+            skipped.append((cid, f"{preds[cid]}: no label file named {cid}.* in {label}"))
+        elif cid not in preds:
+            skipped.append((cid, f"{labels[cid]}: no prediction file named {cid}.* in {pred}"))
+        elif masks is not None and cid not in masks:
+            skipped.append((cid, f"{labels[cid]}: no organ mask named {cid}.* in {organ_masks}"))
+        else:
+            pairs.append((cid, preds[cid], labels[cid], masks[cid] if masks is not None else None))
+    return pairs, skipped
+
+
+# ------------------------------------------------------------------------------- fold files
+def read_fold_file(path: Path) -> dict[str, dict]:
+    """case_id -> {"fold": str, "organ": str | None} from a split JSON or a CSV.
+
+    JSON: the split file written by training (``{"folds": [{"fold": 0, "val": [...]}, ...],
+    "organs": {case: organ}}``; a case's fold is the fold whose ``val`` lists it). CSV: columns
+    ``case_id,fold`` and optionally ``organ``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DiffTumorError(f"{path}: fold file does not exist")
+    out: dict[str, dict] = {}
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text())
+            organs = data.get("organs", {})
+            for f in data["folds"]:
+                for cid in f["val"]:
+                    cid = _case_id(cid)
+                    out[cid] = {"fold": str(f["fold"]), "organ": organs.get(cid)}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DiffTumorError(f"{path}: not a split file (expected {{'folds': [{{'fold', 'val'}}]}}: {exc})") from None
+        return out
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "case_id" not in reader.fieldnames or "fold" not in reader.fieldnames:
+            raise DiffTumorError(f"{path}: fold CSV needs the columns case_id,fold (optionally organ)")
+        for r in reader:
+            out[_case_id(r["case_id"])] = {"fold": str(r["fold"]), "organ": r.get("organ") or None}
+    return out
+
+
+def _case_id(name: str) -> str:
+    from backend.io import strip_image_suffix
+
+    return strip_image_suffix(str(name))
+
+
+# ---------------------------------------------------------------------------------- all cases
+def iter_evaluate(pairs, cfg: EvaluationConfig, folds: dict[str, dict] | None = None, skipped=None):
+    """Score every pair; yields ``(message, done, total)`` and returns ``(rows, skipped)``.
+
+    A case that cannot be scored (unreadable file, grids differ, empty label, ...) is logged and
+    added to ``skipped`` as ``(case_id, reason)``; the other cases continue.
+    """
+    from backend.io import check_same_grid, read_image
+
+    skipped = list(skipped or [])
+    rows = []
+    folds = folds or {}
+    present = {cid for cid, *_ in pairs}
+    for cid in sorted(set(folds) - present - {c for c, _ in skipped}):
+        skipped.append((cid, f"case {cid} is listed in the fold file but has no prediction/label pair"))
+    for cid, reason in skipped:
+        log.warning("skipped %s: %s", cid, reason)
+    total = len(pairs)
+    for done, (cid, pred_path, label_path, mask_path) in enumerate(pairs):
+        yield f"scoring {cid}", done, total
+        try:
+            label = read_image(label_path)
+            pred = read_image(pred_path)
+            check_same_grid(label, pred, names=(str(label_path), str(pred_path)))
+            organ_mask = None
+            if mask_path is not None:
+                mvol = read_image(mask_path)
+                check_same_grid(label, mvol, names=(str(label_path), str(mask_path)))
+                organ_mask = mvol.array > 0
+            if not cfg.allow_empty_labels and not np.any(label.array):
+                raise DiffTumorError(
+                    f"{label_path}: label is empty (all voxels 0); pass --allow-empty-labels to score it as tumour-free"
+                )
+            row = score_case(pred.array, label.array, tuple(label.spacing[::-1]), cfg, organ_mask)
+        except DiffTumorError as exc:
+            log.warning("skipped %s: %s", cid, exc)
+            skipped.append((cid, str(exc)))
+            continue
+        info = folds.get(cid, {})
+        row.update(
+            case_id=cid, organ=info.get("organ") or cfg.organ, fold=info.get("fold", ""),
+            pred=str(pred_path), label=str(label_path),
+        )
+        rows.append(row)
+    yield "done", total, total
+    return rows, skipped
+
+
+def run_sync(gen):
+    """Drive a progress generator to its return value (scripts and tests)."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+# ------------------------------------------------------------------------------------ summary
+def _mean_std(values) -> tuple[float, float]:
+    v = np.asarray([x for x in values if x == x], dtype=float)  # drop NaN
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
+
+
+def _summary_row(organ: str, fold: str, rows: list[dict]) -> dict:
+    out = {"organ": organ, "fold": fold, "cases": len(rows)}
+    for key in ("dsc", "nsd", "organ_dsc"):
+        out[f"{key}_mean"], out[f"{key}_std"] = _mean_std(r[key] for r in rows)
+    tumors = sum(r["tumors"] for r in rows)
+    out["tumors"] = tumors
+    out["sensitivity"] = M.sensitivity(sum(r["detected"] for r in rows), tumors)
+    for b in BIN_NAMES:
+        t = sum(r[f"tumors_{b}"] for r in rows)
+        out[f"tumors_{b}"] = t
+        out[f"sensitivity_{b}"] = M.sensitivity(sum(r[f"detected_{b}"] for r in rows), t)
+    out["fp_per_case"] = float(np.mean([r["false_positives"] for r in rows])) if rows else float("nan")
+    return out
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean ± std per organ, per fold (when folds are known) and over all folds."""
+    out = []
+    for organ in sorted({r["organ"] for r in rows}):
+        rs = [r for r in rows if r["organ"] == organ]
+        folds = sorted({r["fold"] for r in rs if r["fold"] != ""}, key=lambda f: (len(f), f))
+        for fold in folds:
+            out.append(_summary_row(organ, fold, [r for r in rs if r["fold"] == fold]))
+        out.append(_summary_row(organ, "all", rs))
+    return out
+
+
+def _pct(mean: float, std: float | None = None) -> str:
+    if mean != mean:
+        return "–"
+    return f"{100 * mean:.1f}" if std is None or std != std else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def summary_markdown(summary: list[dict], cfg: EvaluationConfig) -> str:
+    head = ["Organ", "Fold", "Cases", "DSC (%)", f"NSD@{cfg.tolerance_mm:g}mm (%)", "Organ DSC (%)",
+            "Sens. (%)", "Sens. <20mm", "Sens. 20-50mm", "Sens. >50mm", "FP/case"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [s["organ"], s["fold"], str(s["cases"]), _pct(s["dsc_mean"], s["dsc_std"]),
+                 _pct(s["nsd_mean"], s["nsd_std"]), _pct(s["organ_dsc_mean"], s["organ_dsc_std"]),
+                 f"{_pct(s['sensitivity'])} (n={s['tumors']})"]
+        cells += [f"{_pct(s[f'sensitivity_{b}'])} (n={s[f'tumors_{b}']})" for b in BIN_NAMES]
+        cells.append(f"{s['fp_per_case']:.2f}" if s["fp_per_case"] == s["fp_per_case"] else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------- files
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if isinstance(v, float) and v != v else v) for k, v in r.items()})
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def definitions(cfg: EvaluationConfig) -> dict:
+    return {
+        "dsc": "2|P∩G|/(|P|+|G|) on the tumour masks; both empty -> 1, one empty -> 0",
+        "nsd": M.NSD_DEFINITION.replace("tau", f"tau = {cfg.tolerance_mm:g}"),
+        "tumor": f"{M.CONNECTIVITY}-connected component of the reference tumour mask",
+        "detected": f"a reference tumour with >= {cfg.min_overlap_voxels} predicted tumour voxel(s) inside it",
+        "false_positive": "a 26-connected predicted tumour component overlapping no reference tumour voxel",
+        "sensitivity": "pooled over cases: sum(detected) / sum(tumors)",
+        "size": "largest 3D diameter (Feret, voxel corners) in mm; bins <20 (early), 20-50, >50 mm",
+        "organ_restriction": "tumour predictions are kept only inside the organ mask (organ-mask files, else the "
+        "reference organ incl. tumour) when an organ label or organ masks are given",
+    }
+
+
+def write_report(out: Path, rows: list[dict], skipped: list[tuple[str, str]], cfg: EvaluationConfig) -> dict:
+    """Write cases.csv, skipped.csv, summary.csv/.md, summary.png and evaluation.json; return the summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: r["case_id"])
+    _write_csv(out / "cases.csv", rows, CASE_COLUMNS)
+    _write_csv(out / "skipped.csv", [{"case_id": c, "reason": r} for c, r in skipped], ["case_id", "reason"])
+    summary = summarize(rows)
+    if summary:
+        _write_csv(out / "summary.csv", summary, list(summary[0]))
+    md = summary_markdown(summary, cfg)
+    if skipped:
+        md += f"\n{len(skipped)} case(s) skipped, see skipped.csv.\n"
+    _write_text(out / "summary.md", md)
+    if rows:
+        from backend.segmentation.figures import summary_figure
+
+        summary_figure(rows, summary, out / "summary.png", cfg.tolerance_mm)
+    meta = {
+        "settings": asdict(cfg),
+        "definitions": definitions(cfg),
+        "cases_scored": len(rows),
+        "cases_skipped": len(skipped),
+        "summary": [{k: (None if isinstance(v, float) and v != v else v) for k, v in s.items()} for s in summary],
+    }
+    _write_text(out / "evaluation.json", json.dumps(meta, indent=2, ensure_ascii=False))
+    return {"summary": summary, "markdown": md}
+
+
+def evaluate_files(
+    pred: Path, label: Path, out: Path, cfg: EvaluationConfig, *, folds: Path | None = None,
+    organ_masks: Path | None = None,
+) -> Iterator:
+    """Generator: pair files, score them, write the report; returns ``(rows, skipped, summary)``."""
+    pairs, skipped = pair_files(pred, label, organ_masks)
+    fold_map = read_fold_file(folds) if folds is not None else None
+    rows, skipped = yield from iter_evaluate(pairs, cfg, fold_map, skipped)
+    if not rows:
+        write_report(out, rows, skipped, cfg)
+        raise DiffTumorError(f"{label}: no case could be scored ({len(skipped)} skipped, see {Path(out) / 'skipped.csv'})")
+    report = write_report(out, rows, skipped, cfg)
+    return rows, skipped, report["summary"]

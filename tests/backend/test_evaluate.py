@@ -1,0 +1,138 @@
+"""`difftumor evaluate --pred/--label`: pairing, bad input, tables, CSV, figure, JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import backend.cli
+from backend.errors import DiffTumorError
+from backend.io import Geometry, write_image
+from backend.segmentation.evaluate import EvaluationConfig, score_case
+
+SPACING = (1.0, 1.0, 2.0)  # (x, y, z)
+
+
+def main(argv):
+    """`difftumor` with only this subcommand registered (independent of the other subcommands)."""
+    saved = backend.cli.COMMAND_MODULES
+    backend.cli.COMMAND_MODULES = ["backend.cli.evaluate"]
+    try:
+        return backend.cli.main(argv)
+    finally:
+        backend.cli.COMMAND_MODULES = saved
+
+
+def _geom(size=(24, 24, 16), spacing=SPACING) -> Geometry:
+    return Geometry(size=size, spacing=spacing, origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+def _label() -> np.ndarray:
+    lab = np.zeros((16, 24, 24), np.uint8)  # (z, y, x)
+    lab[2:14, 2:22, 2:22] = 1  # organ
+    lab[4:8, 5:12, 5:12] = 2  # tumour A
+    lab[9:12, 14:20, 14:20] = 2  # tumour B
+    return lab
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_score_case_restricts_to_organ_and_counts():
+    lab = _label()
+    pred = lab.copy()
+    pred[9:12, 14:20, 14:20] = 1  # miss tumour B
+    pred[0, 0, 0:3] = 2  # outside the organ: removed by the restriction
+    cfg = EvaluationConfig(organ_label=1)
+    row = score_case(pred, lab, (2.0, 1.0, 1.0), cfg)
+    assert (row["tumors"], row["detected"], row["false_positives"]) == (2, 1, 0)
+    n_a, n_b = 4 * 7 * 7, 3 * 6 * 6
+    assert row["dsc"] == pytest.approx(2 * n_a / (2 * n_a + n_b))
+    assert row["sensitivity"] == 0.5
+    n_organ = int((lab > 0).sum())  # the 3 stray tumour voxels count as organ prediction
+    assert row["organ_dsc"] == pytest.approx(2 * n_organ / (2 * n_organ + 3))
+    # without an organ label the voxels outside the organ count as a false positive
+    row = score_case(pred, lab, (2.0, 1.0, 1.0), EvaluationConfig())
+    assert row["false_positives"] == 1
+
+
+def test_evaluate_cli_writes_tables_and_skips_bad_cases(tmp_path):
+    pred_dir, lab_dir, out = tmp_path / "pred", tmp_path / "lab", tmp_path / "out"
+    pred_dir.mkdir(), lab_dir.mkdir()
+    g = _geom()
+    lab = _label()
+    write_image(lab, lab_dir / "good.nii.gz", g)
+    write_image(lab, pred_dir / "good.nii.gz", g)  # perfect
+    partial = lab.copy()
+    partial[partial == 2] = 1
+    partial[4:8, 5:12, 5:12] = 2
+    write_image(lab, lab_dir / "partial.nii.gz", g)
+    write_image(partial, pred_dir / "partial.nii.gz", g)
+    healthy = np.where(lab == 2, 1, lab).astype(np.uint8)
+    write_image(healthy, lab_dir / "healthy.nii.gz", g)
+    write_image(healthy, pred_dir / "healthy.nii.gz", g)  # both tumour-free -> DSC 1, NSD 1
+    write_image(lab, lab_dir / "grid.nii.gz", g)
+    write_image(lab, pred_dir / "grid.nii.gz", _geom(spacing=(1.0, 1.0, 2.5)))  # other grid
+    write_image(np.zeros_like(lab), lab_dir / "empty.nii.gz", g)
+    write_image(lab, pred_dir / "empty.nii.gz", g)
+    write_image(lab, lab_dir / "nopred.nii.gz", g)
+    folds = tmp_path / "folds.csv"
+    folds.write_text("case_id,fold,organ\ngood,0,liver\npartial,1,liver\nhealthy,1,liver\nghost,0,liver\n")
+    before = (lab_dir / "good.nii.gz").read_bytes()
+
+    code = main(["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--organ-label", "1",
+                 "--folds", str(folds), "--out", str(out)])
+    assert code == 0
+    assert (lab_dir / "good.nii.gz").read_bytes() == before  # inputs untouched
+
+    rows = {r["case_id"]: r for r in _read_csv(out / "cases.csv")}
+    assert set(rows) == {"good", "partial", "healthy"}
+    for col in ("case_id", "dsc", "nsd", "tumors", "detected", "false_positives", "tumors_lt20mm", "detected_gt50mm"):
+        assert col in rows["good"]
+    assert float(rows["good"]["dsc"]) == 1.0 and float(rows["good"]["nsd"]) == 1.0
+    assert (rows["partial"]["tumors"], rows["partial"]["detected"]) == ("2", "1")
+    assert 0.0 < float(rows["partial"]["dsc"]) < 1.0
+    assert float(rows["healthy"]["dsc"]) == 1.0 and rows["healthy"]["tumors"] == "0"
+    assert rows["partial"]["fold"] == "1" and rows["good"]["organ"] == "liver"
+
+    skipped = {r["case_id"]: r["reason"] for r in _read_csv(out / "skipped.csv")}
+    assert set(skipped) == {"grid", "empty", "nopred", "ghost"}
+    assert "grid does not match" in skipped["grid"]
+    assert "label is empty" in skipped["empty"]
+    assert "no prediction file" in skipped["nopred"]
+    assert "fold file" in skipped["ghost"]
+
+    summary = _read_csv(out / "summary.csv")
+    assert [(s["organ"], s["fold"]) for s in summary] == [("liver", "0"), ("liver", "1"), ("liver", "all")]
+    overall = summary[-1]
+    assert int(overall["cases"]) == 3 and float(overall["sensitivity"]) == pytest.approx(3 / 4)
+    md = (out / "summary.md").read_text()
+    assert "| liver | all | 3 |" in md and "4 case(s) skipped" in md
+    meta = json.loads((out / "evaluation.json").read_text())
+    assert "surface" in meta["definitions"]["nsd"] and meta["settings"]["tolerance_mm"] == 2.0
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_single_files_and_errors(tmp_path, capsys):
+    g = _geom()
+    write_image(_label(), tmp_path / "a_label.nii.gz", g)
+    write_image(_label(), tmp_path / "a_pred.nii.gz", g)
+    out = tmp_path / "out"
+    assert main(["evaluate", "--pred", str(tmp_path / "a_pred.nii.gz"), "--label", str(tmp_path / "a_label.nii.gz"),
+                 "--tolerance-mm", "1", "--out", str(out)]) == 0
+    (row,) = _read_csv(out / "cases.csv")
+    assert row["case_id"] == "a_label" and float(row["dsc"]) == 1.0
+    # missing inputs and bad values: one line, exit code 2
+    assert main(["evaluate", "--pred", str(tmp_path / "nope"), "--label", str(tmp_path), "--out", str(out)]) == 2
+    assert main(["evaluate", "--label", str(tmp_path), "--out", str(out)]) == 2
+    assert main(["evaluate", "--pred", str(tmp_path / "a_pred.nii.gz"), "--label", str(tmp_path / "a_label.nii.gz"),
+                 "--tolerance-mm", "-1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("difftumor: error: ") for line in err)
+    with pytest.raises(DiffTumorError, match="equals --tumor-label"):
+        EvaluationConfig(organ_label=2)
