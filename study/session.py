@@ -68,27 +68,41 @@ def now_iso() -> str:
 class AnswerStore:
     """One reader's answers in SQLite. Refuses (never repairs or overwrites) a corrupt file."""
 
-    def __init__(self, path: str | Path, *, study_id: str | None = None, create: bool = True):
+    def __init__(self, path: str | Path, *, study_id: str | None = None, readonly: bool = False):
         self.path = Path(path)
-        if not self.path.exists() and not create:
+        self.readonly = readonly
+        if readonly and not self.path.is_file():
             raise DiffTumorError(f"{self.path}: no answers database here")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-            self._conn.execute("PRAGMA journal_mode=DELETE")
-            self._conn.execute("PRAGMA synchronous=FULL")
+            if readonly:  # reports and exports never modify the database
+                self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                             isolation_level=None, timeout=10.0)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+                self._conn.execute("PRAGMA journal_mode=DELETE")
+                self._conn.execute("PRAGMA synchronous=FULL")
             check = self._conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
-            self._conn.executescript(_SCHEMA)
+            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and not {"meta", "answers"} <= tables:
+                raise DiffTumorError(f"{self.path}: an SQLite file, but not a difftumor answers database; it was left untouched")
+            if readonly and not tables:
+                raise DiffTumorError(f"{self.path}: empty database (no answers)")
+            if not readonly:
+                self._conn.executescript(_SCHEMA)
             self._check_meta(study_id)
+        except DiffTumorError:
+            self._close_quietly()
+            raise
         except sqlite3.DatabaseError as exc:
             self._close_quietly()
             raise DiffTumorError(f"{self.path}: not a readable answers database ({exc}); it was left untouched") from None
 
     def _check_meta(self, study_id: str | None) -> None:
         meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
-        if not meta:
+        if not meta and not self.readonly:
             with self._transaction():
                 self._conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 if study_id:
@@ -100,9 +114,11 @@ class AnswerStore:
             raise DiffTumorError(f"{self.path}: answers belong to another study ({meta['study_id']}, expected {study_id})")
 
     def _close_quietly(self) -> None:
+        conn = getattr(self, "_conn", None)
         try:
-            self._conn.close()
-        except Exception:  # noqa: BLE001 - closing a broken handle
+            if conn is not None:
+                conn.close()
+        except sqlite3.Error:  # closing a broken handle
             pass
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from backend.errors import DiffTumorError
 COMMAND_MODULES = [
     "backend.cli.info",
     "backend.cli.evaluate",
+    "backend.cli.study",
 ]
 
 

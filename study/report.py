@@ -1,0 +1,319 @@
+"""Study analysis: answers + key -> table.csv, Table-1 Markdown, summary.json, figure, iMRMC file.
+
+Inputs (interchange formats, documented in the README):
+
+* answers: CSV ``reader,case_id,answer,confidence,seconds,answered_at`` (answer
+  ``real|synthetic|unsure``, confidence empty or 1..5), a session database
+  (``*.sqlite``), or a study folder (all ``answers/*.sqlite`` inside it);
+* key: CSV ``case_id,truth,organ`` (truth ``real|synthetic``), read by :func:`study.design.read_key`.
+
+Everything is validated before anything is written; each output is written atomically.
+pandas appears only here, where tables are assembled; the numbers come from :mod:`study.stats`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from backend.errors import DiffTumorError
+from study import stats
+from study.design import load_study, read_key
+
+ANSWER_COLUMNS = ("reader", "case_id", "answer", "confidence", "seconds", "answered_at")
+TABLE_COLUMNS = (
+    "reader", "organ", "n_real", "n_synthetic", "n_unsure", "sensitivity", "specificity", "accuracy",
+    "sensitivity_lo", "sensitivity_hi", "specificity_lo", "specificity_hi", "accuracy_lo", "accuracy_hi",
+)
+EXTRA_COLUMNS = ("n_unanswered", "accuracy_p_value", "auc")  # appended after TABLE_COLUMNS
+ORGAN_ORDER = ("liver", "pancreas", "kidney", "kidney_left", "kidney_right", "spleen")
+ALL = "all"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading answers
+# --------------------------------------------------------------------------------------------
+def _parse_confidence(value, where: str) -> int | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == "":
+        return None
+    try:
+        c = float(value)
+    except ValueError:
+        c = math.nan
+    if not c.is_integer() or not 1 <= c <= stats.CONFIDENCE_LEVELS:
+        raise DiffTumorError(f"{where}: confidence {value!r} must be empty or an integer 1..{stats.CONFIDENCE_LEVELS}")
+    return int(c)
+
+
+def read_answers_csv(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise DiffTumorError(f"{path}: unreadable answers CSV ({exc})") from None
+    missing = [c for c in ANSWER_COLUMNS if c not in df.columns]
+    if missing:
+        raise DiffTumorError(f"{path}: answers CSV lacks column(s) {','.join(missing)} (needs {','.join(ANSWER_COLUMNS)})")
+    df = df[list(ANSWER_COLUMNS)].copy()
+    df["line"] = np.arange(len(df)) + 2
+    return df
+
+
+def read_answers_db(path: Path) -> pd.DataFrame:
+    from study.session import AnswerStore
+
+    with AnswerStore(path, readonly=True) as store:
+        rows = store.answers()
+    df = pd.DataFrame([(a.reader, a.case_id, a.answer, a.confidence, a.seconds, a.answered_at) for a in rows],
+                      columns=list(ANSWER_COLUMNS))
+    df["line"] = np.arange(len(df)) + 1
+    return df
+
+
+def load_answers(sources: Sequence[str | Path]) -> tuple[pd.DataFrame, set[str] | None]:
+    """All answers from CSV files, session databases and study folders, validated for form.
+
+    Returns the answers (columns ``ANSWER_COLUMNS`` + ``source``) and, when study folders were
+    given, the set of their case ids (so the key can be checked to cover them).
+    """
+    frames, study_cases = [], None
+    for src in sources:
+        src = Path(src)
+        if src.is_dir():
+            study = load_study(src)  # "not a study" error for other folders
+            study_cases = (study_cases or set()) | set(study.case_ids)
+            for db in sorted((src / "answers").glob("*.sqlite")):
+                frames.append(read_answers_db(db).assign(source=str(db)))
+        elif not src.is_file():
+            raise DiffTumorError(f"--answers {src}: no such file or folder")
+        elif src.suffix.lower() in (".sqlite", ".db", ".sqlite3"):
+            frames.append(read_answers_db(src).assign(source=str(src)))
+        else:
+            frames.append(read_answers_csv(src).assign(source=str(src)))
+    if not frames:
+        raise DiffTumorError(f"--answers {', '.join(map(str, sources))}: no answers found")
+    df = pd.concat(frames, ignore_index=True)
+    for row in df.itertuples():
+        where = f"{row.source}: line {row.line}"
+        if not str(row.reader).strip() or not str(row.case_id).strip():
+            raise DiffTumorError(f"{where}: reader and case_id must not be empty")
+        if row.answer not in stats.ANSWERS:
+            raise DiffTumorError(f"{where}: answer {row.answer!r} must be one of {'|'.join(stats.ANSWERS)}")
+    df["confidence"] = [_parse_confidence(v, f"{s}: line {ln}") for v, s, ln in zip(df.confidence, df.source, df.line)]
+    dup = df[df.duplicated(["reader", "case_id"], keep=False)]
+    if len(dup):
+        first = dup.iloc[0]
+        where = sorted(set(dup[(dup.reader == first.reader) & (dup.case_id == first.case_id)].source))
+        raise DiffTumorError(f"duplicate answers: reader {first.reader} answered case {first.case_id} more than once "
+                             f"(in {', '.join(where)})")
+    return df, study_cases
+
+
+def check_against_key(answers: pd.DataFrame, key: dict, key_path, study_cases: set[str] | None) -> None:
+    def listing(ids: list[str]) -> str:
+        return ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+
+    if study_cases is not None:
+        uncovered = sorted(study_cases - set(key))
+        if uncovered:
+            raise DiffTumorError(f"{key_path}: key does not cover the study's case(s) {listing(uncovered)}")
+    unknown = sorted(set(answers.case_id) - set(key))
+    if unknown:
+        src = answers[answers.case_id == unknown[0]].source.iloc[0]
+        raise DiffTumorError(f"{src}: answers for case(s) not in the key {key_path}: {listing(unknown)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+def organ_order(organs: Iterable[str]) -> list[str]:
+    organs = set(organs)
+    known = [o for o in ORGAN_ORDER if o in organs]
+    return known + sorted(organs - set(known))
+
+
+def _cell(reader: str, organ: str, rows: pd.DataFrame, n_cases: int) -> dict:
+    c = stats.count_answers(rows.truth, rows.answer)
+    s_lo, s_hi = stats.sensitivity_interval(c)
+    p_lo, p_hi = stats.specificity_interval(c)
+    a_lo, a_hi = stats.accuracy_interval(c)
+    decided = rows[rows.answer != stats.UNSURE]
+    have_conf = len(decided) > 0 and decided.confidence.notna().all()
+    auc = (stats.roc_auc(list(decided.truth), [stats.answer_score(a, int(k)) for a, k in zip(decided.answer, decided.confidence)])
+           if have_conf else math.nan)
+    return {
+        "reader": reader, "organ": organ, "n_real": c.n_real, "n_synthetic": c.n_synthetic, "n_unsure": c.n_unsure,
+        "sensitivity": stats.sensitivity(c), "specificity": stats.specificity(c), "accuracy": stats.accuracy(c),
+        "sensitivity_lo": s_lo, "sensitivity_hi": s_hi, "specificity_lo": p_lo, "specificity_hi": p_hi,
+        "accuracy_lo": a_lo, "accuracy_hi": a_hi,
+        "n_unanswered": n_cases - len(rows), "accuracy_p_value": stats.accuracy_p_value(c), "auc": auc,
+    }
+
+
+def build_table(answers: pd.DataFrame, key: dict) -> pd.DataFrame:
+    """One row per reader x organ (+ organ "all" when the key has several organs)."""
+    df = answers.assign(truth=[key[c][0] for c in answers.case_id], organ=[key[c][1] for c in answers.case_id])
+    organs = organ_order(o for _, o in key.values())
+    n_by_organ = {o: sum(1 for _, ko in key.values() if ko == o) for o in organs}
+    groups = [(o, df[df.organ == o], n_by_organ[o]) for o in organs]
+    if len(organs) > 1:
+        groups.append((ALL, df, len(key)))
+    rows = [_cell(r, organ, sub[sub.reader == r], n) for r in sorted(df.reader.unique()) for organ, sub, n in groups]
+    return pd.DataFrame(rows, columns=[*TABLE_COLUMNS, *EXTRA_COLUMNS])
+
+
+def kappa_by_organ(answers: pd.DataFrame, key: dict) -> dict[str, float]:
+    readers = sorted(answers.reader.unique())
+    lookup = {(r, c): a for r, c, a in zip(answers.reader, answers.case_id, answers.answer)}
+    organs = organ_order(o for _, o in key.values())
+    out = {}
+    for organ in organs + ([ALL] if len(organs) > 1 else []):
+        cases = [c for c, (_, o) in key.items() if organ in (ALL, o)]
+        out[organ] = stats.fleiss_kappa([[lookup.get((r, c)) for r in readers] for c in cases])
+    return out
+
+
+def markdown_table(table: pd.DataFrame, kappa: dict[str, float]) -> str:
+    """Table 1 layout: rows = readers, per organ Sens./Spec./Acc. in % with one decimal."""
+    organs = list(dict.fromkeys(table.organ))
+    head = ["Reader"] + [f"{o.capitalize() if o != ALL else 'All'} {m} (%)" for o in organs for m in ("Sens.", "Spec.", "Acc.")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for reader in dict.fromkeys(table.reader):
+        cells = [reader]
+        for organ in organs:
+            row = table[(table.reader == reader) & (table.organ == organ)].iloc[0]
+            cells += [stats.format_percent(row[m]) for m in ("sensitivity", "specificity", "accuracy")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Positives are real tumors: sensitivity = real called real / real, specificity = synthetic "
+              "called synthetic / synthetic. Unsure answers are excluded from the rates (counted in table.csv); "
+              "95% Wilson intervals and exact binomial p-values are in table.csv.", "",
+              "Fleiss' kappa (cases answered real/synthetic by every reader): "
+              + ", ".join(f"{o}: {'n/a' if math.isnan(k) else f'{k:.3f}'}" for o, k in kappa.items())]
+    return "\n".join(lines) + "\n"
+
+
+def imrmc_text(answers: pd.DataFrame, key: dict) -> str:
+    """iMRMC input: header, ``BEGIN DATA:``, truth rows (reader -1, modality truth), then scores.
+
+    Signal-present (truth 1) = real tumor. Score = :func:`study.stats.answer_score` (1..10 with
+    confidences, else 1 real / 0 synthetic). Unsure answers are left out (missing reader-case pairs).
+    """
+    decided = answers[answers.answer != stats.UNSURE]
+    truths = [t for t, _ in key.values()]
+    lines = [
+        "difftumor study report: Visual Turing Test in iMRMC input format",
+        "truth 1 = real tumor (signal present), 0 = synthetic tumor; score = reader's rating that the tumor is real",
+        f"NR: {answers.reader.nunique()}",
+        f"N0: {truths.count(stats.SYNTHETIC)}",
+        f"N1: {truths.count(stats.REAL)}",
+        "NM: 1",
+        "",
+        "BEGIN DATA:",
+    ]
+    lines += [f"-1,{cid},truth,{1 if key[cid][0] == stats.REAL else 0}" for cid in sorted(key)]
+    for r, c, a, k in sorted(zip(decided.reader, decided.case_id, decided.answer, decided.confidence)):
+        score = stats.answer_score(a, None if k is None or (isinstance(k, float) and math.isnan(k)) else int(k))
+        lines.append(f"{r},{c},reading,{score:g}")
+    return "\n".join(lines) + "\n"
+
+
+def render_figure(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    organs = list(dict.fromkeys(table.organ))
+    readers = list(dict.fromkeys(table.reader))
+    fig = Figure(figsize=(4 + 2.2 * len(organs), 3.6), dpi=120, layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True)
+    width = 0.8 / max(1, len(readers))
+    for ax, metric in zip(axes, ("sensitivity", "specificity", "accuracy")):
+        for i, reader in enumerate(readers):
+            sub = table[table.reader == reader].set_index("organ").reindex(organs)
+            y = sub[metric].to_numpy(float) * 100
+            err = np.abs(np.vstack([y - sub[f"{metric}_lo"] * 100, sub[f"{metric}_hi"] * 100 - y]))
+            x = np.arange(len(organs)) + (i - (len(readers) - 1) / 2) * width
+            ax.bar(x, np.nan_to_num(y), width, yerr=np.nan_to_num(err), capsize=3, label=reader)
+        ax.axhline(50, color="0.3", linestyle="--", linewidth=1)
+        ax.set_xticks(np.arange(len(organs)), [o.capitalize() for o in organs])
+        ax.set_title(metric.capitalize())
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("% (95% Wilson interval; dashed = chance)")
+    axes[-1].legend(fontsize=8, loc="lower right")
+    fig.savefig(path, format="png")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_report(answers: Sequence[str | Path], key_path: str | Path, out: str | Path) -> dict[str, Path]:
+    """Validate everything, then write table.csv, table.md, summary.json, figure.png, imrmc.csv into ``out``."""
+    df, study_cases = load_answers(answers)
+    key = read_key(key_path)
+    check_against_key(df, key, key_path, study_cases)
+    table = build_table(df, key)
+    kappa = kappa_by_organ(df, key)
+    summary = {
+        "positives": "real",
+        "readers": sorted(df.reader.unique()),
+        "n_cases": len(key),
+        "fleiss_kappa": {o: (None if math.isnan(k) else k) for o, k in kappa.items()},
+        "cells": json.loads(table.to_json(orient="records")),
+        "median_seconds": {r: float(np.median(pd.to_numeric(g.seconds, errors="coerce").dropna()))
+                           if pd.to_numeric(g.seconds, errors="coerce").notna().any() else None
+                           for r, g in df.groupby("reader")},
+        "confidence_collected": bool(df[df.answer != stats.UNSURE].confidence.notna().all()),
+    }
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DiffTumorError(f"--out {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ("table.csv", "table.md", "summary.json", "figure.png", "imrmc.csv")}
+    _atomic(paths["figure.png"], lambda p: render_figure(table, p))
+    _atomic(paths["table.csv"], lambda p: table.to_csv(p, index=False, float_format="%.6g"))
+    _atomic(paths["table.md"], lambda p: p.write_text(markdown_table(table, kappa), encoding="utf-8"))
+    _atomic(paths["summary.json"], lambda p: p.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))
+    _atomic(paths["imrmc.csv"], lambda p: p.write_text(imrmc_text(df, key), encoding="utf-8"))
+    return paths
+
+
+def export_answers(study_dir: str | Path, reader: str, out: str | Path | None = None) -> Path:
+    """Write one reader's answers from the session database as the interchange CSV."""
+    from study.session import AnswerStore, session_db_path
+
+    study = load_study(study_dir)
+    if reader not in study.readers:
+        raise DiffTumorError(f"--reader {reader}: not in this study (readers: {', '.join(study.readers)})")
+    db = session_db_path(study, reader)
+    if not db.exists():
+        raise DiffTumorError(f"{db}: reader {reader} has no answers yet")
+    with AnswerStore(db, study_id=study.study_id, readonly=True) as store:
+        rows = store.answers(reader)
+    table = pd.DataFrame([(a.reader, a.case_id, a.answer, "" if a.confidence is None else a.confidence,
+                           a.seconds, a.answered_at) for a in rows], columns=list(ANSWER_COLUMNS))
+    target = Path(out) if out else study.root / "answers" / f"{reader}.csv"
+    if not target.parent.is_dir():
+        raise DiffTumorError(f"--out {target}: folder {target.parent} does not exist")
+    _atomic(target, lambda p: table.to_csv(p, index=False))
+    return target
+
+
+__all__ = ["write_report", "export_answers", "build_table", "load_answers", "markdown_table", "imrmc_text",
+           "TABLE_COLUMNS", "ANSWER_COLUMNS"]

@@ -1,0 +1,175 @@
+"""Reports: exact table.csv columns, hand-checked numbers, Table-1 Markdown, iMRMC, errors, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from backend.errors import DiffTumorError
+from study.report import TABLE_COLUMNS, export_answers, write_report
+from study.session import ReadingSession
+
+KEY = """case_id,truth,organ
+L1,real,liver
+L2,real,liver
+L3,synthetic,liver
+L4,synthetic,liver
+P1,real,pancreas
+P2,synthetic,pancreas
+"""
+# R1: liver tp=1 fn=0 unsure_real=1, tn=1 fp=1; pancreas tp=1 tn=1.  R2: answers everything real.
+ANSWERS = """reader,case_id,answer,confidence,seconds,answered_at
+R1,L1,real,5,3.5,2026-01-01T10:00:00+00:00
+R1,L2,unsure,,4,2026-01-01T10:00:05+00:00
+R1,L3,synthetic,4,2,2026-01-01T10:00:09+00:00
+R1,L4,real,2,6,2026-01-01T10:00:15+00:00
+R1,P1,real,3,1,2026-01-01T10:00:16+00:00
+R1,P2,synthetic,3,1,2026-01-01T10:00:17+00:00
+R2,L1,real,,1,2026-01-01T11:00:00+00:00
+R2,L2,real,,1,2026-01-01T11:00:01+00:00
+R2,L3,real,,1,2026-01-01T11:00:02+00:00
+R2,L4,real,,1,2026-01-01T11:00:03+00:00
+R2,P1,real,,1,2026-01-01T11:00:04+00:00
+R2,P2,real,,1,2026-01-01T11:00:05+00:00
+"""
+
+
+@pytest.fixture
+def files(tmp_path):
+    key, answers = tmp_path / "key.csv", tmp_path / "answers.csv"
+    key.write_text(KEY)
+    answers.write_text(ANSWERS)
+    return key, answers
+
+
+def test_table_by_hand(tmp_path, files):
+    key, answers = files
+    paths = write_report([answers], key, tmp_path / "out")
+    table = pd.read_csv(paths["table.csv"])
+    assert list(table.columns[: len(TABLE_COLUMNS)]) == list(TABLE_COLUMNS)
+    assert list(table.columns[len(TABLE_COLUMNS):]) == ["n_unanswered", "accuracy_p_value", "auc"]
+    cell = table.set_index(["reader", "organ"])
+    r1 = cell.loc[("R1", "liver")]
+    assert (r1.n_real, r1.n_synthetic, r1.n_unsure) == (2, 2, 1)
+    assert (r1.sensitivity, r1.specificity, r1.accuracy) == (1.0, 0.5, pytest.approx(2 / 3))
+    assert r1.sensitivity_hi == 1.0 and 0 < r1.sensitivity_lo < 1
+    # R1 liver scores: L1 (real) answered real/5 -> 10; L3 (synthetic) synthetic/4 -> 2; L4 (synthetic) real/2 -> 7
+    assert r1.auc == pytest.approx(1.0)  # real L1 (10) > synthetic L3 (2) and L4 (7)
+    r2 = cell.loc[("R2", "all")]
+    assert (r2.sensitivity, r2.specificity, r2.accuracy) == (1.0, 0.0, 0.5)
+    assert math.isnan(r2.auc)  # no confidences collected from R2
+    assert r2.accuracy_p_value == pytest.approx(1.0)
+    assert set(table.organ) == {"liver", "pancreas", "all"}
+    assert table[["sensitivity", "specificity", "accuracy"]].stack().between(0, 1).all()
+
+    md = paths["table.md"].read_text()
+    assert md.splitlines()[0] == ("| Reader | Liver Sens. (%) | Liver Spec. (%) | Liver Acc. (%) | Pancreas Sens. (%) | "
+                                  "Pancreas Spec. (%) | Pancreas Acc. (%) | All Sens. (%) | All Spec. (%) | All Acc. (%) |")
+    assert "| R1 | 100.0 | 50.0 | 66.7 | 100.0 | 100.0 | 100.0 | 100.0 | 66.7 | 80.0 |" in md
+    assert "| R2 | 100.0 | 0.0 | 50.0 | 100.0 | 0.0 | 50.0 | 100.0 | 0.0 | 50.0 |" in md
+
+    summary = json.loads(paths["summary.json"].read_text())
+    # complete cases (no unsure): L1 RR, L3 SR, L4 RR, P1 RR, P2 SR -> kappa = (0.6 - 0.68) / 0.32
+    assert summary["fleiss_kappa"]["all"] == pytest.approx((0.6 - 0.68) / 0.32)
+    assert summary["median_seconds"] == {"R1": 2.75, "R2": 1.0}
+    assert paths["figure.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_imrmc_format(tmp_path, files):
+    key, answers = files
+    text = write_report([answers], key, tmp_path / "out")["imrmc.csv"].read_text().splitlines()
+    assert "NR: 2" in text and "N0: 3" in text and "N1: 3" in text and "NM: 1" in text
+    data = text[text.index("BEGIN DATA:") + 1:]
+    truth = [r for r in data if r.startswith("-1,")]
+    assert sorted(truth) == sorted(["-1,L1,truth,1", "-1,L2,truth,1", "-1,L3,truth,0", "-1,L4,truth,0",
+                                    "-1,P1,truth,1", "-1,P2,truth,0"])
+    scores = [r for r in data if not r.startswith("-1,")]
+    assert "R1,L1,reading,10" in scores and "R1,L4,reading,7" in scores and "R2,L3,reading,1" in scores
+    assert not any(r.startswith("R1,L2,") for r in scores)  # unsure left out
+    assert len(scores) == 11
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a, k: a.write_text(ANSWERS + "R1,X9,real,,1,t\n"), "not in the key"),
+    (lambda a, k: a.write_text(ANSWERS + "R1,L1,synthetic,,1,t\n"), "more than once"),
+    (lambda a, k: a.write_text(ANSWERS.replace("R1,L3,synthetic", "R1,L3,fake")), "must be one of"),
+    (lambda a, k: a.write_text(ANSWERS.replace("R1,L3,synthetic,4", "R1,L3,synthetic,9")), "confidence"),
+    (lambda a, k: a.write_text("reader,case,answer\nR1,L1,real\n"), "lacks column"),
+    (lambda a, k: k.write_text("case_id,truth\nL1,real\n"), "lacks column"),
+    (lambda a, k: k.write_text(KEY.replace("L4,synthetic", "L4,maybe")), "real or synthetic"),
+])
+def test_bad_input_one_line_nothing_overwritten(tmp_path, files, mutate, message):
+    key, answers = files
+    mutate(answers, key)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "table.csv").write_text("previous")
+    with pytest.raises(DiffTumorError, match=message) as exc:
+        write_report([answers], key, out)
+    assert "\n" not in str(exc.value)
+    assert sorted(p.name for p in out.iterdir()) == ["table.csv"]
+    assert (out / "table.csv").read_text() == "previous"
+
+
+def test_folder_not_a_study(tmp_path, files):
+    key, _ = files
+    with pytest.raises(DiffTumorError, match="not a study"):
+        write_report([tmp_path], key, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _parser():
+    from backend.cli import study as study_cli
+
+    parser = argparse.ArgumentParser(prog="difftumor")
+    study_cli.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_end_to_end_create_read_export_report(tmp_path, source_cases, capsys):
+    real, syn = source_cases
+    real_csv, syn_csv = tmp_path / "real.csv", tmp_path / "syn.csv"
+    real_csv.write_text("image,mask,organ\n" + "".join(f"{p},{m},liver\n" for p, m in real))
+    syn_csv.write_text("image,mask,organ\n" + "".join(f"{p},{m},liver\n" for p, m in syn))
+    study_dir = tmp_path / "study"
+    args = _parser().parse_args(["study", "create", "--real", str(real_csv), "--synthetic", str(syn_csv),
+                                 "--out", str(study_dir), "--readers", "R1,R2", "--seed", "5",
+                                 "--roi-size", "12", "--confidence"])
+    assert args.func(args) == 0
+    key = tmp_path / "study.key" / "key.csv"
+    truth = {c: t for c, t, *_ in (line.split(",") for line in key.read_text().splitlines()[1:])}
+    for reader in ("R1", "R2"):
+        s = ReadingSession(study_dir, reader)
+        while not s.finished:  # R1 is always right, R2 always says real
+            s.show()
+            s.answer(truth[s.case_id] if reader == "R1" else "real", confidence=4)
+        s.close()
+
+    args = _parser().parse_args(["study", "export", str(study_dir), "--reader", "R1", "--out", str(tmp_path / "r1.csv")])
+    assert args.func(args) == 0
+    exported = pd.read_csv(tmp_path / "r1.csv")
+    assert list(exported.columns) == ["reader", "case_id", "answer", "confidence", "seconds", "answered_at"]
+    assert len(exported) == 6 and (exported.confidence == 4).all()
+
+    args = _parser().parse_args(["study", "report", "--answers", str(study_dir), "--key", str(key.parent),
+                                 "--out", str(tmp_path / "rep")])
+    assert args.func(args) == 0
+    assert "| R1 | 100.0 | 100.0 | 100.0 |" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "rep" / "table.csv").set_index("reader")
+    assert table.loc["R1", "auc"] == 1.0 and table.loc["R2", "auc"] == 0.5
+    assert table.loc["R2", "specificity"] == 0.0
+
+    # the exported CSV reproduces the database's numbers for R1
+    export_answers(study_dir, "R2", tmp_path / "r2.csv")
+    write_report([tmp_path / "r1.csv", tmp_path / "r2.csv"], key, tmp_path / "rep2")
+    assert (tmp_path / "rep2" / "table.csv").read_text() == (tmp_path / "rep" / "table.csv").read_text()
+
+    # a key that misses a study case is refused
+    short = tmp_path / "short.csv"
+    short.write_text("\n".join(key.read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(DiffTumorError, match="does not cover"):
+        write_report([study_dir], short, tmp_path / "rep3")
