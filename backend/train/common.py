@@ -1,0 +1,465 @@
+"""Training utilities shared by the three stages (autoencoder, diffusion, segmentation).
+
+Public API (all pure Python + torch; no stage-specific code)::
+
+    load_config(cls, path=None, overrides=()) -> cls          YAML file + ["a.b=3", ...] into a dataclass
+    config_to_dict(cfg) -> dict                               nested plain dict (YAML/checkpoint friendly)
+    seed_everything(seed) -> None                             python, numpy, torch (+cuda)
+    rng_state() -> dict / set_rng_state(state)                 weights_only-loadable RNG snapshot
+    DistInfo / setup_distributed(device="auto") -> DistInfo   torchrun env vars; gloo on CPU, nccl on CUDA
+    teardown_distributed()                                    destroy the process group if any
+    get_logger(name, dist) -> logging.Logger                  INFO on rank 0, WARNING on other ranks
+    save_checkpoint(path, **state) -> Path                    atomic (tmp + os.replace), adds version/time
+    load_checkpoint(path, *, map_location="cpu") -> dict      torch.load(weights_only=True), one-line errors
+    GracefulInterrupt()                                       context manager: Ctrl-C sets .requested
+    MetricsWriter(path, *, tensorboard_dir=None)              CSV (append, header once) + optional TensorBoard
+    progress(total, *, initial=0, enabled=True, desc="")      tqdm on rank 0, a no-op bar elsewhere
+    DrawSchedule(n_items, *, seed, rank=0, world_size=1)      resumable, seeded, sharded order of items
+
+A checkpoint written with :func:`save_checkpoint` is a plain dict of tensors, numbers, strings, lists
+and dicts (loadable with ``weights_only=True``) holding at least ``version`` (package), ``stage``,
+``config`` (plain dict), ``step``, ``model``; stages add ``model_config``, ``optimizers``, ``ema``,
+``scaler``, ``schedulers``, ``rng`` (:func:`rng_state`) and ``data`` (e.g. :meth:`DrawSchedule.state_dict`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import logging
+import os
+import random
+import signal
+import time
+import types
+import typing
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from backend import __version__
+from backend.errors import DiffTumorError
+
+CHECKPOINT_FORMAT = "difftumor-checkpoint-1"
+
+
+# ------------------------------------------------------------------------------------------ config
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """Convert a YAML value to the annotated type ``tp`` (raises ValueError with a short reason)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except (ValueError, TypeError) as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"expected {_type_name(tp)}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{value!r} is not allowed; allowed: {', '.join(map(repr, args))}")
+        return value
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (tuple, list):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and origin is tuple and args and args[-1] is Ellipsis:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+        inner = args[0] if args else typing.Any
+        out = [_coerce(v, inner, where) for v in value]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ValueError(f"expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"expected a string, got {value!r}")
+        return str(value)
+    if tp is Path:
+        return Path(str(value))
+    return value
+
+
+def _build(cls, data: dict, where: str, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise DiffTumorError(
+                f"{where}: unknown key '{prefix}{key}' (known: {', '.join(sorted(known))})"
+            )
+        tp = hints[key]
+        if is_dataclass(tp) and isinstance(value, dict):
+            kwargs[key] = _build(tp, value, where, prefix=f"{prefix}{key}.")
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp, where)
+        except (ValueError, TypeError) as exc:
+            raise DiffTumorError(f"{where}: key '{prefix}{key}': {exc}") from None
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise DiffTumorError(f"{where}: {' '.join(str(exc).split())}") from None
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides) -> dict:
+    """``["a.b=3", "c=[1,2]"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides or ():
+        if "=" not in item:
+            raise DiffTumorError(f"override '{item}': expected key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise DiffTumorError(f"override '{item}': empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise DiffTumorError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(cls, path=None, overrides=()):
+    """Build dataclass ``cls`` from an optional YAML file and ``key=value`` overrides (dotted keys for
+    nested dataclasses). Types are coerced from the annotations; unknown keys and bad values raise
+    one-line DiffTumorErrors naming the file (or "override")."""
+    data: dict = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise DiffTumorError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise DiffTumorError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        if not isinstance(loaded, dict):
+            raise DiffTumorError(f"{path}: expected a mapping of settings at the top level")
+        data = loaded
+    ov = parse_overrides(overrides)
+    if ov:
+        where = f"{where} + overrides" if path is not None else "override"
+    return _build(cls, _merge(data, ov), where)
+
+
+def config_to_dict(cfg) -> dict:
+    """Nested plain dict (tuples -> lists, Paths -> str) of a config dataclass."""
+
+    def plain(v):
+        if is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return plain(cfg)
+
+
+# ------------------------------------------------------------------------------------ seeds / RNG
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Snapshot of the python, numpy and torch (CPU + CUDA) generators, weights_only-loadable."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------- distributed
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; init the process group when WORLD_SIZE > 1
+    (nccl on CUDA, gloo on CPU). Without torchrun: a single process on ``device``."""
+    from backend.device import resolve_device
+
+    dev = resolve_device(device)
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def teardown_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def get_logger(name: str, dist: DistInfo | None = None) -> logging.Logger:
+    """Logger that speaks on rank 0 only (warnings still show on every rank)."""
+    log = logging.getLogger(name)
+    if dist is not None and not dist.is_main:
+        log.setLevel(logging.WARNING)
+    return log
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, **state) -> Path:
+    """Write ``state`` (+ format, package version, time) atomically: tmp file then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, "version": __version__, "saved_at": time.time(), **state}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path, *, map_location="cpu") -> dict:
+    """Load one of our checkpoints safely (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffTumorError(f"{path}: checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:300]
+        raise DiffTumorError(f"{path}: not a readable DiffTumor checkpoint ({type(exc).__name__}: {msg})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise DiffTumorError(f"{path}: not a DiffTumor training checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    return ckpt
+
+
+class GracefulInterrupt(contextlib.AbstractContextManager):
+    """Within the block, the first Ctrl-C (SIGINT) only sets ``requested``; the loop then saves a
+    checkpoint and stops. A second Ctrl-C interrupts immediately. Main thread only (else inert)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logging.getLogger(__name__).warning("interrupt received: saving a checkpoint, then stopping (Ctrl-C again to abort)")
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class MetricsWriter:
+    """Append rows of metrics to a CSV (header written once; the columns are fixed by the first row,
+    or by the existing header when a resumed run appends) and, if TensorBoard is installed and
+    ``tensorboard_dir`` is given, to TensorBoard as well. Create it on rank 0 only."""
+
+    def __init__(self, path, *, tensorboard_dir=None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.columns: list[str] | None = None
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, newline="") as f:
+                self.columns = next(csv.reader(f), None)
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(tensorboard_dir))
+            except Exception:  # tensorboard not installed
+                logging.getLogger(__name__).info("TensorBoard is not installed; metrics go to %s only", self.path)
+
+    def write(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: (float(v) if torch.is_tensor(v) else v) for k, v in metrics.items()}}
+        new = self.columns is None
+        if new:
+            self.columns = list(row)
+        extra = [k for k in row if k not in self.columns]
+        if extra:
+            raise ValueError(f"{self.path}: metrics {extra} are not among the CSV columns {self.columns}")
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _NullBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress(total: int, *, initial: int = 0, enabled: bool = True, desc: str = ""):
+    """tqdm progress bar (rank 0) or an inert one."""
+    if not enabled:
+        return _NullBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
+
+
+class DrawSchedule:
+    """Seeded, resumable stream of item indices: each epoch is a permutation of ``range(n_items)``
+    drawn from ``seed + epoch`` and sharded round-robin over ranks. ``next()`` returns
+    ``(item_index, draw_id)``; ``draw_id`` is globally unique and can seed the random transforms of that
+    draw, so the data a run sees depends only on (seed, position), not on worker timing.
+    """
+
+    def __init__(self, n_items: int, *, seed: int, rank: int = 0, world_size: int = 1):
+        if n_items < 1:
+            raise ValueError("DrawSchedule needs at least one item")
+        self.n_items, self.seed, self.rank, self.world_size = n_items, seed, rank, world_size
+        self.epoch = 0
+        self.position = 0  # index into this rank's shard of the current epoch
+        self._order: list[int] | None = None
+
+    def _shard(self) -> list[int]:
+        if self._order is None:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            perm = torch.randperm(self.n_items, generator=g).tolist()
+            while len(perm) % self.world_size:  # equal shards on every rank
+                perm.append(perm[len(perm) % self.n_items])
+            self._order = perm[self.rank :: self.world_size]
+        return self._order
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, int]:
+        shard = self._shard()
+        if self.position >= len(shard):
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+            shard = self._shard()
+        item = shard[self.position]
+        draw_id = ((self.epoch * len(shard) + self.position) * self.world_size + self.rank) + self.seed * 1_000_003
+        self.position += 1
+        return item, draw_id
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n_items": self.n_items}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None

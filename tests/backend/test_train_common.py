@@ -1,0 +1,171 @@
+"""Shared training utilities: config parsing, RNG snapshots, checkpoints, metrics, data order."""
+
+from __future__ import annotations
+
+import csv
+import random
+import signal
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pytest
+import torch
+
+from backend.errors import DiffTumorError
+from backend.train.common import (
+    DrawSchedule,
+    GracefulInterrupt,
+    MetricsWriter,
+    config_to_dict,
+    load_checkpoint,
+    load_config,
+    parse_overrides,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    setup_distributed,
+)
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    crop: tuple[int, ...] = (96, 96, 96)
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class Outer:
+    name: str = "run"
+    steps: int = 10
+    amp: bool = True
+    mode: Literal["a", "b"] = "a"
+    weights: str | None = None
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 20\ninner:\n  lr: 0.001\n  crop: [32, 32, 32]\n")
+    cfg = load_config(Outer, p, ["inner.lr=2e-3", "amp=false", "mode=b", "inner.crop=64", "steps=30"])
+    assert cfg.steps == 30 and cfg.amp is False and cfg.mode == "b"
+    assert cfg.inner.lr == 2e-3 and cfg.inner.crop == (64,) and cfg.inner.betas == (0.5, 0.9)
+    assert cfg.weights is None
+    round_trip = load_config(Outer, None, [f"{k}={v}" for k, v in parse_flat(config_to_dict(cfg)).items()])
+    assert round_trip == cfg
+
+
+def parse_flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(parse_flat(v, f"{prefix}{k}."))
+        elif v is None:
+            out[f"{prefix}{k}"] = "null"
+        else:
+            out[f"{prefix}{k}"] = str(list(v) if isinstance(v, (list, tuple)) else v)
+    return out
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["stepz=3"], "unknown key 'stepz'"),
+        (["inner.foo=1"], "unknown key 'inner.foo'"),
+        (["steps=abc"], "key 'steps': expected an integer"),
+        (["steps=1.5"], "key 'steps': expected an integer"),
+        (["mode=c"], "key 'mode': 'c' is not allowed"),
+        (["amp=maybe"], "key 'amp': expected true/false"),
+        (["inner.lr=-1"], "lr must be > 0"),
+        (["inner.betas=[1]"], "expected 2 values"),
+        (["noequals"], "expected key=value"),
+    ],
+)
+def test_bad_overrides(overrides, match):
+    with pytest.raises(DiffTumorError, match=match) as info:
+        load_config(Outer, None, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(DiffTumorError, match="not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(DiffTumorError, match="mapping"):
+        load_config(Outer, bad)
+
+
+def test_rng_state_round_trip(tmp_path):
+    seed_everything(3)
+    state = rng_state()
+    save_checkpoint(tmp_path / "r.pt", stage="t", config={}, step=0, rng=state)
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_checkpoint_atomic_and_versioned(tmp_path):
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(m.parameters())
+    m(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    path = save_checkpoint(tmp_path / "sub" / "ck.pt", stage="x", config={"a": 1}, step=7,
+                           model=m.state_dict(), optimizers=[opt.state_dict()])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ck.pt"]  # no temp left
+    ck = load_checkpoint(path)
+    assert ck["step"] == 7 and ck["version"] and ck["config"] == {"a": 1}
+    opt2 = torch.optim.Adam(m.parameters())
+    opt2.load_state_dict(ck["optimizers"][0])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DiffTumorError, match="junk.pt: not a readable"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(DiffTumorError, match="other.pt: not a DiffTumor training checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_metrics_csv_appends_header_once(tmp_path):
+    w = MetricsWriter(tmp_path / "m.csv")
+    w.write(1, {"loss": torch.tensor(0.5), "lr": 1e-3})
+    w2 = MetricsWriter(tmp_path / "m.csv")  # a resumed run appends
+    w2.write(2, {"loss": 0.25, "lr": 1e-3})
+    rows = list(csv.reader(open(tmp_path / "m.csv")))
+    assert rows == [["step", "loss", "lr"], ["1", "0.5", "0.001"], ["2", "0.25", "0.001"]]
+    with pytest.raises(ValueError, match="not among the CSV columns"):
+        w2.write(3, {"new": 1})
+
+
+def test_draw_schedule_resumes_and_shards():
+    s = DrawSchedule(5, seed=1)
+    full = [next(s) for _ in range(12)]
+    assert sorted(i for i, _ in full[:5]) == list(range(5))
+    assert len({d for _, d in full}) == 12
+    s2 = DrawSchedule(5, seed=1)
+    [next(s2) for _ in range(7)]
+    s3 = DrawSchedule(5, seed=1)
+    s3.load_state_dict(s2.state_dict())
+    assert [next(s3) for _ in range(5)] == full[7:]
+    r0 = [next(DrawSchedule(5, seed=1, rank=0, world_size=2)) for _ in range(1)]
+    r1 = [next(DrawSchedule(5, seed=1, rank=1, world_size=2)) for _ in range(1)]
+    assert r0[0][1] != r1[0][1]
+
+
+def test_graceful_interrupt_sets_flag():
+    with GracefulInterrupt() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested
+    assert signal.getsignal(signal.SIGINT) is not stop._handler
+
+
+def test_setup_single_process_cpu(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    d = setup_distributed("cpu")
+    assert d.is_main and not d.distributed and d.device.type == "cpu"
