@@ -1,0 +1,267 @@
+"""The "Tumor placement" dock widget: click to place, size / radii / rotation / irregularity, random
+placement, keep-inside-organ, undo/redo. All logic lives in :mod:`difftumor_napari.placement`.
+
+The mask goes into a Labels layer called "tumor mask" on the CT's grid (same scale, translate and
+geometry metadata, so the DiffTumor writer saves it on the original grid); the user may paint or
+erase it with napari's brush (napari's Ctrl+Z undoes brush strokes; the widget's Undo undoes
+placements).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSlider, FloatSpinBox, Label, PushButton,
+                              SpinBox)
+
+from difftumor_napari import placement as pl
+
+if TYPE_CHECKING:
+    import napari
+
+TUMOR_LAYER = "tumor mask"
+CUSTOM = "custom (radii below)"
+
+
+def notify_error(exc: BaseException, what: str) -> None:
+    """One napari error notification for a user error (DiffTumorError / out of memory)."""
+    from napari.utils.notifications import show_error
+
+    from difftumor_napari.synthesis_tasks import user_message
+
+    show_error(user_message(exc, what))
+
+
+def tumor_layer_metadata(ct_layer, kind: str = "tumor") -> dict:
+    """Metadata for a mask made on ``ct_layer``'s grid: the CT's geometry record, integer dtype."""
+    info = dict(ct_layer.metadata.get("difftumor", {}))
+    info.update(kind=kind, dtype="uint8")
+    info.pop("data_range", None)
+    return {"difftumor": info}
+
+
+class PlacementWidget(Container):
+    """Dock widget: choose CT + organ labels + organ, then click (or randomise) to place tumours."""
+
+    def __init__(self, viewer: "napari.viewer.Viewer"):
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self.history = pl.PlacementHistory()
+        self._history_layer = None  # the tumour layer the history refers to
+
+        self.ct_layer = ComboBox(label="CT layer", choices=self._image_choices, nullable=True)
+        self.organ_layer = ComboBox(label="Organ labels", choices=self._labels_choices, nullable=True)
+        self.organ = ComboBox(label="Organ", choices=list(pl.PLACEABLE_ORGANS), value="liver")
+        self.place_mode = CheckBox(text="Click on the image to place a tumour", value=False)
+        self.size = ComboBox(label="Size class", choices=[CUSTOM, *pl.SIZE_NAMES], value="small")
+        self.radius_x = FloatSpinBox(label="Radius R–L (mm)", min=0.5, max=100, step=0.5, value=8)
+        self.radius_y = FloatSpinBox(label="Radius A–P (mm)", min=0.5, max=100, step=0.5, value=8)
+        self.radius_z = FloatSpinBox(label="Radius S–I (mm)", min=0.5, max=100, step=0.5, value=8)
+        self.rotation = FloatSpinBox(label="Rotation in plane (°)", min=-180, max=180, step=5, value=0)
+        self.tilt = FloatSpinBox(label="Tilt (°)", min=-90, max=90, step=5, value=0)
+        self.irregularity = FloatSlider(label="Irregularity", min=0.0, max=1.0, step=0.05, value=0.3)
+        self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
+        self.keep_inside = CheckBox(text="Keep inside organ", value=True)
+        self.count = SpinBox(label="Number of tumours", min=1, max=20, value=1)
+        self.random_size = ComboBox(label="Random size class", choices=list(pl.SIZE_NAMES), value="small")
+        self.random_button = PushButton(text="Random placement")
+        self.undo_button = PushButton(text="Undo placement")
+        self.redo_button = PushButton(text="Redo placement")
+        self.status = Label(value="")
+        self.extend([self.ct_layer, self.organ_layer, self.organ, self.place_mode, self.size, self.radius_x,
+                     self.radius_y, self.radius_z, self.rotation, self.tilt, self.irregularity, self.seed,
+                     self.keep_inside, self.count, self.random_size, self.random_button,
+                     self.undo_button, self.redo_button, self.status])
+        for size in pl.SIZE_NAMES:
+            self.size.native.setItemData(self.size.choices.index(size), pl.size_class_text(size), 3)  # tooltip role
+
+        self.size.changed.connect(self._on_size)
+        self.organ_layer.changed.connect(self._on_organ_layer)
+        self.place_mode.changed.connect(self._on_place_mode)
+        self.random_button.changed.connect(lambda _=None: self.place_random())
+        self.undo_button.changed.connect(lambda _=None: self.undo())
+        self.redo_button.changed.connect(lambda _=None: self.redo())
+        for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            emitter.connect(self._on_layers_changed)
+        self._on_layers_changed()
+        self._on_size()
+
+    # -- choices ----------------------------------------------------------------------------------
+    def _image_choices(self, widget=None):
+        from napari.layers import Image
+
+        layers = [ly for ly in self._viewer.layers if isinstance(ly, Image) and not ly.rgb and ly.ndim == 3]
+        best = pl.pick_ct_layer(layers)
+        layers.sort(key=lambda ly: ly is not best)
+        return [(ly.name, ly) for ly in layers]
+
+    def _labels_choices(self, widget=None):
+        from napari.layers import Labels
+
+        layers = [ly for ly in self._viewer.layers if isinstance(ly, Labels) and ly.name != TUMOR_LAYER
+                  and ly.metadata.get("difftumor", {}).get("kind") not in ("tumor", "synthetic")]
+        best = pl.pick_organ_layer(layers)
+        layers.sort(key=lambda ly: ly is not best)
+        return [(ly.name, ly) for ly in layers]
+
+    def _on_layers_changed(self, event=None) -> None:
+        ct, organs = self.ct_layer.value, self.organ_layer.value
+        self.reset_choices()
+        for box, old in ((self.ct_layer, ct), (self.organ_layer, organs)):
+            options = [c for c in box.choices if c is not None]
+            if (old is None or old not in options) and options:
+                box.value = options[0]
+
+    def _on_organ_layer(self, _=None) -> None:
+        layer = self.organ_layer.value
+        present = pl.organs_in_labels(layer.data) if layer is not None else []
+        if present and self.organ.value not in present:
+            self.organ.value = present[0]
+        self.status.value = f"Organs found: {', '.join(present)}" if present else (
+            "No organ ids in this label layer" if layer is not None else "Open an organ label layer")
+
+    def _on_size(self, _=None) -> None:
+        if self.size.value != CUSTOM:
+            r = pl.size_class_radii(self.size.value)
+            self.radius_x.value, self.radius_y.value, self.radius_z.value = r
+            self.size.tooltip = pl.size_class_text(self.size.value)
+
+    # -- layers -----------------------------------------------------------------------------------
+    def _require_ct(self):
+        from backend.errors import DiffTumorError
+
+        ct = self.ct_layer.value
+        if ct is None:
+            raise DiffTumorError("CT layer: no CT image is open; open a CT (File > Open) or the phantom sample first")
+        return ct
+
+    def organ_mask(self) -> np.ndarray:
+        layer = self.organ_layer.value
+        mask = pl.organ_mask(None if layer is None else layer.data, self.organ.value,
+                             name=layer.name if layer is not None else "organ labels")
+        ct = self._require_ct()
+        if mask.shape != tuple(ct.data.shape):
+            from backend.errors import DiffTumorError
+
+            raise DiffTumorError(f"{layer.name}: shape {mask.shape} differs from the CT {tuple(ct.data.shape)}; use labels on the CT's grid")
+        return mask
+
+    def geometry(self):
+        ct = self._require_ct()
+        return pl.layer_geometry(ct.data.shape, ct.scale, ct.translate, ct.metadata)
+
+    def tumor_layer(self, create: bool = True):
+        """The "tumor mask" Labels layer on the CT's grid (created empty when missing)."""
+        ct = self._require_ct()
+        layer = self._viewer.layers[TUMOR_LAYER] if TUMOR_LAYER in self._viewer.layers else None
+        if layer is not None and tuple(layer.data.shape) != tuple(ct.data.shape):
+            layer.name = f"{TUMOR_LAYER} (other grid)"
+            layer = None
+        if layer is None and create:
+            layer = self._viewer.add_labels(np.zeros(ct.data.shape, np.uint8), name=TUMOR_LAYER, scale=ct.scale,
+                                            translate=ct.translate, metadata=tumor_layer_metadata(ct), opacity=0.6)
+        if layer is not self._history_layer:
+            self.history = pl.PlacementHistory()
+            self._history_layer = layer
+        return layer
+
+    # -- actions ----------------------------------------------------------------------------------
+    def spec_at(self, centre_zyx) -> pl.TumorSpec:
+        return pl.TumorSpec(tuple(float(c) for c in centre_zyx),
+                            (self.radius_x.value, self.radius_y.value, self.radius_z.value),
+                            (self.tilt.value, 0.0, self.rotation.value), float(self.irregularity.value),
+                            int(self.seed.value))
+
+    def place_at_world(self, world) -> bool:
+        """Place a tumour centred at a world position (napari world coordinates, mm)."""
+        try:
+            ct = self._require_ct()
+            centre = np.asarray(ct.world_to_data(tuple(world)), float)[-3:]
+            return self.place_at_voxel(centre)
+        except Exception as exc:  # noqa: BLE001 - reported, nothing changed
+            notify_error(exc, "Tumour placement")
+            return False
+
+    def place_at_voxel(self, centre_zyx) -> bool:
+        """Place a tumour centred at a (continuous) data index (z, y, x) of the CT."""
+        try:
+            organ = self.organ_mask()
+            geometry = self.geometry()
+            spec = self.spec_at(centre_zyx)
+            layer = self.tumor_layer()
+            p = pl.place_ellipsoid(layer.data, self.history, geometry, organ, spec, organ_name=self.organ.value,
+                                   keep_inside_organ=self.keep_inside.value)
+        except Exception as exc:  # noqa: BLE001
+            notify_error(exc, "Tumour placement")
+            return False
+        self._after_edit(layer, f"Tumour {p.label}: {len(p.index[0])} voxels at voxel "
+                                f"{[int(round(c)) for c in centre_zyx]} (z, y, x)")
+        self.seed.value = (self.seed.value + 1) % (2**31 - 1)  # the next irregular shape differs
+        return True
+
+    def place_random(self) -> int:
+        """Drop N tumours of the random size class at valid places in the organ (seeded)."""
+        try:
+            organ = self.organ_mask()
+            shapes, params = pl.random_tumors(self.geometry(), organ, self.organ.value, size=self.random_size.value,
+                                              count=int(self.count.value), seed=int(self.seed.value),
+                                              keep_inside_organ=self.keep_inside.value)
+            layer = self.tumor_layer()
+        except Exception as exc:  # noqa: BLE001
+            notify_error(exc, "Random placement")
+            return 0
+        for shape, p in zip(shapes, params):
+            self.history.apply(layer.data, shape, params=p)
+        self._after_edit(layer, f"{len(shapes)} random {self.random_size.value} tumour(s) in the {self.organ.value} "
+                                f"(seed {self.seed.value})")
+        self.seed.value = (self.seed.value + 1) % (2**31 - 1)
+        return len(shapes)
+
+    def undo(self) -> bool:
+        layer = self.tumor_layer(create=False) if self.ct_layer.value is not None else None
+        p = self.history.undo(layer.data) if layer is not None else None
+        if p is None:
+            self.status.value = "Nothing to undo (brush strokes: Ctrl+Z on the tumour layer)"
+            return False
+        self._after_edit(layer, f"Undid tumour {p.label}")
+        return True
+
+    def redo(self) -> bool:
+        layer = self.tumor_layer(create=False) if self.ct_layer.value is not None else None
+        p = self.history.redo(layer.data) if layer is not None else None
+        if p is None:
+            self.status.value = "Nothing to redo"
+            return False
+        self._after_edit(layer, f"Redid tumour {p.label}")
+        return True
+
+    def placements(self) -> list[dict]:
+        """Parameters of the placements in effect (synthesis records them in the provenance)."""
+        return self.history.params()
+
+    def _after_edit(self, layer, message: str) -> None:
+        layer.refresh()
+        layer.events.paint(value=[])  # linked views (three views) refresh on paint events
+        self._viewer.layers.selection.active = layer
+        self.status.value = message
+
+    # -- click mode -------------------------------------------------------------------------------
+    def _on_place_mode(self, on: bool) -> None:
+        callbacks = self._viewer.mouse_drag_callbacks
+        if on and self._on_click not in callbacks:
+            callbacks.append(self._on_click)
+        elif not on and self._on_click in callbacks:
+            callbacks.remove(self._on_click)
+
+    def _on_click(self, viewer, event):
+        """Left click without drag places a tumour there; a drag pans as usual."""
+        if event.button != 1:
+            return
+        moved = False
+        yield
+        while event.type == "mouse_move":
+            moved = True
+            yield
+        if not moved:
+            self.place_at_world(event.position)

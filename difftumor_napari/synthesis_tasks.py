@@ -1,0 +1,265 @@
+"""Synthesis as a Qt-free task: request -> generator of progress -> outcome; saving; messages.
+
+The "Synthesis" widget (``_synthesis.py``) builds a :class:`SynthesisRequest` from its layers and
+runs :func:`synthesis_steps` in a napari ``thread_worker`` (or, with ``DIFFTUMOR_NAPARI_NOTHREADS=1``
+and in scripts, through :func:`run_sync`). The generator yields ``(message, done, total)`` from the
+engine (:meth:`backend.synthesis.engine.SynthesisEngine.iter_synthesize`) and returns a
+:class:`SynthesisOutcome`. Nothing here touches Qt.
+
+Arrays are on the napari display grid (the reader's LPS grid, (z, y, x)); :func:`save_outcome`
+writes them back onto the file's ORIGINAL grid, orientation and dtype through the plugin writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Generator, Sequence
+
+import numpy as np
+
+from backend.errors import DiffTumorError
+
+NOTHREADS_ENV = "DIFFTUMOR_NAPARI_NOTHREADS"
+METHODS = ("auto", "diffusion", "model-based")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+STAGES = ("auto", "early", "mid_late")
+
+Progress = tuple[str, int, int]
+
+
+def threads_disabled() -> bool:
+    """True when ``DIFFTUMOR_NAPARI_NOTHREADS`` asks for synchronous runs (tests, debugging)."""
+    return os.environ.get(NOTHREADS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def user_message(exc: BaseException, what: str) -> str:
+    """One clear sentence for a notification: user errors verbatim, out-of-memory with a remedy."""
+    if isinstance(exc, DiffTumorError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return f"{what}: ran out of memory; close other layers or crop the CT, then try again (nothing was changed)"
+    try:
+        from backend.device import is_oom
+
+        if is_oom(exc):
+            return f"{what}: ran out of GPU memory; choose device 'cpu' and run again (nothing was changed)"
+    except ImportError:  # torch absent: cannot be a torch OOM
+        pass
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{what} failed ({type(exc).__name__}: {text[:300]})"
+
+
+# --------------------------------------------------------------------------------------------
+# method choice
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MethodStatus:
+    method: str  # the method that will run: "diffusion" or "model-based"
+    reason: str  # one sentence for the widget
+
+
+def method_status(requested: str, organ: str, stage: str, weights_dir: str | os.PathLike | None) -> MethodStatus:
+    """Which method runs and why: diffusion needs the weights for this organ and stage.
+
+    ``requested`` "auto" picks diffusion when the weights are there, model-based otherwise;
+    "diffusion" without weights is a user error (raised); "model-based" always runs.
+    """
+    from backend.weights import WEIGHT_ORGANS, WeightsFolder, weight_organ
+
+    if requested not in METHODS:
+        raise DiffTumorError(f"method '{requested}': choose one of {', '.join(METHODS)}")
+    if requested == "model-based":
+        return MethodStatus("model-based", "Model-based synthesis (chosen; needs no weights)")
+    stages = ("early", "mid_late") if stage == "auto" else (stage,)
+    folder = WeightsFolder.find(weights_dir) if weights_dir else WeightsFolder.find()
+    problem = ""
+    if weight_organ(organ) not in WEIGHT_ORGANS:
+        problem = f"no diffusion weights exist for the {organ} (released organs: {', '.join(WEIGHT_ORGANS)})"
+    elif folder.root is None:
+        problem = "no weights folder is set (choose one below)"
+    else:
+        missing = sorted({m for st in stages for m in folder.missing(organ, st)})
+        if missing:
+            problem = f"weights folder {folder.root} lacks {', '.join(missing)}"
+    if not problem:
+        return MethodStatus("diffusion", f"DiffTumor diffusion (weights in {folder.root})")
+    if requested == "diffusion":
+        raise DiffTumorError(f"diffusion: {problem}; choose the weights folder or method 'model-based'")
+    return MethodStatus("model-based", f"Model-based synthesis: {problem}")
+
+
+# --------------------------------------------------------------------------------------------
+# the task
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SynthesisRequest:
+    """Everything one synthesis run needs, on the display grid."""
+
+    ct: np.ndarray  # (z, y, x) HU
+    geometry: Any  # backend.io.Geometry of that grid
+    organ_mask: np.ndarray  # bool
+    tumor_mask: np.ndarray  # bool or ids (non-zero = tumour)
+    organ: str
+    method: str = "auto"
+    device: str = "auto"
+    stage: str = "auto"
+    steps: int | None = None  # sampling steps (None: the method's default)
+    seed: int = 0
+    weights_dir: str | None = None
+    placements: list[dict] = field(default_factory=list)
+    source: str | None = None  # file the CT came from (provenance)
+
+    def __post_init__(self):
+        for name, allowed in (("method", METHODS), ("device", DEVICES), ("stage", STAGES)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
+class SynthesisOutcome:
+    """The engine's result on the display grid, plus the request it answers."""
+
+    ct: np.ndarray
+    label: np.ndarray
+    tumor_mask: np.ndarray
+    provenance: dict
+    intermediates: dict[str, np.ndarray]
+    request: SynthesisRequest
+
+
+def engine_generator(request: SynthesisRequest):
+    """The engine's ``iter_synthesize`` generator for ``request`` (imports torch/backend lazily)."""
+    from backend.io import Volume
+    from backend.synthesis.engine import SynthesisEngine
+
+    engine = SynthesisEngine(weights_dir=request.weights_dir, device=request.device)
+    kwargs = dict(organ=request.organ, method=request.method, seed=int(request.seed),
+                  stage=None if request.stage == "auto" else request.stage)
+    if request.steps:
+        kwargs["steps"] = int(request.steps)
+    return engine.iter_synthesize(Volume(request.ct, request.geometry), np.asarray(request.organ_mask, bool),
+                                  np.asarray(request.tumor_mask) > 0, **kwargs)
+
+
+def synthesis_steps(request: SynthesisRequest, *, cancel: threading.Event | None = None,
+                    make_generator=engine_generator) -> Generator[Progress, None, SynthesisOutcome]:
+    """Run the engine, yielding ``(message, done, total)``; returns a :class:`SynthesisOutcome`.
+
+    Worker function: must not touch Qt. ``cancel`` (set from the GUI thread) stops the run at the
+    next step with :class:`DiffTumorError`; a napari worker's ``quit()`` stops it at the next yield.
+    """
+    if not np.asarray(request.tumor_mask).any():
+        raise DiffTumorError("tumour mask: it is empty; place a tumour (Tumor placement widget) or paint one first")
+    if not np.asarray(request.organ_mask).any():
+        raise DiffTumorError(f"{request.organ}: the organ mask is empty; choose the organ label layer and organ")
+    yield ("preparing", 0, 1)
+    gen = make_generator(request)
+    while True:
+        if cancel is not None and cancel.is_set():
+            gen.close()
+            raise DiffTumorError("synthesis: cancelled by the user (nothing was changed)")
+        try:
+            message, done, total = next(gen)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        yield (str(message), int(done), int(total))
+    prov = dict(getattr(result, "provenance", {}) or {})
+    prov.setdefault("seed", int(request.seed))
+    prov["placements"] = request.placements
+    prov.setdefault("organ", request.organ)
+    inter = dict(getattr(result, "intermediates", None) or prov.pop("intermediates", None) or {})
+    ct = result.ct.array if hasattr(result.ct, "array") else np.asarray(result.ct)
+    return SynthesisOutcome(ct, np.asarray(result.label), np.asarray(result.tumor_mask), prov, inter, request)
+
+
+def run_sync(gen: Generator, on_progress=None):
+    """Drive a progress generator to its end on this thread; returns its return value."""
+    while True:
+        try:
+            item = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if on_progress is not None:
+            on_progress(item)
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+# --------------------------------------------------------------------------------------------
+def provenance_record(outcome: SynthesisOutcome, files: dict[str, str]) -> dict:
+    """The JSON written beside the images: method, weights checksums, seed, masks, version, files."""
+    from backend import __version__
+
+    prov = dict(outcome.provenance)
+    prov.update(
+        difftumor_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        source_ct=outcome.request.source,
+        seed=prov.get("seed", outcome.request.seed),
+        requested={"method": outcome.request.method, "device": outcome.request.device,
+                   "stage": outcome.request.stage, "steps": outcome.request.steps},
+        tumor_voxels=int(np.count_nonzero(outcome.tumor_mask)),
+        files=files,
+    )
+    prov.setdefault("method", outcome.request.method)
+    prov.setdefault("weights_sha256", {})
+    return prov
+
+
+def write_json_atomic(path: Path, data: dict) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True, default=_json_default)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (Path, tuple, set)):
+        return str(o) if isinstance(o, Path) else list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_outcome(outcome: SynthesisOutcome, folder, stem: str, ct_metadata: dict, *,
+                 scale: Sequence[float], translate: Sequence[float]) -> dict[str, Path]:
+    """Write ``<stem>_ct.nii.gz``, ``<stem>_tumor.nii.gz`` (0/1/2 label) and ``<stem>_provenance.json``.
+
+    Images go through :func:`difftumor_napari._writer.write_layer` with the CT layer's metadata, so
+    they land on the original file grid, orientation and dtype (HU rounded back to int16 when the
+    source was int16). Existing files of the same names are replaced atomically.
+    """
+    from difftumor_napari._writer import write_layer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DiffTumorError(f"{folder}: output folder does not exist")
+    meta = {"name": stem, "metadata": ct_metadata, "scale": tuple(scale), "translate": tuple(translate)}
+    info = dict((ct_metadata or {}).get("difftumor", {}))
+    ct = outcome.ct
+    if np.issubdtype(np.dtype(info.get("dtype", ct.dtype)), np.integer) and not np.issubdtype(ct.dtype, np.integer):
+        ct = np.rint(ct)
+    ct_path = write_layer(folder / f"{stem}_ct.nii.gz", ct, meta, labels=False)
+    label_meta = {**meta, "metadata": {"difftumor": {**info, "dtype": "uint8"}}} if info else meta
+    label_path = write_layer(folder / f"{stem}_tumor.nii.gz", np.asarray(outcome.label).astype(np.uint8), label_meta,
+                             labels=True)
+    files = {"ct": ct_path.name, "label": label_path.name}
+    prov_path = write_json_atomic(folder / f"{stem}_provenance.json", provenance_record(outcome, files))
+    return {"ct": ct_path, "label": label_path, "provenance": prov_path}

@@ -1,0 +1,149 @@
+"""The "Tumor placement" widget driven with make_napari_viewer + qtbot (run under xvfb-run)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from difftumor_napari import placement as pl
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Collect napari error notifications instead of showing them."""
+    import napari.utils.notifications as notifications
+
+    seen: list[str] = []
+    monkeypatch.setattr(notifications, "show_error", lambda msg: seen.append(str(msg)))
+    return seen
+
+
+@pytest.fixture
+def real_viewer(make_napari_viewer, totalseg_ct, totalseg_seg):
+    from difftumor_napari._reader import read_layer_data
+
+    viewer = make_napari_viewer()
+    for path in (totalseg_ct, totalseg_seg):
+        data, kwargs, kind = read_layer_data(path)
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    return viewer
+
+
+def _widget(viewer, qtbot):
+    from difftumor_napari._placement import PlacementWidget
+
+    w = PlacementWidget(viewer)
+    qtbot.addWidget(w.native)
+    return w
+
+
+def _inner_voxel(mask: np.ndarray) -> tuple[int, int, int]:
+    """An organ voxel far from the organ's border."""
+    from scipy import ndimage
+
+    d = ndimage.distance_transform_edt(mask)
+    return tuple(int(v) for v in np.unravel_index(np.argmax(d), mask.shape))
+
+
+def test_autodetects_layers_and_places_by_click(real_viewer, qtbot, errors):
+    viewer = real_viewer
+    w = _widget(viewer, qtbot)
+    ct, seg = viewer.layers["example_ct_sm"], viewer.layers["example_seg"]
+    assert w.ct_layer.value is ct and w.organ_layer.value is seg
+    w.organ.value = "liver"
+    liver = w.organ_mask()
+    voxel = _inner_voxel(liver)
+    world = np.asarray(ct.data_to_world(voxel))
+    np.testing.assert_allclose(pl.world_to_data(world, ct.scale, ct.translate), voxel, atol=1e-6)
+
+    # click mode: a press + release without motion places the tumour at the clicked world point
+    w.place_mode.value = True
+    assert w._on_click in viewer.mouse_drag_callbacks
+    event = SimpleNamespace(button=1, type="mouse_press", position=tuple(world))
+    gen = w._on_click(viewer, event)
+    next(gen)
+    event.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(gen)
+    layer = viewer.layers["tumor mask"]
+    assert layer.data[voxel] == 1 and errors == []
+    assert not ((layer.data > 0) & ~liver).any()  # keep inside organ (default on)
+    assert layer.scale == pytest.approx(ct.scale) and layer.translate == pytest.approx(ct.translate)
+    assert layer.metadata["difftumor"]["geometry"] == ct.metadata["difftumor"]["geometry"]
+    # a drag pans instead of placing
+    event = SimpleNamespace(button=1, type="mouse_press", position=tuple(world))
+    gen = w._on_click(viewer, event)
+    next(gen)
+    event.type = "mouse_move"
+    next(gen)
+    event.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(gen)
+    assert layer.data.max() == 1
+    w.place_mode.value = False
+    assert w._on_click not in viewer.mouse_drag_callbacks
+
+
+def test_user_errors_become_notifications_and_change_nothing(real_viewer, qtbot, errors):
+    viewer = real_viewer
+    w = _widget(viewer, qtbot)
+    ct = viewer.layers["example_ct_sm"]
+    assert not w.place_at_voxel((0, 0, 0))  # air, outside the liver
+    assert "outside the liver" in errors[-1]
+    voxel = _inner_voxel(w.organ_mask())
+    w.size.value = "custom (radii below)"
+    w.radius_x.value = w.radius_y.value = w.radius_z.value = 100
+    assert not w.place_at_voxel(voxel)
+    assert "larger than the liver" in errors[-1]
+    assert not w.place_at_world(np.asarray(ct.data_to_world((0, 0, 0))) - 1000)
+    assert "outside the image" in errors[-1]
+    viewer.layers.remove("example_seg")
+    assert w.organ_layer.value is None
+    assert not w.place_random()
+    assert "no organ label layer" in errors[-1]
+    assert all("\n" not in e for e in errors)
+    assert "tumor mask" not in viewer.layers or not viewer.layers["tumor mask"].data.any()
+
+
+def test_random_placement_undo_redo_and_brush(real_viewer, qtbot, errors):
+    viewer = real_viewer
+    w = _widget(viewer, qtbot)
+    w.random_size.value = "medium"
+    w.count.value = 2
+    w.seed.value = 3
+    assert w.place_random() == 2
+    layer = viewer.layers["tumor mask"]
+    assert set(np.unique(layer.data)) == {0, 1, 2}
+    first = layer.data.copy()
+    assert [p["kind"] for p in w.placements()] == ["random", "random"]
+    # napari's brush: paint then napari undo restores
+    layer.selected_label = 9
+    layer.brush_size = 1
+    spot = tuple(int(v) for v in np.argwhere(layer.data == 0)[0])
+    layer.paint(spot, 9)
+    assert layer.data[spot] == 9
+    layer.undo()
+    assert layer.data[spot] == 0
+    # placement undo / redo
+    assert w.undo()
+    assert set(np.unique(layer.data)) == {0, 1}
+    assert w.redo()
+    np.testing.assert_array_equal(layer.data, first)
+    assert w.undo() and w.undo() and not w.undo()
+    assert not layer.data.any()
+    # same seed -> same tumours
+    w.seed.value = 3
+    w.place_random()
+    np.testing.assert_array_equal(layer.data, first)
+    assert errors == []
+
+
+def test_size_class_sets_radii(make_napari_viewer, qtbot):
+    w = _widget(make_napari_viewer(), qtbot)
+    w.size.value = "medium"
+    assert (w.radius_x.value, w.radius_y.value, w.radius_z.value) == pl.size_class_radii("medium")
+    assert "24–40 mm" in w.size.tooltip
