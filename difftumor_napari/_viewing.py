@@ -112,13 +112,11 @@ class ThreeViews:
         self.models: dict[str, ViewerModel] = {}
         self.widget = QSplitter(Qt.Orientation.Horizontal)
         self.widget.setMinimumHeight(260)
-        self._qt_viewers = []
         for name in self.VIEWS:
             model = ViewerModel(title=name)
             qt_viewer = QtViewer(model)
             self.models[name] = model
-            self._qt_viewers.append(qt_viewer)
-            self.widget.addWidget(qt_viewer)
+            self.widget.addWidget(qt_viewer)  # Qt owns the canvas; no Python reference kept here
             model.dims.events.current_step.connect(self._on_view_step)
             model.mouse_drag_callbacks.append(self._click_to_cursor)
         self._links: list[tuple[object, object]] = []
@@ -227,7 +225,7 @@ class ViewingWidget(Container):
         self._viewer = viewer
         self._three_views: ThreeViews | None = None
         self._dock = None
-        self._drag_active = False
+        self._views_shown = False
         self._saved_pan = True
 
         self.layer = ComboBox(label="CT layer", choices=self._layer_choices, nullable=True)
@@ -255,6 +253,13 @@ class ViewingWidget(Container):
 
     def _layer_choices(self, widget=None):
         return [(ly.name, ly) for ly in ct_layers(self._viewer)]
+
+    def reset_choices(self, *_) -> None:
+        """Refresh the layer list; pick the CT when nothing is chosen yet."""
+        super().reset_choices()
+        choices = [c for c in self.layer.choices if c is not None]
+        if self.layer.value is None and choices:
+            self.layer.value = choices[0]
 
     # -- window / level -------------------------------------------------------------------------
     def apply_preset(self, name: str) -> None:
@@ -331,7 +336,8 @@ class ViewingWidget(Container):
         if self._dock is None:
             self._three_views = ThreeViews(self._viewer)
             self._dock = window.add_dock_widget(self._three_views.widget, name="Three views", area="bottom")
-            return True
-        visible = not self._dock.isVisible()
-        self._dock.setVisible(visible)
-        return visible
+            self._views_shown = True
+        else:
+            self._views_shown = not self._views_shown
+            self._dock.setVisible(self._views_shown)
+        return self._views_shown

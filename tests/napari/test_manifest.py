@@ -1,0 +1,64 @@
+"""The installed distribution's npe2 manifest: valid, importable, and listing what the plugin offers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _manifest():
+    from npe2 import PluginManifest
+
+    return PluginManifest.from_distribution("difftumor")
+
+
+def test_npe2_validate_installed_distribution_with_imports():
+    proc = subprocess.run(
+        [sys.executable, "-m", "npe2", "validate", "difftumor", "--imports"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "valid" in proc.stdout
+
+
+def test_entry_point_points_at_the_packaged_manifest():
+    [ep] = [ep for ep in entry_points(group="napari.manifest") if ep.name == "difftumor"]
+    assert ep.value == "difftumor_napari:napari.yaml"
+    import difftumor_napari
+
+    packaged = Path(difftumor_napari.__file__).parent / "napari.yaml"
+    assert packaged.is_file()
+    assert packaged.read_text() == (REPO / "napari.yaml").read_text()
+
+
+def test_manifest_contents():
+    mf = _manifest()
+    assert mf.name == "difftumor" and mf.display_name == "DiffTumor"
+    commands = {c.id: c for c in mf.contributions.commands}
+    referenced = [r.command for r in mf.contributions.readers] + [w.command for w in mf.contributions.writers]
+    referenced += [s.command for s in mf.contributions.sample_data] + [w.command for w in mf.contributions.widgets]
+    assert set(referenced) <= set(commands)
+    [reader] = mf.contributions.readers
+    assert reader.accepts_directories
+    for pattern in ("*.nii", "*.nii.gz", "*.nrrd", "*.nhdr", "*.mha", "*.mhd"):
+        assert pattern in reader.filename_patterns
+    assert {tuple(w.layer_types) for w in mf.contributions.writers} == {("image",), ("labels",)}
+    assert all(".nii.gz" in w.filename_extensions for w in mf.contributions.writers)
+    assert [s.display_name for s in mf.contributions.sample_data] == ["Abdominal CT phantom"]
+    assert "Window / level" in [w.display_name for w in mf.contributions.widgets]
+
+
+@pytest.mark.parametrize("path, ours", [("ct.nii.gz", True), ("seg.nrrd", True), ("x.mha", True), ("x.png", False)])
+def test_npe2_routes_files_to_our_reader(path, ours):
+    from npe2 import PluginManager
+
+    pm = PluginManager()
+    pm.register(_manifest())
+    readers = [r.command for r in pm.iter_compatible_readers([path])]
+    assert ("difftumor.get_reader" in readers) == ours

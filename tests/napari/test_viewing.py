@@ -1,0 +1,145 @@
+"""Window/level presets, mouse window/level, radiological orientation, three views."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from difftumor_napari._viewing import (
+    PRESETS,
+    contrast_limits_to_window,
+    drag_window_level,
+    vertical_orientation,
+    window_to_contrast_limits,
+)
+
+
+# -- pure functions ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, limits",
+    [("abdomen", (-150, 250)), ("liver", (-45, 105)), ("soft tissue", (-135, 215)),
+     ("bone", (-500, 1300)), ("lung", (-1350, 150))],
+)
+def test_presets_to_contrast_limits(name, limits):
+    assert window_to_contrast_limits(*PRESETS[name]) == limits
+    assert contrast_limits_to_window(*limits) == PRESETS[name]
+
+
+@pytest.mark.parametrize("width", [0, -10])
+def test_window_width_must_be_positive(width):
+    with pytest.raises(ValueError, match="width"):
+        window_to_contrast_limits(width, 40)
+
+
+def test_drag_window_level():
+    assert drag_window_level(400, 50, 0, 0) == (400, 50)
+    w, lv = drag_window_level(400, 50, 10, -5, hu_per_pixel=2)
+    assert (w, lv) == (420, 40)  # right: wider, up: lower level
+    assert drag_window_level(400, 50, -1000, 0)[0] == 1.0  # never below the minimum width
+
+
+def test_vertical_orientation_keeps_superior_up():
+    assert vertical_orientation((0, 1, 2), 2, 3) == "down"  # axial: anterior at the top
+    assert vertical_orientation((1, 0, 2), 2, 3) == "up"  # coronal
+    assert vertical_orientation((2, 0, 1), 2, 3) == "up"  # sagittal
+    assert vertical_orientation((0, 1, 2), 3, 3) == "down"  # 3D view untouched
+    assert vertical_orientation((0, 1), 2, 2) == "down"
+
+
+# -- with a viewer ----------------------------------------------------------------------------
+@pytest.fixture
+def ct_viewer(make_napari_viewer):
+    from backend.io import Geometry, Volume
+    from difftumor_napari._reader import volume_to_layer_data
+
+    rng = np.random.default_rng(0)
+    ct = rng.integers(-1000, 1200, size=(12, 20, 24)).astype(np.int16)
+    lab = np.zeros(ct.shape, np.uint8)
+    lab[3:8, 5:12, 4:10] = 5
+    geo = Geometry((24, 20, 12), (1.5, 1.5, 3.0), (-20.0, -30.0, 100.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    viewer = make_napari_viewer()
+    for vol, kind in ((Volume(ct, geo), "ct"), (Volume(lab, geo), "labels")):
+        data, kw, layer_type = volume_to_layer_data(vol, kind=kind, name=kind)
+        getattr(viewer, f"add_{layer_type}")(data, **kw)
+    return viewer
+
+
+@pytest.fixture
+def widget(ct_viewer, qtbot):
+    from difftumor_napari._viewing import ViewingWidget
+
+    w = ViewingWidget(ct_viewer)
+    qtbot.addWidget(w.native)
+    return w
+
+
+def test_widget_presets_set_contrast_limits(ct_viewer, widget):
+    ct = ct_viewer.layers["ct"]
+    assert widget.layer.value is ct
+    assert tuple(ct.contrast_limits) == (-150, 250)  # opened with the abdomen window
+    assert (widget.width_box.value, widget.level_box.value) == (400, 50)
+    widget.preset_buttons["lung"].clicked.emit()
+    assert tuple(ct.contrast_limits) == (-1350, 150)  # beyond the data range: range extended
+    assert (widget.width_box.value, widget.level_box.value) == (1500, -600)
+    widget.apply_preset("bone")
+    assert tuple(ct.contrast_limits) == (-500, 1300)
+    widget.width_box.value = 100
+    widget.level_box.value = 30
+    assert tuple(ct.contrast_limits) == (-20, 80)
+    ct.contrast_limits = (0, 100)  # changes made elsewhere show in the boxes
+    assert (widget.width_box.value, widget.level_box.value) == (100, 50)
+
+
+def test_mouse_window_level_drag(ct_viewer, widget):
+
+    ct = ct_viewer.layers["ct"]
+    widget.mouse_wl.value = True
+    assert widget._drag_window_level in ct_viewer.mouse_drag_callbacks
+    assert ct_viewer.camera.mouse_pan is False
+
+    class Ev:  # the attributes a napari mouse event carries that the callback reads
+        def __init__(self, type_, pos, button=1):
+            self.type, self.pos, self.button = type_, np.array(pos, float), button
+
+    ev = Ev("mouse_press", (100, 100))
+    gen = widget._drag_window_level(ct_viewer, ev)
+    next(gen)
+    ev.type, ev.pos = "mouse_move", np.array([150.0, 80.0])  # right 50 px, up 20 px
+    next(gen)
+    assert contrast_limits_to_window(*ct.contrast_limits) == (500, 10)
+    ev.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(gen)
+    widget.mouse_wl.value = False
+    assert widget._drag_window_level not in ct_viewer.mouse_drag_callbacks
+    assert ct_viewer.camera.mouse_pan is True
+
+
+def test_radiological_orientation_follows_dims_order(ct_viewer, widget):
+    assert ct_viewer.camera.orientation2d[0] == "down"
+    ct_viewer.dims.order = (1, 0, 2)  # coronal in the main canvas
+    assert ct_viewer.camera.orientation2d[0] == "up"
+    ct_viewer.dims.order = (0, 1, 2)
+    assert ct_viewer.camera.orientation2d[0] == "down"
+
+
+def test_three_views_linked_to_the_main_cursor(ct_viewer, widget):
+    assert widget.toggle_three_views() is True
+    views = widget._three_views
+    cor, sag = views.models["coronal"], views.models["sagittal"]
+    assert [ly.name for ly in cor.layers] == ["ct", "labels"]
+    assert tuple(cor.dims.displayed) == (0, 2) and tuple(sag.dims.displayed) == (0, 1)
+    assert cor.camera.orientation2d == ("up", "right") and sag.camera.orientation2d == ("up", "right")
+    assert cor.layers["ct"].data is ct_viewer.layers["ct"].data  # shared, not copied
+    # moving the main viewer's cursor moves the slices of both views
+    ct_viewer.dims.set_point(1, -30.0 - 1.5 * 10)  # world y (posterior, mm)
+    ct_viewer.dims.set_point(2, -20.0 - 1.5 * 7)
+    assert cor.dims.point[1] == pytest.approx(ct_viewer.dims.point[1])
+    assert sag.dims.point[2] == pytest.approx(ct_viewer.dims.point[2])
+    # and a slider move in a view moves the main viewer (axial slice)
+    cor.dims.set_point(0, 100.0 + 3.0 * 4)
+    assert ct_viewer.dims.point[0] == pytest.approx(112.0)
+    # contrast follows the original layer
+    widget.apply_preset("liver")
+    assert tuple(cor.layers["ct"].contrast_limits) == (-45, 105)
+    assert widget.toggle_three_views() is False
