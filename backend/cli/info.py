@@ -1,0 +1,126 @@
+"""`difftumor info PATH`: geometry, intensities and (for label maps) the organs in an image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+MAX_LABELS = 255  # an integer image with at most this many distinct non-negative values is a label map
+SAMPLE_VOXELS = 8_000_000  # percentiles of larger images come from an evenly strided sample
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "info",
+        help="show geometry, HU range and organs of a CT or label file",
+        description=(
+            "Print size, spacing, origin, direction and intensity range of a CT or mask "
+            "(NIfTI, NRRD, MHA/MHD or a DICOM series folder). For label maps, list the organs "
+            "found with voxel counts and volumes."
+        ),
+    )
+    parser.add_argument("path", help="image file or DICOM series folder")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.set_defaults(func=handler)
+
+
+def is_label_map(array: np.ndarray) -> bool:
+    """Integer (or bool) image with few distinct non-negative values."""
+    if array.dtype == np.bool_:
+        return True
+    if not np.issubdtype(array.dtype, np.integer) or array.size == 0:
+        return False
+    lo, hi = int(array.min()), int(array.max())
+    if lo < 0 or hi > 65535:
+        return False
+    return int(np.count_nonzero(np.bincount(array.ravel()))) <= MAX_LABELS + 1
+
+
+def describe(volume) -> dict:
+    """Everything ``difftumor info`` reports, as a JSON-friendly dict."""
+    from backend.organs import detect_convention, organs_present
+    from backend.preprocess import orientation_code
+
+    g = volume.geometry
+    arr = volume.array
+    info = {
+        "path": str(volume.path) if volume.path else None,
+        **g.to_dict(),
+        "orientation": orientation_code(g),
+        "extent_mm": [round(n * s, 3) for n, s in zip(g.size, g.spacing)],
+        "dtype": str(arr.dtype),
+    }
+    if is_label_map(arr):
+        counts = np.bincount(arr.ravel().astype(np.int64))
+        convention = detect_convention(np.flatnonzero(counts))
+        found = organs_present(volume, convention=convention)
+        named_ids = _named_ids(convention)
+        info["kind"] = "label map"
+        info["convention"] = convention
+        info["organs"] = {
+            name: {"label": named_ids[name], "voxels": n, "volume_ml": round(n * g.voxel_volume_ml, 2)}
+            for name, n in found.items()
+        }
+        info["other_labels"] = [int(i) for i in np.flatnonzero(counts) if i != 0 and int(i) not in named_ids.values()]
+    else:
+        flat = arr.ravel()
+        if flat.size > SAMPLE_VOXELS:
+            flat = flat[:: int(np.ceil(flat.size / SAMPLE_VOXELS))]
+        pct = np.percentile(flat, [1, 5, 50, 95, 99])
+        info["kind"] = "image"
+        info["min"], info["max"] = _num(arr.min()), _num(arr.max())
+        info["mean"] = round(float(arr.mean(dtype=np.float64)), 2)
+        info["percentiles"] = {f"p{p}": round(float(v), 2) for p, v in zip((1, 5, 50, 95, 99), pct)}
+    return info
+
+
+def _named_ids(convention: str) -> dict[str, int]:
+    from backend.organs import MSD_LABELS, TOTALSEG_IDS
+
+    return {name: i for i, name in MSD_LABELS.items()} if convention == "msd" else dict(TOTALSEG_IDS)
+
+
+def _num(v):
+    return int(v) if np.issubdtype(type(v), np.integer) else round(float(v), 3)
+
+
+def _vec(values, fmt="{:.6g}") -> str:
+    return "(" + ", ".join(fmt.format(v) for v in values) + ")"
+
+
+def format_text(info: dict) -> str:
+    d = np.reshape(info["direction"], (3, 3))
+    rows = "; ".join(" ".join(f"{v:.6g}" for v in row) for row in d)
+    lines = [
+        f"File:        {info['path']}",
+        f"Size:        {' x '.join(map(str, info['size']))} voxels (x, y, z)",
+        f"Spacing:     {_vec(info['spacing'])} mm",
+        f"Origin:      {_vec(info['origin'])} mm (LPS)",
+        f"Direction:   [{rows}]  (axes point {info['orientation']})",
+        f"Extent:      {_vec(info['extent_mm'])} mm",
+        f"Type:        {info['dtype']} ({info['kind']})",
+    ]
+    if info["kind"] == "image":
+        p = info["percentiles"]
+        lines.append(f"Range:       min {info['min']}, max {info['max']}, mean {info['mean']}")
+        lines.append("Percentiles: " + ", ".join(f"{k} {v:g}" for k, v in p.items()))
+    else:
+        conv = {"msd": "MSD/LiTS/KiTS (1 organ, 2 tumor)", "totalseg": "TotalSegmentator v2 ids"}[info["convention"]]
+        lines.append(f"Labels:      {conv}")
+        if not info["organs"]:
+            lines.append("Organs:      none of the known organs")
+        for name, o in info["organs"].items():
+            lines.append(f"  {name:<20} label {o['label']:>3}: {o['voxels']:>9} voxels, {o['volume_ml']:>9.1f} mL")
+        if info["other_labels"]:
+            lines.append(f"Other ids:   {', '.join(map(str, info['other_labels']))}")
+    return "\n".join(lines)
+
+
+def handler(args: argparse.Namespace) -> int:
+    from backend.io import read_image
+
+    info = describe(read_image(args.path))
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0

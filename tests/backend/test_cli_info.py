@@ -1,0 +1,68 @@
+"""`difftumor info`: geometry, HU range, organs; one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import SimpleITK as sitk
+
+from backend.cli import main
+from backend.io import Geometry, write_image
+
+
+def test_info_real_ct(totalseg_ct, capsys):
+    assert main(["info", str(totalseg_ct)]) == 0
+    out = capsys.readouterr().out
+    assert "122 x 101 x 30 voxels" in out
+    assert "Spacing:     (3, 3, 3) mm" in out
+    assert "Origin:      (177.956, -11.319, 94.3018) mm" in out
+    assert "Direction:   [-1 0 0; 0 -1 0; 0 0 1]" in out
+    assert "int16 (image)" in out
+    assert "min -1100, max 1207" in out and "p50" in out
+    assert "Labels" not in out
+
+
+def test_info_real_seg_lists_organs(totalseg_seg, capsys):
+    assert main(["info", str(totalseg_seg)]) == 0
+    out = capsys.readouterr().out
+    assert "uint8 (label map)" in out and "TotalSegmentator" in out
+    for organ in ("spleen", "kidney_right", "kidney_left", "liver", "pancreas"):
+        assert organ in out
+    assert "liver                label   5:     38634 voxels,    1043.1 mL" in out
+
+
+def test_info_json_msd_map(tmp_path, capsys):
+    g = Geometry((6, 5, 4), (2.0, 2.0, 2.5), (0, 0, 0))
+    lab = np.zeros(g.shape, np.uint8)
+    lab[1:3, 1:4, 1:4] = 1
+    lab[2, 2, 2] = 2
+    p = write_image(lab, tmp_path / "liver_1.nii.gz", g)
+    assert main(["info", "--json", str(p)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["convention"] == "msd"
+    assert info["organs"]["organ"] == {"label": 1, "voxels": 17, "volume_ml": 0.17}
+    assert info["organs"]["tumor"]["voxels"] == 1
+    assert info["spacing"] == [2.0, 2.0, 2.5]
+
+
+def test_info_bad_inputs_exit_2_one_line(tmp_path, capsys):
+    corrupt = tmp_path / "x.nii.gz"
+    corrupt.write_bytes(b"not an image at all" * 20)
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkInt16), str(flat))
+    four = tmp_path / "four.nii.gz"
+    sitk.WriteImage(sitk.Image([4, 4, 4, 2], sitk.sitkInt16), str(four))
+    stamps = {p: (p.read_bytes(), os.stat(p).st_mtime_ns) for p in (corrupt, flat, four)}
+    for path, problem in (
+        (corrupt, "cannot read"),
+        (flat, "image is 2D"),
+        (four, "image is 4D"),
+        (tmp_path / "missing.nii.gz", "no such file"),
+    ):
+        assert main(["info", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"difftumor: error: {path}: ") and problem in err
+        assert "\n" not in err and "Traceback" not in err
+    assert stamps == {p: (p.read_bytes(), os.stat(p).st_mtime_ns) for p in stamps}
