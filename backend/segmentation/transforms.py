@@ -1,0 +1,193 @@
+"""On-the-fly tumour synthesis as a MONAI map transform, plus the label mapping used in training.
+
+:class:`RandTumorSynthesisd` works on model-space crops after the usual MONAI transforms: ``image``
+(1, X, Y, Z) in [0, 1] (HU window [-175, 250], RAS, 1 mm) and ``label`` (1, X, Y, Z) with
+0 background / 1 organ / 2 tumour. For a healthy case (``data[healthy_key]`` true), with
+probability ``prob`` it draws a stage (early / mid / large with ``stage_probs``; early splits
+tiny/small 0.5/0.5 as in the release), draws tumour masks with the release's generator
+(:func:`backend.synthesis.masks.generate_tumor_mask`) inside the crop's organ, and inserts them
+
+* ``method="model-based"``: :func:`backend.synthesis.model_based.synthesize_model_based` (no weights);
+* ``method="diffusion"``: the released latent diffusion on the crop
+  (:func:`backend.synthesis.diffusion_crop.iter_synthesize_crop` with the engine's
+  :meth:`~backend.synthesis.engine.SynthesisEngine.stage_models`) and the release's blend
+  (pancreas: the whole crop becomes the reconstruction, as released).
+
+The tumour voxels get label 2. Real-tumour cases pass unchanged. ``weights_organ`` selects whose
+diffusion weights are used (cross-organ setting: liver weights in pancreas crops). The transform
+seeds like every MONAI transform (``set_random_state``); engines are created lazily in each worker.
+``data["synthetic"]`` is set to 1 when a tumour was inserted, else 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, RandomizableTransform
+
+from backend.errors import DiffTumorError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("model-based", "diffusion")
+STAGES = ("early", "mid", "large")
+STAGE_SIZES = {"mid": "medium", "large": "large"}  # early -> tiny/small 0.5/0.5
+
+
+def _as_bool(v) -> bool:
+    if torch.is_tensor(v) or isinstance(v, np.ndarray):
+        return bool(np.asarray(v).reshape(-1)[0]) if np.asarray(v).size else False
+    return bool(v)
+
+
+class RandTumorSynthesisd(RandomizableTransform, MapTransform):
+    """Insert synthetic tumours into healthy model-space crops (see the module docstring)."""
+
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        prob: float = 0.5,
+        stage_probs: Sequence[float] = (0.8, 0.1, 0.1),
+        *,
+        organ: str = "liver",
+        method: str = "model-based",
+        weights_dir: str | None = None,
+        weights_organ: str | None = None,
+        healthy_key: str = "healthy",
+        organ_label: int = 1,
+        tumor_label: int = 2,
+        device: str = "cpu",
+        allow_missing_keys: bool = False,
+    ):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if len(self.keys) != 2:
+            raise ValueError(f"keys must name the image and the label, got {self.keys}")
+        if method not in METHODS:
+            raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+        probs = np.asarray(stage_probs, dtype=float)
+        if probs.shape != (3,) or (probs < 0).any() or not np.isclose(probs.sum(), 1.0):
+            raise ValueError(f"stage_probs must be 3 non-negative numbers (early, mid, large) summing to 1, got {stage_probs}")
+        from backend.organs import parse_organ
+
+        self.organ = parse_organ(organ)
+        self.weights_organ = parse_organ(weights_organ) if weights_organ else self.organ
+        self.method, self.weights_dir, self.device = method, weights_dir, device
+        self.stage_probs = probs
+        self.healthy_key, self.organ_label, self.tumor_label = healthy_key, organ_label, tumor_label
+        self._engine = None  # created lazily (once per worker process)
+
+    # ------------------------------------------------------------------------------ randomness
+    def randomize(self, data=None) -> None:
+        super().randomize(None)  # sets self._do_transform with probability prob
+        self._stage = STAGES[int(self.R.choice(3, p=self.stage_probs))]
+        self._size = ("tiny" if self.R.rand() < 0.5 else "small") if self._stage == "early" else STAGE_SIZES[self._stage]
+        self._seed = int(self.R.randint(0, 2**31 - 1))
+
+    # ------------------------------------------------------------------------------- synthesis
+    def _engine_for_diffusion(self):
+        if self._engine is None:
+            from backend.synthesis.engine import SynthesisEngine
+
+            self._engine = SynthesisEngine(self.weights_dir, device=self.device)
+            stage = "early" if self._stage == "early" else "mid_late"
+            ok, why = self._engine.diffusion_available(self.weights_organ, stage)
+            if not ok:
+                raise DiffTumorError(f"synthesis.method=diffusion: {why}")
+        return self._engine
+
+    def synthesize(self, image01: np.ndarray, organ: np.ndarray, tumor: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """New [0, 1] crop (X, Y, Z) with the tumour ``tumor`` inserted."""
+        from backend.synthesis import blend
+
+        if self.method == "model-based":
+            from backend.synthesis.model_based import synthesize_model_based
+
+            hu = blend.from_01(image01)
+            new_hu, support, _ = synthesize_model_based(hu, (1.0, 1.0, 1.0), organ, tumor, rng=rng)
+            out = np.array(image01, dtype=np.float32, copy=True)
+            out[support] = blend.hu_to_01(new_hu[support])  # voxels outside the blend stay bit-identical
+            return out
+        from backend.synthesis.diffusion_crop import iter_synthesize_crop, run
+
+        engine = self._engine_for_diffusion()
+        stage = "early" if self._stage == "early" else "mid_late"
+        models = engine.stage_models(self.weights_organ, stage)
+        m = tumor.astype(np.float32)
+        gen = torch.Generator().manual_seed(self._seed)
+        decoded = run(iter_synthesize_crop(image01 * 2.0 - 1.0, m, models, device=engine.device, generator=gen))
+        if blend.uses_blend(self.organ):
+            m_blur = blend.blur_mask(m, blend.draw_sigma(rng))
+            return blend.blend01(image01, m_blur, decoded)
+        return ((decoded + 1.0) / 2.0).astype(np.float32)  # pancreas, as released: the whole crop
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize()
+        d["synthetic"] = torch.tensor(0, dtype=torch.uint8)
+        if not self._do_transform or not _as_bool(d.get(self.healthy_key, False)):
+            return d
+        img_key, lab_key = self.keys
+        image, label = d[img_key], d[lab_key]
+        lab = np.asarray(label.detach().cpu() if torch.is_tensor(label) else label)
+        organ = lab[0] == self.organ_label
+        from backend.synthesis.masks import generate_tumor_mask
+
+        rng = np.random.default_rng(self._seed)
+        try:
+            tumor, _ = generate_tumor_mask(organ, self.organ, size=self._size, rng=rng)
+        except DiffTumorError:  # the crop holds too little organ for this size: no tumour in this draw
+            log.debug("crop has %d organ voxels, too few for a %s tumour; left unchanged", int(organ.sum()), self._size)
+            return d
+        img = np.asarray(image.detach().cpu() if torch.is_tensor(image) else image, dtype=np.float32)
+        new = self.synthesize(img[0], organ, tumor, rng)
+        img = img.copy()
+        img[0] = new
+        lab = lab.copy()
+        lab[0][tumor] = self.tumor_label
+        d[img_key] = _like(image, img)
+        d[lab_key] = _like(label, lab)
+        d["synthetic"] = torch.tensor(1, dtype=torch.uint8)
+        return d
+
+
+def _like(ref, arr: np.ndarray):
+    """``arr`` as the type of ``ref`` (MetaTensor keeps its meta data)."""
+    if torch.is_tensor(ref):
+        out = ref.clone()
+        out.copy_(torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype))
+        return out
+    return arr.astype(ref.dtype, copy=False)
+
+
+class MapLabelsd(MapTransform):
+    """Raw dataset labels -> 0 background / 1 organ / 2 tumour.
+
+    ``organ_values`` and ``tumor_values`` list the raw values of the organ and of its tumours
+    (e.g. MSD liver: [1] and [2]; KiTS: [1] and [2] (+ cyst 3 as tumour or organ, your choice);
+    TotalSegmentator liver: [5] and []). Every other value becomes background.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", organ_values=(1,), tumor_values=(2,), allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.organ_values, self.tumor_values = tuple(organ_values), tuple(tumor_values)
+        if set(self.organ_values) & set(self.tumor_values):
+            raise ValueError(f"organ values {self.organ_values} and tumour values {self.tumor_values} overlap")
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            raw = d[key]
+            t = raw if torch.is_tensor(raw) else torch.as_tensor(np.asarray(raw))
+            out = torch.zeros_like(t)
+            if self.organ_values:
+                out[torch.isin(t, torch.tensor(self.organ_values, dtype=t.dtype))] = 1
+            if self.tumor_values:
+                out[torch.isin(t, torch.tensor(self.tumor_values, dtype=t.dtype))] = 2
+            d[key] = out
+        return d

@@ -1,0 +1,108 @@
+"""RandTumorSynthesisd (on-the-fly synthesis) and MapLabelsd."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from monai.data import MetaTensor
+from monai.transforms import Compose
+
+from backend.errors import DiffTumorError
+from backend.segmentation.transforms import MapLabelsd, RandTumorSynthesisd
+
+
+def _sample(healthy=1, size=64):
+    rng = np.random.default_rng(0)
+    img = MetaTensor(torch.from_numpy(0.52 + 0.02 * rng.standard_normal((1, size, size, size)).astype(np.float32)))
+    lab = torch.zeros((1, size, size, size), dtype=torch.uint8)
+    lab[0, 8:56, 8:56, 8:56] = 1
+    return {"image": img, "label": MetaTensor(lab), "healthy": torch.tensor(healthy)}
+
+
+def test_healthy_crop_gets_a_tumour_inside_the_organ_and_label_2():
+    t = RandTumorSynthesisd(prob=1.0, organ="liver")
+    t.set_random_state(3)
+    data = _sample()
+    out = t(data)
+    tumour = out["label"][0] == 2
+    assert out["synthetic"].item() == 1 and tumour.any()
+    assert bool((data["label"][0][tumour] == 1).all())  # liver tumours stay inside the organ
+    changed = (out["image"] != data["image"])[0].numpy()
+    near = ndimage.binary_dilation(tumour.numpy(), np.ones((3, 3, 3), bool), iterations=7)  # edge blur reach
+    assert changed[tumour.numpy()].any() and not changed[~near].any()
+    assert float(out["image"][0][tumour].mean()) < float(data["image"][0][tumour].mean())  # hypo-attenuating
+    assert 0.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
+    assert isinstance(out["image"], MetaTensor) and out["image"].dtype == torch.float32
+    assert data["label"].max() == 1  # input untouched
+
+
+def test_real_tumour_cases_and_prob_zero_pass_unchanged():
+    t = RandTumorSynthesisd(prob=1.0)
+    data = _sample(healthy=0)
+    out = t(data)
+    assert out["image"] is data["image"] and out["synthetic"].item() == 0
+    t0 = RandTumorSynthesisd(prob=0.0)
+    out = t0(_sample())
+    assert out["synthetic"].item() == 0 and int(out["label"].max()) == 1
+
+
+def test_seeded_like_other_monai_transforms():
+    def run(seed):
+        c = Compose([RandTumorSynthesisd(prob=0.5)]).set_random_state(seed)
+        return [c(_sample()) for _ in range(4)]
+
+    a, b = run(7), run(7)
+    for x, y in zip(a, b):
+        assert torch.equal(x["label"], y["label"]) and torch.equal(x["image"], y["image"])
+    assert any(not torch.equal(x["label"], z["label"]) for x, z in zip(a, run(8)))
+
+
+def test_stage_probabilities_pick_the_size_classes():
+    t = RandTumorSynthesisd(prob=1.0, stage_probs=(0.0, 0.0, 1.0))
+    t.set_random_state(0)
+    t.randomize()
+    assert t._size == "large"
+    t = RandTumorSynthesisd(prob=1.0, stage_probs=(1.0, 0.0, 0.0)).set_random_state(0)
+    sizes = set()
+    for _ in range(20):
+        t.randomize()
+        sizes.add(t._size)
+    assert sizes == {"tiny", "small"}
+
+
+def test_crop_without_enough_organ_is_left_unchanged():
+    t = RandTumorSynthesisd(prob=1.0, stage_probs=(0, 0, 1))
+    data = _sample()
+    data["label"] = MetaTensor(torch.zeros_like(data["label"]))
+    data["label"][0, 30:33, 30:33, 30:33] = 1
+    out = t(data)
+    assert out["synthetic"].item() == 0 and torch.equal(out["image"], data["image"])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="stage_probs"):
+        RandTumorSynthesisd(stage_probs=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="method"):
+        RandTumorSynthesisd(method="gan")
+    with pytest.raises(DiffTumorError):
+        RandTumorSynthesisd(organ="brain")
+
+
+def test_diffusion_without_weights_is_one_clear_error(tmp_path):
+    t = RandTumorSynthesisd(prob=1.0, method="diffusion", weights_dir=str(tmp_path), organ="pancreas",
+                            weights_organ="liver")
+    assert t.weights_organ == "liver" and t.organ == "pancreas"
+    with pytest.raises(DiffTumorError, match="diffusion"):
+        t(_sample())
+
+
+def test_map_labels():
+    raw = MetaTensor(torch.tensor([[[0, 1, 2, 3, 5]]]))
+    out = MapLabelsd(organ_values=(1, 3), tumor_values=(2,))({"label": raw})["label"]
+    assert out.tolist() == [[[0, 1, 2, 1, 0]]]
+    out = MapLabelsd(organ_values=(5,), tumor_values=())({"label": raw})["label"]
+    assert out.tolist() == [[[0, 0, 0, 0, 1]]]
+    with pytest.raises(ValueError, match="overlap"):
+        MapLabelsd(organ_values=(1,), tumor_values=(1,))
