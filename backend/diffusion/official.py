@@ -1,0 +1,205 @@
+"""Reading and writing diffusion checkpoints in the released layout (``{organ}_{early,noearly}.pt``).
+
+A released file is a plain dict ``{"step", "model", "ema", "scaler"}``; ``model``/``ema`` hold 466
+entries: the 12 schedule buffers, 300 ``denoise_fn.*`` (the :class:`~backend.diffusion.unet.Unet3D`) and
+154 ``vqgan.*`` (a full copy of the autoencoder). The ``ema`` weights are the ones to use. Files written
+by ``difftumor train diffusion`` have the same layout plus a ``difftumor`` entry with the model arguments,
+so they work wherever the released files do (and the released loader ignores the extra entry).
+
+Loading is safe (``torch.load(weights_only=True)``), CPU-mapped (the released tensors are tagged
+``cuda:0``) and strict on the denoiser; every problem is one :class:`DiffTumorError` line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from backend.diffusion.ddim import DDIMScheduler
+from backend.diffusion.ddpm import DDPMScheduler
+from backend.diffusion.schedule import SCHEDULE_BUFFER_NAMES, schedule_mismatch, timesteps_of
+from backend.diffusion.unet import Unet3D, Unet3DConfig
+from backend.errors import DiffTumorError
+
+UNET_PREFIX = "denoise_fn."
+VQGAN_PREFIX = "vqgan."
+VQGAN_KEY_COUNT = 154  # full released VQGAN state dict (inference part + discriminators + LPIPS)
+
+
+class DiffusionCheckpoint(NamedTuple):
+    """A loaded diffusion file; unpacks as ``(unet, timesteps, vqgan_state)``."""
+
+    unet: Unet3D  # in eval mode
+    timesteps: int  # T: 4 for early tumours, 200 for mid/late in the release
+    vqgan_state: dict[str, torch.Tensor] | None  # embedded autoencoder (prefix stripped), None if absent
+    schedule: dict[str, torch.Tensor]  # the 12 stored schedule buffers
+    step: int | None
+    path: Path
+
+    def ddpm_scheduler(self, **kwargs) -> DDPMScheduler:
+        """Ancestral sampler over this model's T steps (released early-tumour sampler)."""
+        return DDPMScheduler(self.timesteps, **kwargs)
+
+    def ddim_scheduler(self, num_inference_steps: int = 50, *, eta: float = 0.0, **kwargs) -> DDIMScheduler:
+        """DDIM sampler (released mid/late-tumour sampler: 50 steps, eta 0)."""
+        return DDIMScheduler(self.timesteps, num_inference_steps=num_inference_steps, eta=eta, **kwargs)
+
+
+def _config_from_state(sd: Mapping[str, torch.Tensor], stored: Mapping | None) -> Unet3DConfig:
+    """Model arguments: stored ones when the file has them, else inferred from the tensor shapes."""
+    if stored:
+        return Unet3DConfig(**stored)
+    init = sd["init_conv.weight"]  # (dim, channels, 1, k, k)
+    dim, channels, kernel = init.shape[0], init.shape[1], init.shape[-1]
+    mults = []
+    i = 0
+    while f"downs.{i}.0.block1.proj.weight" in sd:
+        mults.append(sd[f"downs.{i}.0.block1.proj.weight"].shape[0] // dim)
+        i += 1
+    heads = sd["time_rel_pos_bias.relative_attention_bias.weight"].shape[1]
+    buckets = sd["time_rel_pos_bias.relative_attention_bias.weight"].shape[0]
+    dim_head = sd["init_temporal_attn.fn.fn.fn.to_qkv.weight"].shape[0] // 3 // heads
+    rotary = sd["init_temporal_attn.fn.fn.fn.rotary_emb.freqs"].shape[0] * 2
+    return Unet3DConfig(
+        dim=dim,
+        dim_mults=tuple(mults),
+        channels=channels,
+        out_dim=sd["final_conv.1.weight"].shape[0],
+        attn_heads=heads,
+        attn_dim_head=dim_head,
+        init_kernel_size=kernel,
+        use_sparse_linear_attn="downs.0.2.fn.fn.to_qkv.weight" in sd,
+        rel_pos_buckets=buckets,
+        rotary_dim=rotary,
+    )
+
+
+def load_diffusion(
+    path: str | os.PathLike,
+    *,
+    use_ema: bool = True,
+    timesteps: int | None = None,
+    latent_channels: int | None = None,
+) -> DiffusionCheckpoint:
+    """Load a released-layout diffusion file strictly and safely.
+
+    ``timesteps`` / ``latent_channels``, when given, are what the caller expects (e.g. 4 for an early
+    model, 8 for the official autoencoder); a file that disagrees is rejected with one clear line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DiffTumorError(f"{path}: diffusion checkpoint not found")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DiffTumorError(f"{path}: not a readable diffusion checkpoint ({first})") from None
+    which = "ema" if use_ema else "model"
+    if not isinstance(blob, Mapping) or not isinstance(blob.get(which), Mapping):
+        keys = ", ".join(map(str, blob.keys())) if isinstance(blob, Mapping) else type(blob).__name__
+        raise DiffTumorError(f"{path}: expected a dict with a '{which}' state dict (found: {keys})")
+    state: Mapping[str, torch.Tensor] = blob[which]
+
+    schedule = {k: state[k] for k in SCHEDULE_BUFFER_NAMES if k in state}
+    problem = schedule_mismatch(schedule)
+    if problem:
+        raise DiffTumorError(f"{path}: schedule buffers are not a cosine schedule: {problem}")
+    T = timesteps_of(schedule)
+    if timesteps is not None and T != timesteps:
+        raise DiffTumorError(f"{path}: model has T = {T} diffusion steps, expected T = {timesteps}")
+
+    unet_sd = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    vq_sd = {k[len(VQGAN_PREFIX):]: v for k, v in state.items() if k.startswith(VQGAN_PREFIX)}
+    other = [k for k in state if k not in schedule and not k.startswith((UNET_PREFIX, VQGAN_PREFIX))]
+    if other:
+        raise DiffTumorError(f"{path}: unexpected entries in '{which}': {', '.join(other[:5])}")
+    if not unet_sd:
+        raise DiffTumorError(f"{path}: no '{UNET_PREFIX}*' denoiser weights in '{which}'")
+    stored_cfg = blob.get("difftumor", {}).get("unet") if isinstance(blob.get("difftumor"), Mapping) else None
+    try:
+        cfg = _config_from_state(unet_sd, stored_cfg)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DiffTumorError(f"{path}: cannot read the denoiser architecture ({exc})") from None
+    if latent_channels is not None and (cfg.out_dim != latent_channels or cfg.channels != 2 * latent_channels + 1):
+        raise DiffTumorError(
+            f"{path}: denoiser has {cfg.channels} input / {cfg.out_dim} output channels, expected "
+            f"{2 * latent_channels + 1} / {latent_channels} for a {latent_channels}-channel autoencoder"
+        )
+    unet = Unet3D(cfg)
+    result = unet.load_state_dict(unet_sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        bad = (result.missing_keys + result.unexpected_keys)[:3]
+        raise DiffTumorError(
+            f"{path}: denoiser weights do not match the Unet3D layout "
+            f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, e.g. {', '.join(bad)})"
+        )
+    if vq_sd and len(vq_sd) != VQGAN_KEY_COUNT and "codebook.embeddings" not in vq_sd:
+        raise DiffTumorError(f"{path}: embedded autoencoder has {len(vq_sd)} entries and no codebook")
+    step = blob.get("step")
+    return DiffusionCheckpoint(
+        unet=unet.eval(),
+        timesteps=T,
+        vqgan_state=vq_sd or None,
+        schedule={k: v.clone() for k, v in schedule.items()},
+        step=int(step) if isinstance(step, int) else None,
+        path=path,
+    )
+
+
+def same_state(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor] | torch.nn.Module) -> bool:
+    """True when ``b`` (a state dict or module) holds exactly the tensors of ``a`` for every key of ``b``.
+
+    Use it to keep one autoencoder in memory when a diffusion file embeds the standalone weights:
+    ``same_state(ckpt.vqgan_state, vqgan)`` compares the module's full state dict key by key.
+    """
+    other = b.state_dict() if isinstance(b, torch.nn.Module) else b
+    if not other or any(k not in a for k in other):
+        return False
+    for k, v in other.items():
+        w = a[k]
+        if w.shape != v.shape or w.dtype != v.dtype or not torch.equal(w.cpu(), v.detach().cpu()):
+            return False
+    return True
+
+
+def official_state_dict(unet: Unet3D, scheduler, vqgan_state: Mapping[str, torch.Tensor] | None) -> OrderedDict:
+    """A released-layout GaussianDiffusion state dict: schedule buffers, ``denoise_fn.*``, ``vqgan.*``."""
+    sd: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name in SCHEDULE_BUFFER_NAMES:
+        sd[name] = getattr(scheduler, name).detach().cpu().clone()
+    for k, v in unet.state_dict().items():
+        sd[UNET_PREFIX + k] = v.detach().cpu().clone()
+    for k, v in (vqgan_state or {}).items():
+        sd[VQGAN_PREFIX + k] = v.detach().cpu().clone()
+    return sd
+
+
+def save_official(
+    path: str | os.PathLike,
+    *,
+    model: Unet3D,
+    ema: Unet3D,
+    scheduler,
+    vqgan_state: Mapping[str, torch.Tensor] | None,
+    step: int,
+    extra: Mapping | None = None,
+) -> Path:
+    """Write ``{step, model, ema, scaler, difftumor}`` atomically in the released layout."""
+    path = Path(path)
+    blob = {
+        "step": int(step),
+        "model": official_state_dict(model, scheduler, vqgan_state),
+        "ema": official_state_dict(ema, scheduler, vqgan_state),
+        "scaler": {},
+        "difftumor": {"unet": ema.config.to_dict(), "timesteps": scheduler.num_train_timesteps, **(extra or {})},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return path
