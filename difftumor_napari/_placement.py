@@ -41,6 +41,35 @@ def tumor_layer_metadata(ct_layer, kind: str = "tumor") -> dict:
     return {"difftumor": info}
 
 
+def ct_image_layers(viewer) -> list:
+    """3D single-channel image layers, the most CT-like first (synthetic results last)."""
+    from napari.layers import Image
+
+    layers = [ly for ly in viewer.layers if isinstance(ly, Image) and not ly.rgb and ly.ndim == 3
+              and ly.metadata.get("difftumor", {}).get("kind") not in ("difference", "intermediate")]
+    best = pl.pick_ct_layer([ly for ly in layers if ly.metadata.get("difftumor", {}).get("kind") != "synthetic"])
+    layers.sort(key=lambda ly: (ly is not best, ly.metadata.get("difftumor", {}).get("kind") == "synthetic"))
+    return layers
+
+
+def organ_label_layers(viewer) -> list:
+    """Labels layers that are not tumour masks, those holding organ ids first."""
+    from napari.layers import Labels
+
+    layers = [ly for ly in viewer.layers if isinstance(ly, Labels) and ly.name != TUMOR_LAYER
+              and ly.metadata.get("difftumor", {}).get("kind") not in ("tumor", "synthetic")]
+    best = pl.pick_organ_layer(layers)
+    layers.sort(key=lambda ly: ly is not best)
+    return layers
+
+
+def select_first(box: ComboBox, previous) -> None:
+    """After ``reset_choices``: keep ``previous`` if still offered, else take the first real choice."""
+    options = [c for c in box.choices if c is not None]
+    if (previous is None or previous not in options) and options:
+        box.value = options[0]
+
+
 class PlacementWidget(Container):
     """Dock widget: choose CT + organ labels + organ, then click (or randomise) to place tumours."""
 
@@ -89,29 +118,16 @@ class PlacementWidget(Container):
 
     # -- choices ----------------------------------------------------------------------------------
     def _image_choices(self, widget=None):
-        from napari.layers import Image
-
-        layers = [ly for ly in self._viewer.layers if isinstance(ly, Image) and not ly.rgb and ly.ndim == 3]
-        best = pl.pick_ct_layer(layers)
-        layers.sort(key=lambda ly: ly is not best)
-        return [(ly.name, ly) for ly in layers]
+        return [(ly.name, ly) for ly in ct_image_layers(self._viewer)]
 
     def _labels_choices(self, widget=None):
-        from napari.layers import Labels
-
-        layers = [ly for ly in self._viewer.layers if isinstance(ly, Labels) and ly.name != TUMOR_LAYER
-                  and ly.metadata.get("difftumor", {}).get("kind") not in ("tumor", "synthetic")]
-        best = pl.pick_organ_layer(layers)
-        layers.sort(key=lambda ly: ly is not best)
-        return [(ly.name, ly) for ly in layers]
+        return [(ly.name, ly) for ly in organ_label_layers(self._viewer)]
 
     def _on_layers_changed(self, event=None) -> None:
         ct, organs = self.ct_layer.value, self.organ_layer.value
         self.reset_choices()
-        for box, old in ((self.ct_layer, ct), (self.organ_layer, organs)):
-            options = [c for c in box.choices if c is not None]
-            if (old is None or old not in options) and options:
-                box.value = options[0]
+        select_first(self.ct_layer, ct)
+        select_first(self.organ_layer, organs)
 
     def _on_organ_layer(self, _=None) -> None:
         layer = self.organ_layer.value
@@ -241,6 +257,7 @@ class PlacementWidget(Container):
         return self.history.params()
 
     def _after_edit(self, layer, message: str) -> None:
+        layer.metadata.setdefault("difftumor", {})["placements"] = self.history.params()  # provenance
         layer.refresh()
         layer.events.paint(value=[])  # linked views (three views) refresh on paint events
         self._viewer.layers.selection.active = layer

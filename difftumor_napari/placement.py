@@ -299,16 +299,14 @@ def random_tumors(geometry: "Geometry", organ: np.ndarray, organ_name: str, *, s
     return shapes, params
 
 
-def tumor_stage(labels: np.ndarray, spacing_zyx: Sequence[float]) -> str:
-    """'early' when every tumour's largest diameter is below 20 mm (tiny/small classes), else 'mid_late'."""
-    from scipy import ndimage
-
+def tumor_stages(labels: np.ndarray, geometry: "Geometry") -> list[str]:
+    """The stage the engine will choose for each tumour group: 'early' below 20 mm, else 'mid_late'."""
+    from backend.synthesis.engine import EARLY_MAX_DIAMETER_MM, group_components
     from backend.synthesis.masks import largest_diameter_mm
 
-    comps, n = ndimage.label(np.asarray(labels) > 0)
-    if n == 0:
+    tumor = np.asarray(labels) > 0
+    if not tumor.any():
         raise DiffTumorError("tumour mask: it is empty; place a tumour first")
-    for i in range(1, n + 1):
-        if largest_diameter_mm(comps == i, spacing_zyx) >= 20.0:
-            return "mid_late"
-    return "early"
+    spacing = geometry.spacing[::-1]
+    return ["early" if largest_diameter_mm(g, spacing) < EARLY_MAX_DIAMETER_MM else "mid_late"
+            for g in group_components(tumor, geometry)]

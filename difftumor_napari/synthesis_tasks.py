@@ -64,34 +64,28 @@ class MethodStatus:
     reason: str  # one sentence for the widget
 
 
-def method_status(requested: str, organ: str, stage: str, weights_dir: str | os.PathLike | None) -> MethodStatus:
-    """Which method runs and why: diffusion needs the weights for this organ and stage.
+def method_status(requested: str, organ: str, stages: Sequence[str], weights_dir: str | os.PathLike | None,
+                  device: str = "cpu") -> MethodStatus:
+    """Which method runs and why, as the engine will decide it (diffusion needs the weights of
+    ``organ`` for every stage in ``stages``).
 
     ``requested`` "auto" picks diffusion when the weights are there, model-based otherwise;
     "diffusion" without weights is a user error (raised); "model-based" always runs.
     """
-    from backend.weights import WEIGHT_ORGANS, WeightsFolder, weight_organ
+    from backend.synthesis.engine import SynthesisEngine
 
     if requested not in METHODS:
         raise DiffTumorError(f"method '{requested}': choose one of {', '.join(METHODS)}")
     if requested == "model-based":
         return MethodStatus("model-based", "Model-based synthesis (chosen; needs no weights)")
-    stages = ("early", "mid_late") if stage == "auto" else (stage,)
-    folder = WeightsFolder.find(weights_dir) if weights_dir else WeightsFolder.find()
-    problem = ""
-    if weight_organ(organ) not in WEIGHT_ORGANS:
-        problem = f"no diffusion weights exist for the {organ} (released organs: {', '.join(WEIGHT_ORGANS)})"
-    elif folder.root is None:
-        problem = "no weights folder is set (choose one below)"
-    else:
-        missing = sorted({m for st in stages for m in folder.missing(organ, st)})
-        if missing:
-            problem = f"weights folder {folder.root} lacks {', '.join(missing)}"
-    if not problem:
-        return MethodStatus("diffusion", f"DiffTumor diffusion (weights in {folder.root})")
+    engine = SynthesisEngine(weights_dir=weights_dir or None, device=device)
+    checks = [engine.diffusion_available(organ, st) for st in sorted(set(stages))]
+    missing = [reason for ok, reason in checks if not ok]
+    if not missing:
+        return MethodStatus("diffusion", f"DiffTumor diffusion: {checks[0][1]}")
     if requested == "diffusion":
-        raise DiffTumorError(f"diffusion: {problem}; choose the weights folder or method 'model-based'")
-    return MethodStatus("model-based", f"Model-based synthesis: {problem}")
+        raise DiffTumorError(f"diffusion: {missing[0]}; choose the weights folder or method 'model-based'")
+    return MethodStatus("model-based", f"Model-based synthesis: {missing[0]}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +137,7 @@ def engine_generator(request: SynthesisRequest):
     kwargs = dict(organ=request.organ, method=request.method, seed=int(request.seed),
                   stage=None if request.stage == "auto" else request.stage)
     if request.steps:
-        kwargs["steps"] = int(request.steps)
+        kwargs["ddim_steps"] = int(request.steps)  # mid/late DDIM steps; early tumours use the release's T = 4
     return engine.iter_synthesize(Volume(request.ct, request.geometry), np.asarray(request.organ_mask, bool),
                                   np.asarray(request.tumor_mask) > 0, **kwargs)
 
@@ -210,7 +204,10 @@ def provenance_record(outcome: SynthesisOutcome, files: dict[str, str]) -> dict:
         files=files,
     )
     prov.setdefault("method", outcome.request.method)
-    prov.setdefault("weights_sha256", {})
+    sha: dict = dict(prov.get("weights_sha256") or {})
+    for t in prov.get("tumours", []):
+        sha.update(t.get("weights_sha256") or {})
+    prov["weights_sha256"] = sha  # empty for the model-based method (no weights used)
     return prov
 
 

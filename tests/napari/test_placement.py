@@ -142,9 +142,9 @@ def test_stage_from_size(grid):
     labels = np.zeros(geo.shape, np.uint8)
     hist = pl.PlacementHistory()
     pl.place_ellipsoid(labels, hist, geo, organ, pl.TumorSpec((20, 25, 30), pl.size_class_radii("small")), organ_name="liver")
-    assert pl.tumor_stage(labels, geo.spacing[::-1]) == "early"
+    assert pl.tumor_stages(labels, geo) == ["early"]
     pl.place_ellipsoid(labels, hist, geo, organ, pl.TumorSpec((20, 25, 30), pl.size_class_radii("medium")), organ_name="liver")
-    assert pl.tumor_stage(labels, geo.spacing[::-1]) == "mid_late"
+    assert pl.tumor_stages(labels, geo) == ["mid_late"]
     assert pl.size_class_text("small") == "small: 12–20 mm diameter"
 
 

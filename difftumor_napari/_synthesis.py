@@ -1,0 +1,343 @@
+"""The "Synthesis" dock widget: method / weights folder / device / stage / steps / seed, a threaded run
+with progress and Cancel, before/after + difference views, and Save onto the original grid.
+
+Logic lives in :mod:`difftumor_napari.synthesis_tasks`; this module builds the layout, runs the
+task's generator in a napari ``thread_worker`` (synchronously when ``DIFFTUMOR_NAPARI_NOTHREADS=1``)
+and turns results into layers.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import (ComboBox, Container, FileEdit, Label, LineEdit, ProgressBar, PushButton,
+                              SpinBox)
+
+from difftumor_napari import synthesis_tasks as st
+from difftumor_napari._placement import (TUMOR_LAYER, ct_image_layers, notify_error, organ_label_layers,
+                                         select_first)
+from difftumor_napari import placement as pl
+
+if TYPE_CHECKING:
+    import napari
+
+RESULT_CT = "CT + synthetic tumor"
+RESULT_TUMOR = "synthetic tumor"
+DIFFERENCE = "difference (synthetic − original)"
+
+
+class SynthesisWidget(Container):
+    """Dock widget running the synthesis engine on the CT, organ and tumour-mask layers."""
+
+    def __init__(self, viewer: "napari.viewer.Viewer"):
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self.make_generator = st.engine_generator  # the engine call (tests may slow it down)
+        self.worker = None
+        self.outcome: st.SynthesisOutcome | None = None
+        self._cancel = threading.Event()
+        self._source_ct = None  # the CT layer the current result was made from
+
+        self.ct_layer = ComboBox(label="CT layer", choices=self._ct_choices, nullable=True)
+        self.organ_layer = ComboBox(label="Organ labels", choices=self._organ_choices, nullable=True)
+        self.organ = ComboBox(label="Organ", choices=list(pl.PLACEABLE_ORGANS), value="liver")
+        self.tumor_layer = ComboBox(label="Tumour mask", choices=self._tumor_choices, nullable=True)
+        self.method = ComboBox(label="Method", choices=list(st.METHODS), value="auto")
+        self.method_info = Label(value="")
+        self.weights_dir = FileEdit(label="Weights folder", mode="d", value="")
+        self.device = ComboBox(label="Device", choices=list(st.DEVICES), value="auto")
+        self.stage = ComboBox(label="Tumour stage", choices=[("auto (from size)", "auto"), ("early", "early"),
+                                                              ("mid-late", "mid_late")], value="auto")
+        self.steps = SpinBox(label="Sampling steps", min=1, max=1000, value=50,
+                             tooltip="DDIM steps for mid/late tumours; early tumours use the release's 4 steps")
+        self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
+        self.run_button = PushButton(text="Synthesize")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
+        self.progress_text = Label(value="")
+        self.before_after = PushButton(text="Before / after")
+        self.difference = PushButton(text="Difference view")
+        self.out_dir = FileEdit(label="Save to folder", mode="d", value="")
+        self.stem = LineEdit(label="File name stem", value="synthetic")
+        self.save_button = PushButton(text="Save CT, tumour mask and provenance")
+        self.status = Label(value="")
+        self.extend([self.ct_layer, self.organ_layer, self.organ, self.tumor_layer, self.method, self.method_info,
+                     self.weights_dir, self.device, self.stage, self.steps, self.seed, self.run_button,
+                     self.cancel_button, self.progress, self.progress_text, self.before_after, self.difference,
+                     self.out_dir, self.stem, self.save_button, self.status])
+
+        self._remembered_weights()
+        self.run_button.changed.connect(lambda _=None: self.run())
+        self.cancel_button.changed.connect(lambda _=None: self.cancel())
+        self.before_after.changed.connect(lambda _=None: self.toggle_before_after())
+        self.difference.changed.connect(lambda _=None: self.show_difference())
+        self.save_button.changed.connect(lambda _=None: self.save())
+        self.weights_dir.changed.connect(self._on_weights_dir)
+        for box in (self.method, self.organ, self.stage, self.tumor_layer):
+            box.changed.connect(self.update_method_info)
+        self.organ_layer.changed.connect(self._on_organ_layer)
+        for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            emitter.connect(self._on_layers_changed)
+        self._on_layers_changed()
+
+    # -- choices ----------------------------------------------------------------------------------
+    def _ct_choices(self, widget=None):
+        return [(ly.name, ly) for ly in ct_image_layers(self._viewer)
+                if ly.metadata.get("difftumor", {}).get("kind") != "synthetic"]
+
+    def _organ_choices(self, widget=None):
+        return [(ly.name, ly) for ly in organ_label_layers(self._viewer)]
+
+    def _tumor_choices(self, widget=None):
+        from napari.layers import Labels
+
+        layers = [ly for ly in self._viewer.layers if isinstance(ly, Labels)
+                  and ly.metadata.get("difftumor", {}).get("kind") != "synthetic" and ly not in organ_label_layers(self._viewer)]
+        layers.sort(key=lambda ly: ly.name != TUMOR_LAYER)
+        return [(ly.name, ly) for ly in layers]
+
+    def _on_layers_changed(self, event=None) -> None:
+        old = (self.ct_layer.value, self.organ_layer.value, self.tumor_layer.value)
+        self.reset_choices()
+        for box, prev in zip((self.ct_layer, self.organ_layer, self.tumor_layer), old):
+            select_first(box, prev)
+        self.update_method_info()
+
+    def _on_organ_layer(self, _=None) -> None:
+        layer = self.organ_layer.value
+        present = pl.organs_in_labels(layer.data) if layer is not None else []
+        if present and self.organ.value not in present:
+            self.organ.value = present[0]
+
+    # -- weights and method -----------------------------------------------------------------------
+    def _remembered_weights(self) -> None:
+        from backend.errors import DiffTumorError
+        from backend.weights import resolve_weights_dir
+
+        try:
+            folder, _source = resolve_weights_dir()
+        except DiffTumorError as exc:
+            notify_error(exc, "Weights folder")
+            folder = None
+        if folder is not None:
+            with self.weights_dir.changed.blocked():
+                self.weights_dir.value = str(folder)
+
+    def weights_folder(self) -> str | None:
+        value = str(self.weights_dir.value or "").strip()
+        return value if value not in ("", ".") else None
+
+    def _on_weights_dir(self, _=None) -> None:
+        from backend.weights import set_weights_dir
+
+        folder = self.weights_folder()
+        if folder is not None and Path(folder).is_dir():
+            try:
+                set_weights_dir(folder)  # remembered for the next session (user config)
+            except OSError as exc:
+                notify_error(exc, "Weights folder")
+        self.update_method_info()
+
+    def stages(self) -> list[str]:
+        if self.stage.value != "auto":
+            return [self.stage.value]
+        layer, ct = self.tumor_layer.value, self.ct_layer.value
+        if layer is not None and ct is not None and layer.data.shape == ct.data.shape and np.any(layer.data):
+            return pl.tumor_stages(layer.data, self.geometry())
+        return ["early", "mid_late"]
+
+    def update_method_info(self, _=None) -> st.MethodStatus | None:
+        """Say which method will run and why (diffusion only with the weights for organ + stage)."""
+        try:
+            status = st.method_status(self.method.value, self.organ.value, self.stages(), self.weights_folder())
+        except Exception as exc:  # noqa: BLE001 - shown in the label, not a popup on every change
+            self.method_info.value = st.user_message(exc, "Method")
+            return None
+        self.method_info.value = status.reason
+        return status
+
+    # -- run --------------------------------------------------------------------------------------
+    def geometry(self):
+        ct = self.ct_layer.value
+        return pl.layer_geometry(ct.data.shape, ct.scale, ct.translate, ct.metadata)
+
+    def build_request(self) -> st.SynthesisRequest:
+        from backend.errors import DiffTumorError
+
+        ct, organs, tumor = self.ct_layer.value, self.organ_layer.value, self.tumor_layer.value
+        if ct is None:
+            raise DiffTumorError("CT layer: no CT image is open; open a CT or the phantom sample first")
+        organ = pl.organ_mask(None if organs is None else organs.data, self.organ.value,
+                              name=organs.name if organs is not None else "organ labels")
+        if tumor is None:
+            raise DiffTumorError("tumour mask: no tumour mask layer; place a tumour with the Tumor placement widget first")
+        for layer, arr in ((organs, organ), (tumor, tumor.data)):
+            if np.shape(arr) != tuple(ct.data.shape):
+                raise DiffTumorError(f"{layer.name}: shape {np.shape(arr)} differs from the CT {tuple(ct.data.shape)}")
+        self.method_info.value = st.method_status(self.method.value, self.organ.value, self.stages(),
+                                                  self.weights_folder()).reason
+        placements = list(tumor.metadata.get("difftumor", {}).get("placements", []))
+        return st.SynthesisRequest(
+            ct=np.asarray(ct.data), geometry=self.geometry(), organ_mask=organ, tumor_mask=np.asarray(tumor.data) > 0,
+            organ=self.organ.value, method=self.method.value, device=self.device.value, stage=self.stage.value,
+            steps=int(self.steps.value), seed=int(self.seed.value), weights_dir=self.weights_folder(),
+            placements=placements, source=ct.metadata.get("difftumor", {}).get("source"))
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def run(self) -> bool:
+        """Start a synthesis run (threaded unless DIFFTUMOR_NAPARI_NOTHREADS=1); False if refused."""
+        if self.running:
+            return False
+        try:
+            request = self.build_request()
+        except Exception as exc:  # noqa: BLE001
+            notify_error(exc, "Synthesis")
+            return False
+        self._cancel.clear()
+        self._source_ct = self.ct_layer.value
+        gen = st.synthesis_steps(request, cancel=self._cancel, make_generator=self.make_generator)
+        self._set_running(True)
+        if st.threads_disabled():
+            try:
+                outcome = st.run_sync(gen, self._on_progress)
+            except Exception as exc:  # noqa: BLE001
+                self._on_synthesis_errored(exc)
+            else:
+                self._on_synthesis_done(outcome)
+            finally:
+                self._on_finished()
+            return True
+        from napari.qt.threading import create_worker
+
+        def _steps():
+            """Worker: runs the engine generator; never touches Qt."""
+            return (yield from gen)
+
+        worker = create_worker(_steps, _start_thread=False)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_synthesis_done)
+        worker.errored.connect(self._on_synthesis_errored)
+        worker.aborted.connect(self._on_synthesis_aborted)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        worker.start()
+        return True
+
+    def cancel(self) -> None:
+        """Stop the run at the engine's next step; nothing is added or changed."""
+        self._cancel.set()
+        if self.worker is not None:
+            self.worker.quit()
+        self.progress_text.value = "Cancelling…"
+
+    def _set_running(self, on: bool) -> None:
+        self.run_button.enabled = not on
+        self.cancel_button.enabled = on
+        if on:
+            self.progress.max, self.progress.value = 1, 0
+            self.progress_text.value = "Starting…"
+
+    def _on_progress(self, item) -> None:
+        message, done, total = item
+        self.progress.max = max(1, int(total))
+        self.progress.value = min(int(done), self.progress.max)
+        self.progress_text.value = message
+
+    def _on_synthesis_done(self, outcome: st.SynthesisOutcome) -> None:
+        self.outcome = outcome
+        self.add_result_layers(outcome)
+        prov = outcome.provenance
+        self.status.value = f"Done: {prov.get('method')} ({prov.get('method_reason', '')}), seed {prov.get('seed')}"
+
+    def _on_synthesis_errored(self, exc: BaseException) -> None:
+        notify_error(exc, "Synthesis")
+        self.status.value = st.user_message(exc, "Synthesis")
+
+    def _on_synthesis_aborted(self) -> None:
+        self.status.value = "Cancelled: nothing was changed"
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self._set_running(False)
+        if self._cancel.is_set() and self.outcome is None:
+            self.status.value = "Cancelled: nothing was changed"
+        self.progress_text.value = "" if self.outcome is None else "Finished"
+
+    # -- results ----------------------------------------------------------------------------------
+    def add_result_layers(self, outcome: st.SynthesisOutcome) -> None:
+        """'CT + synthetic tumor' (image) and 'synthetic tumor' (labels) on the CT's grid."""
+        from difftumor_napari._placement import tumor_layer_metadata
+
+        ct = self._source_ct
+        info = dict(ct.metadata.get("difftumor", {}))
+        info.update(kind="synthetic", source=None, provenance=outcome.provenance, original_layer=ct.name,
+                    organ=outcome.request.organ, intermediates=outcome.intermediates)
+        for name in (RESULT_CT, RESULT_TUMOR, DIFFERENCE):
+            if name in self._viewer.layers:
+                self._viewer.layers.remove(name)
+        self._viewer.add_image(outcome.ct, name=RESULT_CT, scale=ct.scale, translate=ct.translate,
+                               contrast_limits=ct.contrast_limits, colormap="gray", metadata={"difftumor": info})
+        meta = tumor_layer_metadata(ct, kind="synthetic")
+        meta["difftumor"].update(provenance=outcome.provenance, original_layer=ct.name, result_layer=RESULT_CT)
+        self._viewer.add_labels(np.asarray(outcome.tumor_mask).astype(np.uint8), name=RESULT_TUMOR, scale=ct.scale,
+                                translate=ct.translate, metadata=meta, opacity=0.35)
+        ct.visible = False  # "after" first; Before / after swaps
+
+    def toggle_before_after(self) -> str:
+        """Swap the visibility of the original CT and 'CT + synthetic tumor'; returns what is shown."""
+        if RESULT_CT not in self._viewer.layers or self._source_ct is None:
+            from napari.utils.notifications import show_info
+
+            show_info("Before / after: synthesize a tumour first")
+            return ""
+        after = self._viewer.layers[RESULT_CT]
+        show_after = not after.visible
+        after.visible, self._source_ct.visible = show_after, not show_after
+        self.status.value = "Showing: after (synthetic)" if show_after else "Showing: before (original)"
+        return "after" if show_after else "before"
+
+    def show_difference(self):
+        """A 'difference' layer: synthetic minus original HU, blue-white-red, symmetric window."""
+        if self.outcome is None or self._source_ct is None:
+            from napari.utils.notifications import show_info
+
+            show_info("Difference view: synthesize a tumour first")
+            return None
+        if DIFFERENCE in self._viewer.layers:
+            layer = self._viewer.layers[DIFFERENCE]
+            layer.visible = not layer.visible
+            return layer
+        ct = self._source_ct
+        diff = self.outcome.ct.astype(np.float32) - np.asarray(ct.data, np.float32)
+        lim = float(max(1.0, np.abs(diff).max()))
+        return self._viewer.add_image(diff, name=DIFFERENCE, scale=ct.scale, translate=ct.translate, colormap="bwr",
+                                      contrast_limits=(-lim, lim), opacity=0.7,
+                                      metadata={"difftumor": {"kind": "difference"}})
+
+    def save(self) -> dict | None:
+        """Write CT, tumour label (0/1/2) and provenance JSON onto the original grid."""
+        try:
+            from backend.errors import DiffTumorError
+
+            if self.outcome is None:
+                raise DiffTumorError("Save: nothing to save yet; run Synthesize first")
+            folder = str(self.out_dir.value or "").strip()
+            if folder in ("", "."):
+                raise DiffTumorError("Save to folder: choose an output folder first")
+            stem = self.stem.value.strip() or "synthetic"
+            ct = self._source_ct
+            paths = st.save_outcome(self.outcome, folder, stem, ct.metadata, scale=ct.scale, translate=ct.translate)
+        except Exception as exc:  # noqa: BLE001
+            notify_error(exc, "Save")
+            return None
+        from napari.utils.notifications import show_info
+
+        show_info(f"Saved {paths['ct'].name}, {paths['label'].name} and {paths['provenance'].name} in {folder}")
+        self.status.value = f"Saved to {folder}"
+        return paths

@@ -1,0 +1,268 @@
+"""The "Synthesis" widget: the whole flow on the phantom and on the real CT, threading, cancel, errors.
+
+Run under ``xvfb-run -a pytest``. The flow tests run synchronously (DIFFTUMOR_NAPARI_NOTHREADS=1);
+``test_event_loop_stays_responsive_during_a_threaded_run`` proves the worker keeps the GUI alive.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from backend.io import read_image
+from difftumor_napari import synthesis_tasks as st
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    import napari.utils.notifications as notifications
+
+    seen: list[str] = []
+    monkeypatch.setattr(notifications, "show_error", lambda msg: seen.append(str(msg)))
+    return seen
+
+
+@pytest.fixture
+def no_weights(monkeypatch, tmp_path):
+    """No weights folder anywhere (env, user config) -> the auto method is model-based."""
+    monkeypatch.delenv("DIFFTUMOR_WEIGHTS", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+
+
+def _widgets(viewer, qtbot):
+    from difftumor_napari._placement import PlacementWidget
+    from difftumor_napari._synthesis import SynthesisWidget
+
+    place, synth = PlacementWidget(viewer), SynthesisWidget(viewer)
+    qtbot.addWidget(place.native)
+    qtbot.addWidget(synth.native)
+    return place, synth
+
+
+def _inner_voxel(mask):
+    from scipy import ndimage
+
+    d = ndimage.distance_transform_edt(mask)
+    return tuple(int(v) for v in np.unravel_index(np.argmax(d), mask.shape))
+
+
+def _flow(viewer, qtbot, tmp_path, source_ct, organ: str):
+    """place by click -> random placement -> synthesize -> before/after -> difference -> save -> reopen."""
+    from difftumor_napari._synthesis import DIFFERENCE, RESULT_CT, RESULT_TUMOR
+
+    place, synth = _widgets(viewer, qtbot)
+    place.organ.value = organ
+    ct = place.ct_layer.value
+    mask = place.organ_mask()
+    voxel = _inner_voxel(mask)
+    assert place.place_at_world(ct.data_to_world(voxel))
+    place.random_size.value = "small"
+    assert place.place_random() == 1
+    tumor = viewer.layers["tumor mask"]
+    assert synth.tumor_layer.value is tumor and synth.ct_layer.value is ct
+    synth.organ.value = organ
+    assert synth.update_method_info().method == "model-based"
+    assert "Model-based" in synth.method_info.value and "weights" in synth.method_info.value
+    synth.seed.value = 11
+    assert synth.run()
+    out = synth.outcome
+    assert out is not None and out.provenance["method"] == "model-based"
+    assert len(out.provenance["placements"]) == 2
+    result, labels = viewer.layers[RESULT_CT], viewer.layers[RESULT_TUMOR]
+    assert result.scale == pytest.approx(ct.scale) and result.translate == pytest.approx(ct.translate)
+    assert result.metadata["difftumor"]["geometry"] == ct.metadata["difftumor"]["geometry"]
+    changed = result.data != ct.data
+    assert changed.any() and (labels.data > 0).sum() == (tumor.data > 0).sum()
+    # the tumour got darker (hypo-attenuating) and nothing far from it changed
+    assert result.data[tumor.data > 0].mean() < ct.data[tumor.data > 0].mean() - 10
+    from scipy import ndimage
+
+    near = ndimage.binary_dilation(tumor.data > 0, iterations=4)
+    assert not (changed & ~near).any()
+    # before / after and difference
+    assert synth.toggle_before_after() == "before" and ct.visible and not result.visible
+    assert synth.toggle_before_after() == "after" and result.visible and not ct.visible
+    diff = synth.show_difference()
+    assert diff.name == DIFFERENCE and float(np.abs(diff.data).max()) > 10
+    # save onto the original grid and reopen
+    synth.out_dir.value = str(tmp_path)
+    synth.stem.value = "case"
+    paths = synth.save()
+    assert paths is not None
+    original = read_image(source_ct)
+    saved_ct, saved_lab = read_image(paths["ct"]), read_image(paths["label"])
+    assert saved_ct.geometry.matches(original.geometry) and saved_lab.geometry.matches(original.geometry)
+    assert saved_ct.dtype == original.dtype
+    outside = saved_lab.array != 2
+    far = ~ndimage.binary_dilation(~outside, iterations=4)
+    np.testing.assert_array_equal(saved_ct.array[far], original.array[far])  # HU untouched away from the tumour
+    assert set(np.unique(saved_lab.array)) == {0, 1, 2}
+    prov = json.loads(paths["provenance"].read_text())
+    assert prov["method"] == "model-based" and prov["seed"] == 11 and prov["difftumor_version"]
+    assert prov["weights_sha256"] == {} and len(prov["placements"]) == 2
+    assert prov["files"] == {"ct": "case_ct.nii.gz", "label": "case_tumor.nii.gz"}
+    return synth
+
+
+def test_whole_flow_on_the_phantom(make_napari_viewer, qtbot, tmp_path, monkeypatch, errors, no_weights):
+    from backend.io import write_image
+    from backend.phantom import make_phantom
+    from difftumor_napari._reader import read_layer_data
+
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    ct, labels = make_phantom(0)[:2]
+    ct_path = write_image(ct, tmp_path / "phantom_ct.nii.gz")
+    lab_path = write_image(labels, tmp_path / "phantom_organs.nii.gz")
+    viewer = make_napari_viewer()
+    for p in (ct_path, lab_path):
+        data, kw, kind = read_layer_data(p)
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    out = tmp_path / "out"
+    out.mkdir()
+    _flow(viewer, qtbot, out, ct_path, "liver")
+    assert errors == []
+
+
+def test_whole_flow_on_real_ct(make_napari_viewer, qtbot, tmp_path, monkeypatch, errors, no_weights,
+                               totalseg_ct, totalseg_seg):
+    from difftumor_napari._reader import read_layer_data
+
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    viewer = make_napari_viewer()
+    for p in (totalseg_ct, totalseg_seg):
+        data, kw, kind = read_layer_data(p)
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    _flow(viewer, qtbot, tmp_path, totalseg_ct, "liver")
+    assert errors == []
+
+
+def _slow_generator(seconds_per_step: float, steps: int):
+    """A stand-in for the engine: sleeps per step, returns the CT unchanged + the mask."""
+
+    def make(request):
+        def gen():
+            for i in range(steps):
+                time.sleep(seconds_per_step)
+                yield f"step {i + 1}", i + 1, steps
+            from types import SimpleNamespace
+
+            label = request.organ_mask.astype(np.uint8)
+            label[request.tumor_mask] = 2
+            return SimpleNamespace(ct=request.ct.copy(), label=label, tumor_mask=request.tumor_mask,
+                                   provenance={"method": "slow test stand-in"})
+
+        return gen()
+
+    return make
+
+
+@pytest.fixture
+def phantom_viewer(make_napari_viewer, no_weights):
+    from difftumor_napari._sample_data import make_phantom_sample
+
+    viewer = make_napari_viewer()
+    for data, kw, kind in make_phantom_sample():
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    return viewer
+
+
+def test_event_loop_stays_responsive_during_a_threaded_run(phantom_viewer, qtbot, monkeypatch, errors):
+    from qtpy.QtCore import QTimer
+
+    from difftumor_napari._synthesis import RESULT_CT
+
+    monkeypatch.delenv(st.NOTHREADS_ENV, raising=False)
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    synth.make_generator = _slow_generator(0.05, 16)  # ~0.8 s of "work" in the worker thread
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    progress_seen = []  # (time, value) of each progress update on the GUI thread
+    synth.progress.changed.connect(lambda v: progress_seen.append((time.perf_counter(), v)))
+    assert synth.run()
+    assert synth.running and not synth.run_button.enabled and synth.cancel_button.enabled
+    qtbot.waitUntil(lambda: not synth.running, timeout=20000)
+    timer.stop()
+    # while the worker slept through its 16 steps, the GUI thread kept ticking and showing progress
+    t_first, t_last = progress_seen[0][0], progress_seen[-1][0]
+    assert t_last - t_first >= 0.6
+    during = [t for t in ticks if t_first <= t <= t_last]
+    assert len(during) >= 10
+    assert max(np.diff([t_first, *during, t_last])) < 0.5
+    assert [v for _, v in progress_seen][-1] == 16 and len(progress_seen) >= 8
+    assert RESULT_CT in phantom_viewer.layers and errors == []
+
+
+def test_cancel_stops_the_run_and_changes_nothing(phantom_viewer, qtbot, monkeypatch, errors):
+    from difftumor_napari._synthesis import RESULT_CT
+
+    monkeypatch.delenv(st.NOTHREADS_ENV, raising=False)
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    synth.make_generator = _slow_generator(0.1, 100)
+    n_layers = len(phantom_viewer.layers)
+    assert synth.run()
+    qtbot.waitUntil(lambda: synth.progress.value >= 2, timeout=10000)
+    synth.cancel()
+    qtbot.waitUntil(lambda: not synth.running, timeout=10000)
+    assert synth.outcome is None and RESULT_CT not in phantom_viewer.layers
+    assert len(phantom_viewer.layers) == n_layers
+    assert "Cancelled" in synth.status.value and synth.run_button.enabled
+
+
+def test_user_errors_are_notifications(phantom_viewer, qtbot, monkeypatch, errors, tmp_path):
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    place, synth = _widgets(phantom_viewer, qtbot)
+    # no tumour mask yet
+    assert not synth.run()
+    assert "no tumour mask layer" in errors[-1]
+    # diffusion requested without weights
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    synth.method.value = "diffusion"
+    assert not synth.run()
+    assert errors[-1].startswith("diffusion:") and "model-based" in errors[-1]
+    # an out-of-memory error inside the run is one sentence, and nothing is added
+    synth.method.value = "model-based"
+
+    def oom(request):
+        raise MemoryError()
+        yield  # pragma: no cover
+
+    synth.make_generator = oom
+    n = len(phantom_viewer.layers)
+    assert synth.run()
+    assert "ran out of memory" in errors[-1] and len(phantom_viewer.layers) == n
+    # save before any result, and into a missing folder
+    assert synth.save() is None and "nothing to save" in errors[-1]
+    synth.make_generator = st.engine_generator
+    assert synth.run() and synth.outcome is not None
+    synth.out_dir.value = str(tmp_path / "missing")
+    assert synth.save() is None and "does not exist" in errors[-1]
+    # removing the organ labels: clear sentence
+    phantom_viewer.layers.remove("phantom organs")
+    assert not synth.run() and "no organ label layer" in errors[-1]
+    assert all("\n" not in e for e in errors)
+
+
+def test_weights_folder_is_remembered(make_napari_viewer, qtbot, tmp_path, no_weights):
+    from backend.weights import get_weights_dir_setting
+
+    from difftumor_napari._synthesis import SynthesisWidget
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    w = SynthesisWidget(make_napari_viewer())
+    qtbot.addWidget(w.native)
+    w.weights_dir.value = str(folder)
+    assert get_weights_dir_setting() == folder.resolve()
+    assert "lacks AutoencoderModel.ckpt" in w.method_info.value
+    w2 = SynthesisWidget(make_napari_viewer())
+    qtbot.addWidget(w2.native)
+    assert w2.weights_folder() == str(folder.resolve())
