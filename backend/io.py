@@ -248,28 +248,35 @@ class Volume:
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
-def _dicom_series_files(folder: Path) -> list[str]:
+def _dicom_series_files(folder: Path, max_depth: int = 3) -> list[str]:
+    """Files of the largest DICOM series in ``folder`` or, if it holds none, in its sub-folders."""
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader
     warn = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" is reported by us
+    best: list[str] = []
     try:
-        series = reader.GetGDCMSeriesIDs(str(folder)) or ()
+        for root, dirs, _ in os.walk(folder):
+            dirs.sort()
+            if len(Path(root).relative_to(folder).parts) >= max_depth:
+                dirs.clear()
+            for sid in reader.GetGDCMSeriesIDs(root) or ():
+                files = list(reader.GetGDCMSeriesFileNames(root, sid))
+                if len(files) > len(best):
+                    best = files
+            if best and Path(root) == folder:
+                break  # series directly in the folder win over nested ones
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warn)
-    best: list[str] = []
-    for sid in series:
-        files = list(reader.GetGDCMSeriesFileNames(str(folder), sid))
-        if len(files) > len(best):
-            best = files
     return best
 
 
 def read_image(path: PathLike) -> Volume:
     """Read a 3D image (NIfTI, NRRD, MHA/MHD, or a DICOM series folder) into a :class:`Volume`.
 
-    A DICOM folder holding several series gives the series with the most files. The pixel type is
+    A DICOM folder holding several series gives the series with the most files (sub-folders
+    are searched, three levels deep, when the folder itself holds no series). The pixel type is
     kept (int16 CT stays int16). Raises :class:`DiffTumorError` naming the file for a missing or
     unreadable file, a 2D or 4D image, or a multi-component (vector/RGB) image.
     """

@@ -165,6 +165,10 @@ def test_dicom_series_matches_nifti_conversion(tmp_path):
     assert n.geometry.matches(d.geometry)
     np.testing.assert_array_equal(n.array, d.array)
     assert {p.name: _snapshot(p) for p in folder.iterdir()} == before
+    # a study folder with the series one level down is found too
+    nested = read_image(tmp_path)
+    assert nested.geometry == d.geometry
+    np.testing.assert_array_equal(nested.array, d.array)
 
 
 # ------------------------------------------------------------------------------------------ bad input

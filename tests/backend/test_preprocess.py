@@ -56,22 +56,27 @@ def test_model_space_axes_point_right_anterior_superior(direction):
     assert reorient_only(Volume(L, g)).geometry.direction == RAS
 
 
-def test_model_space_array_layout_by_hand_and_monai():
+def test_model_space_array_layout_by_hand():
     g = Geometry((6, 7, 5), (0.8, 1.2, 2.5), (10.0, -20.0, 30.0), SCRAMBLED)
     arr = np.random.default_rng(0).normal(size=g.shape).astype(np.float32)  # arr[k, j, i]
     got = reorient_only(Volume(arr, g)).array
     # SCRAMBLED: i -> anterior, j -> right, k -> inferior, so model (X, Y, Z) = (j, i, reversed k)
     np.testing.assert_array_equal(got, arr[::-1].transpose(1, 2, 0))
 
-    pytest.importorskip("nibabel", reason="MONAI's Orientation needs nibabel for the parity half of this test")
+
+def test_model_space_equals_monai_orientation_ras():
+    pytest.importorskip("nibabel", reason="MONAI's Orientation transform needs nibabel (not a dependency here)")
     from monai.data import MetaTensor
     from monai.transforms import Orientation
 
+    g = Geometry((6, 7, 5), (0.8, 1.2, 2.5), (10.0, -20.0, 30.0), SCRAMBLED)
+    arr = np.random.default_rng(0).normal(size=g.shape).astype(np.float32)
     d = np.reshape(g.direction, (3, 3)) * np.asarray(g.spacing)
     affine_lps = np.eye(4)
     affine_lps[:3, :3], affine_lps[:3, 3] = d, g.origin
     affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps  # MONAI/NIfTI affines are RAS+
     mt = MetaTensor(arr.transpose(2, 1, 0)[None].copy(), affine=affine_ras)  # channel-first (C, i, j, k)
+    got = reorient_only(Volume(arr, g)).array
     np.testing.assert_array_equal(got, Orientation(axcodes="RAS")(mt)[0].numpy())
 
 
