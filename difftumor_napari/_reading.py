@@ -123,6 +123,11 @@ class ReadingWidget(Container):
                              else f"Revisiting: your answer was '{previous.answer}'. Answer again to change it.")
         s.show()
 
+    def recentre(self) -> None:
+        """Fit the case to the canvas again, centred on the ROI (e.g. after the window got its size)."""
+        if not self.session.finished:
+            self._centre_view()
+
     def _centre_view(self) -> None:
         viewer, study = self._viewer, self.session.study
         centre = study.centre_zyx
@@ -205,7 +210,10 @@ def run_reading_app(session: ReadingSession) -> None:
     """``difftumor study read``: open napari with the reading widget and block until it closes."""
     import napari
 
-    open_reading(session)
+    from qtpy.QtCore import QTimer
+
+    _, widget = open_reading(session)
+    QTimer.singleShot(0, widget.recentre)  # once the window is shown and has its final size
     try:
         napari.run()
     finally:
