@@ -175,9 +175,13 @@ def display_geometry(geometry: Geometry, axes: Sequence[int], flip: Sequence[int
 def label_names(array: np.ndarray) -> dict[int, str]:
     """Names of the label ids present: TotalSegmentator v2 or MSD (organ/tumor) vocabulary."""
     from backend.organs import MSD_LABELS, TOTALSEG_IDS, detect_convention
+    from backend.phantom import PHANTOM_LABELS  # TotalSegmentator v2 names of the phantom's ids
 
     values = [int(v) for v in np.flatnonzero(np.bincount(np.asarray(array).ravel().astype(np.int64)))]
-    vocab = MSD_LABELS if detect_convention(array) == "msd" else {v: k for k, v in TOTALSEG_IDS.items()}
+    if detect_convention(array) == "msd":
+        vocab = dict(MSD_LABELS)
+    else:
+        vocab = {**PHANTOM_LABELS, **{v: k for k, v in TOTALSEG_IDS.items()}}
     return {v: vocab.get(v, f"label {v}") for v in values if v != 0}
 
 
@@ -224,5 +228,6 @@ def volume_to_layer_data(volume: Volume, *, kind: str = "ct", name: str | None =
     low, high = float(np.min(data)), float(np.max(data))
     kwargs["contrast_limits"] = limits
     kwargs["colormap"] = "gray"
+    kwargs["interpolation2d"] = "linear"
     kwargs["metadata"]["difftumor"]["data_range"] = [low, high]
     return data, kwargs, "image"

@@ -13,8 +13,7 @@ def make_phantom_sample(seed: int = PHANTOM_SEED) -> list[tuple]:
     from backend.phantom import make_phantom
     from difftumor_napari._reader import volume_to_layer_data
 
-    ct, labels, _ids = make_phantom(seed)
-    return [
-        volume_to_layer_data(ct, kind="ct", name="phantom CT"),
-        volume_to_layer_data(labels, kind="labels", name="phantom organs"),
-    ]
+    ct, labels = make_phantom(seed)[:2]  # (ct int16, labels uint8[, ...]) on one LPS grid
+    organs = volume_to_layer_data(labels, kind="labels", name="phantom organs")
+    organs[1]["opacity"] = 0.35  # keep the anatomy readable under the organ colours
+    return [volume_to_layer_data(ct, kind="ct", name="phantom CT"), organs]

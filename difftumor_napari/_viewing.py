@@ -76,10 +76,21 @@ def keep_radiological(viewer: napari.components.ViewerModel) -> None:
         up = vertical_orientation(tuple(viewer.dims.order), viewer.dims.ndisplay, viewer.dims.ndim)
         if viewer.camera.orientation2d[0] != up:
             viewer.camera.orientation2d = (up, viewer.camera.orientation2d[1])
+        name_slider_axes(viewer)
 
     for emitter in (viewer.dims.events.order, viewer.dims.events.ndisplay, viewer.dims.events.ndim):
         emitter.connect(_update)
     _update()
+
+
+SLIDER_NAMES = ("axial", "coronal", "sagittal")  # what moving world axis z / y / x scrolls through
+
+
+def name_slider_axes(viewer: napari.components.ViewerModel) -> None:
+    """Name the three spatial sliders after the plane they scroll (only over napari's default names)."""
+    labels = tuple(viewer.dims.axis_labels)
+    if viewer.dims.ndim == 3 and all(lbl.lstrip("-").isdigit() for lbl in labels):
+        viewer.dims.axis_labels = SLIDER_NAMES
 
 
 def ct_layers(viewer: napari.components.ViewerModel) -> list[napari.layers.Image]:
@@ -146,6 +157,7 @@ class ThreeViews:
                 self._link(src, copy)
             if sources:
                 model.dims.order = self.VIEWS[name]
+                name_slider_axes(model)
                 model.camera.orientation2d = ("up", "right")  # superior at the top
                 model.reset_view()
         self._on_main_step()

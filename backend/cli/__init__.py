@@ -19,6 +19,7 @@ from backend.errors import DiffTumorError
 # Order = order in `difftumor --help`. A subcommand is listed here only once it works.
 COMMAND_MODULES = [
     "backend.cli.info",
+    "backend.cli.demo",
     "backend.cli.evaluate",
     "backend.cli.study",
 ]

@@ -1,0 +1,139 @@
+"""``difftumor demo``: napari with the CT phantom (or your files) and every DiffTumor widget docked.
+
+``--screenshot out.png`` renders the same window, saves it (atomically) and exits - for the docs and
+the tests. napari is imported inside the handler: ``backend`` never imports it at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from backend.errors import DiffTumorError
+
+log = logging.getLogger(__name__)
+
+PLUGIN = "difftumor"
+WINDOW_SIZE = (1600, 1000)  # width, height of the demo window (and screenshot)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="open napari with the CT phantom (or your CT + organ labels) and the DiffTumor widgets",
+        description="Open napari with the procedural abdominal CT phantom, or --ct/--organs files, and "
+        "every DiffTumor widget docked. --screenshot saves the window as PNG and exits.",
+    )
+    p.add_argument("--ct", type=Path, metavar="FILE", help="CT volume (NIfTI, NRRD, MHA/MHD or a DICOM folder)")
+    p.add_argument("--organs", type=Path, metavar="FILE", help="organ label map on the CT's grid (needs --ct)")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed when no --ct is given (default 0)")
+    p.add_argument("--screenshot", type=Path, metavar="PNG", help="save the window as PNG and exit")
+    p.add_argument("--three-views", action=argparse.BooleanOptionalAction, default=True,
+                   help="show coronal and sagittal views below the axial one (default: on)")
+    p.set_defaults(func=handler)
+
+
+def _check_display() -> None:
+    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
+        return
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise DiffTumorError(
+            "no display: napari needs a screen (DISPLAY is not set); on a headless machine run "
+            "'xvfb-run -a -s \"-screen 0 1600x1000x24\" difftumor demo --screenshot out.png'"
+        )
+
+
+def _load_layers(args) -> list[tuple]:
+    """Layer data for the demo; every input problem raises before any window opens."""
+    from backend.io import check_same_grid, read_image
+
+    from difftumor_napari._reader import layer_name, volume_to_layer_data
+
+    if args.ct is None:
+        from difftumor_napari._sample_data import make_phantom_sample
+
+        return make_phantom_sample(args.seed)
+    ct = read_image(args.ct)
+    layers = [volume_to_layer_data(ct, kind="ct", name=layer_name(args.ct))]
+    if args.organs is not None:
+        organs = read_image(args.organs)
+        check_same_grid(ct.geometry, organs.geometry, names=(str(args.ct), str(args.organs)))
+        layers.append(volume_to_layer_data(organs, kind="labels", name=layer_name(args.organs)))
+    return layers
+
+
+def plugin_widget_names() -> list[str]:
+    """Display names of every widget contribution in the installed DiffTumor manifest."""
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution(PLUGIN)
+    return [w.display_name for w in manifest.contributions.widgets or ()]
+
+
+def handler(args) -> int:
+    if args.organs is not None and args.ct is None:
+        raise DiffTumorError(f"--organs {args.organs}: needs --ct (the CT the labels belong to)")
+    for opt, path in (("--ct", args.ct), ("--organs", args.organs)):
+        if path is not None and not path.exists():
+            raise DiffTumorError(f"{opt} {path}: no such file or folder")
+    if args.screenshot is not None:
+        if args.screenshot.suffix.lower() != ".png":
+            raise DiffTumorError(f"--screenshot {args.screenshot}: must end in .png")
+        if not args.screenshot.resolve().parent.is_dir():
+            raise DiffTumorError(f"--screenshot {args.screenshot}: folder {args.screenshot.parent} does not exist")
+    _check_display()
+    layers = _load_layers(args)
+
+    import warnings
+
+    # a deprecation note for developers, not for someone opening the demo
+    warnings.filterwarnings("ignore", message="napari support for the PyQt5 backend")
+    import napari
+
+    viewer = napari.Viewer(title="DiffTumor Studio", show=True)
+    viewer.window.resize(*WINDOW_SIZE)
+    for data, kwargs, layer_type in layers:
+        getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+    failed = []
+    widgets = {}
+    for name in plugin_widget_names():
+        try:
+            _dock, widgets[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        except Exception as exc:  # a broken widget must not hide the others
+            log.error("could not dock the '%s' widget: %s: %s", name, type(exc).__name__, exc)
+            failed.append(name)
+    ct_layer = viewer.layers[0]
+    viewer.layers.selection.active = ct_layer
+    if args.three_views and "Window / level" in widgets:
+        widgets["Window / level"].toggle_three_views()
+    viewer.reset_view()
+
+    if args.screenshot is None:
+        napari.run()
+        return 1 if failed else 0
+    _save_screenshot(viewer, args.screenshot)
+    viewer.close()
+    print(f"wrote {args.screenshot}")
+    return 1 if failed else 0
+
+
+def _save_screenshot(viewer, path: Path) -> None:
+    """Render the whole window (canvas + docked widgets) and write the PNG atomically."""
+    import imageio.v3 as iio
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(5):  # let the docks lay out and the canvas draw
+        QApplication.processEvents()
+    viewer.reset_view()
+    QApplication.processEvents()
+    image = viewer.screenshot(canvas_only=False, flash=False)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        iio.imwrite(tmp, image)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
