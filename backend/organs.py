@@ -49,6 +49,20 @@ TOTALSEG_IDS: dict[str, int] = {
     "inferior_vena_cava": 63,
 }
 
+#: Names of the TotalSegmentator v2 ("total" task) ids this project knows (abdomen and lower thorax).
+TOTALSEG_NAMES: dict[int, str] = {
+    1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach",
+    7: "pancreas", 8: "adrenal_gland_right", 9: "adrenal_gland_left", 10: "lung_upper_lobe_left",
+    11: "lung_lower_lobe_left", 13: "lung_middle_lobe_right", 14: "lung_lower_lobe_right",
+    18: "small_bowel", 19: "duodenum", 20: "colon", 27: "vertebrae_L5", 28: "vertebrae_L4",
+    29: "vertebrae_L3", 30: "vertebrae_L2", 31: "vertebrae_L1", 32: "vertebrae_T12", 33: "vertebrae_T11",
+    52: "aorta", 63: "inferior_vena_cava", 64: "portal_vein_and_splenic_vein", 79: "spinal_cord",
+    86: "autochthon_left", 87: "autochthon_right", 88: "iliopsoas_left", 89: "iliopsoas_right",
+    **{98 + k - 7: f"rib_left_{k}" for k in range(7, 13)},
+    **{110 + k - 7: f"rib_right_{k}" for k in range(7, 13)},
+    117: "costal_cartilages",
+}  # fmt: skip
+
 #: Label ids that make up each organ of :data:`ORGANS` in a TotalSegmentator map.
 ORGAN_TOTALSEG_IDS: dict[str, tuple[int, ...]] = {
     "liver": (5,),
@@ -217,8 +231,8 @@ def _load_atlas(folder: Path, organ: str, reference) -> np.ndarray:
 def organs_present(source: Volume | np.ndarray, *, convention: Convention = "auto") -> dict[str, int]:
     """Voxel counts of the named structures found in a label map (for ``difftumor info``).
 
-    TotalSegmentator maps give the structures of :data:`TOTALSEG_IDS` that are present; MSD-style
-    maps give ``organ`` / ``tumor`` (/ ``cyst``) counts.
+    TotalSegmentator maps give the structures of :data:`TOTALSEG_NAMES` that are present (other ids
+    are left out); MSD-style maps give ``organ`` / ``tumor`` (/ ``cyst``) counts.
     """
     arr = source.array if isinstance(source, Volume) else np.asarray(source)
     labels = _as_labels(arr, _describe(source))
@@ -231,5 +245,5 @@ def organs_present(source: Volume | np.ndarray, *, convention: Convention = "aut
     def count(i: int) -> int:
         return int(counts[i]) if i < len(counts) else 0
 
-    table = MSD_LABELS if convention == "msd" else {v: k for k, v in TOTALSEG_IDS.items()}
+    table = MSD_LABELS if convention == "msd" else TOTALSEG_NAMES
     return {name: count(i) for i, name in sorted(table.items()) if count(i) > 0}

@@ -22,34 +22,12 @@ import numpy as np
 from scipy import ndimage
 
 from backend.io import Geometry, Volume, write_image
+from backend.organs import TOTALSEG_NAMES
 
 #: Label ids (TotalSegmentator v2 "total" task) used by the phantom.
 PHANTOM_LABELS: dict[int, str] = {
-    1: "spleen",
-    2: "kidney_right",
-    3: "kidney_left",
-    4: "gallbladder",
-    5: "liver",
-    6: "stomach",
-    7: "pancreas",
-    18: "small_bowel",
-    20: "colon",
-    28: "vertebrae_L4",
-    29: "vertebrae_L3",
-    30: "vertebrae_L2",
-    31: "vertebrae_L1",
-    32: "vertebrae_T12",
-    33: "vertebrae_T11",
-    52: "aorta",
-    63: "inferior_vena_cava",
-    64: "portal_vein_and_splenic_vein",
-    79: "spinal_cord",
-    86: "autochthon_left",
-    87: "autochthon_right",
-    88: "iliopsoas_left",
-    89: "iliopsoas_right",
-    **{98 + k - 7: f"rib_left_{k}" for k in range(7, 13)},
-    **{110 + k - 7: f"rib_right_{k}" for k in range(7, 13)},
+    i: TOTALSEG_NAMES[i]
+    for i in (1, 2, 3, 4, 5, 6, 7, 18, 20, 28, 29, 30, 31, 32, 33, 52, 63, 64, 79, 86, 87, 88, 89, *range(98, 104), *range(110, 116))
 }
 _ID = {name: i for i, name in PHANTOM_LABELS.items()}
 

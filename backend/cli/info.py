@@ -40,7 +40,7 @@ def is_label_map(array: np.ndarray) -> bool:
 
 def describe(volume) -> dict:
     """Everything ``difftumor info`` reports, as a JSON-friendly dict."""
-    from backend.organs import detect_convention, organs_present
+    from backend.organs import MSD_LABELS, ORGANS, detect_convention, organs_present
     from backend.preprocess import orientation_code
 
     g = volume.geometry
@@ -59,10 +59,14 @@ def describe(volume) -> dict:
         named_ids = _named_ids(convention)
         info["kind"] = "label map"
         info["convention"] = convention
-        info["organs"] = {
+        entries = {
             name: {"label": named_ids[name], "voxels": n, "volume_ml": round(n * g.voxel_volume_ml, 2)}
             for name, n in found.items()
         }
+        # the organs this project synthesizes in (or MSD organ/tumor) first, other named structures apart
+        main_names = set(ORGANS) | set(MSD_LABELS.values())
+        info["organs"] = {k: v for k, v in entries.items() if k in main_names}
+        info["structures"] = {k: v for k, v in entries.items() if k not in main_names}
         info["other_labels"] = [int(i) for i in np.flatnonzero(counts) if i != 0 and int(i) not in named_ids.values()]
     else:
         flat = arr.ravel()
@@ -77,9 +81,10 @@ def describe(volume) -> dict:
 
 
 def _named_ids(convention: str) -> dict[str, int]:
-    from backend.organs import MSD_LABELS, TOTALSEG_IDS
+    from backend.organs import MSD_LABELS, TOTALSEG_NAMES
 
-    return {name: i for i, name in MSD_LABELS.items()} if convention == "msd" else dict(TOTALSEG_IDS)
+    table = MSD_LABELS if convention == "msd" else TOTALSEG_NAMES
+    return {name: i for i, name in table.items()}
 
 
 def _num(v):
@@ -109,10 +114,15 @@ def format_text(info: dict) -> str:
     else:
         conv = {"msd": "MSD/LiTS/KiTS (1 organ, 2 tumor)", "totalseg": "TotalSegmentator v2 ids"}[info["convention"]]
         lines.append(f"Labels:      {conv}")
+        if info["organs"]:
+            lines.append("Organs:")
         if not info["organs"]:
-            lines.append("Organs:      none of the known organs")
+            lines.append("Organs:      none of liver, pancreas, kidneys, spleen")
         for name, o in info["organs"].items():
             lines.append(f"  {name:<20} label {o['label']:>3}: {o['voxels']:>9} voxels, {o['volume_ml']:>9.1f} mL")
+        if info["structures"]:
+            names = [f"{k} ({v['label']})" for k, v in info["structures"].items()]
+            lines.append(f"Also:        {', '.join(names)}")
         if info["other_labels"]:
             lines.append(f"Other ids:   {', '.join(map(str, info['other_labels']))}")
     return "\n".join(lines)

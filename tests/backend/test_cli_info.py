@@ -31,6 +31,7 @@ def test_info_real_seg_lists_organs(totalseg_seg, capsys):
     for organ in ("spleen", "kidney_right", "kidney_left", "liver", "pancreas"):
         assert organ in out
     assert "liver                label   5:     38634 voxels,    1043.1 mL" in out
+    assert "aorta (52)" in out and "inferior_vena_cava (63)" in out
 
 
 def test_info_json_msd_map(tmp_path, capsys):

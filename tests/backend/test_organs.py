@@ -9,7 +9,7 @@ import pytest
 
 from backend.errors import DiffTumorError
 from backend.io import Geometry, Volume, read_image, write_image
-from backend.organs import ORGANS, detect_convention, load_organ_mask, organs_present, parse_organ
+from backend.organs import ORGAN_TOTALSEG_IDS, ORGANS, TOTALSEG_IDS, TOTALSEG_NAMES, detect_convention, load_organ_mask, organs_present, parse_organ
 
 GEO = Geometry((6, 5, 4), (1.5, 1.5, 2.0), (10.0, -5.0, 3.0))
 
@@ -36,6 +36,12 @@ def test_parse_organ():
     assert parse_organ("kidneys") == "kidney"
     with pytest.raises(DiffTumorError, match=r"unknown organ 'lung'; choose one of liver, pancreas, kidney"):
         parse_organ("lung")
+
+
+def test_id_tables_agree():
+    assert all(TOTALSEG_NAMES[i] == name for name, i in TOTALSEG_IDS.items())
+    for organ, ids in ORGAN_TOTALSEG_IDS.items():
+        assert {TOTALSEG_NAMES[i] for i in ids} == ({"kidney_left", "kidney_right"} if organ == "kidney" else {organ})
 
 
 def test_detect_convention():
