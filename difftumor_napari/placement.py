@@ -264,12 +264,13 @@ def random_tumors(geometry: "Geometry", organ: np.ndarray, organ_name: str, *, s
                   seed: int, keep_inside_organ: bool = True) -> tuple[list[np.ndarray], list[dict]]:
     """``count`` tumours of ``size`` at valid places in the organ, from the release's generator.
 
-    The organ is taken to 1 mm model space, :func:`backend.synthesis.masks.generate_tumor_mask`
+    The organ's bounding box is taken to 1 mm model space, :func:`backend.synthesis.masks.generate_tumor_mask`
     draws one tumour per call (same seeded generator), and each is brought back to the display grid
     (nearest neighbour; a tumour thinner than a voxel keeps at least its centre voxel).
     """
     from backend.io import Volume
     from backend.preprocess import from_model_space, to_model_space
+    from backend.synthesis.crops import sub_geometry
     from backend.synthesis.masks import SIZE_CLASSES, as_rng, generate_tumor_mask
 
     if size not in SIZE_CLASSES:
@@ -278,17 +279,29 @@ def random_tumors(geometry: "Geometry", organ: np.ndarray, organ_name: str, *, s
         raise DiffTumorError(f"number of tumours: must be at least 1, got {count}")
     if organ is None or not organ.any():
         raise DiffTumorError(f"{organ_name}: the organ is absent from the label layer; choose another organ")
-    ref = to_model_space(Volume(organ.astype(np.uint8), geometry), is_label=True)
+    # work on the organ's bounding box (+ room for the largest tumour of the class), not the whole CT
+    reach_mm = 2.0 * SIZE_CLASSES[size].semi_axes[1]
+    nz = np.argwhere(organ)
+    margin = np.ceil(reach_mm / np.asarray(geometry.spacing[::-1])).astype(int)
+    lo = np.maximum(nz.min(0) - margin, 0)
+    hi = np.minimum(nz.max(0) + 1 + margin, organ.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    sub = sub_geometry(geometry, box)
+    organ_box = organ[box]
+    ref = to_model_space(Volume(organ_box.astype(np.uint8), sub), is_label=True)
     rng = as_rng(seed)
     shapes, params = [], []
     for _ in range(count):
         m, ps = generate_tumor_mask(ref.array.astype(bool), organ_name, size=size, count=1, rng=rng)
-        back = from_model_space(m.astype(np.uint8), ref, is_label=True).astype(bool)
+        back_box = from_model_space(m.astype(np.uint8), ref, is_label=True).astype(bool)
         p = ps[0].to_dict()
-        if not back.any():  # thinner than the display voxels: keep the centre voxel
-            world = ref.geometry.voxel_to_world(np.asarray(p["centre"], float))
-            ijk = np.clip(np.rint(geometry.world_to_voxel(world)).astype(int), 0, np.asarray(geometry.size) - 1)
-            back[ijk[2], ijk[1], ijk[0]] = True
+        world = ref.geometry.voxel_to_world(np.asarray(p["centre"], float))
+        p["centre_world_mm"] = [round(float(v), 2) for v in world]
+        if not back_box.any():  # thinner than the display voxels: keep the centre voxel
+            ijk = np.clip(np.rint(sub.world_to_voxel(world)).astype(int), 0, np.asarray(sub.size) - 1)
+            back_box[ijk[2], ijk[1], ijk[0]] = True
+        back = np.zeros(organ.shape, bool)
+        back[box] = back_box
         if keep_inside_organ:
             clipped = back & organ
             back = clipped if clipped.any() else back

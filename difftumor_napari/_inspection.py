@@ -1,0 +1,261 @@
+"""The "Inspection" dock widget: look at one synthetic tumour closely, measure it, flag failure modes
+(paper appendix F.2) and log a reviewer's verdict to a CSV that grows across sessions.
+
+Numbers and flags come from :mod:`difftumor_napari.inspection` (Qt-free); this module picks the
+layers, shows the intermediate volumes side by side (napari grid mode) and writes reviews.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton, Table)
+
+from difftumor_napari import inspection as ins
+from difftumor_napari import placement as pl
+from difftumor_napari._placement import notify_error, organ_label_layers, select_first
+
+if TYPE_CHECKING:
+    import napari
+
+PREFIX = "inspect: "
+MASKED_HU = 37.5  # the diffusion model sees the tumour region as 0 in [-1, 1] = 37.5 HU of [-175, 250]
+DEFAULT_LOG = Path.home() / "difftumor_reviews.csv"
+FAILURE_TEXT = {
+    "too_sharp_edge": "Too sharp edge", "sickle_or_strip_shape": "Sickle / strip shape", "fat_density": "Fat density",
+    "fluid_density": "Fluid density", "noise_mismatch": "Noise mismatch", "no_mass_effect": "No mass effect",
+    "other": "Other",
+}
+
+
+def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected tumour components (26-connectivity) of a mask: (labelled array, count)."""
+    from scipy import ndimage
+
+    return ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3, 3), bool))
+
+
+class InspectionWidget(Container):
+    """Dock widget: metrics, automatic failure flags, side-by-side intermediates, review log."""
+
+    def __init__(self, viewer: "napari.viewer.Viewer"):
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self.metrics: dict | None = None
+        self.flags: dict[str, str] = {}
+        self._comps: np.ndarray | None = None
+        self._hidden: list = []
+
+        self.result_layer = ComboBox(label="Synthetic CT", choices=self._result_choices, nullable=True)
+        self.tumor_layer = ComboBox(label="Tumour mask", choices=self._tumor_choices, nullable=True)
+        self.original_layer = ComboBox(label="Original CT", choices=self._original_choices, nullable=True)
+        self.organ_layer = ComboBox(label="Organ labels", choices=self._organ_choices, nullable=True)
+        self.organ = ComboBox(label="Organ", choices=list(pl.PLACEABLE_ORGANS), value="liver")
+        self.tumor = ComboBox(label="Tumour", choices=[])
+        self.measure_button = PushButton(text="Measure")
+        self.table = Table(value={"data": [], "index": [], "columns": ["value"]})
+        self.flag_text = Label(value="")
+        self.side_by_side = PushButton(text="Show intermediates side by side")
+        self.intermediates_text = Label(value="")
+        self.checks = {c: CheckBox(text=FAILURE_TEXT[c], value=False) for c in ins.FAILURE_CATEGORIES}
+        self.reviewer = LineEdit(label="Reviewer", value="")
+        self.note = LineEdit(label="Note", value="")
+        self.log_path = FileEdit(label="Review log (CSV)", mode="w", value=str(DEFAULT_LOG), filter="*.csv")
+        self.save_review_button = PushButton(text="Save review")
+        self.status = Label(value="")
+        self.extend([self.result_layer, self.tumor_layer, self.original_layer, self.organ_layer, self.organ, self.tumor,
+                     self.measure_button, self.table, self.flag_text, self.side_by_side, self.intermediates_text,
+                     *self.checks.values(), self.reviewer, self.note, self.log_path, self.save_review_button,
+                     self.status])
+        self.table.native.setMinimumHeight(300)
+
+        self.result_layer.changed.connect(self._on_result)
+        self.tumor_layer.changed.connect(self._on_tumor_layer)
+        self.measure_button.changed.connect(lambda _=None: self.measure())
+        self.side_by_side.changed.connect(lambda _=None: self.toggle_side_by_side())
+        self.save_review_button.changed.connect(lambda _=None: self.save_review())
+        for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            emitter.connect(self._on_layers_changed)
+        self._on_layers_changed()
+
+    # -- choices ----------------------------------------------------------------------------------
+    def _images(self):
+        from napari.layers import Image
+
+        return [ly for ly in self._viewer.layers if isinstance(ly, Image) and ly.ndim == 3 and not ly.rgb
+                and not ly.name.startswith(PREFIX)]
+
+    def _result_choices(self, widget=None):
+        layers = self._images()
+        layers.sort(key=lambda ly: ly.metadata.get("difftumor", {}).get("kind") != "synthetic")
+        return [(ly.name, ly) for ly in layers if ly.metadata.get("difftumor", {}).get("kind") != "difference"]
+
+    def _original_choices(self, widget=None):
+        wanted = (self.result_layer.value.metadata.get("difftumor", {}).get("original_layer")
+                  if self.result_layer.value is not None else None)
+        layers = [ly for ly in self._images() if ly.metadata.get("difftumor", {}).get("kind") not in ("synthetic", "difference")]
+        layers.sort(key=lambda ly: ly.name != wanted)
+        return [(ly.name, ly) for ly in layers]
+
+    def _tumor_choices(self, widget=None):
+        from napari.layers import Labels
+
+        organs = organ_label_layers(self._viewer)
+        layers = [ly for ly in self._viewer.layers if isinstance(ly, Labels) and ly not in organs
+                  and not ly.name.startswith(PREFIX)]
+        layers.sort(key=lambda ly: ly.metadata.get("difftumor", {}).get("kind") != "synthetic")
+        return [(ly.name, ly) for ly in layers]
+
+    def _organ_choices(self, widget=None):
+        return [(ly.name, ly) for ly in organ_label_layers(self._viewer)]
+
+    def _on_layers_changed(self, event=None) -> None:
+        boxes = (self.result_layer, self.tumor_layer, self.original_layer, self.organ_layer)
+        old = [b.value for b in boxes]
+        self.reset_choices()
+        for box, prev in zip(boxes, old):
+            select_first(box, prev)
+        self._on_tumor_layer()
+
+    def _on_result(self, _=None) -> None:
+        layer = self.result_layer.value
+        if layer is None:
+            return
+        info = layer.metadata.get("difftumor", {})
+        self.original_layer.reset_choices()
+        if info.get("original_layer") in self._viewer.layers:
+            self.original_layer.value = self._viewer.layers[info["original_layer"]]
+        if info.get("organ") in pl.PLACEABLE_ORGANS:
+            self.organ.value = info["organ"]
+        elif str(info.get("organ", "")).startswith("kidney"):
+            self.organ.value = "kidney"
+
+    def _on_tumor_layer(self, _=None) -> None:
+        layer = self.tumor_layer.value
+        if layer is None:
+            self._comps, self.tumor.choices = None, []
+            return
+        self._comps, n = components(layer.data)
+        sizes = np.bincount(self._comps.ravel())[1:] if n else []
+        vox_ml = float(np.prod(layer.scale[-3:])) / 1000.0
+        self.tumor.choices = [(f"tumour {i + 1} ({s * vox_ml:.2f} ml)", i + 1) for i, s in enumerate(sizes)]
+
+    # -- measuring --------------------------------------------------------------------------------
+    def _selected(self):
+        from backend.errors import DiffTumorError
+
+        result, tumor_layer = self.result_layer.value, self.tumor_layer.value
+        if result is None:
+            raise DiffTumorError("Synthetic CT: no image layer to inspect; run Synthesis first")
+        if tumor_layer is None or self._comps is None or self.tumor.value is None:
+            raise DiffTumorError("Tumour mask: no tumour to inspect; choose the 'synthetic tumor' layer")
+        if tumor_layer.data.shape != result.data.shape:
+            raise DiffTumorError(f"{tumor_layer.name}: shape {tumor_layer.data.shape} differs from {result.name} {result.data.shape}")
+        return result, self._comps == int(self.tumor.value)
+
+    def measure(self) -> dict | None:
+        """Compute the numbers and flags for the selected tumour and show them."""
+        try:
+            result, mask = self._selected()
+            organ = None
+            if self.organ_layer.value is not None:
+                organ = pl.organ_mask(self.organ_layer.value.data, self.organ.value, name=self.organ_layer.value.name)
+            original = self.original_layer.value
+            orig = np.asarray(original.data) if original is not None and original.data.shape == result.data.shape else None
+            self.metrics = ins.tumor_metrics(np.asarray(result.data), mask, organ, tuple(result.scale[-3:]), original_ct=orig)
+        except Exception as exc:  # noqa: BLE001
+            notify_error(exc, "Inspection")
+            return None
+        self.flags = ins.failure_flags(self.metrics)
+        rows = ins.metric_rows(self.metrics)
+        self.table.value = {"data": [[v] for _, v in rows], "index": [k for k, _ in rows], "columns": ["value"]}
+        self.flag_text.value = ("Automatic flags:\n" + "\n".join(f"• {FAILURE_TEXT[k]}: {v}" for k, v in self.flags.items())
+                                if self.flags else "Automatic flags: none")
+        for name, box in self.checks.items():
+            box.value = name in self.flags  # the reviewer confirms or unticks
+        self._centre_on(mask, result)
+        return self.metrics
+
+    def _centre_on(self, mask: np.ndarray, layer) -> None:
+        centre = np.argwhere(mask).mean(0)
+        world = np.asarray(layer.data_to_world(centre))
+        self._viewer.dims.set_point(range(self._viewer.dims.ndim - 3, self._viewer.dims.ndim), tuple(world[-3:]))
+        self._viewer.camera.center = tuple(world[-2:])
+
+    # -- intermediates ------------------------------------------------------------------------------
+    def intermediate_volumes(self) -> tuple[dict[str, np.ndarray], str]:
+        """name -> volume on the CT grid, and a sentence about what is missing."""
+        result, mask = self._selected()
+        info = result.metadata.get("difftumor", {})
+        method = info.get("provenance", {}).get("method", "unknown")
+        inter = dict(info.get("intermediates") or {})
+        vols: dict[str, np.ndarray] = {"tumour mask": mask.astype(np.uint8)}
+        original = self.original_layer.value
+        if original is not None and original.data.shape == mask.shape:
+            vols["masked CT"] = np.where(mask, np.float32(MASKED_HU), np.asarray(original.data, np.float32))
+        for key, name in (("reconstruction", "autoencoder reconstruction"), ("decoded", "raw decoded sample")):
+            if key in inter:
+                vols[name] = np.asarray(inter[key])
+        vols["blended result"] = np.asarray(result.data)
+        if method == "diffusion" and not inter:
+            note = "The engine returned no autoencoder reconstruction or raw decoded sample for this run."
+        elif method != "diffusion":
+            note = (f"Made with the {method} method: the autoencoder reconstruction and raw decoded sample exist "
+                    "only for the diffusion method.")
+        else:
+            note = ""
+        return vols, note
+
+    def toggle_side_by_side(self) -> bool:
+        """Show the intermediates in napari's grid (one cell each); a second click restores the view."""
+        if self._viewer.grid.enabled and any(ly.name.startswith(PREFIX) for ly in self._viewer.layers):
+            for ly in [ly for ly in self._viewer.layers if ly.name.startswith(PREFIX)]:
+                self._viewer.layers.remove(ly)
+            for ly in self._hidden:
+                if ly in self._viewer.layers:
+                    ly.visible = True
+            self._hidden = []
+            self._viewer.grid.enabled = False
+            return False
+        try:
+            vols, note = self.intermediate_volumes()
+        except Exception as exc:  # noqa: BLE001
+            notify_error(exc, "Inspection")
+            return False
+        result = self.result_layer.value
+        self._hidden = [ly for ly in self._viewer.layers if ly.visible]
+        for ly in self._hidden:
+            ly.visible = False
+        for name, vol in vols.items():
+            kw = dict(name=PREFIX + name, scale=result.scale, translate=result.translate,
+                      metadata={"difftumor": {"kind": "intermediate"}})
+            if name == "tumour mask":
+                self._viewer.add_labels(vol, **kw)
+            else:
+                self._viewer.add_image(vol, contrast_limits=result.contrast_limits, colormap="gray", **kw)
+        self._viewer.grid.enabled = True
+        self.intermediates_text.value = note
+        self._centre_on(vols["tumour mask"] > 0, result)
+        return True
+
+    # -- review -----------------------------------------------------------------------------------
+    def save_review(self) -> Path | None:
+        """Append the ticked categories + note for the selected tumour to the review CSV."""
+        try:
+            result, _ = self._selected()
+            info = result.metadata.get("difftumor", {})
+            prov = info.get("provenance", {})
+            case = info.get("geometry") and (self.original_layer.value.name if self.original_layer.value else result.name)
+            review = ins.Review(case=str(case or result.name), tumor=str(self.tumor.value), reviewer=self.reviewer.value,
+                                method=str(prov.get("method", "")), seed=str(prov.get("seed", "")),
+                                failures=tuple(c for c, box in self.checks.items() if box.value),
+                                auto_flags=tuple(self.flags), note=self.note.value)
+            path = ins.append_review(Path(str(self.log_path.value)).expanduser(), review)
+        except Exception as exc:  # noqa: BLE001
+            notify_error(exc, "Review")
+            return None
+        self.status.value = f"Review saved to {path}"
+        self.note.value = ""
+        return path

@@ -1,0 +1,114 @@
+"""The "Inspection" widget after a model-based synthesis on the real CT (run under xvfb-run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from difftumor_napari import inspection as ins
+from difftumor_napari import synthesis_tasks as st
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    import napari.utils.notifications as notifications
+
+    seen: list[str] = []
+    monkeypatch.setattr(notifications, "show_error", lambda msg: seen.append(str(msg)))
+    return seen
+
+
+@pytest.fixture
+def synthesized(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, totalseg_seg):
+    """Viewer with the real CT, a medium liver tumour placed and synthesized (model-based)."""
+    from scipy import ndimage
+
+    from difftumor_napari._placement import PlacementWidget
+    from difftumor_napari._reader import read_layer_data
+    from difftumor_napari._synthesis import SynthesisWidget
+
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    monkeypatch.delenv("DIFFTUMOR_WEIGHTS", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    viewer = make_napari_viewer()
+    for p in (totalseg_ct, totalseg_seg):
+        data, kw, kind = read_layer_data(p)
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    place, synth = PlacementWidget(viewer), SynthesisWidget(viewer)
+    for w in (place, synth):
+        qtbot.addWidget(w.native)
+    liver = place.organ_mask()
+    d = ndimage.distance_transform_edt(liver)
+    place.size.value = "medium"
+    assert place.place_at_voxel(np.unravel_index(np.argmax(d), liver.shape))
+    synth.method.value = "model-based"
+    assert synth.run() and synth.outcome is not None
+    return viewer
+
+
+def test_measure_flags_and_side_by_side(synthesized, qtbot, errors):
+    from difftumor_napari._inspection import PREFIX, InspectionWidget
+
+    viewer = synthesized
+    w = InspectionWidget(viewer)
+    qtbot.addWidget(w.native)
+    assert w.result_layer.value.name == "CT + synthetic tumor"
+    assert w.tumor_layer.value.name == "synthetic tumor"
+    assert w.original_layer.value.name == "example_ct_sm" and w.organ.value == "liver"
+    assert len(w.tumor.choices) == 1 and "ml" in w.tumor.native.currentText()
+    m = w.measure()
+    assert m is not None and errors == []
+    assert m["contrast_hu"] < -10  # model-based tumours are hypo-attenuating
+    assert 0 < m["sphericity"] <= 1.05 and m["elongation"] >= 1
+    assert "shell_change_hu" in m  # the original CT was available
+    assert w.table.shape[0] >= 12
+    # flags tick the reviewer boxes (and only those)
+    assert {c for c, b in w.checks.items() if b.value} == set(w.flags)
+    assert ("Automatic flags: none" in w.flag_text.value) == (not w.flags)
+    # side by side: mask, masked CT, blended result; the AE layers need the diffusion method
+    assert w.toggle_side_by_side()
+    names = [ly.name for ly in viewer.layers if ly.name.startswith(PREFIX)]
+    assert names == [PREFIX + n for n in ("tumour mask", "masked CT", "blended result")]
+    assert viewer.grid.enabled and "only for the diffusion method" in w.intermediates_text.value
+    masked = viewer.layers[PREFIX + "masked CT"].data
+    assert np.all(masked[viewer.layers[PREFIX + "tumour mask"].data > 0] == np.float32(37.5))
+    assert not w.toggle_side_by_side()
+    assert not viewer.grid.enabled and not any(ly.name.startswith(PREFIX) for ly in viewer.layers)
+    assert viewer.layers["CT + synthetic tumor"].visible
+
+
+def test_review_log_grows_across_sessions(synthesized, qtbot, tmp_path, errors):
+    from difftumor_napari._inspection import InspectionWidget
+
+    log = tmp_path / "reviews.csv"
+    for session in range(2):  # two widgets = two sessions appending to one file
+        w = InspectionWidget(synthesized)
+        qtbot.addWidget(w.native)
+        w.log_path.value = str(log)
+        w.measure()
+        for box in w.checks.values():
+            box.value = False
+        w.checks["too_sharp_edge"].value = True
+        w.checks["other"].value = session == 1
+        w.reviewer.value = f"reader {session}"
+        w.note.value = f"session {session}"
+        assert w.save_review() == log
+    rows = ins.read_reviews(log)
+    assert log.read_text().count("timestamp,") == 1 and len(rows) == 2
+    assert [r["reviewer"] for r in rows] == ["reader 0", "reader 1"]
+    assert [r["other"] for r in rows] == ["0", "1"] and all(r["too_sharp_edge"] == "1" for r in rows)
+    assert rows[0]["method"] == "model-based" and rows[0]["case"] == "example_ct_sm"
+    assert errors == []
+    w.log_path.value = str(tmp_path / "missing" / "r.csv")
+    assert w.save_review() is None and "does not exist" in errors[-1]
+
+
+def test_nothing_to_inspect_is_a_notification(make_napari_viewer, qtbot, errors):
+    from difftumor_napari._inspection import InspectionWidget
+
+    w = InspectionWidget(make_napari_viewer())
+    qtbot.addWidget(w.native)
+    assert w.measure() is None and "run Synthesis first" in errors[-1]
+    assert not w.toggle_side_by_side()
