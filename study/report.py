@@ -244,9 +244,10 @@ def render_figure(table: pd.DataFrame, path: Path) -> None:
         ax.axhline(50, color="0.3", linestyle="--", linewidth=1)
         ax.set_xticks(np.arange(len(organs)), [o.capitalize() for o in organs])
         ax.set_title(metric.capitalize())
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 105)
     axes[0].set_ylabel("% (95% Wilson interval; dashed = chance)")
-    axes[-1].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(readers), 8), fontsize=8)
     fig.savefig(path, format="png")
 
 

@@ -173,3 +173,16 @@ def test_end_to_end_create_read_export_report(tmp_path, source_cases, capsys):
     short.write_text("\n".join(key.read_text().splitlines()[:-1]) + "\n")
     with pytest.raises(DiffTumorError, match="does not cover"):
         write_report([study_dir], short, tmp_path / "rep3")
+
+
+def test_cli_errors_exit_2_with_one_line(tmp_path, files, capsys):
+    from backend.cli import main
+
+    assert main(["study", "read", str(tmp_path), "--reader", "R1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("difftumor: error: ") and "not a study" in err and "\n" not in err
+    key, answers = files
+    answers.write_text(ANSWERS + "R2,P2,real,,1,t\n")
+    assert main(["study", "report", "--answers", str(answers), "--key", str(key), "--out", str(tmp_path / "o")]) == 2
+    assert "more than once" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
