@@ -74,6 +74,7 @@ class TumorParams:
     sigma: float
     centre: tuple[int, int, int]  # model-space voxel (X, Y, Z)
     clipped_to_organ: bool
+    centre_world_mm: tuple[float, float, float] | None = None  # filled in by the engine (LPS mm)
 
     def to_dict(self) -> dict:
         return asdict(self)

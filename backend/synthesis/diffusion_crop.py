@@ -1,0 +1,89 @@
+"""Diffusion synthesis of one 96³ crop, as released (official_pipeline.md §2.2, §2.3, §3).
+
+Input: a crop in the crop layout (X, Y, Z), values in [-1, 1], and its 0/1 tumour mask. The crop is
+permuted to the official layout (1, 1, Z, X, Y); the masked volume (tumour set to 0) is encoded by
+the standalone autoencoder, normalised with the codebook's global min/max, and concatenated with the
+nearest-resized mask code (9 channels). Then:
+
+* **early** (T = 4 model): ancestral sampling, x̂₀ clamped, decoded (re-quantised) with the VQGAN
+  embedded in ``{organ}_early.pt``;
+* **mid_late** (T = 200 model): DDIM, 50 steps, η = 0, decoded with the standalone autoencoder.
+
+Randomness comes from ``noise`` (``[x_T, z_{T-1}, …]`` as in :class:`~backend.diffusion.inferer.DiffusionInferer`)
+or a ``torch.Generator``; noise is drawn on the CPU so a seed gives the same tumour on any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+
+Stage = Literal["early", "mid_late"]
+STAGES: tuple[str, ...] = ("early", "mid_late")
+
+
+@dataclass
+class StageModels:
+    """What one stage needs: encoder AE, denoiser, scheduler, decoder AE (+ file sha256 for provenance)."""
+
+    stage: str
+    autoencoder: torch.nn.Module  # encodes the masked crop (standalone AutoencoderModel.ckpt)
+    unet: torch.nn.Module
+    scheduler: object  # DDPMScheduler (early) or DDIMScheduler (mid_late)
+    decoder: torch.nn.Module  # early: the .pt's embedded VQGAN (or the AE when identical); mid_late: the AE
+    sha256: dict
+    steps: int
+
+
+def _draw_noise(shape, n: int, generator: torch.Generator) -> list[torch.Tensor]:
+    return [torch.randn(shape, generator=generator, dtype=torch.float32) for _ in range(n)]
+
+
+def iter_synthesize_crop(
+    x_xyz: np.ndarray,
+    mask_xyz: np.ndarray,
+    models: StageModels,
+    *,
+    device: torch.device,
+    noise=None,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[str, int, int]]:
+    """Yields ``(message, done, total)`` per network step; returns the decoded crop (X, Y, Z) float32."""
+    from backend.diffusion.inferer import DiffusionInferer, decode_latent, encode_condition
+
+    total = models.steps + 2
+    with torch.inference_mode():
+        vol = torch.from_numpy(np.ascontiguousarray(x_xyz, dtype=np.float32))[None, None].permute(0, 1, 4, 2, 3)
+        m = torch.from_numpy(np.ascontiguousarray(mask_xyz, dtype=np.float32))[None, None].permute(0, 1, 4, 2, 3)
+        vol, m = vol.to(device), m.to(device)  # (1, 1, Z, X, Y)
+        cond = encode_condition(models.autoencoder, vol, m)  # (1, 9, z, x, y)
+        yield "encoded", 1, total
+        if noise is None:
+            lat_shape = (1, cond.shape[1] - 1, *cond.shape[2:])
+            n_draws = 1 + (models.steps - 1 if models.stage == "early" else 0)
+            noise = _draw_noise(lat_shape, n_draws, generator if generator is not None else torch.Generator().manual_seed(0))
+        noise = [n.to(device) for n in (noise if isinstance(noise, (list, tuple)) else list(noise.unbind(0)))]
+        inferer = DiffusionInferer(models.scheduler)
+        it = inferer.iter_sample(models.unet, cond, noise=noise, generator=None)
+        while True:
+            try:
+                done, _ = next(it)
+            except StopIteration as stop:
+                latent = stop.value
+                break
+            yield f"{models.stage} step {done}/{models.steps}", 1 + done, total
+        decoded = decode_latent(models.decoder, latent)  # (1, 1, Z, X, Y)
+        yield "decoded", total, total
+        return decoded[0, 0].permute(1, 2, 0).float().cpu().numpy()  # (X, Y, Z)
+
+
+def run(gen):
+    """Drive a ``(message, done, total)`` generator to its return value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value

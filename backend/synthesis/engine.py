@@ -1,0 +1,426 @@
+"""The synthesis engine: a healthy CT + organ mask (+ tumour mask) -> CT with a synthetic tumour.
+
+    engine = SynthesisEngine(weights_dir=None, device="auto")
+    result = engine.synthesize(ct, organ_mask, tumor_mask=None, organ="liver", seed=0)
+    result.ct          # Volume: same geometry and dtype as ``ct``
+    result.label       # uint8 (z, y, x): 0 background, 1 organ, 2 tumour
+    result.tumor_mask  # bool (z, y, x)
+    result.provenance  # dict: method (+ why), weights sha256, seed, stage, steps, sigma, mask params, timings
+
+``iter_synthesize`` is the same work as a generator yielding ``(message, done, total)`` and returning
+the :class:`SynthesisResult` (for the napari progress bar); :func:`run_sync` drives it.
+
+Methods: ``"diffusion"`` (the release's latent diffusion, needs the weights), ``"model-based"``
+(Hu et al. 2023, no weights) and ``"auto"`` = diffusion when the weights for the organ and stage are
+found, else model-based — the provenance says which ran and why.
+
+Geometry: the CT is never resampled as a whole. Diffusion works on 96³ model-space crops cut from the
+CT (:mod:`backend.synthesis.crops`), one per group of nearby tumour components; the result is written
+back only where the blurred mask reaches (the blend support). Every other voxel is bit-identical to
+the input; integer CTs stay integer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from backend.errors import DiffTumorError
+from backend.io import Geometry, Volume, check_same_grid
+from backend.synthesis import blend, crops, masks
+from backend.synthesis.model_based import ModelBasedConfig, cast_like, synthesize_model_based
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "diffusion", "model-based")
+STAGE_CHOICES = ("early", "mid_late")
+EARLY_MAX_DIAMETER_MM = 20.0  # the release: tumours < 2 cm are "early"
+GROUP_EXTENT_MM = 80.0  # tumour components whose union fits in 80 mm share one 96 mm crop
+
+
+@dataclass
+class SynthesisResult:
+    ct: Volume
+    label: np.ndarray  # uint8 (z, y, x): 0 background, 1 organ, 2 tumour
+    tumor_mask: np.ndarray  # bool (z, y, x)
+    provenance: dict = field(default_factory=dict)
+
+    def label_volume(self) -> Volume:
+        return Volume(self.label, self.ct.geometry)
+
+
+def run_sync(gen):
+    """Run a ``(message, done, total)`` generator to the end and return its result (scripts, tests)."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------
+def check_ct_like(ct: Volume, organ_mask: np.ndarray, name: str = "CT") -> None:
+    """Refuse NaN/inf and images whose intensities are not Hounsfield units (e.g. MR)."""
+    a = ct.array
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        raise DiffTumorError(f"{name}: contains NaN or infinite values")
+    if a.dtype.kind not in "iuf":
+        raise DiffTumorError(f"{name}: pixel type {a.dtype} is not a CT intensity type")
+    sub = a[:: max(1, a.shape[0] // 32), ::4, ::4]
+    organ_vals = a[organ_mask]
+    organ_med = float(np.median(organ_vals)) if organ_vals.size else float("nan")
+    med, lo = float(np.median(sub)), float(sub.min())
+    if organ_vals.size and not -200.0 <= organ_med <= 400.0:
+        raise DiffTumorError(
+            f"{name}: does not look like a CT in Hounsfield units (organ median {organ_med:.0f}, expected -200..400 HU); MR or scaled data is not supported"
+        )
+    if lo > -500.0 and not -200.0 <= med <= 200.0:
+        raise DiffTumorError(
+            f"{name}: does not look like a CT in Hounsfield units (no air near -1000 HU, median {med:.0f}); MR or scaled data is not supported"
+        )
+
+
+def _as_mask(m, ct: Volume, name: str) -> np.ndarray:
+    if isinstance(m, Volume):
+        check_same_grid(ct, m, names=(ct.name if hasattr(ct, "name") and ct.name else "CT", name))
+        m = m.array
+    m = np.asarray(m)
+    if m.shape != ct.array.shape:
+        raise DiffTumorError(f"{name}: array shape {m.shape} differs from the CT's {ct.array.shape} (z, y, x)")
+    if m.dtype.kind == "f" and not np.all(np.isfinite(m)):
+        raise DiffTumorError(f"{name}: contains NaN or infinite values")
+    return m != 0
+
+
+def _bbox_slices(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
+    nz = np.argwhere(mask)
+    lo = np.maximum(nz.min(0) - np.asarray(margin), 0)
+    hi = np.minimum(nz.max(0) + 1 + np.asarray(margin), mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+# --------------------------------------------------------------------------------------------
+# tumour components -> crops
+# --------------------------------------------------------------------------------------------
+def group_components(tumor: np.ndarray, geometry: Geometry, extent_mm: float = GROUP_EXTENT_MM) -> list[np.ndarray]:
+    """Split a (z, y, x) tumour mask into groups of components that fit together in one crop."""
+    lab, n = ndimage.label(tumor, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return []
+    objs = ndimage.find_objects(lab)
+    sizes = ndimage.sum_labels(tumor, lab, index=np.arange(1, n + 1))
+    groups: list[tuple[np.ndarray, np.ndarray, list[int]]] = []  # (world lo, world hi, ids)
+    for i in np.argsort(-sizes):
+        sl = objs[i]
+        corners = np.array([[sl[2].start, sl[1].start, sl[0].start], [sl[2].stop - 1, sl[1].stop - 1, sl[0].stop - 1]], float)
+        w = geometry.voxel_to_world(np.array([[x, y, z] for x in corners[:, 0] for y in corners[:, 1] for z in corners[:, 2]]))
+        lo, hi = w.min(0), w.max(0)
+        for g in groups:
+            nlo, nhi = np.minimum(g[0], lo), np.maximum(g[1], hi)
+            if np.all(nhi - nlo <= extent_mm):
+                g[0][:], g[1][:] = nlo, nhi
+                g[2].append(int(i) + 1)
+                break
+        else:
+            groups.append((lo.copy(), hi.copy(), [int(i) + 1]))
+    return [np.isin(lab, g[2]) for g in groups]
+
+
+# --------------------------------------------------------------------------------------------
+# the engine
+# --------------------------------------------------------------------------------------------
+class SynthesisEngine:
+    """Loads weights lazily (once) and synthesizes tumours into CTs in their own geometry."""
+
+    def __init__(self, weights_dir=None, device: str = "auto", *, threads: int | None = None,
+                 model_based_config: ModelBasedConfig | None = None):
+        from backend.device import resolve_device, setup_cpu_threads
+        from backend.weights import WeightsFolder
+
+        self.weights = WeightsFolder.find(weights_dir)
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            setup_cpu_threads(threads)
+        self.model_based_config = model_based_config or ModelBasedConfig()
+        self._ae = None
+        self._stage_models: dict = {}
+
+    # ---------------------------------------------------------------- weights
+    def diffusion_available(self, organ: str, stage: str) -> tuple[bool, str]:
+        """(available, reason) for ``stage`` of ``organ``."""
+        from backend.weights import WEIGHT_ORGANS, weight_organ
+
+        if weight_organ(organ) not in WEIGHT_ORGANS:
+            return False, f"no diffusion weights exist for {organ} (released organs: {', '.join(WEIGHT_ORGANS)})"
+        if self.weights.root is None:
+            return False, "no weights folder found (--weights, $DIFFTUMOR_WEIGHTS or the user config)"
+        miss = self.weights.missing(organ, stage)
+        if miss:
+            return False, f"weights folder {self.weights.root} lacks {', '.join(miss)}"
+        return True, f"weights found in {self.weights.root} ({self.weights.source})"
+
+    def _autoencoder(self):
+        if self._ae is None:
+            from backend.vqgan.official import load_autoencoder
+            from backend.weights import AE_NAME
+
+            self._ae = load_autoencoder(self.weights.path(AE_NAME)).to(self.device).eval()
+        return self._ae
+
+    def stage_models(self, organ: str, stage: str, ddim_steps: int = 50):
+        """Load (once) and return the :class:`~backend.synthesis.diffusion_crop.StageModels` for a stage."""
+        from backend.diffusion.official import load_diffusion
+        from backend.synthesis.diffusion_crop import StageModels
+        from backend.weights import AE_NAME, diffusion_name
+
+        key = (diffusion_name(organ, stage), ddim_steps if stage == "mid_late" else None)
+        if key in self._stage_models:
+            return self._stage_models[key]
+        paths = self.weights.require(organ, stage)
+        ae = self._autoencoder()
+        ck = load_diffusion(paths[diffusion_name(organ, stage)], latent_channels=ae.config.embedding_dim)
+        if stage == "early":
+            scheduler = ck.ddpm_scheduler()
+            decoder = self._embedded_decoder(ck, ae)
+            steps = ck.timesteps
+        else:
+            scheduler = ck.ddim_scheduler(ddim_steps)
+            decoder, steps = ae, ddim_steps
+        sha = {n: self.weights.sha256(n) for n in (AE_NAME, diffusion_name(organ, stage))}
+        models = StageModels(stage, ae, ck.unet.to(self.device).eval(), scheduler.to(self.device), decoder, sha, steps)
+        self._stage_models[key] = models
+        return models
+
+    def _embedded_decoder(self, ck, ae):
+        """The early .pt decodes with its own VQGAN copy; reuse the AE object when the tensors are equal."""
+        if not ck.vqgan_state:
+            return ae
+        import torch
+        from backend.vqgan.model import VQGAN
+
+        own = ae.state_dict()
+        emb = {k: v for k, v in ck.vqgan_state.items() if k in own}
+        if all(torch.equal(emb[k].to(own[k].device, own[k].dtype), own[k]) for k in emb if k in own) and len(emb) >= len(own) - 2:
+            return ae
+        dec = VQGAN(ae.config)
+        missing = dec.load_state_dict(emb, strict=False).missing_keys
+        if any(not k.startswith("codebook.") for k in missing):
+            raise DiffTumorError(f"{ck.path}: embedded autoencoder does not match the autoencoder architecture")
+        return dec.to(self.device).eval()
+
+    # ---------------------------------------------------------------- main entry points
+    def synthesize(self, ct: Volume, organ_mask, tumor_mask=None, **kwargs) -> SynthesisResult:
+        return run_sync(self.iter_synthesize(ct, organ_mask, tumor_mask, **kwargs))
+
+    def iter_synthesize(
+        self,
+        ct: Volume,
+        organ_mask,
+        tumor_mask=None,
+        *,
+        organ: str,
+        method: str = "auto",
+        seed: int = 0,
+        stage: str | None = None,
+        size: str | None = None,
+        count: int | None = None,
+        sigma: float | None = None,
+        ddim_steps: int = 50,
+        pancreas_blend: bool = False,
+        noise=None,
+        tumor_name: str = "tumor mask",
+        organ_name: str = "organ mask",
+    ) -> Iterator[tuple[str, int, int]]:
+        """Generator form of :meth:`synthesize`; must not touch Qt. See the module docstring.
+
+        * ``tumor_mask``: (z, y, x) array or Volume on the CT grid (non-zero = tumour); None draws
+          tumours with the release's generator (``size``/``count``; None = the release's mix).
+        * ``stage``: "early" / "mid_late" overrides the choice from the size (diameter < 20 mm = early).
+        * ``sigma``: blend blur in voxels (None: U(0, 4) as released); ``pancreas_blend`` blends the
+          pancreas like the other organs instead of replacing the whole crop.
+        * ``noise``: explicit diffusion noises ``[x_T, z...]`` (tests/parity), used for every crop.
+        """
+        t_start = time.perf_counter()
+        if method not in METHODS:
+            raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+        if stage is not None and stage not in STAGE_CHOICES:
+            raise DiffTumorError(f"--stage {stage}: choose early or mid_late")
+        if size is not None and size not in masks.SIZE_CLASSES:
+            raise DiffTumorError(f"--size {size}: choose one of {', '.join(masks.SIZE_CLASSES)}")
+        if sigma is not None and not 0.0 <= float(sigma) <= 20.0:
+            raise DiffTumorError(f"--sigma {sigma}: the blend blur must lie in [0, 20] voxels")
+        from backend.organs import parse_organ
+
+        organ = parse_organ(organ)
+        rng = np.random.default_rng(seed)
+        organ_arr = _as_mask(organ_mask, ct, organ_name)
+        if not organ_arr.any():
+            raise DiffTumorError(f"{organ_name}: the organ '{organ}' is absent (no voxel)")
+        check_ct_like(ct, organ_arr, ct.name if ct.name else "CT")
+        yield "checked the input", 0, 1
+
+        # ---- tumour mask (file space)
+        mask_info: dict
+        class_stage = None
+        if tumor_mask is None:
+            tumor, params = self._generate(ct, organ_arr, organ, size, count, rng)
+            class_stage = masks.SIZE_CLASSES[params[0].size].stage
+            mask_info = {"source": "generated (release generator)", "tumours": [p.to_dict() for p in params]}
+        else:
+            tumor = masks.validate_tumor_mask(_as_mask(tumor_mask, ct, tumor_name), organ_arr, name=tumor_name)
+            mask_info = {"source": "user", "voxels": int(tumor.sum()),
+                         "volume_ml": float(tumor.sum() * ct.geometry.voxel_volume_ml)}
+        spacing_zyx = ct.geometry.spacing[::-1]
+        groups = group_components(tumor, ct.geometry)
+
+        # ---- method
+        stages = [stage or class_stage or self._stage_of(g, spacing_zyx) for g in groups]
+        if method == "model-based":
+            chosen, reason = "model-based", "requested"
+        else:
+            avail = [self.diffusion_available(organ, s) for s in sorted(set(stages))]
+            if all(a for a, _ in avail):
+                chosen, reason = "diffusion", ("requested; " if method == "diffusion" else "auto: ") + avail[0][1]
+            elif method == "diffusion":
+                self.weights.require(organ, next(s for s, (a, _) in zip(sorted(set(stages)), avail) if not a))
+                raise DiffTumorError(f"diffusion: {next(r for a, r in avail if not a)}")  # pragma: no cover
+            else:
+                chosen, reason = "model-based", "auto: " + next(r for a, r in avail if not a)
+        log.info("synthesis method: %s (%s)", chosen, reason)
+
+        out = ct.array.copy()
+        crops_info = []
+        n = len(groups)
+        for i, (g, st) in enumerate(zip(groups, stages)):
+            t0 = time.perf_counter()
+            if chosen == "model-based":
+                out, _, params = synthesize_model_based(out, spacing_zyx, organ_arr, g, rng=rng, config=self.model_based_config)
+                info = {"params": params}
+                yield f"model-based tumour {i + 1}/{n}", i + 1, n
+            else:
+                sub = self._diffuse_group(out, ct.geometry, organ_arr, g, organ=organ, stage=st, sigma=sigma, rng=rng,
+                                          seed=seed, index=i, ddim_steps=ddim_steps, pancreas_blend=pancreas_blend,
+                                          noise=noise)
+                info = None
+                while True:
+                    try:
+                        msg, done, total = next(sub)
+                        yield f"tumour {i + 1}/{n}: {msg}", i * total + done, n * total
+                    except StopIteration as stop:
+                        out, info = stop.value
+                        break
+            info.update(stage=st if chosen == "diffusion" else None, seconds=round(time.perf_counter() - t0, 3),
+                        diameter_mm=round(masks.largest_diameter_mm(g, spacing_zyx), 2))
+            crops_info.append(info)
+
+        label = np.zeros(ct.array.shape, np.uint8)
+        label[organ_arr] = 1
+        label[tumor] = 2
+        from backend import __version__
+
+        prov = {
+            "method": chosen,
+            "method_reason": reason,
+            "organ": organ,
+            "seed": int(seed),
+            "version": __version__,
+            "device": str(self.device),
+            "mask": mask_info,
+            "tumours": crops_info,
+            "seconds": round(time.perf_counter() - t_start, 3),
+        }
+        yield "done", 1, 1
+        return SynthesisResult(Volume(out, ct.geometry, getattr(ct, "path", None)), label, tumor, prov)
+
+    # ---------------------------------------------------------------- helpers
+    @staticmethod
+    def _stage_of(group: np.ndarray, spacing_zyx) -> str:
+        d = masks.largest_diameter_mm(group, spacing_zyx)
+        return "early" if d < EARLY_MAX_DIAMETER_MM else "mid_late"
+
+    def _generate(self, ct: Volume, organ_arr: np.ndarray, organ: str, size, count, rng):
+        """Release generator in model space on the organ's neighbourhood, mapped back by nearest neighbour."""
+        margin = [int(np.ceil(10.0 / s)) for s in ct.geometry.spacing[::-1]]
+        sl = _bbox_slices(organ_arr, margin)
+        sub_g = crops.sub_geometry(ct.geometry, sl)
+        grid = crops.model_grid(sub_g)
+        organ_m = crops.sample(organ_arr[sl], sub_g, grid, nearest=True, extrapolate=True).transpose(2, 1, 0).astype(bool)
+        if size is None:
+            size = masks.sample_size_class(rng)
+        masks.check_organ_fits(organ_m, size, name=f"organ '{organ}'")
+        mask_m, params = masks.generate_tumor_mask(organ_m, organ, size=size, count=count, rng=rng)
+        back = crops.sample(np.ascontiguousarray(mask_m.transpose(2, 1, 0)), grid, sub_g, nearest=True).astype(bool)
+        tumor = np.zeros(organ_arr.shape, bool)
+        tumor[sl] = back
+        if not tumor.any():  # thinner than a slice: keep the voxel nearest each centre
+            for p in params:
+                w = grid.voxel_to_world(np.asarray(p.centre, float))
+                k = np.clip(np.rint(ct.geometry.world_to_voxel(w)).astype(int), 0, np.asarray(ct.geometry.size) - 1)
+                tumor[k[2], k[1], k[0]] = True
+        for p in params:  # report centres in world coordinates too
+            p_world = grid.voxel_to_world(np.asarray(p.centre, float))
+            p.centre_world_mm = tuple(round(float(v), 2) for v in p_world)
+        return tumor, params
+
+    def _diffuse_group(self, out, geometry: Geometry, organ_arr, group, *, organ, stage, sigma, rng, seed, index,
+                       ddim_steps, pancreas_blend, noise):
+        import torch
+
+        from backend.device import oom_guard
+        from backend.synthesis.diffusion_crop import iter_synthesize_crop
+
+        t0 = time.perf_counter()
+        models = self.stage_models(organ, stage, ddim_steps)
+        grid = crops.model_grid(geometry)
+        nz = np.argwhere(group)
+        centre_idx = (nz.min(0) + nz.max(0)) / 2.0  # (z, y, x)
+        centre_world = geometry.voxel_to_world(centre_idx[::-1])
+        crop = crops.crop_around(grid, centre_world)
+        inside = crop.inside()
+        hu = crops.crop_from(out, geometry, crop, nearest=False, pad=blend.HU_LOW - 1000.0)  # float32 (X, Y, Z)
+        m = crops.crop_from(group, geometry, crop, nearest=True, pad=0).astype(np.float32)
+        if not m.any():
+            raise DiffTumorError("tumor mask: a tumour component is thinner than the model's 1 mm grid can hold")
+        x = blend.hu_to_pm1(hu)
+        t_prep = time.perf_counter()
+        gen = torch.Generator().manual_seed(int(seed) * 1000 + index)
+        with oom_guard("synthesis", self.device):
+            decoded = yield from iter_synthesize_crop(x, m, models, device=self.device, noise=noise, generator=gen)
+        t_net = time.perf_counter()
+
+        if blend.uses_blend(organ, pancreas_blend):
+            s = float(sigma) if sigma is not None else blend.draw_sigma(rng)
+            m_blur = blend.blur_mask(m, s) * inside
+            new_hu = blend.blend_hu(hu, m_blur, decoded)
+        else:  # pancreas as released: the whole crop becomes (decoded + 1)/2
+            s = None
+            m_blur = inside.astype(np.float32)
+            new_hu = blend.pancreas_as_released_hu(decoded)
+        delta = np.where(m_blur > 0, new_hu - hu.astype(np.float64), 0.0).astype(np.float32)
+
+        # back onto the CT grid: only where the (linearly sampled) blurred mask is > 0
+        fp = crops.footprint(crop, geometry)
+        d_file = crops.back_to_file(delta, crop, geometry, fp)
+        w_file = crops.back_to_file(m_blur.astype(np.float32), crop, geometry, fp)
+        region = out[fp]
+        sup = w_file > 0
+        region[sup] = cast_like(region[sup].astype(np.float64) + d_file[sup], out.dtype)
+        info = {
+            "sigma": s,
+            "steps": models.steps,
+            "sampler": "ancestral (T=4)" if stage == "early" else f"DDIM {models.steps} steps, eta 0 (T=200)",
+            "weights_sha256": models.sha256,
+            "crop_start_model_xyz": list(crop.start),
+            "crop_centre_world_mm": [round(float(v), 2) for v in centre_world],
+            "support_voxels": int(sup.sum()),
+            "timings_s": {"prepare": round(t_prep - t0, 3), "network": round(t_net - t_prep, 3),
+                          "write_back": round(time.perf_counter() - t_net, 3)},
+        }
+        return out, info

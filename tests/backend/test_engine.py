@@ -1,0 +1,151 @@
+"""Synthesis engine: parity with the release, geometry/dtype, bit-identity outside the support, seeds, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from backend.errors import DiffTumorError
+from backend.io import Geometry, Volume, read_image
+from backend.organs import load_organ_mask
+from backend.synthesis import blend, crops
+from backend.synthesis.diffusion_crop import iter_synthesize_crop
+from backend.synthesis.engine import SynthesisEngine, run_sync
+from backend.synthesis.masks import ellipsoid_mask
+
+
+@pytest.fixture(scope="module")
+def real(totalseg_ct, totalseg_seg):
+    ct = read_image(totalseg_ct)
+    return ct, load_organ_mask(totalseg_seg, "liver", reference=ct)
+
+
+@pytest.fixture(scope="module")
+def engine(parity_dir):
+    torch.set_num_threads(2)
+    return SynthesisEngine(parity_dir, device="cpu", threads=2)
+
+
+def test_early_crop_parity_with_release(engine, parity_outputs, real):
+    """Done-when 1: the engine's crop (cut from the real CT) + early sampler + blend (sigma 2) = blend_early."""
+    ct, _ = real
+    grid = crops.model_grid(ct.geometry)
+    crop = crops.Crop(grid, (172, 119, -3))  # the parity crop (parity grid has no half-voxel extension)
+    x = blend.hu_to_pm1(crops.crop_from(ct.array, ct.geometry, crop, nearest=False, pad=-1175.0))
+    ref_x = parity_outputs["x"][0, 0].numpy()
+    x[:, :, :4] = -1.0
+    x[:, :, 92:] = -1.0
+    assert np.abs(x - ref_x).max() < 1e-6
+    mask = parity_outputs["tumor_mask"][0, 0].numpy().astype(np.float32)
+    models = engine.stage_models("liver", "early")
+    assert models.decoder is models.autoencoder  # embedded VQGAN equals the AE in the fixtures
+    noise = list(parity_outputs["early_noise"].unbind(0))
+    decoded = run_sync(iter_synthesize_crop(ref_x, mask, models, device=torch.device("cpu"), noise=noise))
+    m_blur = blend.blur_mask(mask, 2.0)
+    out = blend.blend01((ref_x + 1) / 2, m_blur, decoded)
+    assert np.abs(out - parity_outputs["blend_early"][0, 0].numpy()).max() <= 2e-4
+
+
+@pytest.mark.slow
+def test_diffusion_on_real_ct_geometry_dtype_support(engine, real):
+    ct, organ = real
+    r = engine.synthesize(ct, organ, organ="liver", size="small", count=1, seed=3, sigma=1.5)
+    assert r.provenance["method"] == "diffusion" and r.provenance["tumours"][0]["stage"] == "early"
+    assert r.ct.geometry == ct.geometry and r.ct.array.dtype == ct.array.dtype == np.int16
+    changed = r.ct.array != ct.array
+    assert changed.any()
+    # every change lies within the blurred-mask reach (sigma 1.5 -> 6 mm = 2 voxels at 3 mm, +1 for interpolation)
+    from scipy import ndimage
+
+    reach = ndimage.binary_dilation(r.tumor_mask, np.ones((3, 3, 3), bool), iterations=3)
+    assert not (changed & ~reach).any()
+    assert set(np.unique(r.label)) == {0, 1, 2} and not (r.tumor_mask & ~organ).any()
+    sha = r.provenance["tumours"][0]["weights_sha256"]
+    assert set(sha) == {"AutoencoderModel.ckpt", "liver_early.pt"} and all(len(v) == 64 for v in sha.values())
+
+
+def _synthetic_ct(dtype=np.int16, spacing=(0.8, 0.8, 2.5)):
+    rng = np.random.default_rng(0)
+    a = rng.normal(-1000, 10, (40, 96, 96))
+    organ = np.zeros(a.shape, bool)
+    organ[8:32, 20:76, 20:76] = True
+    a[organ] = rng.normal(55, 8, organ.sum())
+    g = Geometry((96, 96, 40), spacing, (5.0, -3.0, 100.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    return Volume(a.astype(dtype), g), organ
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_model_based_engine_support_dtype_seed(dtype, tmp_path):
+    ct, organ = _synthetic_ct(dtype)
+    e = SynthesisEngine(tmp_path, device="cpu")  # empty folder: auto falls back to model-based
+    r1 = e.synthesize(ct, organ, organ="liver", size="small", count=2, seed=5)
+    r2 = e.synthesize(ct, organ, organ="liver", size="small", count=2, seed=5)
+    r3 = e.synthesize(ct, organ, organ="liver", size="small", count=2, seed=6)
+    assert r1.provenance["method"] == "model-based" and "lacks" in r1.provenance["method_reason"]
+    assert np.array_equal(r1.ct.array, r2.ct.array) and not np.array_equal(r1.ct.array, r3.ct.array)
+    assert r1.ct.array.dtype == dtype and r1.ct.geometry == ct.geometry
+    from scipy import ndimage
+
+    changed = r1.ct.array != ct.array
+    assert changed.any() and not (changed & ~ndimage.binary_dilation(r1.tumor_mask, np.ones((3, 3, 3), bool), iterations=8)).any()
+    assert not (r1.tumor_mask & ~organ).any()
+
+
+def test_iter_synthesize_yields_progress_and_user_ellipsoid(tmp_path):
+    ct, organ = _synthetic_ct()
+    tumour = ellipsoid_mask(ct.geometry, (48, 48, 20), (6, 6, 6), voxel=True)
+    e = SynthesisEngine(tmp_path, device="cpu")
+    steps = []
+    gen = e.iter_synthesize(ct, organ, tumour, organ="liver", method="model-based", seed=0)
+    while True:
+        try:
+            steps.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert steps and all(len(s) == 3 for s in steps)
+    assert np.array_equal(result.tumor_mask, tumour) and result.provenance["mask"]["source"] == "user"
+
+
+def test_diffusion_without_weights_is_one_sentence(tmp_path):
+    ct, organ = _synthetic_ct()
+    e = SynthesisEngine(tmp_path, device="cpu")
+    with pytest.raises(DiffTumorError, match="missing AutoencoderModel.ckpt, liver_early.pt"):
+        e.synthesize(ct, organ, organ="liver", method="diffusion", size="tiny")
+
+
+def test_bad_inputs(tmp_path):
+    ct, organ = _synthetic_ct()
+    e = SynthesisEngine(tmp_path, device="cpu")
+    kw = dict(organ="liver", method="model-based")
+    with pytest.raises(DiffTumorError, match="absent"):
+        e.synthesize(ct, np.zeros_like(organ), **kw)
+    small = np.zeros_like(organ)
+    small[20, 50, 50] = True
+    with pytest.raises(DiffTumorError, match="too small"):
+        e.synthesize(ct, small, size="large", **kw)
+    outside = np.zeros_like(organ)
+    outside[2:5, 2:8, 2:8] = True
+    with pytest.raises(DiffTumorError, match="inside the organ"):
+        e.synthesize(ct, organ, outside, **kw)
+    with pytest.raises(DiffTumorError, match="differs from the CT"):
+        e.synthesize(ct, organ, outside[:, :50], **kw)
+    nan_ct = Volume(ct.array.astype(np.float32), ct.geometry)
+    nan_ct.array[0, 0, 0] = np.nan
+    with pytest.raises(DiffTumorError, match="NaN"):
+        e.synthesize(nan_ct, organ, **kw)
+    mr = Volume((np.abs(ct.array.astype(np.float32)) + 300.0) * 1.5, ct.geometry)
+    with pytest.raises(DiffTumorError, match="does not look like a CT"):
+        e.synthesize(mr, organ, **kw)
+
+
+def test_mask_grid_float_noise_accepted_different_grid_refused(tmp_path):
+    ct, organ = _synthetic_ct(spacing=(1.0, 1.0, 1.0))
+    tumour = ellipsoid_mask(ct.geometry, (48, 48, 20), (5, 5, 5), voxel=True).astype(np.uint8)
+    g = ct.geometry
+    noisy = Geometry(g.size, (0.9999999999999929, 1.0, 1.0000000000000002), g.origin, g.direction)
+    e = SynthesisEngine(tmp_path, device="cpu")
+    r = e.synthesize(ct, organ, Volume(tumour, noisy), organ="liver", method="model-based")
+    assert r.tumor_mask.sum() == tumour.sum()
+    other = Geometry(g.size, (1.0, 1.0, 1.2), g.origin, g.direction)
+    with pytest.raises(DiffTumorError, match="grid does not match"):
+        e.synthesize(ct, organ, Volume(tumour, other), organ="liver", method="model-based")
