@@ -20,8 +20,11 @@ from backend.errors import DiffTumorError
 COMMAND_MODULES = [
     "backend.cli.info",
     "backend.cli.demo",
+    "backend.cli.synthesize",
+    "backend.cli.weights",
     "backend.cli.evaluate",
     "backend.cli.study",
+    "backend.cli.train",
 ]
 
 
