@@ -215,3 +215,23 @@ def test_dicom_folder_is_read(tmp_path):
     assert kind == "image" and data.shape == ct.shape
     np.testing.assert_array_equal(data, ct)
     assert kw["scale"] == pytest.approx((2.0, 0.7, 0.7))
+
+
+def test_napari_open_and_save_through_the_plugin(tmp_path):
+    """The same round trip through napari's own plugin machinery (npe2 reader + writer)."""
+    from napari.components import ViewerModel
+    from npe2 import PluginManager
+
+    PluginManager.instance().discover()  # what napari does when its window starts
+    ct_in = _write(tmp_path / "ct.nii.gz", _ct())
+    seg_in = _write(tmp_path / "ct_seg.nii.gz", _labels())
+    viewer = ViewerModel()
+    viewer.open([str(ct_in), str(seg_in)], plugin="difftumor", stack=False)
+    ct, seg = viewer.layers
+    assert type(ct).__name__ == "Image" and type(seg).__name__ == "Labels"
+    for layer, src in ((ct, ct_in), (seg, seg_in)):
+        out = tmp_path / f"saved_{src.name}"
+        assert layer.save(str(out), plugin="difftumor") == [str(out)]
+        a, b = read_image(src), read_image(out)
+        assert a.geometry == b.geometry and a.dtype == b.dtype
+        np.testing.assert_array_equal(a.array, b.array)
