@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import importlib
 
-STAGE_MODULES: list[str] = []
+STAGE_MODULES: list[str] = [
+    "backend.train.autoencoder",
+    "backend.train.diffusion",
+    "backend.train.segmentation",
+]
 
 
 def register(sub) -> None:
