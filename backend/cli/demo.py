@@ -73,6 +73,44 @@ def plugin_widget_names() -> list[str]:
     return [w.display_name for w in manifest.contributions.widgets or ()]
 
 
+def _quiet_qt_binding_notice() -> None:
+    """napari 0.9 pops a 'PyQt5 support is deprecated' toast over the canvas on first show: a note
+    for developers choosing a Qt binding, not for someone looking at CT, so the demo skips it."""
+    try:
+        from napari._qt import qt_main_window
+    except ImportError:  # pragma: no cover - other napari layouts
+        return
+    if hasattr(qt_main_window, "SHOW_QT_WARNING"):
+        qt_main_window.SHOW_QT_WARNING = False
+
+
+def dock_plugin_widgets(viewer) -> tuple[dict, list[str]]:
+    """Dock every DiffTumor widget as tabs of one dock on the right (the first tab in front), so
+    the window fits a screen however many widgets the manifest has.
+    Returns ({display name: widget}, [names that failed to dock])."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QApplication
+
+    main_window = viewer.window._qt_window
+    # the right dock area runs the full height; bottom docks (three views) sit under the canvas
+    main_window.setCorner(Qt.Corner.BottomRightCorner, Qt.DockWidgetArea.RightDockWidgetArea)
+    main_window.setCorner(Qt.Corner.TopRightCorner, Qt.DockWidgetArea.RightDockWidgetArea)
+    widgets: dict = {}
+    docks = []
+    failed: list[str] = []
+    for name in plugin_widget_names():
+        try:
+            dock, widgets[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=bool(docks))
+            docks.append(dock)
+        except Exception as exc:  # a broken widget must not hide the others
+            log.error("could not dock the '%s' widget: %s: %s", name, type(exc).__name__, exc)
+            failed.append(name)
+    QApplication.processEvents()
+    if docks:
+        docks[0].raise_()
+    return widgets, failed
+
+
 def handler(args) -> int:
     if args.organs is not None and args.ct is None:
         raise DiffTumorError(f"--organs {args.organs}: needs --ct (the CT the labels belong to)")
@@ -87,28 +125,20 @@ def handler(args) -> int:
     _check_display()
     layers = _load_layers(args)
 
-    import warnings
-
-    # a deprecation note for developers, not for someone opening the demo
-    warnings.filterwarnings("ignore", message="napari support for the PyQt5 backend")
     import napari
+
+    _quiet_qt_binding_notice()
 
     viewer = napari.Viewer(title="DiffTumor Studio", show=True)
     viewer.window.resize(*WINDOW_SIZE)
     for data, kwargs, layer_type in layers:
         getattr(viewer, f"add_{layer_type}")(data, **kwargs)
-    failed = []
-    widgets = {}
-    for name in plugin_widget_names():
-        try:
-            _dock, widgets[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name)
-        except Exception as exc:  # a broken widget must not hide the others
-            log.error("could not dock the '%s' widget: %s: %s", name, type(exc).__name__, exc)
-            failed.append(name)
+    widgets, failed = dock_plugin_widgets(viewer)
     ct_layer = viewer.layers[0]
     viewer.layers.selection.active = ct_layer
     if args.three_views and "Window / level" in widgets:
         widgets["Window / level"].toggle_three_views()
+    viewer.window.resize(*WINDOW_SIZE)  # docking may have grown the window
     viewer.reset_view()
 
     if args.screenshot is None:
