@@ -224,10 +224,7 @@ def volume_to_layer_data(volume: Volume, *, kind: str = "ct", name: str | None =
         return data, kwargs, "labels"
     from difftumor_napari._viewing import window_to_contrast_limits
 
-    limits = window_to_contrast_limits(*ABDOMEN_WINDOW)
-    low, high = float(np.min(data)), float(np.max(data))
-    kwargs["contrast_limits"] = limits
+    kwargs["contrast_limits"] = window_to_contrast_limits(*ABDOMEN_WINDOW)
     kwargs["colormap"] = "gray"
     kwargs["interpolation2d"] = "linear"
-    kwargs["metadata"]["difftumor"]["data_range"] = [low, high]
     return data, kwargs, "image"
