@@ -66,7 +66,7 @@ def handler(args) -> int:
 
         pred_dir, label_dir, meta = run_sync(
             predict_dataset(
-                args.model, args.data, Path(args.out) / "predictions", folds=args.folds, fold=args.fold,
+                args.model, args.data, Path(args.out), folds=args.folds, fold=args.fold,
                 overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=args.device,
             )
         )
@@ -83,7 +83,8 @@ def handler(args) -> int:
         allow_empty_labels=args.allow_empty_labels,
     )
     rows, skipped, _ = run_sync(
-        evaluate_files(args.pred, args.label, args.out, cfg, folds=args.folds, organ_masks=args.organ_masks)
+        evaluate_files(args.pred, args.label, args.out, cfg, folds=args.folds, organ_masks=args.organ_masks,
+                       fold=args.fold)
     )
     print((Path(args.out) / "summary.md").read_text(), end="")
     print(f"{len(rows)} case(s) scored, {len(skipped)} skipped; results in {args.out}")

@@ -359,11 +359,14 @@ def write_report(out: Path, rows: list[dict], skipped: list[tuple[str, str]], cf
 
 def evaluate_files(
     pred: Path, label: Path, out: Path, cfg: EvaluationConfig, *, folds: Path | None = None,
-    organ_masks: Path | None = None,
+    organ_masks: Path | None = None, fold: int | str | None = None,
 ) -> Iterator:
-    """Generator: pair files, score them, write the report; returns ``(rows, skipped, summary)``."""
+    """Generator: pair files, score them, write the report; returns ``(rows, skipped, summary)``.
+    ``fold`` keeps only that fold's cases of the fold file (the others are not expected)."""
     pairs, skipped = pair_files(pred, label, organ_masks)
     fold_map = read_fold_file(folds) if folds is not None else None
+    if fold_map is not None and fold is not None:
+        fold_map = {c: v for c, v in fold_map.items() if v["fold"] == str(fold)}
     rows, skipped = yield from iter_evaluate(pairs, cfg, fold_map, skipped)
     if not rows:
         write_report(out, rows, skipped, cfg)

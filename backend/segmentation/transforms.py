@@ -170,24 +170,68 @@ class MapLabelsd(MapTransform):
 
     ``organ_values`` and ``tumor_values`` list the raw values of the organ and of its tumours
     (e.g. MSD liver: [1] and [2]; KiTS: [1] and [2] (+ cyst 3 as tumour or organ, your choice);
-    TotalSegmentator liver: [5] and []). Every other value becomes background.
+    TotalSegmentator liver: [5] and []). Every other value becomes background. With ``values_key``,
+    a sample may carry its own ``(organ_values, tumor_values)`` under that key (popped from the dict),
+    so sources with different conventions share one pipeline.
     """
 
-    def __init__(self, keys: KeysCollection = "label", organ_values=(1,), tumor_values=(2,), allow_missing_keys=False):
+    def __init__(self, keys: KeysCollection = "label", organ_values=(1,), tumor_values=(2,), *,
+                 values_key: str | None = None, allow_missing_keys=False):
         super().__init__(keys, allow_missing_keys)
         self.organ_values, self.tumor_values = tuple(organ_values), tuple(tumor_values)
-        if set(self.organ_values) & set(self.tumor_values):
-            raise ValueError(f"organ values {self.organ_values} and tumour values {self.tumor_values} overlap")
+        self.values_key = values_key
+        _check_disjoint(self.organ_values, self.tumor_values)
 
     def __call__(self, data):
         d = dict(data)
+        organ_values, tumor_values = self.organ_values, self.tumor_values
+        if self.values_key is not None and self.values_key in d:
+            organ_values, tumor_values = (tuple(int(v) for v in vs) for vs in d.pop(self.values_key))
+            _check_disjoint(organ_values, tumor_values)
         for key in self.key_iterator(d):
             raw = d[key]
             t = raw if torch.is_tensor(raw) else torch.as_tensor(np.asarray(raw))
             out = torch.zeros_like(t)
-            if self.organ_values:
-                out[torch.isin(t, torch.tensor(self.organ_values, dtype=t.dtype))] = 1
-            if self.tumor_values:
-                out[torch.isin(t, torch.tensor(self.tumor_values, dtype=t.dtype))] = 2
+            if organ_values:
+                out[torch.isin(t, torch.tensor(organ_values, dtype=t.dtype))] = 1
+            if tumor_values:
+                out[torch.isin(t, torch.tensor(tumor_values, dtype=t.dtype))] = 2
             d[key] = out
+        return d
+
+
+def _check_disjoint(organ_values, tumor_values) -> None:
+    if set(organ_values) & set(tumor_values):
+        raise ValueError(f"organ values {tuple(organ_values)} and tumour values {tuple(tumor_values)} overlap")
+
+
+class LoadVolumed(MapTransform):
+    """Read images with :func:`backend.io.read_image` (NIfTI, NRRD, MHA/MHD, DICOM folders) into
+    channel-first MetaTensors (1, X, Y, Z) with MONAI's RAS affine, ready for ``Orientationd`` /
+    ``Spacingd``. Replaces ``LoadImaged`` + ``EnsureChannelFirstd`` without needing nibabel or ITK."""
+
+    def __init__(self, keys: KeysCollection = ("image", "label"), allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data):
+        from monai.data import MetaTensor
+
+        from backend.io import read_image
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            vol = read_image(d[key])
+            g = vol.geometry
+            affine = np.eye(4)
+            # LPS world (ITK) -> RAS world (MONAI): flip x and y
+            affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ g.direction_matrix @ np.diag(g.spacing)
+            affine[:3, 3] = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(g.origin)
+            arr = np.ascontiguousarray(vol.array.transpose(2, 1, 0))[None]  # (z, y, x) -> (1, X, Y, Z)
+            if arr.dtype.kind == "f":
+                arr = arr.astype(np.float32, copy=False)
+            elif arr.dtype not in (np.uint8, np.int16, np.int32, np.int64):
+                arr = arr.astype(np.int32)
+            meta = {"filename_or_obj": str(d[key]), "spatial_shape": np.asarray(arr.shape[1:]),
+                    "original_affine": affine.copy(), "original_channel_dim": "no_channel"}
+            d[key] = MetaTensor(torch.from_numpy(arr), affine=torch.from_numpy(affine), meta=meta)
         return d

@@ -1,0 +1,105 @@
+"""Run a trained segmentation checkpoint on a dataset: sliding-window inference in model space,
+predictions written back on each CT's own grid (``backend.preprocess`` exact inverse).
+
+:func:`predict_dataset` is a generator (``(message, done, total)``) returning
+``(pred_dir, label_dir, meta)``: ``pred_dir/<case>.nii.gz`` holds 0 background / 1 organ /
+2 tumour on the CT grid; ``label_dir/<case>.nii.gz`` the reference label mapped to the same
+values with the checkpoint's label convention (so both can be scored by name).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backend.errors import DiffTumorError
+
+log = logging.getLogger(__name__)
+
+
+def load_segmentation_model(path, device):
+    """(model in eval mode, checkpoint dict) from a ``difftumor train segmentation`` checkpoint."""
+    from backend.segmentation.networks import NetworkConfig, build_network
+    from backend.train.common import load_checkpoint
+
+    ck = load_checkpoint(path)
+    if ck.get("stage") != "segmentation":
+        raise DiffTumorError(f"{path}: not a segmentation checkpoint (stage {ck.get('stage')!r})")
+    mc = dict(ck["model_config"])
+    mc["roi_size"] = tuple(mc["roi_size"])
+    mc["unet_channels"] = tuple(mc["unet_channels"])
+    model = build_network(NetworkConfig(**mc))
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval(), ck
+
+
+def map_labels(arr: np.ndarray, organ_values, tumor_values) -> np.ndarray:
+    out = np.zeros(arr.shape, np.uint8)
+    out[np.isin(arr, list(organ_values))] = 1
+    out[np.isin(arr, list(tumor_values))] = 2
+    return out
+
+
+@torch.no_grad()
+def predict_volume(model, ct, *, roi_size, overlap: float, sw_batch_size: int, device, hu_range=(-175.0, 250.0)):
+    """Label map (z, y, x) uint8 on ``ct``'s grid: model space -> sliding window -> argmax -> back."""
+    from monai.inferers import sliding_window_inference
+
+    from backend.preprocess import from_model_space, to_model_space
+
+    ms = to_model_space(ct)
+    lo, hi = hu_range
+    x = np.clip((ms.array.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+    xt = torch.from_numpy(x)[None, None].to(device)  # (1, 1, X, Y, Z)
+    logits = sliding_window_inference(xt, tuple(roi_size), sw_batch_size, model, overlap=overlap, mode="gaussian")
+    pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()  # (X, Y, Z)
+    return from_model_space(pred, ms, is_label=True, dtype=np.uint8)
+
+
+def predict_dataset(model_path, data, out_dir, *, folds=None, fold=None, overlap=0.75, sw_batch_size=2, device="auto"):
+    """Generator: predict every labelled case of ``data`` (only fold ``fold``'s validation cases
+    when a split file and fold are given); returns ``(pred_dir, label_dir, meta)``."""
+    from backend.data import list_cases
+    from backend.device import resolve_device
+    from backend.io import check_same_grid, read_image, write_image
+    from backend.segmentation.splits import fold_cases, load_splits
+
+    if not 0.0 <= overlap < 1.0:
+        raise DiffTumorError(f"--overlap: must be in [0, 1), got {overlap}")
+    dev = resolve_device(device)
+    model, ck = load_segmentation_model(model_path, dev)
+    cfg = ck["config"]
+    organ = ck.get("organ", cfg.get("organ", "tumor"))
+    cases = list_cases(data, require_labels=True)
+    if fold is not None:
+        if folds is None:
+            raise DiffTumorError("--fold: needs --folds (the run's splits.json)")
+        _, val = fold_cases(load_splits(folds), fold, where=str(folds))
+        cases = [c for c in cases if c.name in set(val)]
+        if not cases:
+            raise DiffTumorError(f"{folds}: fold {fold} names none of the cases in {data}")
+    organ_values, tumor_values = cfg["data"]["organ_values"], cfg["data"]["tumor_values"]
+    out_dir = Path(out_dir)
+    pred_dir, label_dir = out_dir / "pred", out_dir / "labels"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
+    for i, case in enumerate(cases):
+        yield f"predicting {case.name}", i, len(cases)
+        try:
+            ct = read_image(case.image)
+            label_path = case.label if case.label is not None else Path(case.segmentations) / f"{organ}.nii.gz"
+            lab = read_image(label_path)
+            check_same_grid(ct, lab, names=(str(case.image), str(label_path)))
+        except DiffTumorError as exc:  # evaluation reports it as a skipped case (no prediction)
+            log.warning("skipped %s: %s", case.name, exc)
+            continue
+        pred = predict_volume(model, ct, roi_size=ck["model_config"]["roi_size"], overlap=overlap,
+                              sw_batch_size=sw_batch_size, device=dev, hu_range=tuple(cfg.get("hu_range", (-175.0, 250.0))))
+        write_image(pred, pred_dir / f"{case.name}.nii.gz", ct.geometry)
+        mapped = lab.array if case.label is None else map_labels(lab.array, organ_values, tumor_values)
+        write_image(mapped.astype(np.uint8), label_dir / f"{case.name}.nii.gz", ct.geometry)
+    yield "predicted", len(cases), len(cases)
+    return pred_dir, label_dir, {"organ": organ, "overlap": overlap, "checkpoint": str(model_path)}

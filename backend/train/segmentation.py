@@ -1,0 +1,347 @@
+"""`difftumor train segmentation`: tumour segmentation trained with tumours synthesized on the fly.
+
+Reads top to bottom: config, device/seed, data (k-fold split saved as ``splits.json``), transforms
+(appendix E.2 + :class:`~backend.segmentation.transforms.RandTumorSynthesisd` in the DataLoader
+workers), model (new or resumed), optimizer (AdamW + linear warm-up / cosine), validation helper,
+loop. Outputs in ``out_dir``: ``config.yaml``, ``splits.json``, ``last.pt`` / ``best.pt``,
+``metrics.csv`` (step, loss, lr, synthetic fraction) and ``val_metrics.csv`` (tumour/organ DSC).
+
+The paper's settings are config switches (README "Stage 3"):
+
+* real only: ``synthesis.enabled=false`` (and no ``data.healthy``);
+* real + synthetic: ``data.healthy=DIR`` with ``synthesis.enabled=true``;
+* synthetic only: ``data.use_real_for_training=false`` (real tumours are used for validation only);
+* cross-organ: ``organ=pancreas synthesis.method=diffusion synthesis.weights_organ=liver``.
+
+Multi-GPU: ``torchrun --nproc_per_node N -m backend.cli train segmentation --config ...``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from backend.errors import DiffTumorError
+from backend.segmentation.networks import NetworkConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    real: str | None = None  # CTs with real tumours: MSD dataset.json, LiTS/KiTS folder list file, AbdomenAtlas tree
+    healthy: str | None = None  # healthy CTs (+ organ labels) that receive synthetic tumours
+    organ_values: list[int] = field(default_factory=lambda: [1])  # raw organ label values in `real`
+    tumor_values: list[int] = field(default_factory=lambda: [2])  # raw tumour values in `real` (KiTS cyst: add 3)
+    healthy_organ_values: list[int] | None = None  # raw organ values in `healthy` (None: organ_values; TotalSeg liver: [5])
+    use_real_for_training: bool = True  # false = "synthetic only": real cases only validate
+    folds: int = 5  # k of the k-fold split of the real cases (1 = no validation split)
+    fold: int = 0
+    split_seed: int = 0
+    split_file: str | None = None  # reuse an existing splits.json instead of drawing one
+    pos_neg: list[float] = field(default_factory=lambda: [1.0, 1.0])  # RandCropByPosNegLabel pos : neg
+    cache_rate: float = 0.0  # fraction of the deterministic preprocessing cached in memory
+    num_workers: int = 4  # DataLoader workers (the synthesis runs there, off the GPU step)
+
+
+@dataclass
+class SynthesisConfig:
+    enabled: bool = True
+    method: Literal["model-based", "diffusion"] = "model-based"
+    prob: float = 0.5  # release: a healthy crop gets a tumour with p 0.5
+    stage_probs: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # early / mid / large
+    weights_dir: str | None = None  # diffusion weights folder (None: $DIFFTUMOR_WEIGHTS / user config)
+    weights_organ: str | None = None  # cross-organ: use this organ's diffusion weights (None: `organ`)
+    device: str = "cpu"  # where the workers run the diffusion model ("cuda" needs spawn workers)
+
+
+@dataclass
+class SegmentationConfig:
+    organ: str = "liver"
+    out_dir: str = "runs/segmentation"
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    roi_size: list[int] = field(default_factory=lambda: [96, 96, 96])
+    hu_range: list[float] = field(default_factory=lambda: [-175.0, 250.0])  # -> [0, 1], clipped
+    rotate90_prob: float = 0.1
+    shift_intensity: float = 0.1
+    shift_intensity_prob: float = 0.2
+    batch_size: int = 2  # per process
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 500  # linear warm-up, then cosine annealing to 0 at max_steps
+    max_steps: int = 40000
+    grad_clip: float = 12.0  # max gradient norm (0: off)
+    amp: bool = True  # bfloat16/float16 autocast on CUDA
+    val_every: int = 2000  # steps (0: never)
+    val_overlap: float = 0.5  # sliding-window overlap during validation (release 0.5)
+    save_every: int = 1000
+    log_every: int = 20
+    seed: int = 0
+    device: str = "auto"
+
+
+# --------------------------------------------------------------------------------------- data
+def _label_for(case, organ: str):
+    """The label file of a case; AbdomenAtlas cases use segmentations/<organ>.nii.gz."""
+    if case.label is not None:
+        return case.label
+    if case.segmentations is not None:
+        p = Path(case.segmentations) / f"{organ}.nii.gz"
+        if p.is_file():
+            return p
+        raise DiffTumorError(f"{case.segmentations}: no {organ}.nii.gz (give a combined label file instead)")
+    raise DiffTumorError(f"{case.image}: case has no label")
+
+
+def build_items(cfg: SegmentationConfig, out_dir: Path):
+    """(train items, val items, splits) as MONAI dicts; writes/reuses ``splits.json``."""
+    from backend.data import list_cases
+    from backend.segmentation.splits import fold_cases, load_splits, make_kfold, save_splits
+
+    if cfg.data.real is None and cfg.data.healthy is None:
+        raise DiffTumorError("data: give data.real and/or data.healthy")
+    real = list_cases(cfg.data.real, require_labels=True) if cfg.data.real else []
+    healthy = list_cases(cfg.data.healthy, require_labels=True) if cfg.data.healthy else []
+    h_values = cfg.data.healthy_organ_values or cfg.data.organ_values
+    by_name = {}
+    for c in real:
+        by_name[c.name] = {"image": str(c.image), "label": str(_label_for(c, cfg.organ)), "name": c.name, "healthy": 0,
+                           "label_values": (tuple(cfg.data.organ_values), tuple(cfg.data.tumor_values))}
+    for c in healthy:
+        by_name[c.name] = {"image": str(c.image), "label": str(_label_for(c, cfg.organ)), "name": c.name, "healthy": 1,
+                           "label_values": (tuple(h_values), ())}
+    split_path = out_dir / "splits.json"
+    if cfg.data.split_file:
+        splits = load_splits(Path(cfg.data.split_file))
+    elif split_path.is_file():
+        splits = load_splits(split_path)
+    else:
+        splits = make_kfold([c.name for c in real], [c.name for c in healthy], k=cfg.data.folds,
+                            seed=cfg.data.split_seed, organ=cfg.organ)
+    missing = sorted({n for f in splits["folds"] for n in f["train"] + f["val"]} - set(by_name))
+    if missing:
+        raise DiffTumorError(f"split file: {len(missing)} case(s) not in the data sources (first: {missing[0]})")
+    save_splits(splits, split_path)
+    train, val = fold_cases(splits, cfg.data.fold)
+    if not cfg.data.use_real_for_training:
+        train = [n for n in train if by_name[n]["healthy"]]
+    if not train:
+        raise DiffTumorError("data: no training case left (synthetic-only runs need data.healthy)")
+    return [by_name[n] for n in train], [by_name[n] for n in val], splits
+
+
+def build_transforms(cfg: SegmentationConfig, *, train: bool):
+    """Appendix E.2: orientation, 1 mm, HU window, pad/crop 96³, rotate-90, intensity shift, synthesis."""
+    from monai import transforms as T
+
+    from backend.segmentation.transforms import LoadVolumed, MapLabelsd, RandTumorSynthesisd
+
+    keys = ["image", "label"]
+    lo, hi = cfg.hu_range
+    xs = [
+        LoadVolumed(keys),  # (1, X, Y, Z) MetaTensors with the RAS affine (any format backend.io reads)
+        MapLabelsd("label", values_key="label_values"),
+        T.Orientationd(keys, axcodes="RAS"),
+        T.Spacingd(keys, pixdim=(1.0, 1.0, 1.0), mode=("bilinear", "nearest")),
+        T.ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+    ]
+    if not train:
+        return T.Compose(xs + [T.EnsureTyped(keys, dtype=(torch.float32, torch.uint8), track_meta=False)])
+    pos, neg = cfg.data.pos_neg
+    xs += [
+        T.SpatialPadd(keys, spatial_size=cfg.roi_size, value=0),
+        T.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.roi_size, pos=pos, neg=neg,
+                                 num_samples=1, image_key="image", image_threshold=0),
+        T.RandRotate90d(keys, prob=cfg.rotate90_prob, max_k=3),
+        T.RandShiftIntensityd("image", offsets=cfg.shift_intensity, prob=cfg.shift_intensity_prob),
+    ]
+    if cfg.synthesis.enabled:
+        s = cfg.synthesis
+        xs.append(RandTumorSynthesisd(keys, prob=s.prob, stage_probs=s.stage_probs, organ=cfg.organ, method=s.method,
+                                      weights_dir=s.weights_dir, weights_organ=s.weights_organ, device=s.device))
+    xs.append(T.EnsureTyped(keys, dtype=(torch.float32, torch.uint8), track_meta=False))
+    return T.Compose(xs)
+
+
+def _batches(loader, sampler):
+    epoch = 0
+    while True:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for batch in loader:
+            yield batch
+        epoch += 1
+
+
+# --------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validate(model, items, cfg: SegmentationConfig, device) -> dict:
+    """Mean tumour / organ DSC on whole validation CTs in model space (sliding window)."""
+    from monai.data import Dataset
+    from monai.inferers import sliding_window_inference
+
+    from backend.segmentation.metrics import dice
+
+    model.eval()
+    tf = build_transforms(cfg, train=False)
+    tumour, organ = [], []
+    for d in Dataset(items, tf):
+        x = d["image"][None].to(device)
+        logits = sliding_window_inference(x, cfg.roi_size, 2, model, overlap=cfg.val_overlap, mode="gaussian")
+        pred = logits.argmax(1)[0].cpu().numpy()
+        lab = d["label"][0].numpy()
+        tumour.append(dice(pred == 2, lab == 2))
+        organ.append(dice(pred >= 1, lab >= 1))
+    model.train()
+    mean = lambda v: float(sum(v) / len(v)) if v else float("nan")  # noqa: E731
+    return {"val_tumor_dsc": mean(tumour), "val_organ_dsc": mean(organ), "val_cases": len(items)}
+
+
+# --------------------------------------------------------------------------------------- main
+def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
+    from monai.data import CacheDataset, DataLoader, Dataset
+    from monai.losses import DiceCELoss
+    from monai.optimizers import WarmupCosineSchedule
+    from torch.utils.data.distributed import DistributedSampler
+
+    from backend.segmentation.networks import build_network
+    from backend.train import common
+
+    # config, device, seed
+    dist = common.setup_distributed(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    ckpt = common.load_checkpoint(last_path) if resume else None
+    cfg.network = NetworkConfig(**{**cfg.network.__dict__, "roi_size": tuple(cfg.roi_size)})
+    common.seed_everything(cfg.seed + dist.rank)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(common.config_to_dict(cfg), sort_keys=False))
+
+    # data
+    train_items, val_items, _ = build_items(cfg, out_dir)
+    tf = build_transforms(cfg, train=True)
+    ds = (CacheDataset(train_items, tf, cache_rate=cfg.data.cache_rate, num_workers=cfg.data.num_workers or None,
+                       progress=False) if cfg.data.cache_rate > 0 else Dataset(train_items, tf))
+    sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed) if dist.distributed else None
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=cfg.data.num_workers, drop_last=len(ds) >= cfg.batch_size,
+                        persistent_workers=cfg.data.num_workers > 0, pin_memory=dist.device.type == "cuda")
+    tf.set_random_state(seed=cfg.seed + 7919 * dist.rank)
+    log.info("training on %d cases (%d healthy), validating on %d; fold %d", len(train_items),
+             sum(i["healthy"] for i in train_items), len(val_items), cfg.data.fold)
+
+    # model, new or resumed
+    model = build_network(cfg.network).to(dist.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = WarmupCosineSchedule(opt, warmup_steps=min(cfg.warmup_steps, max(cfg.max_steps - 1, 0)), t_total=cfg.max_steps)
+    step, best = 0, -1.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step, best = int(ckpt["step"]), float(ckpt.get("best", -1.0))
+        common.set_rng_state(ckpt["rng"])
+        log.info("resumed from %s at step %d", last_path, step)
+    net = model
+    if dist.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
+    use_amp = cfg.amp and dist.device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    def save(path: Path):
+        common.save_checkpoint(
+            path, stage="segmentation", config=common.config_to_dict(cfg),
+            model_config=common.config_to_dict(cfg.network), organ=cfg.organ, step=step, best=best,
+            model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=common.rng_state(),
+        )
+
+    # loop
+    writer = common.MetricsWriter(out_dir / "metrics.csv") if dist.is_main else None
+    val_writer = common.MetricsWriter(out_dir / "val_metrics.csv") if dist.is_main else None
+    bar = common.progress(cfg.max_steps, initial=step, enabled=dist.is_main, desc="segmentation")
+    batches = _batches(loader, sampler)
+    run_loss, run_syn, n_run = 0.0, 0.0, 0
+    result = {"step": step, "best": best}
+    with common.GracefulInterrupt() as stop:
+        while step < cfg.max_steps and not stop.requested:
+            batch = next(batches)
+            x = batch["image"].to(dist.device, non_blocking=True)  # (B, 1, X, Y, Z) in [0, 1]
+            y = batch["label"].to(dist.device, non_blocking=True)  # (B, 1, X, Y, Z) in {0, 1, 2}
+            with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=use_amp):
+                loss = loss_fn(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            step += 1
+            if not math.isfinite(loss.item()):
+                raise DiffTumorError(f"training diverged at step {step} (loss {loss.item()}); lower lr")
+            run_loss += loss.item()
+            run_syn += float(batch["synthetic"].float().mean()) if "synthetic" in batch else 0.0
+            n_run += 1
+            bar.update(1)
+            if dist.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                row = {"loss": run_loss / n_run, "lr": sched.get_last_lr()[0], "synthetic_fraction": run_syn / n_run}
+                writer.write(step, row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                result.update(row)
+                run_loss, run_syn, n_run = 0.0, 0.0, 0
+            if cfg.val_every and val_items and (step % cfg.val_every == 0 or step == cfg.max_steps) and dist.is_main:
+                metrics = validate(model, val_items, cfg, dist.device)
+                val_writer.write(step, metrics)
+                result.update(metrics)
+                if metrics["val_tumor_dsc"] > best:
+                    best = metrics["val_tumor_dsc"]
+                    save(best_path)
+            if dist.is_main and (step % cfg.save_every == 0):
+                save(last_path)
+    bar.close()
+    if dist.is_main:
+        save(last_path)
+        if not best_path.is_file():
+            save(best_path)
+        writer.close()
+        val_writer.close()
+    common.teardown_distributed()
+    result.update(step=step, best=best, out_dir=str(out_dir))
+    return result
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def register(stages) -> None:
+    p = stages.add_parser(
+        "segmentation",
+        help="train tumour segmentation with on-the-fly synthetic tumours (U-Net / nnU-Net / SwinUNETR)",
+        description="Train a segmentation network (background / organ / tumour) on real-tumour CTs and/or healthy "
+        "CTs that receive synthetic tumours on the fly. Settings come from --config and key=value overrides "
+        "(e.g. network.name=swinunetr data.fold=2 synthesis.enabled=false).",
+    )
+    p.add_argument("--config", type=Path, default=None, help="YAML config (see backend/configs/segmentation*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted for sections")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
+    p.set_defaults(func=handler)
+
+
+def handler(args) -> int:
+    from backend.train.common import load_config
+
+    cfg = load_config(SegmentationConfig, args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    print(f"trained {result['step']} steps; best validation tumour DSC {result['best']:.4f}; outputs in {result['out_dir']}")
+    return 0

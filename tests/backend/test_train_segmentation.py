@@ -1,0 +1,98 @@
+"""`difftumor train segmentation` smoke run + resume, then `difftumor evaluate --model` on held-out cases.
+
+Data: a tiny dataset built from the real TotalSegmentator CT (crops / mirrors; "real" tumours made
+with the model-based engine), written to tmp_path. Tiny U-Net, 32³ crops, 2 + 1 steps on CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import backend.cli
+import backend.cli.train
+from backend.errors import DiffTumorError
+
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "backend" / "configs" / "segmentation_tiny_cpu.yaml"
+
+
+def cli(argv, modules=("backend.cli.train", "backend.cli.evaluate")):
+    """`difftumor` with only the train group (segmentation stage) and evaluate registered."""
+    saved = backend.cli.COMMAND_MODULES, backend.cli.train.STAGE_MODULES
+    backend.cli.COMMAND_MODULES = list(modules)
+    backend.cli.train.STAGE_MODULES = ["backend.train.segmentation"]
+    try:
+        return backend.cli.main(argv)
+    finally:
+        backend.cli.COMMAND_MODULES, backend.cli.train.STAGE_MODULES = saved
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, totalseg_ct, totalseg_seg):
+    from backend.segmentation.toydata import make_toy_dataset
+
+    out = tmp_path_factory.mktemp("toy")
+    return make_toy_dataset(totalseg_ct, totalseg_seg, out, n_healthy=2, n_tumor=2, seed=0, box_mm=90.0)
+
+
+@pytest.mark.slow
+def test_train_resume_and_evaluate_end_to_end(toy, tmp_path):
+    run = tmp_path / "run"
+    common = ["--config", str(TINY_CONFIG), f"data.real={toy['real']}",
+              f"data.healthy={toy['healthy']}", f"out_dir={run}", "roi_size=[32,32,32]", "max_steps=2",
+              "val_every=2", "val_overlap=0.25", "synthesis.prob=1.0", "data.cache_rate=0"]
+    assert cli(["train", "segmentation", *common]) == 0
+    for name in ("config.yaml", "splits.json", "last.pt", "best.pt", "metrics.csv", "val_metrics.csv"):
+        assert (run / name).is_file(), name
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits["k"] == 2 and len(splits["folds"][0]["val"]) == 1
+    assert set(splits["healthy"]) <= set(splits["folds"][0]["train"])  # healthy CTs always train
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["2"] and float(rows[0]["synthetic_fraction"]) > 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["network"]["tiny"] is True
+
+    # resume: continues at step 2 up to 3, appending to the same CSV and reusing the split
+    assert cli(["train", "segmentation", *common, "max_steps=3", "log_every=1", "--resume"]) == 0
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["2", "3"]
+
+    # evaluate the checkpoint on fold 0's held-out "real" case: predictions on the CT grid, then scores
+    out = tmp_path / "eval"
+    assert cli(["evaluate", "--model", str(run / "last.pt"), "--data", toy["real"], "--folds",
+                str(run / "splits.json"), "--fold", "0", "--overlap", "0.25", "--out", str(out)]) == 0
+    cases = list(csv.DictReader(open(out / "cases.csv")))
+    assert [c["case_id"] for c in cases] == splits["folds"][0]["val"]
+    assert cases[0]["fold"] == "0" and cases[0]["organ"] == "liver" and int(cases[0]["tumors"]) >= 1
+    assert 0.0 <= float(cases[0]["dsc"]) <= 1.0 and 0.0 <= float(cases[0]["nsd"]) <= 1.0
+    assert (out / "summary.png").is_file() and (out / "summary.md").read_text().count("| liver |") == 2
+    assert list(csv.DictReader(open(out / "skipped.csv"))) == []
+
+
+def test_bad_training_config_is_one_line(tmp_path, capsys):
+    assert cli(["train", "segmentation", f"out_dir={tmp_path}"]) == 2  # no data
+    assert cli(["train", "segmentation", f"out_dir={tmp_path}", "network.name=resnet"]) == 2
+    assert cli(["train", "segmentation", f"out_dir={tmp_path}", "nonsense=1"]) == 2
+    assert cli(["train", "segmentation", f"out_dir={tmp_path}", "--resume"]) == 2  # nothing to resume
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("difftumor: error: ") for line in err)
+
+
+def test_kfold_splits_are_seeded_and_disjoint():
+    from backend.segmentation.splits import fold_cases, make_kfold
+
+    real = [f"r{i}" for i in range(11)]
+    a = make_kfold(real, ["h0", "h1"], k=5, seed=3, organ="liver")
+    b = make_kfold(real, ["h0", "h1"], k=5, seed=3, organ="liver")
+    assert a == b and a != make_kfold(real, ["h0", "h1"], k=5, seed=4)
+    vals = [set(fold_cases(a, i)[1]) for i in range(5)]
+    assert set().union(*vals) == set(real) and sum(len(v) for v in vals) == 11
+    train, val = fold_cases(a, 2)
+    assert not set(train) & set(val) and {"h0", "h1"} <= set(train)
+    with pytest.raises(DiffTumorError, match="unique"):
+        make_kfold(["x"], ["x"])
+    with pytest.raises(DiffTumorError, match="no fold 7"):
+        fold_cases(a, 7)
