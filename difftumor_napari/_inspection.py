@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton, Table)
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton
 
 from difftumor_napari import inspection as ins
 from difftumor_napari import placement as pl
-from difftumor_napari._placement import notify_error, organ_label_layers, select_first
+from difftumor_napari._placement import notify_error, organ_label_layers, select_first, wrapped
 
 if TYPE_CHECKING:
     import napari
@@ -37,11 +37,17 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3, 3), bool))
 
 
+def metrics_text(rows: list[tuple[str, str]]) -> str:
+    """The numbers as aligned plain-text lines (shown in a monospace label)."""
+    width = max((len(k) for k, _ in rows), default=0) + 2
+    return "\n".join(f"{k.ljust(width)}{v}" for k, v in rows)
+
+
 class InspectionWidget(Container):
     """Dock widget: metrics, automatic failure flags, side-by-side intermediates, review log."""
 
     def __init__(self, viewer: "napari.viewer.Viewer"):
-        super().__init__(labels=True)
+        super().__init__(labels=False, scrollable=True)  # forms inside; sentences and the table span the full width
         self._viewer = viewer
         self.metrics: dict | None = None
         self.flags: dict[str, str] = {}
@@ -53,23 +59,31 @@ class InspectionWidget(Container):
         self.original_layer = ComboBox(label="Original CT", choices=self._original_choices, nullable=True)
         self.organ_layer = ComboBox(label="Organ labels", choices=self._organ_choices, nullable=True)
         self.organ = ComboBox(label="Organ", choices=list(pl.PLACEABLE_ORGANS), value="liver")
-        self.tumor = ComboBox(label="Tumour", choices=[])
+        self._tumor_items: list[tuple[str, int]] = []
+        self.tumor = ComboBox(label="Tumour", choices=lambda _w=None: self._tumor_items)
         self.measure_button = PushButton(text="Measure")
-        self.table = Table(value={"data": [], "index": [], "columns": ["value"]})
-        self.flag_text = Label(value="")
+        self.table = Label(value="")
+        self.table.native.setStyleSheet("font-family: monospace;")
+        self.flag_text = wrapped(Label(value=""))
         self.side_by_side = PushButton(text="Show intermediates side by side")
-        self.intermediates_text = Label(value="")
+        self.intermediates_text = wrapped(Label(value=""))
         self.checks = {c: CheckBox(text=FAILURE_TEXT[c], value=False) for c in ins.FAILURE_CATEGORIES}
         self.reviewer = LineEdit(label="Reviewer", value="")
         self.note = LineEdit(label="Note", value="")
         self.log_path = FileEdit(label="Review log (CSV)", mode="w", value=str(DEFAULT_LOG), filter="*.csv")
         self.save_review_button = PushButton(text="Save review")
-        self.status = Label(value="")
-        self.extend([self.result_layer, self.tumor_layer, self.original_layer, self.organ_layer, self.organ, self.tumor,
+        self.status = wrapped(Label(value=""))
+        self.extend([Container(widgets=[self.result_layer, self.tumor_layer, self.original_layer, self.organ_layer,
+                                        self.organ, self.tumor]),
                      self.measure_button, self.table, self.flag_text, self.side_by_side, self.intermediates_text,
-                     *self.checks.values(), self.reviewer, self.note, self.log_path, self.save_review_button,
+                     Label(value="Reviewer: failure modes seen (paper F.2)"), *self.checks.values(),
+                     Container(widgets=[self.reviewer, self.note, self.log_path]), self.save_review_button,
                      self.status])
-        self.table.native.setMinimumHeight(300)
+        self.native.setMinimumWidth(360)  # room for the numbers and the flag sentences
+        from qtpy.QtWidgets import QSizePolicy
+
+        for text in (self.table, self.flag_text, self.intermediates_text):  # never squeezed: the dock scrolls
+            text.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Minimum)
 
         self.result_layer.changed.connect(self._on_result)
         self.tumor_layer.changed.connect(self._on_tumor_layer)
@@ -135,12 +149,13 @@ class InspectionWidget(Container):
     def _on_tumor_layer(self, _=None) -> None:
         layer = self.tumor_layer.value
         if layer is None:
-            self._comps, self.tumor.choices = None, []
-            return
-        self._comps, n = components(layer.data)
-        sizes = np.bincount(self._comps.ravel())[1:] if n else []
-        vox_ml = float(np.prod(layer.scale[-3:])) / 1000.0
-        self.tumor.choices = [(f"tumour {i + 1} ({s * vox_ml:.2f} ml)", i + 1) for i, s in enumerate(sizes)]
+            self._comps, self._tumor_items = None, []
+        else:
+            self._comps, n = components(layer.data)
+            sizes = np.bincount(self._comps.ravel())[1:] if n else []
+            vox_ml = float(np.prod(layer.scale[-3:])) / 1000.0
+            self._tumor_items = [(f"tumour {i + 1} ({s * vox_ml:.2f} ml)", i + 1) for i, s in enumerate(sizes)]
+        self.tumor.reset_choices()
 
     # -- measuring --------------------------------------------------------------------------------
     def _selected(self):
@@ -170,7 +185,7 @@ class InspectionWidget(Container):
             return None
         self.flags = ins.failure_flags(self.metrics)
         rows = ins.metric_rows(self.metrics)
-        self.table.value = {"data": [[v] for _, v in rows], "index": [k for k, _ in rows], "columns": ["value"]}
+        self.table.value = metrics_text(rows)
         self.flag_text.value = ("Automatic flags:\n" + "\n".join(f"• {FAILURE_TEXT[k]}: {v}" for k, v in self.flags.items())
                                 if self.flags else "Automatic flags: none")
         for name, box in self.checks.items():
@@ -238,6 +253,7 @@ class InspectionWidget(Container):
         self._viewer.grid.enabled = True
         self.intermediates_text.value = note
         self._centre_on(vols["tumour mask"] > 0, result)
+        self._viewer.reset_view()
         return True
 
     # -- review -----------------------------------------------------------------------------------

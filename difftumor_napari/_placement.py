@@ -33,6 +33,16 @@ def notify_error(exc: BaseException, what: str) -> None:
     show_error(user_message(exc, what))
 
 
+def wrapped(label: Label) -> Label:
+    """A status/info label that wraps long sentences instead of widening the dock."""
+    from qtpy.QtWidgets import QSizePolicy
+
+    label.native.setWordWrap(True)
+    label.native.setMinimumWidth(50)
+    label.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+    return label
+
+
 def tumor_layer_metadata(ct_layer, kind: str = "tumor") -> dict:
     """Metadata for a mask made on ``ct_layer``'s grid: the CT's geometry record, integer dtype."""
     info = dict(ct_layer.metadata.get("difftumor", {}))
@@ -97,7 +107,7 @@ class PlacementWidget(Container):
         self.random_button = PushButton(text="Random placement")
         self.undo_button = PushButton(text="Undo placement")
         self.redo_button = PushButton(text="Redo placement")
-        self.status = Label(value="")
+        self.status = wrapped(Label(value=""))
         self.extend([self.ct_layer, self.organ_layer, self.organ, self.place_mode, self.size, self.radius_x,
                      self.radius_y, self.radius_z, self.rotation, self.tilt, self.irregularity, self.seed,
                      self.keep_inside, self.count, self.random_size, self.random_button,

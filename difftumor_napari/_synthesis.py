@@ -18,7 +18,7 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, Label, LineEdit, Pr
 
 from difftumor_napari import synthesis_tasks as st
 from difftumor_napari._placement import (TUMOR_LAYER, ct_image_layers, notify_error, organ_label_layers,
-                                         select_first)
+                                         select_first, wrapped)
 from difftumor_napari import placement as pl
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class SynthesisWidget(Container):
     """Dock widget running the synthesis engine on the CT, organ and tumour-mask layers."""
 
     def __init__(self, viewer: "napari.viewer.Viewer"):
-        super().__init__(labels=True)
+        super().__init__(labels=False, scrollable=True)  # forms inside; sentences span the full width
         self._viewer = viewer
         self.make_generator = st.engine_generator  # the engine call (tests may slow it down)
         self.worker = None
@@ -46,7 +46,7 @@ class SynthesisWidget(Container):
         self.organ = ComboBox(label="Organ", choices=list(pl.PLACEABLE_ORGANS), value="liver")
         self.tumor_layer = ComboBox(label="Tumour mask", choices=self._tumor_choices, nullable=True)
         self.method = ComboBox(label="Method", choices=list(st.METHODS), value="auto")
-        self.method_info = Label(value="")
+        self.method_info = wrapped(Label(value=""))
         self.weights_dir = FileEdit(label="Weights folder", mode="d", value="")
         self.device = ComboBox(label="Device", choices=list(st.DEVICES), value="auto")
         self.stage = ComboBox(label="Tumour stage", choices=[("auto (from size)", "auto"), ("early", "early"),
@@ -57,17 +57,20 @@ class SynthesisWidget(Container):
         self.run_button = PushButton(text="Synthesize")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
-        self.progress_text = Label(value="")
+        self.progress_text = wrapped(Label(value=""))
         self.before_after = PushButton(text="Before / after")
         self.difference = PushButton(text="Difference view")
         self.out_dir = FileEdit(label="Save to folder", mode="d", value="")
         self.stem = LineEdit(label="File name stem", value="synthetic")
         self.save_button = PushButton(text="Save CT, tumour mask and provenance")
-        self.status = Label(value="")
-        self.extend([self.ct_layer, self.organ_layer, self.organ, self.tumor_layer, self.method, self.method_info,
-                     self.weights_dir, self.device, self.stage, self.steps, self.seed, self.run_button,
-                     self.cancel_button, self.progress, self.progress_text, self.before_after, self.difference,
-                     self.out_dir, self.stem, self.save_button, self.status])
+        self.status = wrapped(Label(value=""))
+        self.extend([Container(widgets=[self.ct_layer, self.organ_layer, self.organ, self.tumor_layer, self.method]),
+                     self.method_info,
+                     Container(widgets=[self.weights_dir, self.device, self.stage, self.steps, self.seed]),
+                     Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False),
+                     Container(widgets=[self.progress]), self.progress_text,
+                     Container(widgets=[self.before_after, self.difference], layout="horizontal", labels=False),
+                     Container(widgets=[self.out_dir, self.stem]), self.save_button, self.status])
 
         self._remembered_weights()
         self.run_button.changed.connect(lambda _=None: self.run())
