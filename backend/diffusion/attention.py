@@ -38,21 +38,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("freqs", freqs)
 
     def cos_sin(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) tables of shape (seq_len, dim), each frequency repeated for its pair."""
+        """(cos, sin) tables of shape (seq_len, dim // 2): one angle per interleaved pair."""
         pos = torch.arange(seq_len, device=self.freqs.device, dtype=self.freqs.dtype)
-        angles = torch.repeat_interleave(pos[:, None] * self.freqs[None, :], 2, dim=-1)  # (n, dim)
+        angles = pos[:, None] * self.freqs[None, :]  # (n, dim/2)
         return angles.cos(), angles.sin()
 
     @staticmethod
     def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the first ``cos.shape[-1]`` features of ``t`` (..., n, d) by position."""
-        rot = cos.shape[-1]
-        head, tail = t[..., :rot], t[..., rot:]
-        pairs = rearrange(head, "... (d r) -> ... d r", r=2)
+        """Rotate the pairs (t[2i], t[2i+1]) of the first ``2 * cos.shape[-1]`` features of t (..., n, d)."""
+        rot = 2 * cos.shape[-1]
+        pairs = rearrange(t[..., :rot], "... (d r) -> ... d r", r=2)
         x1, x2 = pairs.unbind(-1)
-        rotated_half = rearrange(torch.stack((-x2, x1), dim=-1), "... d r -> ... (d r)")
-        head = head * cos + rotated_half * sin
-        return torch.cat((head, tail), dim=-1) if tail.shape[-1] else head
+        # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+        head = rearrange(torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1), "... d r -> ... (d r)")
+        return torch.cat((head, t[..., rot:]), dim=-1) if t.shape[-1] > rot else head
 
 
 class RelativePositionBias(nn.Module):
