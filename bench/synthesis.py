@@ -1,0 +1,140 @@
+"""Benchmark of the synthesis engine (issue 3, item 7): seconds per tumour and peak memory.
+
+Official configuration (VQGAN n_hiddens 16 / 16384 codes, Unet3D dim 24, T = 4 and T = 200 + DDIM 50),
+**random weights** written in the released file layout to a temporary folder, a 96³ crop, the
+shared real CT (3 mm) when present (else a synthetic one), CPU with ``--threads`` (default 2).
+
+    python bench/synthesis.py            # figures next to the targets
+    python bench/synthesis.py --json     # one JSON object: early_s, mid_late_s, second_tumor_s, model_based_s, peak_mb
+
+Medians over ``--repeats`` runs (mid/late: ``--repeats-mid``). The release takes 6.4 s (early) and
+19.7 s (mid/late) with a 4.7 GB peak on this class of machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED_CT = REPO.parent / "shared" / "data" / "totalseg_abdomen_3mm"
+TARGETS = {"early_s": 1.5, "mid_late_s": 7.0, "second_tumor_s": 1.0, "peak_mb": 1536.0}
+OFFICIAL = {"early_s": 6.4, "mid_late_s": 19.7, "peak_mb": 4700.0}
+
+
+def write_random_weights(folder: Path, seed: int = 0) -> None:
+    import torch
+
+    from backend.diffusion.ddpm import DDPMScheduler
+    from backend.diffusion.official import save_official
+    from backend.diffusion.unet import Unet3D
+    from backend.vqgan.model import VQGAN, VQGANConfig
+
+    torch.manual_seed(seed)
+    cfg = VQGANConfig()
+    ae = VQGAN(cfg)
+    torch.save({"model": ae.state_dict(), "model_config": cfg.to_dict()}, folder / "AutoencoderModel.ckpt")
+    vq = {k: v for k, v in ae.state_dict().items()}
+    for name, T in (("liver_early.pt", 4), ("liver_noearly.pt", 200)):
+        unet = Unet3D()
+        save_official(folder / name, model=unet, ema=unet, scheduler=DDPMScheduler(T), vqgan_state=vq, step=0)
+
+
+def load_ct():
+    from backend.io import Geometry, Volume, read_image
+    from backend.organs import load_organ_mask
+
+    if (SHARED_CT / "example_ct_sm.nii.gz").is_file():
+        ct = read_image(SHARED_CT / "example_ct_sm.nii.gz")
+        return ct, load_organ_mask(SHARED_CT / "example_seg.nii.gz", "liver", reference=ct), "shared real CT (3 mm)"
+    rng = np.random.default_rng(0)
+    a = rng.normal(-1000, 10, (60, 256, 256))
+    organ = np.zeros(a.shape, bool)
+    organ[10:50, 60:200, 60:200] = True
+    a[organ] = rng.normal(60, 10, organ.sum())
+    g = Geometry((256, 256, 60), (1.0, 1.0, 3.0), (0.0, 0.0, 0.0))
+    return Volume(a.astype(np.int16), g), organ, "synthetic CT"
+
+
+def sphere(ct, organ, k: int, radius_mm: float):
+    from backend.synthesis.masks import ellipsoid_mask
+
+    pts = np.argwhere(organ)
+    z, y, x = pts[len(pts) // 2 + k * len(pts) // 7]
+    return ellipsoid_mask(ct.geometry, (x, y, z), (radius_mm,) * 3, voxel=True) & organ
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats-mid", type=int, default=1)
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from backend.synthesis.engine import SynthesisEngine
+
+    ct, organ, what = load_ct()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_random_weights(Path(tmp))
+        engine = SynthesisEngine(tmp, device=args.device, threads=args.threads)
+        load_s, _ = timed(lambda: (engine.stage_models("liver", "early"), engine.stage_models("liver", "mid_late")))
+        small = sphere(ct, organ, 0, 6.0)
+        run = lambda m, st, seed, c=ct: engine.synthesize(c, organ, m, organ="liver", method="diffusion", stage=st, seed=seed, sigma=2.0)
+        early, second, mid, mb = [], [], [], []
+        for i in range(args.repeats):
+            t, r = timed(lambda: run(small, "early", i))
+            early.append(t)
+            other = sphere(ct, organ, 2, 6.0)
+            t, _ = timed(lambda: run(other, "early", i, r.ct))  # a second tumour into the same (now modified) CT
+            second.append(t)
+            t, _ = timed(lambda: engine.synthesize(ct, organ, small, organ="liver", method="model-based", seed=i))
+            mb.append(t)
+        for i in range(args.repeats_mid):
+            t, _ = timed(lambda: run(sphere(ct, organ, 1, 14.0), "mid_late", i))
+            mid.append(t)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    res = {
+        "early_s": round(statistics.median(early), 3),
+        "mid_late_s": round(statistics.median(mid), 3),
+        "second_tumor_s": round(statistics.median(second), 3),
+        "model_based_s": round(statistics.median(mb), 4),
+        "peak_mb": round(peak_mb, 1),
+        "load_s": round(load_s, 2),
+        "threads": args.threads,
+        "device": str(engine.device),
+        "input": what,
+    }
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"synthesis benchmark — {what}, 96³ crop, official configuration, random weights, "
+          f"{args.threads} CPU threads, device {res['device']} (weights load {res['load_s']} s, not counted)")
+    for k in ("early_s", "mid_late_s", "second_tumor_s", "model_based_s", "peak_mb"):
+        tgt = f"target ≤ {TARGETS[k]:g}" if k in TARGETS else "target < 1 s"
+        off = f", release {OFFICIAL[k]:g}" if k in OFFICIAL else ""
+        print(f"  {k:15s} {res[k]:10.3f}   ({tgt}{off})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
