@@ -41,6 +41,23 @@ class DiffusionCheckpoint(NamedTuple):
     step: int | None
     path: Path
 
+    def autoencoder(self, reference=None):
+        """The VQGAN to decode this model's samples with (released: early tumours use the embedded copy).
+
+        Returns ``reference`` itself when the embedded weights equal it, so only one autoencoder stays in
+        memory; otherwise the embedded copy is built. Afterwards drop the raw tensors with
+        ``ckpt = ckpt._replace(vqgan_state=None)``.
+        """
+        if self.vqgan_state is None:
+            if reference is None:
+                raise DiffTumorError(f"{self.path}: holds no autoencoder; give the standalone AutoencoderModel.ckpt")
+            return reference
+        if reference is not None and same_state(self.vqgan_state, reference):
+            return reference
+        from backend.vqgan.official import load_autoencoder
+
+        return load_autoencoder(self.path)
+
     def ddpm_scheduler(self, **kwargs) -> DDPMScheduler:
         """Ancestral sampler over this model's T steps (released early-tumour sampler)."""
         return DDPMScheduler(self.timesteps, **kwargs)

@@ -11,7 +11,7 @@ import pytest
 
 from backend.diffusion.ddim import DDIMScheduler
 from backend.diffusion.ddpm import DDPMScheduler
-from backend.diffusion.inferer import DiffusionInferer, build_condition, normalize_latent
+from backend.diffusion.inferer import DiffusionInferer, build_condition, decode_latent, normalize_latent
 from backend.diffusion.official import load_diffusion, official_state_dict, same_state, save_official
 from backend.diffusion.schedule import SCHEDULE_BUFFER_NAMES
 from backend.errors import DiffTumorError
@@ -148,8 +148,8 @@ def test_condition_from_reference_latent(parity_outputs, parity_dir):
 
 
 def test_condition_through_autoencoder(parity_outputs, parity_dir):
-    official = pytest.importorskip("backend.vqgan.official")
     from backend.diffusion.inferer import encode_condition
+    from backend.vqgan import official
 
     P = parity_outputs
     vqgan = official.load_autoencoder(parity_dir / "AutoencoderModel.ckpt").eval()
@@ -160,6 +160,16 @@ def test_condition_through_autoencoder(parity_outputs, parity_dir):
     assert_close_rule(cond, P["cond"])
     early = load_diffusion(parity_dir / "liver_early.pt")
     assert same_state(early.vqgan_state, vqgan)
+    assert early.autoencoder(vqgan) is vqgan  # equal weights: one copy in memory
+    other = official.load_autoencoder(parity_dir / "AutoencoderModel.ckpt")
+    with torch.no_grad():
+        other.decoder.conv_last.conv.bias.add_(1.0)
+    embedded = early.autoencoder(other)
+    assert embedded is not other and same_state(early.vqgan_state, embedded)
+    # de-normalise + re-quantise + decode the reference early latent (decode_latent)
+    with torch.inference_mode():
+        decoded = decode_latent(vqgan, P["early_sample_latent"])
+    assert_close_rule(decoded, P["early_decoded"])
 
 
 def test_written_official_layout_round_trips(early, tmp_path):
