@@ -88,16 +88,16 @@ class SegmentationConfig:
 
 
 # --------------------------------------------------------------------------------------- data
-def _label_for(case, organ: str):
-    """The label file of a case; AbdomenAtlas cases use segmentations/<organ>.nii.gz."""
-    if case.label is not None:
-        return case.label
+def _label_for(case, organ: str) -> tuple[str, bool]:
+    """(label file, is a binary organ mask) of a case. AbdomenAtlas cases use
+    ``segmentations/<organ>.nii.gz`` (a 0/1 organ mask) when it exists, else their label file."""
     if case.segmentations is not None:
         p = Path(case.segmentations) / f"{organ}.nii.gz"
         if p.is_file():
-            return p
-        raise DiffTumorError(f"{case.segmentations}: no {organ}.nii.gz (give a combined label file instead)")
-    raise DiffTumorError(f"{case.image}: case has no label")
+            return str(p), True
+    if case.label is not None:
+        return str(case.label), False
+    raise DiffTumorError(f"{case.image}: case has no label and no segmentations/{organ}.nii.gz")
 
 
 def build_items(cfg: SegmentationConfig, out_dir: Path):
@@ -112,11 +112,13 @@ def build_items(cfg: SegmentationConfig, out_dir: Path):
     h_values = cfg.data.healthy_organ_values or cfg.data.organ_values
     by_name = {}
     for c in real:
-        by_name[c.name] = {"image": str(c.image), "label": str(_label_for(c, cfg.organ)), "name": c.name, "healthy": 0,
+        path, _ = _label_for(c, cfg.organ)
+        by_name[c.name] = {"image": str(c.image), "label": path, "name": c.name, "healthy": 0,
                            "label_values": (tuple(cfg.data.organ_values), tuple(cfg.data.tumor_values))}
     for c in healthy:
-        by_name[c.name] = {"image": str(c.image), "label": str(_label_for(c, cfg.organ)), "name": c.name, "healthy": 1,
-                           "label_values": (tuple(h_values), ())}
+        path, binary = _label_for(c, cfg.organ)
+        by_name[c.name] = {"image": str(c.image), "label": path, "name": c.name, "healthy": 1,
+                           "label_values": ((1,) if binary else tuple(h_values), ())}
     split_path = out_dir / "splits.json"
     if cfg.data.split_file:
         splits = load_splits(Path(cfg.data.split_file))

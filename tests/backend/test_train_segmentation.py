@@ -96,3 +96,36 @@ def test_kfold_splits_are_seeded_and_disjoint():
         make_kfold(["x"], ["x"])
     with pytest.raises(DiffTumorError, match="no fold 7"):
         fold_cases(a, 7)
+
+
+def test_build_items_reads_atlas_trees_and_list_files(tmp_path):
+    import numpy as np
+
+    from backend.io import Geometry, write_image
+    from backend.train.common import load_config
+    from backend.train.segmentation import SegmentationConfig, build_items
+
+    g = Geometry((8, 8, 8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    for i in range(2):  # AbdomenAtlas tree of healthy cases
+        case = tmp_path / "atlas" / f"BDMAP_{i:08d}"
+        (case / "segmentations").mkdir(parents=True)
+        write_image(np.zeros((8, 8, 8), np.int16), case / "ct.nii.gz", g)
+        write_image(np.ones((8, 8, 8), np.uint8), case / "segmentations" / "liver.nii.gz", g)
+    lines = []
+    for i in range(3):  # real-tumour cases in a list file
+        write_image(np.zeros((8, 8, 8), np.int16), tmp_path / f"r{i}.nii.gz", g)
+        write_image(np.full((8, 8, 8), 2, np.uint8), tmp_path / f"r{i}_seg.nii.gz", g)
+        lines.append(f"r{i}.nii.gz,r{i}_seg.nii.gz")
+    (tmp_path / "real.txt").write_text("\n".join(lines))
+    cfg = load_config(SegmentationConfig, None, [f"data.real={tmp_path / 'real.txt'}",
+                                                 f"data.healthy={tmp_path / 'atlas'}", "data.folds=3",
+                                                 "data.healthy_organ_values=[5]"])
+    train, val, splits = build_items(cfg, tmp_path / "run")
+    assert len(train) == 4 and len(val) == 1 and (tmp_path / "run" / "splits.json").is_file()
+    atlas = [t for t in train if t["healthy"]]
+    assert len(atlas) == 2 and all(t["label"].endswith("liver.nii.gz") and t["label_values"] == ((1,), ()) for t in atlas)
+    real = [t for t in train if not t["healthy"]]
+    assert all(t["label_values"] == ((1,), (2,)) for t in real)
+    cfg.data.use_real_for_training = False  # synthetic only
+    train, val, _ = build_items(cfg, tmp_path / "run")
+    assert all(t["healthy"] for t in train) and len(val) == 1
