@@ -46,7 +46,7 @@ def metrics_text(rows: list[tuple[str, str]]) -> str:
 class InspectionWidget(Container):
     """Dock widget: metrics, automatic failure flags, side-by-side intermediates, review log."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer"):
+    def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=False, scrollable=True)  # forms inside; sentences and the table span the full width
         self._viewer = viewer
         self.metrics: dict | None = None

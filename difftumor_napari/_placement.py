@@ -83,7 +83,7 @@ def select_first(box: ComboBox, previous) -> None:
 class PlacementWidget(Container):
     """Dock widget: choose CT + organ labels + organ, then click (or randomise) to place tumours."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer"):
+    def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self._viewer = viewer
         self.history = pl.PlacementHistory()

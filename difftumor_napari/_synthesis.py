@@ -32,7 +32,7 @@ DIFFERENCE = "difference (synthetic − original)"
 class SynthesisWidget(Container):
     """Dock widget running the synthesis engine on the CT, organ and tumour-mask layers."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer"):
+    def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=False, scrollable=True)  # forms inside; sentences span the full width
         self._viewer = viewer
         self.make_generator = st.engine_generator  # the engine call (tests may slow it down)
