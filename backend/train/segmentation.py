@@ -13,7 +13,8 @@ The paper's settings are config switches (README "Stage 3"):
 * synthetic only: ``data.use_real_for_training=false`` (real tumours are used for validation only);
 * cross-organ: ``organ=pancreas synthesis.method=diffusion synthesis.weights_organ=liver``.
 
-Multi-GPU: ``torchrun --nproc_per_node N -m backend.cli train segmentation --config ...``.
+Multi-GPU: ``torchrun --nproc_per_node N $(which difftumor) train segmentation --config ...`` (rank 0
+writes the split, logs, validates and saves; checked on CPU with 2 gloo processes).
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def _label_for(case, organ: str) -> tuple[str, bool]:
     raise DiffTumorError(f"{case.image}: case has no label and no segmentations/{organ}.nii.gz")
 
 
-def build_items(cfg: SegmentationConfig, out_dir: Path):
-    """(train items, val items, splits) as MONAI dicts; writes/reuses ``splits.json``."""
+def build_items(cfg: SegmentationConfig, out_dir: Path, *, write: bool = True):
+    """(train items, val items, splits) as MONAI dicts; writes (``write``) or reuses ``splits.json``."""
     from backend.data import list_cases
     from backend.segmentation.splits import fold_cases, load_splits, make_kfold, save_splits
 
@@ -130,7 +131,8 @@ def build_items(cfg: SegmentationConfig, out_dir: Path):
     missing = sorted({n for f in splits["folds"] for n in f["train"] + f["val"]} - set(by_name))
     if missing:
         raise DiffTumorError(f"split file: {len(missing)} case(s) not in the data sources (first: {missing[0]})")
-    save_splits(splits, split_path)
+    if write:
+        save_splits(splits, split_path)
     train, val = fold_cases(splits, cfg.data.fold)
     if not cfg.data.use_real_for_training:
         train = [n for n in train if by_name[n]["healthy"]]
@@ -230,7 +232,12 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(common.config_to_dict(cfg), sort_keys=False))
 
     # data
-    train_items, val_items, _ = build_items(cfg, out_dir)
+    if dist.is_main:  # rank 0 draws and saves the split; the other ranks read it
+        train_items, val_items, _ = build_items(cfg, out_dir)
+    if dist.distributed:
+        torch.distributed.barrier()
+    if not dist.is_main:
+        train_items, val_items, _ = build_items(cfg, out_dir, write=False)
     tf = build_transforms(cfg, train=True)
     ds = (CacheDataset(train_items, tf, cache_rate=cfg.data.cache_rate, num_workers=cfg.data.num_workers or None,
                        progress=False) if cfg.data.cache_rate > 0 else Dataset(train_items, tf))
@@ -321,7 +328,7 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
         writer.close()
         val_writer.close()
     common.teardown_distributed()
-    result.update(step=step, best=best, out_dir=str(out_dir))
+    result.update(step=step, best=best, out_dir=str(out_dir), rank=dist.rank)
     return result
 
 
@@ -345,5 +352,7 @@ def handler(args) -> int:
 
     cfg = load_config(SegmentationConfig, args.config, args.overrides)
     result = train(cfg, resume=args.resume)
-    print(f"trained {result['step']} steps; best validation tumour DSC {result['best']:.4f}; outputs in {result['out_dir']}")
+    if result["rank"] == 0:
+        best = f"best validation tumour DSC {result['best']:.4f}" if result["best"] >= 0 else "no validation run"
+        print(f"trained {result['step']} steps; {best}; outputs in {result['out_dir']}")
     return 0

@@ -106,3 +106,21 @@ def test_map_labels():
     assert out.tolist() == [[[0, 0, 0, 0, 1]]]
     with pytest.raises(ValueError, match="overlap"):
         MapLabelsd(organ_values=(1,), tumor_values=(1,))
+
+
+@pytest.mark.slow
+def test_diffusion_path_with_official_format_weights_cross_organ(parity_dir):
+    """Liver early-stage diffusion weights used in a kidney crop (cross-organ), release blend."""
+    torch.set_num_threads(2)
+    t = RandTumorSynthesisd(prob=1.0, stage_probs=(1.0, 0.0, 0.0), method="diffusion", weights_dir=str(parity_dir),
+                            organ="kidney", weights_organ="liver")
+    t.set_random_state(0)
+    data = _sample(size=96)
+    out = t(data)
+    tumour = out["label"][0] == 2
+    assert out["synthetic"].item() == 1 and tumour.any()
+    changed = (out["image"] != data["image"])[0]
+    assert bool(changed[tumour].any())
+    assert 0.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
+    far = ~torch.from_numpy(ndimage.binary_dilation(tumour.numpy(), np.ones((3, 3, 3), bool), iterations=17))
+    assert not bool(changed[far].any())  # blend reach: sigma <= 4 voxels, truncate 4
