@@ -244,7 +244,9 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
     sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed) if dist.distributed else None
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=cfg.data.num_workers, drop_last=len(ds) >= cfg.batch_size,
-                        persistent_workers=cfg.data.num_workers > 0, pin_memory=dist.device.type == "cuda")
+                        persistent_workers=cfg.data.num_workers > 0, pin_memory=dist.device.type == "cuda",
+                        # CUDA in worker processes (diffusion synthesis on the GPU) needs spawned workers
+                        multiprocessing_context="spawn" if cfg.synthesis.device.startswith("cuda") and cfg.data.num_workers else None)
     tf.set_random_state(seed=cfg.seed + 7919 * dist.rank)
     log.info("training on %d cases (%d healthy), validating on %d; fold %d", len(train_items),
              sum(i["healthy"] for i in train_items), len(val_items), cfg.data.fold)

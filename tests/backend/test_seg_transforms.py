@@ -124,3 +124,17 @@ def test_diffusion_path_with_official_format_weights_cross_organ(parity_dir):
     assert 0.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
     far = ~torch.from_numpy(ndimage.binary_dilation(tumour.numpy(), np.ones((3, 3, 3), bool), iterations=17))
     assert not bool(changed[far].any())  # blend reach: sigma <= 4 voxels, truncate 4
+
+
+def test_load_volumed_matches_monai_loadimaged(totalseg_seg):
+    """Our SimpleITK loader gives MONAI's array and RAS affine (so Orientationd/Spacingd agree)."""
+    from monai import transforms as T
+
+    from backend.segmentation.transforms import LoadVolumed
+
+    ours = T.Compose([LoadVolumed(["label"]), T.Orientationd(["label"], axcodes="RAS")])({"label": str(totalseg_seg)})
+    ref = T.Compose([T.LoadImaged(["label"]), T.EnsureChannelFirstd(["label"]),
+                     T.Orientationd(["label"], axcodes="RAS")])({"label": str(totalseg_seg)})
+    assert ours["label"].shape == ref["label"].shape == (1, 122, 101, 30)
+    assert torch.equal(ours["label"].as_tensor().long(), ref["label"].as_tensor().long())
+    assert torch.allclose(ours["label"].affine.double(), ref["label"].affine.double(), atol=1e-4)
