@@ -62,7 +62,7 @@ def _resolve(base: Path, entry: str, where: str, what: str) -> Path:
 
 def _from_msd(json_path: Path) -> list[Case]:
     try:
-        meta = json.loads(json_path.read_text())
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise DiffTumorError(f"{json_path}: not a readable dataset.json ({exc})") from None
     entries = meta.get("training") if isinstance(meta, dict) else None
@@ -83,7 +83,7 @@ def _from_msd(json_path: Path) -> list[Case]:
 
 def _from_list(list_path: Path) -> list[Case]:
     try:
-        lines = list_path.read_text().splitlines()
+        lines = list_path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DiffTumorError(f"{list_path}: not a readable list file ({type(exc).__name__})") from None
     base = list_path.parent

@@ -48,7 +48,7 @@ def read_config() -> dict:
     if not p.is_file():
         return {}
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DiffTumorError(f"{p}: not a readable JSON config ({exc}); fix or delete it") from exc
     return data if isinstance(data, dict) else {}
@@ -58,7 +58,7 @@ def write_config(data: dict) -> Path:
     p = config_path()
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
     os.replace(tmp, p)
     return p
 
@@ -187,7 +187,7 @@ def sha256_cached(path: Path) -> str:
     cache = {}
     if side.is_file():
         try:
-            cache = json.loads(side.read_text())
+            cache = json.loads(side.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             cache = {}
     entry = cache.get(path.name)
@@ -197,7 +197,7 @@ def sha256_cached(path: Path) -> str:
     cache[path.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     try:
         tmp = side.with_name(side.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, side)
     except OSError:  # read-only folder: no cache, still correct
         pass
@@ -219,7 +219,7 @@ def load_weight_file(path: Path):
 
 
 def manifest() -> dict:
-    return json.loads(MANIFEST_PATH.read_text())
+    return json.loads(MANIFEST_PATH.read_text(encoding="utf-8"))
 
 
 def check_folder(root, *, organs=WEIGHT_ORGANS, load: bool = True) -> list[dict]:

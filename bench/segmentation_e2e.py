@@ -52,7 +52,7 @@ def main() -> None:
                 str(run / "splits.json"), "--fold", "0", "--overlap", "0.5", "--out", str(args.out / "eval")])
     t_eval = time.perf_counter() - t0
     assert code == 0, "evaluation failed"
-    print((run / "metrics.csv").read_text())
+    print((run / "metrics.csv").read_text(encoding="utf-8"))
     print(f"toy data {t_data:.1f} s; training {args.steps} steps {t_train:.1f} s "
           f"({t_train / args.steps:.2f} s/step incl. start-up and validation); evaluation {t_eval:.1f} s; "
           f"{torch.get_num_threads()} threads")

@@ -350,7 +350,7 @@ def append_review(path: str | os.PathLike, review: Review, *, timestamp: str | N
             csv.writer(hdr, lineterminator="\n").writerow(REVIEW_COLUMNS)
             row = hdr.getvalue() + row
         else:
-            with open(path, newline="") as fh:
+            with open(path, newline="", encoding="utf-8") as fh:
                 header = next(csv.reader(fh), [])
             if tuple(header) != REVIEW_COLUMNS:
                 raise DiffTumorError(f"{path}: not a DiffTumor review log (its header differs); choose another file")
@@ -367,7 +367,7 @@ def read_reviews(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 

@@ -214,7 +214,7 @@ def provenance_record(outcome: SynthesisOutcome, files: dict[str, str]) -> dict:
 def write_json_atomic(path: Path, data: dict) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "w") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, sort_keys=True, default=_json_default)
             fh.flush()
             os.fsync(fh.fileno())

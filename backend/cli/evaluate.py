@@ -86,6 +86,6 @@ def handler(args) -> int:
         evaluate_files(args.pred, args.label, args.out, cfg, folds=args.folds, organ_masks=args.organ_masks,
                        fold=args.fold)
     )
-    print((Path(args.out) / "summary.md").read_text(), end="")
+    print((Path(args.out) / "summary.md").read_text(encoding="utf-8"), end="")
     print(f"{len(rows)} case(s) scored, {len(skipped)} skipped; results in {args.out}")
     return 0

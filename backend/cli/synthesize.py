@@ -127,7 +127,7 @@ def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, seed: int
     prov = dict(result.provenance, inputs={"ct": str(ct_path), "organs": str(organs_path),
                                            "tumor_mask": str(args.tumor_mask) if args.tumor_mask else None})
     tmp = out_dir / ".provenance.json.tmp"
-    tmp.write_text(json.dumps(prov, indent=1, default=str))
+    tmp.write_text(json.dumps(prov, indent=1, default=str), encoding="utf-8")
     os.replace(tmp, out_dir / "provenance.json")
     return prov
 

@@ -161,7 +161,7 @@ def read_fold_file(path: Path) -> dict[str, dict]:
     out: dict[str, dict] = {}
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             organs = data.get("organs", {})
             for f in data["folds"]:
                 for cid in f["val"]:
@@ -170,7 +170,7 @@ def read_fold_file(path: Path) -> dict[str, dict]:
         except (ValueError, KeyError, TypeError) as exc:
             raise DiffTumorError(f"{path}: not a split file (expected {{'folds': [{{'fold', 'val'}}]}}: {exc})") from None
         return out
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or "case_id" not in reader.fieldnames or "fold" not in reader.fieldnames:
             raise DiffTumorError(f"{path}: fold CSV needs the columns case_id,fold (optionally organ)")
@@ -300,7 +300,7 @@ def summary_markdown(summary: list[dict], cfg: EvaluationConfig) -> str:
 # -------------------------------------------------------------------------------------- files
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -310,7 +310,7 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

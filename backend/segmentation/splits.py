@@ -45,7 +45,7 @@ def save_splits(splits: dict, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(splits, indent=1))
+    tmp.write_text(json.dumps(splits, indent=1), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -55,7 +55,7 @@ def load_splits(path: Path) -> dict:
     if not path.is_file():
         raise DiffTumorError(f"{path}: split file does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         for f in data["folds"]:
             f["fold"], f["train"], f["val"]  # noqa: B018 - check the keys exist
     except (ValueError, KeyError, TypeError) as exc:

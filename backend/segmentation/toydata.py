@@ -73,5 +73,5 @@ def make_toy_dataset(ct_path, organ_labels_path, out_dir, *, organ: str = "liver
         write_image(label, out / "images" / f"{name}_label.nii.gz", geo)
         lists[kind].append(f"images/{name}.nii.gz,images/{name}_label.nii.gz")
     for kind, lines in lists.items():
-        (out / f"{kind}.txt").write_text("\n".join(lines) + "\n")
+        (out / f"{kind}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {k: str(out / f"{k}.txt") for k in lists}

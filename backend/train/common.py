@@ -192,7 +192,7 @@ def load_config(cls, path=None, overrides=()):
         if not path.is_file():
             raise DiffTumorError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise DiffTumorError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(loaded, dict):
@@ -367,7 +367,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.columns: list[str] | None = None
         if self.path.is_file() and self.path.stat().st_size:
-            with open(self.path, newline="") as f:
+            with open(self.path, newline="", encoding="utf-8") as f:
                 self.columns = next(csv.reader(f), None)
         self.tb = None
         if tensorboard_dir is not None:
@@ -386,7 +386,7 @@ class MetricsWriter:
         extra = [k for k in row if k not in self.columns]
         if extra:
             raise ValueError(f"{self.path}: metrics {extra} are not among the CSV columns {self.columns}")
-        with open(self.path, "a", newline="") as f:
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=self.columns)
             if new:
                 w.writeheader()

@@ -229,7 +229,7 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         import yaml
 
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(common.config_to_dict(cfg), sort_keys=False))
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(common.config_to_dict(cfg), sort_keys=False), encoding="utf-8")
 
     # data
     if dist.is_main:  # rank 0 draws and saves the split; the other ranks read it
