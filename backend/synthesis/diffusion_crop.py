@@ -87,3 +87,11 @@ def run(gen):
             next(gen)
         except StopIteration as stop:
             return stop.value
+
+
+def reconstruct_crop(x_xyz: np.ndarray, autoencoder: torch.nn.Module, *, device: torch.device) -> np.ndarray:
+    """decode(quantize(encode(x))) of a crop (X, Y, Z) in [-1, 1]: the autoencoder's round trip, (X, Y, Z) float32."""
+    with torch.inference_mode():
+        vol = torch.from_numpy(np.ascontiguousarray(x_xyz, dtype=np.float32))[None, None].permute(0, 1, 4, 2, 3)
+        rec = autoencoder.decode(autoencoder.encode(vol.to(device)), quantize=True)  # (1, 1, Z, X, Y)
+        return rec[0, 0].permute(1, 2, 0).float().cpu().numpy()

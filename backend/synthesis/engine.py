@@ -6,6 +6,7 @@
     result.label       # uint8 (z, y, x): 0 background, 1 organ, 2 tumour
     result.tumor_mask  # bool (z, y, x)
     result.provenance  # dict: method (+ why), weights sha256, seed, stage, steps, sigma, mask params, timings
+    result.intermediates  # keep_intermediates=True (diffusion): "masked", "reconstruction", "decoded" in HU
 
 ``iter_synthesize`` is the same work as a generator yielding ``(message, done, total)`` and returning
 the :class:`SynthesisResult` (for the napari progress bar); :func:`run_sync` drives it.
@@ -18,6 +19,12 @@ Geometry: the CT is never resampled as a whole. Diffusion works on 96³ model-sp
 CT (:mod:`backend.synthesis.crops`), one per group of nearby tumour components; the result is written
 back only where the blurred mask reaches (the blend support). Every other voxel is bit-identical to
 the input; integer CTs stay integer.
+
+Intermediates (``keep_intermediates=True``; costs one extra encode + decode per crop, so off by
+default): float32 HU volumes on the CT's own (z, y, x) grid, linearly resampled back from each crop
+like the tumour change; voxels outside every crop keep the CT's own value (so they show as a whole CT
+in a viewer; compare only inside the crops). Keys and meaning: :data:`INTERMEDIATES`. The model-based
+method has none (empty dict).
 """
 
 from __future__ import annotations
@@ -41,6 +48,12 @@ METHODS = ("auto", "diffusion", "model-based")
 STAGE_CHOICES = ("early", "mid_late")
 EARLY_MAX_DIAMETER_MM = 20.0  # the release: tumours < 2 cm are "early"
 GROUP_EXTENT_MM = 80.0  # tumour components whose union fits in 80 mm share one 96 mm crop
+INTERMEDIATES = {
+    "masked": "what the encoder sees: the crop windowed to [-175, 250] HU with the tumour at 37.5 HU (0 in [-1, 1])",
+    "reconstruction": "decode(quantize(encode(crop))) of the UNMASKED crop by the standalone autoencoder: what the "
+                      "autoencoder alone does to this anatomy (blur, lost noise), the baseline for judging 'decoded'",
+    "decoded": "the raw decoded diffusion sample before blending (whole crop, not clipped to the window)",
+}
 
 
 @dataclass
@@ -49,6 +62,9 @@ class SynthesisResult:
     label: np.ndarray  # uint8 (z, y, x): 0 background, 1 organ, 2 tumour
     tumor_mask: np.ndarray  # bool (z, y, x)
     provenance: dict = field(default_factory=dict)
+    # keep_intermediates=True, diffusion only: float32 HU (z, y, x) volumes on the CT's grid, the CT's own
+    # value outside the crops -- see ``INTERMEDIATES``
+    intermediates: dict[str, np.ndarray] = field(default_factory=dict)
 
     def label_volume(self) -> Volume:
         return Volume(self.label, self.ct.geometry)
@@ -237,6 +253,7 @@ class SynthesisEngine:
         noise=None,
         tumor_name: str = "tumor mask",
         organ_name: str = "organ mask",
+        keep_intermediates: bool = False,
     ) -> Iterator[tuple[str, int, int]]:
         """Generator form of :meth:`synthesize`; must not touch Qt. See the module docstring.
 
@@ -246,6 +263,7 @@ class SynthesisEngine:
         * ``sigma``: blend blur in voxels (None: U(0, 4) as released); ``pancreas_blend`` blends the
           pancreas like the other organs instead of replacing the whole crop.
         * ``noise``: explicit diffusion noises ``[x_T, z...]`` (tests/parity), used for every crop.
+        * ``keep_intermediates``: fill ``result.intermediates`` (diffusion only; see :data:`INTERMEDIATES`).
         """
         t_start = time.perf_counter()
         if method not in METHODS:
@@ -296,6 +314,8 @@ class SynthesisEngine:
         log.info("synthesis method: %s (%s)", chosen, reason)
 
         out = ct.array.copy()
+        inter = ({k: ct.array.astype(np.float32) for k in INTERMEDIATES}
+                 if keep_intermediates and chosen == "diffusion" else None)
         crops_info = []
         n = len(groups)
         for i, (g, st) in enumerate(zip(groups, stages)):
@@ -307,7 +327,7 @@ class SynthesisEngine:
             else:
                 sub = self._diffuse_group(out, ct.geometry, organ_arr, g, organ=organ, stage=st, sigma=sigma, rng=rng,
                                           seed=seed, index=i, ddim_steps=ddim_steps, pancreas_blend=pancreas_blend,
-                                          noise=noise)
+                                          noise=noise, intermediates=inter)
                 info = None
                 while True:
                     try:
@@ -337,7 +357,7 @@ class SynthesisEngine:
             "seconds": round(time.perf_counter() - t_start, 3),
         }
         yield "done", 1, 1
-        return SynthesisResult(Volume(out, ct.geometry, getattr(ct, "path", None)), label, tumor, prov)
+        return SynthesisResult(Volume(out, ct.geometry, getattr(ct, "path", None)), label, tumor, prov, inter or {})
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
@@ -370,11 +390,11 @@ class SynthesisEngine:
         return tumor, params
 
     def _diffuse_group(self, out, geometry: Geometry, organ_arr, group, *, organ, stage, sigma, rng, seed, index,
-                       ddim_steps, pancreas_blend, noise):
+                       ddim_steps, pancreas_blend, noise, intermediates=None):
         import torch
 
         from backend.device import oom_guard
-        from backend.synthesis.diffusion_crop import iter_synthesize_crop
+        from backend.synthesis.diffusion_crop import iter_synthesize_crop, reconstruct_crop
 
         t0 = time.perf_counter()
         models = self.stage_models(organ, stage, ddim_steps)
@@ -393,6 +413,7 @@ class SynthesisEngine:
         gen = torch.Generator().manual_seed(int(seed) * 1000 + index)
         with oom_guard("synthesis", self.device):
             decoded = yield from iter_synthesize_crop(x, m, models, device=self.device, noise=noise, generator=gen)
+            recon = reconstruct_crop(x, models.autoencoder, device=self.device) if intermediates is not None else None
         t_net = time.perf_counter()
 
         if blend.uses_blend(organ, pancreas_blend):
@@ -412,6 +433,14 @@ class SynthesisEngine:
         region = out[fp]
         sup = w_file > 0
         region[sup] = cast_like(region[sup].astype(np.float64) + d_file[sup], out.dtype)
+        if intermediates is not None:
+            pm1 = {"masked": x * (1.0 - m), "reconstruction": recon, "decoded": decoded}
+            cover = crops.back_to_file(inside.astype(np.float32), crop, geometry, fp)
+            ok = cover > 0.5  # CT voxels whose interpolation stencil lies (mostly) inside the crop
+            for key, vals in pm1.items():
+                hu_vals = blend.from_01((vals.astype(np.float64) + 1.0) / 2.0).astype(np.float32)
+                back = crops.back_to_file(hu_vals, crop, geometry, fp)
+                intermediates[key][fp][ok] = back[ok] / cover[ok]  # renormalised at the crop's edge
         info = {
             "sigma": s,
             "steps": models.steps,
