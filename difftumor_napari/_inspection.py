@@ -208,7 +208,9 @@ class InspectionWidget(Container):
         inter = dict(info.get("intermediates") or {})
         vols: dict[str, np.ndarray] = {"tumour mask": mask.astype(np.uint8)}
         original = self.original_layer.value
-        if original is not None and original.data.shape == mask.shape:
+        if "masked" in inter:  # what the encoder saw (windowed crop, tumour at 37.5 HU)
+            vols["masked CT"] = np.asarray(inter["masked"])
+        elif original is not None and original.data.shape == mask.shape:
             vols["masked CT"] = np.where(mask, np.float32(MASKED_HU), np.asarray(original.data, np.float32))
         for key, name in (("reconstruction", "autoencoder reconstruction"), ("decoded", "raw decoded sample")):
             if key in inter:

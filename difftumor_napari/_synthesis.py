@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import (ComboBox, Container, FileEdit, Label, LineEdit, ProgressBar, PushButton,
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, ProgressBar, PushButton,
                               SpinBox)
 
 from difftumor_napari import synthesis_tasks as st
@@ -54,6 +54,10 @@ class SynthesisWidget(Container):
         self.steps = SpinBox(label="Sampling steps", min=1, max=1000, value=50,
                              tooltip="DDIM steps for mid/late tumours; early tumours use the release's 4 steps")
         self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
+        self.keep_intermediates = CheckBox(
+            text="Keep intermediates for inspection", value=True,
+            tooltip="Diffusion: also return the masked input, the autoencoder reconstruction and the raw decoded "
+                    "sample (one extra decode per tumour) for the Inspection widget")
         self.run_button = PushButton(text="Synthesize")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
@@ -67,6 +71,7 @@ class SynthesisWidget(Container):
         self.extend([Container(widgets=[self.ct_layer, self.organ_layer, self.organ, self.tumor_layer, self.method]),
                      self.method_info,
                      Container(widgets=[self.weights_dir, self.device, self.stage, self.steps, self.seed]),
+                     self.keep_intermediates,
                      Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False),
                      Container(widgets=[self.progress]), self.progress_text,
                      Container(widgets=[self.before_after, self.difference], layout="horizontal", labels=False),
@@ -187,7 +192,8 @@ class SynthesisWidget(Container):
             ct=np.asarray(ct.data), geometry=self.geometry(), organ_mask=organ, tumor_mask=np.asarray(tumor.data) > 0,
             organ=self.organ.value, method=self.method.value, device=self.device.value, stage=self.stage.value,
             steps=int(self.steps.value), seed=int(self.seed.value), weights_dir=self.weights_folder(),
-            placements=placements, source=ct.metadata.get("difftumor", {}).get("source"))
+            placements=placements, source=ct.metadata.get("difftumor", {}).get("source"),
+            keep_intermediates=bool(self.keep_intermediates.value))
 
     @property
     def running(self) -> bool:

@@ -108,6 +108,7 @@ class SynthesisRequest:
     weights_dir: str | None = None
     placements: list[dict] = field(default_factory=list)
     source: str | None = None  # file the CT came from (provenance)
+    keep_intermediates: bool = True  # diffusion: masked / reconstruction / decoded volumes for Inspection
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("device", DEVICES), ("stage", STAGES)):
@@ -136,6 +137,8 @@ def engine_generator(request: SynthesisRequest):
     engine = SynthesisEngine(weights_dir=request.weights_dir, device=request.device)
     kwargs = dict(organ=request.organ, method=request.method, seed=int(request.seed),
                   stage=None if request.stage == "auto" else request.stage)
+    if request.keep_intermediates:
+        kwargs["keep_intermediates"] = True  # one extra encode + decode per crop; ignored by model-based
     if request.steps:
         kwargs["ddim_steps"] = int(request.steps)  # mid/late DDIM steps; early tumours use the release's T = 4
     return engine.iter_synthesize(Volume(request.ct, request.geometry), np.asarray(request.organ_mask, bool),

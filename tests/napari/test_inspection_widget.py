@@ -112,3 +112,55 @@ def test_nothing_to_inspect_is_a_notification(make_napari_viewer, qtbot, errors)
     qtbot.addWidget(w.native)
     assert w.measure() is None and "run Synthesis first" in errors[-1]
     assert not w.toggle_side_by_side()
+
+
+@pytest.mark.slow
+def test_diffusion_run_shows_reconstruction_and_decoded(make_napari_viewer, qtbot, monkeypatch, tmp_path, errors,
+                                                         parity_dir, totalseg_ct, totalseg_seg):
+    """Issue 6: synthesize with the (small, official-format) parity weights, then inspect the AE layers."""
+    import torch
+    from scipy import ndimage
+
+    from difftumor_napari._inspection import PREFIX, InspectionWidget
+    from difftumor_napari._placement import PlacementWidget
+    from difftumor_napari._reader import read_layer_data
+    from difftumor_napari._synthesis import RESULT_CT, SynthesisWidget
+
+    torch.set_num_threads(2)
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    monkeypatch.delenv("DIFFTUMOR_WEIGHTS", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    viewer = make_napari_viewer()
+    for p in (totalseg_ct, totalseg_seg):
+        data, kw, kind = read_layer_data(p)
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    place, synth = PlacementWidget(viewer), SynthesisWidget(viewer)
+    for w in (place, synth):
+        qtbot.addWidget(w.native)
+    liver = place.organ_mask()
+    d = ndimage.distance_transform_edt(liver)
+    place.size.value = "small"
+    assert place.place_at_voxel(np.unravel_index(np.argmax(d), liver.shape))
+    synth.weights_dir.value = str(parity_dir)
+    synth.method.value, synth.device.value, synth.stage.value = "diffusion", "cpu", "early"
+    assert synth.keep_intermediates.value  # on by default
+    assert synth.run() and synth.outcome is not None, errors
+    assert synth.outcome.provenance["method"] == "diffusion"
+    assert set(synth.outcome.intermediates) == {"masked", "reconstruction", "decoded"}
+
+    w = InspectionWidget(viewer)
+    qtbot.addWidget(w.native)
+    assert w.result_layer.value.name == RESULT_CT
+    assert w.toggle_side_by_side()
+    names = [ly.name for ly in viewer.layers if ly.name.startswith(PREFIX)]
+    assert names == [PREFIX + n for n in ("tumour mask", "masked CT", "autoencoder reconstruction",
+                                          "raw decoded sample", "blended result")]
+    assert w.intermediates_text.value == "" and errors == []
+    ct = viewer.layers["example_ct_sm"]
+    for n in ("autoencoder reconstruction", "raw decoded sample"):
+        layer = viewer.layers[PREFIX + n]
+        assert layer.data.shape == ct.data.shape and layer.scale == pytest.approx(ct.scale)
+        assert not np.array_equal(layer.data, np.asarray(ct.data, np.float32))  # the crop was replaced
+    mask = viewer.layers[PREFIX + "tumour mask"].data > 0
+    core = ndimage.binary_erosion(mask) if ndimage.binary_erosion(mask).any() else mask
+    np.testing.assert_allclose(viewer.layers[PREFIX + "masked CT"].data[core], 37.5, atol=0.05)
