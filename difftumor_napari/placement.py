@@ -4,8 +4,8 @@ The placement widget (``_placement.py``) only collects values and calls these fu
 in the napari display order (z, y, x) of the DiffTumor reader (an LPS grid); the grid itself is a
 :class:`backend.io.Geometry` built by :func:`layer_geometry` from the layer's metadata (or its
 ``scale``/``translate``). Shapes come from :mod:`backend.synthesis.masks` (the engine's generators):
-:func:`masks.ellipsoid_mask` for a placed tumour, :func:`masks.generate_tumor_mask` (the release's
-random generator, run in 1 mm model space and brought back) for random placement.
+:func:`masks.ellipsoid_mask` for a placed tumour, :func:`backend.synthesis.engine.random_tumor_masks`
+(the release's random generator, run in 1 mm model space and brought back) for random placement.
 
 The tumour-mask layer holds one id per placed tumour (1, 2, ...) so each has its own colour and can
 be undone on its own; synthesis treats every non-zero voxel as tumour.
@@ -264,49 +264,22 @@ def random_tumors(geometry: "Geometry", organ: np.ndarray, organ_name: str, *, s
                   seed: int, keep_inside_organ: bool = True) -> tuple[list[np.ndarray], list[dict]]:
     """``count`` tumours of ``size`` at valid places in the organ, from the release's generator.
 
-    The organ's bounding box is taken to 1 mm model space, :func:`backend.synthesis.masks.generate_tumor_mask`
-    draws one tumour per call (same seeded generator), and each is brought back to the display grid
-    (nearest neighbour; a tumour thinner than a voxel keeps at least its centre voxel).
+    :func:`backend.synthesis.engine.random_tumor_masks` (the engine's generator: 1 mm model space on the
+    organ's neighbourhood, one draw per tumour from the same seeded stream) gives one mask per tumour on
+    the display grid; ``keep_inside_organ`` clips each to the organ (unless that would empty it).
     """
-    from backend.io import Volume
-    from backend.preprocess import from_model_space, to_model_space
-    from backend.synthesis.crops import sub_geometry
-    from backend.synthesis.masks import SIZE_CLASSES, as_rng, generate_tumor_mask
+    from backend.synthesis.engine import random_tumor_masks
 
-    if size not in SIZE_CLASSES:
-        raise DiffTumorError(f"size class '{size}': choose one of {', '.join(SIZE_CLASSES)}")
-    if count < 1:
-        raise DiffTumorError(f"number of tumours: must be at least 1, got {count}")
-    if organ is None or not organ.any():
+    if organ is None or not np.any(organ):
         raise DiffTumorError(f"{organ_name}: the organ is absent from the label layer; choose another organ")
-    # work on the organ's bounding box (+ room for the largest tumour of the class), not the whole CT
-    reach_mm = 2.0 * SIZE_CLASSES[size].semi_axes[1]
-    nz = np.argwhere(organ)
-    margin = np.ceil(reach_mm / np.asarray(geometry.spacing[::-1])).astype(int)
-    lo = np.maximum(nz.min(0) - margin, 0)
-    hi = np.minimum(nz.max(0) + 1 + margin, organ.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    sub = sub_geometry(geometry, box)
-    organ_box = organ[box]
-    ref = to_model_space(Volume(organ_box.astype(np.uint8), sub), is_label=True)
-    rng = as_rng(seed)
+    masks_, drawn = random_tumor_masks(geometry, organ, organ=organ_name, size=size, count=count, seed=seed)
     shapes, params = [], []
-    for _ in range(count):
-        m, ps = generate_tumor_mask(ref.array.astype(bool), organ_name, size=size, count=1, rng=rng)
-        back_box = from_model_space(m.astype(np.uint8), ref, is_label=True).astype(bool)
-        p = ps[0].to_dict()
-        world = ref.geometry.voxel_to_world(np.asarray(p["centre"], float))
-        p["centre_world_mm"] = [round(float(v), 2) for v in world]
-        if not back_box.any():  # thinner than the display voxels: keep the centre voxel
-            ijk = np.clip(np.rint(sub.world_to_voxel(world)).astype(int), 0, np.asarray(sub.size) - 1)
-            back_box[ijk[2], ijk[1], ijk[0]] = True
-        back = np.zeros(organ.shape, bool)
-        back[box] = back_box
+    for back, tp in zip(masks_, drawn):
         if keep_inside_organ:
             clipped = back & organ
             back = clipped if clipped.any() else back
         p = {"kind": "random", "organ": organ_name, "seed": int(seed), "keep_inside_organ": keep_inside_organ,
-             **{k: list(v) if isinstance(v, tuple) else v for k, v in p.items()}}
+             **{k: list(v) if isinstance(v, tuple) else v for k, v in tp.to_dict().items()}}
         shapes.append(back)
         params.append(p)
     return shapes, params

@@ -1,0 +1,51 @@
+"""Public random placement on the CT grid (backend.synthesis.engine.random_tumor_mask / random_tumor_masks)."""
+
+import numpy as np
+import pytest
+
+from backend.errors import DiffTumorError
+from backend.io import read_image
+from backend.organs import load_organ_mask
+from backend.synthesis import masks
+from backend.synthesis.engine import SynthesisEngine, random_tumor_mask, random_tumor_masks
+
+
+@pytest.fixture(scope="module")
+def real(totalseg_ct, totalseg_seg):
+    ct = read_image(totalseg_ct)
+    return ct, load_organ_mask(totalseg_seg, "liver", reference=ct)
+
+
+def test_random_mask_on_ct_grid_seeded_inside_organ(real):
+    ct, organ = real
+    mask, params = random_tumor_mask(ct, organ, organ="liver", size="medium", count=2, seed=7)
+    assert mask.shape == ct.array.shape and mask.dtype == bool and mask.any() and not (mask & ~organ).any()
+    assert len(params) == 2 and all(p.size == "medium" and p.centre_world_mm is not None for p in params)
+    lo, hi = masks.SIZE_CLASSES["medium"].semi_axes
+    assert all(lo <= a <= hi for p in params for a in p.semi_axes)
+    again, _ = random_tumor_mask(ct.geometry, organ, organ="liver", size="medium", count=2, seed=7)
+    np.testing.assert_array_equal(mask, again)  # a Geometry works as well as the Volume
+    other, _ = random_tumor_mask(ct, organ, organ="liver", size="medium", count=2, seed=8)
+    assert not np.array_equal(mask, other)
+
+
+def test_engine_generated_mask_is_the_public_one(real, tmp_path):
+    ct, organ = real
+    r = SynthesisEngine(tmp_path, device="cpu").synthesize(ct, organ, organ="liver", size="small", count=1, seed=3)
+    mask, params = random_tumor_mask(ct, organ, organ="liver", size="small", count=1, seed=np.random.default_rng(3))
+    np.testing.assert_array_equal(r.tumor_mask, mask)
+    assert r.provenance["mask"]["tumours"] == [p.to_dict() for p in params]
+
+
+def test_separate_masks_and_bad_input(real):
+    ct, organ = real
+    shapes, params = random_tumor_masks(ct, organ, organ="liver", size="small", count=3, seed=1)
+    assert len(shapes) == len(params) == 3 and all(s.any() and not (s & ~organ).any() for s in shapes)
+    with pytest.raises(DiffTumorError, match="at least 1"):
+        random_tumor_mask(ct, organ, organ="liver", size="small", count=0, seed=0)
+    with pytest.raises(DiffTumorError, match="size class 'huge'"):
+        random_tumor_mask(ct, organ, organ="liver", size="huge", seed=0)
+    with pytest.raises(DiffTumorError, match="absent"):
+        random_tumor_mask(ct, np.zeros_like(organ), organ="liver", seed=0)
+    with pytest.raises(DiffTumorError, match="differs from the CT"):
+        random_tumor_mask(ct, organ[1:], organ="liver", seed=0)
