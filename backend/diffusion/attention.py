@@ -113,8 +113,13 @@ class Attention(nn.Module):
             cos, sin = rotary if rotary is not None else self.rotary_emb.cos_sin(q.shape[-2])
             q = RotaryEmbedding.rotate(q, cos, sin)
             k = RotaryEmbedding.rotate(k, cos, sin)
-        # softmax(q k^T + bias) v; q is already scaled
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=pos_bias, scale=1.0)
+        # softmax(q k^T + bias) v; q is already scaled. Written out rather than through
+        # F.scaled_dot_product_attention: with a float bias its CPU path scans the mask for -inf rows on
+        # every call, which cost more than the attention itself at these sizes.
+        sim = torch.matmul(q, k.transpose(-1, -2))  # (B', h, n, n)
+        if pos_bias is not None:
+            sim = sim + pos_bias
+        out = torch.matmul(sim.softmax(dim=-1), v)  # (B', h, n, d)
         out = out.reshape(*lead, *out.shape[-3:])
         return self.to_out(rearrange(out, "... h n d -> ... n (h d)"))
 
