@@ -121,8 +121,16 @@ def sample(array_zyx: np.ndarray, source: Geometry, target: Geometry, *, nearest
 
 
 def crop_from(array_zyx: np.ndarray, source: Geometry, crop: Crop, *, nearest: bool, pad: float) -> np.ndarray:
-    """The crop of a file-space array as an (X, Y, Z) array; padding voxels get ``pad``."""
-    vals = sample(array_zyx, source, crop.geometry, nearest=nearest, extrapolate=True).transpose(2, 1, 0)
+    """The crop of a file-space array as an (X, Y, Z) array; padding voxels get ``pad``.
+
+    Only the crop's footprint (+1 voxel, all that linear interpolation reads) is handed to SimpleITK,
+    not the whole CT: identical values, a fraction of the time on a full-resolution CT.
+    """
+    fp = footprint(crop, source)
+    if any(s.stop <= s.start for s in fp):  # the crop misses the image: sample the whole array (all padding)
+        fp = tuple(slice(0, n) for n in np.shape(array_zyx))
+    sub = sub_geometry(source, fp)
+    vals = sample(np.asarray(array_zyx)[fp], sub, crop.geometry, nearest=nearest, extrapolate=True).transpose(2, 1, 0)
     vals = np.array(vals, copy=True)
     vals[~crop.inside()] = pad
     return vals

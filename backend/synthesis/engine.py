@@ -126,12 +126,17 @@ def _bbox_slices(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
 # tumour components -> crops
 # --------------------------------------------------------------------------------------------
 def group_components(tumor: np.ndarray, geometry: Geometry, extent_mm: float = GROUP_EXTENT_MM) -> list[np.ndarray]:
-    """Split a (z, y, x) tumour mask into groups of components that fit together in one crop."""
-    lab, n = ndimage.label(tumor, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
+    """Split a (z, y, x) tumour mask into groups of components that fit together in one crop.
+
+    Works on the tumour's bounding box only (labelling a whole CT costs ~0.2 s per 10 M voxels).
+    """
+    if not tumor.any():
         return []
-    objs = ndimage.find_objects(lab)
-    sizes = ndimage.sum_labels(tumor, lab, index=np.arange(1, n + 1))
+    box = _bbox_slices(tumor, (1, 1, 1))
+    offset = [s.start for s in box]
+    lab, n = ndimage.label(tumor[box], structure=np.ones((3, 3, 3), bool))
+    objs = [tuple(slice(o.start + d, o.stop + d) for o, d in zip(sl, offset)) for sl in ndimage.find_objects(lab)]
+    sizes = ndimage.sum_labels(tumor[box], lab, index=np.arange(1, n + 1))
     groups: list[tuple[np.ndarray, np.ndarray, list[int]]] = []  # (world lo, world hi, ids)
     for i in np.argsort(-sizes):
         sl = objs[i]
@@ -146,7 +151,12 @@ def group_components(tumor: np.ndarray, geometry: Geometry, extent_mm: float = G
                 break
         else:
             groups.append((lo.copy(), hi.copy(), [int(i) + 1]))
-    return [np.isin(lab, g[2]) for g in groups]
+    out = []
+    for g in groups:
+        full = np.zeros(tumor.shape, bool)
+        full[box] = np.isin(lab, g[2])
+        out.append(full)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
