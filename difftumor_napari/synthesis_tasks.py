@@ -129,12 +129,38 @@ class SynthesisOutcome:
     request: SynthesisRequest
 
 
-def engine_generator(request: SynthesisRequest):
-    """The engine's ``iter_synthesize`` generator for ``request`` (imports torch/backend lazily)."""
-    from backend.io import Volume
-    from backend.synthesis.engine import SynthesisEngine
+_ENGINES: dict = {}  # (weights folder, device, folder listing) -> SynthesisEngine; the last one only
 
-    engine = SynthesisEngine(weights_dir=request.weights_dir, device=request.device)
+
+def _folder_signature(folder) -> tuple:
+    """Names, sizes and mtimes of a weights folder's files: a changed file means a fresh engine."""
+    if not folder or not Path(folder).is_dir():
+        return ()
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir() if p.is_file()))
+
+
+def shared_engine(weights_dir, device: str):
+    """One engine kept between runs, so its loaded networks and per-CT cache serve the next tumour."""
+    from backend.synthesis.engine import SynthesisEngine
+    from backend.weights import resolve_weights_dir
+
+    folder = weights_dir or resolve_weights_dir()[0]  # None: $DIFFTUMOR_WEIGHTS / user config, as the engine does
+    key = (str(weights_dir or ""), str(folder or ""), device, _folder_signature(folder))
+    if key not in _ENGINES:
+        _ENGINES.clear()  # one set of networks in memory at a time
+        _ENGINES[key] = SynthesisEngine(weights_dir=weights_dir, device=device)
+    return _ENGINES[key]
+
+
+def engine_generator(request: SynthesisRequest):
+    """The engine's ``iter_synthesize`` generator for ``request`` (imports torch/backend lazily).
+
+    The engine is shared between runs (:func:`shared_engine`): a second tumour reuses the loaded
+    networks and the engine's per-CT cache.
+    """
+    from backend.io import Volume
+
+    engine = shared_engine(request.weights_dir, request.device)
     kwargs = dict(organ=request.organ, method=request.method, seed=int(request.seed),
                   stage=None if request.stage == "auto" else request.stage)
     if request.keep_intermediates:

@@ -29,6 +29,7 @@ method has none (empty dict).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -219,8 +220,11 @@ def random_tumor_mask(ct: Volume | Geometry, organ_mask, *, organ: str, size: st
     voxel keeps the voxel nearest its centre. Returns (bool mask (z, y, x), one
     :class:`~backend.synthesis.masks.TumorParams` per tumour with ``centre_world_mm`` filled in).
     """
-    geometry, organ_arr, organ, size, rng = _random_setup(ct, organ_mask, organ, size, count, seed)
-    organ_m, model, sl, sub_g = _organ_in_model_space(geometry, organ_arr, size)
+    return _random_joint(*_random_setup(ct, organ_mask, organ, size, count, seed), count)
+
+
+def _random_joint(geometry, organ_arr, organ, size, rng, count, prepared=None):
+    organ_m, model, sl, sub_g = prepared(size) if prepared else _organ_in_model_space(geometry, organ_arr, size)
     masks.check_organ_fits(organ_m, size, name=f"organ '{organ}'")
     mask_m, params = masks.generate_tumor_mask(organ_m, organ, size=size, count=count, rng=rng)
     return _mask_to_file(mask_m, params, model, sl, sub_g, geometry, organ_arr.shape), params
@@ -242,6 +246,39 @@ def random_tumor_masks(ct: Volume | Geometry, organ_mask, *, organ: str, size: s
 
 
 # --------------------------------------------------------------------------------------------
+# per-CT cache: a second tumour in the same CT skips the checks and the organ's model-space mask
+# --------------------------------------------------------------------------------------------
+CT_CACHE_SIZE = 4  # CTs (x organ masks) remembered per engine
+
+
+def _ct_key(ct: Volume) -> tuple:
+    """Identity + cheap content fingerprint of a CT: object id, shape, dtype, geometry, hash of a strided sample.
+
+    A CT edited in place outside the sampled voxels keeps its key; the cache only holds what a
+    wrong hit cannot corrupt much (the CT-likeness check, the organ's model-space mask, which is keyed
+    by the full organ-mask hash anyway).
+    """
+    a = ct.array
+    step = max(1, int(round((a.size / 65536) ** (1 / 3))))
+    sample = np.ascontiguousarray(a[::step, ::step, ::step])
+    return (id(a), a.shape, a.dtype.str, ct.geometry, hashlib.blake2b(sample.tobytes(), digest_size=16).hexdigest())
+
+
+@dataclass
+class _CTEntry:
+    checked: bool
+    organ_models: dict = field(default_factory=dict)  # reach (mm) -> (organ_m, model grid, slices, sub-grid)
+
+    def organ_model(self, geometry: Geometry, organ_arr: np.ndarray, size: str):
+        reach = max(10.0, 2.0 * masks.SIZE_CLASSES[size].semi_axes[1])
+        if reach not in self.organ_models:
+            prepared = _organ_in_model_space(geometry, organ_arr, size)
+            prepared[0].flags.writeable = False  # shared by later calls: nobody may edit it
+            self.organ_models[reach] = prepared
+        return self.organ_models[reach]
+
+
+# --------------------------------------------------------------------------------------------
 # the engine
 # --------------------------------------------------------------------------------------------
 class SynthesisEngine:
@@ -259,6 +296,8 @@ class SynthesisEngine:
         self.model_based_config = model_based_config or ModelBasedConfig()
         self._ae = None
         self._stage_models: dict = {}
+        self._ct_cache: dict = {}  # (CT fingerprint, organ mask hash) -> _CTEntry, least recently used first
+        self.cache_hits = 0
 
     # ---------------------------------------------------------------- weights
     def diffusion_available(self, organ: str, stage: str) -> tuple[bool, str]:
@@ -370,17 +409,19 @@ class SynthesisEngine:
 
         organ = parse_organ(organ)
         rng = np.random.default_rng(seed)
-        organ_arr = _as_mask(organ_mask, ct, organ_name)
+        cached, organ_arr = self._ct_entry(ct, organ_mask, organ_name)
         if not organ_arr.any():
             raise DiffTumorError(f"{organ_name}: the organ '{organ}' is absent (no voxel)")
-        check_ct_like(ct, organ_arr, ct.name if ct.name else "CT")
+        if not cached.checked:
+            check_ct_like(ct, organ_arr, ct.name if ct.name else "CT")
+            cached.checked = True
         yield "checked the input", 0, 1
 
         # ---- tumour mask (file space)
         mask_info: dict
         class_stage = None
         if tumor_mask is None:
-            tumor, params = self._generate(ct, organ_arr, organ, size, count, rng)
+            tumor, params = self._generate(ct, organ_arr, organ, size, count, rng, cached)
             class_stage = masks.SIZE_CLASSES[params[0].size].stage
             mask_info = {"source": "generated (release generator)", "tumours": [p.to_dict() for p in params]}
         else:
@@ -457,9 +498,25 @@ class SynthesisEngine:
         d = masks.largest_diameter_mm(group, spacing_zyx)
         return "early" if d < EARLY_MAX_DIAMETER_MM else "mid_late"
 
-    @staticmethod
-    def _generate(ct: Volume, organ_arr: np.ndarray, organ: str, size, count, rng):
-        return random_tumor_mask(ct, organ_arr, organ=organ, size=size, count=count, seed=rng)
+    def _generate(self, ct: Volume, organ_arr: np.ndarray, organ: str, size, count, rng, cached: "_CTEntry"):
+        setup = _random_setup(ct, organ_arr, organ, size, count, rng)
+        return _random_joint(*setup, count, prepared=lambda sz: cached.organ_model(ct.geometry, organ_arr, sz))
+
+    def _ct_entry(self, ct: Volume, organ_mask, organ_name: str) -> tuple["_CTEntry", np.ndarray]:
+        """The per-CT cache entry (checked CT, prepared organ mask) for a repeated call on the same CT."""
+        key = _ct_key(ct)
+        organ_arr = _as_mask(organ_mask, ct, organ_name)
+        okey = (key, organ_arr.shape, hashlib.blake2b(np.packbits(organ_arr).tobytes(), digest_size=16).hexdigest())
+        entry = self._ct_cache.get(okey)
+        if entry is None:
+            entry = _CTEntry(checked=False)
+            self._ct_cache[okey] = entry
+            while len(self._ct_cache) > CT_CACHE_SIZE:
+                self._ct_cache.pop(next(iter(self._ct_cache)))
+        else:
+            self._ct_cache[okey] = self._ct_cache.pop(okey)  # most recently used last
+            self.cache_hits += 1
+        return entry, organ_arr
 
     def _diffuse_group(self, out, geometry: Geometry, organ_arr, group, *, organ, stage, sigma, rng, seed, index,
                        ddim_steps, pancreas_blend, noise, intermediates=None):

@@ -49,3 +49,26 @@ def test_separate_masks_and_bad_input(real):
         random_tumor_mask(ct, np.zeros_like(organ), organ="liver", seed=0)
     with pytest.raises(DiffTumorError, match="differs from the CT"):
         random_tumor_mask(ct, organ[1:], organ="liver", seed=0)
+
+
+def test_second_call_on_the_same_ct_uses_the_cache_and_changes_nothing(real, tmp_path):
+    ct, organ = real
+    kw = dict(organ="liver", size="small", count=1, method="model-based")
+    e = SynthesisEngine(tmp_path, device="cpu")
+    first = e.synthesize(ct, organ, seed=2, **kw)
+    assert e.cache_hits == 0
+    second = e.synthesize(ct, organ, seed=9, **kw)
+    assert e.cache_hits == 1
+    fresh = SynthesisEngine(tmp_path, device="cpu").synthesize(ct, organ, seed=9, **kw)
+    np.testing.assert_array_equal(second.ct.array, fresh.ct.array)
+    np.testing.assert_array_equal(second.tumor_mask, fresh.tumor_mask)
+    assert not np.array_equal(first.tumor_mask, second.tumor_mask)
+    # another organ mask or another CT object is a miss (the organ mask is hashed in full)
+    smaller = organ.copy()
+    smaller[np.argwhere(organ)[0][0]] = False
+    e.synthesize(ct, smaller, seed=9, **kw)
+    e.synthesize(second.ct, organ, seed=9, **kw)
+    assert e.cache_hits == 1
+    # bad input on a cached CT is still refused
+    with pytest.raises(DiffTumorError, match="absent"):
+        e.synthesize(ct, np.zeros_like(organ), seed=9, **kw)
