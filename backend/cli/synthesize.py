@@ -56,6 +56,9 @@ def register(sub) -> None:
     p.add_argument("--pancreas-blend", action="store_true", help="blend pancreas tumours like the other organs")
     p.add_argument("--weights", default=None, help="weights folder (default: $DIFFTUMOR_WEIGHTS or the user config)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-intermediates", action="store_true",
+                   help="diffusion: also write masked.nii.gz, reconstruction.nii.gz (autoencoder round trip of the "
+                        "crop) and decoded.nii.gz (raw decoded sample), float32 HU on the CT grid (one extra decode)")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     p.add_argument("--n", type=int, default=1, help="dataset mode: synthetic versions per CT")
     p.add_argument("--shard", default=None, help="dataset mode: i/n = process every n-th case starting at i")
@@ -120,12 +123,19 @@ def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, seed: int
         ct, organ, tumor, organ=args.organ, method=args.method, seed=seed, stage=args.stage, size=args.size,
         count=args.count, sigma=args.sigma, ddim_steps=args.ddim_steps, pancreas_blend=args.pancreas_blend,
         tumor_name=str(args.tumor_mask or "tumor mask"), organ_name=str(organs_path),
+        keep_intermediates=bool(getattr(args, "keep_intermediates", False)),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_image(result.ct, out_dir / "ct.nii.gz", overwrite=True)
     write_image(result.label_volume(), out_dir / "label.nii.gz", overwrite=True)
+    for key, vol in result.intermediates.items():  # empty unless asked for (and diffusion ran)
+        write_image(vol, ct.geometry, out_dir / f"{key}.nii.gz", overwrite=True)
     prov = dict(result.provenance, inputs={"ct": str(ct_path), "organs": str(organs_path),
                                            "tumor_mask": str(args.tumor_mask) if args.tumor_mask else None})
+    if getattr(args, "keep_intermediates", False):
+        from backend.synthesis.engine import INTERMEDIATES
+
+        prov["intermediates"] = {f"{k}.nii.gz": INTERMEDIATES[k] for k in result.intermediates}
     tmp = out_dir / ".provenance.json.tmp"
     tmp.write_text(json.dumps(prov, indent=1, default=str), encoding="utf-8")
     os.replace(tmp, out_dir / "provenance.json")

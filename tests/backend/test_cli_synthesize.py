@@ -96,3 +96,30 @@ def test_weights_check_cli(tmp_path, capsys):
     assert main(["weights", "check", str(tmp_path), "--no-load", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["files"]
     assert [r["name"] for r in rows if r["present"]] == ["liver_early.pt"]
+
+
+@pytest.mark.slow
+def test_keep_intermediates_writes_them_next_to_the_ct(tmp_path, parity_dir, totalseg_ct, totalseg_seg):
+    import torch
+
+    torch.set_num_threads(2)
+    out = tmp_path / "out"
+    assert main(["synthesize", "--ct", str(totalseg_ct), "--organs", str(totalseg_seg), "--organ", "liver",
+                 "--size", "small", "--count", "1", "--method", "diffusion", "--weights", str(parity_dir),
+                 "--device", "cpu", "--seed", "2", "--keep-intermediates", "--out", str(out)]) == 0
+    ct = read_image(totalseg_ct)
+    prov = json.loads((out / "provenance.json").read_text())
+    assert set(prov["intermediates"]) == {"masked.nii.gz", "reconstruction.nii.gz", "decoded.nii.gz"}
+    for name in prov["intermediates"]:
+        v = read_image(out / name)
+        assert v.geometry.matches(ct.geometry) and v.array.dtype == np.float32
+    assert np.any(read_image(out / "decoded.nii.gz").array != ct.array)
+
+
+def test_keep_intermediates_model_based_writes_none(tmp_path):
+    ct, seg = _case(tmp_path / "cts")
+    out = tmp_path / "out"
+    assert main(["synthesize", "--ct", str(ct), "--organs", str(seg), "--organ", "liver", "--size", "small",
+                 "--count", "1", "--keep-intermediates", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ct.nii.gz", "label.nii.gz", "provenance.json"]
+    assert json.loads((out / "provenance.json").read_text())["intermediates"] == {}
