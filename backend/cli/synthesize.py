@@ -39,6 +39,9 @@ def register(sub) -> None:
     p.add_argument("--organs", required=True, help="organ label file (TotalSegmentator/AbdomenAtlas/MSD) or folder")
     p.add_argument("--organ", required=True, help="liver, pancreas, kidney, kidney_left, kidney_right or spleen")
     p.add_argument("--organ-label", type=int, default=None, help="label id of the organ in --organs (overrides the convention)")
+    p.add_argument("--weights-organ", default=None,
+                   help="use this organ's diffusion weights (cross-organ, paper section 4.2: e.g. --organ pancreas "
+                        "--weights-organ liver); default: --organ")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--tumor-mask", help="your own tumour mask on the CT grid (non-zero = tumour)")
     where.add_argument("--center", help="ellipsoid centre X,Y,Z: world mm (LPS, as ITK/3D Slicer 'LPS') or voxel index with --voxel")
@@ -124,6 +127,7 @@ def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, seed: int
         count=args.count, sigma=args.sigma, ddim_steps=args.ddim_steps, pancreas_blend=args.pancreas_blend,
         tumor_name=str(args.tumor_mask or "tumor mask"), organ_name=str(organs_path),
         keep_intermediates=bool(getattr(args, "keep_intermediates", False)),
+        weights_organ=args.weights_organ,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_image(result.ct, out_dir / "ct.nii.gz", overwrite=True)

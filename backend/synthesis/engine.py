@@ -385,6 +385,7 @@ class SynthesisEngine:
         tumor_name: str = "tumor mask",
         organ_name: str = "organ mask",
         keep_intermediates: bool = False,
+        weights_organ: str | None = None,
     ) -> Iterator[tuple[str, int, int]]:
         """Generator form of :meth:`synthesize`; must not touch Qt. See the module docstring.
 
@@ -395,6 +396,9 @@ class SynthesisEngine:
           pancreas like the other organs instead of replacing the whole crop.
         * ``noise``: explicit diffusion noises ``[x_T, z...]`` (tests/parity), used for every crop.
         * ``keep_intermediates``: fill ``result.intermediates`` (diffusion only; see :data:`INTERMEDIATES`).
+        * ``weights_organ``: whose diffusion weights to use (default: ``organ``). The paper's cross-organ
+          setting (section 4.2): e.g. ``organ="pancreas", weights_organ="liver"`` paints pancreas tumours
+          with the liver model; blending and the tumour generator still follow ``organ``.
         """
         t_start = time.perf_counter()
         if method not in METHODS:
@@ -408,6 +412,7 @@ class SynthesisEngine:
         from backend.organs import parse_organ
 
         organ = parse_organ(organ)
+        model_organ = parse_organ(weights_organ) if weights_organ else organ
         rng = np.random.default_rng(seed)
         cached, organ_arr = self._ct_entry(ct, organ_mask, organ_name)
         if not organ_arr.any():
@@ -436,11 +441,11 @@ class SynthesisEngine:
         if method == "model-based":
             chosen, reason = "model-based", "requested"
         else:
-            avail = [self.diffusion_available(organ, s) for s in sorted(set(stages))]
+            avail = [self.diffusion_available(model_organ, s) for s in sorted(set(stages))]
             if all(a for a, _ in avail):
                 chosen, reason = "diffusion", ("requested; " if method == "diffusion" else "auto: ") + avail[0][1]
             elif method == "diffusion":
-                self.weights.require(organ, next(s for s, (a, _) in zip(sorted(set(stages)), avail) if not a))
+                self.weights.require(model_organ, next(s for s, (a, _) in zip(sorted(set(stages)), avail) if not a))
                 raise DiffTumorError(f"diffusion: {next(r for a, r in avail if not a)}")  # pragma: no cover
             else:
                 chosen, reason = "model-based", "auto: " + next(r for a, r in avail if not a)
@@ -458,7 +463,8 @@ class SynthesisEngine:
                 info = {"params": params}
                 yield f"model-based tumour {i + 1}/{n}", i + 1, n
             else:
-                sub = self._diffuse_group(out, ct.geometry, organ_arr, g, organ=organ, stage=st, sigma=sigma, rng=rng,
+                sub = self._diffuse_group(out, ct.geometry, organ_arr, g, organ=organ, model_organ=model_organ,
+                                          stage=st, sigma=sigma, rng=rng,
                                           seed=seed, index=i, ddim_steps=ddim_steps, pancreas_blend=pancreas_blend,
                                           noise=noise, intermediates=inter)
                 info = None
@@ -482,6 +488,7 @@ class SynthesisEngine:
             "method": chosen,
             "method_reason": reason,
             "organ": organ,
+            "weights_organ": model_organ if chosen == "diffusion" else None,
             "seed": int(seed),
             "version": __version__,
             "device": str(self.device),
@@ -519,14 +526,14 @@ class SynthesisEngine:
         return entry, organ_arr
 
     def _diffuse_group(self, out, geometry: Geometry, organ_arr, group, *, organ, stage, sigma, rng, seed, index,
-                       ddim_steps, pancreas_blend, noise, intermediates=None):
+                       ddim_steps, pancreas_blend, noise, intermediates=None, model_organ=None):
         import torch
 
         from backend.device import oom_guard
         from backend.synthesis.diffusion_crop import iter_synthesize_crop, reconstruct_crop
 
         t0 = time.perf_counter()
-        models = self.stage_models(organ, stage, ddim_steps)
+        models = self.stage_models(model_organ or organ, stage, ddim_steps)
         grid = crops.model_grid(geometry)
         nz = np.argwhere(group)
         centre_idx = (nz.min(0) + nz.max(0)) / 2.0  # (z, y, x)

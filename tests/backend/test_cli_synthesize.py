@@ -67,6 +67,22 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     assert code == 2 and "outside the image" in capsys.readouterr().err and not out.exists()
 
 
+def test_weights_organ_option(tmp_path, capsys):
+    ct, seg = _case(tmp_path / "cts")
+    out = tmp_path / "out"
+    code = main(["synthesize", "--ct", str(ct), "--organs", str(seg), "--organ", "liver", "--weights-organ", "brain",
+                 "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "brain" in err and not out.exists()
+    # an empty weights folder: auto falls back to model-based and names the other organ's missing file
+    (tmp_path / "w").mkdir()
+    assert main(["synthesize", "--ct", str(ct), "--organs", str(seg), "--organ", "liver", "--weights-organ",
+                 "pancreas", "--weights", str(tmp_path / "w"), "--size", "tiny", "--count", "1",
+                 "--out", str(out)]) == 0
+    prov = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
+    assert prov["method"] == "model-based" and "pancreas" in prov["method_reason"] and prov["weights_organ"] is None
+
+
 def test_dataset_mode_resumable_and_sharded(tmp_path):
     for i in range(3):
         _case(tmp_path / "cts", f"c{i}", seed=i)

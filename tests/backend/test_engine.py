@@ -63,6 +63,23 @@ def test_diffusion_on_real_ct_geometry_dtype_support(engine, real):
     assert set(sha) == {"AutoencoderModel.ckpt", "liver_early.pt"} and all(len(v) == 64 for v in sha.values())
 
 
+@pytest.mark.slow
+def test_cross_organ_kidney_with_liver_weights(engine, totalseg_ct, totalseg_seg):
+    """Paper section 4.2: liver diffusion weights paint kidney tumours; without them the kidney falls back."""
+    ct = read_image(totalseg_ct)
+    kidney = load_organ_mask(totalseg_seg, "kidney", reference=ct)
+    auto = engine.synthesize(ct, kidney, organ="kidney", size="tiny", count=1, seed=5, sigma=1.0)
+    assert auto.provenance["method"] == "model-based" and "kidney" in auto.provenance["method_reason"]
+    cross = engine.synthesize(ct, kidney, organ="kidney", size="tiny", count=1, seed=5, sigma=1.0,
+                              weights_organ="liver", method="diffusion")
+    prov = cross.provenance
+    assert prov["method"] == "diffusion" and prov["organ"] == "kidney" and prov["weights_organ"] == "liver"
+    assert set(prov["tumours"][0]["weights_sha256"]) == {"AutoencoderModel.ckpt", "liver_early.pt"}
+    assert (cross.ct.array != ct.array).any() and cross.ct.array.dtype == ct.array.dtype
+    with pytest.raises(DiffTumorError, match="stomach"):
+        engine.synthesize(ct, kidney, organ="kidney", weights_organ="stomach", seed=5)
+
+
 def _synthetic_ct(dtype=np.int16, spacing=(0.8, 0.8, 2.5)):
     rng = np.random.default_rng(0)
     a = rng.normal(-1000, 10, (40, 96, 96))
