@@ -11,14 +11,6 @@ from difftumor_napari import synthesis_tasks as st
 pytestmark = pytest.mark.gui
 
 
-@pytest.fixture
-def errors(monkeypatch):
-    import napari.utils.notifications as notifications
-
-    seen: list[str] = []
-    monkeypatch.setattr(notifications, "show_error", lambda msg: seen.append(str(msg)))
-    return seen
-
 
 @pytest.fixture
 def synthesized(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, totalseg_seg):

@@ -12,15 +12,6 @@ from difftumor_napari import placement as pl
 pytestmark = pytest.mark.gui
 
 
-@pytest.fixture
-def errors(monkeypatch):
-    """Collect napari error notifications instead of showing them."""
-    import napari.utils.notifications as notifications
-
-    seen: list[str] = []
-    monkeypatch.setattr(notifications, "show_error", lambda msg: seen.append(str(msg)))
-    return seen
-
 
 @pytest.fixture
 def real_viewer(make_napari_viewer, totalseg_ct, totalseg_seg):

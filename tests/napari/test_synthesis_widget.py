@@ -18,14 +18,6 @@ from difftumor_napari import synthesis_tasks as st
 pytestmark = pytest.mark.gui
 
 
-@pytest.fixture
-def errors(monkeypatch):
-    import napari.utils.notifications as notifications
-
-    seen: list[str] = []
-    monkeypatch.setattr(notifications, "show_error", lambda msg: seen.append(str(msg)))
-    return seen
-
 
 @pytest.fixture
 def no_weights(monkeypatch, tmp_path):
