@@ -57,7 +57,8 @@ def register(sub) -> None:
 
 def handler(args) -> int:
     from backend.errors import DiffTumorError
-    from backend.segmentation.evaluate import EvaluationConfig, evaluate_files, run_sync
+    from backend.progress import run_sync
+    from backend.segmentation.evaluate import EvaluationConfig, evaluate_files
 
     if args.model is not None:
         if args.pred is not None or args.data is None:

@@ -233,15 +233,6 @@ def iter_evaluate(pairs, cfg: EvaluationConfig, folds: dict[str, dict] | None = 
     return rows, skipped
 
 
-def run_sync(gen):
-    """Drive a progress generator to its return value (scripts and tests)."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
-
-
 # ------------------------------------------------------------------------------------ summary
 def _mean_std(values) -> tuple[float, float]:
     v = np.asarray([x for x in values if x == x], dtype=float)  # drop NaN

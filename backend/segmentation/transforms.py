@@ -113,7 +113,8 @@ class RandTumorSynthesisd(RandomizableTransform, MapTransform):
             out = np.array(image01, dtype=np.float32, copy=True)
             out[support] = blend.hu_to_01(new_hu[support])  # voxels outside the blend stay bit-identical
             return out
-        from backend.synthesis.diffusion_crop import iter_synthesize_crop, run
+        from backend.progress import run_sync as run
+        from backend.synthesis.diffusion_crop import iter_synthesize_crop
 
         engine = self._engine_for_diffusion()
         stage = "early" if self._stage == "early" else "mid_late"

@@ -80,13 +80,6 @@ def iter_synthesize_crop(
         return decoded[0, 0].permute(1, 2, 0).float().cpu().numpy()  # (X, Y, Z)
 
 
-def run(gen):
-    """Drive a ``(message, done, total)`` generator to its return value."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 def reconstruct_crop(x_xyz: np.ndarray, autoencoder: torch.nn.Module, *, device: torch.device) -> np.ndarray:

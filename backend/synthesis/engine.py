@@ -40,6 +40,7 @@ from scipy import ndimage
 
 from backend.errors import DiffTumorError
 from backend.io import Geometry, Volume, check_same_grid
+from backend.progress import run_sync
 from backend.synthesis import blend, crops, masks
 from backend.synthesis.model_based import ModelBasedConfig, cast_like, synthesize_model_based
 
@@ -69,15 +70,6 @@ class SynthesisResult:
 
     def label_volume(self) -> Volume:
         return Volume(self.label, self.ct.geometry)
-
-
-def run_sync(gen):
-    """Run a ``(message, done, total)`` generator to the end and return its result (scripts, tests)."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 # --------------------------------------------------------------------------------------------
