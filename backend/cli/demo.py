@@ -84,9 +84,12 @@ def _quiet_qt_binding_notice() -> None:
         qt_main_window.SHOW_QT_WARNING = False
 
 
+FRONT_WIDGET = "Tumor placement"  # the first step of the demo
+
+
 def dock_plugin_widgets(viewer) -> tuple[dict, list[str]]:
-    """Dock every DiffTumor widget as tabs of one dock on the right (the first tab in front), so
-    the window fits a screen however many widgets the manifest has.
+    """Dock every DiffTumor widget as tabs of one dock on the right, so the window fits a screen however
+    many widgets the manifest has. "Tumor placement" (where a new user starts) is the tab in front.
     Returns ({display name: widget}, [names that failed to dock])."""
     from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QApplication
@@ -107,7 +110,9 @@ def dock_plugin_widgets(viewer) -> tuple[dict, list[str]]:
             failed.append(name)
     QApplication.processEvents()
     if docks:
-        docks[0].raise_()
+        docked = [n for n in plugin_widget_names() if n in widgets]
+        front = docks[docked.index(FRONT_WIDGET)] if FRONT_WIDGET in docked else docks[0]
+        front.raise_()
     return widgets, failed
 
 
