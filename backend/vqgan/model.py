@@ -41,7 +41,7 @@ class VQGANConfig:
     padding_type: Literal["replicate", "constant", "reflect", "circular"] = "replicate"  # encoder only
     restart_thres: float = 1.0  # dead-code restart threshold on the EMA count N
     no_random_restart: bool = False
-    codebook_chunk: int = 2048  # vectors per nearest-code distance chunk (memory, not results)
+    codebook_chunk: int = 128  # vectors per nearest-code distance chunk (speed and memory, not results)
 
     def __post_init__(self):
         self.downsample = tuple(int(d) for d in self.downsample)
