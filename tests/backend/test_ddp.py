@@ -24,7 +24,9 @@ import torch
 pytestmark = pytest.mark.slow
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-DIFFTUMOR = shutil.which("difftumor")
+# the console script of the environment running the tests (CI runs .venv/bin/python without activating it)
+DIFFTUMOR = next((str(p) for p in (Path(sys.executable).with_name("difftumor"),) if p.is_file()),
+                 shutil.which("difftumor"))
 
 
 def _write(array: np.ndarray, path: Path) -> None:
