@@ -11,10 +11,9 @@ from difftumor_napari import synthesis_tasks as st
 pytestmark = pytest.mark.gui
 
 
-
-@pytest.fixture
-def synthesized(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, totalseg_seg):
-    """Viewer with the real CT, a medium liver tumour placed and synthesized (model-based)."""
+def _real_ct_with_tumour(make_napari_viewer, qtbot, monkeypatch, tmp_path, ct_path, seg_path, *, size: str):
+    """Viewer with the real CT and its organs, one ``size`` tumour placed at the liver's deepest voxel;
+    returns (viewer, synthesis widget). No weights configured unless the caller sets them."""
     from scipy import ndimage
 
     from difftumor_napari._placement import PlacementWidget
@@ -25,7 +24,7 @@ def synthesized(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, t
     monkeypatch.delenv("DIFFTUMOR_WEIGHTS", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     viewer = make_napari_viewer()
-    for p in (totalseg_ct, totalseg_seg):
+    for p in (ct_path, seg_path):
         data, kw, kind = read_layer_data(p)
         getattr(viewer, f"add_{kind}")(data, **kw)
     place, synth = PlacementWidget(viewer), SynthesisWidget(viewer)
@@ -33,8 +32,18 @@ def synthesized(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, t
         qtbot.addWidget(w.native)
     liver = place.organ_mask()
     d = ndimage.distance_transform_edt(liver)
-    place.size.value = "medium"
+    place.size.value = size
     assert place.place_at_voxel(np.unravel_index(np.argmax(d), liver.shape))
+    return viewer, synth
+
+
+
+
+@pytest.fixture
+def synthesized(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, totalseg_seg):
+    """Viewer with the real CT, a medium liver tumour placed and synthesized (model-based)."""
+    viewer, synth = _real_ct_with_tumour(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, totalseg_seg,
+                                         size="medium")
     synth.method.value = "model-based"
     assert synth.run() and synth.outcome is not None
     return viewer
@@ -114,25 +123,11 @@ def test_diffusion_run_shows_reconstruction_and_decoded(make_napari_viewer, qtbo
     from scipy import ndimage
 
     from difftumor_napari._inspection import PREFIX, InspectionWidget
-    from difftumor_napari._placement import PlacementWidget
-    from difftumor_napari._reader import read_layer_data
-    from difftumor_napari._synthesis import RESULT_CT, SynthesisWidget
+    from difftumor_napari._synthesis import RESULT_CT
 
     torch.set_num_threads(2)
-    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
-    monkeypatch.delenv("DIFFTUMOR_WEIGHTS", raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    viewer = make_napari_viewer()
-    for p in (totalseg_ct, totalseg_seg):
-        data, kw, kind = read_layer_data(p)
-        getattr(viewer, f"add_{kind}")(data, **kw)
-    place, synth = PlacementWidget(viewer), SynthesisWidget(viewer)
-    for w in (place, synth):
-        qtbot.addWidget(w.native)
-    liver = place.organ_mask()
-    d = ndimage.distance_transform_edt(liver)
-    place.size.value = "small"
-    assert place.place_at_voxel(np.unravel_index(np.argmax(d), liver.shape))
+    viewer, synth = _real_ct_with_tumour(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, totalseg_seg,
+                                         size="small")
     synth.weights_dir.value = str(parity_dir)
     synth.method.value, synth.device.value, synth.stage.value = "diffusion", "cpu", "early"
     assert synth.keep_intermediates.value  # on by default
