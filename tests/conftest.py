@@ -85,7 +85,7 @@ def parity_dir(parity_src) -> Path:
         gz = parity_src / f"{name}.gz"
         stamp = out / f"{name}.src-size"
         target = out / name
-        if target.is_file() and stamp.is_file() and stamp.read_text() == str(gz.stat().st_size):
+        if target.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == str(gz.stat().st_size):
             continue
         tmp = out / f".{name}.tmp"
         with gzip.open(gz, "rb") as fin, open(tmp, "wb") as fout:

@@ -67,3 +67,14 @@ def test_info_bad_inputs_exit_2_one_line(tmp_path, capsys):
         assert err.startswith(f"difftumor: error: {path}: ") and problem in err
         assert "\n" not in err and "Traceback" not in err
     assert stamps == {p: (p.read_bytes(), os.stat(p).st_mtime_ns) for p in stamps}
+
+
+def test_cli_survives_an_ascii_only_terminal():
+    """A terminal whose locale is plain ASCII (no UTF-8 mode) still gets help text and tables."""
+    import subprocess
+    import sys
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    proc = subprocess.run([sys.executable, "-c", "from backend.cli import entry; entry()", "evaluate", "--help"], env=env,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode("ascii", "replace")
+    assert b"mean ? std" in proc.stdout

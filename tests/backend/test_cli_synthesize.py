@@ -44,7 +44,7 @@ def test_single_ct_random_and_ellipsoid(tmp_path):
     out = tmp_path / "out"
     assert main(["synthesize", "--ct", str(ct), "--organs", str(seg), "--organ", "liver", "--size", "small",
                  "--count", "2", "--seed", "4", "--out", str(out)]) == 0
-    prov = json.loads((out / "provenance.json").read_text())
+    prov = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
     assert prov["method"] == "model-based" and prov["seed"] == 4
     src, res, lab = read_image(ct), read_image(out / "ct.nii.gz"), read_image(out / "label.nii.gz")
     assert res.geometry.matches(src.geometry) and res.array.dtype == np.int16
@@ -124,7 +124,7 @@ def test_keep_intermediates_writes_them_next_to_the_ct(tmp_path, parity_dir, tot
                  "--size", "small", "--count", "1", "--method", "diffusion", "--weights", str(parity_dir),
                  "--device", "cpu", "--seed", "2", "--keep-intermediates", "--out", str(out)]) == 0
     ct = read_image(totalseg_ct)
-    prov = json.loads((out / "provenance.json").read_text())
+    prov = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
     assert set(prov["intermediates"]) == {"masked.nii.gz", "reconstruction.nii.gz", "decoded.nii.gz"}
     for name in prov["intermediates"]:
         v = read_image(out / name)
@@ -138,4 +138,4 @@ def test_keep_intermediates_model_based_writes_none(tmp_path):
     assert main(["synthesize", "--ct", str(ct), "--organs", str(seg), "--organ", "liver", "--size", "small",
                  "--count", "1", "--keep-intermediates", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["ct.nii.gz", "label.nii.gz", "provenance.json"]
-    assert json.loads((out / "provenance.json").read_text())["intermediates"] == {}
+    assert json.loads((out / "provenance.json").read_text(encoding="utf-8"))["intermediates"] == {}

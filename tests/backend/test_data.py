@@ -56,11 +56,11 @@ def test_list_file(tmp_path):
     lab = _touch(tmp_path / "data" / "seg1.nii.gz")
     _touch(tmp_path / "atlas" / "C3" / "ct.nii.gz")
     lst = tmp_path / "train.txt"
-    lst.write_text(f"# comment\ndata/ct1.nii.gz, data/seg1.nii.gz\n\n{img}\natlas/C3\n")
+    lst.write_text(f"# comment\ndata/ct1.nii.gz, data/seg1.nii.gz\n\n{img}\natlas/C3\n", encoding="utf-8")
     cases = list_cases(lst)
     assert [(c.image, c.label) for c in cases[:2]] == [(img, lab), (img, None)]
     assert cases[2].name == "C3"
-    lst.write_text("data/ct1.nii.gz,a,b\n")
+    lst.write_text("data/ct1.nii.gz,a,b\n", encoding="utf-8")
     with pytest.raises(DiffTumorError, match="line 1: expected 'image\\[,label\\]'"):
         list_cases(lst)
 

@@ -39,7 +39,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def layout(shared_dir):
-    return json.loads((shared_dir / "reference" / "difftumor_official_layout.json").read_text())["diffusion"]
+    return json.loads((shared_dir / "reference" / "difftumor_official_layout.json").read_text(encoding="utf-8"))["diffusion"]
 
 
 # --- Unet3D ------------------------------------------------------------------------------------------

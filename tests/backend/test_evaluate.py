@@ -82,7 +82,7 @@ def test_evaluate_cli_writes_tables_and_skips_bad_cases(tmp_path):
     write_image(lab, pred_dir / "empty.nii.gz", g)
     write_image(lab, lab_dir / "nopred.nii.gz", g)
     folds = tmp_path / "folds.csv"
-    folds.write_text("case_id,fold,organ\ngood,0,liver\npartial,1,liver\nhealthy,1,liver\nghost,0,liver\n")
+    folds.write_text("case_id,fold,organ\ngood,0,liver\npartial,1,liver\nhealthy,1,liver\nghost,0,liver\n", encoding="utf-8")
     before = (lab_dir / "good.nii.gz").read_bytes()
 
     code = main(["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--organ-label", "1",
@@ -111,9 +111,9 @@ def test_evaluate_cli_writes_tables_and_skips_bad_cases(tmp_path):
     assert [(s["organ"], s["fold"]) for s in summary] == [("liver", "0"), ("liver", "1"), ("liver", "all")]
     overall = summary[-1]
     assert int(overall["cases"]) == 3 and float(overall["sensitivity"]) == pytest.approx(3 / 4)
-    md = (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text(encoding="utf-8")
     assert "| liver | all | 3 |" in md and "4 case(s) skipped" in md
-    meta = json.loads((out / "evaluation.json").read_text())
+    meta = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
     assert "surface" in meta["definitions"]["nsd"] and meta["settings"]["tolerance_mm"] == 2.0
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -38,7 +38,7 @@ def test_smoke_and_resume_matches_uninterrupted(data_dir, tmp_path):
     torch.set_num_threads(2)
     full = train(_cfg(data_dir, tmp_path / "a", "max_steps=4", "val_every=4"))
     assert full["step"] == 4 and full["skipped"] == 1
-    rows = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv", encoding="utf-8")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and float(rows[0]["d_total"]) == 0.0
     assert full["metrics"]["d_total"] > 0 and "val_psnr_hu" in full["metrics"]  # discriminator active from step 2
     assert list((tmp_path / "a" / "validation").glob("*.png"))
@@ -54,7 +54,7 @@ def test_smoke_and_resume_matches_uninterrupted(data_dir, tmp_path):
     for part in ("model", "loss_model"):
         for k, v in ck_a[part].items():
             assert torch.equal(v, ck_b[part][k]), f"{part}.{k}"
-    rows_b = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv")))
+    rows_b = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv", encoding="utf-8")))
     assert rows_b == rows  # same losses at every step, header written once
 
 

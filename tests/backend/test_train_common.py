@@ -52,7 +52,7 @@ class Outer:
 
 def test_yaml_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("steps: 20\ninner:\n  lr: 0.001\n  crop: [32, 32, 32]\n")
+    p.write_text("steps: 20\ninner:\n  lr: 0.001\n  crop: [32, 32, 32]\n", encoding="utf-8")
     cfg = load_config(Outer, p, ["inner.lr=2e-3", "amp=false", "mode=b", "inner.crop=64", "steps=30"])
     assert cfg.steps == 30 and cfg.amp is False and cfg.mode == "b"
     assert cfg.inner.lr == 2e-3 and cfg.inner.crop == (64,) and cfg.inner.betas == (0.5, 0.9)
@@ -97,7 +97,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(DiffTumorError, match="not found"):
         load_config(Outer, tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("- a\n- b\n")
+    bad.write_text("- a\n- b\n", encoding="utf-8")
     with pytest.raises(DiffTumorError, match="mapping"):
         load_config(Outer, bad)
 
@@ -136,7 +136,7 @@ def test_metrics_csv_appends_header_once(tmp_path):
     w.write(1, {"loss": torch.tensor(0.5), "lr": 1e-3})
     w2 = MetricsWriter(tmp_path / "m.csv")  # a resumed run appends
     w2.write(2, {"loss": 0.25, "lr": 1e-3})
-    rows = list(csv.reader(open(tmp_path / "m.csv")))
+    rows = list(csv.reader(open(tmp_path / "m.csv", encoding="utf-8")))
     assert rows == [["step", "loss", "lr"], ["1", "0.5", "0.001"], ["2", "0.25", "0.001"]]
     with pytest.raises(ValueError, match="not among the CSV columns"):
         w2.write(3, {"new": 1})

@@ -48,28 +48,28 @@ def test_train_resume_and_evaluate_end_to_end(toy, tmp_path):
     assert cli(["train", "segmentation", *common]) == 0
     for name in ("config.yaml", "splits.json", "last.pt", "best.pt", "metrics.csv", "val_metrics.csv"):
         assert (run / name).is_file(), name
-    splits = json.loads((run / "splits.json").read_text())
+    splits = json.loads((run / "splits.json").read_text(encoding="utf-8"))
     assert splits["k"] == 2 and len(splits["folds"][0]["val"]) == 1
     assert set(splits["healthy"]) <= set(splits["folds"][0]["train"])  # healthy CTs always train
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    rows = list(csv.DictReader(open(run / "metrics.csv", encoding="utf-8")))
     assert [r["step"] for r in rows] == ["2"] and float(rows[0]["synthetic_fraction"]) > 0
-    assert yaml.safe_load((run / "config.yaml").read_text())["network"]["tiny"] is True
+    assert yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["network"]["tiny"] is True
 
     # resume: continues at step 2 up to 3, appending to the same CSV and reusing the split
     assert cli(["train", "segmentation", *common, "max_steps=3", "log_every=1", "--resume"]) == 0
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    rows = list(csv.DictReader(open(run / "metrics.csv", encoding="utf-8")))
     assert [r["step"] for r in rows] == ["2", "3"]
 
     # evaluate the checkpoint on fold 0's held-out "real" case: predictions on the CT grid, then scores
     out = tmp_path / "eval"
     assert cli(["evaluate", "--model", str(run / "last.pt"), "--data", toy["real"], "--folds",
                 str(run / "splits.json"), "--fold", "0", "--overlap", "0.25", "--out", str(out)]) == 0
-    cases = list(csv.DictReader(open(out / "cases.csv")))
+    cases = list(csv.DictReader(open(out / "cases.csv", encoding="utf-8")))
     assert [c["case_id"] for c in cases] == splits["folds"][0]["val"]
     assert cases[0]["fold"] == "0" and cases[0]["organ"] == "liver" and int(cases[0]["tumors"]) >= 1
     assert 0.0 <= float(cases[0]["dsc"]) <= 1.0 and 0.0 <= float(cases[0]["nsd"]) <= 1.0
-    assert (out / "summary.png").is_file() and (out / "summary.md").read_text().count("| liver |") == 2
-    assert list(csv.DictReader(open(out / "skipped.csv"))) == []
+    assert (out / "summary.png").is_file() and (out / "summary.md").read_text(encoding="utf-8").count("| liver |") == 2
+    assert list(csv.DictReader(open(out / "skipped.csv", encoding="utf-8"))) == []
 
 
 def test_bad_training_config_is_one_line(tmp_path, capsys):

@@ -24,7 +24,7 @@ from backend.vqgan.perceptual import LPIPS, build_lpips
 
 @pytest.fixture(scope="module")
 def official_keys(shared_dir):
-    layout = json.loads((shared_dir / "reference" / "difftumor_official_layout.json").read_text())["vqgan"]
+    layout = json.loads((shared_dir / "reference" / "difftumor_official_layout.json").read_text(encoding="utf-8"))["vqgan"]
     return {k: tuple(s) for k, s, _ in layout["state_dict"]}
 
 

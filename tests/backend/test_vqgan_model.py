@@ -18,7 +18,7 @@ def _threads():
 
 
 def test_official_names_shapes_and_counts(shared_dir):
-    layout = json.loads((shared_dir / "reference" / "difftumor_official_layout.json").read_text())["vqgan"]
+    layout = json.loads((shared_dir / "reference" / "difftumor_official_layout.json").read_text(encoding="utf-8"))["vqgan"]
     official = {k: tuple(s) for k, s, _ in layout["state_dict"] if not k.startswith(("image_", "video_", "perceptual_"))}
     ours = {k: tuple(v.shape) for k, v in VQGAN().state_dict().items()}
     assert ours == official

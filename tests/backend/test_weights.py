@@ -157,7 +157,7 @@ def test_fetch_bad_checksum_and_404(server, tmp_path):
 
 
 def test_manifest_lists_release_urls():
-    m = json.loads(weights.MANIFEST_PATH.read_text())
+    m = json.loads(weights.MANIFEST_PATH.read_text(encoding="utf-8"))
     assert m["base_url"].startswith("https://huggingface.co/MrGiovanni/DiffTumor")
     plan = weights.fetch_plan(organs=("kidney",))
     assert {p["name"] for p in plan} == {"AutoencoderModel.ckpt", "kidney_early.pt", "kidney_noearly.pt"}

@@ -33,7 +33,7 @@ def test_demo_screenshot(tmp_path):
     import imageio.v3 as iio
 
     out = tmp_path / "demo.png"
-    proc = subprocess.run([*DEMO, "--screenshot", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*DEMO, "--screenshot", str(out)], capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "could not dock" not in proc.stderr
     image = iio.imread(out)
@@ -54,7 +54,7 @@ def test_demo_refuses_a_mask_on_another_grid(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16)), str(ct))
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 7), np.uint8)), str(seg))
     proc = subprocess.run([*DEMO, "--ct", str(ct), "--organs", str(seg), "--screenshot", str(tmp_path / "x.png")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert proc.returncode == 2
     [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("difftumor: error:")]
     assert "seg.nii.gz" in line

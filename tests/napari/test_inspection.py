@@ -152,7 +152,7 @@ def test_review_log_grows_across_sessions_with_one_header(tmp_path):
     log = tmp_path / "reviews.csv"
     ins.append_review(log, ins.Review("case1", "tumor 1", "dr a", "model-based", "3", ("too_sharp_edge",), ("noise_mismatch",), "edge\nlooks cut"))
     ins.append_review(log, ins.Review("case1", "tumor 2", "dr b", failures=()), timestamp="2024-01-01T00:00:00")
-    text = log.read_text()
+    text = log.read_text(encoding="utf-8")
     assert text.count("timestamp,case") == 1
     rows = ins.read_reviews(log)
     assert len(rows) == 2
@@ -160,10 +160,10 @@ def test_review_log_grows_across_sessions_with_one_header(tmp_path):
     assert rows[0]["auto_flags"] == "noise_mismatch" and rows[0]["note"] == "edge looks cut"
     assert rows[1]["timestamp"] == "2024-01-01T00:00:00"
     other = tmp_path / "other.csv"
-    other.write_text("a,b\n1,2\n")
+    other.write_text("a,b\n1,2\n", encoding="utf-8")
     with pytest.raises(DiffTumorError, match="header differs"):
         ins.append_review(other, ins.Review("c", "t"))
-    assert other.read_text() == "a,b\n1,2\n"
+    assert other.read_text(encoding="utf-8") == "a,b\n1,2\n"
     with pytest.raises(DiffTumorError, match="does not exist"):
         ins.append_review(tmp_path / "nope" / "r.csv", ins.Review("c", "t"))
     with open(log, newline="") as fh:

@@ -97,7 +97,7 @@ def test_review_log_grows_across_sessions(synthesized, qtbot, tmp_path, errors):
         w.note.value = f"session {session}"
         assert w.save_review() == log
     rows = ins.read_reviews(log)
-    assert log.read_text().count("timestamp,") == 1 and len(rows) == 2
+    assert log.read_text(encoding="utf-8").count("timestamp,") == 1 and len(rows) == 2
     assert [r["reviewer"] for r in rows] == ["reader 0", "reader 1"]
     assert [r["other"] for r in rows] == ["0", "1"] and all(r["too_sharp_edge"] == "1" for r in rows)
     assert rows[0]["method"] == "model-based" and rows[0]["case"] == "example_ct_sm"

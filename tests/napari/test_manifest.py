@@ -21,7 +21,7 @@ def _manifest():
 def test_npe2_validate_installed_distribution_with_imports():
     proc = subprocess.run(
         [sys.executable, "-m", "npe2", "validate", "difftumor", "--imports"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, encoding="utf-8", errors="replace", timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "valid" in proc.stdout
@@ -34,7 +34,7 @@ def test_entry_point_points_at_the_packaged_manifest():
 
     packaged = Path(difftumor_napari.__file__).parent / "napari.yaml"
     assert packaged.is_file()
-    assert packaged.read_text() == (REPO / "napari.yaml").read_text()
+    assert packaged.read_text(encoding="utf-8") == (REPO / "napari.yaml").read_text(encoding="utf-8")
 
 
 def test_manifest_contents():

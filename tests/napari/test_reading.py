@@ -153,7 +153,7 @@ def test_sigkill_during_a_widget_session_then_resume(make_napari_viewer, tmp_pat
     study = _make_study(tmp_path, n_per_class=4)
     env = dict(os.environ, PYTHONPATH=str(REPO), QT_QPA_PLATFORM="offscreen")
     proc = subprocess.Popen([sys.executable, "-c", GUI_CHILD, str(study.root)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+                            stdout=subprocess.PIPE, encoding="utf-8", errors="replace", env=env, cwd=str(tmp_path))
     try:
         assert proc.stdout.readline().strip() == "ready"
         for k, key in enumerate("RSRS", start=2):

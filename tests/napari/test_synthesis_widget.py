@@ -94,7 +94,7 @@ def _flow(viewer, qtbot, tmp_path, source_ct, organ: str):
     far = ~ndimage.binary_dilation(~outside, iterations=4)
     np.testing.assert_array_equal(saved_ct.array[far], original.array[far])  # HU untouched away from the tumour
     assert set(np.unique(saved_lab.array)) == {0, 1, 2}
-    prov = json.loads(paths["provenance"].read_text())
+    prov = json.loads(paths["provenance"].read_text(encoding="utf-8"))
     assert prov["method"] == "model-based" and prov["seed"] == 11 and prov["difftumor_version"]
     assert prov["weights_sha256"] == {} and len(prov["placements"]) == 2
     assert prov["files"] == {"ct": "case_ct.nii.gz", "label": "case_tumor.nii.gz"}

@@ -48,9 +48,9 @@ def test_package_layout_key_and_orders(created):
     key = read_key(key_dir)
     assert set(key) == set(study.case_ids)
     assert sorted(t for t, _ in key.values()) == ["real"] * 3 + ["synthetic"] * 3
-    rows = list(csv.DictReader(open(key_dir / "key.csv")))
+    rows = list(csv.DictReader(open(key_dir / "key.csv", encoding="utf-8")))
     assert list(rows[0]) == ["case_id", "truth", "organ", "source", "mask"]
-    assert json.loads((key_dir / "key.json").read_text())["study_id"] == study.study_id
+    assert json.loads((key_dir / "key.json").read_text(encoding="utf-8"))["study_id"] == study.study_id
 
 
 def test_same_seed_same_assignment(tmp_path, source_cases):
@@ -85,7 +85,7 @@ def test_reader_package_leaks_nothing(created):
         assert img.GetDirection() == (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
         assert img.GetSpacing() == (1.0, 1.0, 1.5)
         assert img.GetMetaData("descrip").strip("\x00 ") == ""
-    meta = json.loads((study.root / "study.json").read_text())
+    meta = json.loads((study.root / "study.json").read_text(encoding="utf-8"))
     assert set(meta) == {"format", "version", "study_id", "created", "seed", "readers", "orders", "cases",
                          "grid", "display", "options"}
 
@@ -109,7 +109,7 @@ def test_listing_from_csv_and_folder(tmp_path, source_cases):
     sheet.write_text("image,mask,organ\n" + "".join(f"{p},{m},pancreas\n" for p, m in real))
     got = list_cases(sheet, "real")
     assert [c.organ for c in got] == ["pancreas"] * 3 and got[0].mask == Path(real[0][1])
-    sheet.write_text("image\n/does/not/exist.nii.gz\n")
+    sheet.write_text("image\n/does/not/exist.nii.gz\n", encoding="utf-8")
     with pytest.raises(DiffTumorError, match="does not exist"):
         list_cases(sheet, "real")
 
@@ -137,7 +137,7 @@ def test_bad_settings_and_not_a_study(tmp_path):
         StudySettings(window=(200.0, -100.0))
     with pytest.raises(DiffTumorError, match="not a study"):
         load_study(tmp_path)
-    (tmp_path / "study.json").write_text("{}")
+    (tmp_path / "study.json").write_text("{}", encoding="utf-8")
     with pytest.raises(DiffTumorError, match="not a difftumor study"):
         load_study(tmp_path)
 

@@ -41,8 +41,8 @@ R2,P2,real,,1,2026-01-01T11:00:05+00:00
 @pytest.fixture
 def files(tmp_path):
     key, answers = tmp_path / "key.csv", tmp_path / "answers.csv"
-    key.write_text(KEY)
-    answers.write_text(ANSWERS)
+    key.write_text(KEY, encoding="utf-8")
+    answers.write_text(ANSWERS, encoding="utf-8")
     return key, answers
 
 
@@ -66,13 +66,13 @@ def test_table_by_hand(tmp_path, files):
     assert set(table.organ) == {"liver", "pancreas", "all"}
     assert table[["sensitivity", "specificity", "accuracy"]].stack().between(0, 1).all()
 
-    md = paths["table.md"].read_text()
+    md = paths["table.md"].read_text(encoding="utf-8")
     assert md.splitlines()[0] == ("| Reader | Liver Sens. (%) | Liver Spec. (%) | Liver Acc. (%) | Pancreas Sens. (%) | "
                                   "Pancreas Spec. (%) | Pancreas Acc. (%) | All Sens. (%) | All Spec. (%) | All Acc. (%) |")
     assert "| R1 | 100.0 | 50.0 | 66.7 | 100.0 | 100.0 | 100.0 | 100.0 | 66.7 | 80.0 |" in md
     assert "| R2 | 100.0 | 0.0 | 50.0 | 100.0 | 0.0 | 50.0 | 100.0 | 0.0 | 50.0 |" in md
 
-    summary = json.loads(paths["summary.json"].read_text())
+    summary = json.loads(paths["summary.json"].read_text(encoding="utf-8"))
     # complete cases (no unsure): L1 RR, L3 SR, L4 RR, P1 RR, P2 SR -> kappa = (0.6 - 0.68) / 0.32
     assert summary["fleiss_kappa"]["all"] == pytest.approx((0.6 - 0.68) / 0.32)
     assert summary["median_seconds"] == {"R1": 2.75, "R2": 1.0}
@@ -81,7 +81,7 @@ def test_table_by_hand(tmp_path, files):
 
 def test_imrmc_format(tmp_path, files):
     key, answers = files
-    text = write_report([answers], key, tmp_path / "out")["imrmc.csv"].read_text().splitlines()
+    text = write_report([answers], key, tmp_path / "out")["imrmc.csv"].read_text(encoding="utf-8").splitlines()
     assert "NR: 2" in text and "N0: 3" in text and "N1: 3" in text and "NM: 1" in text
     data = text[text.index("BEGIN DATA:") + 1:]
     truth = [r for r in data if r.startswith("-1,")]
@@ -98,8 +98,8 @@ def test_imrmc_format(tmp_path, files):
     (lambda a, k: a.write_text(ANSWERS + "R1,L1,synthetic,,1,t\n"), "more than once"),
     (lambda a, k: a.write_text(ANSWERS.replace("R1,L3,synthetic", "R1,L3,fake")), "must be one of"),
     (lambda a, k: a.write_text(ANSWERS.replace("R1,L3,synthetic,4", "R1,L3,synthetic,9")), "confidence"),
-    (lambda a, k: a.write_text("reader,case,answer\nR1,L1,real\n"), "lacks column"),
-    (lambda a, k: k.write_text("case_id,truth\nL1,real\n"), "lacks column"),
+    (lambda a, k: a.write_text("reader,case,answer\nR1,L1,real\n", encoding="utf-8"), "lacks column"),
+    (lambda a, k: k.write_text("case_id,truth\nL1,real\n", encoding="utf-8"), "lacks column"),
     (lambda a, k: k.write_text(KEY.replace("L4,synthetic", "L4,maybe")), "real or synthetic"),
 ])
 def test_bad_input_one_line_nothing_overwritten(tmp_path, files, mutate, message):
@@ -107,12 +107,12 @@ def test_bad_input_one_line_nothing_overwritten(tmp_path, files, mutate, message
     mutate(answers, key)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "table.csv").write_text("previous")
+    (out / "table.csv").write_text("previous", encoding="utf-8")
     with pytest.raises(DiffTumorError, match=message) as exc:
         write_report([answers], key, out)
     assert "\n" not in str(exc.value)
     assert sorted(p.name for p in out.iterdir()) == ["table.csv"]
-    assert (out / "table.csv").read_text() == "previous"
+    assert (out / "table.csv").read_text(encoding="utf-8") == "previous"
 
 
 def test_folder_not_a_study(tmp_path, files):
@@ -141,7 +141,7 @@ def test_end_to_end_create_read_export_report(tmp_path, source_cases, capsys):
                                  "--roi-size", "12", "--confidence"])
     assert args.func(args) == 0
     key = tmp_path / "study.key" / "key.csv"
-    truth = {c: t for c, t, *_ in (line.split(",") for line in key.read_text().splitlines()[1:])}
+    truth = {c: t for c, t, *_ in (line.split(",") for line in key.read_text(encoding="utf-8").splitlines()[1:])}
     for reader in ("R1", "R2"):
         s = ReadingSession(study_dir, reader)
         while not s.finished:  # R1 is always right, R2 always says real
@@ -166,11 +166,11 @@ def test_end_to_end_create_read_export_report(tmp_path, source_cases, capsys):
     # the exported CSV reproduces the database's numbers for R1
     export_answers(study_dir, "R2", tmp_path / "r2.csv")
     write_report([tmp_path / "r1.csv", tmp_path / "r2.csv"], key, tmp_path / "rep2")
-    assert (tmp_path / "rep2" / "table.csv").read_text() == (tmp_path / "rep" / "table.csv").read_text()
+    assert (tmp_path / "rep2" / "table.csv").read_text(encoding="utf-8") == (tmp_path / "rep" / "table.csv").read_text(encoding="utf-8")
 
     # a key that misses a study case is refused
     short = tmp_path / "short.csv"
-    short.write_text("\n".join(key.read_text().splitlines()[:-1]) + "\n")
+    short.write_text("\n".join(key.read_text(encoding="utf-8").splitlines()[:-1]) + "\n")
     with pytest.raises(DiffTumorError, match="does not cover"):
         write_report([study_dir], short, tmp_path / "rep3")
 

@@ -149,7 +149,7 @@ CHILD = textwrap.dedent("""
 def test_sigkill_mid_session_loses_no_answer(study_factory):
     root, ids = study_factory(40)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(root)], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(root)], stdout=subprocess.PIPE, encoding="utf-8", errors="replace", env=env)
     reported = []
     try:
         while len(reported) < 7:
