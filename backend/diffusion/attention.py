@@ -45,13 +45,19 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the pairs (t[2i], t[2i+1]) of the first ``2 * cos.shape[-1]`` features of t (..., n, d)."""
+        """Rotate the pairs (t[2i], t[2i+1]) of the first ``2 * cos.shape[-1]`` features of t (..., n, d).
+
+        (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), written as t * cos' + swap(t) * sin' with the
+        tables repeated per pair and the sign folded into sin' (exact: negation does not round), which
+        avoids splitting, stacking and re-joining the pairs.
+        """
         rot = 2 * cos.shape[-1]
-        pairs = rearrange(t[..., :rot], "... (d r) -> ... d r", r=2)
-        x1, x2 = pairs.unbind(-1)
-        # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
-        head = rearrange(torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1), "... d r -> ... (d r)")
-        return torch.cat((head, t[..., rot:]), dim=-1) if t.shape[-1] > rot else head
+        cos2 = cos.repeat_interleave(2, dim=-1)  # (n, rot): c0 c0 c1 c1 ...
+        sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)  # (n, rot): -s0 s0 -s1 s1 ...
+        head = t[..., :rot] if t.shape[-1] > rot else t
+        swapped = head.unflatten(-1, (rot // 2, 2)).flip(-1).flatten(-2)  # x2 x1 x4 x3 ...
+        out = head * cos2 + swapped * sin2
+        return torch.cat((out, t[..., rot:]), dim=-1) if t.shape[-1] > rot else out
 
 
 class RelativePositionBias(nn.Module):
@@ -93,6 +99,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 32, rotary_emb: RotaryEmbedding | None = None):
         super().__init__()
         self.heads = heads
+        self.dim_head = dim_head
         self.scale = dim_head**-0.5
         hidden = heads * dim_head
         self.rotary_emb = rotary_emb
@@ -105,12 +112,12 @@ class Attention(nn.Module):
         pos_bias: torch.Tensor | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        q, k, v = (rearrange(t, "... n (h d) -> ... h n d", h=self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
-        lead = q.shape[:-3]
-        q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))  # (B', h, n, d)
+        lead, n = x.shape[:-2], x.shape[-2]
+        qkv = self.to_qkv(x).reshape(-1, n, 3, self.heads, self.dim_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # each (B', h, n, d)
         q = q * self.scale
         if self.rotary_emb is not None:
-            cos, sin = rotary if rotary is not None else self.rotary_emb.cos_sin(q.shape[-2])
+            cos, sin = rotary if rotary is not None else self.rotary_emb.cos_sin(n)
             q = RotaryEmbedding.rotate(q, cos, sin)
             k = RotaryEmbedding.rotate(k, cos, sin)
         # softmax(q k^T + bias) v; q is already scaled. Written out rather than through
@@ -120,12 +127,30 @@ class Attention(nn.Module):
         if pos_bias is not None:
             sim = sim + pos_bias
         out = torch.matmul(sim.softmax(dim=-1), v)  # (B', h, n, d)
-        out = out.reshape(*lead, *out.shape[-3:])
-        return self.to_out(rearrange(out, "... h n d -> ... n (h d)"))
+        out = out.transpose(1, 2).reshape(*lead, n, -1)  # (..., n, h*d)
+        return self.to_out(out)
+
+
+# Attention runs over a few thousand tokens at a time: the 768-wide q/k/v of one chunk stays in cache
+# instead of streaming tens of megabytes per layer through memory (about twice as fast on CPU at 24^3).
+CHUNK_TOKENS = 1024
+
+
+def _chunked(fn, tokens: torch.Tensor, seq_len: int, norm: nn.Module | None, **kwargs) -> torch.Tensor:
+    """Apply ``fn(norm(tokens))`` to (S, seq_len, c) tokens, a block of whole sequences at a time."""
+    per = max(1, CHUNK_TOKENS // seq_len)
+    outs = [fn(norm.last_dim(t) if norm is not None else t, **kwargs) for t in tokens.split(per, dim=0)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
 class AlongAxis(nn.Module):
-    """Run ``fn`` on tokens taken along the frames ('temporal') or the pixels of each frame ('spatial')."""
+    """Run ``fn`` on tokens taken along the frames ('temporal') or the pixels of each frame ('spatial').
+
+    Given ``norm`` (a channel LayerNorm, see :class:`backend.diffusion.unet.PreNorm`), it is applied in the
+    token layout, where the channels are contiguous.
+    """
+
+    takes_norm = True
 
     def __init__(self, axis: str, fn: nn.Module):
         super().__init__()
@@ -134,37 +159,49 @@ class AlongAxis(nn.Module):
         self.axis = axis
         self.fn = fn
 
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None, **kwargs) -> torch.Tensor:
         b, c, f, h, w = x.shape
-        if self.axis == "temporal":
-            tokens = rearrange(x, "b c f h w -> b (h w) f c")  # one sequence of F frames per pixel
-            out = self.fn(tokens, **kwargs)
-            return rearrange(out, "b (h w) f c -> b c f h w", h=h, w=w)
-        tokens = rearrange(x, "b c f h w -> b f (h w) c")  # one sequence of H*W pixels per frame
-        out = self.fn(tokens, **kwargs)
-        return rearrange(out, "b f (h w) c -> b c f h w", h=h, w=w)
+        if self.axis == "temporal":  # one sequence of F frames per pixel
+            tokens = rearrange(x, "b c f h w -> (b h w) f c").contiguous()
+            out = _chunked(self.fn, tokens, f, norm, **kwargs)
+            return rearrange(out, "(b h w) f c -> b c f h w", b=b, h=h, w=w)
+        tokens = rearrange(x, "b c f h w -> (b f) (h w) c").contiguous()  # one sequence of H*W pixels per frame
+        out = _chunked(self.fn, tokens, h * w, norm, **kwargs)
+        return rearrange(out, "(b f) (h w) c -> b c f h w", b=b, h=h, w=w)
 
 
 class SpatialLinearAttention(nn.Module):
-    """Linear attention over the pixels of each frame: q softmax over features, k softmax over positions."""
+    """Linear attention over the pixels of each frame: q softmax over features, k softmax over positions.
+
+    The projections are 1x1 convolutions (as released); they run as matrix products on (frames, pixels,
+    channels) tokens, which is several times faster on CPU than oneDNN's 1x1 convolution into 768 channels.
+    """
+
+    takes_norm = True
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 32):
         super().__init__()
         self.heads = heads
+        self.dim_head = dim_head
         self.scale = dim_head**-0.5
         hidden = heads * dim_head
         self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
         self.to_out = nn.Conv2d(hidden, dim, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(frames, n pixels, c) -> (frames, n, c)."""
+        fr, n, _ = tokens.shape
+        qkv = F.linear(tokens, self.to_qkv.weight.flatten(1)).view(fr, n, 3, self.heads, self.dim_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # each (frames, h, n, d)
+        q = q.softmax(dim=-1) * self.scale  # over the features of each pixel
+        k = k.softmax(dim=-2)  # over the pixels
+        context = torch.matmul(k.transpose(-1, -2), v)  # (frames, h, d, e)
+        out = torch.matmul(q, context)  # (frames, h, n, e)
+        out = out.transpose(1, 2).reshape(fr, n, -1)
+        return F.linear(out, self.to_out.weight.flatten(1), self.to_out.bias)
+
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         b, c, f, h, w = x.shape
-        frames = rearrange(x, "b c f h w -> (b f) c h w")
-        q, k, v = (
-            rearrange(t, "n (h d) x y -> n h d (x y)", h=self.heads) for t in self.to_qkv(frames).chunk(3, dim=1)
-        )
-        q = q.softmax(dim=-2) * self.scale
-        k = k.softmax(dim=-1)
-        context = torch.einsum("bhdn,bhen->bhde", k, v)  # (B', h, d, e)
-        out = torch.einsum("bhde,bhdn->bhen", context, q)  # (B', h, e, n)
-        out = rearrange(out, "n h e (x y) -> n (h e) x y", x=h, y=w)
-        return rearrange(self.to_out(out), "(b f) c h w -> b c f h w", b=b)
+        tokens = rearrange(x, "b c f h w -> (b f) (h w) c").contiguous()
+        out = _chunked(self.attend, tokens, h * w, norm)
+        return rearrange(out, "(b f) (h w) c -> b c f h w", b=b, h=h, w=w)

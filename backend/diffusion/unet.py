@@ -134,6 +134,10 @@ class ChannelLayerNorm(nn.Module):
         var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
         return (x - mean) * (var + self.eps).rsqrt() * self.gamma
 
+    def last_dim(self, t: torch.Tensor) -> torch.Tensor:
+        """The same normalisation for tokens (..., C) with the channels last."""
+        return F.layer_norm(t, (t.shape[-1],), self.gamma.view(-1), None, self.eps)
+
 
 class PreNorm(nn.Module):
     def __init__(self, dim: int, fn: nn.Module):
@@ -142,6 +146,8 @@ class PreNorm(nn.Module):
         self.norm = ChannelLayerNorm(dim)
 
     def forward(self, x, **kwargs):
+        if getattr(self.fn, "takes_norm", False):  # normalises in its own (token) layout
+            return self.fn(x, norm=self.norm, **kwargs)
         return self.fn(self.norm(x), **kwargs)
 
 
