@@ -75,10 +75,14 @@ def encode_latent(autoencoder, volume: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_latent(autoencoder, z_norm: torch.Tensor) -> torch.Tensor:
-    """De-normalise a sampled latent and decode it re-quantised to the codebook (as released)."""
+def decode_latent(autoencoder, z_norm: torch.Tensor, region=None) -> torch.Tensor:
+    """De-normalise a sampled latent and decode it re-quantised to the codebook (as released);
+    ``region`` (three slices of the output) decodes only that box."""
     e_min, e_max = autoencoder.latent_min_max()
-    return autoencoder.decode(denormalize_latent(z_norm, e_min, e_max), quantize=True)
+    z = denormalize_latent(z_norm, e_min, e_max)
+    if region is None:
+        return autoencoder.decode(z, quantize=True)
+    return autoencoder.decode(z, quantize=True, region=region)
 
 
 # --- the inferer ---------------------------------------------------------------------------------------

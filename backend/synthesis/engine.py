@@ -537,22 +537,32 @@ class SynthesisEngine:
         if not m.any():
             raise DiffTumorError("tumor mask: a tumour component is thinner than the model's 1 mm grid can hold")
         x = blend.hu_to_pm1(hu)
-        t_prep = time.perf_counter()
-        gen = torch.Generator().manual_seed(int(seed) * 1000 + index)
-        with oom_guard("synthesis", self.device):
-            decoded = yield from iter_synthesize_crop(x, m, models, device=self.device, noise=noise, generator=gen)
-            recon = reconstruct_crop(x, models.autoencoder, device=self.device) if intermediates is not None else None
-        t_net = time.perf_counter()
-
-        if blend.uses_blend(organ, pancreas_blend):
+        blended = blend.uses_blend(organ, pancreas_blend)
+        if blended:
             s = float(sigma) if sigma is not None else blend.draw_sigma(rng)
             m_blur = blend.blur_mask(m, s) * inside
-            new_hu = blend.blend_hu(hu, m_blur, decoded)
+            box = _bbox_slices(m_blur > 0, (0, 0, 0))  # only the blend support needs decoded values
         else:  # pancreas as released: the whole crop becomes (decoded + 1)/2
             s = None
             m_blur = inside.astype(np.float32)
+            box = None
+        region = box if intermediates is None else None  # the inspector shows the whole decoded crop
+        t_prep = time.perf_counter()
+        gen = torch.Generator().manual_seed(int(seed) * 1000 + index)
+        with oom_guard("synthesis", self.device):
+            decoded = yield from iter_synthesize_crop(x, m, models, device=self.device, noise=noise, generator=gen,
+                                                      region=region)
+            recon = reconstruct_crop(x, models.autoencoder, device=self.device) if intermediates is not None else None
+        t_net = time.perf_counter()
+
+        delta = np.zeros(hu.shape, np.float32)
+        if blended:
+            dec_box = decoded if region is not None else decoded[box]
+            new_hu = blend.blend_hu(hu[box], m_blur[box], dec_box)
+            delta[box] = np.where(m_blur[box] > 0, new_hu - hu[box].astype(np.float64), 0.0)
+        else:
             new_hu = blend.pancreas_as_released_hu(decoded)
-        delta = np.where(m_blur > 0, new_hu - hu.astype(np.float64), 0.0).astype(np.float32)
+            delta[...] = np.where(m_blur > 0, new_hu - hu.astype(np.float64), 0.0)
 
         # back onto the CT grid: only where the (linearly sampled) blurred mask is > 0
         fp = crops.footprint(crop, geometry)

@@ -70,6 +70,49 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
+def _fast_layout(x: torch.Tensor) -> bool:
+    """CPU inference runs channels-last (oneDNN's 3D convolutions and transposed convolutions are
+    1.3-2x faster in that layout); training and GPU keep PyTorch's default layout."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def _group_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm's per-sample, per-group (mean, 1/std) of a channels-last (B, C, D, H, W) tensor, expanded
+    to (B, C, 1, 1, 1).
+
+    Two passes over (B, voxels, C) rows, each summed in blocks of 1024 voxels first (pairwise-style
+    accumulation): float32 error ~1e-7 relative and 2.5x faster than ``var_mean`` in this layout.
+    PyTorch's own channels-last GroupNorm kernel uses a one-pass variance that is off by ~1e-3 here.
+    """
+    b, c = x.shape[:2]
+    rows = x.permute(0, 2, 3, 4, 1).reshape(b, -1, groups, c // groups)  # a view for channels-last memory
+    n = rows.shape[1]
+
+    main = n - n % 1024
+
+    def mean_rows(t):  # (B, N, G, c/G) -> (B, 1, G, 1)
+        total = t[:, :main].view(b, -1, 1024, *t.shape[2:]).sum(2).sum(dim=(1, 3), keepdim=True)
+        if main < n:
+            total = total + t[:, main:].sum(dim=(1, 3), keepdim=True)
+        return total / (n * t.shape[3])
+
+    mean = mean_rows(rows)
+    var = mean_rows((rows - mean).square_())
+    mean = mean.view(b, groups, 1).expand(b, groups, c // groups).reshape(b, c, 1, 1, 1)
+    rstd = (var + eps).rsqrt().view(b, groups, 1).expand(b, groups, c // groups).reshape(b, c, 1, 1, 1)
+    return mean, rstd
+
+
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(GroupNorm(x)); channels-last inference input gets accurate statistics from :func:`_group_stats`."""
+    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous() and not torch.is_grad_enabled():
+        mean, rstd = _group_stats(x, norm.num_groups, norm.eps)
+        scale = rstd * norm.weight.view(1, -1, 1, 1, 1)
+        shift = norm.bias.view(1, -1, 1, 1, 1) - mean * scale
+        return F.silu(torch.addcmul(shift, x, scale), inplace=True)
+    return _silu(norm(x))
+
+
 class SamePadConv3d(nn.Module):
     """Explicit "same" padding (total k - s per axis, split ceil/floor) then an unpadded Conv3d."""
 
@@ -110,6 +153,27 @@ class SamePadConvTranspose3d(nn.Module):
         return self.convt(F.pad(x, self.pad, mode=self.padding_type))
 
 
+def _conv_on_box(conv: SamePadConv3d, src: torch.Tensor, src_lo, box, size=None) -> torch.Tensor:
+    """``conv(full)[box]`` for a stride-1 :class:`SamePadConv3d` from ``src``, which holds the voxels
+    ``[src_lo, src_lo + src.shape)`` of a volume of ``size`` (default: src is the whole volume).
+
+    Replicate padding of the whole volume then slicing equals slicing the needed voxels and
+    replicate-padding only where the box's receptive field leaves the volume.
+    """
+    size = tuple(size or src.shape[2:])
+    pads_lr = [(conv.pad[2 * (2 - a)], conv.pad[2 * (2 - a) + 1]) for a in range(3)]  # per axis (left, right)
+    take, extra = [], []
+    for (lo, hi), (pl, pr), n, off in zip(box, pads_lr, size, src_lo):
+        need_lo, need_hi = max(lo - pl, 0), min(hi + pr, n)
+        take.append(slice(need_lo - off, need_hi - off))
+        extra.append((need_lo - (lo - pl), (hi + pr) - need_hi))
+    x = src[(..., *take)]
+    pad = [v for lr in extra[::-1] for v in lr]
+    if any(pad):
+        x = F.pad(x, pad, mode=conv.padding_type)
+    return conv.conv(x)
+
+
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
@@ -125,8 +189,8 @@ class ResBlock(nn.Module):
         self.conv2 = SamePadConv3d(channels, channels, 3, padding_type=padding_type)
 
     def forward(self, x):
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))
+        h = self.conv1(_norm_silu(self.norm1, x))
+        h = self.conv2(_norm_silu(self.norm2, h))
         return x + h
 
 
@@ -135,7 +199,7 @@ class _GNSiLU(nn.Sequential):
         super().__init__(_norm(channels, groups), nn.SiLU())
 
     def forward(self, x):
-        return _silu(self[0](x))
+        return _norm_silu(self[0], x)
 
 
 def _strides(downsample, n_levels):
@@ -193,11 +257,35 @@ class Decoder(nn.Module):
             self.conv_blocks.append(block)
         self.conv_last = SamePadConv3d(cout, cfg.image_channels, 3)
 
-    def forward(self, z):
+    def forward(self, z, region: tuple[slice, slice, slice] | None = None):
+        """(B, 4h, z, x, y) -> (B, 1, Z, X, Y); with ``region`` (three slices of the output) only that box.
+
+        The GroupNorm statistics are global, so everything up to the last normalisation runs on the
+        whole volume; the last convolution of the last ResBlock, its skip and ``conv_last`` (about a
+        fifth of the work) run on the box plus their 2-voxel receptive field. Equal to slicing the full
+        output, to float rounding (tested).
+        """
+        if _fast_layout(z):
+            z = z.contiguous(memory_format=torch.channels_last_3d)
         h = self.final_block(z)  # (B, 4h, Z/4, X/4, Y/4)
-        for block in self.conv_blocks:
-            h = block.res2(block.res1(block.up(h)))  # each level doubles the strided axes
+        last = len(self.conv_blocks) - 1
+        for i, block in enumerate(self.conv_blocks):
+            h = block.res1(block.up(h))  # each level doubles the strided axes
+            if region is not None and i == last:
+                return self._last_on_region(block.res2, h, region)
+            h = block.res2(h)
         return self.conv_last(h)  # (B, 1, Z, X, Y), no output activation
+
+    def _last_on_region(self, res: "ResBlock", x: torch.Tensor, region) -> torch.Tensor:
+        size = x.shape[2:]
+        box = [(sl.start or 0, size[a] if sl.stop is None else sl.stop) for a, sl in enumerate(region)]
+        if any(not 0 <= lo < hi <= n for (lo, hi), n in zip(box, size)):
+            raise ValueError(f"decode region {region} is empty or outside the output {tuple(size)}")
+        a = _norm_silu(res.norm2, res.conv1(_norm_silu(res.norm1, x)))  # whole volume (global statistics)
+        box1 = [(max(lo - 1, 0), min(hi + 1, n)) for (lo, hi), n in zip(box, size)]
+        skip = x[(..., *(slice(lo, hi) for lo, hi in box1))]
+        y = skip + _conv_on_box(res.conv2, a, (0, 0, 0), box1)
+        return _conv_on_box(self.conv_last, y, tuple(lo for lo, _ in box1), box, size)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -237,16 +325,20 @@ class VQGAN(nn.Module):
         out = self.codebook(z)
         return out.z_q, out.indices
 
-    def decode(self, z: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, quantize: bool = True, region=None) -> torch.Tensor:
         """Decode a continuous latent (B, 8, z, x, y). ``quantize=True`` snaps it to the nearest codes
-        first (what every synthesis path does); ``False`` decodes it as given."""
+        first (what every synthesis path does); ``False`` decodes it as given. ``region`` (three slices
+        of the output volume) decodes only that box (see :meth:`Decoder.forward`)."""
         if quantize:
-            return self.decode_indices(self.codebook.lookup(z))
-        return self.decoder(self.post_vq_conv(z))
+            return self.decode_indices(self.codebook.lookup(z), region=region)
+        return self._decode(z, region)
 
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Decode integer code indices (B, z, x, y) -> (B, 1, Z, X, Y)."""
-        return self.decoder(self.post_vq_conv(self.codebook.embed(indices)))
+    def decode_indices(self, indices: torch.Tensor, region=None) -> torch.Tensor:
+        """Decode integer code indices (B, z, x, y) -> (B, 1, Z, X, Y) (or only the ``region`` box)."""
+        return self._decode(self.codebook.embed(indices), region)
+
+    def _decode(self, codes: torch.Tensor, region=None) -> torch.Tensor:
+        return self.decoder(self.post_vq_conv(codes), region=region).contiguous()
 
     def latent_min_max(self) -> tuple[float, float]:
         """Global (min, max) of the codebook embeddings (the diffusion latent normalisation)."""

@@ -135,3 +135,63 @@ def test_decode_keeps_no_graph_under_inference_mode():
     assert not y.requires_grad
     y = m(torch.rand(1, 1, 8, 8, 8))[0]
     assert y.requires_grad  # training forward still builds a graph (no forced no_grad)
+
+
+def _released_decoder_with_lively_norms(seed=0) -> VQGAN:
+    """Released decoder widths (GroupNorm 32 on 64 and 32 channels), random non-trivial norm affines."""
+    torch.manual_seed(seed)
+    m = VQGAN(VQGANConfig(n_codes=64)).eval()
+    for mod in m.decoder.modules():
+        if isinstance(mod, torch.nn.GroupNorm):
+            mod.weight.data.uniform_(0.5, 2.0)
+            mod.bias.data.normal_(0.0, 0.5)
+    return m
+
+
+def test_cpu_inference_layout_matches_the_default_path():
+    """Inference decodes channels-last with its own GroupNorm statistics; training keeps PyTorch's layout."""
+    m = _released_decoder_with_lively_norms()
+    z = torch.randn(1, 8, 6, 8, 7) * 3
+    with torch.no_grad():  # grad mode off but not inference mode: same fast path
+        fast = m.decode(z, quantize=False)
+    with torch.enable_grad():
+        slow = m.decode(z, quantize=False).detach()  # default layout, nn.GroupNorm
+    assert fast.is_contiguous() and fast.shape == slow.shape == (1, 1, 24, 32, 28)
+    assert (fast - slow).abs().max() <= 2e-5 * max(1.0, slow.abs().max().item())
+
+
+def test_group_statistics_are_accurate_for_any_grouping():
+    from backend.vqgan.model import _norm_silu
+    torch.manual_seed(1)
+    for c, g, size in ((64, 32, (16, 16, 8)), (32, 32, (8, 8, 8)), (16, 4, (5, 7, 3))):
+        norm = torch.nn.GroupNorm(g, c, eps=1e-6)
+        norm.weight.data.uniform_(0.5, 2.0)
+        norm.bias.data.normal_()
+        x = torch.randn(2, c, *size) + 100  # an offset mean: a one-pass variance loses digits here
+        ref = torch.nn.functional.silu(norm.double()(x.double()))
+        norm.float()
+        with torch.inference_mode():
+            got = _norm_silu(norm, x.contiguous(memory_format=torch.channels_last_3d))
+        assert (got.double() - ref).abs().max() < 1e-4, (c, g, size)  # PyTorch's own channels-last kernel: 5e-2
+
+
+@pytest.mark.parametrize("region", [
+    (slice(0, 24), slice(0, 32), slice(0, 28)),  # the whole volume
+    (slice(5, 13), slice(9, 20), slice(3, 11)),  # interior
+    (slice(0, 3), slice(25, 32), slice(27, 28)),  # touching borders (replicate padding inside the box)
+])
+def test_region_decode_equals_the_slice_of_the_full_decode(region):
+    m = _released_decoder_with_lively_norms(seed=2)
+    z = torch.randn(1, 8, 6, 8, 7) * 3
+    with torch.inference_mode():
+        full = m.decode(z, quantize=True)
+        part = m.decode(z, quantize=True, region=region)
+    want = full[(..., *region)]
+    assert part.shape == want.shape
+    assert (part - want).abs().max() <= 1e-5 * max(1.0, full.abs().max().item())
+
+
+def test_region_decode_rejects_an_empty_or_outside_box():
+    m = VQGAN(VQGANConfig(**TINY)).eval()
+    with torch.inference_mode(), pytest.raises(ValueError, match="outside the output"):
+        m.decode(torch.randn(1, 4, 2, 2, 2), quantize=False, region=(slice(0, 4), slice(3, 3), slice(0, 8)))
