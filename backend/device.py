@@ -5,6 +5,8 @@
 * :func:`setup_cpu_threads` — use every CPU this process may run on (``os.sched_getaffinity``).
 * :func:`oom_guard` — a context manager turning ``torch.cuda.OutOfMemoryError`` into a one-line
   :class:`DiffTumorError` that suggests ``--device cpu``.
+* :func:`keep_freed_memory` — opt-in (``DIFFTUMOR_MALLOC_TUNING=1``), glibc: stop handing large freed
+  buffers back to the kernel between network calls: faster CPU inference, higher peak memory.
 """
 
 from __future__ import annotations
@@ -53,6 +55,37 @@ def allowed_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+_ALLOCATOR_TUNED: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process instead of returning it to the kernel.
+
+    CPU inference allocates and frees activations of 10-120 MB per layer. By default glibc serves those
+    with fresh ``mmap`` calls and unmaps them on free, so every network call page-faults (and zeroes)
+    its working set again. With ``M_MMAP_MAX = 0`` and a 1 GiB trim threshold the buffers are reused:
+    on the development machine an early tumour takes 3.1 s instead of 3.6 s and a 96³ decode 2.2 s
+    instead of 2.9 s, but the heap fragments and the peak resident memory of a synthesis session
+    grows from 1.26 GB to 1.86 GB (over the 1.5 GB target). Hence opt-in: ``DIFFTUMOR_MALLOC_TUNING=1``.
+    Applied once per process; returns whether it is in effect. No-op off glibc.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED is not None:
+        return _ALLOCATOR_TUNED
+    _ALLOCATOR_TUNED = False
+    if os.environ.get("DIFFTUMOR_MALLOC_TUNING", "0").strip().lower() not in ("1", "true", "yes", "on"):
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt  # glibc only (AttributeError elsewhere)
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    _ALLOCATOR_TUNED = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    return _ALLOCATOR_TUNED
 
 
 def setup_cpu_threads(n: int | None = None) -> int:

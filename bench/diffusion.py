@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     from backend.diffusion.unet import Unet3D
 
     torch.set_num_threads(args.threads)
+    from backend.device import keep_freed_memory
+
+    keep_freed_memory()  # with DIFFTUMOR_MALLOC_TUNING=1, as the synthesis engine does on CPU
     torch.manual_seed(0)
     unet = Unet3D().eval()
     x = torch.randn(1, 8, 24, 24, 24)

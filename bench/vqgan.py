@@ -25,6 +25,9 @@ def _phase(phase: str, repeats: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    from backend.device import keep_freed_memory
+
+    keep_freed_memory()  # with DIFFTUMOR_MALLOC_TUNING=1, as the synthesis engine does on CPU
     torch.manual_seed(0)
     from backend.vqgan import VQGAN
 

@@ -278,13 +278,14 @@ class SynthesisEngine:
 
     def __init__(self, weights_dir=None, device: str = "auto", *, threads: int | None = None,
                  model_based_config: ModelBasedConfig | None = None):
-        from backend.device import resolve_device, setup_cpu_threads
+        from backend.device import keep_freed_memory, resolve_device, setup_cpu_threads
         from backend.weights import WeightsFolder
 
         self.weights = WeightsFolder.find(weights_dir)
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             setup_cpu_threads(threads)
+            keep_freed_memory()
         self.model_based_config = model_based_config or ModelBasedConfig()
         self._ae = None
         self._stage_models: dict = {}

@@ -36,3 +36,26 @@ def test_oom_becomes_one_line_with_cpu_hint():
     with pytest.raises(ValueError):
         with oom_guard():
             raise ValueError("other errors pass through")
+
+
+def _tuned_in_child(env_value: str | None) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DIFFTUMOR_MALLOC_TUNING"}
+    if env_value is not None:
+        env["DIFFTUMOR_MALLOC_TUNING"] = env_value
+    code = "from backend.device import keep_freed_memory as k; print(k(), k())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                          check=True).stdout.strip()
+
+
+def test_keep_freed_memory_on_glibc_and_its_opt_out():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert _tuned_in_child("1") == "True True"  # applied once, then reported
+    assert _tuned_in_child(None) == "False False"  # opt-in: it raises the peak memory
+    assert _tuned_in_child("0") == "False False"
