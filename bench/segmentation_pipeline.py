@@ -107,6 +107,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from backend.data import list_cases
     from backend.segmentation.networks import NetworkConfig
     from backend.segmentation.toydata import make_toy_dataset
     from backend.train.segmentation import SegmentationConfig
@@ -134,9 +135,8 @@ def main(argv=None) -> int:
         cfg.synthesis.prob = args.prob
         cfg.synthesis.weights_dir = str(weights) if weights else None
         cfg.synthesis.device = args.synthesis_device
-        healthy = [line.split(",") for line in Path(lists["healthy"]).read_text(encoding="utf-8").split("\n") if line.strip()]
-        items = [{"image": img.strip(), "label": lab.strip(), "name": Path(img).name, "healthy": 1,
-                  "label_values": ((1,), ())} for img, lab in healthy]
+        items = [{"image": str(c.image), "label": str(c.label), "name": c.name, "healthy": 1, "label_values": ((1,), ())}
+                 for c in list_cases(lists["healthy"], require_labels=True)]
         loader_s, syn = _loader_seconds(cfg, items, args.batches)
         step_s = _step_seconds(cfg, device, args.steps)
     res = {"loader_s_per_batch": round(loader_s, 3), "step_s": round(step_s, 3), "synthetic_fraction": round(syn, 2),

@@ -92,9 +92,14 @@ class RandTumorSynthesisd(RandomizableTransform, MapTransform):
     # ------------------------------------------------------------------------------- synthesis
     def _engine_for_diffusion(self):
         if self._engine is None:
+            from torch.utils.data import get_worker_info
+
             from backend.synthesis.engine import SynthesisEngine
 
-            self._engine = SynthesisEngine(self.weights_dir, device=self.device)
+            # In a DataLoader worker the parallelism comes from the workers: keep the worker's one
+            # thread (raising it in a forked worker can deadlock OpenMP, whose pool the parent started).
+            threads = torch.get_num_threads() if get_worker_info() is not None else None
+            self._engine = SynthesisEngine(self.weights_dir, device=self.device, threads=threads)
             stage = "early" if self._stage == "early" else "mid_late"
             ok, why = self._engine.diffusion_available(self.weights_organ, stage)
             if not ok:

@@ -138,3 +138,21 @@ def test_load_volumed_matches_monai_loadimaged(totalseg_seg):
     assert ours["label"].shape == ref["label"].shape == (1, 122, 101, 30)
     assert torch.equal(ours["label"].as_tensor().long(), ref["label"].as_tensor().long())
     assert torch.allclose(ours["label"].affine.double(), ref["label"].affine.double(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_diffusion_synthesis_in_a_forked_dataloader_worker(parity_dir):
+    """Training runs the synthesis in DataLoader workers. The parent has already started OpenMP's thread
+    pool; a forked worker that raised its own thread count used to deadlock there (no batch, ever)."""
+    from monai.data import DataLoader, Dataset
+
+    torch.set_num_threads(2)
+    a = torch.randn(512, 512)
+    _ = a @ a  # the parent's OpenMP pool is running
+    t = RandTumorSynthesisd(prob=1.0, stage_probs=(1.0, 0.0, 0.0), method="diffusion", weights_dir=str(parity_dir),
+                            organ="liver")
+    t.set_random_state(0)
+    loader = DataLoader(Dataset([_sample(size=96)], t), batch_size=1, num_workers=1,
+                        multiprocessing_context="fork", timeout=240)
+    batch = next(iter(loader))  # a deadlock ends in DataLoader's timeout error instead of hanging the suite
+    assert batch["synthetic"].tolist() == [1] and bool((batch["label"] == 2).any())
