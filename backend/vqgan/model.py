@@ -82,13 +82,13 @@ def _group_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor
 
     Two passes over (B, voxels, C) rows, each summed in blocks of 1024 voxels first (pairwise-style
     accumulation): float32 error ~1e-7 relative and 2.5x faster than ``var_mean`` in this layout.
-    PyTorch's own channels-last GroupNorm kernel uses a one-pass variance that is off by ~1e-3 here.
+    PyTorch's own channels-last GroupNorm kernel uses a one-pass variance: off by up to 5e-2 when the
+    activations have a large mean (tested).
     """
     b, c = x.shape[:2]
     rows = x.permute(0, 2, 3, 4, 1).reshape(b, -1, groups, c // groups)  # a view for channels-last memory
     n = rows.shape[1]
-
-    main = n - n % 1024
+    main = n - n % 1024  # whole blocks of 1024 voxels; the rest is summed on its own
 
     def mean_rows(t):  # (B, N, G, c/G) -> (B, 1, G, 1)
         total = t[:, :main].view(b, -1, 1024, *t.shape[2:]).sum(2).sum(dim=(1, 3), keepdim=True)
