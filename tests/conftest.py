@@ -104,3 +104,14 @@ def parity_outputs(parity_dir) -> dict:
     import torch
 
     return torch.load(parity_dir / "parity_outputs.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks gain nothing from threads, and on a shared 2-core machine a second OpenMP thread waits."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

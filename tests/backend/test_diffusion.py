@@ -22,13 +22,7 @@ from backend.diffusion.unet import Unet3D, Unet3DConfig
 TINY = Unet3DConfig(dim=8, dim_mults=(1, 2), channels=5, out_dim=2, attn_heads=2, attn_dim_head=8, rotary_dim=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks gain nothing from threads, and on a shared 2-core machine a second OpenMP thread waits
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
