@@ -22,12 +22,13 @@ seeds like every MONAI transform (``set_random_state``); engines are created laz
 from __future__ import annotations
 
 import logging
+import math
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, RandomizableTransform
+from monai.transforms import MapTransform, Randomizable, RandomizableTransform
 
 from backend.errors import DiffTumorError
 
@@ -169,6 +170,76 @@ def _like(ref, arr: np.ndarray):
         out.copy_(torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype))
         return out
     return arr.astype(ref.dtype, copy=False)
+
+
+#: Release foreground radius (mm) per organ for the healthy-crop retry loop (kidney halves use kidney's).
+FOREGROUND_RADIUS_MM = {"liver": 30.0, "pancreas": 15.0, "kidney": 25.0, "kidney_left": 25.0,
+                        "kidney_right": 25.0, "spleen": 25.0}
+
+
+class RandOrganCropd(Randomizable, MapTransform):
+    """``RandCropByPosNegLabeld`` with the release's retry loop for healthy CTs.
+
+    A crop of a healthy case must hold more than (4/3)·π·R³ foreground (label > 0) voxels, so the
+    synthesis has organ to put a tumour in; R starts at ``radius`` (release: liver 30, pancreas 15,
+    kidney 25 voxels at 1 mm), shrinks by ``relax_by`` every ``relax_every`` tries (never below
+    ``min_radius``) and after ``max_tries`` the last crop is kept. Real-tumour cases take the first
+    crop, as in the release. The foreground / background indices are computed once per call (not once
+    per try) unless ``fg_indices_key`` / ``bg_indices_key`` already hold them (``FgBgToIndicesd``, whose
+    result a ``CacheDataset`` keeps). Returns a list of one sample, like the MONAI cropper it wraps.
+    """
+
+    def __init__(self, keys: KeysCollection, label_key: str, spatial_size, *, radius: float, pos: float = 1.0,
+                 neg: float = 1.0, image_key: str | None = None, image_threshold: float = 0.0,
+                 healthy_key: str = "healthy", relax_every: int = 5, relax_by: float = 5.0, min_radius: float = 5.0,
+                 max_tries: int = 30, fg_indices_key: str = "_fg_indices", bg_indices_key: str = "_bg_indices",
+                 allow_missing_keys: bool = False):
+        from monai.transforms import FgBgToIndices, RandCropByPosNegLabeld
+
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if radius <= 0 or max_tries < 1 or relax_every < 1:
+            raise ValueError(f"radius must be > 0 and max_tries, relax_every >= 1, got {radius}, {max_tries}, {relax_every}")
+        self.label_key, self.healthy_key = label_key, healthy_key
+        self.radius, self.relax_every, self.relax_by, self.min_radius = float(radius), relax_every, relax_by, min_radius
+        self.max_tries = max_tries
+        self.fg_key, self.bg_key = fg_indices_key, bg_indices_key
+        self.image_key = image_key
+        self._indices = FgBgToIndices(image_threshold)
+        self.cropper = RandCropByPosNegLabeld(keys, label_key, spatial_size, pos=pos, neg=neg, num_samples=1,
+                                              image_key=image_key, image_threshold=image_threshold,
+                                              fg_indices_key=fg_indices_key, bg_indices_key=bg_indices_key,
+                                              allow_missing_keys=allow_missing_keys)
+        self.tries = 0  # of the last call (for logs and tests)
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        self.cropper.set_random_state(state=self.R)  # one stream: the crops draw from this transform's state
+        return self
+
+    def randomize(self, data=None) -> None:  # the wrapped cropper draws the crop centres
+        pass
+
+    def min_foreground(self, tries_done: int) -> float:
+        """Foreground voxels a healthy crop must exceed after ``tries_done`` failed tries."""
+        r = max(self.radius - self.relax_by * (tries_done // self.relax_every), self.min_radius)
+        return 4.0 / 3.0 * math.pi * r**3
+
+    def __call__(self, data):
+        d = dict(data)
+        if self.fg_key not in d or self.bg_key not in d:
+            image = d[self.image_key] if self.image_key else None
+            d[self.fg_key], d[self.bg_key] = self._indices(d[self.label_key], image)
+        healthy = _as_bool(d.get(self.healthy_key, False))
+        for self.tries in range(1, self.max_tries + 1):
+            out = self.cropper(d)
+            if not healthy:
+                break
+            fg = int((out[0][self.label_key] > 0).sum())
+            if fg > self.min_foreground(self.tries - 1):
+                break
+        if healthy and fg <= self.min_foreground(self.tries - 1):
+            log.debug("no crop with enough organ after %d tries (%d foreground voxels); kept the last", self.tries, fg)
+        return out
 
 
 class MapLabelsd(MapTransform):

@@ -463,3 +463,41 @@ class DrawSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+    def seek(self, n_draws: int) -> "DrawSchedule":
+        """Position the stream after ``n_draws`` draws of this rank (the state a run had after them)."""
+        shard_len = -(-self.n_items // self.world_size)
+        self.epoch, self.position = divmod(int(n_draws), shard_len)
+        self._order = None
+        return self
+
+
+class DrawSampler(torch.utils.data.Sampler):
+    """Endless DataLoader sampler over a :class:`DrawSchedule`: yields ``(item, draw_id)`` keys for
+    :class:`SeededDraws`. The DataLoader reads ahead, so a trainer resumes with
+    ``DrawSchedule.seek(draws consumed by its steps)``, not with the schedule's own position."""
+
+    def __init__(self, schedule: DrawSchedule):
+        self.schedule = schedule
+
+    def __iter__(self):
+        while True:
+            yield next(self.schedule)
+
+
+class SeededDraws(torch.utils.data.Dataset):
+    """A MONAI dataset read through :class:`DrawSampler` keys: before each item its random transforms
+    are reseeded from the draw id, so what a step sees depends only on (seed, position) — not on the
+    number of workers, their timing, or where a run was interrupted and resumed."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        item, draw_id = key
+        self.dataset.transform.set_random_state(seed=draw_id % 2**32)
+        return self.dataset[item]
+

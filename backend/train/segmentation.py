@@ -1,6 +1,7 @@
 """`difftumor train segmentation`: tumour segmentation trained with tumours synthesized on the fly.
 
-Reads top to bottom: config, device/seed, data (k-fold split saved as ``splits.json``), transforms
+Reads top to bottom: config, device/seed, data (k-fold split saved as ``splits.json``; a seeded,
+resumable draw stream, see :class:`~backend.train.common.SeededDraws`), transforms
 (appendix E.2 + :class:`~backend.segmentation.transforms.RandTumorSynthesisd` in the DataLoader
 workers), model (new or resumed), optimizer (AdamW + linear warm-up / cosine), validation helper,
 loop. Outputs in ``out_dir``: ``config.yaml``, ``splits.json``, ``last.pt`` / ``best.pt``,
@@ -46,6 +47,8 @@ class DataConfig:
     split_seed: int = 0
     split_file: str | None = None  # reuse an existing splits.json instead of drawing one
     pos_neg: list[float] = field(default_factory=lambda: [1.0, 1.0])  # RandCropByPosNegLabel pos : neg
+    foreground_radius: float | None = None  # healthy crops need > 4/3·π·R³ organ voxels (None: release R per organ)
+    crop_tries: int = 30  # healthy-crop retries before the last crop is kept (R shrinks by 5 every 5 tries)
     cache_rate: float = 0.0  # fraction of the deterministic preprocessing cached in memory
     num_workers: int = 4  # DataLoader workers (the synthesis runs there, off the GPU step)
 
@@ -145,7 +148,9 @@ def build_transforms(cfg: SegmentationConfig, *, train: bool):
     """Appendix E.2: orientation, 1 mm, HU window, pad/crop 96³, rotate-90, intensity shift, synthesis."""
     from monai import transforms as T
 
-    from backend.segmentation.transforms import LoadVolumed, MapLabelsd, RandTumorSynthesisd
+    from backend.organs import parse_organ
+    from backend.segmentation.transforms import (FOREGROUND_RADIUS_MM, LoadVolumed, MapLabelsd, RandOrganCropd,
+                                                 RandTumorSynthesisd)
 
     keys = ["image", "label"]
     lo, hi = cfg.hu_range
@@ -159,10 +164,15 @@ def build_transforms(cfg: SegmentationConfig, *, train: bool):
     if not train:
         return T.Compose(xs + [T.EnsureTyped(keys, dtype=(torch.float32, torch.uint8), track_meta=False)])
     pos, neg = cfg.data.pos_neg
+    radius = cfg.data.foreground_radius or FOREGROUND_RADIUS_MM[parse_organ(cfg.organ)]
     xs += [
         T.SpatialPadd(keys, spatial_size=cfg.roi_size, value=0),
-        T.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.roi_size, pos=pos, neg=neg,
-                                 num_samples=1, image_key="image", image_threshold=0),
+        # crop-centre candidates once per case (a CacheDataset keeps them), then the release's crop:
+        # pos : neg around the label, and healthy crops retried until they hold enough organ
+        T.FgBgToIndicesd("label", fg_postfix="_fg", bg_postfix="_bg", image_key="image", image_threshold=0),
+        RandOrganCropd(keys, "label", cfg.roi_size, radius=radius, pos=pos, neg=neg, image_key="image",
+                       image_threshold=0, fg_indices_key="label_fg", bg_indices_key="label_bg",
+                       max_tries=cfg.data.crop_tries),
         T.RandRotate90d(keys, prob=cfg.rotate90_prob, max_k=3),
         T.RandShiftIntensityd("image", offsets=cfg.shift_intensity, prob=cfg.shift_intensity_prob),
     ]
@@ -172,16 +182,6 @@ def build_transforms(cfg: SegmentationConfig, *, train: bool):
                                       weights_dir=s.weights_dir, weights_organ=s.weights_organ, device=s.device))
     xs.append(T.EnsureTyped(keys, dtype=(torch.float32, torch.uint8), track_meta=False))
     return T.Compose(xs)
-
-
-def _batches(loader, sampler):
-    epoch = 0
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for batch in loader:
-            yield batch
-        epoch += 1
 
 
 # --------------------------------------------------------------------------------- validation
@@ -213,7 +213,6 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
     from monai.data import CacheDataset, DataLoader, Dataset
     from monai.losses import DiceCELoss
     from monai.optimizers import WarmupCosineSchedule
-    from torch.utils.data.distributed import DistributedSampler
 
     from backend.segmentation.networks import build_network
     from backend.train import common
@@ -241,13 +240,16 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
     tf = build_transforms(cfg, train=True)
     ds = (CacheDataset(train_items, tf, cache_rate=cfg.data.cache_rate, num_workers=cfg.data.num_workers or None,
                        progress=False) if cfg.data.cache_rate > 0 else Dataset(train_items, tf))
-    sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed) if dist.distributed else None
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=cfg.data.num_workers, drop_last=len(ds) >= cfg.batch_size,
-                        persistent_workers=cfg.data.num_workers > 0, pin_memory=dist.device.type == "cuda",
+    # a seeded, resumable stream of draws: each draw reseeds the random transforms (crop, augmentation,
+    # synthesis), so a resumed run sees exactly the data an uninterrupted one would have seen
+    schedule = common.DrawSchedule(len(ds), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    draws = int(ckpt.get("draws", 0)) if ckpt is not None else 0
+    schedule.seek(draws)
+    loader = DataLoader(common.SeededDraws(ds), batch_size=cfg.batch_size, sampler=common.DrawSampler(schedule),
+                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+                        pin_memory=dist.device.type == "cuda",
                         # CUDA in worker processes (diffusion synthesis on the GPU) needs spawned workers
                         multiprocessing_context="spawn" if cfg.synthesis.device.startswith("cuda") and cfg.data.num_workers else None)
-    tf.set_random_state(seed=cfg.seed + 7919 * dist.rank)
     log.info("training on %d cases (%d healthy), validating on %d; fold %d", len(train_items),
              sum(i["healthy"] for i in train_items), len(val_items), cfg.data.fold)
 
@@ -276,13 +278,14 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
             path, stage="segmentation", config=common.config_to_dict(cfg),
             model_config=common.config_to_dict(cfg.network), organ=cfg.organ, step=step, best=best,
             model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=common.rng_state(),
+            draws=draws,
         )
 
     # loop
     writer = common.MetricsWriter(out_dir / "metrics.csv") if dist.is_main else None
     val_writer = common.MetricsWriter(out_dir / "val_metrics.csv") if dist.is_main else None
     bar = common.progress(cfg.max_steps, initial=step, enabled=dist.is_main, desc="segmentation")
-    batches = _batches(loader, sampler)
+    batches = iter(loader)
     run_loss, run_syn, n_run = 0.0, 0.0, 0
     result = {"step": step, "best": best}
     with common.GracefulInterrupt() as stop:
@@ -290,6 +293,7 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
             batch = next(batches)
             x = batch["image"].to(dist.device, non_blocking=True)  # (B, 1, X, Y, Z) in [0, 1]
             y = batch["label"].to(dist.device, non_blocking=True)  # (B, 1, X, Y, Z) in {0, 1, 2}
+            draws += x.shape[0]
             with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = loss_fn(net(x), y)
             opt.zero_grad(set_to_none=True)

@@ -101,3 +101,17 @@ def test_diffusion_trains_under_torchrun(tmp_path, msd):
     assert _steps(out / "metrics.csv")[-1] == 3
     released = torch.load(out / "liver_early.pt", map_location="cpu", weights_only=True)
     assert released["step"] == 3 and set(released) >= {"model", "ema", "scaler"}
+
+
+def test_segmentation_trains_under_torchrun(tmp_path, msd):
+    """Stage 3 with 2 gloo processes over the seeded draw stream (one shard per rank): both ranks finish,
+    rank 0 writes the split, the metrics and the checkpoint with the per-rank draw count."""
+    out = tmp_path / "seg"
+    config = Path(__file__).resolve().parents[2] / "backend/configs/segmentation_tiny_cpu.yaml"
+    _torchrun(["train", "segmentation", "--config", str(config), f"data.real={msd / 'dataset.json'}",
+               f"out_dir={out}", "roi_size=[32,32,32]", "batch_size=1", "max_steps=2", "log_every=1",
+               "val_every=2", "val_overlap=0.25", "data.folds=2", "data.cache_rate=0"], tmp_path)
+    assert _steps(out / "metrics.csv") == [1, 2]
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["draws"] == 2  # per rank: 2 steps of batch 1
+    assert (out / "splits.json").is_file() and (out / "val_metrics.csv").is_file()

@@ -156,3 +156,58 @@ def test_diffusion_synthesis_in_a_forked_dataloader_worker(parity_dir):
                         multiprocessing_context="fork", timeout=240)
     batch = next(iter(loader))  # a deadlock ends in DataLoader's timeout error instead of hanging the suite
     assert batch["synthetic"].tolist() == [1] and bool((batch["label"] == 2).any())
+
+
+def _case(healthy, organ_box=(slice(0, 12), slice(0, 12), slice(0, 12)), size=64):
+    img = MetaTensor(torch.full((1, size, size, size), 0.5))
+    lab = torch.zeros((1, size, size, size), dtype=torch.uint8)
+    lab[(0, *organ_box)] = 1
+    return {"image": img, "label": MetaTensor(lab), "healthy": torch.tensor(healthy)}
+
+
+def test_organ_crop_retries_healthy_crops_until_they_hold_enough_organ():
+    from backend.segmentation.transforms import RandOrganCropd
+
+    # 12³ organ corner (1728 voxels) of a 64³ CT, 24³ crops. R = 8 (2145 voxels) cannot be met, so every
+    # healthy case retries; from try 6 R = 7 (1437 voxels) needs a crop over most of the organ block
+    t = RandOrganCropd(("image", "label"), "label", (24, 24, 24), radius=8.0, relax_every=5, relax_by=1.0,
+                       image_key="image", image_threshold=0, neg=3.0)
+    assert t.min_foreground(0) == pytest.approx(4 / 3 * np.pi * 8**3)
+    assert t.min_foreground(5) == pytest.approx(4 / 3 * np.pi * 7**3)
+    assert t.min_foreground(1000) == pytest.approx(4 / 3 * np.pi * 5**3)  # floor
+    t.set_random_state(0)
+    for _ in range(5):
+        out = t(_case(1))
+        assert isinstance(out, list) and len(out) == 1
+        crop = out[0]
+        assert tuple(crop["image"].shape) == (1, 24, 24, 24)
+        assert t.tries >= 6 and int((crop["label"] > 0).sum()) > t.min_foreground(t.tries - 1)
+        assert not {"_fg_indices", "_bg_indices"} & set(crop)
+    # a real-tumour case takes the first crop, as in the release; with neg 3 : pos 1 most crops miss the organ
+    tries, empty = [], 0
+    for _ in range(20):
+        out = t(_case(0))[0]
+        tries.append(t.tries)
+        empty += int((out["label"] > 0).sum()) == 0
+    assert set(tries) == {1} and empty > 0
+
+
+def test_organ_crop_gives_up_after_max_tries_and_keeps_the_last_crop():
+    from backend.segmentation.transforms import RandOrganCropd
+
+    t = RandOrganCropd(("image", "label"), "label", (24, 24, 24), radius=30.0, max_tries=7, image_key="image")
+    t.set_random_state(1)
+    out = t(_case(1))[0]  # 1728 organ voxels can never beat R >= 5 after 7 tries (R = 25: 65,450)
+    assert t.tries == 7 and tuple(out["label"].shape) == (1, 24, 24, 24)
+
+
+def test_organ_crop_is_seeded_through_compose():
+    from backend.segmentation.transforms import RandOrganCropd
+
+    def boxes(seed):
+        c = Compose([RandOrganCropd(("image", "label"), "label", (24, 24, 24), radius=5.0, image_key="image")])
+        c.set_random_state(seed)
+        return [c(_case(1, organ_box=(slice(0, 40),) * 3))[0]["label"].affine[:3, 3].tolist() for _ in range(6)]
+
+    assert boxes(3) == boxes(3)
+    assert boxes(3) != boxes(4)

@@ -157,6 +157,31 @@ def test_draw_schedule_resumes_and_shards():
     assert r0[0][1] != r1[0][1]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_seeded_draws_resume_the_dataloader_stream_exactly(workers):
+    from monai.data import CacheDataset
+    from monai.transforms import Compose, RandGaussianNoised, ScaleIntensityd
+
+    from backend.train.common import DrawSampler, SeededDraws
+
+    items = [{"x": torch.full((1, 4, 4), float(i)), "i": i} for i in range(5)]
+    ds = CacheDataset(items, Compose([ScaleIntensityd("x", minv=None, maxv=None, factor=0.0),
+                                      RandGaussianNoised("x", prob=0.7)]), progress=False)
+
+    def batches(n_draws_done, n):
+        schedule = DrawSchedule(len(ds), seed=3).seek(n_draws_done)
+        loader = torch.utils.data.DataLoader(SeededDraws(ds), batch_size=2, sampler=DrawSampler(schedule),
+                                             num_workers=workers)
+        it = iter(loader)
+        return [next(it) for _ in range(n)]
+
+    full = batches(0, 7)  # 14 draws: crosses two epoch boundaries (5 items)
+    resumed = batches(4 * 2, 3)  # a run stopped after 4 steps of batch 2, resumed
+    for a, b in zip(full[4:], resumed):
+        assert a["i"].tolist() == b["i"].tolist() and torch.equal(a["x"], b["x"])
+    assert sorted(sum((b["i"].tolist() for b in full[:3]), [])[:5]) == list(range(5))  # epochs are permutations
+
+
 def test_graceful_interrupt_sets_flag():
     with GracefulInterrupt() as stop:
         signal.raise_signal(signal.SIGINT)

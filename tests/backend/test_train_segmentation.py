@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import backend.cli
@@ -59,7 +60,6 @@ def test_train_resume_and_evaluate_end_to_end(toy, tmp_path):
     assert cli(["train", "segmentation", *common, "max_steps=3", "log_every=1", "--resume"]) == 0
     rows = list(csv.DictReader(open(run / "metrics.csv", encoding="utf-8")))
     assert [r["step"] for r in rows] == ["2", "3"]
-
     # evaluate the checkpoint on fold 0's held-out "real" case: predictions on the CT grid, then scores
     out = tmp_path / "eval"
     assert cli(["evaluate", "--model", str(run / "last.pt"), "--data", toy["real"], "--folds",
@@ -70,6 +70,37 @@ def test_train_resume_and_evaluate_end_to_end(toy, tmp_path):
     assert 0.0 <= float(cases[0]["dsc"]) <= 1.0 and 0.0 <= float(cases[0]["nsd"]) <= 1.0
     assert (out / "summary.png").is_file() and (out / "summary.md").read_text(encoding="utf-8").count("| liver |") == 2
     assert list(csv.DictReader(open(out / "skipped.csv", encoding="utf-8"))) == []
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_continues_the_same_data_stream(toy, tmp_path, monkeypatch):
+    """A run that crashes after step 3 (last save: step 2) and is resumed ends with the same weights as an
+    uninterrupted run: the crops, augmentations and synthetic tumours of steps 3-4 are the same draws."""
+    from backend.train import common as train_common
+
+    def args(out):
+        return ["--config", str(TINY_CONFIG), f"data.real={toy['real']}", f"data.healthy={toy['healthy']}",
+                f"out_dir={out}", "roi_size=[32,32,32]", "max_steps=4", "val_every=0", "save_every=1",
+                "log_every=1", "synthesis.prob=1.0", "data.cache_rate=0"]
+
+    assert cli(["train", "segmentation", *args(tmp_path / "straight")]) == 0
+    write = train_common.MetricsWriter.write
+
+    def crash_at_step_3(self, step, metrics):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+        return write(self, step, metrics)
+
+    monkeypatch.setattr(train_common.MetricsWriter, "write", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli(["train", "segmentation", *args(tmp_path / "crashed")])
+    monkeypatch.setattr(train_common.MetricsWriter, "write", write)
+    assert torch.load(tmp_path / "crashed" / "last.pt", map_location="cpu", weights_only=False)["step"] == 2
+    assert cli(["train", "segmentation", *args(tmp_path / "crashed"), "--resume"]) == 0
+    a, b = (torch.load(tmp_path / r / "last.pt", map_location="cpu", weights_only=False) for r in ("crashed", "straight"))
+    assert a["step"] == b["step"] == 4 and a["draws"] == b["draws"] == 8
+    for k, v in a["model"].items():
+        assert torch.allclose(v, b["model"][k], rtol=0, atol=1e-6), k
 
 
 def test_bad_training_config_is_one_line(tmp_path, capsys):
