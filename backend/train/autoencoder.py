@@ -23,19 +23,15 @@ import torch
 from backend.errors import DiffTumorError
 from backend.train.common import (
     DrawSchedule,
-    GracefulInterrupt,
-    MetricsWriter,
+    TrainingLoop,
     config_to_dict,
-    get_logger,
-    load_checkpoint,
     load_config,
-    progress,
+    load_resume_checkpoint,
     rng_state,
     save_checkpoint,
-    seed_everything,
     set_rng_state,
-    setup_distributed,
-    teardown_distributed,
+    start_run,
+    wrap_ddp,
 )
 from backend.vqgan.losses import LossConfig, VQGANLoss, disc_factor
 from backend.vqgan.model import VQGAN, VQGANConfig
@@ -236,13 +232,9 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
     _check_crop(cfg)
     if not cfg.data.source:
         raise DiffTumorError("data.source: no training data given (a CT folder, AbdomenAtlas tree, dataset.json or list file)")
-    dist = setup_distributed(cfg.device)
-    logger = get_logger(__name__, dist)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    dist, logger = start_run(cfg.device, seed=cfg.seed, threads=cfg.threads, logger_name=__name__)
     device, out = dist.device, Path(cfg.output_dir)
     ckpt_path = out / "checkpoint_last.pt"
-    seed_everything(cfg.seed + dist.rank)
 
     # data
     cases = list_cases(cfg.data.source)
@@ -274,9 +266,7 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     step = 0
     if resume:
-        ck = load_checkpoint(ckpt_path if resume == "last" else resume, map_location=device)
-        if ck.get("stage") != "autoencoder":
-            raise DiffTumorError(f"{resume}: not an autoencoder training checkpoint (stage {ck.get('stage')!r})")
+        ck = load_resume_checkpoint(resume, ckpt_path, "autoencoder", map_location=device)
         model.load_state_dict(ck["model"])
         loss_mod.load_state_dict(ck["loss_model"], strict=False)
         for o, s in zip((opt_g, opt_d, sched_g, sched_d), ck["optimizers"] + ck["schedulers"]):
@@ -286,10 +276,7 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
         set_rng_state(ck["rng"])
         step = int(ck["step"])
         logger.info("resumed from step %d", step)
-    ddp_model = model
-    if dist.distributed:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    ddp_model = wrap_ddp(model, dist, broadcast_buffers=False)
     model.train()
     loss_mod.train()
 
@@ -305,59 +292,51 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
             logger.info("checkpoint (%s) at step %d: %s", reason, step, ckpt_path)
         return ckpt_path
 
-    metrics = MetricsWriter(out / "metrics.csv", tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None) if dist.is_main else None
-    bar = progress(cfg.max_steps, initial=step, enabled=dist.is_main, desc="autoencoder")
     last: dict = {}
-    try:
-        with GracefulInterrupt() as stop:
-            while step < cfg.max_steps and not stop.requested:
-                x = next_batch(train_store, schedule, cfg.data.batch_size).to(device)  # (B,1,Z,X,Y)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    x_hat, q = ddp_model(x)
-                g_loss, logs = loss_mod.generator_loss(x, x_hat.float(), q.commitment_loss.float(), step)
-                opt_g.zero_grad(set_to_none=True)
-                scaler.scale(g_loss).backward()
-                scaler.unscale_(opt_g)
-                torch.nn.utils.clip_grad_norm_(ae_params, cfg.optim.grad_clip)
-                scaler.step(opt_g)
-                if disc_factor(step, cfg.loss.discriminator_iter_start) > 0:
-                    d_loss, d_logs = loss_mod.discriminator_loss(x, x_hat.float(), step)
-                    opt_d.zero_grad(set_to_none=True)
-                    scaler.scale(d_loss).backward()
-                    if dist.distributed:
-                        _allreduce_grads(d_params, dist.world_size)
-                    scaler.unscale_(opt_d)
-                    torch.nn.utils.clip_grad_norm_(d_params, cfg.optim.grad_clip)
-                    scaler.step(opt_d)
-                    logs.update(d_logs)
-                scaler.update()
-                sched_g.step()
-                with warnings.catch_warnings():  # D is idle before its start step; its LR schedule still counts steps
-                    warnings.simplefilter("ignore", UserWarning)
-                    sched_d.step()
-                step += 1
-                last = {k: 0.0 for k in METRIC_KEYS}  # fixed CSV columns (adversarial terms 0 before start)
-                last.update({k: float(v) for k, v in logs.items()})
-                last.update(perplexity=float(q.perplexity), lr=sched_g.get_last_lr()[0], skipped=len(train_store.failed))
-                bar.update(1)
-                if dist.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                    bar.set_postfix(l1=f"{last['recon_l1']:.4f}", ppl=f"{last['perplexity']:.0f}")
-                    metrics.write(step, last)
-                if dist.is_main and cfg.val_every > 0 and (step % cfg.val_every == 0 or step == cfg.max_steps):
-                    val = validate(model, val_store, cfg, step, device)
-                    if val:
-                        logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-                        last.update(val)
-                if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                    save("periodic")
-            save("interrupted" if stop.requested else "final")
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-        teardown_distributed()
+    with TrainingLoop(dist, out / "metrics.csv", step=step, max_steps=cfg.max_steps, log_every=cfg.log_every,
+                      desc="autoencoder", tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None) as loop:
+        while loop.running(step):
+            x = next_batch(train_store, schedule, cfg.data.batch_size).to(device)  # (B,1,Z,X,Y)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                x_hat, q = ddp_model(x)
+            g_loss, logs = loss_mod.generator_loss(x, x_hat.float(), q.commitment_loss.float(), step)
+            opt_g.zero_grad(set_to_none=True)
+            scaler.scale(g_loss).backward()
+            scaler.unscale_(opt_g)
+            torch.nn.utils.clip_grad_norm_(ae_params, cfg.optim.grad_clip)
+            scaler.step(opt_g)
+            if disc_factor(step, cfg.loss.discriminator_iter_start) > 0:
+                d_loss, d_logs = loss_mod.discriminator_loss(x, x_hat.float(), step)
+                opt_d.zero_grad(set_to_none=True)
+                scaler.scale(d_loss).backward()
+                if dist.distributed:
+                    _allreduce_grads(d_params, dist.world_size)
+                scaler.unscale_(opt_d)
+                torch.nn.utils.clip_grad_norm_(d_params, cfg.optim.grad_clip)
+                scaler.step(opt_d)
+                logs.update(d_logs)
+            scaler.update()
+            sched_g.step()
+            with warnings.catch_warnings():  # D is idle before its start step; its LR schedule still counts steps
+                warnings.simplefilter("ignore", UserWarning)
+                sched_d.step()
+            step += 1
+            last = {k: 0.0 for k in METRIC_KEYS}  # fixed CSV columns (adversarial terms 0 before start)
+            last.update({k: float(v) for k, v in logs.items()})
+            last.update(perplexity=float(q.perplexity), lr=sched_g.get_last_lr()[0], skipped=len(train_store.failed))
+            loop.tick()
+            if loop.due(step):
+                loop.log(step, last, l1=f"{last['recon_l1']:.4f}", ppl=f"{last['perplexity']:.0f}")
+            if dist.is_main and cfg.val_every > 0 and (step % cfg.val_every == 0 or step == cfg.max_steps):
+                val = validate(model, val_store, cfg, step, device)
+                if val:
+                    logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                    last.update(val)
+            if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                save("periodic")
+        save("interrupted" if loop.interrupted else "final")
     return {"step": step, "metrics": last, "checkpoint": ckpt_path, "skipped": len(train_store.failed),
-            "interrupted": bool(stop.requested)}
+            "interrupted": loop.interrupted}
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -15,6 +15,11 @@ Public API (all pure Python + torch; no stage-specific code)::
     MetricsWriter(path, *, tensorboard_dir=None)              CSV (append, header once) + optional TensorBoard
     progress(total, *, initial=0, enabled=True, desc="")      tqdm on rank 0, a no-op bar elsewhere
     DrawSchedule(n_items, *, seed, rank=0, world_size=1)      resumable, seeded, sharded order of items
+    DrawSampler(schedule) / SeededDraws(dataset)              that order through a DataLoader, reseeded per draw
+    start_run(device, *, seed, threads=0, logger_name)        setup_distributed + threads + seeds + logger
+    load_resume_checkpoint(resume, default_path, stage)       --resume's checkpoint, checked for its stage
+    wrap_ddp(model, dist, **kwargs)                           DDP under torchrun, else the model itself
+    TrainingLoop(dist, metrics_path, *, step, max_steps, ...) Ctrl-C, progress bar, metrics CSV, teardown
 
 A checkpoint written with :func:`save_checkpoint` is a plain dict of tensors, numbers, strings, lists
 and dicts (loadable with ``weights_only=True``) holding at least ``version`` (package), ``stage``,
@@ -419,6 +424,92 @@ def progress(total: int, *, initial: int = 0, enabled: bool = True, desc: str = 
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
+
+
+# ------------------------------------------------------------------------------ run scaffolding
+def start_run(device: str, *, seed: int, threads: int = 0, logger_name: str = __name__) -> tuple[DistInfo, logging.Logger]:
+    """Process setup every stage does first: torchrun/device, rank-aware logger, CPU threads, seeds
+    (``seed + rank``, so ranks draw different noise)."""
+    dist = setup_distributed(device)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    seed_everything(seed + dist.rank)
+    return dist, get_logger(logger_name, dist)
+
+
+def load_resume_checkpoint(resume, default_path, stage: str, *, map_location="cpu") -> dict:
+    """The checkpoint ``--resume`` names (``"last"`` or ``True``: ``default_path``), refused in one line
+    when it was written by another stage."""
+    path = default_path if resume in ("last", True) else resume
+    ckpt = load_checkpoint(path, map_location=map_location)
+    if ckpt.get("stage") != stage:
+        article = "an" if stage[:1] in "aeiou" else "a"
+        raise DiffTumorError(f"{path}: not {article} {stage} training checkpoint (stage {ckpt.get('stage')!r})")
+    return ckpt
+
+
+def wrap_ddp(model: torch.nn.Module, dist: DistInfo, **kwargs) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel under torchrun, else itself."""
+    if not dist.distributed:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None, **kwargs)
+
+
+class TrainingLoop(contextlib.AbstractContextManager):
+    """The loop's bookkeeping, shared by the stages: Ctrl-C handling (:class:`GracefulInterrupt`), the
+    progress bar and the metrics CSV on rank 0, and on exit (also after an error) closing them and
+    leaving the process group::
+
+        with TrainingLoop(dist, out / "metrics.csv", step=step, max_steps=n, log_every=20, desc="stage") as loop:
+            while loop.running(step):
+                ...; step += 1
+                loop.tick()
+                if loop.due(step):
+                    loop.log(step, {"loss": loss}, loss=f"{loss:.4f}")
+            save("interrupted" if loop.interrupted else "final")
+    """
+
+    def __init__(self, dist: DistInfo, metrics_path, *, step: int, max_steps: int, log_every: int, desc: str,
+                 tensorboard_dir=None):
+        self.dist, self.max_steps, self.log_every = dist, max_steps, log_every
+        self.metrics = MetricsWriter(metrics_path, tensorboard_dir=tensorboard_dir) if dist.is_main else None
+        self.bar = progress(max_steps, initial=step, enabled=dist.is_main, desc=desc)
+        self._stop = GracefulInterrupt()
+
+    def __enter__(self):
+        self._stop.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self._stop.__exit__(*exc)
+            self.bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        finally:
+            teardown_distributed()
+        return False
+
+    @property
+    def interrupted(self) -> bool:
+        return self._stop.requested
+
+    def running(self, step: int) -> bool:
+        return step < self.max_steps and not self._stop.requested
+
+    def tick(self) -> None:
+        self.bar.update(1)
+
+    def due(self, step: int) -> bool:
+        """Whether rank 0 logs at ``step`` (every ``log_every`` steps and at the last one)."""
+        return self.dist.is_main and (step % self.log_every == 0 or step == self.max_steps)
+
+    def log(self, step: int, row: dict, **postfix) -> None:
+        if postfix:
+            self.bar.set_postfix(**postfix)
+        if self.metrics is not None:
+            self.metrics.write(step, row)
 
 
 class DrawSchedule:

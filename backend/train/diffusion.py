@@ -40,19 +40,15 @@ from backend.diffusion.unet import Unet3D, Unet3DConfig
 from backend.errors import DiffTumorError
 from backend.train.common import (
     DrawSchedule,
-    GracefulInterrupt,
-    MetricsWriter,
+    TrainingLoop,
     config_to_dict,
-    get_logger,
-    load_checkpoint,
     load_config,
-    progress,
+    load_resume_checkpoint,
     rng_state,
     save_checkpoint,
-    seed_everything,
     set_rng_state,
-    setup_distributed,
-    teardown_distributed,
+    start_run,
+    wrap_ddp,
 )
 
 log = logging.getLogger(__name__)
@@ -267,14 +263,10 @@ def train(cfg: DiffusionTrainConfig, *, resume: str | None = None) -> dict:
 
     if not cfg.data.source:
         raise DiffTumorError("data.source: no training data given (MSD dataset.json, list file or AbdomenAtlas tree)")
-    dist = setup_distributed(cfg.device)
-    logger = get_logger(__name__, dist)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    dist, logger = start_run(cfg.device, seed=cfg.seed, threads=cfg.threads, logger_name=__name__)
     device, out = dist.device, Path(cfg.output_dir)
     ckpt_path = out / "checkpoint_last.pt"
     official_path = out / f"{cfg.data.organ}_{cfg.stage}.pt"
-    seed_everything(cfg.seed + dist.rank)
 
     # data
     store = TumourCropStore(list_cases(cfg.data.source, require_labels=True), cfg)
@@ -295,9 +287,7 @@ def train(cfg: DiffusionTrainConfig, *, resume: str | None = None) -> dict:
     opt = torch.optim.Adam(unet.parameters(), lr=cfg.optim.lr)
     step = 0
     if resume:
-        ck = load_checkpoint(ckpt_path if resume == "last" else resume, map_location=device)
-        if ck.get("stage") != "diffusion":
-            raise DiffTumorError(f"{resume}: not a diffusion training checkpoint (stage {ck.get('stage')!r})")
+        ck = load_resume_checkpoint(resume, ckpt_path, "diffusion", map_location=device)
         if ck.get("model_config") != cfg.model.to_dict() or int(ck.get("timesteps", -1)) != cfg.T:
             raise DiffTumorError(f"{resume}: checkpoint model/T differ from the config (T {ck.get('timesteps')} vs {cfg.T})")
         unet.load_state_dict(ck["model"])
@@ -307,9 +297,7 @@ def train(cfg: DiffusionTrainConfig, *, resume: str | None = None) -> dict:
         set_rng_state(ck["rng"])
         step = int(ck["step"])
         logger.info("resumed from step %d", step)
-    net = unet
-    if dist.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
+    net = wrap_ddp(unet, dist)
     unet.train()
 
     def save(reason: str) -> None:
@@ -324,47 +312,39 @@ def train(cfg: DiffusionTrainConfig, *, resume: str | None = None) -> dict:
                       extra=extra)
         logger.info("checkpoint (%s) at step %d: %s, %s", reason, step, ckpt_path, official_path)
 
-    metrics = MetricsWriter(out / "metrics.csv", tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None) if dist.is_main else None
-    bar = progress(cfg.max_steps, initial=step, enabled=dist.is_main, desc=f"diffusion ({cfg.stage})")
     last: dict = {}
-    try:
-        with GracefulInterrupt() as stop:
-            while step < cfg.max_steps and not stop.requested:
-                total = 0.0
-                for micro in range(cfg.optim.grad_accum):
-                    image, mask = next_batch(store, schedule, cfg.data.batch_size)
-                    image, mask = image.to(device), mask.to(device)
-                    x0 = encode_latent(vqgan, image)  # (B, 8, z, x, y), normalised
-                    cond = encode_condition(vqgan, image, mask)  # (B, 9, z, x, y)
-                    sync = not dist.distributed or micro == cfg.optim.grad_accum - 1
-                    ctx = net.no_sync() if not sync else contextlib.nullcontext()
-                    with ctx:
-                        loss = inferer(net, x0, cond)["loss"]
-                        (loss / cfg.optim.grad_accum).backward()
-                    total += float(loss.detach()) / cfg.optim.grad_accum
-                if cfg.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.optim.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if step % cfg.optim.ema_every == 0:
-                    ema_update(ema, unet, cfg.optim.ema_decay, copy_only=step < cfg.optim.ema_start)
-                step += 1
-                last = {"loss": total, "lr": cfg.optim.lr, "skipped_cases": len(store.skipped),
-                        "tumours_too_large": store.too_large}
-                bar.update(1)
-                if dist.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                    bar.set_postfix(loss=f"{total:.4f}")
-                    metrics.write(step, last)
-                if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                    save("periodic")
-            save("interrupted" if stop.requested else "final")
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-        teardown_distributed()
+    with TrainingLoop(dist, out / "metrics.csv", step=step, max_steps=cfg.max_steps, log_every=cfg.log_every,
+                      desc=f"diffusion ({cfg.stage})", tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None) as loop:
+        while loop.running(step):
+            total = 0.0
+            for micro in range(cfg.optim.grad_accum):
+                image, mask = next_batch(store, schedule, cfg.data.batch_size)
+                image, mask = image.to(device), mask.to(device)
+                x0 = encode_latent(vqgan, image)  # (B, 8, z, x, y), normalised
+                cond = encode_condition(vqgan, image, mask)  # (B, 9, z, x, y)
+                sync = not dist.distributed or micro == cfg.optim.grad_accum - 1
+                ctx = net.no_sync() if not sync else contextlib.nullcontext()
+                with ctx:
+                    loss = inferer(net, x0, cond)["loss"]
+                    (loss / cfg.optim.grad_accum).backward()
+                total += float(loss.detach()) / cfg.optim.grad_accum
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step % cfg.optim.ema_every == 0:
+                ema_update(ema, unet, cfg.optim.ema_decay, copy_only=step < cfg.optim.ema_start)
+            step += 1
+            last = {"loss": total, "lr": cfg.optim.lr, "skipped_cases": len(store.skipped),
+                    "tumours_too_large": store.too_large}
+            loop.tick()
+            if loop.due(step):
+                loop.log(step, last, loss=f"{total:.4f}")
+            if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                save("periodic")
+        save("interrupted" if loop.interrupted else "final")
     return {"step": step, "metrics": last, "checkpoint": ckpt_path, "weights": official_path,
-            "skipped": len(store.skipped), "too_large": store.too_large, "interrupted": bool(stop.requested)}
+            "skipped": len(store.skipped), "too_large": store.too_large, "interrupted": loop.interrupted}
 
 
 # ------------------------------------------------------------------------------------------ CLI

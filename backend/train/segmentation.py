@@ -209,7 +209,7 @@ def validate(model, items, cfg: SegmentationConfig, device) -> dict:
 
 
 # --------------------------------------------------------------------------------------- main
-def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
+def train(cfg: SegmentationConfig, *, resume: bool | str | None = None) -> dict:
     from monai.data import CacheDataset, DataLoader, Dataset
     from monai.losses import DiceCELoss
     from monai.optimizers import WarmupCosineSchedule
@@ -218,12 +218,11 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
     from backend.train import common
 
     # config, device, seed
-    dist = common.setup_distributed(cfg.device)
+    dist, logger = common.start_run(cfg.device, seed=cfg.seed, logger_name=__name__)
     out_dir = Path(cfg.out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    ckpt = common.load_checkpoint(last_path) if resume else None
+    ckpt = common.load_resume_checkpoint(resume, last_path, "segmentation") if resume else None
     cfg.network = NetworkConfig(**{**cfg.network.__dict__, "roi_size": tuple(cfg.roi_size)})
-    common.seed_everything(cfg.seed + dist.rank)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         import yaml
@@ -250,7 +249,7 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
                         pin_memory=dist.device.type == "cuda",
                         # CUDA in worker processes (diffusion synthesis on the GPU) needs spawned workers
                         multiprocessing_context="spawn" if cfg.synthesis.device.startswith("cuda") and cfg.data.num_workers else None)
-    log.info("training on %d cases (%d healthy), validating on %d; fold %d", len(train_items),
+    logger.info("training on %d cases (%d healthy), validating on %d; fold %d", len(train_items),
              sum(i["healthy"] for i in train_items), len(val_items), cfg.data.fold)
 
     # model, new or resumed
@@ -264,10 +263,8 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
         sched.load_state_dict(ckpt["scheduler"])
         step, best = int(ckpt["step"]), float(ckpt.get("best", -1.0))
         common.set_rng_state(ckpt["rng"])
-        log.info("resumed from %s at step %d", last_path, step)
-    net = model
-    if dist.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        logger.info("resumed from %s at step %d", last_path, step)
+    net = common.wrap_ddp(model, dist)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
     use_amp = cfg.amp and dist.device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -282,14 +279,13 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
         )
 
     # loop
-    writer = common.MetricsWriter(out_dir / "metrics.csv") if dist.is_main else None
     val_writer = common.MetricsWriter(out_dir / "val_metrics.csv") if dist.is_main else None
-    bar = common.progress(cfg.max_steps, initial=step, enabled=dist.is_main, desc="segmentation")
     batches = iter(loader)
     run_loss, run_syn, n_run = 0.0, 0.0, 0
     result = {"step": step, "best": best}
-    with common.GracefulInterrupt() as stop:
-        while step < cfg.max_steps and not stop.requested:
+    with common.TrainingLoop(dist, out_dir / "metrics.csv", step=step, max_steps=cfg.max_steps,
+                             log_every=cfg.log_every, desc="segmentation") as loop:
+        while loop.running(step):
             batch = next(batches)
             x = batch["image"].to(dist.device, non_blocking=True)  # (B, 1, X, Y, Z) in [0, 1]
             y = batch["label"].to(dist.device, non_blocking=True)  # (B, 1, X, Y, Z) in {0, 1, 2}
@@ -310,11 +306,10 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
             run_loss += loss.item()
             run_syn += float(batch["synthetic"].float().mean()) if "synthetic" in batch else 0.0
             n_run += 1
-            bar.update(1)
-            if dist.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            loop.tick()
+            if loop.due(step):
                 row = {"loss": run_loss / n_run, "lr": sched.get_last_lr()[0], "synthetic_fraction": run_syn / n_run}
-                writer.write(step, row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                loop.log(step, row, loss=f"{row['loss']:.4f}")
                 result.update(row)
                 run_loss, run_syn, n_run = 0.0, 0.0, 0
             if cfg.val_every and val_items and (step % cfg.val_every == 0 or step == cfg.max_steps) and dist.is_main:
@@ -326,15 +321,12 @@ def train(cfg: SegmentationConfig, *, resume: bool = False) -> dict:
                     save(best_path)
             if dist.is_main and (step % cfg.save_every == 0):
                 save(last_path)
-    bar.close()
-    if dist.is_main:
-        save(last_path)
-        if not best_path.is_file():
-            save(best_path)
-        writer.close()
-        val_writer.close()
-    common.teardown_distributed()
-    result.update(step=step, best=best, out_dir=str(out_dir), rank=dist.rank)
+        if dist.is_main:
+            save(last_path)
+            if not best_path.is_file():
+                save(best_path)
+            val_writer.close()
+    result.update(step=step, best=best, out_dir=str(out_dir), rank=dist.rank, interrupted=loop.interrupted)
     return result
 
 
@@ -349,7 +341,8 @@ def register(stages) -> None:
     )
     p.add_argument("--config", type=Path, default=None, help="YAML config (see backend/configs/segmentation*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted for sections")
-    p.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
+    p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+                   help="continue from out_dir/last.pt (or the given checkpoint)")
     p.set_defaults(func=handler)
 
 
@@ -361,4 +354,4 @@ def handler(args) -> int:
     if result["rank"] == 0:
         best = f"best validation tumour DSC {result['best']:.4f}" if result["best"] >= 0 else "no validation run"
         print(f"trained {result['step']} steps; {best}; outputs in {result['out_dir']}")
-    return 0
+    return 130 if result["interrupted"] else 0

@@ -182,6 +182,36 @@ def test_seeded_draws_resume_the_dataloader_stream_exactly(workers):
     assert sorted(sum((b["i"].tolist() for b in full[:3]), [])[:5]) == list(range(5))  # epochs are permutations
 
 
+def test_training_loop_logs_on_schedule_and_stops_on_ctrl_c(tmp_path):
+    from backend.train.common import DistInfo, TrainingLoop
+
+    step, logged = 0, []
+    with TrainingLoop(DistInfo(), tmp_path / "m.csv", step=0, max_steps=7, log_every=3, desc="t") as loop:
+        while loop.running(step):
+            step += 1
+            loop.tick()
+            if loop.due(step):
+                logged.append(step)
+                loop.log(step, {"loss": 1.0 / step})
+            if step == 5:
+                signal.raise_signal(signal.SIGINT)  # first Ctrl-C: finish the step, then stop
+    assert loop.interrupted and step == 5 and logged == [3]
+    assert [r["step"] for r in csv.DictReader(open(tmp_path / "m.csv", encoding="utf-8"))] == ["3"]
+    assert signal.getsignal(signal.SIGINT) is not loop._stop._handler
+    assert not TrainingLoop(DistInfo(rank=1, world_size=2), tmp_path / "r1.csv", step=0, max_steps=3,
+                            log_every=1, desc="t").due(3)  # only rank 0 logs
+    assert not (tmp_path / "r1.csv").exists()
+
+
+def test_resume_checkpoint_must_come_from_the_same_stage(tmp_path):
+    from backend.train.common import load_resume_checkpoint
+
+    save_checkpoint(tmp_path / "last.pt", stage="diffusion", config={}, step=3, model={})
+    assert load_resume_checkpoint("last", tmp_path / "last.pt", "diffusion")["step"] == 3
+    with pytest.raises(DiffTumorError, match=r"last\.pt: not an autoencoder training checkpoint \(stage 'diffusion'\)"):
+        load_resume_checkpoint(True, tmp_path / "last.pt", "autoencoder")
+
+
 def test_graceful_interrupt_sets_flag():
     with GracefulInterrupt() as stop:
         signal.raise_signal(signal.SIGINT)
