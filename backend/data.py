@@ -10,7 +10,9 @@ sources, detected in this order:
    (comma or tab separated; ``#`` comments and blank lines ignored; relative paths are taken relative
    to the list file's folder);
 3. an AbdomenAtlas-style tree: ``<root>/<case>/ct.nii.gz`` with optional ``segmentations/`` (per-organ
-   masks such as ``liver.nii.gz``) and optional ``combined_labels.nii.gz`` (used as ``label``);
+   masks such as ``liver.nii.gz``) and optional ``combined_labels.nii.gz`` (used as ``label``), or
+   ``label.nii.gz`` instead, which makes the output folder of ``difftumor synthesize --ct DIR --n K``
+   (``<case>_s<k>/ct.nii.gz`` + ``label.nii.gz``, 1 organ / 2 tumour) a data source too;
 4. a folder of CT files (``*.nii.gz``, ``*.nii``, ``*.nrrd``, ``*.mha``, ...), labels absent.
 
 Nothing is read here beyond directory listings (and the JSON/list text); reading and preprocessing
@@ -35,6 +37,7 @@ from backend.io import image_suffix, strip_image_suffix
 
 ATLAS_IMAGE = "ct.nii.gz"
 ATLAS_LABEL = "combined_labels.nii.gz"
+SYNTHESIZED_LABEL = "label.nii.gz"  # what `difftumor synthesize` writes beside ct.nii.gz
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,8 @@ def _from_list(list_path: Path) -> list[Case]:
 
 def _atlas_case(case_dir: Path) -> Case:
     seg = case_dir / "segmentations"
-    lab = case_dir / ATLAS_LABEL
-    return Case(case_dir / ATLAS_IMAGE, lab if lab.is_file() else None, seg if seg.is_dir() else None, case_dir.name)
+    lab = next((p for p in (case_dir / ATLAS_LABEL, case_dir / SYNTHESIZED_LABEL) if p.is_file()), None)
+    return Case(case_dir / ATLAS_IMAGE, lab, seg if seg.is_dir() else None, case_dir.name)
 
 
 def list_cases(source, *, require_labels: bool = False) -> list[Case]:

@@ -41,6 +41,9 @@ class DataConfig:
     organ_values: list[int] = field(default_factory=lambda: [1])  # raw organ label values in `real`
     tumor_values: list[int] = field(default_factory=lambda: [2])  # raw tumour values in `real` (KiTS cyst: add 3)
     healthy_organ_values: list[int] | None = None  # raw organ values in `healthy` (None: organ_values; TotalSeg liver: [5])
+    # CTs with tumours synthesized beforehand (`difftumor synthesize --ct DIR --n K --out DIR`, labels 1 organ /
+    # 2 tumour): extra training cases, never validated, no on-the-fly synthesis (keeps it off the training step)
+    presynthesized: str | None = None
     use_real_for_training: bool = True  # false = "synthetic only": real cases only validate
     folds: int = 5  # k of the k-fold split of the real cases (1 = no validation split)
     fold: int = 0
@@ -109,8 +112,8 @@ def build_items(cfg: SegmentationConfig, out_dir: Path, *, write: bool = True):
     from backend.data import list_cases
     from backend.segmentation.splits import fold_cases, load_splits, make_kfold, save_splits
 
-    if cfg.data.real is None and cfg.data.healthy is None:
-        raise DiffTumorError("data: give data.real and/or data.healthy")
+    if cfg.data.real is None and cfg.data.healthy is None and cfg.data.presynthesized is None:
+        raise DiffTumorError("data: give data.real, data.healthy and/or data.presynthesized")
     real = list_cases(cfg.data.real, require_labels=True) if cfg.data.real else []
     healthy = list_cases(cfg.data.healthy, require_labels=True) if cfg.data.healthy else []
     h_values = cfg.data.healthy_organ_values or cfg.data.organ_values
@@ -139,9 +142,15 @@ def build_items(cfg: SegmentationConfig, out_dir: Path, *, write: bool = True):
     train, val = fold_cases(splits, cfg.data.fold)
     if not cfg.data.use_real_for_training:
         train = [n for n in train if by_name[n]["healthy"]]
-    if not train:
-        raise DiffTumorError("data: no training case left (synthetic-only runs need data.healthy)")
-    return [by_name[n] for n in train], [by_name[n] for n in val], splits
+    extra = []
+    if cfg.data.presynthesized:
+        for c in list_cases(cfg.data.presynthesized, require_labels=True):
+            path, binary = _label_for(c, cfg.organ)
+            extra.append({"image": str(c.image), "label": path, "name": f"presynthesized/{c.name}", "healthy": 0,
+                          "label_values": ((1,), ()) if binary else ((1,), (2,))})
+    if not train and not extra:
+        raise DiffTumorError("data: no training case left (synthetic-only runs need data.healthy or data.presynthesized)")
+    return [by_name[n] for n in train] + extra, [by_name[n] for n in val], splits
 
 
 def build_transforms(cfg: SegmentationConfig, *, train: bool):

@@ -103,6 +103,27 @@ def test_resume_after_a_crash_continues_the_same_data_stream(toy, tmp_path, monk
         assert torch.allclose(v, b["model"][k], rtol=0, atol=1e-6), k
 
 
+@pytest.mark.slow
+def test_presynthesized_cases_from_difftumor_synthesize_train_but_never_validate(toy, tmp_path, caplog):
+    """`difftumor synthesize` output folders are a training source (synthesis off the training step)."""
+    import logging
+
+    healthy = Path(toy["healthy"]).parent
+    image, label = Path(toy["healthy"]).read_text(encoding="utf-8").splitlines()[0].split(",")
+    syn = tmp_path / "syn"
+    assert cli(["synthesize", "--ct", str(healthy / image), "--organs", str(healthy / label), "--organ", "liver",
+                "--organ-label", "1", "--size", "small", "--method", "model-based", "--seed", "1",
+                "--out", str(syn / "healthy_000_s0")], modules=("backend.cli.synthesize",)) == 0
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="backend.train.segmentation"):
+        assert cli(["train", "segmentation", "--config", str(TINY_CONFIG), f"data.real={toy['real']}",
+                    f"data.presynthesized={syn}", "synthesis.enabled=false", f"out_dir={run}",
+                    "roi_size=[32,32,32]", "max_steps=2", "val_every=0"]) == 0
+    assert "training on 2 cases (0 healthy), validating on 1" in caplog.text  # 1 real + 1 presynthesized
+    splits = json.loads((run / "splits.json").read_text(encoding="utf-8"))
+    assert not any(n.startswith("presynthesized/") for f in splits["folds"] for n in f["train"] + f["val"])
+
+
 def test_bad_training_config_is_one_line(tmp_path, capsys):
     assert cli(["train", "segmentation", f"out_dir={tmp_path}"]) == 2  # no data
     assert cli(["train", "segmentation", f"out_dir={tmp_path}", "network.name=resnet"]) == 2
@@ -160,3 +181,14 @@ def test_build_items_reads_atlas_trees_and_list_files(tmp_path):
     cfg.data.use_real_for_training = False  # synthetic only
     train, val, _ = build_items(cfg, tmp_path / "run")
     assert all(t["healthy"] for t in train) and len(val) == 1
+    # `difftumor synthesize --n K` output (<case>_s<k>/ct.nii.gz + label.nii.gz): train-only, never re-synthesized
+    for k in range(2):
+        case = tmp_path / "syn" / f"BDMAP_00000000_s{k}"
+        case.mkdir(parents=True)
+        write_image(np.zeros((8, 8, 8), np.int16), case / "ct.nii.gz", g)
+        write_image(np.full((8, 8, 8), 2, np.uint8), case / "label.nii.gz", g)
+    cfg.data.presynthesized = str(tmp_path / "syn")
+    train, val, _ = build_items(cfg, tmp_path / "run")
+    syn = [t for t in train if t["name"].startswith("presynthesized/")]
+    assert len(syn) == 2 and len(train) == 4 and len(val) == 1
+    assert all(t["label"].endswith("label.nii.gz") and t["healthy"] == 0 and t["label_values"] == ((1,), (2,)) for t in syn)
