@@ -185,8 +185,9 @@ class RandOrganCropd(Randomizable, MapTransform):
     kidney 25 voxels at 1 mm), shrinks by ``relax_by`` every ``relax_every`` tries (never below
     ``min_radius``) and after ``max_tries`` the last crop is kept. Real-tumour cases take the first
     crop, as in the release. The foreground / background indices are computed once per call (not once
-    per try) unless ``fg_indices_key`` / ``bg_indices_key`` already hold them (``FgBgToIndicesd``, whose
-    result a ``CacheDataset`` keeps). Returns a list of one sample, like the MONAI cropper it wraps.
+    per try) unless ``fg_indices_key`` / ``bg_indices_key`` already hold them (``FgBgToIndicesd``; for
+    whole CTs they are large, so caching them costs memory). Returns a list of one sample, like the
+    MONAI cropper it wraps.
     """
 
     def __init__(self, keys: KeysCollection, label_key: str, spatial_size, *, radius: float, pos: float = 1.0,

@@ -176,12 +176,10 @@ def build_transforms(cfg: SegmentationConfig, *, train: bool):
     radius = cfg.data.foreground_radius or FOREGROUND_RADIUS_MM[parse_organ(cfg.organ)]
     xs += [
         T.SpatialPadd(keys, spatial_size=cfg.roi_size, value=0),
-        # crop-centre candidates once per case (a CacheDataset keeps them), then the release's crop:
-        # pos : neg around the label, and healthy crops retried until they hold enough organ
-        T.FgBgToIndicesd("label", fg_postfix="_fg", bg_postfix="_bg", image_key="image", image_threshold=0),
+        # the release's crop: pos : neg around the label, healthy crops retried until they hold enough organ
+        # (crop-centre candidates are found once per draw, not cached: for a whole CT they take hundreds of MB)
         RandOrganCropd(keys, "label", cfg.roi_size, radius=radius, pos=pos, neg=neg, image_key="image",
-                       image_threshold=0, fg_indices_key="label_fg", bg_indices_key="label_bg",
-                       max_tries=cfg.data.crop_tries),
+                       image_threshold=0, max_tries=cfg.data.crop_tries),
         T.RandRotate90d(keys, prob=cfg.rotate90_prob, max_k=3),
         T.RandShiftIntensityd("image", offsets=cfg.shift_intensity, prob=cfg.shift_intensity_prob),
     ]
