@@ -163,7 +163,7 @@ def test_cpu_inference_layout_matches_the_default_path():
 def test_group_statistics_are_accurate_for_any_grouping():
     from backend.vqgan.model import _norm_silu
     torch.manual_seed(1)
-    for c, g, size in ((64, 32, (16, 16, 8)), (32, 32, (8, 8, 8)), (16, 4, (5, 7, 3))):
+    for c, g, size in ((64, 32, (16, 16, 8)), (32, 32, (8, 8, 8)), (16, 4, (5, 7, 3)), (32, 32, (50, 40, 35))):
         norm = torch.nn.GroupNorm(g, c, eps=1e-6)
         norm.weight.data.uniform_(0.5, 2.0)
         norm.bias.data.normal_()
@@ -173,6 +173,23 @@ def test_group_statistics_are_accurate_for_any_grouping():
         with torch.inference_mode():
             got = _norm_silu(norm, x.contiguous(memory_format=torch.channels_last_3d))
         assert (got.double() - ref).abs().max() < 1e-4, (c, g, size)  # PyTorch's own channels-last kernel: 5e-2
+
+
+def test_activation_written_into_a_padded_buffer_equals_f_pad():
+    from backend.vqgan.model import _norm_silu
+
+    torch.manual_seed(3)
+    norm = torch.nn.GroupNorm(4, 8, eps=1e-6)
+    x = (torch.randn(2, 8, 5, 6, 7) * 2 + 1).contiguous(memory_format=torch.channels_last_3d)
+    for pad in ((1, 1, 1, 1, 1, 1), (1, 2, 0, 1, 2, 0), (0, 0, 3, 0, 0, 1)):
+        with torch.inference_mode():
+            got = _norm_silu(norm, x, pad)
+            want = torch.nn.functional.pad(_norm_silu(norm, x), pad, mode="replicate")
+        assert got.is_contiguous(memory_format=torch.channels_last_3d) and got.shape == want.shape, pad
+        assert (got - want).abs().max() <= 1e-6, pad  # the strided write may round the last bit differently
+        wl, wr, hl, hr, dl, dr = pad
+        inner = got[:, :, dl : got.shape[2] - dr, hl : got.shape[3] - hr, wl : got.shape[4] - wr]
+        assert torch.equal(got, torch.nn.functional.pad(inner, pad, mode="replicate")), pad  # borders exact
 
 
 @pytest.mark.parametrize("region", [
