@@ -80,6 +80,21 @@ def test_nearest_code_matches_brute_force_and_ties(chunk):
     assert nearest_code(e[:5], e2, chunk=chunk).tolist() == [0, 1, 2, 3, 4]
 
 
+def test_first_argmin_equals_argmin_with_ties_and_nan():
+    from backend.vqgan.codebook import first_argmin
+
+    torch.manual_seed(4)
+    d = torch.randn(64, 1024)
+    d[3, 100] = d[3, 900] = d[3, 129] = -10.0  # ties across and inside blocks: the first wins
+    d[4] = 2.0  # a constant row
+    d[5, 700] = float("nan")
+    d[6, 5] = d[6, 600] = float("nan")
+    d[7, 127], d[7, 128] = -9.0, -9.0  # a tie at a block edge
+    assert torch.equal(first_argmin(d), d.argmin(dim=1))
+    odd = torch.randn(8, 1000)  # not a multiple of the block: plain argmin
+    assert torch.equal(first_argmin(odd), odd.argmin(dim=1))
+
+
 def test_codebook_eval_is_pure_lookup():
     cb = Codebook(16, 4).eval()
     before = {k: v.clone() for k, v in cb.state_dict().items()}
