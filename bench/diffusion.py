@@ -45,9 +45,7 @@ def main(argv=None) -> int:
     from backend.diffusion.unet import Unet3D
 
     torch.set_num_threads(args.threads)
-    from backend.device import keep_freed_memory
-
-    keep_freed_memory()  # with DIFFTUMOR_MALLOC_TUNING=1, as the synthesis engine does on CPU
+    from backend.device import reuse_freed_memory
     torch.manual_seed(0)
     unet = Unet3D().eval()
     x = torch.randn(1, 8, 24, 24, 24)
@@ -56,7 +54,7 @@ def main(argv=None) -> int:
     early = DiffusionInferer(DDPMScheduler(4))
     ddim = DiffusionInferer(DDIMScheduler(200, num_inference_steps=50))
     g = torch.Generator()
-    with torch.inference_mode():
+    with torch.inference_mode(), reuse_freed_memory():  # as the synthesis engine runs its networks on CPU
         res = {
             "unet_forward_s": _median(lambda: unet(x, t, cond), args.repeats),
             "early_sample_T4_s": _median(lambda: early.sample(unet, cond, generator=g.manual_seed(0)), args.repeats),

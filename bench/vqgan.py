@@ -25,16 +25,14 @@ def _phase(phase: str, repeats: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from backend.device import keep_freed_memory
-
-    keep_freed_memory()  # with DIFFTUMOR_MALLOC_TUNING=1, as the synthesis engine does on CPU
+    from backend.device import reuse_freed_memory
     torch.manual_seed(0)
     from backend.vqgan import VQGAN
 
     model = VQGAN().eval()
     x = torch.rand(1, 1, 96, 96, 96) * 2 - 1
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), reuse_freed_memory():  # as the synthesis engine runs its networks on CPU
         z = model.encode(x)
         for _ in range(repeats):
             t = time.perf_counter()

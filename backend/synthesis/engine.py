@@ -278,14 +278,13 @@ class SynthesisEngine:
 
     def __init__(self, weights_dir=None, device: str = "auto", *, threads: int | None = None,
                  model_based_config: ModelBasedConfig | None = None):
-        from backend.device import keep_freed_memory, resolve_device, setup_cpu_threads
+        from backend.device import resolve_device, setup_cpu_threads
         from backend.weights import WeightsFolder
 
         self.weights = WeightsFolder.find(weights_dir)
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             setup_cpu_threads(threads)
-            keep_freed_memory()
         self.model_based_config = model_based_config or ModelBasedConfig()
         self._ae = None
         self._stage_models: dict = {}
@@ -522,7 +521,7 @@ class SynthesisEngine:
                        ddim_steps, pancreas_blend, noise, intermediates=None, model_organ=None):
         import torch
 
-        from backend.device import oom_guard
+        from backend.device import oom_guard, reuse_freed_memory
         from backend.synthesis.diffusion_crop import iter_synthesize_crop, reconstruct_crop
 
         t0 = time.perf_counter()
@@ -550,7 +549,7 @@ class SynthesisEngine:
         region = box if intermediates is None else None  # the inspector shows the whole decoded crop
         t_prep = time.perf_counter()
         gen = torch.Generator().manual_seed(int(seed) * 1000 + index)
-        with oom_guard("synthesis", self.device):
+        with oom_guard("synthesis", self.device), reuse_freed_memory(self.device):
             decoded = yield from iter_synthesize_crop(x, m, models, device=self.device, noise=noise, generator=gen,
                                                       region=region)
             recon = reconstruct_crop(x, models.autoencoder, device=self.device) if intermediates is not None else None

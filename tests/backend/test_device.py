@@ -38,7 +38,32 @@ def test_oom_becomes_one_line_with_cpu_hint():
             raise ValueError("other errors pass through")
 
 
-def _tuned_in_child(env_value: str | None) -> str:
+_RSS_CHILD = """
+import os
+import numpy as np
+from backend.device import reuse_freed_memory
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+def kept_after_free():  # MB still resident after a touched 64 MB buffer is freed
+    base = rss_mb()
+    a = np.ones(64 << 18, np.float32)
+    del a
+    return round(rss_mb() - base)
+
+outside = kept_after_free()
+with reuse_freed_memory() as on:
+    inside = kept_after_free()
+    held = rss_mb()
+given_back = round(held - rss_mb())  # malloc_trim on leaving the block
+trimmed = kept_after_free()
+print(on, outside, inside, given_back, trimmed)
+"""
+
+
+def _rss_in_child(env_value: str | None) -> list[str]:
     import os
     import subprocess
     import sys
@@ -46,16 +71,18 @@ def _tuned_in_child(env_value: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "DIFFTUMOR_MALLOC_TUNING"}
     if env_value is not None:
         env["DIFFTUMOR_MALLOC_TUNING"] = env_value
-    code = "from backend.device import keep_freed_memory as k; print(k(), k())"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
-                          check=True).stdout.strip()
+    return subprocess.run([sys.executable, "-c", _RSS_CHILD], env=env, capture_output=True, text=True,
+                          timeout=60, check=True).stdout.split()
 
 
-def test_keep_freed_memory_on_glibc_and_its_opt_out():
+def test_reuse_freed_memory_keeps_buffers_inside_and_gives_them_back_after():
     import platform
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    assert _tuned_in_child("1") == "True True"  # applied once, then reported
-    assert _tuned_in_child(None) == "False False"  # opt-in: it raises the peak memory
-    assert _tuned_in_child("0") == "False False"
+    on, outside, inside, given_back, trimmed = _rss_in_child(None)  # on by default
+    assert on == "True" and int(given_back) > 48
+    assert int(outside) < 16 and int(trimmed) < 16  # glibc default: a large buffer is unmapped on free
+    assert int(inside) > 48  # kept for the next layer (no fresh pages to fault in and zero)
+    on, outside, inside, _, trimmed = _rss_in_child("0")  # DIFFTUMOR_MALLOC_TUNING=0: plain glibc
+    assert on == "False" and int(inside) < 16
