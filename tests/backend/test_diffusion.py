@@ -53,6 +53,28 @@ def test_rotary_freqs_are_lang_frequencies():
     torch.testing.assert_close(freqs, 1.0 / 10000 ** (torch.arange(0, 32, 2).float() / 32))
 
 
+@pytest.mark.parametrize("dtype,dim", [(torch.float32, 32), (torch.float64, 32), (torch.float32, 40), (torch.bfloat16, 32)])
+def test_rotary_rotation_equals_the_interleaved_pair_formula(dtype, dim):
+    from backend.diffusion.attention import RotaryEmbedding
+
+    torch.manual_seed(0)
+    r = RotaryEmbedding(32)
+    cos, sin = r.cos_sin(24)
+    t = torch.randn(3, 8, 24, dim).to(dtype)
+    ref = torch.float64 if dtype == torch.float64 else torch.float32
+    x1, x2 = t[..., 0:32:2].to(ref), t[..., 1:32:2].to(ref)  # interleaved pairs (x1, x2)
+    c, s_ = cos.to(ref), sin.to(ref)
+    want = torch.stack((x1 * c - x2 * s_, x2 * c + x1 * s_), dim=-1).flatten(-2)
+    got = RotaryEmbedding.rotate(t, cos, sin)
+    assert got.shape == t.shape and (got.dtype == dtype or dtype == torch.bfloat16)  # bf16: promoted, as before
+    tol = 0 if dtype == torch.float32 else (1e-12 if dtype == torch.float64 else 2e-2)
+    assert (got[..., :32].to(ref) - want).abs().max() <= tol
+    assert torch.equal(got[..., 32:], t[..., 32:])  # features beyond the rotary dim pass unchanged
+    tg = torch.randn(2, 2, 24, 32, requires_grad=True)  # trains through the complex view too
+    RotaryEmbedding.rotate(tg, cos, sin).square().sum().backward()
+    assert tg.grad is not None and torch.isfinite(tg.grad).all()
+
+
 @pytest.mark.parametrize("frames", [4, 6])
 def test_tiny_unet_shapes_and_time_dependence(tiny, frames):
     x = torch.randn(2, 2, frames, 8, 8)
