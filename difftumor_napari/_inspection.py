@@ -14,6 +14,7 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton
 
 from difftumor_napari import inspection as ins
+from difftumor_napari._dock import ScrollableContainer
 from difftumor_napari import placement as pl
 from difftumor_napari._placement import notify_error, organ_label_layers, select_first, wrapped
 
@@ -43,11 +44,11 @@ def metrics_text(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k.ljust(width)}{v}" for k, v in rows)
 
 
-class InspectionWidget(Container):
+class InspectionWidget(ScrollableContainer):
     """Dock widget: metrics, automatic failure flags, side-by-side intermediates, review log."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(labels=False, scrollable=True)  # forms inside; sentences and the table span the full width
+        super().__init__(labels=False)  # forms inside; sentences and the table span the full width
         self._viewer = viewer
         self.metrics: dict | None = None
         self.flags: dict[str, str] = {}

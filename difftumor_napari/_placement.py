@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSlider, FloatSpinBox, Label, PushButton,
+from magicgui.widgets import (CheckBox, ComboBox, FloatSlider, FloatSpinBox, Label, PushButton,
                               SpinBox)
 
 from difftumor_napari import placement as pl
+from difftumor_napari._dock import ScrollableContainer
 
 if TYPE_CHECKING:
     import napari
@@ -80,7 +81,7 @@ def select_first(box: ComboBox, previous) -> None:
         box.value = options[0]
 
 
-class PlacementWidget(Container):
+class PlacementWidget(ScrollableContainer):
     """Dock widget: choose CT + organ labels + organ, then click (or randomise) to place tumours."""
 
     def __init__(self, viewer: napari.viewer.Viewer):

@@ -17,6 +17,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, Li
                               SpinBox)
 
 from difftumor_napari import synthesis_tasks as st
+from difftumor_napari._dock import ScrollableContainer
 from difftumor_napari._placement import (TUMOR_LAYER, ct_image_layers, notify_error, organ_label_layers,
                                          select_first, wrapped)
 from difftumor_napari import placement as pl
@@ -29,11 +30,11 @@ RESULT_TUMOR = "synthetic tumor"
 DIFFERENCE = "difference (synthetic − original)"
 
 
-class SynthesisWidget(Container):
+class SynthesisWidget(ScrollableContainer):
     """Dock widget running the synthesis engine on the CT, organ and tumour-mask layers."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(labels=False, scrollable=True)  # forms inside; sentences span the full width
+        super().__init__(labels=False)  # forms inside; sentences span the full width
         self._viewer = viewer
         self.make_generator = st.engine_generator  # the engine call (tests may slow it down)
         self.worker = None

@@ -1,0 +1,50 @@
+"""A magicgui Container that scrolls inside a napari dock.
+
+napari docks a magicgui widget's ``.native``. For ``Container(scrollable=True)`` that is the inner
+widget holding the layout, not the ``QScrollArea`` around it (magicgui's ``root_native_widget``;
+pyapp-kit/magicgui#431), so the scroll area is left behind without a parent, and its resize handling
+keeps resizing the inner widget to its own default width (624 px) whatever the dock's width: the
+right-hand side of every row is cut off. :class:`ScrollableContainer` hands napari the scroll area
+instead, so the dock lays out the scroll area and the scroll area lays out the form: rows fill the
+dock's width, a vertical scroll bar appears when the window is shorter than the form, and the dock
+cannot be made narrower than the form's minimum width plus that scroll bar.
+"""
+
+from __future__ import annotations
+
+from magicgui.widgets import Container
+
+
+class ScrollableContainer(Container):
+    """``Container(scrollable=True)`` whose ``native`` is the scroll area (what napari docks)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(scrollable=True, **kwargs)
+        from qtpy.QtCore import QEvent, QObject
+        from qtpy.QtWidgets import QFrame
+
+        area = self.root_native_widget
+        area.setFrameShape(QFrame.Shape.NoFrame)
+        self.form.layout().addStretch(1)  # rows packed at the top; later inserts go before the stretch
+
+        class _FitWidth(QObject):
+            """Keeps the scroll area at least as wide as the form's minimum plus a vertical scroll bar
+            (magicgui sets it once per insert, from a minimum that grows later as labels align)."""
+
+            def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+                if event.type() in (QEvent.Type.LayoutRequest, QEvent.Type.Show):
+                    bar = area.verticalScrollBar().sizeHint().width()
+                    area.setMinimumWidth(obj.minimumSizeHint().width() + bar + 2 * area.frameWidth())
+                return False
+
+        self._fit_width = _FitWidth(area)
+        self.form.installEventFilter(self._fit_width)
+
+    @property
+    def native(self):
+        return self.root_native_widget
+
+    @property
+    def form(self):
+        """The widget inside the scroll area that holds the layout."""
+        return self.root_native_widget.widget()

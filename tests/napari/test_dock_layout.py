@@ -1,0 +1,68 @@
+"""Every DiffTumor widget fits its dock: nothing cut off on the right, a scroll bar when the window is short.
+
+napari docks a magicgui container's ``.native``; for a scrollable container that used to be the inner
+form, whose orphaned scroll area kept it 624 px wide inside a ~430 px dock, so the right-hand half of
+the buttons and drop-downs was off screen. These tests look at the real geometry of a shown window.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.gui
+
+WIDGETS = ("Window / level", "Tumor placement", "Synthesis", "Inspection")
+
+
+def _cut_off(dock) -> list[str]:
+    """Visible controls whose right edge lies beyond the visible part of the dock."""
+    from qtpy.QtCore import QPoint
+    from qtpy.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QLabel, QLineEdit, QProgressBar, QScrollArea
+
+    content = dock.widget()
+    visible_right = dock.contentsRect().right() + 1  # the dock clips whatever sticks out of it
+    if isinstance(content, QScrollArea):
+        viewport = content.viewport()
+        visible_right = min(visible_right, viewport.mapTo(dock, QPoint(viewport.width(), 0)).x())
+    cut = []
+    for child in content.findChildren((QAbstractButton, QAbstractSpinBox, QComboBox, QLabel, QLineEdit, QProgressBar)):
+        if not child.isVisibleTo(dock) or child.width() <= 1:
+            continue
+        right = child.mapTo(dock, QPoint(child.width(), 0)).x()
+        if right > visible_right + 1:
+            cut.append(f"{type(child).__name__} {getattr(child, 'text', lambda: '')()!r}: right edge {right} > {visible_right}")
+    return cut
+
+
+@pytest.mark.parametrize("size", [(1500, 950), (1100, 620)])
+def test_docked_widgets_fit_the_dock(make_napari_viewer, qtbot, size):
+    from qtpy.QtWidgets import QScrollArea
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(*size)
+    problems = []
+    for name in WIDGETS:
+        dock, widget = viewer.window.add_plugin_dock_widget("difftumor", name)
+        qtbot.wait(300)  # let the dock and scroll area settle their sizes (the bug showed after ~100 ms)
+        problems += [f"{name} at {size}: {p}" for p in _cut_off(dock)]
+        area = dock.widget()
+        if isinstance(area, QScrollArea):  # the form fills the dock's width and scrolls vertically
+            form = area.widget()
+            assert form.width() <= area.viewport().width(), (name, form.width(), area.viewport().width())
+            assert form.width() >= area.viewport().width() - 2, (name, form.width(), area.viewport().width())
+            if form.minimumSizeHint().height() > area.viewport().height():
+                assert area.verticalScrollBar().isVisible(), name
+        viewer.window.remove_dock_widget(dock)
+    assert not problems, "\n".join(problems)
+
+
+def test_scrollable_widget_hands_napari_its_scroll_area(make_napari_viewer):
+    from qtpy.QtWidgets import QScrollArea
+
+    from difftumor_napari._synthesis import SynthesisWidget
+
+    viewer = make_napari_viewer()
+    widget = SynthesisWidget(viewer)
+    dock = viewer.window.add_dock_widget(widget, name="Synthesis", area="right")
+    assert isinstance(dock.widget(), QScrollArea) and dock.widget().widget() is widget.form
+    assert widget.form.layout() is widget._widget._layout  # the form is the magicgui layout's widget
