@@ -48,3 +48,22 @@ class ScrollableContainer(Container):
     def form(self):
         """The widget inside the scroll area that holds the layout."""
         return self.root_native_widget.widget()
+
+
+def browse(edit):
+    """A magicgui FileEdit whose button reads "Browse…" (not "Choose directory"), leaving the path room;
+    the whole path shows as the field's tooltip."""
+    from qtpy.QtWidgets import QSizePolicy
+
+    edit.choose_btn.text = "Browse…"
+    edit.choose_btn.native.setSizePolicy(QSizePolicy.Policy.Maximum, QSizePolicy.Policy.Fixed)  # the path takes the rest
+    edit.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)  # as wide as the row's drop-downs
+
+    def show_path(value=None):
+        edit.line_edit.tooltip = str(edit.value) if str(edit.value) not in ("", ".") else None
+
+    edit.changed.connect(show_path)
+    show_path()
+    edit.choose_btn.tooltip = {"d": "Choose a folder", "w": "Choose where to save", "r": "Choose a file"}.get(
+        str(getattr(edit.mode, "value", edit.mode)), "Choose")
+    return edit

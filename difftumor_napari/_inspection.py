@@ -14,7 +14,7 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton
 
 from difftumor_napari import inspection as ins
-from difftumor_napari._dock import ScrollableContainer
+from difftumor_napari._dock import ScrollableContainer, browse
 from difftumor_napari import placement as pl
 from difftumor_napari._placement import notify_error, organ_label_layers, select_first, wrapped
 
@@ -71,7 +71,7 @@ class InspectionWidget(ScrollableContainer):
         self.checks = {c: CheckBox(text=FAILURE_TEXT[c], value=False) for c in ins.FAILURE_CATEGORIES}
         self.reviewer = LineEdit(label="Reviewer", value="")
         self.note = LineEdit(label="Note", value="")
-        self.log_path = FileEdit(label="Review log (CSV)", mode="w", value=str(DEFAULT_LOG), filter="*.csv")
+        self.log_path = browse(FileEdit(label="Review log", tooltip="CSV file each saved review is appended to", mode="w", value=str(DEFAULT_LOG), filter="*.csv"))
         self.save_review_button = PushButton(text="Save review")
         self.status = wrapped(Label(value=""))
         self.extend([Container(widgets=[self.result_layer, self.tumor_layer, self.original_layer, self.organ_layer,

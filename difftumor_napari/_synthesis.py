@@ -17,7 +17,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, Li
                               SpinBox)
 
 from difftumor_napari import synthesis_tasks as st
-from difftumor_napari._dock import ScrollableContainer
+from difftumor_napari._dock import ScrollableContainer, browse
 from difftumor_napari._placement import (TUMOR_LAYER, ct_image_layers, notify_error, organ_label_layers,
                                          select_first, wrapped)
 from difftumor_napari import placement as pl
@@ -48,7 +48,8 @@ class SynthesisWidget(ScrollableContainer):
         self.tumor_layer = ComboBox(label="Tumour mask", choices=self._tumor_choices, nullable=True)
         self.method = ComboBox(label="Method", choices=list(st.METHODS), value="auto")
         self.method_info = wrapped(Label(value=""))
-        self.weights_dir = FileEdit(label="Weights folder", mode="d", value="")
+        self.weights_dir = browse(FileEdit(label="Weights", mode="d", value="",
+                                           tooltip="Folder with AutoencoderModel.ckpt and {organ}_{early,noearly}.pt (remembered)"))
         self.device = ComboBox(label="Device", choices=list(st.DEVICES), value="auto")
         self.stage = ComboBox(label="Tumour stage", choices=[("auto (from size)", "auto"), ("early", "early"),
                                                               ("mid-late", "mid_late")], value="auto")
@@ -65,7 +66,7 @@ class SynthesisWidget(ScrollableContainer):
         self.progress_text = wrapped(Label(value=""))
         self.before_after = PushButton(text="Before / after")
         self.difference = PushButton(text="Difference view")
-        self.out_dir = FileEdit(label="Save to folder", mode="d", value="")
+        self.out_dir = browse(FileEdit(label="Save to", mode="d", value="", tooltip="Folder the CT, tumour mask and provenance are written to"))
         self.stem = LineEdit(label="File name stem", value="synthetic")
         self.save_button = PushButton(text="Save CT, tumour mask and provenance")
         self.status = wrapped(Label(value=""))

@@ -81,6 +81,9 @@ def method_status(requested: str, organ: str, stages: Sequence[str], weights_dir
     engine = SynthesisEngine(weights_dir=weights_dir or None, device=device)
     checks = [engine.diffusion_available(organ, st) for st in sorted(set(stages))]
     missing = [reason for ok, reason in checks if not ok]
+    if engine.weights.root is None:  # say it in the widget's words, not the command line's
+        missing = ["no weights folder yet; choose the folder with the DiffTumor weights under Weights "
+                   "to run diffusion"]
     if not missing:
         return MethodStatus("diffusion", f"DiffTumor diffusion: {checks[0][1]}")
     if requested == "diffusion":

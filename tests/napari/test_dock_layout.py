@@ -45,6 +45,11 @@ def test_docked_widgets_fit_the_dock(make_napari_viewer, qtbot, size):
         dock, widget = viewer.window.add_plugin_dock_widget("difftumor", name)
         qtbot.wait(300)  # let the dock and scroll area settle their sizes (the bug showed after ~100 ms)
         problems += [f"{name} at {size}: {p}" for p in _cut_off(dock)]
+        for attr in ("weights_dir", "out_dir", "log_path"):  # a path must stay readable beside its button
+            if hasattr(widget, attr):
+                edit = getattr(widget, attr).line_edit.native
+                assert edit.width() >= 140, (name, attr, edit.width())  # about 20 characters
+                assert getattr(widget, attr).choose_btn.text == "Browse…"
         area = dock.widget()
         if isinstance(area, QScrollArea):  # the form fills the dock's width and scrolls vertically
             form = area.widget()
