@@ -67,3 +67,35 @@ def browse(edit):
     edit.choose_btn.tooltip = {"d": "Choose a folder", "w": "Choose where to save", "r": "Choose a file"}.get(
         str(getattr(edit.mode, "value", edit.mode)), "Choose")
     return edit
+
+
+def forms(*groups) -> list[Container]:
+    """One labelled ``Container`` per group of widgets, all with the same label width, so the controls of
+    every group start at one x position. (magicgui aligns labels only within one container, not for the
+    widgets handed to ``Container(widgets=...)``, and measures them in the default font, narrower than
+    napari's theme: the labels are measured again as drawn, whenever they are shown or restyled.)"""
+    from qtpy.QtCore import QEvent, QObject
+
+    made = []
+    for widgets in groups:
+        box = Container(labels=True)
+        box.extend(widgets)
+        made.append(box)
+    labels = [w._labeled_widget()._label_widget.native for box in made for w in box
+              if w._labeled_widget() is not None]
+    if not labels:
+        return made
+
+    class _AlignLabels(QObject):
+        def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+            if event.type() in (QEvent.Type.Show, QEvent.Type.StyleChange, QEvent.Type.FontChange):
+                widest = max(label.sizeHint().width() for label in labels)
+                for label in labels:
+                    if label.minimumWidth() != widest:
+                        label.setMinimumWidth(widest)
+            return False
+
+    align = _AlignLabels(made[0].native)
+    for label in labels:
+        label.installEventFilter(align)
+    return made

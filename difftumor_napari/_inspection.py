@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, PushButton
 
 from difftumor_napari import inspection as ins
-from difftumor_napari._dock import ScrollableContainer, browse
+from difftumor_napari._dock import ScrollableContainer, browse, forms
 from difftumor_napari import placement as pl
 from difftumor_napari._placement import notify_error, organ_label_layers, select_first, wrapped
 
@@ -71,15 +71,15 @@ class InspectionWidget(ScrollableContainer):
         self.checks = {c: CheckBox(text=FAILURE_TEXT[c], value=False) for c in ins.FAILURE_CATEGORIES}
         self.reviewer = LineEdit(label="Reviewer", value="")
         self.note = LineEdit(label="Note", value="")
-        self.log_path = browse(FileEdit(label="Review log", tooltip="CSV file each saved review is appended to", mode="w", value=str(DEFAULT_LOG), filter="*.csv"))
+        self.log_path = browse(FileEdit(label="Review log", mode="w", value=str(DEFAULT_LOG), filter="*.csv",
+                                        tooltip="CSV file each saved review is appended to"))
         self.save_review_button = PushButton(text="Save review")
         self.status = wrapped(Label(value=""))
-        self.extend([Container(widgets=[self.result_layer, self.tumor_layer, self.original_layer, self.organ_layer,
-                                        self.organ, self.tumor]),
-                     self.measure_button, self.table, self.flag_text, self.side_by_side, self.intermediates_text,
-                     Label(value="Reviewer: failure modes seen (paper F.2)"), *self.checks.values(),
-                     Container(widgets=[self.reviewer, self.note, self.log_path]), self.save_review_button,
-                     self.status])
+        layers, review = forms([self.result_layer, self.tumor_layer, self.original_layer, self.organ_layer,
+                                self.organ, self.tumor], [self.reviewer, self.note, self.log_path])
+        self.extend([layers, self.measure_button, self.table, self.flag_text, self.side_by_side,
+                     self.intermediates_text, Label(value="Reviewer: failure modes seen (paper F.2)"),
+                     *self.checks.values(), review, self.save_review_button, self.status])
         self.native.setMinimumWidth(360)  # room for the numbers and the flag sentences
         from qtpy.QtWidgets import QSizePolicy
 

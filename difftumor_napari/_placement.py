@@ -16,7 +16,7 @@ from magicgui.widgets import (CheckBox, ComboBox, FloatSlider, FloatSpinBox, Lab
                               SpinBox)
 
 from difftumor_napari import placement as pl
-from difftumor_napari._dock import ScrollableContainer
+from difftumor_napari._dock import ScrollableContainer, forms
 
 if TYPE_CHECKING:
     import napari
@@ -81,11 +81,16 @@ def select_first(box: ComboBox, previous) -> None:
         box.value = options[0]
 
 
+# what to do next, for a first-time user (the status line under the buttons)
+NEXT_PLACE = "Tick 'Click on the image to place a tumour' and click inside the organ, or press Random placement."
+NEXT_SYNTHESIZE = "Next: Synthesis > Synthesize."
+
+
 class PlacementWidget(ScrollableContainer):
     """Dock widget: choose CT + organ labels + organ, then click (or randomise) to place tumours."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(labels=True)
+        super().__init__(labels=False)  # a labelled form inside; buttons and the status span the width
         self._viewer = viewer
         self.history = pl.PlacementHistory()
         self._history_layer = None  # the tumour layer the history refers to
@@ -109,10 +114,10 @@ class PlacementWidget(ScrollableContainer):
         self.undo_button = PushButton(text="Undo placement")
         self.redo_button = PushButton(text="Redo placement")
         self.status = wrapped(Label(value=""))
-        self.extend([self.ct_layer, self.organ_layer, self.organ, self.place_mode, self.size, self.radius_x,
-                     self.radius_y, self.radius_z, self.rotation, self.tilt, self.irregularity, self.seed,
-                     self.keep_inside, self.count, self.random_size, self.random_button,
-                     self.undo_button, self.redo_button, self.status])
+        settings, = forms([self.ct_layer, self.organ_layer, self.organ, self.place_mode, self.size, self.radius_x,
+                           self.radius_y, self.radius_z, self.rotation, self.tilt, self.irregularity, self.seed,
+                           self.keep_inside, self.count, self.random_size])
+        self.extend([settings, self.random_button, self.undo_button, self.redo_button, self.status])  # status: full width
         for size in pl.SIZE_NAMES:
             self.size.native.setItemData(self.size.choices.index(size), pl.size_class_text(size), 3)  # tooltip role
 
@@ -145,8 +150,8 @@ class PlacementWidget(ScrollableContainer):
         present = pl.organs_in_labels(layer.data) if layer is not None else []
         if present and self.organ.value not in present:
             self.organ.value = present[0]
-        self.status.value = f"Organs found: {', '.join(present)}" if present else (
-            "No organ ids in this label layer" if layer is not None else "Open an organ label layer")
+        self.status.value = (f"Organs found: {', '.join(present)}. {NEXT_PLACE}" if present else (
+            "No organ ids in this label layer" if layer is not None else "Open an organ label layer"))
 
     def _on_size(self, _=None) -> None:
         if self.size.value != CUSTOM:
@@ -223,7 +228,7 @@ class PlacementWidget(ScrollableContainer):
             notify_error(exc, "Tumour placement")
             return False
         self._after_edit(layer, f"Tumour {p.label}: {len(p.index[0])} voxels at voxel "
-                                f"{[int(round(c)) for c in centre_zyx]} (z, y, x)")
+                                f"{[int(round(c)) for c in centre_zyx]} (z, y, x). {NEXT_SYNTHESIZE}")
         self.seed.value = (self.seed.value + 1) % (2**31 - 1)  # the next irregular shape differs
         return True
 
@@ -241,7 +246,7 @@ class PlacementWidget(ScrollableContainer):
         for shape, p in zip(shapes, params):
             self.history.apply(layer.data, shape, params=p)
         self._after_edit(layer, f"{len(shapes)} random {self.random_size.value} tumour(s) in the {self.organ.value} "
-                                f"(seed {self.seed.value})")
+                                f"(seed {self.seed.value}). {NEXT_SYNTHESIZE}")
         self.seed.value = (self.seed.value + 1) % (2**31 - 1)
         return len(shapes)
 

@@ -17,7 +17,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, Li
                               SpinBox)
 
 from difftumor_napari import synthesis_tasks as st
-from difftumor_napari._dock import ScrollableContainer, browse
+from difftumor_napari._dock import ScrollableContainer, browse, forms
 from difftumor_napari._placement import (TUMOR_LAYER, ct_image_layers, notify_error, organ_label_layers,
                                          select_first, wrapped)
 from difftumor_napari import placement as pl
@@ -70,14 +70,14 @@ class SynthesisWidget(ScrollableContainer):
         self.stem = LineEdit(label="File name stem", value="synthetic")
         self.save_button = PushButton(text="Save CT, tumour mask and provenance")
         self.status = wrapped(Label(value=""))
-        self.extend([Container(widgets=[self.ct_layer, self.organ_layer, self.organ, self.tumor_layer, self.method]),
-                     self.method_info,
-                     Container(widgets=[self.weights_dir, self.device, self.stage, self.steps, self.seed]),
-                     self.keep_intermediates,
+        layers, settings, progress, saving = forms(
+            [self.ct_layer, self.organ_layer, self.organ, self.tumor_layer, self.method],
+            [self.weights_dir, self.device, self.stage, self.steps, self.seed], [self.progress], [self.out_dir, self.stem])
+        self.extend([layers, self.method_info, settings, self.keep_intermediates,
                      Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False),
-                     Container(widgets=[self.progress]), self.progress_text,
+                     progress, self.progress_text,
                      Container(widgets=[self.before_after, self.difference], layout="horizontal", labels=False),
-                     Container(widgets=[self.out_dir, self.stem]), self.save_button, self.status])
+                     saving, self.save_button, self.status])
 
         self._remembered_weights()
         self.run_button.changed.connect(lambda _=None: self.run())

@@ -45,6 +45,7 @@ def test_autodetects_layers_and_places_by_click(real_viewer, qtbot, errors):
     w = _widget(viewer, qtbot)
     ct, seg = viewer.layers["example_ct_sm"], viewer.layers["example_seg"]
     assert w.ct_layer.value is ct and w.organ_layer.value is seg
+    assert "liver" in w.status.value and "click inside the organ" in w.status.value  # what to do first
     w.organ.value = "liver"
     liver = w.organ_mask()
     voxel = _inner_voxel(liver)
@@ -62,6 +63,7 @@ def test_autodetects_layers_and_places_by_click(real_viewer, qtbot, errors):
         next(gen)
     layer = viewer.layers["tumor mask"]
     assert layer.data[voxel] == 1 and errors == []
+    assert w.status.value.startswith("Tumour 1:") and "Synthesis > Synthesize" in w.status.value  # what next
     assert not ((layer.data > 0) & ~liver).any()  # keep inside organ (default on)
     assert layer.scale == pytest.approx(ct.scale) and layer.translate == pytest.approx(ct.translate)
     assert layer.metadata["difftumor"]["geometry"] == ct.metadata["difftumor"]["geometry"]
