@@ -8,11 +8,14 @@ window title names only the reader.
 
 Keys (window-wide ``QShortcut`` s, so they work whichever part of the window has focus):
 ``R`` real, ``S`` synthetic, ``U`` unsure (if the study offers it), ``1``-``5`` confidence (if
-asked), ``B`` back (if revisits are allowed), ``V`` toggles the 2D / 3D view.
+asked), ``B`` back (if revisits are allowed), ``V`` toggles the 2D / 3D view. Keys do not repeat
+while held, and an answer given within :attr:`ReadingWidget.ANSWER_GUARD_S` of a case appearing is
+ignored, so a held key or a double click cannot answer the next cases unseen.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from magicgui.widgets import Container, Label, PushButton
@@ -30,8 +33,11 @@ CONFIDENCE_TEXT = {1: "guess", 2: "unsure", 3: "fairly sure", 4: "sure", 5: "cer
 class ReadingWidget(Container):
     """Dock widget driving one :class:`~study.session.ReadingSession` in a napari viewer."""
 
+    ANSWER_GUARD_S = 0.3  # answers this soon after a case appears are ignored (double click, held key)
+
     def __init__(self, viewer: napari.viewer.Viewer, session: ReadingSession):
         super().__init__(labels=False)
+        self._shown_at = float("-inf")
         self._viewer = viewer
         self.session = session
         opts = session.study.options
@@ -86,6 +92,7 @@ class ReadingWidget(Container):
         for key, action in actions.items():
             sc = QShortcut(QKeySequence(key), window)
             sc.setContext(Qt.WindowShortcut)
+            sc.setAutoRepeat(False)  # a held key is one answer, not one per case
             sc.activated.connect(action)
             shortcuts[key] = sc
         return shortcuts
@@ -122,6 +129,7 @@ class ReadingWidget(Container):
         self.prompt.value = (f"Real or synthetic tumor? ({keys})" if previous is None
                              else f"Revisiting: your answer was '{previous.answer}'. Answer again to change it.")
         s.show()
+        self._shown_at = time.monotonic()
 
     def recentre(self) -> None:
         """Fit the case to the canvas again, centred on the ROI (e.g. after the window got its size)."""
@@ -159,6 +167,8 @@ class ReadingWidget(Container):
         """Commit ``kind`` for the current case (saved before the next case appears)."""
         if self.session.finished:
             return
+        if time.monotonic() - self._shown_at < self.ANSWER_GUARD_S:
+            return  # the second click of a double click, or a key pressed before the case was seen
         try:
             self.session.answer(kind, self.confidence)
         except DiffTumorError as exc:

@@ -7,6 +7,7 @@ import what they need when they run, so ``difftumor --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -93,8 +94,9 @@ def create_handler(args) -> int:
 
     study = create_study(real, synthetic, args.out, settings=settings, key_out=args.key_out, progress=progress)
     key = args.key_out or args.out.parent / f"{args.out.name}.key"
-    print(f"reader package: {study.root} ({len(study.case_ids)} cases, readers {', '.join(study.readers)}, seed {study.seed})")
-    print(f"answer key (keep it from the readers): {key}")
+    seed = json.loads((Path(key) / "key.json").read_text(encoding="utf-8"))["seed"]
+    print(f"reader package: {study.root} ({len(study.case_ids)} cases, readers {', '.join(study.readers)})")
+    print(f"answer key (keep it from the readers; it records the order seed {seed}): {key}")
     return 0
 
 

@@ -6,14 +6,18 @@ read (backend.io) -> one linear resampling onto a fixed grid that is at once can
 tumor mask (or on the volume centre when no masks are given) -> rounded to int16 HU clipped to
 [-1024, 3071] -> written as NIfTI with origin zero, no description, no source metadata, the same
 compression (none by default, so every case file also has the same byte size) and the same
-modification time. Case ids are random tokens drawn from the recorded seed; files are written in
-id order, which is unrelated to the class.
+modification time. Case ids, and which source each id gets, come from 128 bits of the operating
+system's randomness, never from the seed: a seed can be guessed or replayed (a reader who knows the
+software could regenerate a seeded assignment), fresh entropy cannot, and the key records the
+assignment itself. The seed (recorded in the key only) shuffles each reader's order of the sorted
+ids, so the orders are reproducible without saying anything about the classes. Files are written
+in id order, which is unrelated to the class.
 
 Reader package (``STUDY/``): ``study.json`` (versioned metadata: settings, readers, per-reader
-orders, seed, display window, options) and ``cases/<ID>.nii[.gz]``. Nothing of the truth.
-Answer key (``STUDY.key/`` by default, kept by the coordinator): ``key.csv`` with columns
-``case_id,truth,organ,source,mask`` and ``key.json`` (study id, seed). :func:`read_key` is the one
-function that reads it.
+orders, display window, options) and ``cases/<ID>.nii[.gz]``. Nothing of the truth, nothing
+random that was drawn with the truth. Answer key (``STUDY.key/`` by default, kept by the
+coordinator): ``key.csv`` with columns ``case_id,truth,organ,source,mask`` and ``key.json``
+(study id, seed). :func:`read_key` is the one function that reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import csv
 import json
 import os
 import re
+import secrets
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -62,7 +67,7 @@ class StudyOptions:
 @dataclass(frozen=True)
 class StudySettings:
     readers: tuple[str, ...] = ("R1",)
-    seed: int | None = None  # None: drawn at random, recorded in study.json and key.json
+    seed: int | None = None  # reader orders; None: drawn at random. Recorded in key.json only
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # mm, (x, y, z), common to all cases
     roi_size_mm: tuple[float, float, float] = (160.0, 160.0, 96.0)  # fixed box (x, y, z) around the tumor
     window: tuple[float, float] = (-160.0, 240.0)  # HU display window (abdomen W400/L40)
@@ -104,7 +109,6 @@ class Study:
 
     root: Path
     study_id: str
-    seed: int
     readers: tuple[str, ...]
     orders: dict[str, tuple[str, ...]]
     case_files: dict[str, str]  # case id -> path relative to root
@@ -152,7 +156,6 @@ def load_study(folder: str | Path) -> Study:
         study = Study(
             root=root,
             study_id=str(meta["study_id"]),
-            seed=int(meta["seed"]),
             readers=tuple(meta["readers"]),
             orders=orders,
             case_files=cases,
@@ -213,7 +216,7 @@ def read_key(path: str | Path) -> dict[str, tuple[str, str]]:
         path = path / "key.csv"
     if not path.is_file():
         raise DiffTumorError(f"{path}: no such key file (expected key.csv with columns {','.join(KEY_COLUMNS)})")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a key saved by Excel starts with a BOM
         reader = csv.DictReader(f)
         missing = [c for c in KEY_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -267,6 +270,15 @@ def preprocess_case(volume, mask, settings: StudySettings) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Creation
 # --------------------------------------------------------------------------------------------
+def reader_orders(case_ids: list[str], readers, seed: int) -> dict[str, list[str]]:
+    """Each reader's reading order: the sorted case ids shuffled by one stream per reader
+    (``default_rng([seed, 1, k])`` for the k-th reader), so adding a reader never changes the others'
+    orders and the key's seed reproduces them."""
+    ids = sorted(case_ids)
+    return {r: [ids[int(i)] for i in np.random.default_rng([seed, 1, k]).permutation(len(ids))]
+            for k, r in enumerate(readers)}
+
+
 def _case_ids(n: int, rng: np.random.Generator) -> list[str]:
     ids: list[str] = []
     seen = set()
@@ -314,13 +326,11 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
         raise DiffTumorError(f"study: {with_mask} of {len(cases)} cases have a tumor mask; give masks for all or none "
                              "(otherwise the view centring differs between cases)")
     seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % (2**31))
-    rng = np.random.default_rng([seed, 0])  # case ids and study id
+    rng = np.random.default_rng(secrets.randbits(128))  # ids, assignment, study id: never from the seed
     perm = rng.permutation(len(cases))
     ids = _case_ids(len(cases), rng)
     assigned = {ids[i]: cases[int(p)] for i, p in enumerate(perm)}  # id -> source, class-independent
-    # one independent stream per reader: adding a reader never changes the others' orders
-    orders = {r: [ids[int(i)] for i in np.random.default_rng([seed, 1, k]).permutation(len(ids))]
-              for k, r in enumerate(settings.readers)}
+    orders = reader_orders(sorted(ids), settings.readers, seed)
     suffix = ".nii.gz" if settings.compress else ".nii"
     size = settings.grid_size
     geometry = Geometry(size=size, spacing=tuple(float(s) for s in settings.spacing), origin=(0.0, 0.0, 0.0))
@@ -351,7 +361,6 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
             "version": STUDY_VERSION,
             "study_id": study_id,
             "created": created,
-            "seed": seed,
             "readers": list(settings.readers),
             "orders": orders,
             "cases": [{"id": cid, "file": f"cases/{cid}{suffix}"} for cid in sorted(ids)],

@@ -38,6 +38,14 @@ def _make_study(tmp_path, n_per_class=3, **options):
     return create_study(real, syn, tmp_path / "study", settings=settings)
 
 
+@pytest.fixture(autouse=True)
+def _no_answer_guard(monkeypatch):
+    """These tests answer faster than a reader can; the guard has its own test."""
+    from difftumor_napari._reading import ReadingWidget
+
+    monkeypatch.setattr(ReadingWidget, "ANSWER_GUARD_S", 0.0)
+
+
 def _stored(study, reader="R1"):
     with AnswerStore(session_db_path(study, reader), readonly=True) as store:
         return store.answers(reader)
@@ -138,6 +146,7 @@ GUI_CHILD = textwrap.dedent("""
     from study.session import ReadingSession
     from difftumor_napari._reading import ReadingWidget
     viewer = napari.Viewer(show=False)
+    ReadingWidget.ANSWER_GUARD_S = 0.0  # answers come faster than a reader's
     widget = ReadingWidget(viewer, ReadingSession(sys.argv[1], "R1"))
     print("ready", flush=True)
     for line in sys.stdin:
@@ -169,3 +178,24 @@ def test_sigkill_during_a_widget_session_then_resume(make_napari_viewer, tmp_pat
     viewer = make_napari_viewer()
     widget = ReadingWidget(viewer, ReadingSession(study, "R1"))
     assert widget.progress.value == "Case 5 of 8" and viewer.layers[0].name == order[4]
+
+
+def test_held_key_or_double_click_answers_one_case(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Auto-repeat is off for every key, and an answer right after a case appears is ignored."""
+    from difftumor_napari._reading import ReadingWidget
+
+    monkeypatch.setattr(ReadingWidget, "ANSWER_GUARD_S", 0.5)
+    study = _make_study(tmp_path, unsure=True)
+    viewer = make_napari_viewer()
+    widget = ReadingWidget(viewer, ReadingSession(study, "R1"))
+    qtbot.addWidget(widget.native)
+    assert widget.shortcuts and not any(sc.autoRepeat() for sc in widget.shortcuts.values())
+    qtbot.wait(600)  # the reader looked at case 1
+    widget.real_button.native.click()
+    widget.real_button.native.click()  # a double click: the second lands on case 2 at once
+    widget.shortcuts["S"].activated.emit()  # so does a key pressed right after
+    assert widget.progress.value == "Case 2 of 6" and len(_stored(study)) == 1
+    qtbot.wait(600)
+    widget.shortcuts["S"].activated.emit()
+    assert widget.progress.value == "Case 3 of 6"
+    assert [r.answer for r in _stored(study)] == ["real", "synthetic"]

@@ -13,6 +13,8 @@ import pytest
 from backend.errors import DiffTumorError
 from study.design import (
     CaseSource,
+    _case_ids,
+    reader_orders,
     StudyOptions,
     StudySettings,
     create_study,
@@ -44,7 +46,8 @@ def test_package_layout_key_and_orders(created):
     for r in ("R1", "R2"):
         assert sorted(study.orders[r]) == sorted(study.case_ids)
     assert study.orders["R1"] != study.orders["R2"]
-    assert study.size == (16, 14, 8) and study.seed == 1234
+    assert study.size == (16, 14, 8)
+    assert json.loads((key_dir / "key.json").read_text(encoding="utf-8"))["seed"] == 1234
     key = read_key(key_dir)
     assert set(key) == set(study.case_ids)
     assert sorted(t for t, _ in key.values()) == ["real"] * 3 + ["synthetic"] * 3
@@ -53,12 +56,32 @@ def test_package_layout_key_and_orders(created):
     assert json.loads((key_dir / "key.json").read_text(encoding="utf-8"))["study_id"] == study.study_id
 
 
-def test_same_seed_same_assignment(tmp_path, source_cases):
+def test_seed_reproduces_orders_but_not_the_assignment(tmp_path, source_cases):
+    """The seed (key only) reproduces each reader's order of the sorted ids; ids and the id -> source
+    assignment come from fresh entropy, so neither a replayed nor a guessed seed can unblind a study."""
     real, syn = _sources(source_cases)
     a = create_study(real, syn, tmp_path / "a", settings=StudySettings(**SETTINGS))
     b = create_study(real, syn, tmp_path / "b", settings=StudySettings(**SETTINGS))
-    assert a.orders == b.orders and a.study_id == b.study_id
-    assert read_key(tmp_path / "a.key") == read_key(tmp_path / "b.key")
+    assert a.orders == {r: tuple(o) for r, o in reader_orders(list(a.case_ids), a.readers, SETTINGS["seed"]).items()}
+    assert b.orders == {r: tuple(o) for r, o in reader_orders(list(b.case_ids), b.readers, SETTINGS["seed"]).items()}
+    pattern = [[sorted(s.case_ids).index(c) for c in s.orders["R1"]] for s in (a, b)]
+    assert pattern[0] == pattern[1]  # the same shuffle of the sorted ids
+    assert set(a.case_ids).isdisjoint(b.case_ids) and a.study_id != b.study_id
+    for key in (read_key(tmp_path / "a.key"), read_key(tmp_path / "b.key")):
+        assert sorted(t for t, _ in key.values()) == ["real"] * 3 + ["synthetic"] * 3
+
+
+def test_replaying_the_creation_random_stream_recovers_nothing(created):
+    """What an unblinding reader would try: regenerate ids from a seed and map them back to input
+    positions. No seed is in the package, and even the key's seed regenerates none of the ids."""
+    study, key_dir, _ = created
+    meta = json.loads((study.root / "study.json").read_text(encoding="utf-8"))
+    assert "seed" not in meta
+    seed = json.loads((key_dir / "key.json").read_text(encoding="utf-8"))["seed"]
+    for stream in ([seed, 0], [seed], seed):
+        rng = np.random.default_rng(stream)
+        rng.permutation(len(study.case_ids))
+        assert set(_case_ids(len(study.case_ids), rng)).isdisjoint(study.case_ids)
 
 
 def test_reader_package_leaks_nothing(created):
@@ -86,7 +109,7 @@ def test_reader_package_leaks_nothing(created):
         assert img.GetSpacing() == (1.0, 1.0, 1.5)
         assert img.GetMetaData("descrip").strip("\x00 ") == ""
     meta = json.loads((study.root / "study.json").read_text(encoding="utf-8"))
-    assert set(meta) == {"format", "version", "study_id", "created", "seed", "readers", "orders", "cases",
+    assert set(meta) == {"format", "version", "study_id", "created", "readers", "orders", "cases",
                          "grid", "display", "options"}
 
 
