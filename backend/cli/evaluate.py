@@ -30,7 +30,8 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_argument_group("what to score (either --pred + --label, or --model + --data)")
-    src.add_argument("--pred", type=Path, help="prediction file or folder (label values: see --pred-tumor-label)")
+    src.add_argument("--pred", type=Path, help="prediction file or folder of label maps (whole numbers >= 0; "
+                     "probability maps and CTs are skipped; label values: see --pred-tumor-label)")
     src.add_argument("--label", type=Path, help="reference label file or folder (paired with --pred by file name)")
     src.add_argument("--model", type=Path, help="segmentation checkpoint from `difftumor train segmentation`")
     src.add_argument("--data", help="dataset for --model: folder, list file, MSD dataset.json or AbdomenAtlas tree")
@@ -46,7 +47,9 @@ def register(sub) -> None:
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
     p.add_argument("--folds", type=Path, default=None,
                    help="split JSON from training or CSV case_id,fold[,organ]: adds a fold column and per-fold rows")
-    p.add_argument("--allow-empty-labels", action="store_true", help="score all-zero labels as tumour-free cases")
+    p.add_argument("--allow-empty-labels", action="store_true",
+                   help="score all-zero labels as tumour-free cases, and accept label files in which --tumor-label "
+                   "never occurs (an all tumour-free set); without it that is an error")
     inf = p.add_argument_group("inference (--model)")
     inf.add_argument("--fold", type=int, default=None, help="with --folds: run the model on that fold's validation cases only")
     inf.add_argument("--overlap", type=float, default=0.75, help="sliding-window overlap (paper 0.75; release validates with 0.5)")

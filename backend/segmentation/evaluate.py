@@ -66,6 +66,57 @@ class EvaluationConfig:
             raise DiffTumorError(f"--organ-label: {self.organ_label} equals --tumor-label")
 
 
+# ------------------------------------------------------------------------------- label maps
+MAX_LABEL_VALUE = 65535  # label maps hold small whole numbers; larger values mean an intensity image
+MAX_LABELS = 256  # distinct values (background included) a label map may hold (TotalSegmentator: 118)
+
+
+def label_values(array: np.ndarray, name: str) -> np.ndarray:
+    """Sorted distinct values of a label map.
+
+    Raises :class:`DiffTumorError` naming ``name`` when ``array`` is not a label map: values that
+    are not whole numbers (a probability map), negative (a CT in HU), above
+    :data:`MAX_LABEL_VALUE` or more than :data:`MAX_LABELS` distinct ones (an intensity image).
+    """
+    arr = np.asarray(array)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    if not np.issubdtype(arr.dtype, np.integer):
+        finite = np.isfinite(arr)
+        if not finite.all():
+            raise DiffTumorError(f"{name}: not a label map: non-finite values (NaN or inf)")
+        fractional = arr != np.round(arr)
+        if fractional.any():
+            example = float(arr[fractional].flat[0])
+            raise DiffTumorError(f"{name}: not a label map: non-integer values (e.g. {example:g}; a probability map?)")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    lo, hi = arr.min(), arr.max()
+    if lo < 0:
+        raise DiffTumorError(f"{name}: not a label map: negative values (down to {lo:g}; a CT?)")
+    if hi > MAX_LABEL_VALUE:
+        raise DiffTumorError(f"{name}: not a label map: values up to {hi:g} (label values are at most {MAX_LABEL_VALUE})")
+    values = np.flatnonzero(np.bincount(arr.ravel().astype(np.int64, copy=False)))
+    if len(values) > MAX_LABELS:
+        raise DiffTumorError(f"{name}: not a label map: {len(values)} distinct values (at most {MAX_LABELS}; a CT?)")
+    return values
+
+
+def _check_label_values(cfg: EvaluationConfig, found: set[int], files: int) -> None:
+    """Refuse a --tumor-label / --organ-label that occurs in none of the label files read."""
+    if not files:
+        return
+    shown = sorted(found)
+    listed = ", ".join(str(v) for v in shown[:20]) + (f", ... ({len(shown)} values)" if len(shown) > 20 else "")
+    where = f"occurs in none of the {files} label file(s) (their values: {listed})"
+    if cfg.organ_label is not None and cfg.organ_label not in found:
+        raise DiffTumorError(f"--organ-label {cfg.organ_label}: {where}")
+    if cfg.tumor_label not in found and not cfg.allow_empty_labels:
+        raise DiffTumorError(
+            f"--tumor-label {cfg.tumor_label}: {where}; pass --allow-empty-labels if every case is tumour-free"
+        )
+
+
 # ---------------------------------------------------------------------------------- one case
 def score_case(
     pred: np.ndarray,
@@ -189,8 +240,11 @@ def _case_id(name: str) -> str:
 def iter_evaluate(pairs, cfg: EvaluationConfig, folds: dict[str, dict] | None = None, skipped=None):
     """Score every pair; yields ``(message, done, total)`` and returns ``(rows, skipped)``.
 
-    A case that cannot be scored (unreadable file, grids differ, empty label, ...) is logged and
-    added to ``skipped`` as ``(case_id, reason)``; the other cases continue.
+    A case that cannot be scored (unreadable file, not a label map, grids differ, empty label, ...)
+    is logged and added to ``skipped`` as ``(case_id, reason)``; the other cases continue. Raises
+    :class:`DiffTumorError` when ``cfg.organ_label`` or ``cfg.tumor_label`` occurs in none of the
+    label files read (a wrong value would score every case as empty against empty); an all
+    tumour-free set is accepted with ``cfg.allow_empty_labels``.
     """
     from backend.io import check_same_grid, read_image
 
@@ -203,11 +257,16 @@ def iter_evaluate(pairs, cfg: EvaluationConfig, folds: dict[str, dict] | None = 
     for cid, reason in skipped:
         log.warning("skipped %s: %s", cid, reason)
     total = len(pairs)
+    found: set[int] = set()  # values met in the label files
+    labels_read = 0
     for done, (cid, pred_path, label_path, mask_path) in enumerate(pairs):
         yield f"scoring {cid}", done, total
         try:
             label = read_image(label_path)
+            found.update(label_values(label.array, str(label_path)).tolist())
+            labels_read += 1
             pred = read_image(pred_path)
+            label_values(pred.array, str(pred_path))
             check_same_grid(label, pred, names=(str(label_path), str(pred_path)))
             organ_mask = None
             if mask_path is not None:
@@ -229,6 +288,7 @@ def iter_evaluate(pairs, cfg: EvaluationConfig, folds: dict[str, dict] | None = 
             pred=str(pred_path), label=str(label_path),
         )
         rows.append(row)
+    _check_label_values(cfg, found, labels_read)
     yield "done", total, total
     return rows, skipped
 
@@ -353,14 +413,17 @@ def evaluate_files(
     organ_masks: Path | None = None, fold: int | str | None = None,
 ) -> Iterator:
     """Generator: pair files, score them, write the report; returns ``(rows, skipped, summary)``.
-    ``fold`` keeps only that fold's cases of the fold file (the others are not expected)."""
+    ``fold`` keeps only that fold's cases of the fold file (the others are not expected). Nothing
+    is written when no case can be scored: the error names the first skipped case and its reason
+    (every reason is logged)."""
     pairs, skipped = pair_files(pred, label, organ_masks)
     fold_map = read_fold_file(folds) if folds is not None else None
     if fold_map is not None and fold is not None:
         fold_map = {c: v for c, v in fold_map.items() if v["fold"] == str(fold)}
     rows, skipped = yield from iter_evaluate(pairs, cfg, fold_map, skipped)
     if not rows:
-        write_report(out, rows, skipped, cfg)
-        raise DiffTumorError(f"{label}: no case could be scored ({len(skipped)} skipped, see {Path(out) / 'skipped.csv'})")
+        first = f"; {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        more = f" (and {len(skipped) - 1} more skipped case(s), logged above)" if len(skipped) > 1 else ""
+        raise DiffTumorError(f"{label}: no case could be scored{first}{more}")
     report = write_report(out, rows, skipped, cfg)
     return rows, skipped, report["summary"]

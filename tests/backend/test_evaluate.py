@@ -11,7 +11,7 @@ import pytest
 import backend.cli
 from backend.errors import DiffTumorError
 from backend.io import Geometry, write_image
-from backend.segmentation.evaluate import EvaluationConfig, score_case
+from backend.segmentation.evaluate import EvaluationConfig, label_values, score_case
 
 SPACING = (1.0, 1.0, 2.0)  # (x, y, z)
 
@@ -136,3 +136,82 @@ def test_evaluate_single_files_and_errors(tmp_path, capsys):
     assert len(err) == 3 and all(line.startswith("difftumor: error: ") for line in err)
     with pytest.raises(DiffTumorError, match="equals --tumor-label"):
         EvaluationConfig(organ_label=2)
+
+
+@pytest.mark.parametrize(
+    "array, reason",
+    [
+        (np.array([0.0, 0.25, 1.0]), "non-integer values"),  # probability map
+        (np.array([-1024, 40, 300], np.int16), "negative values"),  # CT in HU
+        (np.array([0.0, np.nan]), "non-finite values"),
+        (np.array([0, 70000], np.uint32), "values up to 70000"),
+        (np.arange(300, dtype=np.uint16), "300 distinct values"),  # CT stored with an offset
+    ],
+)
+def test_label_values_refuses_non_label_maps(array, reason):
+    with pytest.raises(DiffTumorError, match=f"^p.nii.gz: not a label map: {reason}"):
+        label_values(array, "p.nii.gz")
+
+
+def test_label_values_accepts_integer_floats_and_bools():
+    assert label_values(np.array([0.0, 2.0, 2.0, 1.0], np.float32), "x").tolist() == [0, 1, 2]
+    assert label_values(np.array([False, True]), "x").tolist() == [0, 1]
+
+
+def test_evaluate_refuses_tumor_or_organ_value_absent_from_every_label(tmp_path, capsys):
+    pred_dir, lab_dir, out = tmp_path / "pred", tmp_path / "lab", tmp_path / "out"
+    pred_dir.mkdir(), lab_dir.mkdir()
+    for name in ("a", "b"):
+        write_image(_label(), lab_dir / f"{name}.nii.gz", _geom())
+        write_image(_label(), pred_dir / f"{name}.nii.gz", _geom())
+    base = ["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--out", str(out)]
+    assert main(base + ["--tumor-label", "9"]) == 2  # was scored as DSC 100 (empty vs empty everywhere)
+    assert main(base + ["--organ-label", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "difftumor: error: --tumor-label 9: occurs in none of the 2 label file(s) (their values: 0, 1, 2); "
+        "pass --allow-empty-labels if every case is tumour-free",
+        "difftumor: error: --organ-label 7: occurs in none of the 2 label file(s) (their values: 0, 1, 2)",
+    ]
+    assert not out.exists()
+    # an all tumour-free set is accepted when asked for
+    for name in ("a", "b"):
+        write_image(np.where(_label() == 2, 1, _label()).astype(np.uint8), lab_dir / f"{name}.nii.gz", _geom())
+    assert main(base + ["--organ-label", "1"]) == 2
+    assert main(base + ["--organ-label", "1", "--allow-empty-labels"]) == 0
+    assert [r["tumors"] for r in _read_csv(out / "cases.csv")] == ["0", "0"]
+
+
+def test_evaluate_skips_predictions_that_are_not_label_maps(tmp_path):
+    pred_dir, lab_dir, out = tmp_path / "pred", tmp_path / "lab", tmp_path / "out"
+    pred_dir.mkdir(), lab_dir.mkdir()
+    g, lab = _geom(), _label()
+    for name in ("good", "prob", "ct"):
+        write_image(lab, lab_dir / f"{name}.nii.gz", g)
+    write_image(lab, pred_dir / "good.nii.gz", g)
+    write_image((lab == 2).astype(np.float32) * 0.9 + 0.05, pred_dir / "prob.nii.gz", g)  # tumour probability
+    ct = np.where(lab > 0, 2, -1000).astype(np.int16)  # a CT that happens to hold the tumour value
+    write_image(ct, pred_dir / "ct.nii.gz", g)
+    assert main(["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--out", str(out)]) == 0
+    assert [r["case_id"] for r in _read_csv(out / "cases.csv")] == ["good"]
+    skipped = {r["case_id"]: r["reason"] for r in _read_csv(out / "skipped.csv")}
+    assert "not a label map: non-integer values" in skipped["prob"]
+    assert "not a label map: negative values" in skipped["ct"]
+
+
+def test_evaluate_writes_nothing_when_no_case_can_be_scored(tmp_path, capsys):
+    pred_dir, lab_dir, out = tmp_path / "pred", tmp_path / "lab", tmp_path / "out"
+    pred_dir.mkdir(), lab_dir.mkdir()
+    for name in ("a", "b"):
+        write_image(_label(), lab_dir / f"{name}.nii.gz", _geom())
+        write_image(_label(), pred_dir / f"{name}.nii.gz", _geom(spacing=(1.0, 1.0, 2.5)))  # other grid
+    assert main(["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--out", str(out)]) == 2
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    assert main(["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--out", str(out)]) == 2
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("difftumor: error: ")]
+    assert len(err) == 2
+    assert err[0].startswith(f"difftumor: error: {lab_dir}: no case could be scored; a: ")
+    assert "grid does not match" in err[0] and "(and 1 more skipped case(s), logged above)" in err[0]
