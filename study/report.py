@@ -2,9 +2,10 @@
 
 Inputs (interchange formats, documented in the README):
 
-* answers: CSV ``reader,case_id,answer,confidence,seconds,answered_at`` (answer
-  ``real|synthetic|unsure``, confidence empty or 1..5), a session database
-  (``*.sqlite``), or a study folder (all ``answers/*.sqlite`` inside it);
+* answers: CSV ``reader,case_id,answer,confidence,seconds,answered_at`` (UTF-8, with or without
+  a BOM; answer ``real|synthetic|unsure``, confidence empty or 1..5 on all or none of a reader's
+  real/synthetic answers, seconds empty or >= 0, answered_at empty or ISO 8601), a session
+  database (``*.sqlite``), or a study folder (all ``answers/*.sqlite`` inside it);
 * key: CSV ``case_id,truth,organ`` (truth ``real|synthetic``), read by :func:`study.design.read_key`.
 
 Everything is validated before anything is written; each output is written atomically.
@@ -18,6 +19,7 @@ import math
 import os
 import uuid
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +54,41 @@ def _parse_confidence(value, where: str) -> int | None:
     return int(c)
 
 
-def read_answers_csv(path: Path) -> pd.DataFrame:
+def _parse_seconds(value, where: str) -> float:
+    """Seconds from display to answer: empty -> ``nan`` (unknown), else a finite number >= 0."""
+    if value is None or str(value).strip() == "":
+        return math.nan
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise DiffTumorError(f"{where}: seconds {value!r} must be empty or a number >= 0")
+    return seconds
+
+
+def _check_answered_at(value: str, where: str) -> None:
+    """``answered_at`` is empty or an ISO 8601 date/time (``Z`` accepted for UTC, also on Python 3.10)."""
+    if not value:
+        return
+    text = value[:-1] + "+00:00" if value[-1] in "Zz" else value
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        raise DiffTumorError(f"{where}: answered_at {value!r} must be empty or an ISO 8601 time "
+                             "(e.g. 2026-01-01T10:00:00+00:00)") from None
+
+
+def read_answers_csv(path: Path) -> pd.DataFrame:
+    try:  # -sig: a CSV saved by Excel starts with a byte-order mark
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise DiffTumorError(f"{path}: unreadable answers CSV ({exc})") from None
     missing = [c for c in ANSWER_COLUMNS if c not in df.columns]
     if missing:
         raise DiffTumorError(f"{path}: answers CSV lacks column(s) {','.join(missing)} (needs {','.join(ANSWER_COLUMNS)})")
+    if df.empty:
+        raise DiffTumorError(f"{path}: answers CSV holds no answers (only a header)")
     df = df[list(ANSWER_COLUMNS)].copy()
     df["line"] = np.arange(len(df)) + 2
     return df
@@ -76,11 +105,30 @@ def read_answers_db(path: Path) -> pd.DataFrame:
     return df
 
 
+def check_confidence_all_or_none(answers: pd.DataFrame) -> None:
+    """Each reader's real/synthetic answers carry a confidence on every case or on none.
+
+    A mix cannot be scored on one scale: :func:`study.stats.answer_score` gives an answer without
+    confidence a binary score (real 1), which on the 1..10 scale means "certainly synthetic".
+    Unsure answers never carry a confidence and are not checked.
+    """
+    decided = answers[answers.answer != stats.UNSURE]
+    for reader, rows in decided.groupby("reader", sort=True):
+        given = rows.confidence.notna()
+        if given.any() and not given.all():
+            first = rows[~given].iloc[0]
+            raise DiffTumorError(
+                f"{first.source}: line {first.line}: reader {reader} gave no confidence on case {first.case_id} "
+                f"but gave one on {int(given.sum())} other case(s); a reader's real/synthetic answers must all "
+                "have a confidence or none")
+
+
 def load_answers(sources: Sequence[str | Path]) -> tuple[pd.DataFrame, set[str] | None]:
     """All answers from CSV files, session databases and study folders, validated for form.
 
     Returns the answers (columns ``ANSWER_COLUMNS`` + ``source``) and, when study folders were
-    given, the set of their case ids (so the key can be checked to cover them).
+    given, the set of their case ids (so the key can be checked to cover them). Text fields are
+    stripped of surrounding whitespace, ``seconds`` is a float (``nan`` when empty).
     """
     frames, study_cases = [], None
     for src in sources:
@@ -88,30 +136,38 @@ def load_answers(sources: Sequence[str | Path]) -> tuple[pd.DataFrame, set[str] 
         if src.is_dir():
             study = load_study(src)  # "not a study" error for other folders
             study_cases = (study_cases or set()) | set(study.case_ids)
-            for db in sorted((src / "answers").glob("*.sqlite")):
+            for db in sorted((src / "answers").glob("*.sqlite")):  # a reader not started yet has none
                 frames.append(read_answers_db(db).assign(source=str(db)))
         elif not src.is_file():
             raise DiffTumorError(f"--answers {src}: no such file or folder")
         elif src.suffix.lower() in (".sqlite", ".db", ".sqlite3"):
             frames.append(read_answers_db(src).assign(source=str(src)))
+            if frames[-1].empty:
+                raise DiffTumorError(f"{src}: the answers database holds no answers")
         else:
             frames.append(read_answers_csv(src).assign(source=str(src)))
-    if not frames:
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if df.empty:
         raise DiffTumorError(f"--answers {', '.join(map(str, sources))}: no answers found")
-    df = pd.concat(frames, ignore_index=True)
+    for col in ("reader", "case_id", "answer", "answered_at"):
+        df[col] = [str(v).strip() for v in df[col]]
     for row in df.itertuples():
         where = f"{row.source}: line {row.line}"
-        if not str(row.reader).strip() or not str(row.case_id).strip():
+        if not row.reader or not row.case_id:
             raise DiffTumorError(f"{where}: reader and case_id must not be empty")
         if row.answer not in stats.ANSWERS:
             raise DiffTumorError(f"{where}: answer {row.answer!r} must be one of {'|'.join(stats.ANSWERS)}")
+        _check_answered_at(row.answered_at, f"{where} (case {row.case_id})")
     df["confidence"] = [_parse_confidence(v, f"{s}: line {ln}") for v, s, ln in zip(df.confidence, df.source, df.line)]
+    df["seconds"] = [_parse_seconds(v, f"{s}: line {ln} (case {c})")
+                     for v, s, ln, c in zip(df.seconds, df.source, df.line, df.case_id)]
     dup = df[df.duplicated(["reader", "case_id"], keep=False)]
     if len(dup):
         first = dup.iloc[0]
         where = sorted(set(dup[(dup.reader == first.reader) & (dup.case_id == first.case_id)].source))
         raise DiffTumorError(f"duplicate answers: reader {first.reader} answered case {first.case_id} more than once "
                              f"(in {', '.join(where)})")
+    check_confidence_all_or_none(df)
     return df, study_cases
 
 
@@ -277,8 +333,7 @@ def write_report(answers: Sequence[str | Path], key_path: str | Path, out: str |
         "n_cases": len(key),
         "fleiss_kappa": {o: (None if math.isnan(k) else k) for o, k in kappa.items()},
         "cells": json.loads(table.to_json(orient="records")),
-        "median_seconds": {r: float(np.median(pd.to_numeric(g.seconds, errors="coerce").dropna()))
-                           if pd.to_numeric(g.seconds, errors="coerce").notna().any() else None
+        "median_seconds": {r: float(np.median(g.seconds.dropna())) if g.seconds.notna().any() else None
                            for r, g in df.groupby("reader")},
         "confidence_collected": bool(df[df.answer != stats.UNSURE].confidence.notna().all()),
     }

@@ -36,6 +36,7 @@ R2,L4,real,,1,2026-01-01T11:00:03+00:00
 R2,P1,real,,1,2026-01-01T11:00:04+00:00
 R2,P2,real,,1,2026-01-01T11:00:05+00:00
 """
+T = "2026-01-01T12:00:00+00:00"
 
 
 @pytest.fixture
@@ -94,8 +95,8 @@ def test_imrmc_format(tmp_path, files):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda a, k: a.write_text(ANSWERS + "R1,X9,real,,1,t\n"), "not in the key"),
-    (lambda a, k: a.write_text(ANSWERS + "R1,L1,synthetic,,1,t\n"), "more than once"),
+    (lambda a, k: a.write_text(ANSWERS + f"R2,X9,real,,1,{T}\n"), "not in the key"),
+    (lambda a, k: a.write_text(ANSWERS + f"R1,L1,synthetic,,1,{T}\n"), "more than once"),
     (lambda a, k: a.write_text(ANSWERS.replace("R1,L3,synthetic", "R1,L3,fake")), "must be one of"),
     (lambda a, k: a.write_text(ANSWERS.replace("R1,L3,synthetic,4", "R1,L3,synthetic,9")), "confidence"),
     (lambda a, k: a.write_text("reader,case,answer\nR1,L1,real\n", encoding="utf-8"), "lacks column"),
@@ -182,7 +183,90 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, files, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("difftumor: error: ") and "not a study" in err and "\n" not in err
     key, answers = files
-    answers.write_text(ANSWERS + "R2,P2,real,,1,t\n")
+    answers.write_text(ANSWERS + f"R2,P2,real,,1,{T}\n")
     assert main(["study", "report", "--answers", str(answers), "--key", str(key), "--out", str(tmp_path / "o")]) == 2
     assert "more than once" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Answers: form of each field
+# --------------------------------------------------------------------------------------------
+def _report_fails(tmp_path, key, answers, message):
+    out = tmp_path / "out"
+    with pytest.raises(DiffTumorError, match=message) as exc:
+        write_report([answers], key, out)
+    assert "\n" not in str(exc.value)
+    assert not out.exists()
+    return str(exc.value)
+
+
+def test_mixed_confidences_of_one_reader_are_refused(tmp_path, files):
+    key, answers = files
+    answers.write_text(ANSWERS.replace("R1,L4,real,2,", "R1,L4,real,,"), encoding="utf-8")
+    msg = _report_fails(tmp_path, key, answers, "must all have a confidence or none")
+    assert "reader R1" in msg and "case L4" in msg and "line 5" in msg
+    # another reader with confidences only on some answers; R1's unsure answer (no confidence) is fine
+    answers.write_text(ANSWERS.replace("R2,P2,real,,", "R2,P2,real,4,"), encoding="utf-8")
+    msg = _report_fails(tmp_path, key, answers, "must all have a confidence or none")
+    assert "reader R2" in msg and "case L1" in msg
+
+
+def test_header_only_answers_are_an_error(tmp_path, files, capsys):
+    from backend.cli import main
+
+    key, answers = files
+    answers.write_text(ANSWERS.splitlines()[0] + "\n", encoding="utf-8")
+    _report_fails(tmp_path, key, answers, "holds no answers")
+    assert main(["study", "report", "--answers", str(answers), "--key", str(key), "--out", str(tmp_path / "o")]) == 2
+    assert "holds no answers" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_study_folder_without_answers_is_an_error(tmp_path, study_factory):
+    study_dir, ids = study_factory(n=2)
+    ReadingSession(study_dir, "R1").close()  # R1 opened the session (empty database) but answered nothing
+    key = tmp_path / "key.csv"
+    key.write_text(f"case_id,truth,organ\n{ids[0]},real,liver\n{ids[1]},synthetic,liver\n", encoding="utf-8")
+    with pytest.raises(DiffTumorError, match="no answers found"):
+        write_report([study_dir], key, tmp_path / "out")
+    with pytest.raises(DiffTumorError, match="holds no answers"):
+        write_report([study_dir / "answers" / "R1.sqlite"], key, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("R1,L3,synthetic,4,2,", "R1,L3,synthetic,4,abc,", r"line 4 \(case L3\): seconds 'abc'"),
+    ("R1,L3,synthetic,4,2,", "R1,L3,synthetic,4,-1,", "seconds '-1' must be empty or a number >= 0"),
+    ("R1,L3,synthetic,4,2,", "R1,L3,synthetic,4,nan,", "seconds 'nan'"),
+    ("R2,P1,real,,1,2026-01-01T11:00:04+00:00", "R2,P1,real,,1,yesterday", r"line 12 \(case P1\): answered_at 'yesterday'"),
+    ("R2,P1,real,,1,2026-01-01T11:00:04+00:00", "R2,P1,real,,1,2026-13-01", "ISO 8601"),
+])
+def test_bad_seconds_or_time_are_refused(tmp_path, files, old, new, message):
+    key, answers = files
+    answers.write_text(ANSWERS.replace(old, new), encoding="utf-8")
+    _report_fails(tmp_path, key, answers, message)
+
+
+def test_answers_fields_are_stripped_and_times_may_be_empty_or_utc_z(tmp_path, files):
+    key, answers = files
+    paths = write_report([answers], key, tmp_path / "plain")
+    spaced = (ANSWERS.replace("R1,L1,real,5,3.5,2026-01-01T10:00:00+00:00", " R1 , L1 , real ,5, 3.5 ,2026-01-01T10:00:00Z")
+              .replace("R2,L3,real,,1,2026-01-01T11:00:02+00:00", "R2,L3 ,real,,,")
+              .replace("R2,P1,real,,1,2026-01-01T11:00:04+00:00", "R2,\tP1,real,,1, 2026-01-01 "))
+    assert spaced != ANSWERS
+    answers.write_text(spaced, encoding="utf-8")
+    paths2 = write_report([answers], key, tmp_path / "spaced")
+    assert paths2["table.csv"].read_text(encoding="utf-8") == paths["table.csv"].read_text(encoding="utf-8")
+    assert paths2["imrmc.csv"].read_text(encoding="utf-8") == paths["imrmc.csv"].read_text(encoding="utf-8")
+    # R2's empty seconds are unknown, not 0: the median of 1,1,1,1,1 stays 1
+    assert json.loads(paths2["summary.json"].read_text(encoding="utf-8"))["median_seconds"] == {"R1": 2.75, "R2": 1.0}
+
+
+def test_csv_inputs_saved_with_a_bom(tmp_path, files):
+    """Excel writes UTF-8 CSV with a byte-order mark; key and answers are read as utf-8-sig."""
+    key, answers = files
+    plain = write_report([answers], key, tmp_path / "plain")["table.csv"].read_text(encoding="utf-8")
+    key.write_bytes(b"\xef\xbb\xbf" + KEY.encode("utf-8"))
+    answers.write_bytes(b"\xef\xbb\xbf" + ANSWERS.encode("utf-8"))
+    assert write_report([answers], key, tmp_path / "bom")["table.csv"].read_text(encoding="utf-8") == plain
