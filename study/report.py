@@ -279,32 +279,61 @@ def imrmc_text(answers: pd.DataFrame, key: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_figure(table: pd.DataFrame, path: Path) -> None:
+METRICS = ("sensitivity", "specificity", "accuracy")
+
+
+def figure_bars(table: pd.DataFrame, metric: str) -> list[dict]:
+    """Bar geometry of one figure panel: per reader, ``x``, ``height`` and ``yerr`` (2 x n) in %, and ``na``.
+
+    ``na`` marks organs whose rate is n/a (empty denominator): they get no bar and no error bar
+    (``height`` and ``yerr`` stay ``nan``, never 0) and are labelled "n/a" instead, so they cannot
+    be mistaken for a genuine 0 %.
+    """
+    organs = list(dict.fromkeys(table.organ))
+    readers = list(dict.fromkeys(table.reader))
+    width = 0.8 / max(1, len(readers))
+    bars = []
+    for i, reader in enumerate(readers):
+        sub = table[table.reader == reader].set_index("organ").reindex(organs)
+        y = sub[metric].to_numpy(float) * 100
+        lo, hi = sub[f"{metric}_lo"].to_numpy(float) * 100, sub[f"{metric}_hi"].to_numpy(float) * 100
+        bars.append({
+            "reader": reader,
+            "x": np.arange(len(organs)) + (i - (len(readers) - 1) / 2) * width,
+            "width": width,
+            "height": y,
+            "yerr": np.abs(np.vstack([y - lo, hi - y])),
+            "na": np.isnan(y),
+        })
+    return bars
+
+
+def render_figure(table: pd.DataFrame):
+    """Sensitivity, specificity and accuracy per organ and reader, with 95% Wilson intervals."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     organs = list(dict.fromkeys(table.organ))
     readers = list(dict.fromkeys(table.reader))
     fig = Figure(figsize=(4 + 2.2 * len(organs), 3.6), dpi=120, layout="constrained")
     axes = fig.subplots(1, 3, sharey=True)
-    width = 0.8 / max(1, len(readers))
-    for ax, metric in zip(axes, ("sensitivity", "specificity", "accuracy")):
-        for i, reader in enumerate(readers):
-            sub = table[table.reader == reader].set_index("organ").reindex(organs)
-            y = sub[metric].to_numpy(float) * 100
-            err = np.abs(np.vstack([y - sub[f"{metric}_lo"] * 100, sub[f"{metric}_hi"] * 100 - y]))
-            x = np.arange(len(organs)) + (i - (len(readers) - 1) / 2) * width
-            ax.bar(x, np.nan_to_num(y), width, yerr=np.nan_to_num(err), capsize=3, label=reader)
+    for ax, metric in zip(axes, METRICS):
+        for i, bar in enumerate(figure_bars(table, metric)):
+            ok, na = ~bar["na"], bar["na"]
+            ax.bar(bar["x"][ok], bar["height"][ok], bar["width"], yerr=bar["yerr"][:, ok], capsize=3, color=f"C{i % 10}")
+            for x in bar["x"][na]:
+                ax.text(x, 2, "n/a", ha="center", va="bottom", rotation=90, fontsize=8, color=f"C{i % 10}")
         ax.axhline(50, color="0.3", linestyle="--", linewidth=1)
         ax.set_xticks(np.arange(len(organs)), [o.capitalize() for o in organs])
         ax.set_title(metric.capitalize())
         ax.set_ylim(0, 105)
     axes[0].set_ylabel("% (95% Wilson interval; dashed = chance)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(readers), 8), fontsize=8)
-    fig.savefig(path, format="png")
+    handles = [Patch(color=f"C{i % 10}", label=r) for i, r in enumerate(readers)]  # also for readers with no bar
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(readers), 8), fontsize=8)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,12 +366,13 @@ def write_report(answers: Sequence[str | Path], key_path: str | Path, out: str |
                            for r, g in df.groupby("reader")},
         "confidence_collected": bool(df[df.answer != stats.UNSURE].confidence.notna().all()),
     }
+    figure = render_figure(table)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DiffTumorError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("table.csv", "table.md", "summary.json", "figure.png", "imrmc.csv")}
-    _atomic(paths["figure.png"], lambda p: render_figure(table, p))
+    _atomic(paths["figure.png"], lambda p: figure.savefig(p, format="png"))
     _atomic(paths["table.csv"], lambda p: table.to_csv(p, index=False, float_format="%.6g"))
     _atomic(paths["table.md"], lambda p: p.write_text(markdown_table(table, kappa), encoding="utf-8"))
     _atomic(paths["summary.json"], lambda p: p.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -270,3 +271,40 @@ def test_csv_inputs_saved_with_a_bom(tmp_path, files):
     key.write_bytes(b"\xef\xbb\xbf" + KEY.encode("utf-8"))
     answers.write_bytes(b"\xef\xbb\xbf" + ANSWERS.encode("utf-8"))
     assert write_report([answers], key, tmp_path / "bom")["table.csv"].read_text(encoding="utf-8") == plain
+
+
+# --------------------------------------------------------------------------------------------
+# Figure: an n/a rate is drawn as "n/a", never as a 0 % bar
+# --------------------------------------------------------------------------------------------
+def test_figure_na_rate_has_no_bar(tmp_path):
+    from study.report import build_table, figure_bars, load_answers, render_figure
+    from study.design import read_key
+
+    key_csv, answers_csv = tmp_path / "key.csv", tmp_path / "answers.csv"
+    # liver: one real case answered synthetic (sensitivity 0 %), one synthetic case answered unsure
+    # (specificity n/a); pancreas: both right
+    key_csv.write_text("case_id,truth,organ\nL1,real,liver\nL2,synthetic,liver\nP1,real,pancreas\nP2,synthetic,pancreas\n",
+                       encoding="utf-8")
+    answers_csv.write_text("reader,case_id,answer,confidence,seconds,answered_at\nR1,L1,synthetic,,1,\n"
+                           "R1,L2,unsure,,1,\nR1,P1,real,,1,\nR1,P2,synthetic,,1,\n", encoding="utf-8")
+    table = build_table(load_answers([answers_csv])[0], read_key(key_csv))
+    organs = list(dict.fromkeys(table.organ))
+    assert organs == ["liver", "pancreas", "all"]
+
+    (sens,) = figure_bars(table, "sensitivity")
+    assert list(sens["na"]) == [False, False, False]
+    assert sens["height"][0] == 0.0  # a genuine 0 % is a (zero-height) bar with its interval
+    assert sens["yerr"][1, 0] > 0
+
+    (spec,) = figure_bars(table, "specificity")
+    assert list(spec["na"]) == [True, False, False]
+    assert math.isnan(spec["height"][0]) and np.isnan(spec["yerr"][:, 0]).all()  # not 0
+    assert list(spec["height"][1:]) == [100.0, 100.0]
+
+    fig = render_figure(table)
+    ax_sens, ax_spec, ax_acc = fig.axes[:3]
+    assert [t.get_text() for t in ax_spec.texts] == ["n/a"]
+    assert ax_spec.texts[0].get_position()[0] == pytest.approx(spec["x"][0])
+    assert len(ax_spec.patches) == 2 and len(ax_sens.patches) == 3  # no bar for the n/a rate
+    assert not ax_sens.texts and not ax_acc.texts
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["R1"]
