@@ -67,13 +67,17 @@ def add_commands(group) -> None:
     p.add_argument("--answers", required=True, nargs="+", type=Path, metavar="ANSWERS",
                    help="answers CSV(s), session database(s) (*.sqlite) or study folder(s)")
     p.add_argument("--key", required=True, type=Path, metavar="KEY", help="key.csv (case_id,truth,organ) or its folder")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="output folder: new, empty or a previous report's (its files are replaced); never inside a study")
+    p.add_argument("--force", action="store_true", help="write into a folder that also holds other files")
     p.set_defaults(func=report_handler)
 
     p = group.add_parser("export", help="write one reader's answers as CSV (reader,case_id,answer,confidence,seconds,answered_at)")
     p.add_argument("study", type=Path, metavar="STUDY", help="reader package folder")
     p.add_argument("--reader", required=True, help="reader name")
-    p.add_argument("--out", type=Path, metavar="FILE", help="CSV to write (default: STUDY/answers/READER.csv)")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE",
+                   help="CSV to write; must not exist (unless --force) and must lie outside the study folder")
+    p.add_argument("--force", action="store_true", help="replace an existing FILE")
     p.set_defaults(func=export_handler)
 
 
@@ -117,7 +121,7 @@ def read_handler(args) -> int:
 def report_handler(args) -> int:
     from study.report import write_report
 
-    paths = write_report(args.answers, args.key, args.out)
+    paths = write_report(args.answers, args.key, args.out, force=args.force)
     sys.stdout.write((Path(paths["table.md"]).read_text(encoding="utf-8")))
     print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}")
     return 0
@@ -126,6 +130,6 @@ def report_handler(args) -> int:
 def export_handler(args) -> int:
     from study.report import export_answers
 
-    path = export_answers(args.study, args.reader, args.out)
+    path = export_answers(args.study, args.reader, args.out, force=args.force)
     print(f"wrote {path}")
     return 0

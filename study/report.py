@@ -339,6 +339,9 @@ def render_figure(table: pd.DataFrame):
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
+REPORT_FILES = ("table.csv", "table.md", "summary.json", "figure.png", "imrmc.csv")
+
+
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -349,8 +352,44 @@ def _atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
-def write_report(answers: Sequence[str | Path], key_path: str | Path, out: str | Path) -> dict[str, Path]:
-    """Validate everything, then write table.csv, table.md, summary.json, figure.png, imrmc.csv into ``out``."""
+def study_folder_holding(path: str | Path) -> Path | None:
+    """The reader package (a folder with ``study.json``) that ``path`` is, or lies inside; else None."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if (folder / "study.json").is_file():
+            return folder
+    return None
+
+
+def check_report_folder(out: Path, *, force: bool = False) -> None:
+    """Refuse an ``--out`` that is a file, lies in a reader package, or holds files of anything but a report.
+
+    A folder that holds only (some of) :data:`REPORT_FILES` is a previous report: it is replaced
+    file by file. ``force`` allows other files beside the report (they are left alone), never a
+    reader package: the report holds the truth (imrmc.csv, table.csv).
+    """
+    if out.exists() and not out.is_dir():
+        raise DiffTumorError(f"--out {out}: exists and is not a folder")
+    study = study_folder_holding(out)
+    if study is not None:
+        raise DiffTumorError(f"--out {out}: lies inside the reader package {study}; a report holds the truth, "
+                             "write it elsewhere")
+    if out.is_dir() and not force:
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES or not p.is_file())
+        if foreign:
+            raise DiffTumorError(f"--out {out}: folder holds other files than a previous report ({', '.join(foreign[:3])}"
+                                 f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder, or --force")
+
+
+def write_report(answers: Sequence[str | Path], key_path: str | Path, out: str | Path, *,
+                 force: bool = False) -> dict[str, Path]:
+    """Validate everything, then write table.csv, table.md, summary.json, figure.png, imrmc.csv into ``out``.
+
+    ``out`` is new, empty or a previous report (see :func:`check_report_folder`; ``force`` allows
+    other files in it). Each file is replaced atomically.
+    """
+    out = Path(out)
+    check_report_folder(out, force=force)
     df, study_cases = load_answers(answers)
     key = read_key(key_path)
     check_against_key(df, key, key_path, study_cases)
@@ -367,23 +406,33 @@ def write_report(answers: Sequence[str | Path], key_path: str | Path, out: str |
         "confidence_collected": bool(df[df.answer != stats.UNSURE].confidence.notna().all()),
     }
     figure = render_figure(table)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DiffTumorError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in ("table.csv", "table.md", "summary.json", "figure.png", "imrmc.csv")}
+    paths = {name: out / name for name in REPORT_FILES}
     _atomic(paths["figure.png"], lambda p: figure.savefig(p, format="png"))
-    _atomic(paths["table.csv"], lambda p: table.to_csv(p, index=False, float_format="%.6g"))
+    _atomic(paths["table.csv"], lambda p: table.to_csv(p, index=False, float_format="%.6g", encoding="utf-8"))
     _atomic(paths["table.md"], lambda p: p.write_text(markdown_table(table, kappa), encoding="utf-8"))
     _atomic(paths["summary.json"], lambda p: p.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))
     _atomic(paths["imrmc.csv"], lambda p: p.write_text(imrmc_text(df, key), encoding="utf-8"))
     return paths
 
 
-def export_answers(study_dir: str | Path, reader: str, out: str | Path | None = None) -> Path:
-    """Write one reader's answers from the session database as the interchange CSV."""
+def export_answers(study_dir: str | Path, reader: str, out: str | Path, *, force: bool = False) -> Path:
+    """Write one reader's answers from the session database as the interchange CSV ``out``.
+
+    ``out`` must not exist (unless ``force``) and must not lie inside a reader package.
+    """
     from study.session import AnswerStore, session_db_path
 
+    target = Path(out)
+    study_inside = study_folder_holding(target.parent)
+    if study_inside is not None:
+        raise DiffTumorError(f"--out {target}: lies inside the reader package {study_inside}; write answers elsewhere")
+    if target.is_dir():
+        raise DiffTumorError(f"--out {target}: is a folder; give the CSV file to write")
+    if target.exists() and not force:
+        raise DiffTumorError(f"--out {target}: already exists; refusing to overwrite it (use --force to replace it)")
+    if not target.parent.is_dir():
+        raise DiffTumorError(f"--out {target}: folder {target.parent} does not exist")
     study = load_study(study_dir)
     if reader not in study.readers:
         raise DiffTumorError(f"--reader {reader}: not in this study (readers: {', '.join(study.readers)})")
@@ -394,12 +443,9 @@ def export_answers(study_dir: str | Path, reader: str, out: str | Path | None = 
         rows = store.answers(reader)
     table = pd.DataFrame([(a.reader, a.case_id, a.answer, "" if a.confidence is None else a.confidence,
                            a.seconds, a.answered_at) for a in rows], columns=list(ANSWER_COLUMNS))
-    target = Path(out) if out else study.root / "answers" / f"{reader}.csv"
-    if not target.parent.is_dir():
-        raise DiffTumorError(f"--out {target}: folder {target.parent} does not exist")
-    _atomic(target, lambda p: table.to_csv(p, index=False))
+    _atomic(target, lambda p: table.to_csv(p, index=False, encoding="utf-8"))
     return target
 
 
 __all__ = ["write_report", "export_answers", "build_table", "load_answers", "markdown_table", "imrmc_text",
-           "TABLE_COLUMNS", "ANSWER_COLUMNS"]
+           "TABLE_COLUMNS", "ANSWER_COLUMNS", "REPORT_FILES"]

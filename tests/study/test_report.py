@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from backend.errors import DiffTumorError
-from study.report import TABLE_COLUMNS, export_answers, write_report
+from study.report import REPORT_FILES, TABLE_COLUMNS, export_answers, write_report
 from study.session import ReadingSession
 
 KEY = """case_id,truth,organ
@@ -308,3 +308,112 @@ def test_figure_na_rate_has_no_bar(tmp_path):
     assert len(ax_spec.patches) == 2 and len(ax_sens.patches) == 3  # no bar for the n/a rate
     assert not ax_sens.texts and not ax_acc.texts
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["R1"]
+
+
+# --------------------------------------------------------------------------------------------
+# Output locations: export and report never overwrite by accident and never write into a study
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def answered_study(tmp_path, study_factory):
+    """A reader package whose reader R1 answered both cases, and its key folder beside it."""
+    study_dir, ids = study_factory(n=2, confidence=True)
+    s = ReadingSession(study_dir, "R1")
+    for answer in ("real", "synthetic"):
+        s.show()
+        s.answer(answer, confidence=3)
+    s.close()
+    key_dir = tmp_path / "study.key"
+    key_dir.mkdir()
+    (key_dir / "key.csv").write_text(f"case_id,truth,organ\n{ids[0]},real,liver\n{ids[1]},synthetic,liver\n",
+                                     encoding="utf-8")
+    return study_dir, key_dir
+
+
+def test_export_refuses_existing_out_unless_force(tmp_path, answered_study, capsys):
+    from backend.cli import main
+
+    study_dir, key_dir = answered_study
+    key_text = (key_dir / "key.csv").read_text(encoding="utf-8")
+    assert main(["study", "export", str(study_dir), "--reader", "R1", "--out", str(key_dir / "key.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already exists" in err and "--force" in err and "\n" not in err
+    assert (key_dir / "key.csv").read_text(encoding="utf-8") == key_text  # the key survives
+
+    out = tmp_path / "r1.csv"
+    out.write_text("old", encoding="utf-8")
+    with pytest.raises(DiffTumorError, match="already exists"):
+        export_answers(study_dir, "R1", out)
+    assert out.read_text(encoding="utf-8") == "old"
+    assert main(["study", "export", str(study_dir), "--reader", "R1", "--out", str(out), "--force"]) == 0
+    assert len(pd.read_csv(out)) == 2
+
+
+@pytest.mark.parametrize("where", [".", "cases", "answers", "cases/deeper"])
+def test_export_refuses_out_inside_a_study(answered_study, capsys, where):
+    from backend.cli import main
+
+    study_dir, _ = answered_study
+    folder = study_dir / where
+    folder.mkdir(parents=True, exist_ok=True)
+    before = sorted(p.relative_to(study_dir) for p in study_dir.rglob("*"))
+    for force in ([], ["--force"]):
+        assert main(["study", "export", str(study_dir), "--reader", "R1", "--out", str(folder / "r1.csv"), *force]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "inside the reader package" in err and "\n" not in err
+    assert sorted(p.relative_to(study_dir) for p in study_dir.rglob("*")) == before
+
+
+def test_export_needs_out(answered_study):
+    study_dir, _ = answered_study
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["study", "export", str(study_dir), "--reader", "R1"])
+
+
+@pytest.mark.parametrize("where", [".", "answers", "report"])
+def test_report_refuses_out_inside_a_study(answered_study, capsys, where):
+    from backend.cli import main
+
+    study_dir, key_dir = answered_study
+    out = study_dir / where
+    for force in ([], ["--force"]):
+        assert main(["study", "report", "--answers", str(study_dir), "--key", str(key_dir), "--out", str(out), *force]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "inside the reader package" in err and "\n" not in err
+    assert not any((study_dir / where / name).exists() for name in REPORT_FILES)
+    assert not (study_dir / "report").exists()
+
+
+def test_report_refuses_a_folder_with_other_files_unless_force(tmp_path, files, capsys):
+    from backend.cli import main
+
+    key, answers = files
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    assert main(["study", "report", "--answers", str(answers), "--key", str(key), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "notes.txt" in err and "--force" in err and "\n" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+    (out / "notes.txt").unlink()
+    (out / "old").mkdir()  # a folder is not a report file either
+    with pytest.raises(DiffTumorError, match="other files than a previous report"):
+        write_report([answers], key, out)
+
+    write_report([answers], key, out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*REPORT_FILES, "old"])
+
+
+def test_report_rerun_replaces_a_previous_report(tmp_path, files):
+    key, answers = files
+    out = tmp_path / "report"
+    first = write_report([answers], key, out)
+    assert "R2" in first["table.csv"].read_text(encoding="utf-8")
+    (out / "table.md").unlink()  # a partial previous report is still a previous report
+    answers.write_text("\n".join(line for line in ANSWERS.splitlines() if not line.startswith("R2,")) + "\n",
+                       encoding="utf-8")
+    second = write_report([answers], key, out)  # no --force needed
+    assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)
+    assert "R2" not in second["table.csv"].read_text(encoding="utf-8")
+    assert "R2" not in second["imrmc.csv"].read_text(encoding="utf-8")
+    assert second["table.md"].is_file()
