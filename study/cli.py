@@ -55,7 +55,9 @@ def add_commands(group) -> None:
     p.add_argument("--unsure", action="store_true", help="offer an Unsure answer (counted, excluded from the rates)")
     p.add_argument("--confidence", action="store_true", help="ask a 1-5 confidence with each answer (enables ROC AUC)")
     p.add_argument("--revisit", action="store_true", help="let readers go back and change earlier answers")
-    p.add_argument("--compress", action="store_true", help="write .nii.gz (smaller; file sizes then vary with content)")
+    p.add_argument("--compress", action="store_true",
+                   help="write .nii.gz: smaller, but a compressed file's size follows the image content and can hint "
+                        "at the class (real vs synthetic); the uncompressed default gives every case file the same size")
     p.set_defaults(func=create_handler)
 
     p = group.add_parser("read", help="open napari for one reader's blinded reading session")

@@ -417,3 +417,10 @@ def test_report_rerun_replaces_a_previous_report(tmp_path, files):
     assert "R2" not in second["table.csv"].read_text(encoding="utf-8")
     assert "R2" not in second["imrmc.csv"].read_text(encoding="utf-8")
     assert second["table.md"].is_file()
+
+
+def test_compress_help_warns_about_file_sizes():
+    parser = _parser()
+    create = parser._subparsers._group_actions[0].choices["study"]._subparsers._group_actions[0].choices["create"]
+    text = " ".join(create.format_help().split())
+    assert "can hint at the class" in text and "same size" in text
