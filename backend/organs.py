@@ -121,15 +121,23 @@ def _describe(source) -> str:
     return str(source)
 
 
+MAX_LABEL_ID = 1000  # no label convention comes near this; a CT (HU up to 3000) does
+
+
 def _as_labels(arr: np.ndarray, name: str) -> np.ndarray:
-    """Integer label array; float maps are accepted only when every value is a whole number."""
+    """Integer label array; float maps are accepted only when every value is a whole number.
+    Negative values or ids above :data:`MAX_LABEL_ID` mean an intensity image (a CT given as labels)."""
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.integer):
-        return arr
-    if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
-        raise DiffTumorError(f"{name}: not a label map (values are not whole numbers)")
-    return arr.astype(np.int32)
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise DiffTumorError(f"{name}: not a label map (values are not whole numbers)")
+        arr = arr.astype(np.int32)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > MAX_LABEL_ID:
+        raise DiffTumorError(f"{name}: not a label map (values {lo}..{hi}; labels are 0..{MAX_LABEL_ID}); "
+                             "is this the CT rather than its organ labels?")
+    return arr
 
 
 def _check_reference(reference, geometry: Geometry | None, name: str) -> None:
@@ -154,6 +162,22 @@ def load_organ_mask(
     Raises :class:`DiffTumorError` naming the source for an unknown organ or convention, an organ
     absent from the mask, a grid mismatch, or an unreadable file.
     """
+    return load_organ_and_tumors(source, organ, convention=convention, label_id=label_id, reference=reference)[0]
+
+
+def load_organ_and_tumors(
+    source: Source,
+    organ: str,
+    *,
+    convention: Convention = "auto",
+    label_id: int | None = None,
+    reference: Geometry | Volume | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(organ mask, tumours already labelled in it or None), as :func:`load_organ_mask` reads the organ.
+
+    Only MSD / LiTS / KiTS maps label tumours (value 2, inside the organ mask ``label >= 1``); the
+    other conventions, and an explicit ``label_id``, give None.
+    """
     organ = parse_organ(organ)
     if convention not in CONVENTIONS:
         raise DiffTumorError(f"unknown label convention '{convention}'; choose one of {', '.join(CONVENTIONS)}")
@@ -162,7 +186,7 @@ def load_organ_mask(
     if not isinstance(source, (Volume, np.ndarray)) and Path(source).is_dir():
         if label_id is not None or convention not in ("auto", "atlas"):
             raise DiffTumorError(f"{name}: a folder is read as an AbdomenAtlas case; convention '{convention}' / label_id need a label file")
-        return _load_atlas(Path(source), organ, reference)
+        return _load_atlas(Path(source), organ, reference), None
     if convention == "atlas":
         raise DiffTumorError(f"{name}: convention 'atlas' needs a case folder with segmentations/<organ>.nii.gz")
 
@@ -177,7 +201,7 @@ def load_organ_mask(
         mask = labels == int(label_id)
         if not mask.any():
             raise DiffTumorError(f"{name}: no voxels with label {int(label_id)} in this mask")
-        return mask
+        return mask, None
 
     if convention == "auto":
         convention = detect_convention(labels)
@@ -187,14 +211,15 @@ def load_organ_mask(
         mask = labels >= 1
         if not mask.any():
             raise DiffTumorError(f"{name}: no '{organ}' voxels (label >= 1) in this mask")
-        return mask
+        tumors = labels == 2
+        return mask, (tumors if tumors.any() else None)
 
     ids = ORGAN_TOTALSEG_IDS[organ]
     mask = np.isin(labels, ids)
     if not mask.any():
         id_text = "label " + " or ".join(str(i) for i in ids)
         raise DiffTumorError(f"{name}: no '{organ}' voxels ({id_text}) in this mask")
-    return mask
+    return mask, None
 
 
 def _atlas_file(seg_dir: Path, stem: str) -> Path | None:

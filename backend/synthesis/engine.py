@@ -83,6 +83,14 @@ def check_ct_like(ct: Volume, organ_mask: np.ndarray, name: str = "CT") -> None:
     if a.dtype.kind not in "iuf":
         raise DiffTumorError(f"{name}: pixel type {a.dtype} is not a CT intensity type")
     sub = a[:: max(1, a.shape[0] // 32), ::4, ::4]
+    if np.issubdtype(a.dtype, np.integer) and 0 <= int(sub.min()) and int(sub.max()) <= 1000 and len(np.unique(sub)) <= 256:
+        raise DiffTumorError(f"{name}: looks like a label map (few whole values {int(sub.min())}..{int(sub.max())}), not a CT")
+    p_lo, p_hi = (float(v) for v in np.percentile(sub, [0.5, 99.5]))
+    if p_hi - p_lo < 200.0:  # any abdominal CT spans fat (-100) to soft tissue and bone
+        raise DiffTumorError(
+            f"{name}: does not look like a CT in Hounsfield units (intensities span only {p_lo:.4g}..{p_hi:.4g}); "
+            "scaled or normalised data is not supported"
+        )
     organ_vals = a[organ_mask]
     organ_med = float(np.median(organ_vals)) if organ_vals.size else float("nan")
     med, lo = float(np.median(sub)), float(sub.min())
@@ -106,6 +114,19 @@ def _as_mask(m, ct: Volume, name: str) -> np.ndarray:
     if m.dtype.kind == "f" and not np.all(np.isfinite(m)):
         raise DiffTumorError(f"{name}: contains NaN or infinite values")
     return m != 0
+
+
+def component_diameters_mm(mask: np.ndarray, spacing_zyx) -> list[float]:
+    """Largest diameter (mm) of each connected tumour (26-connected) in ``mask``, largest first."""
+    box = _bbox_slices(mask, (0, 0, 0))
+    lab, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))
+    return sorted((masks.largest_diameter_mm(lab[sl] == k + 1, spacing_zyx)
+                   for k, sl in enumerate(ndimage.find_objects(lab))), reverse=True)
+
+
+def stage_of_diameter(diameter_mm: float) -> str:
+    """The release's stage rule: a tumour under 20 mm is early, anything larger mid/late."""
+    return "early" if diameter_mm < EARLY_MAX_DIAMETER_MM else "mid_late"
 
 
 def _bbox_slices(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
@@ -378,6 +399,7 @@ class SynthesisEngine:
         organ_name: str = "organ mask",
         keep_intermediates: bool = False,
         weights_organ: str | None = None,
+        existing_tumor=None,
     ) -> Iterator[tuple[str, int, int]]:
         """Generator form of :meth:`synthesize`; must not touch Qt. See the module docstring.
 
@@ -391,6 +413,9 @@ class SynthesisEngine:
         * ``weights_organ``: whose diffusion weights to use (default: ``organ``). The paper's cross-organ
           setting (section 4.2): e.g. ``organ="pancreas", weights_organ="liver"`` paints pancreas tumours
           with the liver model; blending and the tumour generator still follow ``organ``.
+        * ``existing_tumor``: tumours already in the CT (e.g. label 2 of an MSD/LiTS/KiTS map). They stay
+          tumour (2) in the output label, are left out of the organ for placement, blending and the organ's
+          statistics, and are never painted over.
         """
         t_start = time.perf_counter()
         if method not in METHODS:
@@ -406,6 +431,10 @@ class SynthesisEngine:
         organ = parse_organ(organ)
         model_organ = parse_organ(weights_organ) if weights_organ else organ
         rng = np.random.default_rng(seed)
+        existing = None
+        if existing_tumor is not None:
+            existing = _as_mask(existing_tumor, ct, "existing tumour mask")
+            organ_mask = _as_mask(organ_mask, ct, organ_name) & ~existing  # the healthy organ
         cached, organ_arr = self._ct_entry(ct, organ_mask, organ_name)
         if not organ_arr.any():
             raise DiffTumorError(f"{organ_name}: the organ '{organ}' is absent (no voxel)")
@@ -422,14 +451,22 @@ class SynthesisEngine:
             class_stage = masks.SIZE_CLASSES[params[0].size].stage
             mask_info = {"source": "generated (release generator)", "tumours": [p.to_dict() for p in params]}
         else:
-            tumor = masks.validate_tumor_mask(_as_mask(tumor_mask, ct, tumor_name), organ_arr, name=tumor_name)
+            raw = _as_mask(tumor_mask, ct, tumor_name)
+            if existing is not None:
+                if raw.any() and not (raw & ~existing).any():
+                    raise DiffTumorError(f"{tumor_name}: lies entirely on the tumours already in the organ labels")
+                raw = raw & ~existing  # a real tumour is never painted over
+            tumor = masks.validate_tumor_mask(raw, organ_arr, name=tumor_name)
             mask_info = {"source": "user", "voxels": int(tumor.sum()),
                          "volume_ml": float(tumor.sum() * ct.geometry.voxel_volume_ml)}
+        if existing is not None:
+            tumor = tumor & ~existing  # (generated tumours already avoid them: the organ excludes them)
         spacing_zyx = ct.geometry.spacing[::-1]
         groups = group_components(tumor, ct.geometry)
+        diameters = [component_diameters_mm(g, spacing_zyx) for g in groups]  # per tumour, not per crop
 
         # ---- method
-        stages = [stage or class_stage or self._stage_of(g, spacing_zyx) for g in groups]
+        stages = [stage or class_stage or stage_of_diameter(max(d)) for d in diameters]
         if method == "model-based":
             chosen, reason = "model-based", "requested"
         else:
@@ -448,7 +485,7 @@ class SynthesisEngine:
                  if keep_intermediates and chosen == "diffusion" else None)
         crops_info = []
         n = len(groups)
-        for i, (g, st) in enumerate(zip(groups, stages)):
+        for i, (g, st, diam) in enumerate(zip(groups, stages, diameters)):
             t0 = time.perf_counter()
             if chosen == "model-based":
                 out, _, params = synthesize_model_based(out, spacing_zyx, organ_arr, g, rng=rng, config=self.model_based_config)
@@ -468,11 +505,15 @@ class SynthesisEngine:
                         out, info = stop.value
                         break
             info.update(stage=st if chosen == "diffusion" else None, seconds=round(time.perf_counter() - t0, 3),
-                        diameter_mm=round(masks.largest_diameter_mm(g, spacing_zyx), 2))
+                        tumours=len(diam), diameter_mm=round(max(diam), 2), diameters_mm=[round(d, 2) for d in diam])
             crops_info.append(info)
 
         label = np.zeros(ct.array.shape, np.uint8)
         label[organ_arr] = 1
+        if existing is not None:
+            out[existing] = ct.array[existing]  # a blend's soft edge never reaches into a real tumour
+            label[existing] = 2
+            mask_info["existing_tumour_voxels"] = int(existing.sum())
         label[tumor] = 2
         from backend import __version__
 
@@ -485,18 +526,14 @@ class SynthesisEngine:
             "version": __version__,
             "device": str(self.device),
             "mask": mask_info,
-            "tumours": crops_info,
+            "n_tumours": int(sum(len(d) for d in diameters)),
+            "tumours": crops_info,  # one entry per crop (tumours close together share a crop)
             "seconds": round(time.perf_counter() - t_start, 3),
         }
         yield "done", 1, 1
         return SynthesisResult(Volume(out, ct.geometry, getattr(ct, "path", None)), label, tumor, prov, inter or {})
 
     # ---------------------------------------------------------------- helpers
-    @staticmethod
-    def _stage_of(group: np.ndarray, spacing_zyx) -> str:
-        d = masks.largest_diameter_mm(group, spacing_zyx)
-        return "early" if d < EARLY_MAX_DIAMETER_MM else "mid_late"
-
     def _generate(self, ct: Volume, organ_arr: np.ndarray, organ: str, size, count, rng, cached: "_CTEntry"):
         setup = _random_setup(ct, organ_arr, organ, size, count, rng)
         return _random_joint(*setup, count, prepared=lambda sz: cached.organ_model(ct.geometry, organ_arr, sz))

@@ -153,6 +153,14 @@ def test_bad_inputs(tmp_path):
     mr = Volume((np.abs(ct.array.astype(np.float32)) + 300.0) * 1.5, ct.geometry)
     with pytest.raises(DiffTumorError, match="does not look like a CT"):
         e.synthesize(mr, organ, **kw)
+    a = ct.array.astype(np.float32)
+    scaled = Volume((a - a.min()) / (a.max() - a.min()), ct.geometry)  # a CT normalised to 0..1
+    with pytest.raises(DiffTumorError, match=r"intensities span only"):
+        e.synthesize(scaled, organ, **kw)
+    labels_as_ct = Volume(np.where(organ, 5, 0).astype(np.uint8), ct.geometry)
+    labels_as_ct.array[0, :2, :2] = 7
+    with pytest.raises(DiffTumorError, match="looks like a label map"):
+        e.synthesize(labels_as_ct, organ, **kw)
 
 
 def test_mask_grid_float_noise_accepted_different_grid_refused(tmp_path):
@@ -180,3 +188,39 @@ def test_early_crop_on_gpu_matches_release(parity_dir, parity_outputs):
     diff = np.abs(out - parity_outputs["blend_early"][0, 0].numpy())
     # GPU convolutions may flip a near-tie code (parity README §3); the blend stays within 2e-4 almost everywhere
     assert (diff <= 2e-4).mean() > 0.999 and diff.max() < 0.05
+
+
+def test_stage_and_diameter_per_tumour_not_per_crop(tmp_path):
+    """Two 6 mm tumours 40 mm apart share one crop; each is early, and the crop is not one 90 mm 'tumour'."""
+    from backend.synthesis.engine import component_diameters_mm, group_components
+
+    ct, organ = _synthetic_ct()
+    tumour = (ellipsoid_mask(ct.geometry, (48, 48, 12), (3, 3, 3), voxel=True)
+              | ellipsoid_mask(ct.geometry, (48, 48, 28), (3, 3, 3), voxel=True))
+    assert len(group_components(tumour, ct.geometry)) == 1
+    diameters = component_diameters_mm(tumour, ct.geometry.spacing[::-1])
+    assert len(diameters) == 2 and all(5 < d < 8 for d in diameters)  # 6 mm spheres on a 0.8 x 0.8 x 2.5 mm grid
+    e = SynthesisEngine(tmp_path, device="cpu")
+    asked = []
+    e.diffusion_available = lambda organ, stage: (asked.append(stage), (False, "no weights here"))[1]
+    r = e.synthesize(ct, organ, tumour, organ="liver", seed=0)
+    assert asked == ["early"]  # the stage the weights were looked up for
+    assert r.provenance["n_tumours"] == 2 and len(r.provenance["tumours"]) == 1
+    crop = r.provenance["tumours"][0]
+    assert crop["tumours"] == 2 and crop["diameter_mm"] < 8 and len(crop["diameters_mm"]) == 2
+
+
+def test_existing_tumours_stay_tumour_and_are_not_painted_over(tmp_path):
+    """An MSD-style label (1 organ, 2 tumour): the real tumour keeps label 2, new tumours avoid it."""
+    ct, organ = _synthetic_ct()
+    real_tumour = ellipsoid_mask(ct.geometry, (40, 40, 20), (8, 8, 8), voxel=True) & organ
+    e = SynthesisEngine(tmp_path, device="cpu")
+    r = e.synthesize(ct, organ, organ="liver", size="small", count=3, seed=1, existing_tumor=real_tumour)
+    assert (r.label[real_tumour] == 2).all()
+    assert not (r.tumor_mask & real_tumour).any() and r.tumor_mask.any()
+    assert np.array_equal(r.ct.array[real_tumour], ct.array[real_tumour])  # the real tumour is untouched
+    assert r.provenance["mask"]["existing_tumour_voxels"] == int(real_tumour.sum())
+    assert set(np.unique(r.label)) == {0, 1, 2}
+    user = ellipsoid_mask(ct.geometry, (40, 40, 20), (4, 4, 4), voxel=True)  # entirely on the real tumour
+    with pytest.raises(DiffTumorError, match="entirely on the tumours already"):
+        e.synthesize(ct, organ, user, organ="liver", method="model-based", existing_tumor=real_tumour)

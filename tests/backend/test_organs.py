@@ -141,3 +141,30 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(DiffTumorError, match="needs a case folder"):
         load_organ_mask(_totalseg(), "liver", convention="atlas")
     assert set(ORGANS) == {"liver", "pancreas", "kidney", "kidney_left", "kidney_right", "spleen"}
+
+
+def test_msd_map_gives_its_tumours_other_conventions_none():
+    from backend.organs import load_organ_and_tumors
+
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1:3, 1:4, 1:5] = 1
+    labels[2, 2, 2:4] = 2
+    organ, tumours = load_organ_and_tumors(labels, "liver")
+    assert organ.sum() == 24 and tumours is not None and tumours.sum() == 2 and (organ[tumours]).all()
+    labels[labels == 2] = 1
+    assert load_organ_and_tumors(labels, "liver")[1] is None  # no tumour labelled
+    totalseg = np.zeros((4, 5, 6), np.uint8)
+    totalseg[1:3, 1:3, 1:3] = 5  # liver
+    totalseg[0, 0, 0] = 2  # kidney_right, not a tumour
+    assert load_organ_and_tumors(totalseg, "liver")[1] is None
+    assert load_organ_and_tumors(labels * 2, "liver", label_id=2)[1] is None
+
+
+def test_a_ct_given_as_labels_is_refused():
+    ct_like = np.full((4, 5, 6), -1000, np.int16)
+    ct_like[1:3, 1:4, 1:5] = 5  # a voxel of 5 HU would otherwise be "liver" (TotalSegmentator id 5)
+    with pytest.raises(DiffTumorError, match=r"not a label map \(values -1000\.\.5.*is this the CT"):
+        load_organ_mask(ct_like, "liver")
+    mr_like = np.arange(4 * 5 * 6, dtype=np.uint16).reshape(4, 5, 6) * 20
+    with pytest.raises(DiffTumorError, match="not a label map"):
+        load_organ_mask(mr_like, "liver")
