@@ -180,8 +180,8 @@ class SynthesisWidget(ScrollableContainer):
         ct, organs, tumor = self.ct_layer.value, self.organ_layer.value, self.tumor_layer.value
         if ct is None:
             raise DiffTumorError("CT layer: no CT image is open; open a CT or the phantom sample first")
-        organ = pl.organ_mask(None if organs is None else organs.data, self.organ.value,
-                              name=organs.name if organs is not None else "organ labels")
+        organ, existing = pl.organ_and_tumors(None if organs is None else organs.data, self.organ.value,
+                                              name=organs.name if organs is not None else "organ labels")
         if tumor is None:
             raise DiffTumorError("tumour mask: no tumour mask layer; place a tumour with the Tumor placement widget first")
         for layer, arr in ((organs, organ), (tumor, tumor.data)):
@@ -195,7 +195,7 @@ class SynthesisWidget(ScrollableContainer):
             organ=self.organ.value, method=self.method.value, device=self.device.value, stage=self.stage.value,
             steps=int(self.steps.value), seed=int(self.seed.value), weights_dir=self.weights_folder(),
             placements=placements, source=ct.metadata.get("difftumor", {}).get("source"),
-            keep_intermediates=bool(self.keep_intermediates.value))
+            keep_intermediates=bool(self.keep_intermediates.value), existing_tumor=existing)
 
     @property
     def running(self) -> bool:

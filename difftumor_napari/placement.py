@@ -127,12 +127,17 @@ def pick_organ_layer(layers: Sequence[Any]):
 
 def organ_mask(labels: Any, organ: str, *, name: str = "organ labels") -> np.ndarray:
     """Boolean organ mask from a label layer's data (the 4 conventions of :mod:`backend.organs`)."""
-    from backend.organs import load_organ_mask
+    return organ_and_tumors(labels, organ, name=name)[0]
+
+
+def organ_and_tumors(labels: Any, organ: str, *, name: str = "organ labels") -> tuple[np.ndarray, np.ndarray | None]:
+    """(organ mask, tumours already labelled in it, e.g. label 2 of an MSD/LiTS/KiTS map, or None)."""
+    from backend.organs import load_organ_and_tumors
 
     if labels is None:
         raise DiffTumorError("organ labels: no organ label layer; open or draw an organ segmentation first")
     try:
-        return load_organ_mask(np.asarray(labels), organ)
+        return load_organ_and_tumors(np.asarray(labels), organ)
     except DiffTumorError as exc:
         raise DiffTumorError(str(exc).replace("<label array>", name)) from None
 

@@ -112,6 +112,7 @@ class SynthesisRequest:
     placements: list[dict] = field(default_factory=list)
     source: str | None = None  # file the CT came from (provenance)
     keep_intermediates: bool = True  # diffusion: masked / reconstruction / decoded volumes for Inspection
+    existing_tumor: np.ndarray | None = None  # tumours already labelled (kept as tumour, never painted over)
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("device", DEVICES), ("stage", STAGES)):
@@ -170,6 +171,8 @@ def engine_generator(request: SynthesisRequest):
         kwargs["keep_intermediates"] = True  # one extra encode + decode per crop; ignored by model-based
     if request.steps:
         kwargs["ddim_steps"] = int(request.steps)  # mid/late DDIM steps; early tumours use the release's T = 4
+    if request.existing_tumor is not None:
+        kwargs["existing_tumor"] = np.asarray(request.existing_tumor, bool)
     return engine.iter_synthesize(Volume(request.ct, request.geometry), np.asarray(request.organ_mask, bool),
                                   np.asarray(request.tumor_mask) > 0, **kwargs)
 

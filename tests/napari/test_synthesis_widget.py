@@ -258,3 +258,25 @@ def test_weights_folder_is_remembered(make_napari_viewer, qtbot, tmp_path, no_we
     w2 = SynthesisWidget(make_napari_viewer())
     qtbot.addWidget(w2.native)
     assert w2.weights_folder() == str(folder.resolve())
+
+
+def test_tumours_already_in_msd_labels_stay_tumour(phantom_viewer, qtbot, monkeypatch, errors):
+    """An MSD-style organ layer (1 liver, 2 tumour): its tumour stays 2 in the result and is not painted over."""
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    organs = phantom_viewer.layers["phantom organs"]
+    place, synth = _widgets(phantom_viewer, qtbot)
+    place.organ.value = "liver"
+    liver = place.organ_mask()
+    centre = _inner_voxel(liver)
+    real = np.zeros(liver.shape, bool)
+    real[tuple(slice(c - 3, c + 4) for c in centre)] = True
+    real &= liver
+    msd = np.where(liver, 1, 0).astype(np.uint8)
+    msd[real] = 2
+    organs.data = msd
+    assert place.place_random() == 1
+    synth.organ.value = "liver"
+    assert synth.run() and synth.outcome is not None and errors == []
+    label = synth.outcome.label
+    assert (label[real] == 2).all() and not (synth.outcome.tumor_mask & real).any()
+    assert synth.outcome.provenance["mask"]["existing_tumour_voxels"] == int(real.sum())
