@@ -27,6 +27,7 @@ from backend.train.common import (
     config_to_dict,
     load_config,
     load_resume_checkpoint,
+    resume_lr_scheduler,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -269,13 +270,18 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
         ck = load_resume_checkpoint(resume, ckpt_path, "autoencoder", map_location=device)
         model.load_state_dict(ck["model"])
         loss_mod.load_state_dict(ck["loss_model"], strict=False)
-        for o, s in zip((opt_g, opt_d, sched_g, sched_d), ck["optimizers"] + ck["schedulers"]):
+        for o, s in zip((opt_g, opt_d), ck["optimizers"]):
             o.load_state_dict(s)
+        # the LR schedules follow this run's config (milestones, gamma, lr), continued at the saved step
+        changed = resume_lr_scheduler(sched_g, ck["schedulers"][0])
+        resume_lr_scheduler(sched_d, ck["schedulers"][1])  # same settings as sched_g
         scaler.load_state_dict(ck["scaler"])
         schedule.load_state_dict(ck["data"])
         set_rng_state(ck["rng"])
         step = int(ck["step"])
         logger.info("resumed from step %d", step)
+        if changed:
+            logger.info("learning-rate schedule rebuilt for the current config (%s)", ", ".join(changed))
     ddp_model = wrap_ddp(model, dist, broadcast_buffers=False)
     model.train()
     loss_mod.train()

@@ -18,6 +18,7 @@ Public API (all pure Python + torch; no stage-specific code)::
     DrawSampler(schedule) / SeededDraws(dataset)              that order through a DataLoader, reseeded per draw
     start_run(device, *, seed, threads=0, logger_name)        setup_distributed + threads + seeds + logger
     load_resume_checkpoint(resume, default_path, stage)       --resume's checkpoint, checked for its stage
+    resume_lr_scheduler(scheduler, state) -> list[str]        the config's LR schedule, continued at the saved step
     wrap_ddp(model, dist, **kwargs)                           DDP under torchrun, else the model itself
     TrainingLoop(dist, metrics_path, *, step, max_steps, ...) Ctrl-C, progress bar, metrics CSV, teardown
 
@@ -39,6 +40,7 @@ import signal
 import time
 import types
 import typing
+import warnings
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
@@ -446,6 +448,35 @@ def load_resume_checkpoint(resume, default_path, stage: str, *, map_location="cp
         article = "an" if stage[:1] in "aeiou" else "a"
         raise DiffTumorError(f"{path}: not {article} {stage} training checkpoint (stage {ckpt.get('stage')!r})")
     return ckpt
+
+
+_SCHEDULER_BOOKKEEPING = {"last_epoch", "lr_lambdas", "verbose"}  # state that is not a schedule setting
+
+
+def resume_lr_scheduler(scheduler, state: dict) -> list[str]:
+    """Continue ``scheduler``, freshly built from the current config, at the step count saved in ``state``
+    (a scheduler ``state_dict()`` from the checkpoint) while keeping the current schedule: its total steps,
+    warm-up, milestones and base LR. The learning rate at step k is then the one a fresh run with the
+    current config has at step k. (``load_state_dict`` would bring back the old schedule, so a resume with
+    a larger ``max_steps`` restarted the cosine from LR 0.)
+
+    Call it after the optimizer's ``load_state_dict``, which brings back the old run's LR: the LR is reset
+    to the fresh scheduler's and the scheduler is stepped as often as the saved one was, so chained
+    schedules (MultiStepLR) come out exactly as in an uninterrupted run. Returns the settings that differ
+    from the saved ones, e.g. ``["t_total 8 -> 12"]``, for the log.
+    """
+    fresh = scheduler.state_dict()
+    if fresh["last_epoch"] != 0:
+        raise ValueError("resume_lr_scheduler needs a scheduler that has not been stepped yet")
+    changed = [f"{k} {state[k]} -> {v}" for k, v in fresh.items()
+               if not k.startswith("_") and k not in _SCHEDULER_BOOKKEEPING and k in state and state[k] != v]
+    for group, base, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.get_last_lr()):
+        group["initial_lr"], group["lr"] = base, lr
+    with warnings.catch_warnings():  # torch warns that the optimizer has not stepped yet; here that is intended
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(int(state["last_epoch"])):
+            scheduler.step()
+    return changed
 
 
 def wrap_ddp(model: torch.nn.Module, dist: DistInfo, **kwargs) -> torch.nn.Module:

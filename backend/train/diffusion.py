@@ -293,6 +293,8 @@ def train(cfg: DiffusionTrainConfig, *, resume: str | None = None) -> dict:
         unet.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizers"][0])
+        for group in opt.param_groups:  # the restored state holds the old run's lr; this run's config decides
+            group["lr"] = cfg.optim.lr
         schedule.load_state_dict(ck["data"])
         set_rng_state(ck["rng"])
         step = int(ck["step"])

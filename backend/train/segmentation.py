@@ -267,10 +267,13 @@ def train(cfg: SegmentationConfig, *, resume: bool | str | None = None) -> dict:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+        # the schedule follows this run's max_steps / warm-up / lr, continued at the saved step
+        changed = common.resume_lr_scheduler(sched, ckpt["scheduler"])
         step, best = int(ckpt["step"]), float(ckpt.get("best", -1.0))
         common.set_rng_state(ckpt["rng"])
         logger.info("resumed from %s at step %d", last_path, step)
+        if changed:
+            logger.info("learning-rate schedule rebuilt for the current config (%s)", ", ".join(changed))
     net = common.wrap_ddp(model, dist)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
     use_amp = cfg.amp and dist.device.type == "cuda"

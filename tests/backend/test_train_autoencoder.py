@@ -58,6 +58,18 @@ def test_smoke_and_resume_matches_uninterrupted(data_dir, tmp_path):
     assert rows_b == rows  # same losses at every step, header written once
 
 
+@pytest.mark.slow
+def test_resume_with_new_milestones_follows_the_new_lr_schedule(data_dir, tmp_path):
+    """The restored MultiStepLR used to keep the old milestones, so a changed schedule was ignored."""
+    torch.set_num_threads(2)
+    train(_cfg(data_dir, tmp_path, "max_steps=2"))
+    train(_cfg(data_dir, tmp_path, "max_steps=4", "optim.milestones=[3]", "optim.gamma=0.5"), resume="last")
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv", encoding="utf-8")))
+    assert [float(r["lr"]) for r in rows] == [1e-3, 1e-3, 5e-4, 5e-4]  # as a fresh run with milestone 3 has
+    ck = load_checkpoint(tmp_path / "checkpoint_last.pt")
+    assert all(dict(s["milestones"]) == {3: 1} for s in ck["schedulers"])
+
+
 def test_bad_inputs(tmp_path, data_dir):
     with pytest.raises(DiffTumorError, match=r"data.crop_size \(30, 32, 32\).*divisible"):
         train(_cfg(data_dir, tmp_path / "o", "data.crop_size=[30,32,32]", "data.spacing=[1,1,1]"))

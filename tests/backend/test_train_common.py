@@ -21,6 +21,7 @@ from backend.train.common import (
     load_checkpoint,
     load_config,
     parse_overrides,
+    resume_lr_scheduler,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -129,6 +130,70 @@ def test_checkpoint_atomic_and_versioned(tmp_path):
     torch.save({"x": 1}, tmp_path / "other.pt")
     with pytest.raises(DiffTumorError, match="other.pt: not a DiffTumor training checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def _warmup_cosine(opt, warmup, total):
+    from monai.optimizers import WarmupCosineSchedule
+
+    return WarmupCosineSchedule(opt, warmup_steps=warmup, t_total=total)
+
+
+def _multistep(opt, milestones):
+    return torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), 0.5)
+
+
+@pytest.mark.parametrize(
+    "make_old, make_new, changed",
+    [
+        # `train segmentation max_steps=12 --resume` after 8 steps (was: LR 0 at step 8, then climbing again)
+        (lambda o: _warmup_cosine(o, 2, 8), lambda o: _warmup_cosine(o, 2, 12), ["t_total 8 -> 12"]),
+        (lambda o: _warmup_cosine(o, 2, 8), lambda o: _warmup_cosine(o, 3, 20), ["warmup_steps 2 -> 3", "t_total 8 -> 20"]),
+        # chained schedule: the LR is rebuilt from the config, not from the optimizer's restored LR
+        (lambda o: _multistep(o, (3, 6)), lambda o: _multistep(o, (3, 10)), ["milestones Counter({3: 1, 6: 1}) -> Counter({3: 1, 10: 1})"]),
+    ],
+)
+@pytest.mark.parametrize("new_lr", [1e-2, 5e-3])
+def test_resumed_lr_schedule_equals_a_fresh_run_with_the_new_settings(tmp_path, make_old, make_new, changed, new_lr):
+    def parts(lr, make):
+        param = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.AdamW([param], lr=lr)
+        return param, opt, make(opt)
+
+    def train_steps(param, opt, sched, n):
+        lrs = []
+        for _ in range(n):
+            param.grad = torch.ones_like(param)
+            opt.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        return lrs
+
+    param, opt, sched = parts(1e-2, make_old)
+    train_steps(param, opt, sched, 8)
+    save_checkpoint(tmp_path / "last.pt", stage="t", config={}, step=8, optimizer=opt.state_dict(),
+                    scheduler=sched.state_dict())
+    ck = load_checkpoint(tmp_path / "last.pt")
+
+    param, opt, sched = parts(new_lr, make_new)
+    opt.load_state_dict(ck["optimizer"])
+    got = resume_lr_scheduler(sched, ck["scheduler"])
+    assert got == changed + ([f"base_lrs [0.01] -> [{new_lr}]"] if new_lr != 1e-2 else [])
+    assert opt.state[param]["step"] == 8  # the optimizer's moments still come from the checkpoint
+    resumed = [opt.param_groups[0]["lr"]] + train_steps(param, opt, sched, 8)
+
+    param, fresh_opt, fresh = parts(new_lr, make_new)
+    expected = train_steps(param, fresh_opt, fresh, 16)[7:]  # LR after steps 8..16 of a fresh run
+    assert resumed == expected  # exactly
+    assert sched.state_dict()["last_epoch"] == fresh.state_dict()["last_epoch"] == 16
+
+
+def test_resume_lr_scheduler_refuses_a_stepped_scheduler():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
+    sched = _multistep(opt, (2,))
+    opt.step()
+    sched.step()
+    with pytest.raises(ValueError, match="not been stepped"):
+        resume_lr_scheduler(sched, {"last_epoch": 3})
 
 
 def test_metrics_csv_appends_header_once(tmp_path):

@@ -122,6 +122,14 @@ def test_resume_equals_uninterrupted(tmp_path, msd, tiny_ae):
     assert _losses(full / "metrics.csv") == _losses(part / "metrics.csv")
 
 
+def test_resume_uses_the_configured_lr(tmp_path, msd, tiny_ae):
+    """The restored optimizer used to keep the old lr while metrics.csv logged the new one."""
+    train(_cfg(tmp_path, msd, tiny_ae, "max_steps=2", "checkpoint_every=100"))
+    train(_cfg(tmp_path, msd, tiny_ae, "max_steps=3", "checkpoint_every=100", "optim.lr=3e-5"), resume="last")
+    ck = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
+    assert [g["lr"] for g in ck["optimizers"][0]["param_groups"]] == [3e-5]
+
+
 def test_cli_and_bad_inputs(tmp_path, msd, tiny_ae):
     out = tmp_path / "cli"
     code = main(["train", "diffusion", *TINY, f"data.source={msd}", f"autoencoder={tiny_ae}", f"output_dir={out}",

@@ -104,6 +104,29 @@ def test_resume_after_a_crash_continues_the_same_data_stream(toy, tmp_path, monk
 
 
 @pytest.mark.slow
+def test_resume_with_a_larger_max_steps_follows_the_new_lr_schedule(toy, tmp_path):
+    """`max_steps=6 --resume` after a 4-step run: the LR at every step is the one a fresh 6-step run has
+    (the restored scheduler used to keep t_total=4, so the LR was 0 at step 4 and then climbed again)."""
+    from monai.optimizers import WarmupCosineSchedule
+
+    args = ["--config", str(TINY_CONFIG), f"data.real={toy['real']}", f"data.healthy={toy['healthy']}",
+            f"out_dir={tmp_path}", "roi_size=[32,32,32]", "val_every=0", "log_every=1", "data.cache_rate=0"]
+    assert cli(["train", "segmentation", *args, "max_steps=4"]) == 0
+    assert cli(["train", "segmentation", *args, "max_steps=6", "--resume"]) == 0
+    logged = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "metrics.csv", encoding="utf-8"))]
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)  # the tiny config's lr / warm-up
+    fresh = WarmupCosineSchedule(opt, warmup_steps=2, t_total=6)
+    expected = []
+    for _ in range(6):
+        opt.step()
+        fresh.step()
+        expected.append(fresh.get_last_lr()[0])
+    assert logged[4:] == expected[4:]
+    assert logged[5] == 0.0 and logged[4] > 0.0
+    assert torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)["scheduler"]["t_total"] == 6
+
+
+@pytest.mark.slow
 def test_presynthesized_cases_from_difftumor_synthesize_train_but_never_validate(toy, tmp_path, caplog):
     """`difftumor synthesize` output folders are a training source (synthesis off the training step)."""
     import logging
