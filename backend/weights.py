@@ -79,15 +79,16 @@ def set_weights_dir(path) -> Path:
     return write_config(data)
 
 
-def resolve_weights_dir(path=None) -> tuple[Path | None, str]:
+def resolve_weights_dir(path=None, *, what: str = "--weights") -> tuple[Path | None, str]:
     """(folder, where it came from) — ``argument``, ``$DIFFTUMOR_WEIGHTS``, ``user config`` or (None, "none").
 
-    An explicit argument or environment value that is not a folder is an error (one line).
+    An explicit argument or environment value that is not a folder is an error (one line); ``what``
+    names the argument in it (``--weights``, or ``weights folder`` for a positional one).
     """
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_dir():
-            raise DiffTumorError(f"--weights {p}: not a folder")
+            raise DiffTumorError(f"{what} {p}: not a folder")
         return p, "argument"
     env = os.environ.get(ENV_VAR)
     if env:
@@ -220,6 +221,17 @@ def load_weight_file(path: Path):
 
 def manifest() -> dict:
     return json.loads(MANIFEST_PATH.read_text(encoding="utf-8"))
+
+
+EXPECTED_NAMES = f"{AE_NAME}, {{{','.join(WEIGHT_ORGANS)}}}_{{{','.join(STAGES)}}}.pt"  # for messages
+
+
+def other_weight_files(root) -> list[str]:
+    """Names of ``.pt`` / ``.ckpt`` files in ``root`` that are not among the expected names
+    (e.g. a renamed release file, which the loaders will not find)."""
+    expected = {AE_NAME} | {diffusion_name(o, s) for o in WEIGHT_ORGANS for s in STAGES}
+    return sorted(p.name for p in Path(root).iterdir()
+                  if p.is_file() and p.suffix in (".pt", ".ckpt") and p.name not in expected)
 
 
 def check_folder(root, *, organs=WEIGHT_ORGANS, load: bool = True) -> list[dict]:

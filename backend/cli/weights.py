@@ -15,7 +15,9 @@ def register(sub) -> None:
     c = verbs.add_parser("check", help="list present/missing weights per organ, verify they load, print sha256")
     c.add_argument("dir", nargs="?", default=None, help="weights folder (default: $DIFFTUMOR_WEIGHTS or the user config)")
     c.add_argument("--no-load", action="store_true", help="only list files and checksums (fast)")
-    c.add_argument("--remember", action="store_true", help="store DIR as the default weights folder in the user config")
+    c.add_argument("--remember", action="store_true",
+                   help="store DIR as the default weights folder in the user config (also an empty one, with a "
+                   "warning: 'difftumor weights fetch' then downloads into it)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=check_handler)
 
@@ -32,12 +34,16 @@ def check_handler(args) -> int:
     from backend import weights
     from backend.errors import DiffTumorError
 
-    root, source = weights.resolve_weights_dir(args.dir)
+    root, source = weights.resolve_weights_dir(args.dir, what="weights folder")
     if root is None:
         raise DiffTumorError(f"weights check: no folder given; pass DIR, set ${weights.ENV_VAR}, or run 'difftumor weights fetch --dest DIR'")
     rows = weights.check_folder(root, load=not args.no_load)
+    empty = not any(r["present"] for r in rows)
     if args.remember:
         weights.set_weights_dir(root)
+        if empty:
+            log.warning("remembered %s as the weights folder although it holds no weights yet "
+                        "('difftumor weights fetch' downloads into it)", root)
     if args.json:
         print(json.dumps({"folder": str(root), "source": source, "files": rows}, indent=1))
     else:
@@ -57,6 +63,12 @@ def check_handler(args) -> int:
                      if all(next(r for r in rows if r["name"] == n)["present"] and
                             next(r for r in rows if r["name"] == n)["loads"] is not False for n in names)]
             print(f"  {organ:9s} diffusion ready for: {', '.join(ready) if ready else 'nothing (model-based only)'}")
+    if empty:
+        others = weights.other_weight_files(root)
+        hint = (f"; it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, which must carry the "
+                "expected names" if others else f"; download them with 'difftumor weights fetch --dest {root}'")
+        log.error("weights folder %s holds none of the expected files (%s)%s", root, weights.EXPECTED_NAMES, hint)
+        return 1
     bad = [r for r in rows if r["present"] and (r["loads"] is False or r["sha_ok"] is False)]
     return 1 if bad else 0
 

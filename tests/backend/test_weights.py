@@ -162,3 +162,49 @@ def test_manifest_lists_release_urls():
     plan = weights.fetch_plan(organs=("kidney",))
     assert {p["name"] for p in plan} == {"AutoencoderModel.ckpt", "kidney_early.pt", "kidney_noearly.pt"}
     assert all(p["url"].startswith(m["base_url"]) for p in plan)
+
+
+def _cli(argv):
+    """`difftumor` with only the weights command registered."""
+    import backend.cli
+
+    saved = backend.cli.COMMAND_MODULES
+    backend.cli.COMMAND_MODULES = ["backend.cli.weights"]
+    try:
+        return backend.cli.main(argv)
+    finally:
+        backend.cli.COMMAND_MODULES = saved
+
+
+def test_check_of_a_folder_without_weights_fails_and_says_what_was_expected(tmp_path, capsys, caplog):
+    empty = tmp_path / "w"
+    empty.mkdir()
+    assert _cli(["weights", "check", str(empty)]) == 1  # was 0
+    assert "MISSING  AutoencoderModel.ckpt" in capsys.readouterr().out
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [(
+        "ERROR", f"weights folder {empty} holds none of the expected files (AutoencoderModel.ckpt, "
+        f"{{liver,pancreas,kidney}}_{{early,noearly}}.pt); download them with 'difftumor weights fetch --dest {empty}'"
+    )]
+    caplog.clear()
+    (empty / "liver.pt").write_bytes(b"renamed release file")
+    assert _cli(["weights", "check", str(empty), "--no-load", "--json"]) == 1
+    assert caplog.records[-1].getMessage().endswith("; it holds liver.pt, which must carry the expected names")
+    (empty / "liver_early.pt").write_bytes(b"x")  # one expected file present: listed, not an error
+    assert _cli(["weights", "check", str(empty), "--no-load"]) == 0
+
+
+def test_remember_an_empty_folder_warns_but_remembers(tmp_path, caplog):
+    empty = tmp_path / "w"
+    empty.mkdir()
+    assert _cli(["weights", "check", str(empty), "--remember"]) == 1
+    assert weights.get_weights_dir_setting() == empty.resolve()  # `weights fetch` then downloads into it
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"remembered {empty} as the weights folder although it holds no weights yet "
+        "('difftumor weights fetch' downloads into it)"]
+
+
+def test_check_names_a_positional_folder_as_given(tmp_path, capsys):
+    assert _cli(["weights", "check", str(tmp_path / "nonexist")]) == 2
+    assert capsys.readouterr().err.strip() == f"difftumor: error: weights folder {tmp_path / 'nonexist'}: not a folder"
+    with pytest.raises(DiffTumorError, match=r"^--weights .*nonexist: not a folder$"):
+        weights.resolve_weights_dir(tmp_path / "nonexist")  # synthesize's option keeps its name
