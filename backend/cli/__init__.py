@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Sequence
 
 from backend import __version__
 from backend.errors import DiffTumorError
@@ -26,6 +27,10 @@ COMMAND_MODULES = [
     "backend.cli.study",
     "backend.cli.train",
 ]
+
+# Options whose value is a comma-separated list of numbers that may start with '-' (a liver centre in
+# LPS has a negative X). argparse reads "-60.5,20,-310" as an option; main() joins such pairs first.
+NUMBER_LIST_OPTIONS = ("--center", "--radii", "--rotation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +54,44 @@ def _tolerant_streams() -> None:
             stream.reconfigure(errors="replace")
 
 
+def _is_number_list(text: str) -> bool:
+    try:
+        [float(v) for v in text.split(",")]
+    except ValueError:
+        return False
+    return True
+
+
+def join_negative_values(argv: Sequence[str], options: Sequence[str] = NUMBER_LIST_OPTIONS) -> list[str]:
+    """``["--center", "-60.5,20,-310"]`` -> ``["--center=-60.5,20,-310"]`` for ``options`` whose value is a
+    number list starting with '-', which argparse would otherwise take for an option. Everything else,
+    including ``--center=...`` and whatever follows ``--``, is left as it is."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out.extend(argv[i:])
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in options and nxt is not None and nxt.startswith("-") and _is_number_list(nxt):
+            out.append(f"{arg}={nxt}")
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     _tolerant_streams()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = join_negative_values(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except DiffTumorError as exc:  # raised by an option's type= check: one line, like any user error
+        print(f"difftumor: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s: %(message)s",

@@ -27,6 +27,21 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+MAX_SEED = 2**32 - 1
+
+
+def seed_arg(text: str) -> int:
+    """``--seed``: a whole number in [0, 2**32 - 1], checked while parsing (one line, no traceback)."""
+    from backend.errors import DiffTumorError
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise DiffTumorError(f"--seed {text}: must be a whole number from 0 to {MAX_SEED}")
+    return value
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -44,7 +59,10 @@ def register(sub) -> None:
                         "--weights-organ liver); default: --organ")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--tumor-mask", help="your own tumour mask on the CT grid (non-zero = tumour)")
-    where.add_argument("--center", help="ellipsoid centre X,Y,Z: world mm (LPS, as ITK/3D Slicer 'LPS') or voxel index with --voxel")
+    where.add_argument("--center",
+                       help="ellipsoid centre X,Y,Z in world mm, LPS (as ITK/SimpleITK report it; 3D Slicer shows RAS: "
+                            "flip the signs of its first two numbers), or a voxel index with --voxel; "
+                            "negative values may follow the option directly (--center -60.5,20,-310)")
     p.add_argument("--voxel", action="store_true", help="--center is a voxel index (x,y,z)")
     p.add_argument("--radii", help="ellipsoid semi-axes A,B,C in mm (with --center)")
     p.add_argument("--rotation", default=None, help="ellipsoid Euler angles in degrees about x,y,z (with --center)")
@@ -58,7 +76,9 @@ def register(sub) -> None:
     p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps for mid/late tumours (default 50)")
     p.add_argument("--pancreas-blend", action="store_true", help="blend pancreas tumours like the other organs")
     p.add_argument("--weights", default=None, help="weights folder (default: $DIFFTUMOR_WEIGHTS or the user config)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0,
+                   help="random seed for tumour placement, shape and texture (default 0: identical runs give identical "
+                        "tumours; give another seed for other tumours). Dataset mode derives one seed per output from it")
     p.add_argument("--keep-intermediates", action="store_true",
                    help="diffusion: also write masked.nii.gz, reconstruction.nii.gz (autoencoder round trip of the "
                         "crop) and decoded.nii.gz (raw decoded sample), float32 HU on the CT grid (one extra decode)")

@@ -139,3 +139,46 @@ def test_keep_intermediates_model_based_writes_none(tmp_path):
                  "--count", "1", "--keep-intermediates", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["ct.nii.gz", "label.nii.gz", "provenance.json"]
     assert json.loads((out / "provenance.json").read_text(encoding="utf-8"))["intermediates"] == {}
+
+
+def test_join_negative_values_rewrites_only_number_lists_after_the_listed_options():
+    from backend.cli import join_negative_values
+
+    argv = ["synthesize", "--center", "-60.5,20.0,-310", "--radii", "6,5,4.5", "--rotation", "-30,0,0",
+            "--seed", "-5", "--out", "-dir"]
+    assert join_negative_values(argv) == ["synthesize", "--center=-60.5,20.0,-310", "--radii", "6,5,4.5",
+                                          "--rotation=-30,0,0", "--seed", "-5", "--out", "-dir"]
+    assert join_negative_values(["--center=-1,2,3", "--center", "--voxel"]) == ["--center=-1,2,3", "--center", "--voxel"]
+    assert join_negative_values(["--", "--center", "-1,2,3"]) == ["--", "--center", "-1,2,3"]
+
+
+def test_negative_values_may_follow_center_radii_and_rotation(tmp_path, capsys):
+    ct, seg = _case(tmp_path / "cts")
+    # voxel (32, 32, 15) of the test grid is the world point (-27.8, -26.8, 33.0) mm (LPS)
+    base = ["synthesize", "--ct", str(ct), "--organs", str(seg), "--organ", "liver", "--radii", "6,5,5", "--seed", "3"]
+    assert main(base + ["--center", "-27.8,-26.8,33", "--rotation", "-30,0,0", "--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--center=-27.8,-26.8,33", "--rotation=-30,0,0", "--out", str(tmp_path / "b")]) == 0
+    a, b = (read_image(tmp_path / d / "label.nii.gz").array for d in "ab")
+    assert (a == 2).sum() > 50 and np.array_equal(a, b)
+    capsys.readouterr()
+    assert main(base[:-4] + ["--center", "-27.8,-26.8,33", "--radii", "-6,5,5", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "radii" in err[0] and "usage" not in err[0]  # a value error, not argparse's usage dump
+
+
+@pytest.mark.parametrize("seed", ["-5", "1.5", "x", str(2**32)])
+def test_seed_must_be_a_whole_number_from_zero(tmp_path, capsys, seed):
+    ct, seg = _case(tmp_path / "cts")
+    assert main(["synthesize", "--ct", str(ct), "--organs", str(seg), "--organ", "liver", "--size", "tiny",
+                 "--seed", seed, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"difftumor: error: --seed {seed}: must be a whole number from 0 to 4294967295"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_explains_seed_and_lps(capsys):
+    with pytest.raises(SystemExit):
+        main(["synthesize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default 0: identical runs give identical tumours" in text
+    assert "LPS" in text and "3D Slicer shows RAS" in text
