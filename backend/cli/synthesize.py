@@ -28,6 +28,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
+DEFAULT_DDIM_STEPS = 50
+# options that only the diffusion method reads (defaults None/False, so "given" can be told apart)
+DIFFUSION_ONLY = ("sigma", "stage", "ddim_steps", "keep_intermediates", "pancreas_blend", "weights_organ")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 def seed_arg(text: str) -> int:
@@ -66,15 +73,15 @@ def register(sub) -> None:
     p.add_argument("--voxel", action="store_true", help="--center is a voxel index (x,y,z)")
     p.add_argument("--radii", help="ellipsoid semi-axes A,B,C in mm (with --center)")
     p.add_argument("--rotation", default=None, help="ellipsoid Euler angles in degrees about x,y,z (with --center)")
-    p.add_argument("--irregularity", type=float, default=0.0, help="ellipsoid surface irregularity in [0,1] (default 0)")
+    p.add_argument("--irregularity", type=float, default=None, help="ellipsoid surface irregularity in [0,1] (with --center; default 0)")
     p.add_argument("--size", choices=["tiny", "small", "medium", "large"], help="random tumours of this size class (release generator)")
     p.add_argument("--count", type=int, default=None, help="number of random tumours (default: the class's range)")
     p.add_argument("--method", choices=["auto", "diffusion", "model-based"], default="auto",
                    help="auto = diffusion when the organ's weights are found, else model-based")
-    p.add_argument("--stage", choices=["early", "mid_late"], default=None, help="override the stage chosen from the size")
-    p.add_argument("--sigma", type=float, default=None, help="blend blur in voxels (default: U(0,4) as released)")
-    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps for mid/late tumours (default 50)")
-    p.add_argument("--pancreas-blend", action="store_true", help="blend pancreas tumours like the other organs")
+    p.add_argument("--stage", choices=["early", "mid_late"], default=None, help="diffusion: override the stage chosen from the size")
+    p.add_argument("--sigma", type=float, default=None, help="diffusion: blend blur in voxels (default: U(0,4) as released)")
+    p.add_argument("--ddim-steps", type=int, default=None, help=f"diffusion: DDIM steps for mid/late tumours (default {DEFAULT_DDIM_STEPS})")
+    p.add_argument("--pancreas-blend", action="store_true", help="diffusion: blend pancreas tumours like the other organs")
     p.add_argument("--weights", default=None, help="weights folder (default: $DIFFTUMOR_WEIGHTS or the user config)")
     p.add_argument("--seed", type=seed_arg, default=0,
                    help="random seed for tumour placement, shape and texture (default 0: identical runs give identical "
@@ -83,20 +90,25 @@ def register(sub) -> None:
                    help="diffusion: also write masked.nii.gz, reconstruction.nii.gz (autoencoder round trip of the "
                         "crop) and decoded.nii.gz (raw decoded sample), float32 HU on the CT grid (one extra decode)")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    p.add_argument("--n", type=int, default=1, help="dataset mode: synthetic versions per CT")
+    p.add_argument("--n", type=int, default=None, help="dataset mode: synthetic versions per CT (default 1)")
     p.add_argument("--shard", default=None, help="dataset mode: i/n = process every n-th case starting at i")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=handler)
 
 
+# --------------------------------------------------------------------------------------------
+# option checks (before anything is read or written)
+# --------------------------------------------------------------------------------------------
 def _floats(text: str, n: int, name: str) -> list[float]:
+    import math
+
     from backend.errors import DiffTumorError
 
     try:
         vals = [float(v) for v in text.replace(" ", "").split(",")]
     except ValueError:
         vals = []
-    if len(vals) != n:
+    if len(vals) != n or not all(math.isfinite(v) for v in vals):
         raise DiffTumorError(f"{name} {text}: need {n} comma-separated numbers")
     return vals
 
@@ -115,57 +127,184 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def _tumor_mask(args, ct):
+def check_options(args) -> None:
+    """Refuse values out of range and options that contradict each other (one line naming them)."""
     from backend.errors import DiffTumorError
-    from backend.io import read_image
 
-    if args.tumor_mask:
-        return read_image(args.tumor_mask)
+    if args.n is not None and args.n < 1:
+        raise DiffTumorError(f"--n {args.n}: must be >= 1")
+    if args.count is not None and args.count < 1:
+        raise DiffTumorError(f"--count {args.count}: must be >= 1")
+    if args.ddim_steps is not None and args.ddim_steps < 1:
+        raise DiffTumorError(f"--ddim-steps {args.ddim_steps}: must be >= 1")
+    if args.shard is not None:
+        parse_shard(args.shard)
+    from backend.organs import parse_organ
+
+    for dest in ("organ", "weights_organ"):
+        if getattr(args, dest) is not None:
+            try:
+                parse_organ(getattr(args, dest))
+            except DiffTumorError as exc:
+                raise DiffTumorError(f"{_flag(dest)} {getattr(args, dest)}: {exc}") from None
+    random = [f for f in ("size", "count") if getattr(args, f) is not None]
+    placed = [f for f in ("tumor_mask", "center", "radii") if getattr(args, f)]
+    if random and placed:
+        raise DiffTumorError(
+            f"{_flag(random[0])} with {_flag(placed[0])}: {'/'.join(map(_flag, random))} "
+            f"{'draws' if len(random) == 1 else 'draw'} random tumours, "
+            f"{_flag(placed[0])} places your own; give one or the other")
     if args.center:
         if not args.radii:
             raise DiffTumorError("--center: also give --radii A,B,C (mm)")
-        from backend.synthesis.masks import ellipsoid_mask
-
-        rot = _floats(args.rotation, 3, "--rotation") if args.rotation else None
-        return ellipsoid_mask(ct.geometry, _floats(args.center, 3, "--center"), _floats(args.radii, 3, "--radii"),
-                              voxel=args.voxel, rotation=rot, irregularity=args.irregularity, rng=args.seed)
+        _floats(args.center, 3, "--center")
+        radii = _floats(args.radii, 3, "--radii")
+        if min(radii) <= 0:
+            raise DiffTumorError(f"--radii {args.radii}: the ellipsoid's semi-axes must be > 0 mm")
+        if args.rotation:
+            _floats(args.rotation, 3, "--rotation")
+        if args.irregularity is not None and not 0.0 <= args.irregularity <= 1.0:
+            raise DiffTumorError(f"--irregularity {args.irregularity}: must lie in [0, 1]")
+        return
     if args.radii:
         raise DiffTumorError("--radii: give --center X,Y,Z as well")
-    return None
+    for dest, value in (("rotation", args.rotation), ("irregularity", args.irregularity), ("voxel", args.voxel)):
+        if value not in (None, False):
+            raise DiffTumorError(f"{_flag(dest)}: only used for an ellipsoid; give --center X,Y,Z and --radii A,B,C as well")
+
+
+def _check_inputs_exist(args) -> None:
+    from backend.errors import DiffTumorError
+
+    for dest in ("ct", "organs", "tumor_mask"):
+        value = getattr(args, dest)
+        if value and not Path(value).exists():
+            raise DiffTumorError(f"{_flag(dest)} {value}: no such file or folder")
+
+
+# --------------------------------------------------------------------------------------------
+# one output
+# --------------------------------------------------------------------------------------------
+def _read(path: Path, flag: str):
+    from backend.errors import DiffTumorError
+    from backend.io import read_image
+
+    try:
+        return read_image(path)
+    except DiffTumorError as exc:
+        text = str(exc)
+        raise DiffTumorError(f"{flag} {text}" if text.startswith(str(path)) else f"{flag} {path}: {text}") from None
+
+
+def _tumor_mask(args, ct, seed: int):
+    """(tumour mask or None, its provenance entry, its name for engine messages)."""
+    import numpy as np
+
+    from backend.errors import DiffTumorError
+
+    if args.tumor_mask:
+        path = Path(args.tumor_mask)
+        entry = {"source": "mask file", "file": os.path.abspath(path)}
+        return _read(path, "--tumor-mask"), entry, f"--tumor-mask {path}"
+    if not args.center:
+        return None, None, "tumor mask"
+    from backend.synthesis.masks import ellipsoid_mask
+
+    given = _floats(args.center, 3, "--center")
+    radii = _floats(args.radii, 3, "--radii")
+    rot = _floats(args.rotation, 3, "--rotation") if args.rotation else None
+    irregularity = args.irregularity or 0.0
+    g = ct.geometry
+    world = np.asarray(g.voxel_to_world(np.asarray(given)) if args.voxel else given, float)
+    index = np.asarray(g.world_to_voxel(world), float)
+    size = [int(v) for v in g.size]
+    if np.any(index < -0.5) or np.any(index > np.asarray(size) - 0.5):
+        raise DiffTumorError(
+            f"--center {args.center}{' --voxel' if args.voxel else ''}: lies outside the image (voxel index "
+            f"{', '.join(f'{v:.1f}' for v in index)}; the image has {' x '.join(map(str, size))} voxels)")
+    mask = ellipsoid_mask(g, given, radii, voxel=args.voxel, rotation=rot, irregularity=irregularity, rng=seed)
+    entry = {
+        "source": "ellipsoid",
+        "ellipsoid": {
+            "centre_given": given,
+            "centre_given_as": "voxel index (x, y, z)" if args.voxel else "world mm (LPS)",
+            "centre_world_mm_lps": [round(float(v), 2) for v in world],
+            "centre_voxel_xyz": [round(float(v), 2) for v in index],
+            "radii_mm": radii,
+            "rotation_deg_xyz": rot or [0.0, 0.0, 0.0],
+            "irregularity": irregularity,
+            "irregularity_seed": int(seed),
+        },
+    }
+    return mask, entry, f"ellipsoid (--center {args.center} --radii {args.radii})"
 
 
 def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, seed: int) -> dict:
     """Read, synthesize, then write the three outputs (nothing is written when anything fails)."""
-    from backend.io import read_image, write_image
+    from backend.io import write_image
     from backend.organs import load_organ_mask
 
-    ct = read_image(ct_path)
+    ct = _read(Path(ct_path), "--ct")
     organ = load_organ_mask(organs_path, args.organ, label_id=args.organ_label, reference=ct)
-    tumor = _tumor_mask(args, ct)
+    tumor, mask_entry, tumor_name = _tumor_mask(args, ct, seed)
     result = engine.synthesize(
         ct, organ, tumor, organ=args.organ, method=args.method, seed=seed, stage=args.stage, size=args.size,
-        count=args.count, sigma=args.sigma, ddim_steps=args.ddim_steps, pancreas_blend=args.pancreas_blend,
-        tumor_name=str(args.tumor_mask or "tumor mask"), organ_name=str(organs_path),
-        keep_intermediates=bool(getattr(args, "keep_intermediates", False)),
-        weights_organ=args.weights_organ,
+        count=args.count, sigma=args.sigma, ddim_steps=args.ddim_steps or DEFAULT_DDIM_STEPS,
+        pancreas_blend=args.pancreas_blend, tumor_name=tumor_name, organ_name=str(organs_path),
+        keep_intermediates=bool(args.keep_intermediates), weights_organ=args.weights_organ,
     )
+    prov = dict(result.provenance)
+    if mask_entry is not None:  # the engine only knows "a mask came in": say which and with what parameters
+        prov["mask"] = {**prov.get("mask", {}), **mask_entry}
+    prov["organ_label"] = args.organ_label
+    prov["inputs"] = {"ct": os.path.abspath(ct_path), "organs": os.path.abspath(organs_path),
+                      "tumor_mask": os.path.abspath(args.tumor_mask) if args.tumor_mask else None}
+    if args.keep_intermediates:
+        from backend.synthesis.engine import INTERMEDIATES
+
+        prov["intermediates"] = {f"{k}.nii.gz": INTERMEDIATES[k] for k in result.intermediates}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_image(result.ct, out_dir / "ct.nii.gz", overwrite=True)
     write_image(result.label_volume(), out_dir / "label.nii.gz", overwrite=True)
     for key, vol in result.intermediates.items():  # empty unless asked for (and diffusion ran)
         write_image(vol, ct.geometry, out_dir / f"{key}.nii.gz", overwrite=True)
-    prov = dict(result.provenance, inputs={"ct": str(ct_path), "organs": str(organs_path),
-                                           "tumor_mask": str(args.tumor_mask) if args.tumor_mask else None})
-    if getattr(args, "keep_intermediates", False):
-        from backend.synthesis.engine import INTERMEDIATES
-
-        prov["intermediates"] = {f"{k}.nii.gz": INTERMEDIATES[k] for k in result.intermediates}
     tmp = out_dir / ".provenance.json.tmp"
     tmp.write_text(json.dumps(prov, indent=1, default=str), encoding="utf-8")
     os.replace(tmp, out_dir / "provenance.json")
     return prov
 
 
+def unused_options(args, prov: dict) -> list[str]:
+    """The diffusion-only options the user gave that had no effect on this output."""
+    given = [d for d in DIFFUSION_ONLY if getattr(args, d) not in (None, False)]
+    if prov.get("method") != "diffusion":
+        return [_flag(d) for d in given]
+    from backend.synthesis.blend import uses_blend
+
+    organ = prov.get("organ", args.organ)
+    stages = {t.get("stage") for t in prov.get("tumours", [])}
+    unused = []
+    if "ddim_steps" in given and "mid_late" not in stages:
+        unused.append("ddim_steps")  # early tumours use the ancestral sampler
+    if "sigma" in given and not uses_blend(organ, args.pancreas_blend):
+        unused.append("sigma")  # the pancreas crop is replaced, not blended
+    if "pancreas_blend" in given and organ != "pancreas":
+        unused.append("pancreas_blend")
+    return [_flag(d) for d in unused]
+
+
+def _warn_unused(args, prov: dict, warned: set) -> None:
+    names = unused_options(args, prov)
+    key = (prov.get("method"), tuple(names))
+    if names and key not in warned:
+        warned.add(key)
+        log.warning("%s had no effect: the %s method ran (%s)", ", ".join(names), prov.get("method"),
+                    prov.get("method_reason", ""))
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------
 def dataset_cases(ct_dir: Path, organs_dir: Path) -> list[tuple[str, Path, Path]]:
     from backend.errors import DiffTumorError
     from backend.io import image_suffix, strip_image_suffix
@@ -182,34 +321,55 @@ def dataset_cases(ct_dir: Path, organs_dir: Path) -> list[tuple[str, Path, Path]
             raise DiffTumorError(f"--organs {organs_dir}: no label file or case folder for {p.name}")
         cases.append((case, p, match[0]))
     if not cases:
-        raise DiffTumorError(f"--ct {ct_dir}: no CT files (.nii.gz, .nii, .nrrd, .mha, .mhd) in this folder")
+        raise DiffTumorError(f"--ct {ct_dir}: no CT files found in this folder (accepted: {_accepted()})")
     return cases
+
+
+def _accepted() -> str:
+    from backend.io import IMAGE_SUFFIXES
+
+    return ", ".join(IMAGE_SUFFIXES)
 
 
 def handler(args) -> int:
     from backend.errors import DiffTumorError
-    from backend.synthesis.engine import SynthesisEngine
-
-    if args.n < 1:
-        raise DiffTumorError(f"--n {args.n}: must be >= 1")
-    ct_path, out = Path(args.ct), Path(args.out)
-    if not ct_path.exists():
-        raise DiffTumorError(f"--ct {ct_path}: no such file or folder")
     from backend.io import image_suffix
 
+    check_options(args)
+    _check_inputs_exist(args)
+    ct_path, out = Path(args.ct), Path(args.out)
     # a folder holding image files is a dataset; any other folder is read as one DICOM series
     dataset = ct_path.is_dir() and any(p.is_file() and image_suffix(p) for p in ct_path.iterdir())
+    if not dataset:
+        dataset_flags = [f for f in ("n", "shard") if getattr(args, f) is not None]
+        if ct_path.is_dir() and (dataset_flags or not any(files for _, _, files in os.walk(ct_path))):
+            raise DiffTumorError(f"--ct {ct_path}: no CT files found in this folder (accepted: {_accepted()}, "
+                                 "or a folder of DICOM slices for one CT)")
+        if dataset_flags:
+            flag = dataset_flags[0]
+            raise DiffTumorError(f"{_flag(flag)} {getattr(args, flag)}: only for dataset mode (--ct a folder of CT files); "
+                                 f"--ct {ct_path} is a single CT")
+
+    from backend.synthesis.engine import SynthesisEngine
+
     engine = SynthesisEngine(args.weights, device=args.device)
+    warned: set = set()
     if not dataset:
         prov = synthesize_case(engine, ct_path, Path(args.organs), out, args, args.seed)
+        _warn_unused(args, prov, warned)
         log.info("%s: %s tumour(s) by %s (%s) -> %s", ct_path.name, len(prov["tumours"]), prov["method"], prov["method_reason"], out)
         return 0
+    return _run_dataset(engine, args, ct_path, out, warned)
 
+
+def _run_dataset(engine, args, ct_path: Path, out: Path, warned: set) -> int:
     from tqdm import tqdm
+
+    from backend.errors import DiffTumorError
 
     rank, world = parse_shard(args.shard)
     cases = dataset_cases(ct_path, Path(args.organs))
-    jobs = [(ci, case, c, o, k) for ci, (case, c, o) in enumerate(cases) for k in range(args.n)]
+    jobs = [(ci, case, c, o, k) for ci, (case, c, o) in enumerate(cases) for k in range(args.n or 1)]
     jobs = [j for j in jobs if j[0] % world == rank]
     failures = 0
     for ci, case, c, o, k in tqdm(jobs, desc=f"synthesize shard {rank}/{world}", unit="case"):
@@ -217,7 +377,8 @@ def handler(args) -> int:
         if (dest / "provenance.json").is_file():
             continue
         try:
-            synthesize_case(engine, c, o, dest, args, args.seed + 1000 * ci + k)
+            prov = synthesize_case(engine, c, o, dest, args, args.seed + 1000 * ci + k)
+            _warn_unused(args, prov, warned)
         except DiffTumorError as exc:
             failures += 1
             log.error("%s: %s", case, exc)

@@ -141,6 +141,20 @@ def test_keep_intermediates_model_based_writes_none(tmp_path):
     assert json.loads((out / "provenance.json").read_text(encoding="utf-8"))["intermediates"] == {}
 
 
+# --------------------------------------------------------------------------------------------
+# command-line values, conflicts and one-line errors
+# --------------------------------------------------------------------------------------------
+def _run(tmp_path, *extra, out="out", ct=None, seg=None):
+    if ct is None:
+        ct, seg = _case(tmp_path / "cts")
+    return main(["synthesize", "--ct", str(ct), "--organs", str(seg), "--organ", "liver", *extra,
+                 "--out", str(tmp_path / out)])
+
+
+def _prov(folder):
+    return json.loads((folder / "provenance.json").read_text(encoding="utf-8"))
+
+
 def test_join_negative_values_rewrites_only_number_lists_after_the_listed_options():
     from backend.cli import join_negative_values
 
@@ -182,3 +196,91 @@ def test_help_explains_seed_and_lps(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "default 0: identical runs give identical tumours" in text
     assert "LPS" in text and "3D Slicer shows RAS" in text
+
+
+def test_ellipsoid_parameters_organ_label_and_absolute_inputs_in_provenance(tmp_path, monkeypatch):
+    ct, seg = _case(tmp_path / "cts")
+    monkeypatch.chdir(tmp_path)  # relative inputs are recorded as absolute paths
+    assert main(["synthesize", "--ct", "cts/case1.nii.gz", "--organs", "cts_seg/case1.nii.gz", "--organ", "liver",
+                 "--organ-label", "5", "--center", "-27.8,-26.8,33", "--radii", "6,5,5", "--rotation", "-30,0,0",
+                 "--irregularity", "0.2", "--seed", "3", "--out", "out"]) == 0
+    prov = _prov(tmp_path / "out")
+    ell = prov["mask"]["ellipsoid"]
+    assert prov["mask"]["source"] == "ellipsoid" and prov["organ_label"] == 5
+    assert ell["centre_world_mm_lps"] == [-27.8, -26.8, 33.0] and ell["centre_voxel_xyz"] == [32.0, 32.0, 15.0]
+    assert ell["radii_mm"] == [6.0, 5.0, 5.0] and ell["rotation_deg_xyz"] == [-30.0, 0.0, 0.0]
+    assert ell["irregularity"] == 0.2 and ell["irregularity_seed"] == 3
+    assert prov["inputs"] == {"ct": str(ct), "organs": str(seg), "tumor_mask": None}
+
+
+def test_tumor_mask_file_is_recorded_as_a_mask_file(tmp_path):
+    ct, seg = _case(tmp_path / "cts")
+    vol = read_image(seg)
+    m = np.zeros(vol.array.shape, np.uint8)
+    m[14:17, 30:34, 30:34] = 1
+    write_image(Volume(m, vol.geometry), tmp_path / "m.nii.gz")
+    assert _run(tmp_path, "--tumor-mask", str(tmp_path / "m.nii.gz"), ct=ct, seg=seg) == 0
+    mask = _prov(tmp_path / "out")["mask"]
+    assert mask["source"] == "mask file" and mask["file"] == str(tmp_path / "m.nii.gz") and "ellipsoid" not in mask
+
+
+@pytest.mark.parametrize("extra, text", [
+    (["--radii", "-6,5,5", "--center", "32,32,15", "--voxel"], "--radii -6,5,5: the ellipsoid's semi-axes must be > 0"),
+    (["--size", "large", "--count", "3", "--center", "32,32,15", "--voxel", "--radii", "6,5,5"], "--size with --center"),
+    (["--count", "2", "--tumor-mask", "m.nii.gz"], "--count with --tumor-mask"),
+    (["--n", "3"], "--n 3: only for dataset mode"),
+    (["--shard", "1/4"], "--shard 1/4: only for dataset mode"),
+    (["--rotation", "0,0,30"], "--rotation: only used for an ellipsoid"),
+    (["--voxel"], "--voxel: only used for an ellipsoid"),
+    (["--irregularity", "0.5"], "--irregularity: only used for an ellipsoid"),
+])
+def test_bad_or_conflicting_options_are_one_line_and_write_nothing(tmp_path, capsys, extra, text):
+    (tmp_path / "m.nii.gz").write_bytes(b"")
+    assert _run(tmp_path, *[str(tmp_path / e) if e == "m.nii.gz" else e for e in extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and text in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_texts_name_the_option_and_plain_numbers(tmp_path, capsys):
+    ct, seg = _case(tmp_path / "cts")
+    assert _run(tmp_path, "--center", "0,0,500", "--radii", "5,5,5", ct=ct, seg=seg) == 2
+    err = capsys.readouterr().err
+    assert "--center 0,0,500: lies outside the image" in err and "64 x 64 x 30 voxels" in err and "np." not in err
+    assert _run(tmp_path, "--size", "tiny", ct=ct, seg=tmp_path / "nope.nii.gz") == 2
+    assert f"--organs {tmp_path / 'nope.nii.gz'}: no such file" in capsys.readouterr().err
+    assert _run(tmp_path, "--center", "32,32,15", "--voxel", "--radii", "60,60,60", ct=ct, seg=seg) == 2
+    err = capsys.readouterr().err
+    assert "ellipsoid (--center 32,32,15 --radii 60,60,60): only" in err and "tumor mask" not in err
+    (tmp_path / "empty").mkdir()
+    assert _run(tmp_path, "--n", "1", ct=tmp_path / "empty", seg=tmp_path / "cts_seg") == 2
+    err = capsys.readouterr().err
+    assert f"--ct {tmp_path / 'empty'}: no CT files found" in err and ".nii.gz" in err and "DICOM series" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_diffusion_only_options_warn_once_when_model_based_runs(tmp_path, caplog):
+    import logging
+
+    ct, seg = _case(tmp_path / "cts")
+    with caplog.at_level(logging.INFO):
+        assert _run(tmp_path, "--size", "tiny", "--count", "1", ct=ct, seg=seg) == 0
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert _run(tmp_path, "--size", "tiny", "--count", "1", "--sigma", "4", "--stage", "early", "--ddim-steps", "7",
+                    out="out2", ct=ct, seg=seg) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("--sigma, --stage, --ddim-steps had no effect: the model-based")
+
+
+def test_unused_options_after_diffusion_name_only_what_that_output_ignored():
+    import argparse
+
+    args = argparse.Namespace(sigma=2.0, stage=None, ddim_steps=20, keep_intermediates=False, pancreas_blend=True,
+                              weights_organ=None, organ="liver")
+    early = {"method": "diffusion", "organ": "liver", "tumours": [{"stage": "early"}]}
+    assert synth_cli.unused_options(args, early) == ["--ddim-steps", "--pancreas-blend"]
+    late = {"method": "diffusion", "organ": "pancreas", "tumours": [{"stage": "mid_late"}]}
+    assert synth_cli.unused_options(args, late) == []
+    args.pancreas_blend = False  # the released pancreas path replaces the crop: no blend blur
+    assert synth_cli.unused_options(args, late) == ["--sigma"]
+    assert synth_cli.unused_options(args, {"method": "model-based"}) == ["--sigma", "--ddim-steps"]
