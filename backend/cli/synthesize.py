@@ -8,14 +8,18 @@ One CT::
 
 writes ``out/ct.nii.gz``, ``out/label.nii.gz`` (0 background, 1 organ, 2 tumour) and
 ``out/provenance.json`` (each atomically; provenance last, so its presence marks a finished case).
+A non-empty ``out/`` is refused unless ``--overwrite`` is given.
 
 A dataset::
 
     difftumor synthesize --ct cts/ --organs labels/ --organ liver --n 3 --out aug/ [--shard 0/4]
 
 pairs ``cts/<case>.<ext>`` with ``labels/<case>.<ext>`` (or an AbdomenAtlas case folder
-``labels/<case>/``), writes ``aug/<case>_s<k>/`` for k < n, skips finished outputs (resumable) and
-takes every n-th case for ``--shard i/n`` (under ``torchrun``: RANK / WORLD_SIZE).
+``labels/<case>/``), writes ``aug/<case>_s<k>/`` for k < n and takes every n-th case for
+``--shard i/n`` (under ``torchrun``: RANK / WORLD_SIZE). The settings that define the outputs are
+recorded in ``aug/difftumor_synthesize.json`` (:data:`RUN_FILE`) and in each provenance; a re-run with
+the same settings resumes (an output counts as done when all its files exist and its provenance has
+these settings), a run with other settings is refused unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+RUN_FILE = "difftumor_synthesize.json"  # dataset mode: the settings the folder's outputs were made with
+OUTPUT_FILES = ("ct.nii.gz", "label.nii.gz", "provenance.json")  # provenance last: it marks a finished output
 MAX_SEED = 2**32 - 1
 DEFAULT_DDIM_STEPS = 50
 # options that only the diffusion method reads (defaults None/False, so "given" can be told apart)
@@ -92,7 +98,10 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     p.add_argument("--n", type=int, default=None, help="dataset mode: synthetic versions per CT (default 1)")
     p.add_argument("--shard", default=None, help="dataset mode: i/n = process every n-th case starting at i")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (refused when it is not empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out: replace the results there (dataset mode: redo outputs made "
+                        "with other settings; other files are left alone)")
     p.set_defaults(func=handler)
 
 
@@ -182,6 +191,70 @@ def _check_inputs_exist(args) -> None:
             raise DiffTumorError(f"{_flag(dest)} {value}: no such file or folder")
 
 
+def check_out_writable(out: Path) -> None:
+    """``--out`` must be a folder (or not exist yet) that we may create and write in."""
+    from backend.errors import DiffTumorError
+
+    if out.exists() and not out.is_dir():
+        raise DiffTumorError(f"--out {out}: is an existing file; give a folder")
+    base = out
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise DiffTumorError(f"--out {out}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
+        except (OSError, AttributeError):  # pragma: no cover - no statvfs (Windows)
+            read_only = False
+        why = "read-only file system" if read_only else "permission denied"
+        where = "" if base == out else f" (in {base})"
+        raise DiffTumorError(f"--out {out}: cannot write here{where}: {why}")
+
+
+def _os_error(out: Path, exc: OSError):
+    from backend.errors import DiffTumorError
+
+    where = exc.filename if getattr(exc, "filename", None) else out
+    return DiffTumorError(f"--out {out}: cannot write {where}: {exc.strerror or exc}")
+
+
+def run_settings(args, engine) -> dict:
+    """What defines the outputs (recorded in the run file and each provenance; a resume must match it)."""
+    from backend.organs import parse_organ
+
+    def absolute(p):
+        return os.path.abspath(p) if p else None
+
+    def numbers(text, n, name):
+        return _floats(text, n, name) if text else None
+
+    return {
+        "ct": absolute(args.ct),
+        "organs": absolute(args.organs),
+        "organ": parse_organ(args.organ),
+        "organ_label": args.organ_label,
+        "weights_organ": parse_organ(args.weights_organ) if args.weights_organ else None,
+        "tumor_mask": absolute(args.tumor_mask),
+        "center": numbers(args.center, 3, "--center"),
+        "voxel": bool(args.voxel),
+        "radii": numbers(args.radii, 3, "--radii"),
+        "rotation": numbers(args.rotation, 3, "--rotation"),
+        "irregularity": (args.irregularity or 0.0) if args.center else None,
+        "size": args.size,
+        "count": args.count,
+        "method": args.method,
+        "stage": args.stage,
+        "sigma": args.sigma,
+        "ddim_steps": args.ddim_steps or DEFAULT_DDIM_STEPS,
+        "pancreas_blend": bool(args.pancreas_blend),
+        "keep_intermediates": bool(args.keep_intermediates),
+        "weights": str(engine.weights.root) if engine.weights.root is not None else None,
+        "seed": args.seed,
+        "n": args.n or 1,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # one output
 # --------------------------------------------------------------------------------------------
@@ -239,9 +312,8 @@ def _tumor_mask(args, ct, seed: int):
     return mask, entry, f"ellipsoid (--center {args.center} --radii {args.radii})"
 
 
-def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, seed: int) -> dict:
-    """Read, synthesize, then write the three outputs (nothing is written when anything fails)."""
-    from backend.io import write_image
+def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, seed: int, settings: dict | None = None) -> dict:
+    """Read, synthesize, then write the outputs (nothing is left behind when anything fails)."""
     from backend.organs import load_organ_mask
 
     ct = _read(Path(ct_path), "--ct")
@@ -259,19 +331,56 @@ def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, seed: int
     prov["organ_label"] = args.organ_label
     prov["inputs"] = {"ct": os.path.abspath(ct_path), "organs": os.path.abspath(organs_path),
                       "tumor_mask": os.path.abspath(args.tumor_mask) if args.tumor_mask else None}
+    if settings is not None:
+        prov["settings"] = settings
     if args.keep_intermediates:
         from backend.synthesis.engine import INTERMEDIATES
 
         prov["intermediates"] = {f"{k}.nii.gz": INTERMEDIATES[k] for k in result.intermediates}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_image(result.ct, out_dir / "ct.nii.gz", overwrite=True)
-    write_image(result.label_volume(), out_dir / "label.nii.gz", overwrite=True)
-    for key, vol in result.intermediates.items():  # empty unless asked for (and diffusion ran)
-        write_image(vol, ct.geometry, out_dir / f"{key}.nii.gz", overwrite=True)
-    tmp = out_dir / ".provenance.json.tmp"
-    tmp.write_text(json.dumps(prov, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, out_dir / "provenance.json")
+    images = {"ct.nii.gz": result.ct, "label.nii.gz": result.label_volume()}
+    images.update({f"{k}.nii.gz": (vol, ct.geometry) for k, vol in result.intermediates.items()})
+    write_outputs(out_dir, images, prov, out_flag_value=Path(args.out))
     return prov
+
+
+def write_outputs(out_dir: Path, images: dict, prov: dict, *, out_flag_value: Path) -> None:
+    """Write the images, then provenance.json, each atomically; on any failure remove what this call
+    wrote (and the folders it made) and report an OSError as one line naming the path."""
+    from backend.io import write_image
+    from backend.synthesis.engine import INTERMEDIATES
+
+    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()][::-1]
+    written: list[Path] = []
+    tmp = out_dir / f".provenance.json.{os.getpid()}.tmp"
+    try:
+        for d in made:
+            d.mkdir()
+        for name, data in images.items():
+            target = out_dir / name
+            if isinstance(data, tuple):
+                write_image(data[0], data[1], target)
+            else:
+                write_image(data, target)
+            written.append(target)
+        tmp.write_text(json.dumps(prov, indent=1, default=str), encoding="utf-8")
+        os.replace(tmp, out_dir / "provenance.json")
+    except BaseException as exc:
+        for p in (tmp, *written):
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:  # pragma: no cover - the folder turned read-only under us
+                pass
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:  # pragma: no cover - someone else wrote there meanwhile
+                pass
+        if isinstance(exc, OSError):
+            raise _os_error(out_flag_value, exc) from None
+        raise
+    for key in INTERMEDIATES:  # a replaced result's intermediates that this run did not make
+        if f"{key}.nii.gz" not in images:
+            (out_dir / f"{key}.nii.gz").unlink(missing_ok=True)
 
 
 def unused_options(args, prov: dict) -> list[str]:
@@ -300,6 +409,99 @@ def _warn_unused(args, prov: dict, warned: set) -> None:
         warned.add(key)
         log.warning("%s had no effect: the %s method ran (%s)", ", ".join(names), prov.get("method"),
                     prov.get("method_reason", ""))
+
+
+# --------------------------------------------------------------------------------------------
+# existing outputs
+# --------------------------------------------------------------------------------------------
+def _show(value) -> str:
+    if value is None:
+        return "(not given)"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
+
+
+def check_single_out(out: Path, args) -> None:
+    """A non-empty --out needs --overwrite, and never may an output replace one of the inputs."""
+    from backend.errors import DiffTumorError
+
+    if not out.is_dir():
+        return
+    present = sorted(p.name for p in out.iterdir())
+    if present and not args.overwrite:
+        shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+        raise DiffTumorError(f"--out {out}: folder is not empty ({shown}); choose another --out, or pass --overwrite "
+                             "to replace the results there")
+    from backend.synthesis.engine import INTERMEDIATES
+
+    outputs = [out / n for n in (*OUTPUT_FILES, *(f"{k}.nii.gz" for k in INTERMEDIATES))]
+    for dest in ("ct", "organs", "tumor_mask"):
+        value = getattr(args, dest)
+        if value and any(o.exists() and os.path.samefile(value, o) for o in outputs):
+            raise DiffTumorError(f"{_flag(dest)} {value}: is one of the files --out {out} would replace; "
+                                 "choose another --out")
+
+
+def start_dataset_run(out: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse a non-empty --out made by another run (other settings, or not by this command) unless
+    ``overwrite``; then record ``settings`` in :data:`RUN_FILE` (atomically)."""
+    from backend import __version__
+    from backend.errors import DiffTumorError
+
+    run_file = out / RUN_FILE
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        try:
+            old = json.loads(run_file.read_text(encoding="utf-8"))["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DiffTumorError(f"--out {out}: folder is not empty and holds no {RUN_FILE} from an earlier "
+                                 "'difftumor synthesize' run; choose another --out, or pass --overwrite") from None
+        for key in settings:
+            if old.get(key) != settings[key]:
+                raise DiffTumorError(
+                    f"--out {out}: holds results made with {_flag(key)} {_show(old.get(key))}, but this run has "
+                    f"{_flag(key)} {_show(settings[key])}; choose another --out, or pass --overwrite to redo them")
+    made = not out.exists()
+    tmp = out / f".{RUN_FILE}.{os.getpid()}.tmp"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"command": "difftumor synthesize", "version": __version__, "settings": settings},
+                                  indent=1), encoding="utf-8")
+        os.replace(tmp, run_file)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise _os_error(out, exc) from None
+
+
+def output_done(dest: Path, settings: dict) -> bool:
+    """All of the output's files exist and its provenance was written with these settings."""
+    try:
+        prov = json.loads((dest / "provenance.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(prov, dict) or prov.get("settings") != settings:
+        return False
+    names = [*OUTPUT_FILES, *(prov.get("intermediates") or {})]
+    return all((dest / n).is_file() for n in names)
+
+
+class _OncePerMessage(logging.Filter):
+    """Let each distinct message through once (the engine's per-output 'synthesis method' line)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,39 +551,61 @@ def handler(args) -> int:
             flag = dataset_flags[0]
             raise DiffTumorError(f"{_flag(flag)} {getattr(args, flag)}: only for dataset mode (--ct a folder of CT files); "
                                  f"--ct {ct_path} is a single CT")
+    check_out_writable(out)
+    if not dataset:
+        check_single_out(out, args)
 
     from backend.synthesis.engine import SynthesisEngine
 
     engine = SynthesisEngine(args.weights, device=args.device)
+    settings = run_settings(args, engine)
     warned: set = set()
     if not dataset:
-        prov = synthesize_case(engine, ct_path, Path(args.organs), out, args, args.seed)
+        prov = synthesize_case(engine, ct_path, Path(args.organs), out, args, args.seed, settings)
         _warn_unused(args, prov, warned)
         log.info("%s: %s tumour(s) by %s (%s) -> %s", ct_path.name, len(prov["tumours"]), prov["method"], prov["method_reason"], out)
         return 0
-    return _run_dataset(engine, args, ct_path, out, warned)
+    return _run_dataset(engine, args, ct_path, out, settings, warned)
 
 
-def _run_dataset(engine, args, ct_path: Path, out: Path, warned: set) -> int:
+def _run_dataset(engine, args, ct_path: Path, out: Path, settings: dict, warned: set) -> int:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from backend.errors import DiffTumorError
 
     rank, world = parse_shard(args.shard)
     cases = dataset_cases(ct_path, Path(args.organs))
-    jobs = [(ci, case, c, o, k) for ci, (case, c, o) in enumerate(cases) for k in range(args.n or 1)]
+    start_dataset_run(out, settings, args.overwrite)
+    n = args.n or 1
+    jobs = [(ci, case, c, o, k) for ci, (case, c, o) in enumerate(cases) for k in range(n)]
     jobs = [j for j in jobs if j[0] % world == rank]
-    failures = 0
-    for ci, case, c, o, k in tqdm(jobs, desc=f"synthesize shard {rank}/{world}", unit="case"):
-        dest = out / f"{case}_s{k}"
-        if (dest / "provenance.json").is_file():
-            continue
-        try:
-            prov = synthesize_case(engine, c, o, dest, args, args.seed + 1000 * ci + k)
-            _warn_unused(args, prov, warned)
-        except DiffTumorError as exc:
-            failures += 1
-            log.error("%s: %s", case, exc)
+    todo = [j for j in jobs if not output_done(out / f"{j[1]}_s{j[4]}", settings)]
+    if len(todo) < len(jobs):
+        log.info("%d of %d outputs already done in %s (skipped); %d to synthesize", len(jobs) - len(todo), len(jobs),
+                 out, len(todo))
+    engine_log = logging.getLogger("backend.synthesis.engine")
+    once = _OncePerMessage()
+    engine_log.addFilter(once)
+    failures = done = 0
+    try:
+        with logging_redirect_tqdm():
+            for ci, case, c, o, k in tqdm(todo, desc=f"synthesize shard {rank}/{world}", unit="case"):
+                try:
+                    prov = synthesize_case(engine, c, o, out / f"{case}_s{k}", args, args.seed + 1000 * ci + k, settings)
+                    _warn_unused(args, prov, warned)
+                except DiffTumorError as exc:
+                    failures += 1
+                    log.error("%s: %s", case, exc)
+                else:
+                    done += 1
+    except KeyboardInterrupt:
+        left = len(todo) - done - failures
+        log.warning("interrupted with %d of %d outputs left; re-run the same command to resume (finished outputs "
+                    "are kept and skipped)", left, len(jobs))
+        raise
+    finally:
+        engine_log.removeFilter(once)
     if failures:
         log.error("%d of %d outputs failed (see the messages above); rerun to retry them", failures, len(jobs))
         return 1

@@ -1,6 +1,7 @@
 """`difftumor synthesize` and `difftumor weights` end to end (model-based: no weights needed)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -90,10 +91,10 @@ def test_dataset_mode_resumable_and_sharded(tmp_path):
     args = ["synthesize", "--ct", str(tmp_path / "cts"), "--organs", str(tmp_path / "cts_seg"), "--organ", "liver",
             "--size", "tiny", "--n", "2", "--out", str(out)]
     assert main(args + ["--shard", "1/2"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["c1_s0", "c1_s1"]
+    assert sorted(p.name for p in out.iterdir()) == ["c1_s0", "c1_s1", synth_cli.RUN_FILE]
     stamp = (out / "c1_s0" / "ct.nii.gz").stat().st_mtime_ns
     assert main(args) == 0
-    assert len(list(out.iterdir())) == 6
+    assert len([p for p in out.iterdir() if p.is_dir()]) == 6
     assert (out / "c1_s0" / "ct.nii.gz").stat().st_mtime_ns == stamp  # finished outputs skipped
 
 
@@ -284,3 +285,154 @@ def test_unused_options_after_diffusion_name_only_what_that_output_ignored():
     args.pancreas_blend = False  # the released pancreas path replaces the crop: no blend blur
     assert synth_cli.unused_options(args, late) == ["--sigma"]
     assert synth_cli.unused_options(args, {"method": "model-based"}) == ["--sigma", "--ddim-steps"]
+
+
+# --------------------------------------------------------------------------------------------
+# output folders: existing files, read-only places, failures half-way
+# --------------------------------------------------------------------------------------------
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep", encoding="utf-8")
+    assert _run(tmp_path, "--size", "tiny", out="afile") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "is an existing file" in err[0]
+    assert (tmp_path / "afile").read_text(encoding="utf-8") == "keep"
+
+
+@pytest.mark.parametrize("dataset", [False, True])
+def test_read_only_out_is_one_line_and_writes_nothing(tmp_path, capsys, dataset):
+    ct, seg = _case(tmp_path / "cts")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("chmod does not stop this user (root) from writing")
+        extra = ["--n", "1"] if dataset else []
+        code = main(["synthesize", "--ct", str(ct.parent if dataset else ct), "--organs", str(seg.parent if dataset else seg),
+                     "--organ", "liver", "--size", "tiny", *extra, "--out", str(ro / "case")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and f"--out {ro / 'case'}: cannot write here" in err[0], err
+        assert not any(ro.iterdir())
+    finally:
+        ro.chmod(0o700)
+
+
+def test_failed_write_is_one_line_and_removes_the_partial_output(tmp_path, capsys, monkeypatch):
+    import backend.io
+
+    real = backend.io.write_image
+
+    def failing(data, path, *a, **k):
+        if str(path).endswith("label.nii.gz"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(data, path, *a, **k)
+
+    monkeypatch.setattr(backend.io, "write_image", failing)
+    assert _run(tmp_path, "--size", "tiny", out="new/case") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "label.nii.gz: Permission denied" in err[0] and err[0].startswith("difftumor: error: --out")
+    assert not (tmp_path / "new").exists()  # the written ct.nii.gz and the folders made for it are gone
+
+
+def test_single_out_that_is_not_empty_needs_overwrite(tmp_path, capsys):
+    ct, seg = _case(tmp_path / "cts")
+    assert _run(tmp_path, "--size", "tiny", "--seed", "1", ct=ct, seg=seg) == 0
+    before = (tmp_path / "out" / "ct.nii.gz").read_bytes()
+    assert _run(tmp_path, "--size", "small", "--seed", "2", ct=ct, seg=seg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "folder is not empty" in err[0] and "--overwrite" in err[0]
+    assert (tmp_path / "out" / "ct.nii.gz").read_bytes() == before and _prov(tmp_path / "out")["seed"] == 1
+    assert _run(tmp_path, "--size", "small", "--seed", "2", "--overwrite", ct=ct, seg=seg) == 0
+    assert _prov(tmp_path / "out")["seed"] == 2
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine", encoding="utf-8")
+    assert _run(tmp_path, "--size", "tiny", out="notes", ct=ct, seg=seg) == 2
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["notes.txt"]
+
+
+def test_overwrite_never_replaces_an_input(tmp_path, capsys):
+    ct, seg = _case(tmp_path / "cts")
+    assert _run(tmp_path, "--size", "tiny", ct=ct, seg=seg) == 0
+    before = (tmp_path / "out" / "ct.nii.gz").read_bytes()
+    code = main(["synthesize", "--ct", str(tmp_path / "out" / "ct.nii.gz"), "--organs", str(tmp_path / "out" / "label.nii.gz"),
+                 "--organ", "liver", "--organ-label", "1", "--size", "tiny", "--overwrite", "--out", str(tmp_path / "out")])
+    assert code == 2 and "is one of the files --out" in capsys.readouterr().err
+    assert (tmp_path / "out" / "ct.nii.gz").read_bytes() == before
+
+
+def _dataset(tmp_path, cases=2):
+    for i in range(cases):
+        _case(tmp_path / "cts", f"c{i}", seed=i)
+    return ["synthesize", "--ct", str(tmp_path / "cts"), "--organs", str(tmp_path / "cts_seg"), "--organ", "liver",
+            "--size", "tiny", "--n", "2", "--out", str(tmp_path / "aug")]
+
+
+def test_dataset_refuses_to_resume_with_other_settings(tmp_path, capsys):
+    args = _dataset(tmp_path)
+    assert main(args) == 0
+    settings = json.loads((tmp_path / "aug" / synth_cli.RUN_FILE).read_text(encoding="utf-8"))["settings"]
+    assert settings["organ"] == "liver" and settings["n"] == 2 and settings["seed"] == 0
+    before = (tmp_path / "aug" / "c0_s0" / "ct.nii.gz").read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--seed", "99"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "made with --seed 0, but this run has --seed 99" in err[0] and "--overwrite" in err[0]
+    assert (tmp_path / "aug" / "c0_s0" / "ct.nii.gz").read_bytes() == before
+    assert main(args + ["--seed", "99", "--overwrite"]) == 0  # every output redone with the new settings
+    assert all(_prov(tmp_path / "aug" / f"c{i}_s{k}")["seed"] == 99 + 1000 * i + k for i in range(2) for k in range(2))
+    assert main(args + ["--seed", "99"]) == 0  # and the run file now holds them
+
+
+def test_dataset_out_with_foreign_files_is_refused(tmp_path, capsys):
+    args = _dataset(tmp_path, cases=1)
+    (tmp_path / "aug").mkdir()
+    (tmp_path / "aug" / "notes.txt").write_text("mine", encoding="utf-8")
+    assert main(args) == 2
+    assert f"holds no {synth_cli.RUN_FILE}" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "aug").iterdir()) == ["notes.txt"]
+
+
+def test_dataset_resume_redoes_outputs_missing_a_file_and_says_what_it_skipped(tmp_path, caplog):
+    import logging
+
+    args = _dataset(tmp_path)
+    assert main(args) == 0
+    (tmp_path / "aug" / "c1_s0" / "label.nii.gz").unlink()
+    stamp = (tmp_path / "aug" / "c0_s0" / "ct.nii.gz").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    assert (tmp_path / "aug" / "c1_s0" / "label.nii.gz").is_file()
+    assert (tmp_path / "aug" / "c0_s0" / "ct.nii.gz").stat().st_mtime_ns == stamp
+    assert "3 of 4 outputs already done" in caplog.text
+
+
+def test_dataset_logs_the_method_once(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        assert main(_dataset(tmp_path)) == 0
+    assert sum(r.getMessage().startswith("synthesis method:") for r in caplog.records) == 1
+
+
+def test_dataset_interrupt_says_how_to_resume_and_leaves_no_half_output(tmp_path, capsys, caplog, monkeypatch):
+    import logging
+
+    import backend.io
+
+    args = _dataset(tmp_path)
+    real = backend.io.write_image
+    calls = []
+
+    def interrupted(data, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 4:  # the second output's label
+            raise KeyboardInterrupt
+        return real(data, path, *a, **k)
+
+    monkeypatch.setattr(backend.io, "write_image", interrupted)
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 130
+    assert "re-run the same command to resume" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "aug").iterdir()) == ["c0_s0", synth_cli.RUN_FILE]
+    monkeypatch.setattr(backend.io, "write_image", real)
+    assert main(args) == 0 and len([p for p in (tmp_path / "aug").iterdir() if p.is_dir()]) == 4
