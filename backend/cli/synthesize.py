@@ -314,16 +314,17 @@ def _tumor_mask(args, ct, seed: int):
 
 def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, seed: int, settings: dict | None = None) -> dict:
     """Read, synthesize, then write the outputs (nothing is left behind when anything fails)."""
-    from backend.organs import load_organ_mask
+    from backend.organs import load_organ_and_tumors
 
     ct = _read(Path(ct_path), "--ct")
-    organ = load_organ_mask(organs_path, args.organ, label_id=args.organ_label, reference=ct)
+    organ, existing = load_organ_and_tumors(organs_path, args.organ, label_id=args.organ_label, reference=ct)
     tumor, mask_entry, tumor_name = _tumor_mask(args, ct, seed)
     result = engine.synthesize(
         ct, organ, tumor, organ=args.organ, method=args.method, seed=seed, stage=args.stage, size=args.size,
         count=args.count, sigma=args.sigma, ddim_steps=args.ddim_steps or DEFAULT_DDIM_STEPS,
         pancreas_blend=args.pancreas_blend, tumor_name=tumor_name, organ_name=str(organs_path),
         keep_intermediates=bool(args.keep_intermediates), weights_organ=args.weights_organ,
+        existing_tumor=existing,  # an MSD/LiTS/KiTS map's tumours stay tumour, never painted over
     )
     prov = dict(result.provenance)
     if mask_entry is not None:  # the engine only knows "a mask came in": say which and with what parameters
@@ -563,7 +564,7 @@ def handler(args) -> int:
     if not dataset:
         prov = synthesize_case(engine, ct_path, Path(args.organs), out, args, args.seed, settings)
         _warn_unused(args, prov, warned)
-        log.info("%s: %s tumour(s) by %s (%s) -> %s", ct_path.name, len(prov["tumours"]), prov["method"], prov["method_reason"], out)
+        log.info("%s: %s tumour(s) by %s (%s) -> %s", ct_path.name, prov["n_tumours"], prov["method"], prov["method_reason"], out)
         return 0
     return _run_dataset(engine, args, ct_path, out, settings, warned)
 

@@ -196,8 +196,10 @@ def _mask_to_file(mask_m: np.ndarray, params, model: Geometry, sl, sub_g: Geomet
             k = np.clip(np.rint(full.world_to_voxel(model.voxel_to_world(np.asarray(p.centre, float)))).astype(int),
                         0, np.asarray(full.size) - 1)
             tumor[k[2], k[1], k[0]] = True
-    for p in params:  # report centres in world coordinates (LPS mm) too
-        p.centre_world_mm = tuple(round(float(v), 2) for v in model.voxel_to_world(np.asarray(p.centre, float)))
+    for p in params:  # report centres in world coordinates (LPS mm) and on the CT's grid too
+        world = model.voxel_to_world(np.asarray(p.centre, float))
+        p.centre_world_mm = tuple(round(float(v), 2) for v in world)
+        p.centre_voxel_xyz = tuple(int(v) for v in np.rint(full.world_to_voxel(world)))
     return tumor
 
 

@@ -75,9 +75,14 @@ class TumorParams:
     centre: tuple[int, int, int]  # model-space voxel (X, Y, Z)
     clipped_to_organ: bool
     centre_world_mm: tuple[float, float, float] | None = None  # filled in by the engine (LPS mm)
+    centre_voxel_xyz: tuple[int, int, int] | None = None  # filled in by the engine: index on the CT's grid
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """For provenance: ``centre`` (a voxel of the generator's 1 mm model grid) is named
+        ``centre_model_voxel_xyz`` so that it is not mistaken for an index into the CT."""
+        d = asdict(self)
+        d["centre_model_voxel_xyz"] = d.pop("centre")
+        return d
 
 
 def as_rng(seed_or_rng) -> np.random.Generator:
@@ -327,7 +332,7 @@ def ellipsoid_mask(
     idx_c = geometry.world_to_voxel(world_c)
     size = np.asarray(geometry.size)
     if np.any(idx_c < -0.5) or np.any(idx_c > size - 0.5):
-        raise DiffTumorError(f"centre: {np.round(c, 2).tolist()} lies outside the image (voxel index {np.round(idx_c, 1).tolist()}, size {list(size)})")
+        raise DiffTumorError(f"centre: {np.round(c, 2).tolist()} lies outside the image (voxel index {np.round(idx_c, 1).tolist()}, size {[int(v) for v in size]})")
     R = _rotation_matrix(rotation)
     amp = float(irregularity) * 0.3 * float(radii.mean())
     reach = radii.max() + 3.0 * amp + 1.0  # mm

@@ -436,3 +436,26 @@ def test_dataset_interrupt_says_how_to_resume_and_leaves_no_half_output(tmp_path
     assert sorted(p.name for p in (tmp_path / "aug").iterdir()) == ["c0_s0", synth_cli.RUN_FILE]
     monkeypatch.setattr(backend.io, "write_image", real)
     assert main(args) == 0 and len([p for p in (tmp_path / "aug").iterdir() if p.is_dir()]) == 4
+
+
+def test_msd_label_tumours_survive_and_tumours_are_counted(tmp_path, caplog):
+    """An MSD-style map (1 organ, 2 tumour) as --organs: its tumour stays 2 in label.nii.gz, the CT there is
+    untouched, and the log counts tumours (not crops)."""
+    import logging
+
+    ct, seg = _case(tmp_path / "cts")
+    labels = read_image(seg)
+    msd = np.where(labels.array > 0, 1, 0).astype(np.uint8)
+    msd[12:16, 28:36, 28:36] = 2
+    msd_path = tmp_path / "msd.nii.gz"
+    write_image(Volume(msd, labels.geometry), msd_path)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        assert main(["synthesize", "--ct", str(ct), "--organs", str(msd_path), "--organ", "liver", "--size", "tiny",
+                     "--count", "2", "--seed", "3", "--out", str(out)]) == 0
+    lab, res, src = read_image(out / "label.nii.gz").array, read_image(out / "ct.nii.gz").array, read_image(ct).array
+    real = msd == 2
+    assert (lab[real] == 2).all() and np.array_equal(res[real], src[real])
+    prov = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
+    assert prov["mask"]["existing_tumour_voxels"] == int(real.sum())
+    assert any(f"{prov['n_tumours']} tumour(s) by" in r.getMessage() for r in caplog.records)

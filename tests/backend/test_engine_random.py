@@ -72,3 +72,20 @@ def test_second_call_on_the_same_ct_uses_the_cache_and_changes_nothing(real, tmp
     # bad input on a cached CT is still refused
     with pytest.raises(DiffTumorError, match="absent"):
         e.synthesize(ct, np.zeros_like(organ), seed=9, **kw)
+
+
+def test_generated_tumour_centres_are_reported_on_the_ct_grid(totalseg_ct, totalseg_seg):
+    """Provenance names the generator's 1 mm model voxel as such and gives the CT-grid index beside it."""
+    from backend.io import read_image
+    from backend.organs import load_organ_mask
+    from backend.synthesis.engine import SynthesisEngine
+
+    ct = read_image(totalseg_ct)
+    organ = load_organ_mask(totalseg_seg, "liver", reference=ct)
+    r = SynthesisEngine(None, device="cpu").synthesize(ct, organ, organ="liver", size="small", count=2, seed=3,
+                                                       method="model-based")
+    for t in r.provenance["mask"]["tumours"]:
+        assert "centre" not in t and len(t["centre_model_voxel_xyz"]) == 3
+        x, y, z = t["centre_voxel_xyz"]
+        assert 0 <= x < ct.geometry.size[0] and 0 <= y < ct.geometry.size[1] and 0 <= z < ct.geometry.size[2]
+        assert r.tumor_mask[max(z - 1, 0):z + 2, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].any()
