@@ -25,13 +25,16 @@ TUMOR_LAYER = "tumor mask"
 CUSTOM = "custom (radii below)"
 
 
-def notify_error(exc: BaseException, what: str) -> None:
-    """One napari error notification for a user error (DiffTumorError / out of memory)."""
+def notify_error(exc: BaseException, what: str) -> str:
+    """One napari error notification for a user error (DiffTumorError / out of memory); returns the
+    message, for the widget's own status line (a notification disappears, the status stays)."""
     from napari.utils.notifications import show_error
 
     from difftumor_napari.synthesis_tasks import user_message
 
-    show_error(user_message(exc, what))
+    message = user_message(exc, what)
+    show_error(message)
+    return message
 
 
 def wrapped(label: Label) -> Label:
@@ -42,6 +45,12 @@ def wrapped(label: Label) -> Label:
     label.native.setMinimumWidth(50)
     label.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
     return label
+
+
+def unwrap(layer):
+    """The layer itself behind napari's ``PublicOnlyProxy``: a plugin widget's viewer hands out a new
+    proxy on every ``viewer.layers[...]``, so ``is`` between two look-ups is False for the same layer."""
+    return getattr(layer, "__wrapped__", layer)
 
 
 def tumor_layer_metadata(ct_layer, kind: str = "tumor") -> dict:
@@ -193,7 +202,7 @@ class PlacementWidget(ScrollableContainer):
         if layer is None and create:
             layer = self._viewer.add_labels(np.zeros(ct.data.shape, np.uint8), name=TUMOR_LAYER, scale=ct.scale,
                                             translate=ct.translate, metadata=tumor_layer_metadata(ct), opacity=0.6)
-        if layer is not self._history_layer:
+        if unwrap(layer) is not unwrap(self._history_layer):
             self.history = pl.PlacementHistory()
             self._history_layer = layer
         return layer
@@ -212,11 +221,12 @@ class PlacementWidget(ScrollableContainer):
             centre = np.asarray(ct.world_to_data(tuple(world)), float)[-3:]
             return self.place_at_voxel(centre)
         except Exception as exc:  # noqa: BLE001 - reported, nothing changed
-            notify_error(exc, "Tumour placement")
+            self.status.value = notify_error(exc, "Tumour placement")
             return False
 
     def place_at_voxel(self, centre_zyx) -> bool:
         """Place a tumour centred at a (continuous) data index (z, y, x) of the CT."""
+        had_layer = TUMOR_LAYER in self._viewer.layers
         try:
             organ = self.organ_mask()
             geometry = self.geometry()
@@ -225,12 +235,18 @@ class PlacementWidget(ScrollableContainer):
             p = pl.place_ellipsoid(layer.data, self.history, geometry, organ, spec, organ_name=self.organ.value,
                                    keep_inside_organ=self.keep_inside.value)
         except Exception as exc:  # noqa: BLE001
-            notify_error(exc, "Tumour placement")
+            self._drop_new_tumor_layer(had_layer)
+            self.status.value = notify_error(exc, "Tumour placement")
             return False
         self._after_edit(layer, f"Tumour {p.label}: {len(p.index[0])} voxels at voxel "
                                 f"{[int(round(c)) for c in centre_zyx]} (z, y, x). {NEXT_SYNTHESIZE}")
         self.seed.value = (self.seed.value + 1) % (2**31 - 1)  # the next irregular shape differs
         return True
+
+    def _drop_new_tumor_layer(self, had_layer: bool) -> None:
+        """A failed first placement leaves the layers as they were: no empty tumour layer behind."""
+        if not had_layer and TUMOR_LAYER in self._viewer.layers and not np.any(self._viewer.layers[TUMOR_LAYER].data):
+            self._viewer.layers.remove(TUMOR_LAYER)
 
     def place_random(self) -> int:
         """Drop N tumours of the random size class at valid places in the organ (seeded)."""
@@ -241,7 +257,7 @@ class PlacementWidget(ScrollableContainer):
                                               keep_inside_organ=self.keep_inside.value)
             layer = self.tumor_layer()
         except Exception as exc:  # noqa: BLE001
-            notify_error(exc, "Random placement")
+            self.status.value = notify_error(exc, "Random placement")
             return 0
         for shape, p in zip(shapes, params):
             self.history.apply(layer.data, shape, params=p)
@@ -288,8 +304,11 @@ class PlacementWidget(ScrollableContainer):
             callbacks.remove(self._on_click)
 
     def _on_click(self, viewer, event):
-        """Left click without drag places a tumour there; a drag pans as usual."""
+        """Left click without drag places a tumour there; a drag pans as usual. Clicks that a drawing tool
+        of the active layer takes (brush, eraser, fill, picker) are left to that tool."""
         if event.button != 1:
+            return
+        if getattr(viewer.layers.selection.active, "mode", "pan_zoom") not in ("pan_zoom", "transform"):
             return
         moved = False
         yield

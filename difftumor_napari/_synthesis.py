@@ -264,7 +264,9 @@ class SynthesisWidget(ScrollableContainer):
         self.outcome = outcome
         self.add_result_layers(outcome)
         prov = outcome.provenance
-        self.status.value = f"Done: {prov.get('method')} ({prov.get('method_reason', '')}), seed {prov.get('seed')}"
+        n = prov.get("n_tumours")
+        self.status.value = (f"Done: {n} tumour(s), {prov.get('method')}, seed {prov.get('seed')}. "
+                             "Next: Before / after, Inspection, or Save.")
 
     def _on_synthesis_errored(self, exc: BaseException) -> None:
         notify_error(exc, "Synthesis")
@@ -292,12 +294,21 @@ class SynthesisWidget(ScrollableContainer):
         for name in (RESULT_CT, RESULT_TUMOR, DIFFERENCE):
             if name in self._viewer.layers:
                 self._viewer.layers.remove(name)
-        self._viewer.add_image(outcome.ct, name=RESULT_CT, scale=ct.scale, translate=ct.translate,
-                               contrast_limits=ct.contrast_limits, colormap="gray", metadata={"difftumor": info})
+        # "after" is drawn exactly like "before": same window, colormap and interpolation, and at the original's
+        # place in the layer stack, so Before / after swaps only the CT and every overlay looks the same in both
+        result = self._viewer.add_image(outcome.ct, name=RESULT_CT, scale=ct.scale, translate=ct.translate,
+                                        contrast_limits=ct.contrast_limits, colormap=ct.colormap.name,
+                                        interpolation2d=ct.interpolation2d, interpolation3d=ct.interpolation3d,
+                                        metadata={"difftumor": info})
+        layers = self._viewer.layers
+        layers.move(layers.index(result), layers.index(ct) + 1)
         meta = tumor_layer_metadata(ct, kind="synthetic")
         meta["difftumor"].update(provenance=outcome.provenance, original_layer=ct.name, result_layer=RESULT_CT)
         self._viewer.add_labels(np.asarray(outcome.tumor_mask).astype(np.uint8), name=RESULT_TUMOR, scale=ct.scale,
-                                translate=ct.translate, metadata=meta, opacity=0.35)
+                                translate=ct.translate, metadata=meta, opacity=0.35, visible=False)
+        for layer in layers:  # the tumour itself is what to look at now: hide the placement outline over it
+            if layer.name == TUMOR_LAYER:
+                layer.visible = False
         ct.visible = False  # "after" first; Before / after swaps
 
     def toggle_before_after(self) -> str:
@@ -345,7 +356,7 @@ class SynthesisWidget(ScrollableContainer):
             ct = self._source_ct
             paths = st.save_outcome(self.outcome, folder, stem, ct.metadata, scale=ct.scale, translate=ct.translate)
         except Exception as exc:  # noqa: BLE001
-            notify_error(exc, "Save")
+            self.status.value = notify_error(exc, "Save")
             return None
         from napari.utils.notifications import show_info
 

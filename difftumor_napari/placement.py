@@ -186,9 +186,9 @@ def check_centre(centre_zyx: Sequence[float], organ: np.ndarray | None, organ_na
     if organ is None:
         raise DiffTumorError(f"{organ_name}: no organ mask; choose an organ label layer first")
     if np.any(idx < 0) or np.any(idx >= shape):
-        raise DiffTumorError(f"click at voxel {idx.tolist()} (z, y, x) is outside the image {shape.tolist()}")
+        raise DiffTumorError(f"click outside the image (voxel {idx.tolist()} z, y, x; image {shape.tolist()})")
     if not organ[tuple(idx)]:
-        raise DiffTumorError(f"click at voxel {idx.tolist()} (z, y, x) is outside the {organ_name}; click inside the organ")
+        raise DiffTumorError(f"click outside the {organ_name} (voxel {idx.tolist()} z, y, x); click inside the organ")
     return tuple(int(v) for v in idx)
 
 

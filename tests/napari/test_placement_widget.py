@@ -86,7 +86,8 @@ def test_user_errors_become_notifications_and_change_nothing(real_viewer, qtbot,
     w = _widget(viewer, qtbot)
     ct = viewer.layers["example_ct_sm"]
     assert not w.place_at_voxel((0, 0, 0))  # air, outside the liver
-    assert "outside the liver" in errors[-1]
+    assert "click outside the liver" in errors[-1] and "click outside the liver" in w.status.value
+    assert "tumor mask" not in viewer.layers  # a failed first click leaves no empty tumour layer behind
     voxel = _inner_voxel(w.organ_mask())
     w.size.value = "custom (radii below)"
     w.radius_x.value = w.radius_y.value = w.radius_z.value = 100
@@ -140,3 +141,48 @@ def test_size_class_sets_radii(make_napari_viewer, qtbot):
     w.size.value = "medium"
     assert (w.radius_x.value, w.radius_y.value, w.radius_z.value) == pl.size_class_radii("medium")
     assert "24–40 mm" in w.size.tooltip
+
+
+def test_docked_from_the_plugins_menu_undo_and_provenance_keep_every_placement(real_viewer, qtbot, errors):
+    """napari gives a plugin widget a proxy viewer that hands out a new layer proxy on every look-up; the
+    placement history must still follow the same tumour layer (undo used to say "Nothing to undo")."""
+    viewer = real_viewer
+    _dock, w = viewer.window.add_plugin_dock_widget("difftumor", "Tumor placement")
+    w.organ.value = "liver"
+    liver = w.organ_mask()
+    voxel = _inner_voxel(liver)
+    assert w.place_at_voxel(voxel)
+    w.random_size.value = "tiny"
+    assert w.place_random() == 1
+    layer = viewer.layers["tumor mask"]
+    assert layer.data.max() == 2
+    assert len(layer.metadata["difftumor"]["placements"]) == 2
+    assert w.undo() and layer.data.max() == 1 and errors == []
+    assert len(layer.metadata["difftumor"]["placements"]) == 1
+
+
+def test_click_mode_leaves_brush_and_eraser_clicks_to_the_labels_tool(real_viewer, qtbot, errors):
+    viewer = real_viewer
+    w = _widget(viewer, qtbot)
+    w.organ.value = "liver"
+    voxel = _inner_voxel(w.organ_mask())
+    assert w.place_at_voxel(voxel)
+    layer = viewer.layers["tumor mask"]
+    w.place_mode.value = True
+    world = tuple(np.asarray(viewer.layers["example_ct_sm"].data_to_world(voxel)) + np.array([0, 6, 6]))
+    for mode in ("paint", "erase", "fill"):
+        layer.mode = mode
+        viewer.layers.selection.active = layer
+        gen = w._on_click(viewer, SimpleNamespace(button=1, type="mouse_press", position=world))
+        with pytest.raises(StopIteration):  # not taken by the placement click
+            next(gen)
+    assert layer.data.max() == 1
+    layer.mode = "pan_zoom"
+    event = SimpleNamespace(button=1, type="mouse_press", position=world)
+    gen = w._on_click(viewer, event)
+    next(gen)
+    event.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(gen)
+    assert layer.data.max() == 2  # back in pan/zoom mode a click places again
+    w.place_mode.value = False

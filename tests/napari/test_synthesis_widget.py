@@ -77,6 +77,10 @@ def _flow(viewer, qtbot, tmp_path, source_ct, organ: str):
     near = ndimage.binary_dilation(tumor.data > 0, iterations=4)
     assert not (changed & ~near).any()
     # before / after and difference
+    stack = [ly.name for ly in viewer.layers]
+    assert stack.index(RESULT_CT) == stack.index(ct.name) + 1  # drawn where the original is: same overlays on top
+    assert result.interpolation2d == ct.interpolation2d and result.colormap.name == ct.colormap.name
+    assert not labels.visible and not viewer.layers["tumor mask"].visible  # the tumour itself, not an outline
     assert synth.toggle_before_after() == "before" and ct.visible and not result.visible
     assert synth.toggle_before_after() == "after" and result.visible and not ct.visible
     diff = synth.show_difference()
