@@ -15,6 +15,29 @@ from __future__ import annotations
 from magicgui.widgets import Container
 
 
+TAB_GROUP = "difftumor_dock"  # Qt property marking the scroll areas of DiffTumor's docks
+
+
+def join_difftumor_tabs(area) -> bool:
+    """Tabify the dock holding ``area`` with a visible DiffTumor dock in the same dock area; True if it did."""
+    from qtpy.QtWidgets import QDockWidget, QMainWindow
+
+    dock = area.parentWidget()
+    main = dock.parentWidget() if isinstance(dock, QDockWidget) else None
+    if not isinstance(main, QMainWindow) or dock.isFloating():
+        return False
+    where = main.dockWidgetArea(dock)
+    for other in main.findChildren(QDockWidget):
+        if (other is not dock and other.isVisible() and not other.isFloating() and other.widget() is not None
+                and other.widget().property(TAB_GROUP) and main.dockWidgetArea(other) == where):
+            if dock not in main.tabifiedDockWidgets(other):
+                main.tabifyDockWidget(other, dock)
+            dock.show()
+            dock.raise_()  # the widget just opened is the tab in front
+            return True
+    return False
+
+
 class ScrollableContainer(Container):
     """``Container(scrollable=True)`` whose ``native`` is the scroll area (what napari docks)."""
 
@@ -39,6 +62,20 @@ class ScrollableContainer(Container):
 
         self._fit_width = _FitWidth(area)
         self.form.installEventFilter(self._fit_width)
+        area.setProperty(TAB_GROUP, True)
+
+        class _JoinTabs(QObject):
+            """The first time the widget is shown in a dock, join the other DiffTumor docks of that area as
+            a tab (napari stacks plugin docks one under another, squeezing each to a few rows)."""
+
+            def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+                if event.type() == QEvent.Type.Show:
+                    obj.removeEventFilter(self)
+                    join_difftumor_tabs(obj)
+                return False
+
+        self._join_tabs = _JoinTabs(area)
+        area.installEventFilter(self._join_tabs)
 
     @property
     def native(self):

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton
+from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, PushButton
+
+from difftumor_napari._dock import ScrollableContainer
 
 if TYPE_CHECKING:
     import napari
@@ -229,7 +231,7 @@ class ThreeViews:
             model.layers.clear()
 
 
-class ViewingWidget(Container):
+class ViewingWidget(ScrollableContainer):
     """Dock widget: window/level presets, W/L spin boxes, mouse window/level mode, three views."""
 
     def __init__(self, viewer: napari.viewer.Viewer):

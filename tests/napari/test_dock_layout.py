@@ -77,3 +77,19 @@ def test_scrollable_widget_hands_napari_its_scroll_area(make_napari_viewer):
     dock = viewer.window.add_dock_widget(widget, name="Synthesis", area="right")
     assert isinstance(dock.widget(), QScrollArea) and dock.widget().widget() is widget.form
     assert widget.form.layout() is widget._widget._layout  # the form is the magicgui layout's widget
+
+
+def test_widgets_docked_from_the_plugins_menu_share_one_tabbed_dock(make_napari_viewer, qtbot):
+    """Opening Placement, Synthesis and Inspection one after another gives tabs, the newest in front, not
+    three docks stacked in one column (each squeezed to a few rows)."""
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1400, 900)
+    main = viewer.window._qt_window
+    docks = []
+    for name in ("Tumor placement", "Synthesis", "Inspection"):
+        dock, _ = viewer.window.add_plugin_dock_widget("difftumor", name)
+        qtbot.wait(100)
+        docks.append(dock)
+    assert set(main.tabifiedDockWidgets(docks[0])) >= {docks[1], docks[2]}
+    assert not docks[2].visibleRegion().isEmpty() and docks[1].visibleRegion().isEmpty()  # newest in front
+    assert docks[2].height() > 500  # the full height of the window, not a third of it
