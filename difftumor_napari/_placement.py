@@ -53,6 +53,17 @@ def unwrap(layer):
     return getattr(layer, "__wrapped__", layer)
 
 
+TUMOR_RGBA = (1.0, 0.85, 0.0, 1.0)  # one bright yellow for every tumour id: never an organ's colour
+
+
+def tumor_colormap():
+    """Tumour masks in one colour of their own (napari's default label colours would paint tumour 1 in
+    the spleen's colour, 2 in the right kidney's, ... of the organ layer beneath)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: TUMOR_RGBA, 0: (0.0, 0.0, 0.0, 0.0)})
+
+
 def tumor_layer_metadata(ct_layer, kind: str = "tumor") -> dict:
     """Metadata for a mask made on ``ct_layer``'s grid: the CT's geometry record, integer dtype."""
     info = dict(ct_layer.metadata.get("difftumor", {}))
@@ -201,7 +212,8 @@ class PlacementWidget(ScrollableContainer):
             layer = None
         if layer is None and create:
             layer = self._viewer.add_labels(np.zeros(ct.data.shape, np.uint8), name=TUMOR_LAYER, scale=ct.scale,
-                                            translate=ct.translate, metadata=tumor_layer_metadata(ct), opacity=0.6)
+                                            translate=ct.translate, metadata=tumor_layer_metadata(ct), opacity=0.6,
+                                            colormap=tumor_colormap())
         if unwrap(layer) is not unwrap(self._history_layer):
             self.history = pl.PlacementHistory()
             self._history_layer = layer

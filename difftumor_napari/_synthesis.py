@@ -285,7 +285,7 @@ class SynthesisWidget(ScrollableContainer):
     # -- results ----------------------------------------------------------------------------------
     def add_result_layers(self, outcome: st.SynthesisOutcome) -> None:
         """'CT + synthetic tumor' (image) and 'synthetic tumor' (labels) on the CT's grid."""
-        from difftumor_napari._placement import tumor_layer_metadata
+        from difftumor_napari._placement import tumor_colormap, tumor_layer_metadata
 
         ct = self._source_ct
         info = dict(ct.metadata.get("difftumor", {}))
@@ -305,7 +305,8 @@ class SynthesisWidget(ScrollableContainer):
         meta = tumor_layer_metadata(ct, kind="synthetic")
         meta["difftumor"].update(provenance=outcome.provenance, original_layer=ct.name, result_layer=RESULT_CT)
         self._viewer.add_labels(np.asarray(outcome.tumor_mask).astype(np.uint8), name=RESULT_TUMOR, scale=ct.scale,
-                                translate=ct.translate, metadata=meta, opacity=0.35, visible=False)
+                                translate=ct.translate, metadata=meta, opacity=0.35, visible=False,
+                                colormap=tumor_colormap())
         for layer in layers:  # the tumour itself is what to look at now: hide the placement outline over it
             if layer.name == TUMOR_LAYER:
                 layer.visible = False
@@ -353,6 +354,11 @@ class SynthesisWidget(ScrollableContainer):
             if folder in ("", "."):
                 raise DiffTumorError("Save to folder: choose an output folder first")
             stem = self.stem.value.strip() or "synthetic"
+            free = st.free_stem(folder, stem) if Path(folder).is_dir() else stem
+            if free != stem:  # never overwrite an earlier result: offer the next free name instead
+                self.stem.value = free
+                raise DiffTumorError(f"{Path(folder) / (stem + '_ct.nii.gz')}: already exists; nothing was "
+                                     f"overwritten. The file name stem is now '{free}': press Save again")
             ct = self._source_ct
             paths = st.save_outcome(self.outcome, folder, stem, ct.metadata, scale=ct.scale, translate=ct.translate)
         except Exception as exc:  # noqa: BLE001

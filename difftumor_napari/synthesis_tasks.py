@@ -270,19 +270,39 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def output_paths(folder, stem: str) -> list[Path]:
+    """The three files :func:`save_outcome` writes for ``stem``."""
+    return [Path(folder) / f"{stem}{suffix}" for suffix in ("_ct.nii.gz", "_tumor.nii.gz", "_provenance.json")]
+
+
+def free_stem(folder, stem: str) -> str:
+    """``stem`` if none of its files exist in ``folder``, else the first free ``stem_2``, ``stem_3``, ..."""
+    k, candidate = 1, stem
+    while any(p.exists() for p in output_paths(folder, candidate)):
+        k += 1
+        candidate = f"{stem}_{k}"
+    return candidate
+
+
 def save_outcome(outcome: SynthesisOutcome, folder, stem: str, ct_metadata: dict, *,
                  scale: Sequence[float], translate: Sequence[float]) -> dict[str, Path]:
     """Write ``<stem>_ct.nii.gz``, ``<stem>_tumor.nii.gz`` (0/1/2 label) and ``<stem>_provenance.json``.
 
     Images go through :func:`difftumor_napari._writer.write_layer` with the CT layer's metadata, so
     they land on the original file grid, orientation and dtype (HU rounded back to int16 when the
-    source was int16). Existing files of the same names are replaced atomically.
+    source was int16). A missing folder is created; existing files are never replaced (the caller
+    picks another stem, see :func:`free_stem`); every file is written atomically.
     """
     from difftumor_napari._writer import write_layer
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DiffTumorError(f"{folder}: output folder does not exist")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DiffTumorError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
+    taken = [p for p in output_paths(folder, stem) if p.exists()]
+    if taken:
+        raise DiffTumorError(f"{taken[0]}: already exists; nothing was overwritten (choose another file name stem)")
     meta = {"name": stem, "metadata": ct_metadata, "scale": tuple(scale), "translate": tuple(translate)}
     info = dict((ct_metadata or {}).get("difftumor", {}))
     ct = outcome.ct

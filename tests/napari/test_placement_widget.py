@@ -63,6 +63,9 @@ def test_autodetects_layers_and_places_by_click(real_viewer, qtbot, errors):
         next(gen)
     layer = viewer.layers["tumor mask"]
     assert layer.data[voxel] == 1 and errors == []
+    organ_colours = {tuple(np.round(seg.get_color(i), 3)) for i in (1, 2, 3, 5, 7)}
+    assert tuple(np.round(layer.get_color(1), 3)) not in organ_colours  # tumour 1 is not painted like the spleen
+    assert np.allclose(layer.get_color(1), layer.get_color(4))  # every tumour in the tumour colour
     assert w.status.value.startswith("Tumour 1:") and "Synthesis > Synthesize" in w.status.value  # what next
     assert not ((layer.data > 0) & ~liver).any()  # keep inside organ (default on)
     assert layer.scale == pytest.approx(ct.scale) and layer.translate == pytest.approx(ct.translate)

@@ -239,8 +239,17 @@ def test_user_errors_are_notifications(phantom_viewer, qtbot, monkeypatch, error
     assert synth.save() is None and "nothing to save" in errors[-1]
     synth.make_generator = st.engine_generator
     assert synth.run() and synth.outcome is not None
-    synth.out_dir.value = str(tmp_path / "missing")
-    assert synth.save() is None and "does not exist" in errors[-1]
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    synth.out_dir.value = str(tmp_path / "afile" / "sub")  # a folder that cannot be made
+    assert synth.save() is None and "cannot create the output folder" in errors[-1]
+    synth.out_dir.value = str(tmp_path / "new" / "sub")  # a missing folder is made
+    first = synth.save()
+    assert first is not None and first["ct"].parent == tmp_path / "new" / "sub"
+    before = {k: p.read_bytes() for k, p in first.items()}
+    assert synth.save() is None and "nothing was overwritten" in errors[-1]  # same stem again: refused
+    assert {k: p.read_bytes() for k, p in first.items()} == before and synth.stem.value == "synthetic_2"
+    second = synth.save()  # the offered stem
+    assert second is not None and second["ct"].name == "synthetic_2_ct.nii.gz"
     # removing the organ labels: clear sentence
     phantom_viewer.layers.remove("phantom organs")
     assert not synth.run() and "no organ label layer" in errors[-1]
