@@ -92,6 +92,22 @@ class SynthesisWidget(ScrollableContainer):
         for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
             emitter.connect(self._on_layers_changed)
         self._on_layers_changed()
+        self._watch_closing()
+
+    def _watch_closing(self) -> None:
+        """Closing the dock (napari takes the widget out of it) cancels a run: no layers appear later."""
+        from qtpy.QtCore import QEvent, QObject
+
+        widget = self
+
+        class _OnClose(QObject):
+            def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+                if event.type() == QEvent.Type.ParentChange and obj.parent() is None and widget.running:
+                    widget.cancel()
+                return False
+
+        self._close_watch = _OnClose(self.native)
+        self.native.installEventFilter(self._close_watch)
 
     # -- choices ----------------------------------------------------------------------------------
     def _ct_choices(self, widget=None):
@@ -261,6 +277,9 @@ class SynthesisWidget(ScrollableContainer):
         self.progress_text.value = message
 
     def _on_synthesis_done(self, outcome: st.SynthesisOutcome) -> None:
+        if self._source_ct is None or self._source_ct not in self._viewer.layers:
+            self.status.value = "The CT layer was removed during the run; the result was discarded"
+            return
         self.outcome = outcome
         self.add_result_layers(outcome)
         prov = outcome.provenance

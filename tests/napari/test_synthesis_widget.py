@@ -293,3 +293,26 @@ def test_tumours_already_in_msd_labels_stay_tumour(phantom_viewer, qtbot, monkey
     label = synth.outcome.label
     assert (label[real] == 2).all() and not (synth.outcome.tumor_mask & real).any()
     assert synth.outcome.provenance["mask"]["existing_tumour_voxels"] == int(real.sum())
+
+
+def test_closing_the_dock_cancels_and_removing_the_ct_discards_the_run(phantom_viewer, qtbot, monkeypatch, errors):
+    from difftumor_napari._synthesis import RESULT_CT
+
+    monkeypatch.delenv(st.NOTHREADS_ENV, raising=False)
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    dock = phantom_viewer.window.add_dock_widget(synth, name="Synthesis", area="right")
+    synth.make_generator = _slow_generator(0.1, 100)
+    assert synth.run()
+    qtbot.waitUntil(lambda: synth.progress.value >= 2, timeout=10000)
+    phantom_viewer.window.remove_dock_widget(dock)  # what the dock's close button does
+    qtbot.waitUntil(lambda: not synth.running, timeout=10000)
+    assert synth.outcome is None and RESULT_CT not in phantom_viewer.layers
+
+    synth2 = _widgets(phantom_viewer, qtbot)[1]
+    synth2.make_generator = _slow_generator(0.05, 10)
+    assert synth2.run()
+    phantom_viewer.layers.remove("phantom CT")  # the CT goes away mid-run
+    qtbot.waitUntil(lambda: not synth2.running, timeout=10000)
+    assert synth2.outcome is None and RESULT_CT not in phantom_viewer.layers
+    assert "removed during the run" in synth2.status.value
