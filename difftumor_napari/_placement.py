@@ -203,6 +203,13 @@ class PlacementWidget(ScrollableContainer):
         ct = self._require_ct()
         return pl.layer_geometry(ct.data.shape, ct.scale, ct.translate, ct.metadata)
 
+    def file_geometry(self):
+        """The CT file's own grid (recorded by the DiffTumor reader), or None for an array opened otherwise."""
+        from backend.io import Geometry
+
+        info = self._require_ct().metadata.get("difftumor", {})
+        return Geometry.from_dict(info["geometry"]) if "geometry" in info else None
+
     def tumor_layer(self, create: bool = True):
         """The "tumor mask" Labels layer on the CT's grid (created empty when missing)."""
         ct = self._require_ct()
@@ -245,7 +252,7 @@ class PlacementWidget(ScrollableContainer):
             spec = self.spec_at(centre_zyx)
             layer = self.tumor_layer()
             p = pl.place_ellipsoid(layer.data, self.history, geometry, organ, spec, organ_name=self.organ.value,
-                                   keep_inside_organ=self.keep_inside.value)
+                                   keep_inside_organ=self.keep_inside.value, file_geometry=self.file_geometry())
         except Exception as exc:  # noqa: BLE001
             self._drop_new_tumor_layer(had_layer)
             self.status.value = notify_error(exc, "Tumour placement")

@@ -252,8 +252,13 @@ class PlacementHistory:
 
 
 def place_ellipsoid(labels: np.ndarray, history: PlacementHistory, geometry: "Geometry", organ: np.ndarray | None,
-                    spec: TumorSpec, *, organ_name: str, keep_inside_organ: bool = True) -> Placement:
-    """Validate ``spec`` against the organ, draw it (clipped to the organ if asked) and record it."""
+                    spec: TumorSpec, *, organ_name: str, keep_inside_organ: bool = True,
+                    file_geometry: "Geometry | None" = None) -> Placement:
+    """Validate ``spec`` against the organ, draw it (clipped to the organ if asked) and record it.
+
+    The record gives the centre on the display grid (``centre_zyx``), in world millimetres
+    (``centre_world_mm_lps``) and, with ``file_geometry`` (the CT file's own grid), as that file's voxel
+    index (``centre_file_voxel_xyz``), so a placement can be reproduced with ``difftumor synthesize``."""
     check_centre(spec.centre_zyx, organ, organ_name)
     tumor = ellipsoid_on_grid(geometry, spec)
     check_fits(tumor, organ, organ_name, geometry.spacing[::-1])
@@ -261,8 +266,12 @@ def place_ellipsoid(labels: np.ndarray, history: PlacementHistory, geometry: "Ge
         tumor &= organ
     if not tumor.any():
         raise DiffTumorError(f"tumour at {list(spec.centre_zyx)} covers no voxel of the {organ_name}; enlarge the radii")
+    world = geometry.voxel_to_world(np.asarray(spec.centre_zyx, float)[::-1])
+    where = {"centre_world_mm_lps": [round(float(v), 2) for v in world]}
+    if file_geometry is not None:
+        where["centre_file_voxel_xyz"] = [round(float(v), 2) for v in file_geometry.world_to_voxel(world)]
     return history.apply(labels, tumor, params={"kind": "ellipsoid", "organ": organ_name,
-                                                "keep_inside_organ": keep_inside_organ, **spec.to_dict()})
+                                                "keep_inside_organ": keep_inside_organ, **spec.to_dict(), **where})
 
 
 def random_tumors(geometry: "Geometry", organ: np.ndarray, organ_name: str, *, size: str, count: int,

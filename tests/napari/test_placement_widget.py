@@ -40,7 +40,7 @@ def _inner_voxel(mask: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(v) for v in np.unravel_index(np.argmax(d), mask.shape))
 
 
-def test_autodetects_layers_and_places_by_click(real_viewer, qtbot, errors):
+def test_autodetects_layers_and_places_by_click(real_viewer, qtbot, errors, totalseg_ct, tmp_path):
     viewer = real_viewer
     w = _widget(viewer, qtbot)
     ct, seg = viewer.layers["example_ct_sm"], viewer.layers["example_seg"]
@@ -70,6 +70,20 @@ def test_autodetects_layers_and_places_by_click(real_viewer, qtbot, errors):
     assert not ((layer.data > 0) & ~liver).any()  # keep inside organ (default on)
     assert layer.scale == pytest.approx(ct.scale) and layer.translate == pytest.approx(ct.translate)
     assert layer.metadata["difftumor"]["geometry"] == ct.metadata["difftumor"]["geometry"]
+    # the placement can be reproduced from the file: world mm (LPS) and the file's own voxel index
+    from backend.io import Geometry, read_image
+
+    placed = layer.metadata["difftumor"]["placements"][0]
+    file_geo = read_image(totalseg_ct).geometry
+    np.testing.assert_allclose(file_geo.voxel_to_world(np.asarray(placed["centre_file_voxel_xyz"])),
+                               placed["centre_world_mm_lps"], atol=0.02)
+    assert Geometry.from_dict(ct.metadata["difftumor"]["geometry"]) == file_geo
+    from difftumor_napari._writer import write_layer
+
+    saved = read_image(write_layer(tmp_path / "mask.nii.gz", layer.data, {"name": "m", "metadata": layer.metadata,
+                                   "scale": layer.scale, "translate": layer.translate}, labels=True))
+    x, y, z = np.rint(placed["centre_file_voxel_xyz"]).astype(int)
+    assert saved.array[z, y, x] == 1  # the recorded file voxel is the clicked tumour's centre in the saved file
     # a drag pans instead of placing
     event = SimpleNamespace(button=1, type="mouse_press", position=tuple(world))
     gen = w._on_click(viewer, event)
