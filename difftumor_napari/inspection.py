@@ -16,8 +16,9 @@ Metrics (all HU or mm):
   ``min(r, 1/r)`` in (0, 1].
 * ``edge_gradient_hu_per_mm``: mean gradient magnitude on the tumour boundary voxels (both sides).
 * ``edge_width_mm``: the 10-90 % rise distance of the mean HU profile across the boundary, built by
-  averaging voxels by signed distance to the tumour surface (noise averages out). A step edge sampled
-  at spacing s gives about 2 s.
+  averaging voxels by signed distance to the tumour surface (noise averages out).
+  ``edge_width_step_mm`` is the same measurement of a bare step (0 inside the mask, 1 outside) on the
+  same grid: what "no blur at all" measures for this tumour's shape and spacing.
 * ``sphericity`` = pi^(1/3) (6 V)^(2/3) / A with A from marching cubes (1 for a sphere; ~0.9 for a
   voxelised sphere); ``elongation`` = sqrt(largest / smallest PCA eigenvalue of the voxel
   coordinates in mm); ``solidity`` = volume / convex-hull volume (a sickle is far from convex).
@@ -51,7 +52,7 @@ FAILURE_CATEGORIES = ("too_sharp_edge", "sickle_or_strip_shape", "fat_density", 
 class FlagThresholds:
     """When an automatic flag is raised. Defaults are documented choices, not fitted values."""
 
-    sharp_edge_factor: float = 1.25  # too sharp: edge width < factor x (2 x in-plane spacing) = a bare step edge
+    sharp_edge_factor: float = 1.25  # too sharp: edge width < factor x the width a bare step measures on this grid
     min_sphericity: float = 0.6      # marching-cubes sphericity below this looks like a strip/sheet
     max_elongation: float = 3.0      # PCA axis ratio above this looks like a strip
     min_solidity: float = 0.7        # volume / convex hull below this looks like a sickle
@@ -233,6 +234,8 @@ def tumor_metrics(ct: np.ndarray, tumor: np.ndarray, organ: np.ndarray | None = 
     m["edge_gradient_hu_per_mm"] = float(grad[boundary_voxels(tumor)].mean())
     d, prof = edge_profile(ct, tumor, s)
     m["edge_width_mm"] = edge_width_mm(d, prof)
+    d_step, prof_step = edge_profile((~tumor).astype(np.float32), tumor, s)
+    m["edge_width_step_mm"] = edge_width_mm(d_step, prof_step)
     m.update(shape_metrics(tumor, s))
 
     if original_ct is not None:
@@ -265,9 +268,13 @@ def _robust_std(values: np.ndarray) -> float:
 def failure_flags(metrics: dict, th: FlagThresholds = FlagThresholds()) -> dict[str, str]:
     """Automatic failure flags: ``{category: reason}`` for each category that fires."""
     flags: dict[str, str] = {}
-    width, pix = metrics.get("edge_width_mm", float("nan")), metrics.get("inplane_spacing_mm", 1.0)
-    if np.isfinite(width) and width < th.sharp_edge_factor * 2 * pix:
-        flags["too_sharp_edge"] = f"edge rises within {width:.1f} mm (a bare step at this spacing is {2 * pix:.1f} mm)"
+    width = metrics.get("edge_width_mm", float("nan"))
+    step = metrics.get("edge_width_step_mm", float("nan"))
+    if not np.isfinite(step):  # metrics from elsewhere: a step sampled at spacing s measures about 0.8 s
+        step = 0.8 * metrics.get("inplane_spacing_mm", 1.0)
+    if np.isfinite(width) and width < th.sharp_edge_factor * step:
+        flags["too_sharp_edge"] = (f"edge rises within {width:.1f} mm, about as fast as a bare step on this grid "
+                                   f"({step:.1f} mm)")
     sph, elo, sol = (metrics.get(k, float("nan")) for k in ("sphericity", "elongation", "solidity"))
     shape = []
     if np.isfinite(sph) and sph < th.min_sphericity:

@@ -175,3 +175,23 @@ def test_metric_rows_formats_everything(scene):
     rows = dict(ins.metric_rows(ins.tumor_metrics(ct, tumor, organ, (1, 1, 1))))
     assert "Tumour mean ± std (HU)" in rows and "±" in rows["Tumour mean ± std (HU)"]
     assert math.isfinite(float(rows["Sphericity"]))
+
+
+def test_sharp_edge_reference_is_a_bare_step_on_the_same_grid():
+    """On a coarse 3 mm grid a blurred tumour is not 'too sharp' (the old 2 x spacing rule flagged every
+    tumour there); a bare step still is, and the reason quotes the step's own measured width."""
+    spacing = (3.0, 3.0, 3.0)
+    organ = np.zeros((40, 40, 40), bool)
+    organ[4:36, 4:36, 4:36] = True
+    tumor = _ball(organ.shape, (20, 20, 20), (4, 4, 4))  # 24 mm
+    step_ct = np.where(organ, 60.0, -100.0)
+    step_ct[tumor] = 20.0
+    blurred = np.where(organ, 60.0, -100.0) - 40.0 * np.clip(ndimage.gaussian_filter(tumor.astype(float), 0.9), 0, 1)
+    step = ins.tumor_metrics(step_ct, tumor, organ, spacing)
+    soft = ins.tumor_metrics(blurred, tumor, organ, spacing)
+    assert 0 < step["edge_width_step_mm"] < 2 * spacing[0]
+    assert step["edge_width_mm"] == pytest.approx(step["edge_width_step_mm"], abs=0.5)
+    assert "too_sharp_edge" in ins.failure_flags(step)
+    assert "bare step on this grid" in ins.failure_flags(step)["too_sharp_edge"]
+    assert 1.25 * soft["edge_width_step_mm"] < soft["edge_width_mm"] < 2.5 * spacing[0]  # the old rule flagged this
+    assert "too_sharp_edge" not in ins.failure_flags(soft)
