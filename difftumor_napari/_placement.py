@@ -170,7 +170,9 @@ class PlacementWidget(ScrollableContainer):
         present = pl.organs_in_labels(layer.data) if layer is not None else []
         if present and self.organ.value not in present:
             self.organ.value = present[0]
-        self.status.value = (f"Organs found: {', '.join(present)}. {NEXT_PLACE}" if present else (
+        single = layer is not None and pl.is_single_organ_map(layer.data)
+        self.status.value = (f"One organ labelled (1 organ, 2 tumour): choose which under Organ. {NEXT_PLACE}"
+                             if present and single else f"Organs found: {', '.join(present)}. {NEXT_PLACE}" if present else (
             "No organ ids in this label layer" if layer is not None else "Open an organ label layer"))
 
     def _on_size(self, _=None) -> None:

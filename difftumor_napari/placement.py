@@ -85,6 +85,15 @@ def looks_like_ct(data: Any) -> bool:
     return float(sample.min()) < CT_MIN_HU and float(sample.max()) > CT_MAX_HU
 
 
+def is_single_organ_map(data: Any) -> bool:
+    """An MSD/LiTS/KiTS-style map (values within {0, 1, 2}): one organ, which the user must name."""
+    from backend.organs import detect_convention
+
+    arr = np.asarray(data)
+    return arr.ndim == 3 and arr.size > 0 and (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_) \
+        and detect_convention(arr) == "msd"
+
+
 def organs_in_labels(data: Any) -> list[str]:
     """Placeable organs present in a label map (TotalSegmentator ids, or MSD 1 = organ -> all)."""
     from backend.organs import detect_convention, organs_present

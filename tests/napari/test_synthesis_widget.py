@@ -287,6 +287,8 @@ def test_tumours_already_in_msd_labels_stay_tumour(phantom_viewer, qtbot, monkey
     msd = np.where(liver, 1, 0).astype(np.uint8)
     msd[real] = 2
     organs.data = msd
+    place._on_organ_layer()
+    assert "One organ labelled (1 organ, 2 tumour): choose which under Organ" in place.status.value
     assert place.place_random() == 1
     synth.organ.value = "liver"
     assert synth.run() and synth.outcome is not None and errors == []
