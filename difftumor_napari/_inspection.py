@@ -38,6 +38,14 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3, 3), bool))
 
 
+def _tumour_values(data) -> np.ndarray | None:
+    """The tumour (value 2) of an MSD-style 0/1/2 map such as a saved ``*_tumor`` label, else None."""
+    arr = np.asarray(data)
+    if pl.is_single_organ_map(arr) and (arr == 2).any():
+        return arr == 2
+    return None
+
+
 def metrics_text(rows: list[tuple[str, str]]) -> str:
     """The numbers as aligned plain-text lines (shown in a monospace label)."""
     width = max((len(k) for k, _ in rows), default=0) + 2
@@ -110,16 +118,17 @@ class InspectionWidget(ScrollableContainer):
     def _original_choices(self, widget=None):
         wanted = (self.result_layer.value.metadata.get("difftumor", {}).get("original_layer")
                   if self.result_layer.value is not None else None)
+        result = self.result_layer.value
         layers = [ly for ly in self._images() if ly.metadata.get("difftumor", {}).get("kind") not in ("synthetic", "difference")]
-        layers.sort(key=lambda ly: ly.name != wanted)
+        layers.sort(key=lambda ly: (ly.name != wanted, result is not None and ly.name == result.name))  # never itself first
         return [(ly.name, ly) for ly in layers]
 
     def _tumor_choices(self, widget=None):
         from napari.layers import Labels
 
         organs = organ_label_layers(self._viewer)
-        layers = [ly for ly in self._viewer.layers if isinstance(ly, Labels) and ly not in organs
-                  and not ly.name.startswith(PREFIX)]
+        layers = [ly for ly in self._viewer.layers if isinstance(ly, Labels) and not ly.name.startswith(PREFIX)
+                  and (ly not in organs or _tumour_values(ly.data) is not None)]  # a saved 0/1/2 label counts
         layers.sort(key=lambda ly: ly.metadata.get("difftumor", {}).get("kind") != "synthetic")
         return [(ly.name, ly) for ly in layers]
 
@@ -152,7 +161,8 @@ class InspectionWidget(ScrollableContainer):
         if layer is None:
             self._comps, self._tumor_items = None, []
         else:
-            self._comps, n = components(layer.data)
+            values = _tumour_values(layer.data) if layer in organ_label_layers(self._viewer) else None
+            self._comps, n = components(layer.data if values is None else values)
             sizes = np.bincount(self._comps.ravel())[1:] if n else []
             vox_ml = float(np.prod(layer.scale[-3:])) / 1000.0
             self._tumor_items = [(f"tumour {i + 1} ({s * vox_ml:.2f} ml)", i + 1) for i, s in enumerate(sizes)]
@@ -166,7 +176,11 @@ class InspectionWidget(ScrollableContainer):
         if result is None:
             raise DiffTumorError("Synthetic CT: no image layer to inspect; run Synthesis first")
         if tumor_layer is None or self._comps is None or self.tumor.value is None:
-            raise DiffTumorError("Tumour mask: no tumour to inspect; choose the 'synthetic tumor' layer")
+            raise DiffTumorError("Tumour mask: no tumour to inspect; choose a tumour mask (the 'synthetic tumor' "
+                                 "layer after Synthesis, or a saved *_tumor label file)")
+        if self.original_layer.value is not None and self.original_layer.value.name == result.name:
+            raise DiffTumorError(f"Original CT: '{result.name}' is also the Synthetic CT; choose the CT without the "
+                                 "tumour as Original CT")
         if tumor_layer.data.shape != result.data.shape:
             raise DiffTumorError(f"{tumor_layer.name}: shape {tumor_layer.data.shape} differs from {result.name} {result.data.shape}")
         return result, self._comps == int(self.tumor.value)

@@ -151,3 +151,33 @@ def test_diffusion_run_shows_reconstruction_and_decoded(make_napari_viewer, qtbo
     mask = viewer.layers[PREFIX + "tumour mask"].data > 0
     core = ndimage.binary_erosion(mask) if ndimage.binary_erosion(mask).any() else mask
     np.testing.assert_allclose(viewer.layers[PREFIX + "masked CT"].data[core], 37.5, atol=0.05)
+
+
+def test_results_reopened_from_disk_can_be_inspected(make_napari_viewer, qtbot, monkeypatch, tmp_path, errors,
+                                                     totalseg_ct, totalseg_seg):
+    """A later session: the original CT, the saved <stem>_ct and <stem>_tumor (0/1/2) opened with the reader.
+    The saved label offers its tumours, and Original CT never defaults to the synthetic CT itself."""
+    from difftumor_napari._inspection import InspectionWidget
+    from difftumor_napari._reader import read_layer_data
+
+    viewer, synth = _real_ct_with_tumour(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, totalseg_seg,
+                                         size="medium")
+    synth.method.value = "model-based"
+    assert synth.run()
+    synth.out_dir.value = str(tmp_path / "saved")
+    synth.stem.value = "case"
+    paths = synth.save()
+    later = make_napari_viewer()
+    for p in (totalseg_ct, paths["ct"], paths["label"]):
+        data, kw, kind = read_layer_data(p)
+        getattr(later, f"add_{kind}")(data, **kw)
+    w = InspectionWidget(later)
+    qtbot.addWidget(w.native)
+    w.result_layer.value = later.layers["case_ct"]
+    w._on_layers_changed()
+    assert w.tumor_layer.value is not None and w.tumor_layer.value.name == "case_tumor"
+    assert w.original_layer.value.name != "case_ct"
+    assert len(w.tumor.choices) == 1 and w.measure() is not None and errors == []
+    assert w.metrics["mean_hu"] < w.metrics["organ_mean_hu"]  # the model-based tumour is hypo-attenuating
+    w.original_layer.value = later.layers["case_ct"]
+    assert w.measure() is None and "also the Synthetic CT" in errors[-1]
