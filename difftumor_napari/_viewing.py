@@ -354,4 +354,13 @@ class ViewingWidget(ScrollableContainer):
         else:
             self._views_shown = not self._views_shown
             self._dock.setVisible(self._views_shown)
+        self._refit_after_layout()
         return self._views_shown
+
+    def _refit_after_layout(self) -> None:
+        """Fit the axial view again once the canvas got its new height (the bottom dock halves it, which
+        otherwise cuts off the front and back of the abdomen)."""
+        from qtpy.QtCore import QTimer
+
+        viewer = self._viewer
+        QTimer.singleShot(0, lambda: viewer.reset_view() if viewer.layers else None)

@@ -143,3 +143,20 @@ def test_three_views_linked_to_the_main_cursor(ct_viewer, widget):
     widget.apply_preset("liver")
     assert tuple(cor.layers["ct"].contrast_limits) == (-45, 105)
     assert widget.toggle_three_views() is False
+
+
+def test_opening_three_views_refits_the_axial_view(make_napari_viewer, qtbot):
+    """The bottom dock halves the canvas: the axial view is fitted again so the whole body stays in view."""
+    from difftumor_napari._viewing import ViewingWidget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1400, 900)
+    viewer.add_image(np.zeros((20, 300, 200), np.int16), scale=(3.0, 1.0, 1.0))  # tall: the height limits the fit
+    w = ViewingWidget(viewer)
+    viewer.window.add_dock_widget(w, area="right")
+    qtbot.wait(100)
+    viewer.reset_view()
+    zoom_before = viewer.camera.zoom
+    assert w.toggle_three_views()
+    qtbot.waitUntil(lambda: viewer.camera.zoom < 0.9 * zoom_before, timeout=3000)
+    w.toggle_three_views()
