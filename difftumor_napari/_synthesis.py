@@ -358,9 +358,10 @@ class SynthesisWidget(ScrollableContainer):
         ct = self._source_ct
         diff = self.outcome.ct.astype(np.float32) - np.asarray(ct.data, np.float32)
         lim = float(max(1.0, np.abs(diff).max()))
+        info = dict(ct.metadata.get("difftumor", {}), kind="difference", dtype="float32", source=None)
+        info.pop("data_range", None)  # the CT's grid and orientation, so it saves onto the original file grid
         return self._viewer.add_image(diff, name=DIFFERENCE, scale=ct.scale, translate=ct.translate, colormap="bwr",
-                                      contrast_limits=(-lim, lim), opacity=0.7,
-                                      metadata={"difftumor": {"kind": "difference"}})
+                                      contrast_limits=(-lim, lim), opacity=0.7, metadata={"difftumor": info})
 
     def save(self) -> dict | None:
         """Write CT, tumour label (0/1/2) and provenance JSON onto the original grid."""

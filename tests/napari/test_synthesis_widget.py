@@ -98,6 +98,14 @@ def _flow(viewer, qtbot, tmp_path, source_ct, organ: str):
     far = ~ndimage.binary_dilation(~outside, iterations=4)
     np.testing.assert_array_equal(saved_ct.array[far], original.array[far])  # HU untouched away from the tumour
     assert set(np.unique(saved_lab.array)) == {0, 1, 2}
+    # the difference layer saves onto the original grid too, voxel for voxel
+    from difftumor_napari._writer import write_layer
+
+    diff_path = write_layer(tmp_path / "diff.nii.gz", diff.data, {"name": diff.name, "metadata": diff.metadata,
+                            "scale": diff.scale, "translate": diff.translate}, labels=False)
+    saved_diff = read_image(diff_path)
+    assert saved_diff.geometry.matches(original.geometry)
+    np.testing.assert_allclose(saved_diff.array, saved_ct.array.astype(np.float32) - original.array, atol=0.51)
     prov = json.loads(paths["provenance"].read_text(encoding="utf-8"))
     assert prov["method"] == "model-based" and prov["seed"] == 11 and prov["difftumor_version"]
     assert prov["weights_sha256"] == {} and len(prov["placements"]) == 2
