@@ -22,6 +22,15 @@ if TYPE_CHECKING:
     import napari
 
 PREFIX = "inspect: "
+CAPTIONS = {  # what each side-by-side cell shows
+    "tumour mask": "tumour mask",
+    "masked CT": "masked CT (what the model is conditioned on)",
+    "autoencoder reconstruction": "autoencoder reconstruction (encode + decode, no diffusion)",
+    "raw decoded sample": "raw decoded sample (before blending)",
+    "blended result": "blended result (the synthetic CT)",
+}
+ROW_NAMES = {2: ("top", "bottom"), 3: ("top", "middle", "bottom")}  # grid cells in words
+COL_NAMES = {2: ("left", "right"), 3: ("left", "middle", "right")}
 MASKED_HU = 37.5  # the diffusion model sees the tumour region as 0 in [-1, 1] = 37.5 HU of [-175, 250]
 DEFAULT_LOG = Path.home() / "difftumor_reviews.csv"
 FAILURE_TEXT = {
@@ -266,12 +275,33 @@ class InspectionWidget(ScrollableContainer):
             if name == "tumour mask":
                 self._viewer.add_labels(vol, **kw)
             else:
-                self._viewer.add_image(vol, contrast_limits=result.contrast_limits, colormap="gray", **kw)
+                self._viewer.add_image(vol, contrast_limits=result.contrast_limits, colormap="gray",
+                                       interpolation2d=result.interpolation2d, **kw)  # drawn like the result
         self._viewer.grid.enabled = True
-        self.intermediates_text.value = note
+        self.intermediates_text.value = f"{self.grid_captions()}\n{note}".strip()
         self._centre_on(vols["tumour mask"] > 0, result)
         self._viewer.reset_view()
         return True
+
+    def grid_captions(self) -> str:
+        """Which grid cell shows which intermediate (napari's grid has no titles of its own)."""
+        layers = list(self._viewer.layers)
+        rows, cols = self._viewer.grid.actual_shape(layers)
+
+        def name(i, n, names, word):
+            if n == 1:
+                return ""
+            return names[n][i] if n in names else f"{word} {i + 1}"
+
+        cells = []
+        for k, ly in enumerate(layers):
+            if ly.name.startswith(PREFIX):
+                r, c = self._viewer.grid.position(k, layers)
+                if r >= 0:
+                    where = " ".join(w for w in (name(r, rows, ROW_NAMES, "row"), name(c, cols, COL_NAMES, "column"))
+                                     if w) or "the view"
+                    cells.append((r, c, f"{where}: {CAPTIONS.get(ly.name[len(PREFIX):], ly.name[len(PREFIX):])}"))
+        return "Grid — " + "; ".join(text for _, _, text in sorted(cells)) if cells else ""
 
     # -- review -----------------------------------------------------------------------------------
     def save_review(self) -> Path | None:

@@ -73,6 +73,14 @@ def test_measure_flags_and_side_by_side(synthesized, qtbot, errors):
     names = [ly.name for ly in viewer.layers if ly.name.startswith(PREFIX)]
     assert names == [PREFIX + n for n in ("tumour mask", "masked CT", "blended result")]
     assert viewer.grid.enabled and "only for the diffusion method" in w.intermediates_text.value
+    captions = w.intermediates_text.value.splitlines()[0]  # which cell is which (napari draws no titles)
+    assert captions.startswith("Grid — ") and captions.count(": ") == 3
+    assert "masked CT (what the model is conditioned on)" in captions and "blended result (the synthetic CT)" in captions
+    layers = list(viewer.layers)
+    masked = next(k for k, ly in enumerate(layers) if ly.name == "inspect: masked CT")
+    r, c = viewer.grid.position(masked, layers)
+    where = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}[(r, c)]
+    assert f"{where}: masked CT" in captions
     masked = viewer.layers[PREFIX + "masked CT"].data
     assert np.all(masked[viewer.layers[PREFIX + "tumour mask"].data > 0] == np.float32(37.5))
     assert not w.toggle_side_by_side()
@@ -142,7 +150,9 @@ def test_diffusion_run_shows_reconstruction_and_decoded(make_napari_viewer, qtbo
     names = [ly.name for ly in viewer.layers if ly.name.startswith(PREFIX)]
     assert names == [PREFIX + n for n in ("tumour mask", "masked CT", "autoencoder reconstruction",
                                           "raw decoded sample", "blended result")]
-    assert w.intermediates_text.value == "" and errors == []
+    assert errors == [] and "Grid — " in w.intermediates_text.value  # captions only: nothing is missing
+    assert "only for the diffusion method" not in w.intermediates_text.value
+    assert "middle: masked CT" in w.intermediates_text.value  # 5 cells: 2 rows x 3 columns
     ct = viewer.layers["example_ct_sm"]
     for n in ("autoencoder reconstruction", "raw decoded sample"):
         layer = viewer.layers[PREFIX + n]
