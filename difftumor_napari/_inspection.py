@@ -111,6 +111,9 @@ class InspectionWidget(ScrollableContainer):
         for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
             emitter.connect(self._on_layers_changed)
         self._on_layers_changed()
+        from difftumor_napari._viewing import keep_radiological
+
+        keep_radiological(viewer)  # superior up in coronal/sagittal, sliders named, whichever widget opens first
 
     # -- choices ----------------------------------------------------------------------------------
     def _images(self):

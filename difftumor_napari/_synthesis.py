@@ -92,6 +92,9 @@ class SynthesisWidget(ScrollableContainer):
         for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
             emitter.connect(self._on_layers_changed)
         self._on_layers_changed()
+        from difftumor_napari._viewing import keep_radiological
+
+        keep_radiological(viewer)  # superior up in coronal/sagittal, sliders named, whichever widget opens first
         self._watch_closing()
 
     def _watch_closing(self) -> None:

@@ -12,6 +12,7 @@ default axial view shows anterior at the top and the patient's left on the scree
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, PushButton
@@ -71,8 +72,16 @@ def vertical_orientation(dims_order: tuple[int, ...], ndisplay: int, ndim: int) 
     return "up" if dims_order[-2] == ndim - 3 else "down"
 
 
+_RADIOLOGICAL: "weakref.WeakSet" = weakref.WeakSet()  # viewers already kept radiological
+
+
 def keep_radiological(viewer: napari.components.ViewerModel) -> None:
-    """Keep superior at the top whenever the z axis is displayed vertically (now and later)."""
+    """Keep superior at the top whenever the z axis is displayed vertically (now and later), and name
+    the sliders after their planes. Every DiffTumor widget calls it; a viewer is set up once."""
+    model = getattr(viewer, "__wrapped__", viewer)  # the same viewer behind napari's plugin proxy
+    if model in _RADIOLOGICAL:
+        return
+    _RADIOLOGICAL.add(model)
 
     def _update(event=None):
         up = vertical_orientation(tuple(viewer.dims.order), viewer.dims.ndisplay, viewer.dims.ndim)

@@ -160,3 +160,19 @@ def test_opening_three_views_refits_the_axial_view(make_napari_viewer, qtbot):
     assert w.toggle_three_views()
     qtbot.waitUntil(lambda: viewer.camera.zoom < 0.9 * zoom_before, timeout=3000)
     w.toggle_three_views()
+
+
+def test_any_difftumor_widget_keeps_the_view_radiological(make_napari_viewer, qtbot):
+    """Docking only Tumor placement (from the Plugins menu) names the sliders and keeps superior up when the
+    user shows a coronal plane; a second widget does not connect the handlers twice."""
+    from difftumor_napari import _viewing
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((20, 30, 40), np.int16))
+    viewer.window.add_plugin_dock_widget("difftumor", "Tumor placement")
+    assert tuple(viewer.dims.axis_labels) == _viewing.SLIDER_NAMES
+    viewer.dims.order = (1, 0, 2)  # coronal in the main canvas
+    assert viewer.camera.orientation2d[0] == "up"
+    n = len(viewer.dims.events.order.callbacks)
+    viewer.window.add_plugin_dock_widget("difftumor", "Synthesis")
+    assert len(viewer.dims.events.order.callbacks) == n
