@@ -20,7 +20,8 @@ explicit ``label_id``
     ``mask = (labels == label_id)`` on any label file, whatever the convention.
 
 ``convention="auto"`` picks: a folder -> ``atlas``; a label map whose values are a subset of
-{0, 1, 2} -> ``msd`` (this includes a plain binary organ mask); anything else -> ``totalseg``.
+{0, 1, 2} -> ``msd`` (this includes a plain binary organ mask), or of {0, 1, 2, 3} with label 2
+touching label 1 (KiTS21: a tumour touches its kidney) -> ``msd``; anything else -> ``totalseg``.
 A TotalSegmentator map that happens to hold only ids 1 and 2 is therefore read as ``msd``: pass
 ``convention="totalseg"`` for such a cropped map.
 """
@@ -108,9 +109,28 @@ def parse_organ(name: str) -> str:
 
 
 def detect_convention(labels: np.ndarray) -> str:
-    """``"msd"`` if the values are a subset of {0, 1, 2}, else ``"totalseg"`` (see the module docstring)."""
-    values = np.unique(labels)
-    return "msd" if set(values.tolist()) <= {0, 1, 2} else "totalseg"
+    """``"msd"`` if the values are a subset of {0, 1, 2}, else ``"totalseg"`` (see the module docstring).
+
+    Values {0, 1, 2, 3} are either KiTS21 (kidney, tumour, cyst) or a TotalSegmentator map holding only
+    the spleen and the kidneys; for a volume the two are told apart by anatomy: a KiTS tumour (2) touches
+    its kidney (1), TotalSegmentator's right kidney (2) never touches the spleen (1).
+    """
+    values = set(np.unique(labels).tolist())
+    if values <= {0, 1, 2}:
+        return "msd"
+    if values <= {0, 1, 2, 3} and {1, 2} <= values and np.ndim(labels) == 3 and _touches(labels, 2, 1):
+        return "msd"
+    return "totalseg"
+
+
+def _touches(labels: np.ndarray, a: int, b: int) -> bool:
+    """Whether a voxel of label ``a`` is face-adjacent to one of label ``b`` (looked at in ``a``'s bounding box)."""
+    from scipy import ndimage
+
+    box = ndimage.find_objects((labels == a).astype(np.uint8))[0]
+    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+    sub = labels[box]
+    return bool((ndimage.binary_dilation(sub == a) & (sub == b)).any())
 
 
 def _describe(source) -> str:

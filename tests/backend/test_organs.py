@@ -168,3 +168,21 @@ def test_a_ct_given_as_labels_is_refused():
     mr_like = np.arange(4 * 5 * 6, dtype=np.uint16).reshape(4, 5, 6) * 20
     with pytest.raises(DiffTumorError, match="not a label map"):
         load_organ_mask(mr_like, "liver")
+
+
+def test_kits_map_with_cysts_is_told_from_a_totalseg_map_with_spleen_and_kidneys():
+    from backend.organs import load_organ_and_tumors
+
+    kits = np.zeros((10, 20, 20), np.uint8)
+    kits[2:8, 4:14, 4:14] = 1  # kidney
+    kits[4:6, 6:9, 6:9] = 2  # tumour inside it
+    kits[3, 11:13, 11:13] = 3  # cyst
+    assert detect_convention(kits) == "msd"
+    organ, tumours = load_organ_and_tumors(kits, "kidney")
+    assert organ.sum() == (kits > 0).sum() and tumours.sum() == (kits == 2).sum()
+    ts = np.zeros((10, 20, 20), np.uint8)
+    ts[2:8, 1:6, 1:6] = 1  # spleen (patient's left)
+    ts[2:8, 14:19, 14:19] = 2  # right kidney, far from it
+    ts[2:8, 8:12, 1:5] = 3  # left kidney
+    assert detect_convention(ts) == "totalseg"
+    assert load_organ_mask(ts, "kidney").sum() == ((ts == 2) | (ts == 3)).sum()
