@@ -276,6 +276,9 @@ class PlacementWidget(ScrollableContainer):
         """Drop N tumours of the random size class at valid places in the organ (seeded)."""
         try:
             organ = self.organ_mask()
+            _, existing = pl.organ_and_tumors(self.organ_layer.value.data, self.organ.value)
+            if existing is not None:  # tumours already labelled (MSD/LiTS/KiTS): new ones go into healthy tissue
+                organ = organ & ~existing
             shapes, params = pl.random_tumors(self.geometry(), organ, self.organ.value, size=self.random_size.value,
                                               count=int(self.count.value), seed=int(self.seed.value),
                                               keep_inside_organ=self.keep_inside.value)
