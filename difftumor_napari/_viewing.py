@@ -123,6 +123,9 @@ class ThreeViews:
 
     # name -> dims order; the last two axes are displayed (vertical, horizontal)
     VIEWS = {"coronal": (1, 0, 2), "sagittal": (2, 0, 1)}
+    # what each view's screen directions are in the patient (LPS grid, superior kept at the top)
+    CAPTIONS = {"coronal": "Coronal · superior up · patient's left on the right",
+                "sagittal": "Sagittal · superior up · anterior on the left"}
 
     def __init__(self, viewer: napari.Viewer):
         from napari.components import ViewerModel
@@ -136,6 +139,8 @@ class ThreeViews:
         self.widget.setMinimumHeight(260)
         for name in self.VIEWS:
             model = ViewerModel(title=name)
+            model.text_overlay.update({"visible": True, "text": self.CAPTIONS[name], "position": "top_left",
+                                       "font_size": 9, "color": (0.85, 0.85, 0.85, 1.0)})
             qt_viewer = QtViewer(model)
             self.models[name] = model
             self.widget.addWidget(qt_viewer)  # Qt owns the canvas; no Python reference kept here

@@ -130,6 +130,9 @@ def test_three_views_linked_to_the_main_cursor(ct_viewer, widget):
     assert [ly.name for ly in cor.layers] == ["ct", "labels"]
     assert tuple(cor.dims.displayed) == (0, 2) and tuple(sag.dims.displayed) == (0, 1)
     assert cor.camera.orientation2d == ("up", "right") and sag.camera.orientation2d == ("up", "right")
+    # each view says which way the patient lies (z up = superior; x grows to the patient's left, y posterior)
+    assert cor.text_overlay.visible and "patient's left on the right" in cor.text_overlay.text
+    assert sag.text_overlay.visible and "anterior on the left" in sag.text_overlay.text
     assert cor.layers["ct"].data is ct_viewer.layers["ct"].data  # shared, not copied
     # moving the main viewer's cursor moves the slices of both views
     ct_viewer.dims.set_point(1, -30.0 - 1.5 * 10)  # world y (posterior, mm)
