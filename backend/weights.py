@@ -234,14 +234,28 @@ def other_weight_files(root) -> list[str]:
                   if p.is_file() and p.suffix in (".pt", ".ckpt") and p.name not in expected)
 
 
+def latent_mismatch(denoiser_config, latent_channels: int) -> str:
+    """Why a denoiser cannot run on an autoencoder with ``latent_channels`` latent channels ("" when it can):
+    it predicts the latent (out_dim channels) from latent + masked latent + mask (2 * latent + 1)."""
+    want_in, want_out = 2 * latent_channels + 1, latent_channels
+    if denoiser_config.channels == want_in and denoiser_config.out_dim == want_out:
+        return ""
+    return (f"denoiser has {denoiser_config.channels} input / {denoiser_config.out_dim} output channels, but "
+            f"{AE_NAME} has {latent_channels} latent channels (needs {want_in} / {want_out})")
+
+
 def check_folder(root, *, organs=WEIGHT_ORGANS, load: bool = True) -> list[dict]:
-    """One row per expected file: name, present, size, sha256, expected sha256 match, loads, error."""
+    """One row per expected file: name, present, size, sha256, expected sha256 match, loads, compatible,
+    error. ``compatible`` (diffusion files, when both they and the autoencoder load) says whether the
+    denoiser's channels fit the autoencoder's latent, i.e. whether the pair can synthesise."""
     folder = WeightsFolder(Path(root))
     expected = {f["name"]: f.get("sha256") for f in manifest()["files"]}
     names = [AE_NAME] + [diffusion_name(o, s) for o in organs for s in STAGES]
     rows = []
+    latent_channels = None  # of the autoencoder, once it loads
     for name in names:
-        row = {"name": name, "present": False, "size": None, "sha256": None, "sha_ok": None, "loads": None, "error": ""}
+        row = {"name": name, "present": False, "size": None, "sha256": None, "sha_ok": None, "loads": None,
+               "compatible": None, "error": ""}
         p = folder.path(name)
         if p is not None:
             row.update(present=True, size=p.stat().st_size, sha256=sha256_cached(p))
@@ -249,11 +263,17 @@ def check_folder(root, *, organs=WEIGHT_ORGANS, load: bool = True) -> list[dict]
                 row["sha_ok"] = row["sha256"] == expected[name]
             if load:
                 try:
-                    load_weight_file(p)
+                    loaded = load_weight_file(p)
                     row["loads"] = True
                 except Exception as exc:  # any failure = this file is unusable; say why in one line
                     row["loads"] = False
                     row["error"] = " ".join(str(exc).split())[:300]
+                else:
+                    if name == AE_NAME:
+                        latent_channels = loaded.config.embedding_dim
+                    elif latent_channels is not None:
+                        row["error"] = latent_mismatch(loaded.unet.config, latent_channels)
+                        row["compatible"] = not row["error"]
         rows.append(row)
     return rows
 

@@ -12,7 +12,8 @@ def register(sub) -> None:
     p = sub.add_parser("weights", help="check or download the diffusion/autoencoder weights")
     verbs = p.add_subparsers(dest="weights_command", metavar="{check,fetch}", required=True)
 
-    c = verbs.add_parser("check", help="list present/missing weights per organ, verify they load, print sha256")
+    c = verbs.add_parser("check", help="list present/missing weights per organ, verify they load and fit the "
+                        "autoencoder, print sha256")
     c.add_argument("dir", nargs="?", default=None, help="weights folder (default: $DIFFTUMOR_WEIGHTS or the user config)")
     c.add_argument("--no-load", action="store_true", help="only list files and checksums (fast)")
     c.add_argument("--remember", action="store_true",
@@ -52,16 +53,17 @@ def check_handler(args) -> int:
             if not r["present"]:
                 print(f"  MISSING  {r['name']}")
                 continue
-            state = {True: "loads", False: "BROKEN", None: "not loaded"}[r["loads"]]
+            state = "INCOMPATIBLE" if r.get("compatible") is False else {True: "loads", False: "BROKEN", None: "not loaded"}[r["loads"]]
             sha = {True: " (matches manifest)", False: " (DIFFERS from manifest)", None: ""}[r["sha_ok"]]
-            print(f"  {state:10s} {r['name']:24s} {r['size'] / 1e6:8.1f} MB  sha256 {r['sha256']}{sha}")
+            print(f"  {state:12s} {r['name']:24s} {r['size'] / 1e6:8.1f} MB  sha256 {r['sha256']}{sha}")
             if r["error"]:
-                print(f"             {r['error']}")
+                print(f"               {r['error']}")
+        by_name = {r["name"]: r for r in rows}
         for organ in weights.WEIGHT_ORGANS:
             ready = [st for st, names in (("early", (weights.AE_NAME, f"{organ}_early.pt")),
                                           ("mid/late", (weights.AE_NAME, f"{organ}_noearly.pt")))
-                     if all(next(r for r in rows if r["name"] == n)["present"] and
-                            next(r for r in rows if r["name"] == n)["loads"] is not False for n in names)]
+                     if all(by_name[n]["present"] and by_name[n]["loads"] is not False
+                            and by_name[n].get("compatible") is not False for n in names)]
             print(f"  {organ:9s} diffusion ready for: {', '.join(ready) if ready else 'nothing (model-based only)'}")
     if empty:
         others = weights.other_weight_files(root)
@@ -69,7 +71,7 @@ def check_handler(args) -> int:
                 "expected names" if others else f"; download them with 'difftumor weights fetch --dest {root}'")
         log.error("weights folder %s holds none of the expected files (%s)%s", root, weights.EXPECTED_NAMES, hint)
         return 1
-    bad = [r for r in rows if r["present"] and (r["loads"] is False or r["sha_ok"] is False)]
+    bad = [r for r in rows if r["present"] and (r["loads"] is False or r["sha_ok"] is False or r.get("compatible") is False)]
     return 1 if bad else 0
 
 

@@ -208,3 +208,27 @@ def test_check_names_a_positional_folder_as_given(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"difftumor: error: weights folder {tmp_path / 'nonexist'}: not a folder"
     with pytest.raises(DiffTumorError, match=r"^--weights .*nonexist: not a folder$"):
         weights.resolve_weights_dir(tmp_path / "nonexist")  # synthesize's option keeps its name
+
+
+def test_check_calls_a_pair_with_different_latent_channels_incompatible(tmp_path, capsys):
+    """A 4-channel autoencoder beside a denoiser trained on 8-channel latents loads, but cannot synthesise."""
+    import torch
+
+    from backend.cli import main
+    from backend.diffusion.ddpm import DDPMScheduler
+    from backend.diffusion.official import save_official
+    from backend.diffusion.unet import Unet3D, Unet3DConfig
+    from backend.train.common import save_checkpoint
+    from backend.vqgan.model import VQGAN, VQGANConfig
+
+    ae_cfg = VQGANConfig(n_hiddens=8, num_groups=8, downsample=(4, 4, 4), embedding_dim=4, n_codes=16)
+    save_checkpoint(tmp_path / weights.AE_NAME, stage="autoencoder", config={}, model_config=ae_cfg.to_dict(), step=0,
+                    model=VQGAN(ae_cfg).state_dict())
+    unet = Unet3D(Unet3DConfig(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8, rotary_dim=8))  # 17 in / 8 out
+    save_official(tmp_path / "liver_early.pt", model=unet, ema=unet, scheduler=DDPMScheduler(4), vqgan_state=None, step=0)
+    row = {r["name"]: r for r in weights.check_folder(tmp_path)}["liver_early.pt"]
+    assert row["loads"] is True and row["compatible"] is False
+    assert "17 input / 8 output channels" in row["error"] and "4 latent channels (needs 9 / 4)" in row["error"]
+    assert main(["weights", "check", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "INCOMPATIBLE liver_early.pt" in out and "liver     diffusion ready for: nothing" in out
