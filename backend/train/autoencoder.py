@@ -24,10 +24,14 @@ from backend.errors import DiffTumorError
 from backend.train.common import (
     DrawSchedule,
     TrainingLoop,
+    check_output_dir,
+    check_positive,
+    check_resume,
     config_to_dict,
     load_config,
     load_resume_checkpoint,
     resume_lr_scheduler,
+    resume_path,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -233,9 +237,16 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
     _check_crop(cfg)
     if not cfg.data.source:
         raise DiffTumorError("data.source: no training data given (a CT folder, AbdomenAtlas tree, dataset.json or list file)")
+    check_positive(cfg, "max_steps", "log_every", "checkpoint_every", "data.batch_size",
+                   zero_ok=("val_every", "val_cases", "threads"))
+    out = check_output_dir(cfg.output_dir)
     dist, logger = start_run(cfg.device, seed=cfg.seed, threads=cfg.threads, logger_name=__name__)
-    device, out = dist.device, Path(cfg.output_dir)
+    device = dist.device
     ckpt_path = out / "checkpoint_last.pt"
+    ck, step = None, 0
+    if resume:  # checked before any data is read: same model, and steps left to train
+        ck = load_resume_checkpoint(resume, ckpt_path, "autoencoder", map_location=device)
+        step = check_resume(resume_path(resume, ckpt_path), ck, {"model": cfg.model.to_dict()}, max_steps=cfg.max_steps)
 
     # data
     cases = list_cases(cfg.data.source)
@@ -265,9 +276,7 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
     sched_d = torch.optim.lr_scheduler.MultiStepLR(opt_d, list(cfg.optim.milestones), cfg.optim.gamma)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    step = 0
-    if resume:
-        ck = load_resume_checkpoint(resume, ckpt_path, "autoencoder", map_location=device)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         loss_mod.load_state_dict(ck["loss_model"], strict=False)
         for o, s in zip((opt_g, opt_d), ck["optimizers"]):
@@ -278,7 +287,6 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
         scaler.load_state_dict(ck["scaler"])
         schedule.load_state_dict(ck["data"])
         set_rng_state(ck["rng"])
-        step = int(ck["step"])
         logger.info("resumed from step %d", step)
         if changed:
             logger.info("learning-rate schedule rebuilt for the current config (%s)", ", ".join(changed))
@@ -352,7 +360,8 @@ def register(sub) -> None:
                                    "overrides, e.g. data.source=/data/AbdomenAtlas max_steps=1000 model.n_hiddens=8.")
     p.add_argument("--config", help="YAML config (see backend/configs/autoencoder.yaml)")
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
-                   help="continue from OUTPUT_DIR/checkpoint_last.pt (or the given checkpoint)")
+                   help="continue from OUTPUT_DIR/checkpoint_last.pt (or the given checkpoint); model settings must match it. Put "
+                        "--resume after the key=value overrides (or write --resume=CHECKPOINT)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     p.set_defaults(func=_handler)
 

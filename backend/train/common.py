@@ -18,6 +18,8 @@ Public API (all pure Python + torch; no stage-specific code)::
     DrawSampler(schedule) / SeededDraws(dataset)              that order through a DataLoader, reseeded per draw
     start_run(device, *, seed, threads=0, logger_name)        setup_distributed + threads + seeds + logger
     load_resume_checkpoint(resume, default_path, stage)       --resume's checkpoint, checked for its stage
+    check_resume(path, ckpt, current, *, max_steps) -> step   refuse a resume with changed settings / nothing to do
+    check_positive(cfg, *names) / check_output_dir(path)      one-line checks before anything is created
     resume_lr_scheduler(scheduler, state) -> list[str]        the config's LR schedule, continued at the saved step
     wrap_ddp(model, dist, **kwargs)                           DDP under torchrun, else the model itself
     TrainingLoop(dist, metrics_path, *, step, max_steps, ...) Ctrl-C, progress bar, metrics CSV, teardown
@@ -322,6 +324,19 @@ def save_checkpoint(path, **state) -> Path:
     return path
 
 
+def _load_cause(exc: Exception) -> str:
+    """A short cause for a failed ``torch.load``: PyTorch's own text advises ``weights_only=False``, which we
+    refuse on purpose (it can run code from the file), or runs to several sentences about miniz."""
+    text = " ".join(str(exc).split())
+    if "invalid load key" in text or isinstance(exc, EOFError):
+        return "not a PyTorch file, or truncated"
+    if "zip archive" in text or "central directory" in text:
+        return "truncated or damaged file"
+    if "Weights only load failed" in text:
+        return "not a file of tensors and plain values; nothing in it was run"
+    return f"{type(exc).__name__}: {text.split('. ')[0][:120]}"
+
+
 def load_checkpoint(path, *, map_location="cpu") -> dict:
     """Load one of our checkpoints safely (``weights_only=True``)."""
     path = Path(path)
@@ -330,8 +345,7 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        msg = " ".join(str(exc).split())[:300]
-        raise DiffTumorError(f"{path}: not a readable DiffTumor checkpoint ({type(exc).__name__}: {msg})") from None
+        raise DiffTumorError(f"{path}: not a readable DiffTumor checkpoint ({_load_cause(exc)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DiffTumorError(f"{path}: not a DiffTumor training checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
     return ckpt
@@ -364,6 +378,14 @@ class GracefulInterrupt(contextlib.AbstractContextManager):
         return False
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class MetricsWriter:
     """Append rows of metrics to a CSV (header written once; the columns are fixed by the first row,
     or by the existing header when a resumed run appends) and, if TensorBoard is installed and
@@ -384,6 +406,22 @@ class MetricsWriter:
                 self.tb = SummaryWriter(str(tensorboard_dir))
             except Exception:  # tensorboard not installed
                 logging.getLogger(__name__).info("TensorBoard is not installed; metrics go to %s only", self.path)
+
+    def truncate_after(self, step: int) -> int:
+        """Drop rows logged after ``step`` (a run that crashed after its last checkpoint logged them, and the
+        resumed run logs those steps again); the CSV is rewritten atomically. Returns the rows dropped."""
+        if self.columns is None:
+            return 0
+        with open(self.path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        keep = [rows[0]] + [r for r in rows[1:] if not r or not _is_number(r[0]) or float(r[0]) <= step]
+        if len(keep) == len(rows):
+            return 0
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(keep)
+        os.replace(tmp, self.path)
+        return len(rows) - len(keep)
 
     def write(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: (float(v) if torch.is_tensor(v) else v) for k, v in metrics.items()}}
@@ -432,22 +470,91 @@ def progress(total: int, *, initial: int = 0, enabled: bool = True, desc: str = 
 def start_run(device: str, *, seed: int, threads: int = 0, logger_name: str = __name__) -> tuple[DistInfo, logging.Logger]:
     """Process setup every stage does first: torchrun/device, rank-aware logger, CPU threads, seeds
     (``seed + rank``, so ranks draw different noise)."""
-    dist = setup_distributed(device)
+    try:
+        dist = setup_distributed(device)
+    except DiffTumorError as exc:  # resolve_device speaks of the inference CLIs' --device flag
+        raise DiffTumorError(str(exc).replace("--device ", "device=")) from None
     if threads > 0:
         torch.set_num_threads(threads)
     seed_everything(seed + dist.rank)
     return dist, get_logger(logger_name, dist)
 
 
+def resume_path(resume, default_path) -> Path:
+    """The file ``--resume`` names: ``default_path`` for a bare ``--resume`` (``"last"`` or ``True``)."""
+    return Path(default_path if resume in ("last", True) else resume)
+
+
 def load_resume_checkpoint(resume, default_path, stage: str, *, map_location="cpu") -> dict:
     """The checkpoint ``--resume`` names (``"last"`` or ``True``: ``default_path``), refused in one line
     when it was written by another stage."""
-    path = default_path if resume in ("last", True) else resume
+    path = resume_path(resume, default_path)
     ckpt = load_checkpoint(path, map_location=map_location)
     if ckpt.get("stage") != stage:
         article = "an" if stage[:1] in "aeiou" else "a"
         raise DiffTumorError(f"{path}: not {article} {stage} training checkpoint (stage {ckpt.get('stage')!r})")
     return ckpt
+
+
+def check_positive(cfg, *names: str, zero_ok: tuple[str, ...] = ()) -> None:
+    """Refuse, in one line naming the key, a setting in ``names`` (dotted) that is < 1, or one in ``zero_ok``
+    that is < 0. Called before anything is created, so a bad value leaves nothing behind."""
+    for name in (*names, *zero_ok):
+        value = cfg
+        for part in name.split("."):
+            value = getattr(value, part)
+        low = 0 if name in zero_ok else 1
+        if value < low:
+            raise DiffTumorError(f"{name}={value}: must be {'0 or more' if low == 0 else 'a positive integer'}")
+
+
+def check_output_dir(path, key: str = "output_dir") -> Path:
+    """``path`` as a Path; one line when it exists but is not a folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DiffTumorError(f"{key}={path}: exists and is not a folder")
+    return path
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def check_resume(path, ckpt: dict, current: dict, *, max_steps: int, saved: dict | None = None) -> int:
+    """Refuse a resume whose checkpoint does not fit this run; returns the checkpoint's step.
+
+    ``current`` maps the settings that must not change (e.g. ``{"model": cfg.model.to_dict(), "T": 4,
+    "stage": "early", "data.organ": "liver"}``) to this run's values; the checkpoint's values are read from
+    its ``config`` (dotted keys, nested dicts flattened) unless ``saved`` gives them (e.g. ``{"T": 4}``);
+    ``model`` is compared field by field with ``ckpt["model_config"]``. One line names the checkpoint and every differing key as
+    ``key: checkpoint X, config Y``. A checkpoint already at or past ``max_steps`` is refused too, so that
+    it is not rewritten by a run that trains nothing.
+    """
+    saved_cfg = _flat(ckpt.get("config"))
+    diffs = []
+    for key, value in current.items():
+        if key == "model":
+            old, new = _flat(ckpt.get("model_config"), "model."), _flat(value, "model.")
+            diffs += [f"{k}: checkpoint {old.get(k, 'unset')}, config {new.get(k, 'unset')}"
+                      for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            continue
+        old = (saved or {}).get(key, saved_cfg.get(key, "unset"))
+        if (list(old) if isinstance(old, tuple) else old) != (list(value) if isinstance(value, tuple) else value):
+            diffs.append(f"{key}: checkpoint {old}, config {value}")
+    if diffs:
+        raise DiffTumorError(f"{path}: --resume needs the checkpoint's settings ({'; '.join(diffs)}); "
+                             "drop the change or train into a new output folder")
+    step = int(ckpt["step"])
+    if max_steps <= step:
+        raise DiffTumorError(f"max_steps={max_steps}: {path} is already at step {step}; nothing to train "
+                             "(raise max_steps to continue)")
+    return step
 
 
 _SCHEDULER_BOOKKEEPING = {"last_epoch", "lr_lambdas", "verbose"}  # state that is not a schedule setting
@@ -504,7 +611,15 @@ class TrainingLoop(contextlib.AbstractContextManager):
     def __init__(self, dist: DistInfo, metrics_path, *, step: int, max_steps: int, log_every: int, desc: str,
                  tensorboard_dir=None):
         self.dist, self.max_steps, self.log_every = dist, max_steps, log_every
+        self.out_dir = Path(metrics_path).parent
+        self._created = dist.is_main and not self.out_dir.exists()  # removed again if nothing gets trained
+        self._ticks = 0
         self.metrics = MetricsWriter(metrics_path, tensorboard_dir=tensorboard_dir) if dist.is_main else None
+        if self.metrics is not None and step > 0:  # resumed: rows after the checkpoint are logged again
+            dropped = self.metrics.truncate_after(step)
+            if dropped:
+                logging.getLogger(__name__).info("%s: dropped %d row(s) logged after the checkpoint's step %d",
+                                                 self.metrics.path, dropped, step)
         self.bar = progress(max_steps, initial=step, enabled=dist.is_main, desc=desc)
         self._stop = GracefulInterrupt()
 
@@ -518,6 +633,11 @@ class TrainingLoop(contextlib.AbstractContextManager):
             self.bar.close()
             if self.metrics is not None:
                 self.metrics.close()
+            if exc[0] is not None and self._created and self._ticks == 0:
+                # e.g. no usable training case: the error is the whole story, leave no empty run folder
+                import shutil
+
+                shutil.rmtree(self.out_dir, ignore_errors=True)
         finally:
             teardown_distributed()
         return False
@@ -530,6 +650,7 @@ class TrainingLoop(contextlib.AbstractContextManager):
         return step < self.max_steps and not self._stop.requested
 
     def tick(self) -> None:
+        self._ticks += 1
         self.bar.update(1)
 
     def due(self, step: int) -> bool:

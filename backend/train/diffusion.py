@@ -38,12 +38,18 @@ from backend.diffusion.official import save_official
 from backend.diffusion.schedule import PredictionType
 from backend.diffusion.unet import Unet3D, Unet3DConfig
 from backend.errors import DiffTumorError
+from backend.weights import WEIGHT_ORGANS
 from backend.train.common import (
     DrawSchedule,
     TrainingLoop,
+    check_output_dir,
+    check_positive,
+    check_resume,
     config_to_dict,
     load_config,
+    load_checkpoint,
     load_resume_checkpoint,
+    resume_path,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -54,13 +60,14 @@ from backend.train.common import (
 log = logging.getLogger(__name__)
 
 Stage = Literal["early", "noearly"]
+Organ = Literal[WEIGHT_ORGANS]  # the organs whose {organ}_{stage}.pt a weights folder is read for
 DEFAULT_T = {"early": 4, "noearly": 200}  # released models
 
 
 @dataclass
 class DataConfig:
     source: str = ""  # MSD dataset.json, list file (image,label) or AbdomenAtlas tree; labels required
-    organ: str = "liver"  # organ of the training data (names the output file; weights work for any organ)
+    organ: Organ = "liver"  # organ of the training data (names the output file; weights work for any organ)
     organ_labels: tuple[int, ...] = (1,)  # label ids of the organ (MSD / LiTS / KiTS: 1)
     tumor_labels: tuple[int, ...] = (2,)  # label ids of the tumour (MSD / LiTS / KiTS: 2)
     crop_size: tuple[int, int, int] = (96, 96, 96)  # (X, Y, Z) in RAS; divisible by the autoencoder's factor
@@ -234,7 +241,12 @@ def load_frozen_autoencoder(cfg: DiffusionTrainConfig, device):
 
     if not cfg.autoencoder:
         raise DiffTumorError("autoencoder: no stage-1 weights given (official AutoencoderModel.ckpt or one of ours)")
-    vq, extras, _ = load_autoencoder_with_extras(cfg.autoencoder)
+    try:
+        vq, extras, _ = load_autoencoder_with_extras(cfg.autoencoder)
+    except (TypeError, KeyError):  # one of our checkpoints, but its model_config is not a VQGAN's
+        stage = load_checkpoint(cfg.autoencoder).get("stage")
+        raise DiffTumorError(f"autoencoder={cfg.autoencoder}: is a {stage} training checkpoint, not an autoencoder "
+                             "(give AutoencoderModel.ckpt or an autoencoder run's checkpoint_last.pt)") from None
     if vq.config.embedding_dim != cfg.model.out_dim or cfg.model.channels != 2 * cfg.model.out_dim + 1:
         raise DiffTumorError(
             f"{cfg.autoencoder}: autoencoder latent has {vq.config.embedding_dim} channels but model.out_dim="
@@ -244,6 +256,26 @@ def load_frozen_autoencoder(cfg: DiffusionTrainConfig, device):
     embed = {**{k: v.detach().cpu() for k, v in vq.state_dict().items()}, **extras}
     vq.requires_grad_(False)
     return vq.to(device).eval(), embed
+
+
+def autoencoder_record(path) -> dict:
+    """What a diffusion checkpoint records of its frozen autoencoder: the file and its sha256."""
+    from backend.weights import sha256_cached
+
+    p = Path(path)
+    return {"path": str(p.resolve()), "sha256": sha256_cached(p)}
+
+
+def check_same_autoencoder(ckpt_path, saved: dict | None, current: dict, logger) -> None:
+    """Refuse to resume on another autoencoder's latents (the denoiser learnt the saved one's latent space)."""
+    if not saved:
+        logger.warning("%s records no autoencoder (written before autoencoder records); resuming on %s, make sure it "
+                       "is the one this run was trained with", ckpt_path, current["path"])
+        return
+    if saved.get("sha256") != current["sha256"]:
+        raise DiffTumorError(f"autoencoder={current['path']}: {ckpt_path} was trained with another autoencoder, "
+                             f"{saved.get('path')} (sha256 {str(saved.get('sha256'))[:12]}, this one "
+                             f"{current['sha256'][:12]}); resume with that file")
 
 
 @torch.no_grad()
@@ -263,17 +295,30 @@ def train(cfg: DiffusionTrainConfig, *, resume: str | None = None) -> dict:
 
     if not cfg.data.source:
         raise DiffTumorError("data.source: no training data given (MSD dataset.json, list file or AbdomenAtlas tree)")
+    check_positive(cfg, "max_steps", "log_every", "checkpoint_every", "data.batch_size", "optim.grad_accum",
+                   "optim.ema_every", zero_ok=("timesteps", "threads"))
+    out = check_output_dir(cfg.output_dir)
     dist, logger = start_run(cfg.device, seed=cfg.seed, threads=cfg.threads, logger_name=__name__)
-    device, out = dist.device, Path(cfg.output_dir)
+    device = dist.device
     ckpt_path = out / "checkpoint_last.pt"
     official_path = out / f"{cfg.data.organ}_{cfg.stage}.pt"
+    ck, step = None, 0
+    if resume:  # checked before any data is read: same denoiser, noise process, organ and autoencoder
+        ck = load_resume_checkpoint(resume, ckpt_path, "diffusion", map_location=device)
+        ck_path = resume_path(resume, ckpt_path)
+        step = check_resume(ck_path, ck, {"model": cfg.model.to_dict(), "T": cfg.T, "stage": cfg.stage,
+                                          "prediction_type": cfg.prediction_type, "data.organ": cfg.data.organ},
+                            saved={"T": ck.get("timesteps")}, max_steps=cfg.max_steps)
+    vqgan, vqgan_state = load_frozen_autoencoder(cfg, device)
+    ae_record = autoencoder_record(cfg.autoencoder)
+    if ck is not None:
+        check_same_autoencoder(ck_path, ck.get("autoencoder"), ae_record, logger)
 
     # data
     store = TumourCropStore(list_cases(cfg.data.source, require_labels=True), cfg)
     schedule = DrawSchedule(len(store), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
 
-    # frozen autoencoder, denoiser, EMA, optimiser
-    vqgan, vqgan_state = load_frozen_autoencoder(cfg, device)
+    # frozen autoencoder (loaded above), denoiser, EMA, optimiser
     down = vqgan.config.downsample  # (Z, X, Y)
     x, y, z = cfg.data.crop_size
     if any(s % f for s, f in zip((z, x, y), down)) or any((s // f) % 2 ** (len(cfg.model.dim_mults) - 1)
@@ -285,11 +330,7 @@ def train(cfg: DiffusionTrainConfig, *, resume: str | None = None) -> dict:
     scheduler = DDPMScheduler(cfg.T, prediction_type=cfg.prediction_type).to(device)
     inferer = DiffusionInferer(scheduler, loss=cfg.loss)
     opt = torch.optim.Adam(unet.parameters(), lr=cfg.optim.lr)
-    step = 0
-    if resume:
-        ck = load_resume_checkpoint(resume, ckpt_path, "diffusion", map_location=device)
-        if ck.get("model_config") != cfg.model.to_dict() or int(ck.get("timesteps", -1)) != cfg.T:
-            raise DiffTumorError(f"{resume}: checkpoint model/T differ from the config (T {ck.get('timesteps')} vs {cfg.T})")
+    if ck is not None:
         unet.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizers"][0])
@@ -297,7 +338,6 @@ def train(cfg: DiffusionTrainConfig, *, resume: str | None = None) -> dict:
             group["lr"] = cfg.optim.lr
         schedule.load_state_dict(ck["data"])
         set_rng_state(ck["rng"])
-        step = int(ck["step"])
         logger.info("resumed from step %d", step)
     net = wrap_ddp(unet, dist)
     unet.train()
@@ -307,7 +347,7 @@ def train(cfg: DiffusionTrainConfig, *, resume: str | None = None) -> dict:
             return
         extra = {"organ": cfg.data.organ, "stage": cfg.stage, "prediction_type": cfg.prediction_type}
         save_checkpoint(ckpt_path, stage="diffusion", config=config_to_dict(cfg), model_config=cfg.model.to_dict(),
-                        timesteps=cfg.T, step=step, model=unet.state_dict(), ema=ema.state_dict(),
+                        timesteps=cfg.T, autoencoder=ae_record, step=step, model=unet.state_dict(), ema=ema.state_dict(),
                         optimizers=[opt.state_dict()], scaler={}, rng=rng_state(), data=schedule.state_dict(),
                         skipped=len(store.skipped))
         save_official(official_path, model=unet, ema=ema, scheduler=scheduler, vqgan_state=vqgan_state, step=step,
@@ -358,7 +398,8 @@ def register(sub) -> None:
                                    "e.g. data.source=/data/Task03_Liver/dataset.json autoencoder=AutoencoderModel.ckpt.")
     p.add_argument("--config", help="YAML config (see backend/configs/diffusion.yaml)")
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
-                   help="continue from OUTPUT_DIR/checkpoint_last.pt (or the given checkpoint)")
+                   help="continue from OUTPUT_DIR/checkpoint_last.pt (or the given checkpoint); model settings must match it. Put "
+                        "--resume after the key=value overrides (or write --resume=CHECKPOINT)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     p.set_defaults(func=_handler)
 

@@ -225,11 +225,15 @@ def train(cfg: SegmentationConfig, *, resume: bool | str | None = None) -> dict:
     from backend.train import common
 
     # config, device, seed
+    common.check_positive(cfg, "max_steps", "batch_size", "log_every", "save_every", zero_ok=("val_every",))
+    out_dir = common.check_output_dir(cfg.out_dir, "out_dir")
     dist, logger = common.start_run(cfg.device, seed=cfg.seed, logger_name=__name__)
-    out_dir = Path(cfg.out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    ckpt = common.load_resume_checkpoint(resume, last_path, "segmentation") if resume else None
     cfg.network = NetworkConfig(**{**cfg.network.__dict__, "roi_size": tuple(cfg.roi_size)})
+    ckpt = common.load_resume_checkpoint(resume, last_path, "segmentation") if resume else None
+    if ckpt is not None:  # same network and organ, and steps left to train
+        common.check_resume(common.resume_path(resume, last_path), ckpt,
+                            {"model": common.config_to_dict(cfg.network), "organ": cfg.organ}, max_steps=cfg.max_steps)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         import yaml
@@ -290,6 +294,8 @@ def train(cfg: SegmentationConfig, *, resume: bool | str | None = None) -> dict:
 
     # loop
     val_writer = common.MetricsWriter(out_dir / "val_metrics.csv") if dist.is_main else None
+    if val_writer is not None and step > 0:
+        val_writer.truncate_after(step)  # validations after the checkpoint are run again
     batches = iter(loader)
     run_loss, run_syn, n_run = 0.0, 0.0, 0
     result = {"step": step, "best": best}
@@ -352,7 +358,8 @@ def register(stages) -> None:
     p.add_argument("--config", type=Path, default=None, help="YAML config (see backend/configs/segmentation*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted for sections")
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
-                   help="continue from out_dir/last.pt (or the given checkpoint)")
+                   help="continue from out_dir/last.pt (or the given checkpoint); model settings must match it. Put "
+                        "--resume after the key=value overrides (or write --resume=CHECKPOINT)")
     p.set_defaults(func=handler)
 
 

@@ -82,6 +82,21 @@ def test_bad_inputs(tmp_path, data_dir):
     (only_bad / "x.nii.gz").write_bytes(b"junk")
     with pytest.raises(DiffTumorError, match="none of the 1 training images could be read"):
         train(_cfg(only_bad, tmp_path / "o", "max_steps=1"))
+    assert not (tmp_path / "o").exists()  # nothing trained: no empty run folder
+    with pytest.raises(DiffTumorError, match=r"^data\.batch_size=0: must be a positive integer$"):
+        train(_cfg(data_dir, tmp_path / "o", "data.batch_size=0"))
+    with pytest.raises(DiffTumorError, match=r"^max_steps=-1: must be a positive integer$"):
+        train(_cfg(data_dir, tmp_path / "o", "max_steps=-1"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_another_model_is_one_line(data_dir, tmp_path):
+    """A changed model key used to end in load_state_dict's size-mismatch traceback."""
+    train(_cfg(data_dir, tmp_path, "max_steps=1"))
+    with pytest.raises(DiffTumorError) as err:
+        train(_cfg(data_dir, tmp_path, "max_steps=2", "model.n_hiddens=8", "model.num_groups=8"), resume="last")
+    assert str(err.value).startswith(f"{tmp_path / 'checkpoint_last.pt'}: ")
+    assert "model.n_hiddens: checkpoint 4, config 8; model.num_groups: checkpoint 4, config 8" in str(err.value)
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):

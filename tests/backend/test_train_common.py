@@ -289,3 +289,96 @@ def test_setup_single_process_cpu(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     d = setup_distributed("cpu")
     assert d.is_main and not d.distributed and d.device.type == "cpu"
+
+
+def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
+    """A run killed after its step-3 checkpoint had logged steps 4-5; the resumed run logs them again."""
+    from backend.train.common import DistInfo, TrainingLoop
+
+    w = MetricsWriter(tmp_path / "m.csv")
+    for s in range(1, 6):
+        w.write(s, {"loss": 1.0 / s})
+    with TrainingLoop(DistInfo(), tmp_path / "m.csv", step=3, max_steps=5, log_every=1, desc="t") as loop:
+        step = 3
+        while loop.running(step):
+            step += 1
+            loop.tick()
+            loop.log(step, {"loss": 0.0})
+    steps = [r["step"] for r in csv.DictReader(open(tmp_path / "m.csv", encoding="utf-8"))]
+    assert steps == ["1", "2", "3", "4", "5"]
+    assert not list(tmp_path.glob(".m.csv.tmp*"))
+
+
+def test_training_loop_removes_the_folder_it_created_when_nothing_was_trained(tmp_path):
+    from backend.train.common import DistInfo, TrainingLoop
+
+    out = tmp_path / "run"
+    with pytest.raises(DiffTumorError, match="no usable case"):
+        with TrainingLoop(DistInfo(), out / "m.csv", step=0, max_steps=3, log_every=1, desc="t"):
+            raise DiffTumorError("no usable case")
+    assert not out.exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before is left alone
+    with pytest.raises(DiffTumorError):
+        with TrainingLoop(DistInfo(), tmp_path / "kept" / "m.csv", step=0, max_steps=3, log_every=1, desc="t"):
+            raise DiffTumorError("no usable case")
+    assert (tmp_path / "kept").is_dir()
+
+
+def test_check_resume_names_the_file_and_every_changed_setting(tmp_path):
+    from backend.train.common import check_resume
+
+    ckpt = {"step": 7, "config": {"stage": "early", "data": {"organ": "liver"}},
+            "model_config": {"dim": 8, "dim_mults": [1, 2], "channels": 17}}
+    same = {"model": {"dim": 8, "dim_mults": (1, 2), "channels": 17}, "stage": "early", "data.organ": "liver", "T": 4}
+    assert check_resume("ck.pt", ckpt, same, saved={"T": 4}, max_steps=8) == 7
+    changed = {**same, "model": {"dim": 16, "dim_mults": (1, 2), "channels": 17}, "stage": "noearly", "T": 200}
+    with pytest.raises(DiffTumorError) as err:
+        check_resume("runs/x/checkpoint_last.pt", ckpt, changed, saved={"T": 4}, max_steps=8)
+    msg = str(err.value)
+    assert msg.startswith("runs/x/checkpoint_last.pt: ") and "\n" not in msg
+    assert "model.dim: checkpoint 8, config 16" in msg and "stage: checkpoint early, config noearly" in msg
+    assert "T: checkpoint 4, config 200" in msg and "channels" not in msg
+    with pytest.raises(DiffTumorError, match="data.organ: checkpoint liver, config kidney"):
+        check_resume("ck.pt", ckpt, {**same, "data.organ": "kidney"}, saved={"T": 4}, max_steps=8)
+    with pytest.raises(DiffTumorError, match=r"max_steps=7: ck\.pt is already at step 7; nothing to train"):
+        check_resume("ck.pt", ckpt, same, saved={"T": 4}, max_steps=7)
+
+
+def test_positive_settings_and_output_dir_are_checked_in_one_line(tmp_path):
+    from backend.train.common import check_output_dir, check_positive
+
+    cfg = load_config(Outer, None, ["steps=0"])
+    with pytest.raises(DiffTumorError, match=r"^steps=0: must be a positive integer$"):
+        check_positive(cfg, "steps")
+    check_positive(cfg, zero_ok=("steps",))
+    with pytest.raises(DiffTumorError, match=r"^steps=-1: must be 0 or more$"):
+        check_positive(load_config(Outer, None, ["steps=-1"]), zero_ok=("steps",))
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(DiffTumorError, match=r"output_dir=.*f\.txt: exists and is not a folder"):
+        check_output_dir(tmp_path / "f.txt")
+    assert check_output_dir(tmp_path / "new") == tmp_path / "new"
+
+
+@pytest.mark.parametrize("content, cause", [
+    (b"garbage\n", "not a file of tensors and plain values; nothing in it was run"),
+    (None, "truncated or damaged file"),
+])
+def test_unreadable_checkpoint_gives_a_short_cause(tmp_path, content, cause):
+    path = tmp_path / "c.pt"
+    if content is None:
+        save_checkpoint(path, stage="x", config={}, step=0, model={"w": torch.zeros(1000)})
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(DiffTumorError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == f"{path}: not a readable DiffTumor checkpoint ({cause})"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_error_names_the_config_key():
+    from backend.train.common import start_run
+
+    with pytest.raises(DiffTumorError, match=r"^device=cuda: no CUDA GPU .*; use device=cpu$"):
+        start_run("cuda", seed=0)

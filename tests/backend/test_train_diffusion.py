@@ -138,6 +138,7 @@ def test_cli_and_bad_inputs(tmp_path, msd, tiny_ae):
     # no mid/late tumour anywhere: one clear line
     with pytest.raises(DiffTumorError, match="none of the 4 cases has a usable noearly tumour"):
         train(_cfg(tmp_path / "n", msd, tiny_ae, "max_steps=1", "stage=noearly"))
+    assert not (tmp_path / "n").exists()  # no empty run folder is left behind
     # tumours larger than the crop are reported and left out
     with pytest.raises(DiffTumorError, match="usable early tumour"):
         train(_cfg(tmp_path / "big", msd, tiny_ae, "max_steps=1", "data.crop_size=[4,4,4]",
@@ -147,3 +148,59 @@ def test_cli_and_bad_inputs(tmp_path, msd, tiny_ae):
     with pytest.raises(DiffTumorError, match="stage"):
         _cfg(tmp_path, msd, tiny_ae, "stage=late")
     assert main(["train", "diffusion", f"output_dir={tmp_path}", "max_steps=1"]) == 2  # no data.source
+
+
+def _error(capsys, argv) -> str:
+    """Run the CLI, expect exit 2 and return its one error line."""
+    capsys.readouterr()  # drop what earlier runs printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("difftumor: error: "), err
+    return err[0]
+
+
+def test_resume_refuses_changed_settings_and_another_autoencoder(tmp_path, msd, tiny_ae, capsys, caplog):
+    out = tmp_path / "run"
+    base = ["train", "diffusion", *TINY, f"data.source={msd}", f"output_dir={out}", "checkpoint_every=100"]
+    assert main([*base, f"autoencoder={tiny_ae}", "max_steps=2"]) == 0
+    ck_path = out / "checkpoint_last.pt"
+    saved = torch.load(ck_path, weights_only=True)
+    assert saved["autoencoder"]["path"] == str(tiny_ae.resolve()) and len(saved["autoencoder"]["sha256"]) == 64
+    before = ck_path.read_bytes()
+
+    line = _error(capsys, [*base, f"autoencoder={tiny_ae}", "max_steps=4", "model.dim=16", "stage=noearly", "--resume"])
+    assert f"{ck_path}: " in line and "model.dim: checkpoint 8, config 16" in line
+    assert "T: checkpoint 4, config 200" in line and "stage: checkpoint early, config noearly" in line
+    line = _error(capsys, [*base, f"autoencoder={tiny_ae}", "max_steps=4", "data.organ=kidney", "--resume"])
+    assert "data.organ: checkpoint liver, config kidney" in line
+
+    torch.manual_seed(1)  # same architecture, other weights: another latent space
+    other = tmp_path / "other_ae.pt"
+    cfg = VQGANConfig(n_hiddens=8, num_groups=8, downsample=(4, 4, 4), embedding_dim=8, n_codes=64)
+    save_checkpoint(other, stage="autoencoder", config={}, model_config=cfg.to_dict(), step=0, model=VQGAN(cfg).state_dict())
+    line = _error(capsys, [*base, f"autoencoder={other}", "max_steps=4", "--resume"])
+    assert f"autoencoder={other.resolve()}: {ck_path} was trained with another autoencoder, {tiny_ae.resolve()}" in line
+
+    line = _error(capsys, [*base, f"autoencoder={tiny_ae}", "max_steps=2", "--resume"])
+    assert "max_steps=2: " in line and "already at step 2; nothing to train" in line
+    assert ck_path.read_bytes() == before  # refused runs leave the checkpoint alone
+
+    del saved["autoencoder"]  # a checkpoint written before the record: resumes with one warning
+    torch.save(saved, ck_path)
+    assert main([*base, f"autoencoder={tiny_ae}", "max_steps=3", "--resume"]) == 0
+    assert sum("records no autoencoder" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_bad_settings_are_one_line_and_create_nothing(tmp_path, msd, tiny_ae, capsys):
+    base = ["train", "diffusion", *TINY, f"data.source={msd}", f"autoencoder={tiny_ae}"]
+    main([*base, f"output_dir={tmp_path / 'df'}", "max_steps=1"])
+    line = _error(capsys, [*base, f"output_dir={tmp_path / 'x'}", f"autoencoder={tmp_path / 'df' / 'checkpoint_last.pt'}"])
+    assert "is a diffusion training checkpoint, not an autoencoder" in line
+    assert "'lung' is not allowed; allowed: 'liver', 'pancreas', 'kidney'" in _error(capsys, [*base, "data.organ=lung"])
+    assert "data.batch_size=0: must be a positive integer" in _error(capsys, [*base, f"output_dir={tmp_path / 'x'}",
+                                                                             "data.batch_size=0"])
+    assert "max_steps=-1: must be a positive integer" in _error(capsys, [*base, f"output_dir={tmp_path / 'x'}",
+                                                                         "max_steps=-1"])
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "file.txt").write_text("x")
+    assert "exists and is not a folder" in _error(capsys, [*base, f"output_dir={tmp_path / 'file.txt'}", "max_steps=1"])
