@@ -15,3 +15,16 @@ class DiffTumorError(Exception):
     def __init__(self, message: str):
         message = " ".join(str(message).split())  # always one line
         super().__init__(message)
+
+
+def load_failure_cause(exc: Exception) -> str:
+    """A short cause for a failed ``torch.load``: PyTorch's own text advises ``weights_only=False``, which we
+    refuse on purpose (it can run code from the file), or runs to several sentences about miniz."""
+    text = " ".join(str(exc).split())
+    if "invalid load key" in text or isinstance(exc, EOFError):
+        return "not a PyTorch file, or truncated"
+    if "zip archive" in text or "central directory" in text:
+        return "truncated or damaged file"
+    if "Weights only load failed" in text:
+        return "not a file of tensors and plain values; nothing in it was run"
+    return f"{type(exc).__name__}: {text.split('. ')[0][:120]}"

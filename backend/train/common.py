@@ -51,7 +51,7 @@ import torch
 import yaml
 
 from backend import __version__
-from backend.errors import DiffTumorError
+from backend.errors import DiffTumorError, load_failure_cause
 
 CHECKPOINT_FORMAT = "difftumor-checkpoint-1"
 
@@ -324,19 +324,6 @@ def save_checkpoint(path, **state) -> Path:
     return path
 
 
-def _load_cause(exc: Exception) -> str:
-    """A short cause for a failed ``torch.load``: PyTorch's own text advises ``weights_only=False``, which we
-    refuse on purpose (it can run code from the file), or runs to several sentences about miniz."""
-    text = " ".join(str(exc).split())
-    if "invalid load key" in text or isinstance(exc, EOFError):
-        return "not a PyTorch file, or truncated"
-    if "zip archive" in text or "central directory" in text:
-        return "truncated or damaged file"
-    if "Weights only load failed" in text:
-        return "not a file of tensors and plain values; nothing in it was run"
-    return f"{type(exc).__name__}: {text.split('. ')[0][:120]}"
-
-
 def load_checkpoint(path, *, map_location="cpu") -> dict:
     """Load one of our checkpoints safely (``weights_only=True``)."""
     path = Path(path)
@@ -345,7 +332,7 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise DiffTumorError(f"{path}: not a readable DiffTumor checkpoint ({_load_cause(exc)})") from None
+        raise DiffTumorError(f"{path}: not a readable DiffTumor checkpoint ({load_failure_cause(exc)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DiffTumorError(f"{path}: not a DiffTumor training checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
     return ckpt

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from backend.errors import DiffTumorError
+from backend.errors import DiffTumorError, load_failure_cause
 from backend.vqgan.model import VQGAN, VQGANConfig
 
 # Keys of the official LightningModule that are not part of the inference model: recognised, and
@@ -110,7 +110,7 @@ def safe_load(path, *, map_location="cpu"):
             "(only tensors, plain containers and omegaconf configs are read; nothing in the file is executed)"
         ) from None
     except Exception as exc:  # truncated zip, not a torch file, ...
-        raise DiffTumorError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise DiffTumorError(f"{path}: not a readable PyTorch checkpoint ({load_failure_cause(exc)})") from None
 
 
 def to_plain(obj):

@@ -122,3 +122,19 @@ def test_unreadable_files(tmp_path):
     torch.save([1, 2], lst)
     with pytest.raises(DiffTumorError, match="top level is list"):
         load_autoencoder(lst)
+
+
+def test_damaged_autoencoder_file_gives_a_short_cause(tmp_path):
+    """A truncated checkpoint: one line with a short cause, not PyTorch's paragraph about miniz."""
+    import torch
+
+    from backend.errors import DiffTumorError
+    from backend.vqgan.official import safe_load
+
+    good = tmp_path / "ok.pt"
+    torch.save({"w": torch.zeros(1000)}, good)
+    bad = tmp_path / "AutoencoderModel.ckpt"
+    bad.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(DiffTumorError) as err:
+        safe_load(bad)
+    assert str(err.value).endswith("(truncated or damaged file)") and len(str(err.value)) < 200
