@@ -295,8 +295,14 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(*, wait_for_all: bool = False) -> None:
+    """Destroy the process group. ``wait_for_all`` (a normal end of training): first a barrier, so that no
+    rank tears down its gloo/NCCL threads while another (rank 0 validating or saving) is still working;
+    a rank that leaves early could abort in the C++ runtime ("terminate called without an active
+    exception"). After an error no barrier: the other ranks may never arrive."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait_for_all:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
@@ -626,7 +632,7 @@ class TrainingLoop(contextlib.AbstractContextManager):
 
                 shutil.rmtree(self.out_dir, ignore_errors=True)
         finally:
-            teardown_distributed()
+            teardown_distributed(wait_for_all=exc[0] is None)
         return False
 
     @property
