@@ -340,6 +340,23 @@ def _as_3d(image: "sitk.Image", path: Path) -> "sitk.Image":
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file in the same folder, flushed to disk,
+    then :func:`os.replace`; a failure leaves the old file (or none) and no temporary behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def write_image(
     data: Volume | np.ndarray,
     path: PathLike | Geometry,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -247,17 +246,9 @@ def provenance_record(outcome: SynthesisOutcome, files: dict[str, str]) -> dict:
 
 
 def write_json_atomic(path: Path, data: dict) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, default=_json_default)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    from backend.io import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default))
 
 
 def _json_default(o):

@@ -347,12 +347,11 @@ def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, seed: int
 def write_outputs(out_dir: Path, images: dict, prov: dict, *, out_flag_value: Path) -> None:
     """Write the images, then provenance.json, each atomically; on any failure remove what this call
     wrote (and the folders it made) and report an OSError as one line naming the path."""
-    from backend.io import write_image
+    from backend.io import write_image, write_text_atomic
     from backend.synthesis.engine import INTERMEDIATES
 
     made = [d for d in (out_dir, *out_dir.parents) if not d.exists()][::-1]
     written: list[Path] = []
-    tmp = out_dir / f".provenance.json.{os.getpid()}.tmp"
     try:
         for d in made:
             d.mkdir()
@@ -363,10 +362,9 @@ def write_outputs(out_dir: Path, images: dict, prov: dict, *, out_flag_value: Pa
             else:
                 write_image(data, target)
             written.append(target)
-        tmp.write_text(json.dumps(prov, indent=1, default=str), encoding="utf-8")
-        os.replace(tmp, out_dir / "provenance.json")
+        write_text_atomic(out_dir / "provenance.json", json.dumps(prov, indent=1, default=str))
     except BaseException as exc:
-        for p in (tmp, *written):
+        for p in written:
             try:
                 p.unlink(missing_ok=True)
             except OSError:  # pragma: no cover - the folder turned read-only under us
@@ -451,6 +449,7 @@ def start_dataset_run(out: Path, settings: dict, overwrite: bool) -> None:
     ``overwrite``; then record ``settings`` in :data:`RUN_FILE` (atomically)."""
     from backend import __version__
     from backend.errors import DiffTumorError
+    from backend.io import write_text_atomic
 
     run_file = out / RUN_FILE
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -465,14 +464,11 @@ def start_dataset_run(out: Path, settings: dict, overwrite: bool) -> None:
                     f"--out {out}: holds results made with {_flag(key)} {_show(old.get(key))}, but this run has "
                     f"{_flag(key)} {_show(settings[key])}; choose another --out, or pass --overwrite to redo them")
     made = not out.exists()
-    tmp = out / f".{RUN_FILE}.{os.getpid()}.tmp"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"command": "difftumor synthesize", "version": __version__, "settings": settings},
-                                  indent=1), encoding="utf-8")
-        os.replace(tmp, run_file)
+        write_text_atomic(run_file, json.dumps({"command": "difftumor synthesize", "version": __version__,
+                                                "settings": settings}, indent=1))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise _os_error(out, exc) from None

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import dataclasses
 import logging
 import os
@@ -410,10 +411,11 @@ class MetricsWriter:
         keep = [rows[0]] + [r for r in rows[1:] if not r or not _is_number(r[0]) or float(r[0]) <= step]
         if len(keep) == len(rows):
             return 0
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows(keep)
-        os.replace(tmp, self.path)
+        from backend.io import write_text_atomic
+
+        text = io.StringIO()
+        csv.writer(text).writerows(keep)
+        write_text_atomic(self.path, text.getvalue())
         return len(rows) - len(keep)
 
     def write(self, step: int, metrics: dict) -> None:

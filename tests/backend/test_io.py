@@ -248,3 +248,20 @@ def test_check_same_grid_message():
         check_same_grid(a, Geometry((7, 6, 5), (2, 1, 1), (0, 0, 0)), names=("ct.nii.gz", "m.nii.gz"))
     with pytest.raises(DiffTumorError, match=r"size \(7, 6, 4\) vs \(7, 6, 5\)"):
         check_same_grid(a, Geometry((7, 6, 4), (1, 1, 1), (0, 0, 0)), names=("ct.nii.gz", "m.nii.gz"))
+
+
+def test_write_text_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    from backend.io import write_text_atomic
+
+    target = tmp_path / "notes.json"
+    write_text_atomic(target, "first – UTF-8\n")
+    assert target.read_text(encoding="utf-8") == "first – UTF-8\n"
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        write_text_atomic(target, "second")
+    assert target.read_text(encoding="utf-8") == "first – UTF-8\n"  # the old file survives
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.json"]  # no temporary left behind
