@@ -12,7 +12,52 @@ cannot be made narrower than the form's minimum width plus that scroll bar.
 
 from __future__ import annotations
 
+import functools
+
 from magicgui.widgets import Container
+from qtpy.QtCore import QEvent, QObject
+
+
+class EventHook(QObject):
+    """Calls ``callback(obj)`` when the watched ``obj`` receives an event of one of ``types`` (``once``: only
+    the first time). It is the watched widget's child, so Qt still asks it to filter the "child removed"
+    event sent while it is being destroyed, after its Python attributes are gone: it ignores that event
+    (the event filters written as closures before raised NameError there, failing tests at random)."""
+
+    def __init__(self, parent, types, callback, *, once: bool = False):
+        self._types, self._callback, self._once = tuple(types), callback, once  # before Qt can call it
+        super().__init__(parent)
+
+    def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+        if "_types" not in self.__dict__:  # being destroyed: its parent (the watched widget) reports it removed
+            return False
+        if event.type() in self._types:
+            if self._once:
+                obj.removeEventFilter(self)
+            self._callback(obj)
+        return False
+
+
+def watch(widget, types, callback, *, once: bool = False) -> EventHook:
+    """Install an :class:`EventHook` on ``widget`` (owned by it) and return it (keep it on the widget that
+    asked for it)."""
+    hook = EventHook(widget, types, callback, once=once)
+    widget.installEventFilter(hook)
+    return hook
+
+
+def _fit_scroll_width(area, form) -> None:
+    """Keep the scroll area at least as wide as the form's minimum plus a vertical scroll bar (magicgui sets
+    it once per insert, from a minimum that grows later as labels align)."""
+    bar = area.verticalScrollBar().sizeHint().width()
+    area.setMinimumWidth(form.minimumSizeHint().width() + bar + 2 * area.frameWidth())
+
+
+def _align_labels(labels, _obj=None) -> None:
+    widest = max(label.sizeHint().width() for label in labels)
+    for label in labels:
+        if label.minimumWidth() != widest:
+            label.setMinimumWidth(widest)
 
 
 TAB_GROUP = "difftumor_dock"  # Qt property marking the scroll areas of DiffTumor's docks
@@ -43,39 +88,17 @@ class ScrollableContainer(Container):
 
     def __init__(self, **kwargs):
         super().__init__(scrollable=True, **kwargs)
-        from qtpy.QtCore import QEvent, QObject
         from qtpy.QtWidgets import QFrame
 
         area = self.root_native_widget
         area.setFrameShape(QFrame.Shape.NoFrame)
         self.form.layout().addStretch(1)  # rows packed at the top; later inserts go before the stretch
-
-        class _FitWidth(QObject):
-            """Keeps the scroll area at least as wide as the form's minimum plus a vertical scroll bar
-            (magicgui sets it once per insert, from a minimum that grows later as labels align)."""
-
-            def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
-                if event.type() in (QEvent.Type.LayoutRequest, QEvent.Type.Show):
-                    bar = area.verticalScrollBar().sizeHint().width()
-                    area.setMinimumWidth(obj.minimumSizeHint().width() + bar + 2 * area.frameWidth())
-                return False
-
-        self._fit_width = _FitWidth(area)
-        self.form.installEventFilter(self._fit_width)
+        self._fit_width = watch(self.form, (QEvent.Type.LayoutRequest, QEvent.Type.Show),
+                                functools.partial(_fit_scroll_width, area))
         area.setProperty(TAB_GROUP, True)
-
-        class _JoinTabs(QObject):
-            """The first time the widget is shown in a dock, join the other DiffTumor docks of that area as
-            a tab (napari stacks plugin docks one under another, squeezing each to a few rows)."""
-
-            def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
-                if event.type() == QEvent.Type.Show:
-                    obj.removeEventFilter(self)
-                    join_difftumor_tabs(obj)
-                return False
-
-        self._join_tabs = _JoinTabs(area)
-        area.installEventFilter(self._join_tabs)
+        # the first time it is shown in a dock, join the other DiffTumor docks of that area as a tab (napari
+        # stacks plugin docks one under another, squeezing each to a few rows)
+        self._join_tabs = watch(area, (QEvent.Type.Show,), join_difftumor_tabs, once=True)
 
     @property
     def native(self):
@@ -111,8 +134,6 @@ def forms(*groups) -> list[Container]:
     every group start at one x position. (magicgui aligns labels only within one container, not for the
     widgets handed to ``Container(widgets=...)``, and measures them in the default font, narrower than
     napari's theme: the labels are measured again as drawn, whenever they are shown or restyled.)"""
-    from qtpy.QtCore import QEvent, QObject
-
     made = []
     for widgets in groups:
         box = Container(labels=True)
@@ -123,16 +144,7 @@ def forms(*groups) -> list[Container]:
     if not labels:
         return made
 
-    class _AlignLabels(QObject):
-        def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
-            if event.type() in (QEvent.Type.Show, QEvent.Type.StyleChange, QEvent.Type.FontChange):
-                widest = max(label.sizeHint().width() for label in labels)
-                for label in labels:
-                    if label.minimumWidth() != widest:
-                        label.setMinimumWidth(widest)
-            return False
-
-    align = _AlignLabels(made[0].native)
-    for label in labels:
-        label.installEventFilter(align)
+    align = functools.partial(_align_labels, labels)
+    made[0]._label_hooks = [watch(label, (QEvent.Type.Show, QEvent.Type.StyleChange, QEvent.Type.FontChange), align)
+                            for label in labels]
     return made

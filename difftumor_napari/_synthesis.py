@@ -17,7 +17,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, Li
                               SpinBox)
 
 from difftumor_napari import synthesis_tasks as st
-from difftumor_napari._dock import ScrollableContainer, browse, forms
+from difftumor_napari._dock import ScrollableContainer, browse, forms, watch
 from difftumor_napari._placement import (TUMOR_LAYER, ct_image_layers, notify_error, organ_label_layers,
                                          select_first, wrapped)
 from difftumor_napari import placement as pl
@@ -99,18 +99,13 @@ class SynthesisWidget(ScrollableContainer):
 
     def _watch_closing(self) -> None:
         """Closing the dock (napari takes the widget out of it) cancels a run: no layers appear later."""
-        from qtpy.QtCore import QEvent, QObject
+        from qtpy.QtCore import QEvent
 
-        widget = self
+        self._close_watch = watch(self.native, (QEvent.Type.ParentChange,), self._on_parent_change)
 
-        class _OnClose(QObject):
-            def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
-                if event.type() == QEvent.Type.ParentChange and obj.parent() is None and widget.running:
-                    widget.cancel()
-                return False
-
-        self._close_watch = _OnClose(self.native)
-        self.native.installEventFilter(self._close_watch)
+    def _on_parent_change(self, native) -> None:
+        if native.parent() is None and self.running:
+            self.cancel()
 
     # -- choices ----------------------------------------------------------------------------------
     def _ct_choices(self, widget=None):

@@ -102,20 +102,29 @@ def boundary_voxels(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask)
 
 
-def edge_profile(ct: np.ndarray, tumor: np.ndarray, spacing=None, max_mm: float | None = None):
-    """Mean HU as a function of signed distance (mm) to the tumour surface (negative inside).
-
-    Returns (distances, means) for non-empty bins of width half the smallest spacing.
-    """
+def signed_distance_mm(tumor: np.ndarray, spacing=None) -> np.ndarray:
+    """Signed distance (mm) of every voxel to the tumour surface, negative inside; the surface sits half
+    a voxel outside the inner voxels, so both sides are shifted by half the smallest step."""
     s = _spacing(spacing)
     tumor = np.asarray(tumor, bool)
-    max_mm = max_mm if max_mm is not None else max(6.0, 3.0 * float(s.max()))
-    # Surface sits half a voxel outside the inner voxels: shift both sides by half the local step.
     d_out = ndimage.distance_transform_edt(~tumor, sampling=s)
     d_in = ndimage.distance_transform_edt(tumor, sampling=s)
-    signed = np.where(tumor, -d_in, d_out)
     half = 0.5 * float(s.min())
-    signed = np.where(tumor, signed + half, signed - half)
+    return np.where(tumor, half - d_in, d_out - half)
+
+
+def edge_profile(ct: np.ndarray, tumor: np.ndarray, spacing=None, max_mm: float | None = None, *,
+                 signed: np.ndarray | None = None):
+    """Mean HU as a function of signed distance (mm) to the tumour surface (negative inside).
+
+    Returns (distances, means) for non-empty bins of width half the smallest spacing. ``signed``: the
+    tumour's :func:`signed_distance_mm`, when already computed (it is the expensive part).
+    """
+    s = _spacing(spacing)
+    max_mm = max_mm if max_mm is not None else max(6.0, 3.0 * float(s.max()))
+    if signed is None:
+        signed = signed_distance_mm(tumor, s)
+    half = 0.5 * float(s.min())
     sel = np.abs(signed) <= max_mm
     d, v = signed[sel], np.asarray(ct, dtype=np.float64)[sel]
     width = half
@@ -232,9 +241,10 @@ def tumor_metrics(ct: np.ndarray, tumor: np.ndarray, organ: np.ndarray | None = 
 
     grad = np.sqrt(sum(g.astype(np.float64) ** 2 for g in np.gradient(ct.astype(np.float32), *s)))
     m["edge_gradient_hu_per_mm"] = float(grad[boundary_voxels(tumor)].mean())
-    d, prof = edge_profile(ct, tumor, s)
+    signed = signed_distance_mm(tumor, s)  # once for both profiles
+    d, prof = edge_profile(ct, tumor, s, signed=signed)
     m["edge_width_mm"] = edge_width_mm(d, prof)
-    d_step, prof_step = edge_profile((~tumor).astype(np.float32), tumor, s)
+    d_step, prof_step = edge_profile((~tumor).astype(np.float32), tumor, s, signed=signed)
     m["edge_width_step_mm"] = edge_width_mm(d_step, prof_step)
     m.update(shape_metrics(tumor, s))
 
@@ -398,6 +408,6 @@ def metric_rows(metrics: dict) -> list[tuple[str, str]]:
 
 __all__ = [
     "FAILURE_CATEGORIES", "FlagThresholds", "Review", "REVIEW_COLUMNS", "append_review", "read_reviews",
-    "tumor_metrics", "failure_flags", "shape_metrics", "rim_mask", "region_stats", "edge_profile",
+    "tumor_metrics", "failure_flags", "shape_metrics", "rim_mask", "region_stats", "edge_profile", "signed_distance_mm",
     "edge_width_mm", "surface_area_mm2", "metric_rows", "review_row",
 ]
