@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from backend import __version__
 from backend.errors import DiffTumorError
@@ -83,12 +84,46 @@ def join_negative_values(argv: Sequence[str], options: Sequence[str] = NUMBER_LI
     return out
 
 
+def _is_override(text: str) -> bool:
+    return "=" in text and not text.startswith("-") and not text.startswith("=")
+
+
+def resume_without_value(argv: Sequence[str]) -> list[str]:
+    """``["--resume", "max_steps=10"]`` -> ``["--resume=last", "max_steps=10"]``: a bare ``--resume``
+    followed by a key=value override means "the last checkpoint", not a checkpoint named
+    "max_steps=10" (unless a file of that name exists). Everything after ``--`` is left as it is."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            out.extend(argv[i:])
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--resume" and nxt is not None and _is_override(nxt) and not Path(nxt).exists():
+            out.append("--resume=last")
+        else:
+            out.append(arg)
+    return out
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; key=value words that argparse could not place (overrides written on both sides of
+    an option, e.g. ``a=1 --resume b=2``) join the command's ``overrides`` in the order given."""
+    argv = resume_without_value(join_negative_values(argv))
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        takes_overrides = isinstance(getattr(args, "overrides", None), list)
+        unknown = [e for e in extras if not (takes_overrides and _is_override(e))]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides.extend(extras)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     _tolerant_streams()
     parser = build_parser()
-    argv = join_negative_values(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = parse(parser, sys.argv[1:] if argv is None else argv)
     except DiffTumorError as exc:  # raised by an option's type= check: one line, like any user error
         print(f"difftumor: error: {exc}", file=sys.stderr)
         return 2

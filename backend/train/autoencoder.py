@@ -24,6 +24,7 @@ from backend.errors import DiffTumorError
 from backend.train.common import (
     DrawSchedule,
     TrainingLoop,
+    add_config_arguments,
     check_output_dir,
     check_positive,
     check_resume,
@@ -308,7 +309,8 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
 
     last: dict = {}
     with TrainingLoop(dist, out / "metrics.csv", step=step, max_steps=cfg.max_steps, log_every=cfg.log_every,
-                      desc="autoencoder", tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None) as loop:
+                      desc="autoencoder", tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None,
+                      config=cfg, validation=cfg.val_every > 0) as loop:
         while loop.running(step):
             x = next_batch(train_store, schedule, cfg.data.batch_size).to(device)  # (B,1,Z,X,Y)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
@@ -345,6 +347,7 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
                 val = validate(model, val_store, cfg, step, device)
                 if val:
                     logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                    loop.log_validation(step, val)
                     last.update(val)
             if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 save("periodic")
@@ -358,11 +361,7 @@ def register(sub) -> None:
     p = sub.add_parser("autoencoder", help="train the stage-1 3D VQGAN autoencoder",
                        description="Train the 3D VQGAN (official STEP1 recipe). Settings: --config YAML plus key=value "
                                    "overrides, e.g. data.source=/data/AbdomenAtlas max_steps=1000 model.n_hiddens=8.")
-    p.add_argument("--config", help="YAML config (see backend/configs/autoencoder.yaml)")
-    p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
-                   help="continue from OUTPUT_DIR/checkpoint_last.pt (or the given checkpoint); model settings must match it. Put "
-                        "--resume after the key=value overrides (or write --resume=CHECKPOINT)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
+    add_config_arguments(p, "backend/configs/autoencoder.yaml", "OUTPUT_DIR/checkpoint_last.pt")
     p.set_defaults(func=_handler)
 
 

@@ -17,12 +17,14 @@ Public API (all pure Python + torch; no stage-specific code)::
     DrawSchedule(n_items, *, seed, rank=0, world_size=1)      resumable, seeded, sharded order of items
     DrawSampler(schedule) / SeededDraws(dataset)              that order through a DataLoader, reseeded per draw
     start_run(device, *, seed, threads=0, logger_name)        setup_distributed + threads + seeds + logger
+    add_config_arguments(parser, config, checkpoint)          --config, --resume [CHECKPOINT], key=value overrides
     load_resume_checkpoint(resume, default_path, stage)       --resume's checkpoint, checked for its stage
     check_resume(path, ckpt, current, *, max_steps) -> step   refuse a resume with changed settings / nothing to do
     check_positive(cfg, *names) / check_output_dir(path)      one-line checks before anything is created
     resume_lr_scheduler(scheduler, state) -> list[str]        the config's LR schedule, continued at the saved step
     wrap_ddp(model, dist, **kwargs)                           DDP under torchrun, else the model itself
-    TrainingLoop(dist, metrics_path, *, step, max_steps, ...) Ctrl-C, progress bar, metrics CSV, teardown
+    TrainingLoop(dist, metrics_path, *, step, max_steps, ...) Ctrl-C, progress bar, metrics CSVs, config.yaml,
+                                                              teardown
 
 A checkpoint written with :func:`save_checkpoint` is a plain dict of tensors, numbers, strings, lists
 and dicts (loadable with ``weights_only=True``) holding at least ``version`` (package), ``stage``,
@@ -164,6 +166,16 @@ def _merge(base: dict, override: dict) -> dict:
     for k, v in override.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def add_config_arguments(parser, config: str, checkpoint: str) -> None:
+    """The arguments every ``difftumor train STAGE`` takes: ``--config YAML``, ``--resume [CHECKPOINT]``
+    and ``key=value`` overrides (the CLI takes a bare ``--resume`` before an override as "the last
+    checkpoint" and accepts overrides on both sides of the options)."""
+    parser.add_argument("--config", help=f"YAML config (see {config})")
+    parser.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+                        help=f"continue from {checkpoint} (or the given checkpoint); model settings must match it")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
 
 
 def parse_overrides(overrides) -> dict:
@@ -604,17 +616,24 @@ class TrainingLoop(contextlib.AbstractContextManager):
     """
 
     def __init__(self, dist: DistInfo, metrics_path, *, step: int, max_steps: int, log_every: int, desc: str,
-                 tensorboard_dir=None):
+                 tensorboard_dir=None, config=None, validation: bool = False):
         self.dist, self.max_steps, self.log_every = dist, max_steps, log_every
         self.out_dir = Path(metrics_path).parent
         self._created = dist.is_main and not self.out_dir.exists()  # removed again if nothing gets trained
         self._ticks = 0
         self.metrics = MetricsWriter(metrics_path, tensorboard_dir=tensorboard_dir) if dist.is_main else None
-        if self.metrics is not None and step > 0:  # resumed: rows after the checkpoint are logged again
-            dropped = self.metrics.truncate_after(step)
-            if dropped:
-                logging.getLogger(__name__).info("%s: dropped %d row(s) logged after the checkpoint's step %d",
-                                                 self.metrics.path, dropped, step)
+        self.val_metrics = (MetricsWriter(self.out_dir / "val_metrics.csv", tensorboard_dir=None)
+                            if dist.is_main and validation else None)
+        for writer in (self.metrics, self.val_metrics):
+            if writer is not None and step > 0:  # resumed: rows after the checkpoint are logged again
+                dropped = writer.truncate_after(step)
+                if dropped:
+                    logging.getLogger(__name__).info("%s: dropped %d row(s) logged after the checkpoint's step %d",
+                                                     writer.path, dropped, step)
+        if config is not None and dist.is_main:  # the settings this run trains with, next to its outputs
+            from backend.io import write_text_atomic
+
+            write_text_atomic(self.out_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
         self.bar = progress(max_steps, initial=step, enabled=dist.is_main, desc=desc)
         self._stop = GracefulInterrupt()
 
@@ -626,8 +645,9 @@ class TrainingLoop(contextlib.AbstractContextManager):
         try:
             self._stop.__exit__(*exc)
             self.bar.close()
-            if self.metrics is not None:
-                self.metrics.close()
+            for writer in (self.metrics, self.val_metrics):
+                if writer is not None:
+                    writer.close()
             if exc[0] is not None and self._created and self._ticks == 0:
                 # e.g. no usable training case: the error is the whole story, leave no empty run folder
                 import shutil
@@ -657,6 +677,12 @@ class TrainingLoop(contextlib.AbstractContextManager):
             self.bar.set_postfix(**postfix)
         if self.metrics is not None:
             self.metrics.write(step, row)
+
+    def log_validation(self, step: int, row: dict) -> None:
+        """A validation result as a row of ``val_metrics.csv`` (rank 0; the loop was made with
+        ``validation=True``)."""
+        if self.val_metrics is not None:
+            self.val_metrics.write(step, row)
 
 
 class DrawSchedule:

@@ -15,7 +15,7 @@ crop covers the tumours of the chosen stage (tumours of the other stage stay vis
 
 Outputs in ``output_dir``: ``checkpoint_last.pt`` (our format, for ``--resume``), ``{organ}_{stage}.pt``
 (the released layout {step, model, ema, scaler}: usable wherever the released files are, by this
-package and by the authors' loader), ``metrics.csv``. Cross-organ use: ``data.organ`` only names the
+package and by the authors' loader), ``metrics.csv``, ``config.yaml`` (the settings of the latest run). Cross-organ use: ``data.organ`` only names the
 training data; the weights file can be loaded for any organ (paper section 4.2), e.g. copy
 ``liver_early.pt`` to ``pancreas_early.pt`` in a weights folder to synthesise pancreatic tumours with it.
 """
@@ -42,6 +42,7 @@ from backend.weights import WEIGHT_ORGANS
 from backend.train.common import (
     DrawSchedule,
     TrainingLoop,
+    add_config_arguments,
     check_output_dir,
     check_positive,
     check_resume,
@@ -356,7 +357,8 @@ def train(cfg: DiffusionTrainConfig, *, resume: str | None = None) -> dict:
 
     last: dict = {}
     with TrainingLoop(dist, out / "metrics.csv", step=step, max_steps=cfg.max_steps, log_every=cfg.log_every,
-                      desc=f"diffusion ({cfg.stage})", tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None) as loop:
+                      desc=f"diffusion ({cfg.stage})", tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None,
+                      config=cfg) as loop:
         while loop.running(step):
             total = 0.0
             for micro in range(cfg.optim.grad_accum):
@@ -396,11 +398,7 @@ def register(sub) -> None:
                                    "KiTS layouts). stage=early trains the T=4 model on tumours < 20 mm, stage=noearly "
                                    "the T=200 model on the others. Settings: --config YAML plus key=value overrides, "
                                    "e.g. data.source=/data/Task03_Liver/dataset.json autoencoder=AutoencoderModel.ckpt.")
-    p.add_argument("--config", help="YAML config (see backend/configs/diffusion.yaml)")
-    p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
-                   help="continue from OUTPUT_DIR/checkpoint_last.pt (or the given checkpoint); model settings must match it. Put "
-                        "--resume after the key=value overrides (or write --resume=CHECKPOINT)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
+    add_config_arguments(p, "backend/configs/diffusion.yaml", "OUTPUT_DIR/checkpoint_last.pt")
     p.set_defaults(func=_handler)
 
 

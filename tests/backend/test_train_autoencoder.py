@@ -42,6 +42,12 @@ def test_smoke_and_resume_matches_uninterrupted(data_dir, tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and float(rows[0]["d_total"]) == 0.0
     assert full["metrics"]["d_total"] > 0 and "val_psnr_hu" in full["metrics"]  # discriminator active from step 2
     assert list((tmp_path / "a" / "validation").glob("*.png"))
+    val_rows = list(csv.DictReader(open(tmp_path / "a" / "val_metrics.csv", encoding="utf-8")))
+    assert [r["step"] for r in val_rows] == ["4"] and float(val_rows[0]["val_psnr_hu"]) > 0
+    assert -1 <= float(val_rows[0]["val_ssim_hu"]) <= 1  # a 4-step model: SSIM near 0
+    # the settings the run trained with, loadable as a config again
+    again = load_config(AutoencoderTrainConfig, tmp_path / "a" / "config.yaml")
+    assert again == _cfg(data_dir, tmp_path / "a", "max_steps=4", "val_every=4")
     ck_a = load_checkpoint(tmp_path / "a" / "checkpoint_last.pt")
     assert ck_a["step"] == 4 and ck_a["stage"] == "autoencoder" and ck_a["version"]
     model = load_autoencoder(tmp_path / "a" / "checkpoint_last.pt")  # our checkpoints load as models too
@@ -56,6 +62,7 @@ def test_smoke_and_resume_matches_uninterrupted(data_dir, tmp_path):
             assert torch.equal(v, ck_b[part][k]), f"{part}.{k}"
     rows_b = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv", encoding="utf-8")))
     assert rows_b == rows  # same losses at every step, header written once
+    assert list(csv.DictReader(open(tmp_path / "b" / "val_metrics.csv", encoding="utf-8"))) == val_rows
 
 
 @pytest.mark.slow

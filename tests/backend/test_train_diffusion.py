@@ -120,6 +120,9 @@ def test_resume_equals_uninterrupted(tmp_path, msd, tiny_ae):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     assert _losses(full / "metrics.csv") == _losses(part / "metrics.csv")
+    # config.yaml holds the settings of the latest run (the resumed one: max_steps 12)
+    assert load_config(DiffusionTrainConfig, part / "config.yaml") == _cfg(part, msd, tiny_ae, "max_steps=12",
+                                                                           "checkpoint_every=100")
 
 
 def test_resume_uses_the_configured_lr(tmp_path, msd, tiny_ae):
