@@ -173,7 +173,7 @@ class TumourCropStore:
             return self._skip(item, " ".join(str(exc).split())[:200])
         tumour = np.isin(lab, dc.tumor_labels)
         if not tumour.any():
-            return self._skip(item, f"{case.label}: no tumour (labels {list(dc.tumor_labels)})")
+            return self._skip(item, f"{case.label}: no tumour (labels {list(dc.tumor_labels)})", expected=True)
         comps_lab, comps = tumour_components(tumour, dc.spacing)
         keep = []
         for c in comps:
@@ -187,15 +187,20 @@ class TumourCropStore:
                 continue
             keep.append(c["id"])
         if not keep:
-            return self._skip(item, f"{case.label}: no {self.cfg.stage} tumour")
+            return self._skip(item, f"{case.label}: no {self.cfg.stage} tumour", expected=True)
         stage_label = np.isin(lab, dc.organ_labels).astype(np.uint8) | tumour.astype(np.uint8)  # organ incl. tumours
         stage_label[np.isin(comps_lab, keep)] = 2
         unit = (np.clip(ct.array.astype(np.float32), dc.hu_min, dc.hu_max) - dc.hu_min) / (dc.hu_max - dc.hu_min) * 2 - 1
         return self.pad({"image": torch.from_numpy(unit)[None], "label": torch.from_numpy(stage_label)[None]})
 
-    def _skip(self, item: int, reason: str) -> None:
+    def _skip(self, item: int, reason: str, *, expected: bool = False) -> None:
+        """Leave case ``item`` out. A case without a tumour of this stage is ``expected`` (each stage trains on
+        part of a dataset): logged at debug level and counted; an unreadable case is a warning."""
         self.skipped[item] = reason
-        log.warning("skipping case (%d skipped so far): %s", len(self.skipped), reason)
+        if expected:
+            log.debug("skipping case (%d skipped so far): %s", len(self.skipped), reason)
+        else:
+            log.warning("skipping case (%d skipped so far): %s", len(self.skipped), reason)
         return None
 
     def crop(self, item: int, draw_id: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -405,7 +410,8 @@ def register(sub) -> None:
 def _handler(args) -> int:
     cfg = load_config(DiffusionTrainConfig, args.config, args.overrides)
     summary = train(cfg, resume=args.resume)
-    log.info("stopped at step %d (loss %.4f); weights %s; %d case(s) skipped, %d tumour(s) larger than the crop",
+    log.info("stopped at step %d (loss %.4f); weights %s; %d case(s) skipped (no tumour of this stage, or unreadable;"
+             " -v lists them), %d tumour(s) larger than the crop",
              summary["step"], summary["metrics"].get("loss", float("nan")), summary["weights"], summary["skipped"],
              summary["too_large"])
     return 130 if summary["interrupted"] else 0
