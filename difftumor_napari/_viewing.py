@@ -15,6 +15,8 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, PushButton
 
 from difftumor_napari._dock import ScrollableContainer
@@ -118,8 +120,13 @@ class ThreeViews:
     Each extra view is a napari ``ViewerModel`` with its own ``QtViewer`` canvas holding light copies
     of the main viewer's image and labels layers (same arrays, no data copy) whose contrast,
     colormap, visibility, opacity and data follow the originals. Moving the slider in any view moves
-    the others; a click in a view moves the cursor (and so the other views' slices) there.
+    the others; a click (without drag) in any of the three views moves the cursor (and so the other
+    views' slices) there. Each extra view draws a crosshair through the cursor: its horizontal line is
+    the axial slice, its vertical line the slice of the other extra view.
     """
+
+    CROSSHAIR = "cursor"  # name of the crosshair layer in the extra views (not a copy of a main layer)
+    CROSSHAIR_COLOR = (0.35, 0.8, 1.0, 0.7)  # light blue: no organ or tumour colour
 
     # name -> dims order; the last two axes are displayed (vertical, horizontal)
     VIEWS = {"coronal": (1, 0, 2), "sagittal": (2, 0, 1)}
@@ -149,6 +156,8 @@ class ThreeViews:
         self._links: list[tuple[object, object]] = []
         self._syncing = False
         viewer.dims.events.current_step.connect(self._on_main_step)
+        viewer.dims.events.point.connect(self._update_crosshairs)
+        viewer.mouse_drag_callbacks.append(self._click_to_cursor)
         for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed,
                         viewer.layers.events.reordered):
             emitter.connect(self.rebuild)
@@ -172,11 +181,38 @@ class ThreeViews:
                 model.layers.append(copy)
                 self._link(src, copy)
             if sources:
+                # on the first layer's voxel grid: a shape is drawn only on the slice its (rounded) vertex
+                # coordinates fall in, and the cursor sits on voxel centres of that grid
+                model.add_shapes(name=self.CROSSHAIR, ndim=3, scale=sources[0].scale, translate=sources[0].translate,
+                                 edge_color=[self.CROSSHAIR_COLOR], face_color="transparent", opacity=1.0,
+                                 blending="translucent_no_depth")  # drawn over the labels
                 model.dims.order = self.VIEWS[name]
                 name_slider_axes(model)
                 model.camera.orientation2d = ("up", "right")  # superior at the top
                 model.reset_view()
         self._on_main_step()
+        self._update_crosshairs()
+
+    def _update_crosshairs(self, event=None) -> None:
+        """Redraw each extra view's crosshair through the main viewer's cursor, spanning the images."""
+        extent = self.viewer.layers.extent.world  # (2, ndim) world min / max of the main layers
+        point = np.asarray(self.viewer.dims.point, float)
+        for model in self.models.values():
+            if self.CROSSHAIR not in model.layers or point.size != 3 or not np.all(np.isfinite(extent)):
+                continue
+            rows, cols = model.dims.displayed  # vertical, horizontal axes of this view
+            layer = model.layers[self.CROSSHAIR]
+            lines = []
+            for axis in (cols, rows):  # a line along `axis` through the cursor
+                a, b = point.copy(), point.copy()
+                a[axis], b[axis] = extent[0, axis], extent[1, axis]
+                lines.append(np.stack([layer.world_to_data(a), layer.world_to_data(b)]))
+            # about 0.4 % of the view's larger side, in the layer's data units (voxels) across each line
+            side = 0.004 * float(max(extent[1, rows] - extent[0, rows], extent[1, cols] - extent[0, cols]))
+            layer.data = lines
+            layer.shape_type = ["line", "line"]
+            layer.edge_width = [side / float(layer.scale[rows]), side / float(layer.scale[cols])]
+            layer.edge_color = [self.CROSSHAIR_COLOR] * 2
 
     def _link(self, src, copy) -> None:
         names = ["visible", "opacity", "data"]
@@ -223,13 +259,14 @@ class ThreeViews:
         self._on_main_step()
 
     def _click_to_cursor(self, model, event):
-        """A click without drag moves the shared cursor to the clicked point."""
+        """A click without drag (in the main view or an extra one) moves the shared cursor to the
+        clicked point."""
         moved = False
         yield
         while event.type == "mouse_move":
             moved = True
             yield
-        if not moved and event.button == 1:
+        if not moved and event.button == 1 and model.dims.ndisplay == 2:
             axes = tuple(model.dims.displayed)
             self.viewer.dims.set_point(axes, tuple(event.position[a] for a in axes))
 
@@ -238,6 +275,9 @@ class ThreeViews:
                         self.viewer.layers.events.reordered):
             emitter.disconnect(self.rebuild)
         self.viewer.dims.events.current_step.disconnect(self._on_main_step)
+        self.viewer.dims.events.point.disconnect(self._update_crosshairs)
+        if self._click_to_cursor in self.viewer.mouse_drag_callbacks:
+            self.viewer.mouse_drag_callbacks.remove(self._click_to_cursor)
         for source_emitter, callback in self._links:
             source_emitter.disconnect(callback)
         self._links = []

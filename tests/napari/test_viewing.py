@@ -127,7 +127,7 @@ def test_three_views_linked_to_the_main_cursor(ct_viewer, widget):
     assert widget.toggle_three_views() is True
     views = widget._three_views
     cor, sag = views.models["coronal"], views.models["sagittal"]
-    assert [ly.name for ly in cor.layers] == ["ct", "labels"]
+    assert [ly.name for ly in cor.layers] == ["ct", "labels", "cursor"]
     assert tuple(cor.dims.displayed) == (0, 2) and tuple(sag.dims.displayed) == (0, 1)
     assert cor.camera.orientation2d == ("up", "right") and sag.camera.orientation2d == ("up", "right")
     # each view says which way the patient lies (z up = superior; x grows to the patient's left, y posterior)
@@ -142,10 +142,43 @@ def test_three_views_linked_to_the_main_cursor(ct_viewer, widget):
     # and a slider move in a view moves the main viewer (axial slice)
     cor.dims.set_point(0, 100.0 + 3.0 * 4)
     assert ct_viewer.dims.point[0] == pytest.approx(112.0)
+    # the crosshair of each view crosses at the cursor: the coronal view's lines are the axial slice (z) and
+    # the sagittal slice (x); the sagittal view's the axial slice and the coronal slice (y)
+    z, y, x = ct_viewer.dims.point
+    for model, (rows, cols) in ((cor, (0, 2)), (sag, (0, 1))):
+        cursor = model.layers["cursor"]
+        assert list(cursor._data_view._displayed) == [True, True]  # on the slice shown, so drawn
+        along_cols, along_rows = (np.array([cursor.data_to_world(v) for v in line]) for line in cursor.data)
+        assert np.allclose(along_cols[:, rows], ct_viewer.dims.point[rows])  # horizontal line
+        assert np.allclose(along_rows[:, cols], ct_viewer.dims.point[cols])  # vertical line
+        lo, hi = ct_viewer.layers.extent.world
+        assert sorted(along_cols[:, cols]) == pytest.approx([lo[cols], hi[cols]])
+    # a click in the main (axial) view moves the cursor there, and the coronal view's lines follow
+    click_at(ct_viewer, (z, -30.0 - 1.5 * 3, -20.0 - 1.5 * 15))
+    assert ct_viewer.dims.point[1] == pytest.approx(-34.5) and ct_viewer.dims.point[2] == pytest.approx(-42.5)
+    assert cor.dims.point[1] == pytest.approx(-34.5)
+    assert np.allclose([cor.layers["cursor"].data_to_world(v)[2] for v in cor.layers["cursor"].data[1]], -42.5)
+    assert list(cor.layers["cursor"]._data_view._displayed) == [True, True]
     # contrast follows the original layer
     widget.apply_preset("liver")
     assert tuple(cor.layers["ct"].contrast_limits) == (-45, 105)
     assert widget.toggle_three_views() is False
+
+
+def click_at(viewer, world_point):
+    """Simulate a click without drag at ``world_point`` through the viewer's mouse callbacks."""
+    from napari.utils.interactions import mouse_press_callbacks, mouse_release_callbacks
+
+    class Event:
+        type, button, buttons, modifiers, handled = "mouse_press", 1, [1], [], False
+        position, view_direction, dims_displayed = tuple(world_point), None, list(viewer.dims.displayed)
+        pos = (0, 0)
+
+    press = Event()
+    mouse_press_callbacks(viewer, press)
+    release = Event()
+    release.type = "mouse_release"
+    mouse_release_callbacks(viewer, release)
 
 
 def test_opening_three_views_refits_the_axial_view(make_napari_viewer, qtbot):
@@ -179,3 +212,29 @@ def test_any_difftumor_widget_keeps_the_view_radiological(make_napari_viewer, qt
     n = len(viewer.dims.events.order.callbacks)
     viewer.window.add_plugin_dock_widget("difftumor", "Synthesis")
     assert len(viewer.dims.events.order.callbacks) == n
+
+
+def test_crosshair_is_drawn_over_the_labels(make_napari_viewer, qtbot, totalseg_ct, totalseg_seg):
+    """Rendered, on the real CT with its organ labels: the crosshair's pixels appear in both extra views where
+    the cursor is (a crosshair drawn with depth testing was hidden behind the labels layer)."""
+    from difftumor_napari._reader import read_layer_data
+    from difftumor_napari._viewing import ThreeViews
+
+    viewer = make_napari_viewer(show=True)
+    for path, kind in ((totalseg_ct, "ct"), (totalseg_seg, "labels")):
+        data, kw, layer_type = read_layer_data(path, kind=kind)
+        getattr(viewer, f"add_{layer_type}")(data, **kw)
+    views = ThreeViews(viewer)
+    qtbot.addWidget(views.widget)
+    views.widget.resize(900, 320)
+    views.widget.show()
+    qtbot.wait(200)
+    colour = np.array(ThreeViews.CROSSHAIR_COLOR[:3]) * 255
+    for i, name in enumerate(views.models):
+        shot = views.widget.widget(i).screenshot(flash=False)[..., :3].astype(float)
+        close = np.abs(shot - colour).max(axis=-1) < 60  # blended at 70 % over grey/labels
+        rows, cols = np.nonzero(close)
+        assert close.sum() > 200, name
+        # one horizontal and one vertical line: some row and some column hold many crosshair pixels
+        assert np.bincount(rows).max() > 100 and np.bincount(cols).max() > 40, name
+    views.close()
