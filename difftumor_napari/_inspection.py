@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     import napari
 
 PREFIX = "inspect: "
+OUTLINE = " · tumour outline"  # suffix of the outline layer drawn over each side-by-side cell
 CAPTIONS = {  # what each side-by-side cell shows
-    "tumour mask": "tumour mask",
+    "original CT": "original CT",
     "masked CT": "masked CT (what the model is conditioned on)",
     "autoencoder reconstruction": "autoencoder reconstruction (encode + decode, no diffusion)",
     "raw decoded sample": "raw decoded sample (before blending)",
@@ -71,6 +72,7 @@ class InspectionWidget(ScrollableContainer):
         self.flags: dict[str, str] = {}
         self._comps: np.ndarray | None = None
         self._hidden: list = []
+        self._stride = 1  # napari grid stride to restore after the side-by-side view
 
         self.result_layer = ComboBox(label="Synthetic CT", choices=self._result_choices, nullable=True)
         self.tumor_layer = ComboBox(label="Tumour mask", choices=self._tumor_choices, nullable=True)
@@ -228,13 +230,16 @@ class InspectionWidget(ScrollableContainer):
 
     # -- intermediates ------------------------------------------------------------------------------
     def intermediate_volumes(self) -> tuple[dict[str, np.ndarray], str]:
-        """name -> volume on the CT grid, and a sentence about what is missing."""
+        """name -> volume on the CT grid (the images of the side-by-side cells, each shown with the tumour's
+        outline), and a sentence about what is missing."""
         result, mask = self._selected()
         info = result.metadata.get("difftumor", {})
         method = info.get("provenance", {}).get("method", "unknown")
         inter = dict(info.get("intermediates") or {})
-        vols: dict[str, np.ndarray] = {"tumour mask": mask.astype(np.uint8)}
+        vols: dict[str, np.ndarray] = {}
         original = self.original_layer.value
+        if original is not None and original.data.shape == mask.shape:
+            vols["original CT"] = np.asarray(original.data)
         if "masked" in inter:  # what the encoder saw (windowed crop, tumour at 37.5 HU)
             vols["masked CT"] = np.asarray(inter["masked"])
         elif original is not None and original.data.shape == mask.shape:
@@ -253,7 +258,12 @@ class InspectionWidget(ScrollableContainer):
         return vols, note
 
     def toggle_side_by_side(self) -> bool:
-        """Show the intermediates in napari's grid (one cell each); a second click restores the view."""
+        """Show the intermediates in napari's grid, one cell each with the tumour's outline drawn over it;
+        a second click restores the view."""
+        from napari.layers import Image, Labels
+
+        from difftumor_napari._placement import tumor_colormap
+
         if self._viewer.grid.enabled and any(ly.name.startswith(PREFIX) for ly in self._viewer.layers):
             for ly in [ly for ly in self._viewer.layers if ly.name.startswith(PREFIX)]:
                 self._viewer.layers.remove(ly)
@@ -261,10 +271,12 @@ class InspectionWidget(ScrollableContainer):
                 if ly in self._viewer.layers:
                     ly.visible = True
             self._hidden = []
+            self._viewer.grid.stride = self._stride
             self._viewer.grid.enabled = False
             return False
         try:
             vols, note = self.intermediate_volumes()
+            _, mask = self._selected()
         except Exception as exc:  # noqa: BLE001
             notify_error(exc, "Inspection")
             return False
@@ -272,17 +284,22 @@ class InspectionWidget(ScrollableContainer):
         self._hidden = [ly for ly in self._viewer.layers if ly.visible]
         for ly in self._hidden:
             ly.visible = False
-        for name, vol in vols.items():
-            kw = dict(name=PREFIX + name, scale=result.scale, translate=result.translate,
-                      metadata={"difftumor": {"kind": "intermediate"}})
-            if name == "tumour mask":
-                self._viewer.add_labels(vol, **kw)
-            else:
-                self._viewer.add_image(vol, contrast_limits=result.contrast_limits, colormap="gray",
-                                       interpolation2d=result.interpolation2d, **kw)  # drawn like the result
+        outline = mask.astype(np.uint8)
+        # image + outline pairs at the front of the layer list: with stride 2, napari's grid puts layers
+        # 2k and 2k + 1 in cell k (the outline drawn over its image); the hidden layers take no cell
+        for k, (name, vol) in enumerate(vols.items()):
+            kw = dict(scale=result.scale, translate=result.translate, metadata={"difftumor": {"kind": "intermediate"}})
+            image = Image(vol, name=PREFIX + name, contrast_limits=result.contrast_limits, colormap="gray",
+                          interpolation2d=result.interpolation2d, **kw)  # drawn like the result
+            edge = Labels(outline, name=PREFIX + name + OUTLINE, colormap=tumor_colormap(), opacity=0.9, **kw)
+            edge.contour = 1
+            self._viewer.layers.insert(2 * k, image)
+            self._viewer.layers.insert(2 * k + 1, edge)
+        self._stride = self._viewer.grid.stride
+        self._viewer.grid.stride = 2
         self._viewer.grid.enabled = True
         self.intermediates_text.value = f"{self.grid_captions()}\n{note}".strip()
-        self._centre_on(vols["tumour mask"] > 0, result)
+        self._centre_on(mask, result)
         self._viewer.reset_view()
         return True
 
@@ -298,13 +315,15 @@ class InspectionWidget(ScrollableContainer):
 
         cells = []
         for k, ly in enumerate(layers):
-            if ly.name.startswith(PREFIX):
+            if ly.name.startswith(PREFIX) and not ly.name.endswith(OUTLINE):
                 r, c = self._viewer.grid.position(k, layers)
                 if r >= 0:
                     where = " ".join(w for w in (name(r, rows, ROW_NAMES, "row"), name(c, cols, COL_NAMES, "column"))
                                      if w) or "the view"
                     cells.append((r, c, f"{where}: {CAPTIONS.get(ly.name[len(PREFIX):], ly.name[len(PREFIX):])}"))
-        return "Grid — " + "; ".join(text for _, _, text in sorted(cells)) if cells else ""
+        if not cells:
+            return ""
+        return "Grid — " + "; ".join(text for _, _, text in sorted(cells)) + " (tumour outlined in yellow in each)"
 
     # -- review -----------------------------------------------------------------------------------
     def save_review(self) -> Path | None:

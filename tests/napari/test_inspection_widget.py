@@ -50,7 +50,7 @@ def synthesized(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, t
 
 
 def test_measure_flags_and_side_by_side(synthesized, qtbot, errors):
-    from difftumor_napari._inspection import PREFIX, InspectionWidget
+    from difftumor_napari._inspection import OUTLINE, PREFIX, InspectionWidget
 
     viewer = synthesized
     w = InspectionWidget(viewer)
@@ -68,24 +68,33 @@ def test_measure_flags_and_side_by_side(synthesized, qtbot, errors):
     # flags tick the reviewer boxes (and only those)
     assert {c for c, b in w.checks.items() if b.value} == set(w.flags)
     assert ("Automatic flags: none" in w.flag_text.value) == (not w.flags)
-    # side by side: mask, masked CT, blended result; the AE layers need the diffusion method
+    # side by side: original CT, masked CT, blended result, each with the tumour outlined; the AE layers need
+    # the diffusion method
     assert w.toggle_side_by_side()
     names = [ly.name for ly in viewer.layers if ly.name.startswith(PREFIX)]
-    assert names == [PREFIX + n for n in ("tumour mask", "masked CT", "blended result")]
+    cells = ("original CT", "masked CT", "blended result")
+    assert names == [PREFIX + n + suffix for n in cells for suffix in ("", OUTLINE)]
     assert viewer.grid.enabled and "only for the diffusion method" in w.intermediates_text.value
     captions = w.intermediates_text.value.splitlines()[0]  # which cell is which (napari draws no titles)
     assert captions.startswith("Grid — ") and captions.count(": ") == 3
     assert "masked CT (what the model is conditioned on)" in captions and "blended result (the synthetic CT)" in captions
     layers = list(viewer.layers)
-    masked = next(k for k, ly in enumerate(layers) if ly.name == "inspect: masked CT")
-    r, c = viewer.grid.position(masked, layers)
-    where = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}[(r, c)]
+    cell = {}
+    for name in cells:  # each image shares its cell with its outline, and has a cell of its own
+        k = next(i for i, ly in enumerate(layers) if ly.name == PREFIX + name)
+        cell[name] = viewer.grid.position(k, layers)
+        assert viewer.grid.position(k + 1, layers) == cell[name] and layers[k + 1].name == PREFIX + name + OUTLINE
+    assert len(set(cell.values())) == 3 and viewer.grid.actual_shape(layers) == (2, 2)
+    where = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}[cell["masked CT"]]
     assert f"{where}: masked CT" in captions
     masked = viewer.layers[PREFIX + "masked CT"].data
-    assert np.all(masked[viewer.layers[PREFIX + "tumour mask"].data > 0] == np.float32(37.5))
+    outline = viewer.layers[PREFIX + "masked CT" + OUTLINE]
+    assert outline.contour == 1 and outline.data.any()
+    assert np.all(masked[outline.data > 0] == np.float32(37.5))
+    assert np.array_equal(viewer.layers[PREFIX + "original CT"].data, viewer.layers["example_ct_sm"].data)
     assert not w.toggle_side_by_side()
     assert not viewer.grid.enabled and not any(ly.name.startswith(PREFIX) for ly in viewer.layers)
-    assert viewer.layers["CT + synthetic tumor"].visible
+    assert viewer.grid.stride == 1 and viewer.layers["CT + synthetic tumor"].visible
 
 
 def test_review_log_grows_across_sessions(synthesized, qtbot, tmp_path, errors):
@@ -130,7 +139,7 @@ def test_diffusion_run_shows_reconstruction_and_decoded(make_napari_viewer, qtbo
     import torch
     from scipy import ndimage
 
-    from difftumor_napari._inspection import PREFIX, InspectionWidget
+    from difftumor_napari._inspection import OUTLINE, PREFIX, InspectionWidget
     from difftumor_napari._synthesis import RESULT_CT
 
     torch.set_num_threads(2)
@@ -147,8 +156,8 @@ def test_diffusion_run_shows_reconstruction_and_decoded(make_napari_viewer, qtbo
     qtbot.addWidget(w.native)
     assert w.result_layer.value.name == RESULT_CT
     assert w.toggle_side_by_side()
-    names = [ly.name for ly in viewer.layers if ly.name.startswith(PREFIX)]
-    assert names == [PREFIX + n for n in ("tumour mask", "masked CT", "autoencoder reconstruction",
+    names = [ly.name for ly in viewer.layers if ly.name.startswith(PREFIX) and not ly.name.endswith(OUTLINE)]
+    assert names == [PREFIX + n for n in ("original CT", "masked CT", "autoencoder reconstruction",
                                           "raw decoded sample", "blended result")]
     assert errors == [] and "Grid — " in w.intermediates_text.value  # captions only: nothing is missing
     assert "only for the diffusion method" not in w.intermediates_text.value
@@ -158,7 +167,7 @@ def test_diffusion_run_shows_reconstruction_and_decoded(make_napari_viewer, qtbo
         layer = viewer.layers[PREFIX + n]
         assert layer.data.shape == ct.data.shape and layer.scale == pytest.approx(ct.scale)
         assert not np.array_equal(layer.data, np.asarray(ct.data, np.float32))  # the crop was replaced
-    mask = viewer.layers[PREFIX + "tumour mask"].data > 0
+    mask = viewer.layers[PREFIX + "masked CT" + OUTLINE].data > 0
     core = ndimage.binary_erosion(mask) if ndimage.binary_erosion(mask).any() else mask
     np.testing.assert_allclose(viewer.layers[PREFIX + "masked CT"].data[core], 37.5, atol=0.05)
 
