@@ -14,9 +14,10 @@ A dataset::
 
     difftumor synthesize --ct cts/ --organs labels/ --organ liver --n 3 --out aug/ [--shard 0/4]
 
-pairs ``cts/<case>.<ext>`` with ``labels/<case>.<ext>`` (or an AbdomenAtlas case folder
-``labels/<case>/``), writes ``aug/<case>_s<k>/`` for k < n and takes every n-th case for
-``--shard i/n`` (under ``torchrun``: RANK / WORLD_SIZE). The settings that define the outputs are
+pairs ``cts/<case>.<ext>`` (or a case folder ``cts/<case>/ct.<ext>``) with ``labels/<case>.<ext>`` (or an
+AbdomenAtlas case folder ``labels/<case>/``), writes ``aug/<case>_s<k>/`` for k < n and takes every n-th case
+for ``--shard i/n`` (under ``torchrun``: RANK / WORLD_SIZE, GPU LOCAL_RANK). Each output is assembled in a
+hidden staging folder and renamed into place, so a killed run leaves no half-written output. The settings that define the outputs are
 recorded in ``aug/difftumor_synthesize.json`` (:data:`RUN_FILE`) and in each provenance; a re-run with
 the same settings resumes (an output counts as done when all its files exist and its provenance has
 these settings), a run with other settings is refused unless ``--overwrite`` is given.
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "difftumor_synthesize.json"  # dataset mode: the settings the folder's outputs were made with
 OUTPUT_FILES = ("ct.nii.gz", "label.nii.gz", "provenance.json")  # provenance last: it marks a finished output
+STAGING = ".difftumor-partial"  # an output being written (see write_outputs); a killed run leaves only this
 MAX_SEED = 2**32 - 1
 DEFAULT_DDIM_STEPS = 50
 # options that only the diffusion method reads (defaults None/False, so "given" can be told apart)
@@ -63,7 +65,8 @@ def register(sub) -> None:
         description="Insert realistic synthetic tumours (latent diffusion as released, or model-based) into CTs "
         "in their own geometry. Writes ct.nii.gz, label.nii.gz and provenance.json.",
     )
-    p.add_argument("--ct", required=True, help="CT file or DICOM folder; a folder of CT files for dataset mode")
+    p.add_argument("--ct", required=True, help="CT file or DICOM folder; dataset mode: a folder of CT files, or of "
+                   "case folders holding ct.nii.gz (AbdomenAtlas, TotalSegmentator)")
     p.add_argument("--organs", required=True, help="organ label file (TotalSegmentator/AbdomenAtlas/MSD) or folder")
     p.add_argument("--organ", required=True, help="liver, pancreas, kidney, kidney_left, kidney_right or spleen")
     p.add_argument("--organ-label", type=int, default=None, help="label id of the organ in --organs (overrides the convention)")
@@ -97,7 +100,8 @@ def register(sub) -> None:
                         "crop) and decoded.nii.gz (raw decoded sample), float32 HU on the CT grid (one extra decode)")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     p.add_argument("--n", type=int, default=None, help="dataset mode: synthetic versions per CT (default 1)")
-    p.add_argument("--shard", default=None, help="dataset mode: i/n = process every n-th case starting at i")
+    p.add_argument("--shard", default=None, help="dataset mode: i/n = process every n-th case starting at i "
+                   "(default under torchrun: RANK/WORLD_SIZE; put '--' before 'difftumor' so torchrun leaves --n alone)")
     p.add_argument("--out", required=True, help="output folder (refused when it is not empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out: replace the results there (dataset mode: redo outputs made "
@@ -212,10 +216,12 @@ def check_out_writable(out: Path) -> None:
         raise DiffTumorError(f"--out {out}: cannot write here{where}: {why}")
 
 
-def _os_error(out: Path, exc: OSError):
+def _os_error(out: Path, exc: OSError, *, stage: Path | None = None, out_dir: Path | None = None):
     from backend.errors import DiffTumorError
 
-    where = exc.filename if getattr(exc, "filename", None) else out
+    where = str(exc.filename) if getattr(exc, "filename", None) else str(out)
+    if stage is not None and where.startswith(str(stage)):  # name the file as the user will see it
+        where = str(out_dir) + where[len(str(stage)):]
     return DiffTumorError(f"--out {out}: cannot write {where}: {exc.strerror or exc}")
 
 
@@ -344,27 +350,52 @@ def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, seed: int
     return prov
 
 
+def _staging(out_dir: Path) -> Path:
+    """Where an output is assembled before it is published: a hidden folder beside a new output folder
+    (renamed into place when complete, so the output appears whole or not at all), or inside an existing
+    one (files moved in, provenance last). A run killed meanwhile leaves only this folder, which the next
+    write of the same output removes."""
+    if out_dir.is_dir():
+        return out_dir / STAGING
+    return out_dir.parent / f".{out_dir.name}{STAGING}"
+
+
 def write_outputs(out_dir: Path, images: dict, prov: dict, *, out_flag_value: Path) -> None:
-    """Write the images, then provenance.json, each atomically; on any failure remove what this call
-    wrote (and the folders it made) and report an OSError as one line naming the path."""
+    """Write the images, then provenance.json, into a staging folder (:func:`_staging`) and publish them
+    in ``out_dir``; on any failure remove what this call wrote (and the folders it made) and report an
+    OSError as one line naming the path."""
+    import shutil
+
     from backend.io import write_image, write_text_atomic
     from backend.synthesis.engine import INTERMEDIATES
 
     made = [d for d in (out_dir, *out_dir.parents) if not d.exists()][::-1]
-    written: list[Path] = []
+    stage = _staging(out_dir)
+    published: list[Path] = []
     try:
-        for d in made:
+        for d in made[:-1] if out_dir in made else made:
             d.mkdir()
+        if stage.exists():  # left by a run that was killed while writing this output
+            shutil.rmtree(stage)
+        stage.mkdir()
         for name, data in images.items():
-            target = out_dir / name
             if isinstance(data, tuple):
-                write_image(data[0], data[1], target)
+                write_image(data[0], data[1], stage / name)
             else:
-                write_image(data, target)
-            written.append(target)
-        write_text_atomic(out_dir / "provenance.json", json.dumps(prov, indent=1, default=str))
+                write_image(data, stage / name)
+        write_text_atomic(stage / "provenance.json", json.dumps(prov, indent=1, default=str))
+        if stage.parent != out_dir:
+            os.rename(stage, out_dir)  # a new output folder appears complete
+        else:
+            # the old provenance goes first: an output without one is unfinished (redone on resume)
+            (out_dir / "provenance.json").unlink(missing_ok=True)
+            for name in (*images, "provenance.json"):
+                os.replace(stage / name, out_dir / name)
+                published.append(out_dir / name)
+            stage.rmdir()
     except BaseException as exc:
-        for p in written:
+        shutil.rmtree(stage, ignore_errors=True)
+        for p in published:
             try:
                 p.unlink(missing_ok=True)
             except OSError:  # pragma: no cover - the folder turned read-only under us
@@ -375,7 +406,7 @@ def write_outputs(out_dir: Path, images: dict, prov: dict, *, out_flag_value: Pa
             except OSError:  # pragma: no cover - someone else wrote there meanwhile
                 pass
         if isinstance(exc, OSError):
-            raise _os_error(out_flag_value, exc) from None
+            raise _os_error(out_flag_value, exc, stage=stage, out_dir=out_dir) from None
         raise
     for key in INTERMEDIATES:  # a replaced result's intermediates that this run did not make
         if f"{key}.nii.gz" not in images:
@@ -429,7 +460,7 @@ def check_single_out(out: Path, args) -> None:
 
     if not out.is_dir():
         return
-    present = sorted(p.name for p in out.iterdir())
+    present = sorted(p.name for p in out.iterdir() if p.name != STAGING)  # STAGING: a killed run's leftover
     if present and not args.overwrite:
         shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
         raise DiffTumorError(f"--out {out}: folder is not empty ({shown}); choose another --out, or pass --overwrite "
@@ -452,7 +483,10 @@ def start_dataset_run(out: Path, settings: dict, overwrite: bool) -> None:
     from backend.io import write_text_atomic
 
     run_file = out / RUN_FILE
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    # another shard starting at the same moment may have made the folder and be writing the run file
+    # (a hidden temporary until it is complete): that folder counts as empty
+    begun = out.is_dir() and any(not _run_file_temp(p.name) for p in out.iterdir())
+    if begun and not overwrite:
         try:
             old = json.loads(run_file.read_text(encoding="utf-8"))["settings"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -472,6 +506,11 @@ def start_dataset_run(out: Path, settings: dict, overwrite: bool) -> None:
         if made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise _os_error(out, exc) from None
+
+
+def _run_file_temp(name: str) -> bool:
+    """A temporary of :data:`RUN_FILE` while backend.io.write_text_atomic writes it."""
+    return name.startswith(f".{RUN_FILE}.") and name.endswith(".tmp")
 
 
 def output_done(dest: Path, settings: dict) -> bool:
@@ -504,23 +543,53 @@ class _OncePerMessage(logging.Filter):
 # --------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------
+def case_ct_file(folder: Path) -> Path | None:
+    """``folder/ct.<ext>``: the CT of an AbdomenAtlas / TotalSegmentator case folder, or None."""
+    from backend.io import IMAGE_SUFFIXES
+
+    return next((folder / f"ct{sfx}" for sfx in IMAGE_SUFFIXES if (folder / f"ct{sfx}").is_file()), None)
+
+
+def _visible(folder: Path) -> list[Path]:
+    """Entries of ``folder`` sorted by name, without hidden ones (macOS '._' copies in the MSD archives,
+    staging folders)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def is_dataset_folder(folder: Path) -> bool:
+    """A folder of CT files, or of case folders each holding ``ct.<ext>`` (any other folder is one DICOM CT)."""
+    from backend.io import image_suffix
+
+    return folder.is_dir() and any((p.is_file() and image_suffix(p)) or (p.is_dir() and case_ct_file(p))
+                                   for p in _visible(folder))
+
+
 def dataset_cases(ct_dir: Path, organs_dir: Path) -> list[tuple[str, Path, Path]]:
+    """(case, CT, labels) for every CT in ``ct_dir``: ``<case>.<ext>`` files, or ``<case>/ct.<ext>`` case folders
+    (AbdomenAtlas, TotalSegmentator). Labels: ``organs_dir/<case>.<ext>`` or the case folder
+    ``organs_dir/<case>/`` (its ``segmentations/``); ``--organs`` may be the ``--ct`` folder itself."""
     from backend.errors import DiffTumorError
     from backend.io import image_suffix, strip_image_suffix
 
     if not organs_dir.is_dir():
         raise DiffTumorError(f"--organs {organs_dir}: with a CT folder, --organs must be a folder too")
+    labels = _visible(organs_dir)
     cases = []
-    for p in sorted(ct_dir.iterdir()):
-        if not image_suffix(p):
+    for p in _visible(ct_dir):
+        if p.is_file() and image_suffix(p):
+            case, ct = strip_image_suffix(p), p
+        elif p.is_dir() and case_ct_file(p):
+            case, ct = p.name, case_ct_file(p)
+        else:
             continue
-        case = strip_image_suffix(p)
-        match = [q for q in organs_dir.iterdir() if (image_suffix(q) and strip_image_suffix(q) == case) or (q.is_dir() and q.name == case)]
+        match = [q for q in labels if (q.is_file() and image_suffix(q) and strip_image_suffix(q) == case)
+                 or (q.is_dir() and q.name == case)]
         if not match:
             raise DiffTumorError(f"--organs {organs_dir}: no label file or case folder for {p.name}")
-        cases.append((case, p, match[0]))
+        cases.append((case, ct, match[0]))
     if not cases:
-        raise DiffTumorError(f"--ct {ct_dir}: no CT files found in this folder (accepted: {_accepted()})")
+        raise DiffTumorError(f"--ct {ct_dir}: no CT files found in this folder (accepted: {_accepted()}, or case "
+                             "folders holding ct.nii.gz)")
     return cases
 
 
@@ -530,15 +599,28 @@ def _accepted() -> str:
     return ", ".join(IMAGE_SUFFIXES)
 
 
+def rank_device(device: str, *, sharded_by_flag: bool) -> str:
+    """Under ``torchrun`` on a machine with several GPUs, rank r uses GPU ``LOCAL_RANK`` (modulo the GPUs
+    present) when ``--device`` is auto or cuda; otherwise ``device`` as given."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = os.environ.get("LOCAL_RANK")
+    if sharded_by_flag or world < 2 or local is None or str(device).lower() not in ("auto", "cuda"):
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(local) % torch.cuda.device_count()}"
+
+
 def handler(args) -> int:
     from backend.errors import DiffTumorError
-    from backend.io import image_suffix
 
     check_options(args)
     _check_inputs_exist(args)
     ct_path, out = Path(args.ct), Path(args.out)
-    # a folder holding image files is a dataset; any other folder is read as one DICOM series
-    dataset = ct_path.is_dir() and any(p.is_file() and image_suffix(p) for p in ct_path.iterdir())
+    # a folder holding image files or case folders is a dataset; any other folder is read as one DICOM series
+    dataset = is_dataset_folder(ct_path)
     if not dataset:
         dataset_flags = [f for f in ("n", "shard") if getattr(args, f) is not None]
         if ct_path.is_dir() and (dataset_flags or not any(files for _, _, files in os.walk(ct_path))):
@@ -554,7 +636,7 @@ def handler(args) -> int:
 
     from backend.synthesis.engine import SynthesisEngine
 
-    engine = SynthesisEngine(args.weights, device=args.device)
+    engine = SynthesisEngine(args.weights, device=rank_device(args.device, sharded_by_flag=args.shard is not None))
     settings = run_settings(args, engine)
     warned: set = set()
     if not dataset:
@@ -587,7 +669,8 @@ def _run_dataset(engine, args, ct_path: Path, out: Path, settings: dict, warned:
     failures = done = 0
     try:
         with logging_redirect_tqdm():
-            for ci, case, c, o, k in tqdm(todo, desc=f"synthesize shard {rank}/{world}", unit="case"):
+            desc = "synthesize" if world == 1 else f"synthesize shard {rank}/{world}"
+            for ci, case, c, o, k in tqdm(todo, desc=desc, unit="output", disable=not todo):
                 try:
                     prov = synthesize_case(engine, c, o, out / f"{case}_s{k}", args, args.seed + 1000 * ci + k, settings)
                     _warn_unused(args, prov, warned)
@@ -603,6 +686,9 @@ def _run_dataset(engine, args, ct_path: Path, out: Path, settings: dict, warned:
         raise
     finally:
         engine_log.removeFilter(once)
+    shard = "" if world == 1 else f" (shard {rank}/{world}: {len(jobs)} of {len(cases) * n})"
+    log.info("%d of %d outputs written to %s, %d already there, %d failed%s", done, len(jobs), out,
+             len(jobs) - len(todo), failures, shard)
     if failures:
         log.error("%d of %d outputs failed (see the messages above); rerun to retry them", failures, len(jobs))
         return 1

@@ -459,3 +459,88 @@ def test_msd_label_tumours_survive_and_tumours_are_counted(tmp_path, caplog):
     prov = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
     assert prov["mask"]["existing_tumour_voxels"] == int(real.sum())
     assert any(f"{prov['n_tumours']} tumour(s) by" in r.getMessage() for r in caplog.records)
+
+
+def test_dataset_killed_while_writing_leaves_no_visible_half_output_and_resume_cleans_up(tmp_path):
+    """SIGKILL in the middle of an output: only a hidden staging folder remains (no output folder with some of
+    its files, no temporary inside a finished one); the re-run removes it and completes every output."""
+    import signal
+    import subprocess
+    import sys
+
+    args = _dataset(tmp_path)
+    script = (
+        "import os, signal, sys\n"
+        "import backend.io\n"
+        "from backend.cli import main\n"
+        "real = backend.io.write_image\n"
+        "calls = []\n"
+        "def dying(data, path, *a, **k):\n"
+        "    calls.append(path)\n"
+        "    if len(calls) == 4:  # the second output's label: its ct is written, the label half-way\n"
+        "        open(path, 'wb').write(b'half')\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(data, path, *a, **k)\n"
+        "backend.io.write_image = dying\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    env.pop("DIFFTUMOR_WEIGHTS", None)
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode(errors="replace")
+    aug = tmp_path / "aug"
+    assert sorted(p.name for p in aug.iterdir() if not p.name.startswith(".")) == ["c0_s0", synth_cli.RUN_FILE]
+    assert sorted(p.name for p in (aug / "c0_s0").iterdir()) == sorted(synth_cli.OUTPUT_FILES)
+    assert main(args) == 0
+    assert sorted(p.name for p in aug.iterdir()) == ["c0_s0", "c0_s1", "c1_s0", "c1_s1", synth_cli.RUN_FILE]
+    for d in ("c0_s0", "c0_s1", "c1_s0", "c1_s1"):
+        assert sorted(p.name for p in (aug / d).iterdir()) == sorted(synth_cli.OUTPUT_FILES)
+        assert read_image(aug / d / "label.nii.gz").array.max() == 2
+
+
+def test_dataset_shard_starting_while_another_writes_the_run_file_is_not_refused(tmp_path):
+    """Two shards started together: one sees the folder the other just made, holding only the run file's
+    temporary; it must not take that for a foreign folder."""
+    args = _dataset(tmp_path)
+    aug = tmp_path / "aug"
+    aug.mkdir()
+    (aug / f".{synth_cli.RUN_FILE}.4242.0123abcd.tmp").write_text("{", encoding="utf-8")
+    assert main(args + ["--shard", "1/2"]) == 0
+    assert (aug / "c1_s1" / "provenance.json").is_file() and not (aug / "c0_s0").exists()
+
+
+def test_dataset_of_case_folders_abdomenatlas_layout(tmp_path):
+    """AbdomenAtlas / TotalSegmentator datasets: <case>/ct.nii.gz next to <case>/segmentations/<organ>.nii.gz,
+    with --ct and --organs the same folder; hidden files (macOS '._' copies) are not cases."""
+    root = tmp_path / "atlas"
+    for i in range(2):
+        ct, seg = _case(tmp_path / "flat", f"c{i}", seed=i)
+        (root / f"BDMAP_{i}" / "segmentations").mkdir(parents=True)
+        os.replace(ct, root / f"BDMAP_{i}" / "ct.nii.gz")
+        labels = read_image(seg)
+        write_image(Volume((labels.array == 5).astype(np.uint8), labels.geometry),
+                    root / f"BDMAP_{i}" / "segmentations" / "liver.nii.gz")
+    (root / "._BDMAP_0.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    out = tmp_path / "aug"
+    assert main(["synthesize", "--ct", str(root), "--organs", str(root), "--organ", "liver", "--size", "tiny",
+                 "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["BDMAP_0_s0", "BDMAP_1_s0", synth_cli.RUN_FILE]
+    prov = _prov(out / "BDMAP_1_s0")
+    assert prov["inputs"]["ct"] == str(root / "BDMAP_1" / "ct.nii.gz")
+    assert read_image(out / "BDMAP_1_s0" / "ct.nii.gz").geometry.matches(read_image(root / "BDMAP_1" / "ct.nii.gz").geometry)
+
+
+def test_torchrun_rank_uses_its_local_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert synth_cli.rank_device("auto", sharded_by_flag=False) == "cuda:1"
+    assert synth_cli.rank_device("cuda", sharded_by_flag=False) == "cuda:1"
+    assert synth_cli.rank_device("cpu", sharded_by_flag=False) == "cpu"
+    assert synth_cli.rank_device("cuda:0", sharded_by_flag=False) == "cuda:0"
+    assert synth_cli.rank_device("auto", sharded_by_flag=True) == "auto"  # --shard given: the user picks
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert synth_cli.rank_device("auto", sharded_by_flag=False) == "auto"
