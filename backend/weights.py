@@ -151,6 +151,10 @@ class WeightsFolder:
 
     def require(self, organ: str, stage: str) -> dict[str, Path]:
         """Paths for ``stage`` of ``organ`` or one clear sentence naming what is missing."""
+        if weight_organ(organ) not in WEIGHT_ORGANS:
+            raise DiffTumorError(
+                f"no diffusion model for {organ}: DiffTumor's weights exist for {', '.join(WEIGHT_ORGANS)}; use "
+                f"--method model-based, or another organ's model with --weights-organ (e.g. --weights-organ liver)")
         miss = self.missing(organ, stage)
         if miss:
             where = f"weights folder {self.root}" if self.root else (
@@ -289,31 +293,52 @@ def fetch_plan(*, organs=WEIGHT_ORGANS, base_url: str | None = None) -> list[dic
     return [dict(f, url=base + f["path"]) for f in m["files"] if f["name"] in want]
 
 
+def _range_total(content_range: str | None) -> int | None:
+    """The full size N from a ``Content-Range: bytes a-b/N`` or ``bytes */N`` header (None if absent/unknown)."""
+    try:
+        return int(str(content_range).rsplit("/", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
 def download(url: str, dest: Path, *, sha256: str | None = None, progress: bool = True, chunk: int = 1 << 20, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part`` with HTTP Range resume, then verify and rename.
 
     A partial ``.part`` left by an interrupted run is resumed when the server honours ``Range``
-    (status 206); otherwise the download restarts. A sha256 mismatch deletes the part file and
-    raises one clear line.
+    (status 206); otherwise the download restarts, as it does when the part is not a prefix-sized piece
+    of the file (larger than the file on the server). A connection that closes before the announced size
+    keeps the part file and raises one clear line (rerun to resume); nothing incomplete is renamed to
+    ``dest``. A sha256 mismatch deletes the part file and raises one clear line.
     """
+    import http.client
     import urllib.error
     import urllib.request
 
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "difftumor-weights"})
-    if have:
-        req.add_header("Range", f"bytes={have}-")
-    try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:  # already complete
-            resp = None
-        else:
+    resp = None
+    complete = False
+    for _attempt in range(2):  # a second try without Range when the part does not fit the file
+        req = urllib.request.Request(url, headers={"User-Agent": "difftumor-weights"})
+        if have:
+            req.add_header("Range", f"bytes={have}-")
+        try:
+            resp = urllib.request.urlopen(req, timeout=timeout)
+            break
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and have:  # nothing left past `have`: complete, or a part larger than the file
+                if _range_total(exc.headers.get("Content-Range")) == have:  # unknown size: start again, to be safe
+                    complete = True
+                    break
+                log.warning("%s: the partial download (%d bytes) does not fit the file on the server; starting again",
+                            part, have)
+                part.unlink()
+                have = 0
+                continue
             raise DiffTumorError(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise DiffTumorError(f"{url}: download failed ({getattr(exc, 'reason', exc)})") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise DiffTumorError(f"{url}: download failed ({getattr(exc, 'reason', exc)})") from exc
     if resp is not None:
         with resp:
             resumed = have and resp.status == 206
@@ -329,12 +354,18 @@ def download(url: str, dest: Path, *, sha256: str | None = None, progress: bool 
                 while True:
                     try:
                         b = resp.read(chunk)
-                    except OSError as exc:
+                    except (OSError, http.client.HTTPException) as exc:
                         raise DiffTumorError(f"{url}: connection lost after {f.tell()} bytes ({exc}); rerun to resume") from exc
                     if not b:
                         break
                     f.write(b)
                     bar.update(len(b))
+                got = f.tell()
+            if total is not None and got != total:
+                raise DiffTumorError(f"{url}: the server sent {got} of {total} bytes; the partial file {part} is kept, "
+                                     "rerun to resume")
+    elif not complete:  # pragma: no cover - the loop always breaks with a response or complete
+        raise DiffTumorError(f"{url}: download failed")
     if sha256:
         got = sha256_file(part)
         if got != sha256:
@@ -360,7 +391,11 @@ def fetch(dest=None, *, organs=WEIGHT_ORGANS, base_url: str | None = None, progr
             got.append(target)
             continue
         t0 = time.perf_counter()
-        download(f["url"], target, sha256=f.get("sha256"), progress=progress)
+        try:
+            download(f["url"], target, sha256=f.get("sha256"), progress=progress)
+        except KeyboardInterrupt:
+            log.warning("interrupted: %s.part keeps what was downloaded; rerun the same command to resume", target)
+            raise
         log.info("%s: downloaded in %.1f s", target, time.perf_counter() - t0)
         got.append(target)
     return got

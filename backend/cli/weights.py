@@ -22,7 +22,8 @@ def register(sub) -> None:
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=check_handler)
 
-    f = verbs.add_parser("fetch", help="download the released weights (resumable, sha256-verified)")
+    f = verbs.add_parser("fetch", help="download the released weights (resumable; checked against the manifest's "
+                         "sha256 where it lists one; run 'weights check' afterwards to load-test them)")
     f.add_argument("--dest", default=None, help="destination folder (default: the resolved weights folder)")
     f.add_argument("--organ", action="append", choices=["liver", "pancreas", "kidney"],
                    help="organ(s) to fetch (repeatable; default all three); the autoencoder is always fetched")
@@ -80,6 +81,6 @@ def fetch_handler(args) -> int:
 
     organs = tuple(args.organ) if args.organ else weights.WEIGHT_ORGANS
     got = weights.fetch(args.dest, organs=organs, base_url=args.base_url, force=args.force)
-    for p in got:
-        log.info("%s", p)
+    folder = got[0].parent if got else args.dest
+    log.info("%d file(s) in %s; check that they load with 'difftumor weights check %s'", len(got), folder, folder)
     return 0

@@ -24,7 +24,7 @@ from backend.diffusion.ddim import DDIMScheduler
 from backend.diffusion.ddpm import DDPMScheduler
 from backend.diffusion.schedule import SCHEDULE_BUFFER_NAMES, schedule_mismatch, timesteps_of
 from backend.diffusion.unet import Unet3D, Unet3DConfig
-from backend.errors import DiffTumorError
+from backend.errors import DiffTumorError, load_failure_cause
 
 UNET_PREFIX = "denoise_fn."
 VQGAN_PREFIX = "vqgan."
@@ -114,8 +114,7 @@ def load_diffusion(
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DiffTumorError(f"{path}: not a readable diffusion checkpoint ({first})") from None
+        raise DiffTumorError(f"{path}: not a readable diffusion checkpoint ({load_failure_cause(exc)})") from None
     which = "ema" if use_ema else "model"
     if not isinstance(blob, Mapping) or not isinstance(blob.get(which), Mapping):
         keys = ", ".join(map(str, blob.keys())) if isinstance(blob, Mapping) else type(blob).__name__

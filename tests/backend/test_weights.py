@@ -78,6 +78,7 @@ def test_check_loads_the_official_autoencoder(parity_dir, tmp_path):
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
     root: Path
     seen: list
+    short: bool = False  # announce the whole body but send only half of it, then close
 
     def log_message(self, *args):
         pass
@@ -92,6 +93,12 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         self.seen.append((self.path, rng))
         if rng:
             start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             body = data[start:]
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -100,7 +107,8 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(body[: len(body) // 2] if self.short else body)
+        self.close_connection = True
 
 
 @pytest.fixture
@@ -154,6 +162,63 @@ def test_fetch_bad_checksum_and_404(server, tmp_path):
     assert not target.exists() and not target.with_name(target.name + ".part").exists()
     with pytest.raises(DiffTumorError, match="HTTP 404"):
         weights.download(f"{base}/nothing.pt", tmp_path / "nothing.pt", progress=False)
+
+
+def test_fetch_never_installs_a_file_the_server_cut_short(server, tmp_path):
+    """The connection closes before the announced Content-Length: the part is kept (resumable), nothing is
+    installed under the real name, and a later complete download finishes it."""
+    base, files, seen = server
+    data = files["AutoencoderModel/AutoencoderModel.ckpt"]
+    target = tmp_path / "AutoencoderModel.ckpt"
+    url = f"{base}/AutoencoderModel/AutoencoderModel.ckpt"
+    _RangeHandler.short = True
+    try:
+        with pytest.raises(DiffTumorError, match=f"sent {len(data) // 2} of {len(data)} bytes.*rerun to resume"):
+            weights.download(url, target, progress=False)
+    finally:
+        _RangeHandler.short = False
+    assert not target.exists()
+    assert target.with_name(target.name + ".part").read_bytes() == data[: len(data) // 2]
+    weights.download(url, target, progress=False)
+    assert target.read_bytes() == data and seen[-1][1] == f"bytes={len(data) // 2}-"
+
+
+def test_fetch_restarts_when_the_part_is_larger_than_the_file(server, tmp_path, caplog):
+    """A stale part longer than the file on the server (HTTP 416) is not taken for a complete download."""
+    base, files, seen = server
+    data = files["AutoencoderModel/AutoencoderModel.ckpt"]
+    target = tmp_path / "AutoencoderModel.ckpt"
+    target.with_name(target.name + ".part").write_bytes(b"x" * (len(data) + 1000))
+    weights.download(f"{base}/AutoencoderModel/AutoencoderModel.ckpt", target, progress=False)
+    assert target.read_bytes() == data
+    assert "does not fit the file on the server" in caplog.text
+    # a part that is already the whole file is complete (416 with the same size)
+    part = target.with_name(target.name + ".part")
+    part.write_bytes(data)
+    target.unlink()
+    weights.download(f"{base}/AutoencoderModel/AutoencoderModel.ckpt", target, progress=False)
+    assert target.read_bytes() == data and seen[-1][1] == f"bytes={len(data)}-"
+
+
+def test_an_organ_without_released_weights_is_one_sentence(tmp_path):
+    (tmp_path / "AutoencoderModel.ckpt").write_bytes(b"x")
+    with pytest.raises(DiffTumorError, match=r"^no diffusion model for spleen: .* --method model-based"):
+        weights.WeightsFolder(tmp_path).require("spleen", "early")
+
+
+def test_check_names_a_truncated_diffusion_file_in_a_few_words(tmp_path, capsys):
+    import torch
+
+    from backend.cli import main
+
+    good = tmp_path / "good.pt"
+    torch.save({"ema": {"w": torch.zeros(1000)}}, good)
+    (tmp_path / "liver_early.pt").write_bytes(good.read_bytes()[:500])
+    good.unlink()
+    assert main(["weights", "check", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "liver_early.pt: not a readable diffusion checkpoint (truncated or damaged file)" in out
+    assert "miniz" not in out
 
 
 def test_manifest_lists_release_urls():
