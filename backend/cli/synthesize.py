@@ -94,7 +94,8 @@ def register(sub) -> None:
     p.add_argument("--weights", default=None, help="weights folder (default: $DIFFTUMOR_WEIGHTS or the user config)")
     p.add_argument("--seed", type=seed_arg, default=0,
                    help="random seed for tumour placement, shape and texture (default 0: identical runs give identical "
-                        "tumours; give another seed for other tumours). Dataset mode derives one seed per output from it")
+                        "tumours; give another seed for other tumours). Dataset mode derives one seed per output from "
+                        "it and the case's name (recorded in each provenance.json)")
     p.add_argument("--keep-intermediates", action="store_true",
                    help="diffusion: also write masked.nii.gz, reconstruction.nii.gz (autoencoder round trip of the "
                         "crop) and decoded.nii.gz (raw decoded sample), float32 HU on the CT grid (one extra decode)")
@@ -124,6 +125,17 @@ def _floats(text: str, n: int, name: str) -> list[float]:
     if len(vals) != n or not all(math.isfinite(v) for v in vals):
         raise DiffTumorError(f"{name} {text}: need {n} comma-separated numbers")
     return vals
+
+
+def output_seed(seed: int, case: str, k: int) -> int:
+    """Dataset mode: the seed of output ``k`` of ``case``, from ``--seed``, the case's name and k (numpy's
+    SeedSequence), so it does not change when other cases are added to or removed from the folder, and
+    distinct outputs never share a seed the way ``seed + 1000 * case index + k`` did for k >= 1000."""
+    import zlib
+
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, zlib.crc32(case.encode("utf-8")), k]).generate_state(1)[0])
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -672,7 +684,7 @@ def _run_dataset(engine, args, ct_path: Path, out: Path, settings: dict, warned:
             desc = "synthesize" if world == 1 else f"synthesize shard {rank}/{world}"
             for ci, case, c, o, k in tqdm(todo, desc=desc, unit="output", disable=not todo):
                 try:
-                    prov = synthesize_case(engine, c, o, out / f"{case}_s{k}", args, args.seed + 1000 * ci + k, settings)
+                    prov = synthesize_case(engine, c, o, out / f"{case}_s{k}", args, output_seed(args.seed, case, k), settings)
                     _warn_unused(args, prov, warned)
                 except DiffTumorError as exc:
                     failures += 1

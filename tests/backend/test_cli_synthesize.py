@@ -379,7 +379,8 @@ def test_dataset_refuses_to_resume_with_other_settings(tmp_path, capsys):
     assert len(err) == 1 and "made with --seed 0, but this run has --seed 99" in err[0] and "--overwrite" in err[0]
     assert (tmp_path / "aug" / "c0_s0" / "ct.nii.gz").read_bytes() == before
     assert main(args + ["--seed", "99", "--overwrite"]) == 0  # every output redone with the new settings
-    assert all(_prov(tmp_path / "aug" / f"c{i}_s{k}")["seed"] == 99 + 1000 * i + k for i in range(2) for k in range(2))
+    assert all(_prov(tmp_path / "aug" / f"c{i}_s{k}")["seed"] == synth_cli.output_seed(99, f"c{i}", k)
+               for i in range(2) for k in range(2))
     assert main(args + ["--seed", "99"]) == 0  # and the run file now holds them
 
 
@@ -544,3 +545,23 @@ def test_torchrun_rank_uses_its_local_gpu(monkeypatch):
     assert synth_cli.rank_device("auto", sharded_by_flag=True) == "auto"  # --shard given: the user picks
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert synth_cli.rank_device("auto", sharded_by_flag=False) == "auto"
+
+
+def test_dataset_seed_of_a_case_does_not_depend_on_the_other_cases(tmp_path):
+    """A case's tumours come from --seed, its name and k: the same whether or not other CTs share its folder
+    (they used to shift with the case's position in the folder)."""
+    args = _dataset(tmp_path)
+    assert main(args) == 0
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "c1.nii.gz").symlink_to(tmp_path / "cts" / "c1.nii.gz")
+    args_alone = list(args)
+    args_alone[args_alone.index("--ct") + 1] = str(alone)
+    args_alone[args_alone.index("--out") + 1] = str(tmp_path / "aug_alone")
+    assert main(args_alone) == 0
+    for k in (0, 1):
+        both, one = tmp_path / "aug" / f"c1_s{k}", tmp_path / "aug_alone" / f"c1_s{k}"
+        assert _prov(both)["seed"] == _prov(one)["seed"] == synth_cli.output_seed(0, "c1", k)
+        assert np.array_equal(read_image(both / "ct.nii.gz").array, read_image(one / "ct.nii.gz").array)
+    seeds = {_prov(tmp_path / "aug" / f"c{i}_s{k}")["seed"] for i in (0, 1) for k in (0, 1)}
+    assert len(seeds) == 4
