@@ -39,6 +39,10 @@ def main() -> None:
                              n_healthy=4, n_tumor=6, seed=0, box_mm=120.0)
     t_data = time.perf_counter() - t0
     run = args.out / "run"
+    if run.exists():  # a fresh run each time (training refuses to start over an earlier run's last.pt)
+        import shutil
+
+        shutil.rmtree(run)
     t0 = time.perf_counter()
     code = cli(["train", "segmentation", "--config", str(REPO / "backend/configs/segmentation_tiny_cpu.yaml"),
                 f"data.real={lists['real']}", f"data.healthy={lists['healthy']}", f"out_dir={run}",

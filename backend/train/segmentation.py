@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 
 from backend.errors import DiffTumorError
 from backend.segmentation.networks import NetworkConfig
@@ -94,6 +95,157 @@ class SegmentationConfig:
     device: str = "auto"
 
 
+# ------------------------------------------------------------------------------------- checks
+def check_config(cfg: SegmentationConfig) -> None:
+    """Refuse, in one line naming the key, a setting that would fail (or silently mislead) later: in the
+    middle of training, in a DataLoader worker, or at the first validation after hours of training."""
+    from backend.organs import parse_organ
+
+    def bad(key: str, value, why: str):
+        raise DiffTumorError(f"{key}={value}: {why}")
+
+    def probability(key: str, value):
+        if not 0.0 <= value <= 1.0:
+            bad(key, value, "must be a probability in [0, 1]")
+
+    def organ_name(key: str, value: str):
+        try:
+            parse_organ(value)
+        except DiffTumorError as exc:
+            raise DiffTumorError(f"{key}={value}: {exc}") from None
+
+    organ_name("organ", cfg.organ)
+    if len(cfg.roi_size) != 3 or any(int(s) < 1 for s in cfg.roi_size):
+        bad("roi_size", list(cfg.roi_size), "needs 3 positive crop sizes (x, y, z voxels at 1 mm), e.g. [96, 96, 96]")
+    try:  # the network's own checks (SwinUNETR: multiples of 32) with the crop size training will use
+        NetworkConfig(**{**cfg.network.__dict__, "roi_size": tuple(cfg.roi_size)})
+    except ValueError as exc:
+        raise DiffTumorError(f"network.name={cfg.network.name}: {exc}") from None
+    if len(cfg.hu_range) != 2 or not cfg.hu_range[0] < cfg.hu_range[1]:
+        bad("hu_range", list(cfg.hu_range), "needs [low, high] Hounsfield units with low < high, e.g. [-175, 250]")
+    if not cfg.lr > 0:
+        bad("lr", cfg.lr, "must be > 0")
+    for key in ("weight_decay", "grad_clip", "warmup_steps", "shift_intensity"):
+        if getattr(cfg, key) < 0:
+            bad(key, getattr(cfg, key), "must be 0 or more")
+    if not 0.0 <= cfg.val_overlap < 1.0:
+        bad("val_overlap", cfg.val_overlap, "sliding-window overlap must be in [0, 1)")
+    probability("rotate90_prob", cfg.rotate90_prob)
+    probability("shift_intensity_prob", cfg.shift_intensity_prob)
+    d = cfg.data
+    if len(d.pos_neg) != 2 or min(d.pos_neg) < 0 or max(d.pos_neg) <= 0:
+        bad("data.pos_neg", list(d.pos_neg), "needs [pos, neg] crop weights, >= 0 and not both 0, e.g. [1, 1]")
+    if d.folds < 1:
+        bad("data.folds", d.folds, "must be >= 1")
+    if d.split_file is None and not 0 <= d.fold < max(d.folds, 1):
+        bad("data.fold", d.fold, f"must be 0..{d.folds - 1} with data.folds={d.folds}")
+    if d.num_workers < 0:
+        bad("data.num_workers", d.num_workers, "must be 0 (load in the main process) or more")
+    probability("data.cache_rate", d.cache_rate)
+    if d.crop_tries < 1:
+        bad("data.crop_tries", d.crop_tries, "must be >= 1")
+    if d.foreground_radius is not None and not d.foreground_radius > 0:
+        bad("data.foreground_radius", d.foreground_radius, "must be > 0 mm (or null for the release's radius)")
+    if not d.organ_values:
+        bad("data.organ_values", list(d.organ_values), "needs at least one organ label value, e.g. [1]")
+    for key, values in (("data.organ_values", d.organ_values), ("data.tumor_values", d.tumor_values),
+                        ("data.healthy_organ_values", d.healthy_organ_values or [])):
+        if any(int(v) < 0 for v in values):
+            bad(key, list(values), "label values are whole numbers >= 0")
+    common_values = sorted(set(d.organ_values) & set(d.tumor_values))
+    if common_values:
+        raise DiffTumorError(f"data.organ_values={list(d.organ_values)} and data.tumor_values={list(d.tumor_values)}: "
+                             f"{common_values} in both; a label value is either organ or tumour")
+    s = cfg.synthesis
+    probability("synthesis.prob", s.prob)
+    if len(s.stage_probs) != 3 or min(s.stage_probs) < 0 or not math.isclose(sum(s.stage_probs), 1.0, abs_tol=1e-6):
+        bad("synthesis.stage_probs", list(s.stage_probs), "needs 3 probabilities (early, mid, large) >= 0 summing to 1")
+    if s.weights_organ is not None:
+        organ_name("synthesis.weights_organ", s.weights_organ)
+
+
+def check_diffusion_weights(cfg: SegmentationConfig) -> str | None:
+    """With ``synthesis.method=diffusion``: the weights folder and the files the drawn stages need, checked
+    before training starts (the DataLoader would otherwise fail at the first synthetic crop). Returns a
+    line for the log, or None when the diffusion method is not used."""
+    from backend.organs import parse_organ
+    from backend.weights import AE_NAME, WEIGHT_ORGANS, WeightsFolder, resolve_weights_dir, weight_organ
+
+    s = cfg.synthesis
+    if not s.enabled or s.method != "diffusion" or not cfg.data.healthy:  # synthesis only touches healthy CTs
+        return None
+    organ = parse_organ(s.weights_organ or cfg.organ)
+    if weight_organ(organ) not in WEIGHT_ORGANS:
+        raise DiffTumorError(f"synthesis.method=diffusion: no diffusion weights exist for {organ} (released: "
+                             f"{', '.join(WEIGHT_ORGANS)}); set synthesis.weights_organ or synthesis.method=model-based")
+    folder = WeightsFolder(*resolve_weights_dir(s.weights_dir, what="synthesis.weights_dir"))
+    if folder.root is None:
+        raise DiffTumorError("synthesis.method=diffusion: no weights folder found (set synthesis.weights_dir=DIR or "
+                             "$DIFFTUMOR_WEIGHTS, or run 'difftumor weights fetch'); synthesis.method=model-based needs none")
+    stages = [st for st, p in (("early", s.stage_probs[0]), ("mid_late", s.stage_probs[1] + s.stage_probs[2])) if p > 0]
+    missing = sorted({n for st in stages for n in folder.missing(organ, st)}, key=lambda n: (n != AE_NAME, n))
+    if missing:
+        where = "synthesis.weights_dir" if folder.source == "argument" else folder.source
+        raise DiffTumorError(f"weights folder {folder.root} (from {where}): lacks {', '.join(missing)}, needed for "
+                             f"{organ} tumours with synthesis.method=diffusion")
+    return f"diffusion synthesis with {organ} weights from {folder.root} ({folder.source})"
+
+
+def _read_grid(path: str):
+    """The voxel grid of an image file from its header only (no voxel data read)."""
+    import SimpleITK as sitk
+
+    from backend.io import Geometry, read_image
+
+    p = Path(path)
+    if p.is_dir():  # a DICOM series: read it whole
+        return read_image(p).geometry
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return read_image(p).geometry  # raises the one-line reason
+    if reader.GetDimension() != 3:
+        return read_image(p).geometry  # 4D with one frame is fine; others raise the one-line reason
+    return Geometry(reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+
+
+def check_items(items: list[dict], *, threads: int = 8) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Split ``items`` into usable ones and ``(case, reason)`` for cases whose image or label cannot be read
+    or whose label is not on the image's grid. Headers only, so it is quick on large datasets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backend.io import check_same_grid
+
+    def reason(item: dict) -> str | None:
+        try:
+            check_same_grid(_read_grid(item["image"]), _read_grid(item["label"]), names=(item["image"], item["label"]))
+        except DiffTumorError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(items)))) as pool:
+        reasons = list(pool.map(reason, items))
+    ok = [it for it, r in zip(items, reasons) if r is None]
+    skipped = [(it["name"], r) for it, r in zip(items, reasons) if r is not None]
+    return ok, skipped
+
+
+def _write_skipped(path: Path, skipped: list[tuple[str, str, str]]) -> None:
+    """``case,role,reason`` of the cases left out (header only when none was)."""
+    import csv
+    import io
+
+    from backend.io import write_text_atomic
+
+    text = io.StringIO()
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(["case", "role", "reason"])
+    w.writerows(skipped)
+    write_text_atomic(path, text.getvalue())
+
+
 # --------------------------------------------------------------------------------------- data
 def _label_for(case, organ: str) -> tuple[str, bool]:
     """(label file, is a binary organ mask) of a case. AbdomenAtlas cases use
@@ -139,7 +291,8 @@ def build_items(cfg: SegmentationConfig, out_dir: Path, *, write: bool = True):
         raise DiffTumorError(f"split file: {len(missing)} case(s) not in the data sources (first: {missing[0]})")
     if write:
         save_splits(splits, split_path)
-    train, val = fold_cases(splits, cfg.data.fold)
+    split_name = cfg.data.split_file or split_path
+    train, val = fold_cases(splits, cfg.data.fold, where=f"data.fold={cfg.data.fold}: split file {split_name}")
     if not cfg.data.use_real_for_training:
         train = [n for n in train if by_name[n]["healthy"]]
     extra = []
@@ -166,7 +319,7 @@ def build_transforms(cfg: SegmentationConfig, *, train: bool):
     xs = [
         LoadVolumed(keys),  # (1, X, Y, Z) MetaTensors with the RAS affine (any format backend.io reads)
         MapLabelsd("label", values_key="label_values"),
-        T.Orientationd(keys, axcodes="RAS"),
+        T.Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # explicit: no FutureWarning
         T.Spacingd(keys, pixdim=(1.0, 1.0, 1.0), mode=("bilinear", "nearest")),
         T.ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
     ]
@@ -191,6 +344,46 @@ def build_transforms(cfg: SegmentationConfig, *, train: bool):
     return T.Compose(xs)
 
 
+class _CaseErrors(torch.utils.data.Dataset):
+    """A MONAI dataset whose user errors (a DiffTumorError anywhere in MONAI's chain of "applying
+    transform" RuntimeErrors) come out as one DiffTumorError naming the case."""
+
+    def __init__(self, dataset, items: list[dict]):
+        self.dataset, self.items = dataset, items
+
+    @property
+    def transform(self):  # SeededDraws reseeds it
+        return self.dataset.transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except Exception as exc:
+            cause = user_error(exc)
+            if cause is None:
+                raise
+            raise DiffTumorError(f"training case {self.items[index]['name']}: {cause}") from None
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The message of the DiffTumorError behind ``exc`` (its cause chain, or the text of an error a
+    DataLoader worker re-raised in the main process), else None."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, DiffTumorError):
+            text = str(seen)
+            break
+        seen = seen.__cause__ or seen.__context__
+    else:
+        text = str(exc) if "DiffTumorError: " in str(exc) else None
+    if text is not None and "DiffTumorError: " in text:  # a worker's traceback text: keep its last message
+        text = text.rsplit("DiffTumorError: ", 1)[1]
+    return text
+
+
 # --------------------------------------------------------------------------------- validation
 @torch.no_grad()
 def validate(model, items, cfg: SegmentationConfig, device) -> dict:
@@ -203,7 +396,14 @@ def validate(model, items, cfg: SegmentationConfig, device) -> dict:
     model.eval()
     tf = build_transforms(cfg, train=False)
     tumour, organ = [], []
-    for d in Dataset(items, tf):
+    for item, d in zip(items, Dataset(items, tf)):
+        if not bool(d["label"].any()):  # no organ and no tumour: would score 1 or 0 for nothing
+            if item["name"] not in _EMPTY_WARNED:
+                _EMPTY_WARNED.add(item["name"])
+                organ_values, tumor_values = item["label_values"]
+                log.warning("validation case %s: label %s holds none of the organ values %s / tumour values %s; "
+                            "not scored", item["name"], item["label"], list(organ_values), list(tumor_values))
+            continue
         x = d["image"][None].to(device)
         logits = sliding_window_inference(x, cfg.roi_size, 2, model, overlap=cfg.val_overlap, mode="gaussian")
         pred = logits.argmax(1)[0].cpu().numpy()
@@ -212,7 +412,10 @@ def validate(model, items, cfg: SegmentationConfig, device) -> dict:
         organ.append(dice(pred >= 1, lab >= 1))
     model.train()
     mean = lambda v: float(sum(v) / len(v)) if v else float("nan")  # noqa: E731
-    return {"val_tumor_dsc": mean(tumour), "val_organ_dsc": mean(organ), "val_cases": len(items)}
+    return {"val_tumor_dsc": mean(tumour), "val_organ_dsc": mean(organ), "val_cases": len(tumour)}
+
+
+_EMPTY_WARNED: set[str] = set()  # validation cases already reported as empty (once per process)
 
 
 # --------------------------------------------------------------------------------------- main
@@ -224,8 +427,9 @@ def train(cfg: SegmentationConfig, *, resume: bool | str | None = None) -> dict:
     from backend.segmentation.networks import build_network
     from backend.train import common
 
-    # config, device, seed
+    # config, device, seed: every check before anything is written
     common.check_positive(cfg, "max_steps", "batch_size", "log_every", "save_every", zero_ok=("val_every",))
+    check_config(cfg)
     out_dir = common.check_output_dir(cfg.out_dir, "out_dir")
     dist, logger = common.start_run(cfg.device, seed=cfg.seed, logger_name=__name__)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
@@ -234,19 +438,43 @@ def train(cfg: SegmentationConfig, *, resume: bool | str | None = None) -> dict:
     if ckpt is not None:  # same network and organ, and steps left to train
         common.check_resume(common.resume_path(resume, last_path), ckpt,
                             {"model": common.config_to_dict(cfg.network), "organ": cfg.organ}, max_steps=cfg.max_steps)
+    elif last_path.is_file():  # a fresh run would overwrite the earlier run's checkpoints and mix its CSVs
+        raise DiffTumorError(f"out_dir={out_dir}: holds last.pt of an earlier run; add --resume to continue it, "
+                             "or give another out_dir (or delete the folder) to start afresh")
+    weights_note = check_diffusion_weights(cfg)
+    if weights_note:
+        logger.info("%s", weights_note)
+    elif cfg.synthesis.enabled and cfg.synthesis.weights_organ:
+        logger.warning("synthesis.weights_organ=%s is read by the diffusion method only; synthesis.method=%s "
+                       "ignores it (the cross-organ setting needs synthesis.method=diffusion)",
+                       cfg.synthesis.weights_organ, cfg.synthesis.method)
+
+    # data: rank 0 draws and saves the split, the other ranks read it; cases whose label is not on the CT's
+    # grid (or that cannot be read) are left out with a warning and listed in skipped.csv
     if dist.is_main:
+        train_items, val_items, splits = build_items(cfg, out_dir, write=False)
+        train_items, skipped = check_items(train_items)
+        val_items, skipped_val = check_items(val_items)
+        skipped = [(c, "train", r) for c, r in skipped] + [(c, "validation", r) for c, r in skipped_val]
+        for case, role, reason in skipped:
+            logger.warning("skipped %s case %s: %s", role, case, reason)
+        if not train_items:
+            raise DiffTumorError(f"data: none of the training cases can be used (first: {skipped[0][0]}: {skipped[0][2]})")
         out_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
+        from backend.io import write_text_atomic
+        from backend.segmentation.splits import save_splits
 
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(common.config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-
-    # data
-    if dist.is_main:  # rank 0 draws and saves the split; the other ranks read it
-        train_items, val_items, _ = build_items(cfg, out_dir)
+        save_splits(splits, out_dir / "splits.json")
+        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(common.config_to_dict(cfg), sort_keys=False))
+        _write_skipped(out_dir / "skipped.csv", skipped)
+        if ckpt is None:  # a fresh run: rows of an earlier attempt that crashed before its first checkpoint go
+            for name in ("metrics.csv", "val_metrics.csv"):
+                common.MetricsWriter(out_dir / name).truncate_after(0)
     if dist.distributed:
         torch.distributed.barrier()
     if not dist.is_main:
         train_items, val_items, _ = build_items(cfg, out_dir, write=False)
+        train_items, val_items = check_items(train_items)[0], check_items(val_items)[0]
     tf = build_transforms(cfg, train=True)
     ds = (CacheDataset(train_items, tf, cache_rate=cfg.data.cache_rate, num_workers=cfg.data.num_workers or None,
                        progress=False) if cfg.data.cache_rate > 0 else Dataset(train_items, tf))
@@ -255,7 +483,7 @@ def train(cfg: SegmentationConfig, *, resume: bool | str | None = None) -> dict:
     schedule = common.DrawSchedule(len(ds), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     draws = int(ckpt.get("draws", 0)) if ckpt is not None else 0
     schedule.seek(draws)
-    loader = DataLoader(common.SeededDraws(ds), batch_size=cfg.batch_size, sampler=common.DrawSampler(schedule),
+    loader = DataLoader(common.SeededDraws(_CaseErrors(ds, train_items)), batch_size=cfg.batch_size, sampler=common.DrawSampler(schedule),
                         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
                         pin_memory=dist.device.type == "cuda",
                         # CUDA in worker processes (diffusion synthesis on the GPU) needs spawned workers
@@ -302,7 +530,13 @@ def train(cfg: SegmentationConfig, *, resume: bool | str | None = None) -> dict:
     with common.TrainingLoop(dist, out_dir / "metrics.csv", step=step, max_steps=cfg.max_steps,
                              log_every=cfg.log_every, desc="segmentation") as loop:
         while loop.running(step):
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except Exception as exc:  # a worker's DiffTumorError arrives as text with its traceback
+                cause = user_error(exc)
+                if cause is None:
+                    raise
+                raise DiffTumorError(cause) from None
             x = batch["image"].to(dist.device, non_blocking=True)  # (B, 1, X, Y, Z) in [0, 1]
             y = batch["label"].to(dist.device, non_blocking=True)  # (B, 1, X, Y, Z) in {0, 1, 2}
             draws += x.shape[0]
