@@ -58,9 +58,31 @@ def register(sub) -> None:
     p.set_defaults(func=handler)
 
 
+def run_with_bar(gen, desc: str):
+    """Drive a ``(message, done, total)`` progress generator with a tqdm bar on stderr (log lines are
+    printed above the bar) and return its result."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    bar = None
+    try:
+        with logging_redirect_tqdm():
+            while True:
+                try:
+                    message, done, total = next(gen)
+                except StopIteration as stop:
+                    return stop.value
+                if bar is None:
+                    bar = tqdm(total=total, desc=desc, unit="case", leave=False, disable=None)  # None: off when not a terminal
+                bar.n = done
+                bar.set_postfix_str(str(message), refresh=True)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def handler(args) -> int:
     from backend.errors import DiffTumorError
-    from backend.progress import run_sync
     from backend.segmentation.evaluate import EvaluationConfig, evaluate_files
 
     if args.model is not None:
@@ -68,28 +90,37 @@ def handler(args) -> int:
             raise DiffTumorError("--model: give it with --data (and without --pred)")
         from backend.segmentation.inference import predict_dataset
 
-        pred_dir, label_dir, meta = run_sync(
+        pred_dir, label_dir, meta = run_with_bar(
             predict_dataset(
                 args.model, args.data, Path(args.out), folds=args.folds, fold=args.fold,
                 overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=args.device,
-            )
+            ),
+            "predict",
         )
+        pre_skipped = meta["skipped"]
+        if not any(pred_dir.glob("*.nii.gz")):
+            first = f"; {pre_skipped[0][0]}: {pre_skipped[0][1]}" if pre_skipped else ""
+            raise DiffTumorError(f"{args.data}: no case could be predicted{first}")
         args.pred, args.label = pred_dir, label_dir
         args.organ = args.organ or meta.get("organ")
         if args.organ_label is None:
             args.organ_label = 1  # trained models predict 0 background, 1 organ, 2 tumour
     elif args.pred is None or args.label is None:
         raise DiffTumorError("evaluate: give --pred and --label (or --model and --data)")
+    else:
+        pre_skipped = []
 
     cfg = EvaluationConfig(
         tumor_label=args.tumor_label, organ_label=args.organ_label, pred_tumor_label=args.pred_tumor_label,
         pred_organ_label=args.pred_organ_label, tolerance_mm=args.tolerance_mm, organ=args.organ or "tumor",
         allow_empty_labels=args.allow_empty_labels,
     )
-    rows, skipped, _ = run_sync(
+    rows, skipped, _ = run_with_bar(
         evaluate_files(args.pred, args.label, args.out, cfg, folds=args.folds, organ_masks=args.organ_masks,
-                       fold=args.fold)
+                       fold=args.fold, skipped=pre_skipped),
+        "score",
     )
-    print((Path(args.out) / "summary.md").read_text(encoding="utf-8"), end="")
+    table = (Path(args.out) / "summary.md").read_text(encoding="utf-8").split("\n\n", 1)[0]
+    print(table)  # the metric definitions follow it in summary.md and evaluation.json
     print(f"{len(rows)} case(s) scored, {len(skipped)} skipped; results in {args.out}")
     return 0

@@ -368,7 +368,7 @@ def _write_text(path: Path, text: str) -> None:
 def definitions(cfg: EvaluationConfig) -> dict:
     return {
         "dsc": "2|P∩G|/(|P|+|G|) on the tumour masks; both empty -> 1, one empty -> 0",
-        "nsd": M.NSD_DEFINITION.replace("tau", f"tau = {cfg.tolerance_mm:g}"),
+        "nsd": M.NSD_DEFINITION.replace("tolerance tau mm", f"tolerance tau = {cfg.tolerance_mm:g} mm"),
         "tumor": f"{M.CONNECTIVITY}-connected component of the reference tumour mask",
         "detected": f"a reference tumour with >= {cfg.min_overlap_voxels} predicted tumour voxel(s) inside it",
         "false_positive": "a 26-connected predicted tumour component overlapping no reference tumour voxel",
@@ -379,7 +379,30 @@ def definitions(cfg: EvaluationConfig) -> dict:
     }
 
 
-def write_report(out: Path, rows: list[dict], skipped: list[tuple[str, str]], cfg: EvaluationConfig) -> dict:
+def definitions_markdown(cfg: EvaluationConfig, *, organ_masks: bool = False) -> str:
+    """The metric definitions under the table (evaluation.json holds them too)."""
+    d = definitions(cfg)
+    if organ_masks:
+        where = "tumour predictions were kept only inside the organ-mask files"
+    elif cfg.organ_label is not None:
+        where = f"tumour predictions were kept only inside the reference organ (label {cfg.organ_label} or tumour)"
+    else:
+        where = "tumour predictions were scored as they are (no --organ-label or --organ-masks given)"
+    lines = [
+        "DSC, NSD, organ DSC: mean ± std over the cases (%). Sensitivity: tumour-wise, pooled over the cases "
+        "(n = reference tumours). FP/case: predicted tumour components per case that touch no reference tumour.",
+        "",
+        f"- DSC: {d['dsc']}",
+        f"- NSD: {d['nsd'].removeprefix('NSD = ')}",
+        f"- Tumour: {d['tumor']}; detected: {d['detected']}",
+        f"- Size: {d['size']}",
+        f"- Organ: {where}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, rows: list[dict], skipped: list[tuple[str, str]], cfg: EvaluationConfig, *,
+                 organ_masks: bool = False) -> dict:
     """Write cases.csv, skipped.csv, summary.csv/.md, summary.png and evaluation.json; return the summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -389,7 +412,7 @@ def write_report(out: Path, rows: list[dict], skipped: list[tuple[str, str]], cf
     summary = summarize(rows)
     if summary:
         _write_csv(out / "summary.csv", summary, list(summary[0]))
-    md = summary_markdown(summary, cfg)
+    md = summary_markdown(summary, cfg) + "\n" + definitions_markdown(cfg, organ_masks=organ_masks)
     if skipped:
         md += f"\n{len(skipped)} case(s) skipped, see skipped.csv.\n"
     _write_text(out / "summary.md", md)
@@ -410,13 +433,14 @@ def write_report(out: Path, rows: list[dict], skipped: list[tuple[str, str]], cf
 
 def evaluate_files(
     pred: Path, label: Path, out: Path, cfg: EvaluationConfig, *, folds: Path | None = None,
-    organ_masks: Path | None = None, fold: int | str | None = None,
+    organ_masks: Path | None = None, fold: int | str | None = None, skipped: list[tuple[str, str]] | None = None,
 ) -> Iterator:
     """Generator: pair files, score them, write the report; returns ``(rows, skipped, summary)``.
     ``fold`` keeps only that fold's cases of the fold file (the others are not expected). Nothing
     is written when no case can be scored: the error names the first skipped case and its reason
-    (every reason is logged)."""
-    pairs, skipped = pair_files(pred, label, organ_masks)
+    (every reason is logged). ``skipped`` lists cases already left out, e.g. by the inference run."""
+    pairs, unpaired = pair_files(pred, label, organ_masks)
+    skipped = list(skipped or []) + unpaired
     fold_map = read_fold_file(folds) if folds is not None else None
     if fold_map is not None and fold is not None:
         fold_map = {c: v for c, v in fold_map.items() if v["fold"] == str(fold)}
@@ -425,5 +449,5 @@ def evaluate_files(
         first = f"; {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         more = f" (and {len(skipped) - 1} more skipped case(s), logged above)" if len(skipped) > 1 else ""
         raise DiffTumorError(f"{label}: no case could be scored{first}{more}")
-    report = write_report(out, rows, skipped, cfg)
+    report = write_report(out, rows, skipped, cfg, organ_masks=organ_masks is not None)
     return rows, skipped, report["summary"]

@@ -44,16 +44,19 @@ def summary_figure(rows: list[dict], summary: list[dict], path: Path, tolerance_
     for k, s in enumerate(alls):
         sens = [100 * s[f"sensitivity_{b}"] if s[f"sensitivity_{b}"] == s[f"sensitivity_{b}"] else 0.0 for b in bins]
         xs = np.arange(len(bins)) + k * width
-        bars = ax2.bar(xs, sens, width=width, label=s["organ"])
+        fp = f"{s['fp_per_case']:.2f}" if s["fp_per_case"] == s["fp_per_case"] else "–"
+        bars = ax2.bar(xs, sens, width=width, label=f"{s['organ']}: {fp} false positives per case")
         for bar, b in zip(bars, bins):
-            ax2.annotate(f"n={s[f'tumors_{b}']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            n = s[f"tumors_{b}"]
+            ax2.annotate(f"n={n}" if n else "no tumours", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                          ha="center", va="bottom", fontsize=7)
     ax2.set_xticks(np.arange(len(bins)) + width * (len(alls) - 1) / 2, [SIZE_LABELS[b] for b in bins])
-    ax2.set_ylim(0, 110)
+    ax2.set_ylim(0, 125)  # room for the legend above the bars
+    ax2.set_yticks(range(0, 101, 20))
     ax2.set_ylabel("tumour-wise sensitivity (%)")
     ax2.set_title("Detection by tumour diameter")
-    if len(alls) > 1:
-        ax2.legend(fontsize=7)
+    if alls:  # false positives beside the sensitivity: 100 % detected means little with many of them
+        ax2.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")

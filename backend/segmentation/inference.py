@@ -66,6 +66,7 @@ def predict_dataset(model_path, data, out_dir, *, folds=None, fold=None, overlap
     from backend.device import resolve_device
     from backend.io import check_same_grid, read_image, write_image
     from backend.segmentation.splits import fold_cases, load_splits
+    from backend.train.segmentation import _label_for
 
     if not 0.0 <= overlap < 1.0:
         raise DiffTumorError(f"--overlap: must be in [0, 1), got {overlap}")
@@ -74,32 +75,65 @@ def predict_dataset(model_path, data, out_dir, *, folds=None, fold=None, overlap
     cfg = ck["config"]
     organ = ck.get("organ", cfg.get("organ", "tumor"))
     cases = list_cases(data, require_labels=True)
+    skipped: list[tuple[str, str]] = []  # (case, reason): listed in the evaluation's skipped.csv
     if fold is not None:
         if folds is None:
             raise DiffTumorError("--fold: needs --folds (the run's splits.json)")
         _, val = fold_cases(load_splits(folds), fold, where=str(folds))
+        names = {c.name for c in cases}
         cases = [c for c in cases if c.name in set(val)]
         if not cases:
             raise DiffTumorError(f"{folds}: fold {fold} names none of the cases in {data}")
+        skipped += [(n, f"{folds}: fold {fold} lists it, but {data} has no case of that name") for n in val if n not in names]
+    _warn_training_cases(cases, model_path, ck, folds)
     organ_values, tumor_values = cfg["data"]["organ_values"], cfg["data"]["tumor_values"]
     out_dir = Path(out_dir)
     pred_dir, label_dir = out_dir / "pred", out_dir / "labels"
     pred_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
+    keep = {f"{c.name}.nii.gz" for c in cases}
+    for folder in (pred_dir, label_dir):  # files of an earlier run into this --out would be scored with these
+        stale = [f for f in folder.glob("*.nii.gz") if f.name not in keep]
+        for f in stale:
+            f.unlink()
+        if stale:
+            log.info("%s: removed %d file(s) of an earlier evaluation (not among this run's cases)", folder, len(stale))
     for i, case in enumerate(cases):
         yield f"predicting {case.name}", i, len(cases)
         try:
             ct = read_image(case.image)
-            label_path = case.label if case.label is not None else Path(case.segmentations) / f"{organ}.nii.gz"
+            label_path, binary = _label_for(case, organ)  # the label training read for this case
             lab = read_image(label_path)
             check_same_grid(ct, lab, names=(str(case.image), str(label_path)))
-        except DiffTumorError as exc:  # evaluation reports it as a skipped case (no prediction)
-            log.warning("skipped %s: %s", case.name, exc)
+        except DiffTumorError as exc:  # evaluation lists it as a skipped case (no prediction)
+            skipped.append((case.name, str(exc)))
+            for folder in (pred_dir, label_dir):  # no earlier run's file for it either
+                (folder / f"{case.name}.nii.gz").unlink(missing_ok=True)
             continue
         pred = predict_volume(model, ct, roi_size=ck["model_config"]["roi_size"], overlap=overlap,
                               sw_batch_size=sw_batch_size, device=dev, hu_range=tuple(cfg.get("hu_range", (-175.0, 250.0))))
         write_image(pred, pred_dir / f"{case.name}.nii.gz", ct.geometry)
-        mapped = lab.array if case.label is None else map_labels(lab.array, organ_values, tumor_values)
-        write_image(mapped.astype(np.uint8), label_dir / f"{case.name}.nii.gz", ct.geometry)
+        mapped = map_labels(lab.array, (1,), ()) if binary else map_labels(lab.array, organ_values, tumor_values)
+        write_image(mapped, label_dir / f"{case.name}.nii.gz", ct.geometry)
     yield "predicted", len(cases), len(cases)
-    return pred_dir, label_dir, {"organ": organ, "overlap": overlap, "checkpoint": str(model_path)}
+    return pred_dir, label_dir, {"organ": organ, "overlap": overlap, "checkpoint": str(model_path), "skipped": skipped}
+
+
+def _warn_training_cases(cases, model_path, ck: dict, folds) -> None:
+    """Warn when cases about to be scored were in the checkpoint's training set (its run's split file,
+    ``--folds`` or ``splits.json`` beside the checkpoint, and the fold it trained on)."""
+    from backend.segmentation.splits import fold_cases, load_splits
+
+    split_path = Path(folds) if folds is not None else Path(model_path).parent / "splits.json"
+    trained_fold = ck.get("config", {}).get("data", {}).get("fold")
+    if trained_fold is None or not split_path.is_file():
+        return
+    try:
+        train, _ = fold_cases(load_splits(split_path), trained_fold, where=str(split_path))
+    except DiffTumorError:
+        return
+    seen = sorted({c.name for c in cases} & set(train))
+    if seen:
+        log.warning("%d of the %d case(s) to score trained this model (fold %s of %s, e.g. %s): their scores are "
+                    "not held-out; add --folds %s --fold %s to score its validation cases only", len(seen), len(cases),
+                    trained_fold, split_path, seen[0], split_path, trained_fold)
