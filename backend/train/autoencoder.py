@@ -31,6 +31,7 @@ from backend.train.common import (
     config_to_dict,
     load_config,
     load_resume_checkpoint,
+    refuse_fresh_run_over,
     resume_lr_scheduler,
     resume_path,
     rng_state,
@@ -248,6 +249,8 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
     if resume:  # checked before any data is read: same model, and steps left to train
         ck = load_resume_checkpoint(resume, ckpt_path, "autoencoder", map_location=device)
         step = check_resume(resume_path(resume, ckpt_path), ck, {"model": cfg.model.to_dict()}, max_steps=cfg.max_steps)
+    else:
+        refuse_fresh_run_over(ckpt_path, "output_dir")
 
     # data
     cases = list_cases(cfg.data.source)

@@ -19,6 +19,7 @@ Public API (all pure Python + torch; no stage-specific code)::
     start_run(device, *, seed, threads=0, logger_name)        setup_distributed + threads + seeds + logger
     add_config_arguments(parser, config, checkpoint)          --config, --resume [CHECKPOINT], key=value overrides
     load_resume_checkpoint(resume, default_path, stage)       --resume's checkpoint, checked for its stage
+    refuse_fresh_run_over(checkpoint, key)                    no fresh run over an earlier run's checkpoint
     check_resume(path, ckpt, current, *, max_steps) -> step   refuse a resume with changed settings / nothing to do
     check_positive(cfg, *names) / check_output_dir(path)      one-line checks before anything is created
     resume_lr_scheduler(scheduler, state) -> list[str]        the config's LR schedule, continued at the saved step
@@ -487,6 +488,15 @@ def start_run(device: str, *, seed: int, threads: int = 0, logger_name: str = __
     return dist, get_logger(logger_name, dist)
 
 
+def refuse_fresh_run_over(checkpoint, key: str) -> None:
+    """A run without ``--resume`` whose output folder already holds ``checkpoint`` would overwrite the
+    earlier run's weights and mix its metrics: one line, before anything is written."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_file():
+        raise DiffTumorError(f"{key}={checkpoint.parent}: holds {checkpoint.name} of an earlier run; add --resume to "
+                             f"continue it, or give another {key} (or delete the folder) to start afresh")
+
+
 def resume_path(resume, default_path) -> Path:
     """The file ``--resume`` names: ``default_path`` for a bare ``--resume`` (``"last"`` or ``True``)."""
     return Path(default_path if resume in ("last", True) else resume)
@@ -625,7 +635,12 @@ class TrainingLoop(contextlib.AbstractContextManager):
         self.val_metrics = (MetricsWriter(self.out_dir / "val_metrics.csv", tensorboard_dir=None)
                             if dist.is_main and validation else None)
         for writer in (self.metrics, self.val_metrics):
-            if writer is not None and step > 0:  # resumed: rows after the checkpoint are logged again
+            if writer is not None and step == 0 and writer.columns is not None:
+                # a fresh run (the stages refuse one over a checkpoint): rows of an earlier attempt that never
+                # saved a checkpoint are not this run's
+                writer.path.unlink()
+                writer.columns = None
+            elif writer is not None and step > 0:  # resumed: rows after the checkpoint are logged again
                 dropped = writer.truncate_after(step)
                 if dropped:
                     logging.getLogger(__name__).info("%s: dropped %d row(s) logged after the checkpoint's step %d",
@@ -639,10 +654,17 @@ class TrainingLoop(contextlib.AbstractContextManager):
 
     def __enter__(self):
         self._stop.__enter__()
+        self._log_redirect = contextlib.nullcontext()
+        if not isinstance(self.bar, _NullBar):  # log lines go above the bar instead of through it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._log_redirect = logging_redirect_tqdm()
+        self._log_redirect.__enter__()
         return self
 
     def __exit__(self, *exc):
         try:
+            self._log_redirect.__exit__(*exc)
             self._stop.__exit__(*exc)
             self.bar.close()
             for writer in (self.metrics, self.val_metrics):

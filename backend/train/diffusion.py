@@ -50,6 +50,7 @@ from backend.train.common import (
     load_config,
     load_checkpoint,
     load_resume_checkpoint,
+    refuse_fresh_run_over,
     resume_path,
     rng_state,
     save_checkpoint,
@@ -315,6 +316,8 @@ def train(cfg: DiffusionTrainConfig, *, resume: str | None = None) -> dict:
         step = check_resume(ck_path, ck, {"model": cfg.model.to_dict(), "T": cfg.T, "stage": cfg.stage,
                                           "prediction_type": cfg.prediction_type, "data.organ": cfg.data.organ},
                             saved={"T": ck.get("timesteps")}, max_steps=cfg.max_steps)
+    else:
+        refuse_fresh_run_over(ckpt_path, "output_dir")
     vqgan, vqgan_state = load_frozen_autoencoder(cfg, device)
     ae_record = autoencoder_record(cfg.autoencoder)
     if ck is not None:

@@ -438,9 +438,8 @@ def train(cfg: SegmentationConfig, *, resume: bool | str | None = None) -> dict:
     if ckpt is not None:  # same network and organ, and steps left to train
         common.check_resume(common.resume_path(resume, last_path), ckpt,
                             {"model": common.config_to_dict(cfg.network), "organ": cfg.organ}, max_steps=cfg.max_steps)
-    elif last_path.is_file():  # a fresh run would overwrite the earlier run's checkpoints and mix its CSVs
-        raise DiffTumorError(f"out_dir={out_dir}: holds last.pt of an earlier run; add --resume to continue it, "
-                             "or give another out_dir (or delete the folder) to start afresh")
+    else:  # a fresh run would overwrite the earlier run's checkpoints and mix its CSVs
+        common.refuse_fresh_run_over(last_path, "out_dir")
     weights_note = check_diffusion_weights(cfg)
     if weights_note:
         logger.info("%s", weights_note)
@@ -589,11 +588,9 @@ def register(stages) -> None:
         "CTs that receive synthetic tumours on the fly. Settings come from --config and key=value overrides "
         "(e.g. network.name=swinunetr data.fold=2 synthesis.enabled=false).",
     )
-    p.add_argument("--config", type=Path, default=None, help="YAML config (see backend/configs/segmentation*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted for sections")
-    p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
-                   help="continue from out_dir/last.pt (or the given checkpoint); model settings must match it. Put "
-                        "--resume after the key=value overrides (or write --resume=CHECKPOINT)")
+    from backend.train.common import add_config_arguments
+
+    add_config_arguments(p, "backend/configs/segmentation*.yaml", "out_dir/last.pt")
     p.set_defaults(func=handler)
 
 

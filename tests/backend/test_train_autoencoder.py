@@ -54,6 +54,8 @@ def test_smoke_and_resume_matches_uninterrupted(data_dir, tmp_path):
     assert model.config.n_hiddens == 4
 
     train(_cfg(data_dir, tmp_path / "b", "max_steps=2"))
+    with pytest.raises(DiffTumorError, match="holds checkpoint_last.pt of an earlier run"):  # no --resume
+        train(_cfg(data_dir, tmp_path / "b", "max_steps=4"))
     resumed = train(_cfg(data_dir, tmp_path / "b", "max_steps=4", "val_every=4"), resume="last")
     assert resumed["step"] == 4
     ck_b = load_checkpoint(tmp_path / "b" / "checkpoint_last.pt")

@@ -362,6 +362,9 @@ def test_positive_settings_and_output_dir_are_checked_in_one_line(tmp_path):
 @pytest.mark.parametrize("content, cause", [
     (b"garbage\n", "not a file of tensors and plain values; nothing in it was run"),
     (None, "truncated or damaged file"),
+    # read as torch's legacy format these failed with "KeyError: 1785425525" or "error: unpack requires ..."
+    (b"\x80\x02junkjunkjunk", "not a PyTorch file, or damaged"),
+    (b"junk", "not a PyTorch file, or damaged"),
 ])
 def test_unreadable_checkpoint_gives_a_short_cause(tmp_path, content, cause):
     path = tmp_path / "c.pt"
@@ -382,3 +385,65 @@ def test_device_error_names_the_config_key():
 
     with pytest.raises(DiffTumorError, match=r"^device=cuda: no CUDA GPU .*; use device=cpu$"):
         start_run("cuda", seed=0)
+
+
+def test_fresh_run_starts_its_csvs_afresh_and_writes_its_config(tmp_path):
+    """A fresh run (step 0) in a folder where an earlier attempt logged rows but never saved a checkpoint used
+    to append to that attempt's CSVs."""
+    from dataclasses import dataclass
+
+    from backend.train.common import DistInfo, TrainingLoop
+
+    @dataclass
+    class Cfg:
+        lr: float = 1e-3
+        name: str = "run"
+
+    for path in (tmp_path / "m.csv", tmp_path / "val_metrics.csv"):
+        w = MetricsWriter(path)
+        for s in (1, 2, 3):
+            w.write(s, {"old": 1.0})
+    with TrainingLoop(DistInfo(), tmp_path / "m.csv", step=0, max_steps=2, log_every=1, desc="t", config=Cfg(),
+                      validation=True) as loop:
+        step = 0
+        while loop.running(step):
+            step += 1
+            loop.tick()
+            loop.log(step, {"loss": 0.5})
+        loop.log_validation(step, {"val_dsc": 0.25})
+    rows = list(csv.DictReader(open(tmp_path / "m.csv", encoding="utf-8")))
+    assert [(r["step"], r["loss"]) for r in rows] == [("1", "0.5"), ("2", "0.5")] and "old" not in rows[0]
+    assert list(csv.DictReader(open(tmp_path / "val_metrics.csv", encoding="utf-8"))) == [{"step": "2", "val_dsc": "0.25"}]
+    assert load_config(Cfg, tmp_path / "config.yaml") == Cfg()
+
+
+def test_fresh_run_over_a_checkpoint_is_refused(tmp_path):
+    from backend.train.common import refuse_fresh_run_over
+
+    refuse_fresh_run_over(tmp_path / "last.pt", "out_dir")  # nothing there: fine
+    save_checkpoint(tmp_path / "last.pt", stage="segmentation", config={}, step=3, model={})
+    with pytest.raises(DiffTumorError, match=r"out_dir=.*: holds last\.pt of an earlier run; add --resume"):
+        refuse_fresh_run_over(tmp_path / "last.pt", "out_dir")
+
+
+def test_log_lines_do_not_break_the_progress_bar(tmp_path, monkeypatch):
+    """While the loop runs, console log lines go through tqdm.write (above the bar), not into the bar's line."""
+    import logging
+
+    import tqdm
+
+    from backend.train.common import DistInfo, TrainingLoop
+
+    written = []
+    monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False:
+                                                       written.append(s)))
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    root.addHandler(handler)
+    try:
+        with TrainingLoop(DistInfo(), tmp_path / "m.csv", step=0, max_steps=1, log_every=1, desc="t") as loop:
+            logging.getLogger("backend.test").warning("skipping a case")
+            loop.tick()
+    finally:
+        root.removeHandler(handler)
+    assert any("skipping a case" in s for s in written)

@@ -138,6 +138,11 @@ def test_cli_and_bad_inputs(tmp_path, msd, tiny_ae, caplog):
     code = main(["train", "diffusion", *TINY, f"data.source={msd}", f"autoencoder={tiny_ae}", f"output_dir={out}",
                  "max_steps=2", "stage=early", "data.organ=pancreas"])
     assert code == 0 and (out / "pancreas_early.pt").is_file()
+    # the same command again without --resume would overwrite that run: refused, nothing touched
+    before = (out / "checkpoint_last.pt").stat().st_mtime_ns
+    with pytest.raises(DiffTumorError, match="holds checkpoint_last.pt of an earlier run; add --resume"):
+        train(_cfg(out, msd, tiny_ae, "max_steps=2", "data.organ=pancreas"))
+    assert (out / "checkpoint_last.pt").stat().st_mtime_ns == before
     # no mid/late tumour anywhere: one clear line, not preceded by a warning per case (a case without a
     # tumour of the stage is expected: each stage trains on part of a dataset)
     caplog.clear()
