@@ -27,4 +27,10 @@ def load_failure_cause(exc: Exception) -> str:
         return "truncated or damaged file"
     if "Weights only load failed" in text:
         return "not a file of tensors and plain values; nothing in it was run"
+    import pickle
+    import struct
+
+    # random bytes read as torch's legacy (pre-zip) format fail deep in the unpickler with these
+    if isinstance(exc, (KeyError, IndexError, struct.error, UnicodeDecodeError, pickle.UnpicklingError)):
+        return "not a PyTorch file, or damaged"
     return f"{type(exc).__name__}: {text.split('. ')[0][:120]}"

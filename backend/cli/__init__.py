@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,8 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     return int(code or 0)
 
 
-def entry() -> None:  # pragma: no cover - thin wrapper
-    sys.exit(main())
+def entry() -> None:
+    """The console script. Output piped into a reader that stops early (``difftumor ... | head``) ends the
+    command quietly, as for other command-line tools, instead of with a BrokenPipeError traceback."""
+    try:
+        try:
+            code = main()
+        except SystemExit as exc:  # argparse's --help / usage errors: their text is still in the buffer
+            code = exc.code
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the failed flush of stdout again at exit: point stdout at /dev/null first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, what a shell reports for a command stopped by a closed pipe
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

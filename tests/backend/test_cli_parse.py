@@ -55,3 +55,16 @@ def test_unknown_words_are_still_refused(parser, capsys):
 def test_everything_after_double_dash_is_left_alone(parser):
     args = parse(parser, ["train", "autoencoder", "--", "--resume"])
     assert args.resume is None and args.overrides == ["--resume"]
+
+
+def test_output_into_a_closed_pipe_ends_quietly(totalseg_seg):
+    """``difftumor ... | head`` used to end with a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    code = f"import sys; from backend.cli import entry; sys.argv = ['difftumor', 'info', {str(totalseg_seg)!r}]; entry()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command writes anything
+    err = proc.stderr.read().decode("utf-8", "replace")
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
