@@ -230,7 +230,7 @@ def load_organ_and_tumors(
             raise DiffTumorError(f"{name}: MSD/KiTS label maps do not tell kidney sides apart; use organ 'kidney'")
         mask = labels >= 1
         if not mask.any():
-            raise DiffTumorError(f"{name}: no '{organ}' voxels (label >= 1) in this mask")
+            raise DiffTumorError(f"{name}: the label map is empty (every voxel 0), so it holds no '{organ}'")
         tumors = labels == 2
         return mask, (tumors if tumors.any() else None)
 

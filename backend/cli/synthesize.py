@@ -332,10 +332,14 @@ def _tumor_mask(args, ct, seed: int):
 
 def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, seed: int, settings: dict | None = None) -> dict:
     """Read, synthesize, then write the outputs (nothing is left behind when anything fails)."""
+    from backend.errors import DiffTumorError
     from backend.organs import load_organ_and_tumors
 
     ct = _read(Path(ct_path), "--ct")
-    organ, existing = load_organ_and_tumors(organs_path, args.organ, label_id=args.organ_label, reference=ct)
+    try:
+        organ, existing = load_organ_and_tumors(organs_path, args.organ, label_id=args.organ_label, reference=ct)
+    except DiffTumorError as exc:  # the organs module names the file; say which option gave it
+        raise DiffTumorError(f"--organs {exc}") from None
     tumor, mask_entry, tumor_name = _tumor_mask(args, ct, seed)
     result = engine.synthesize(
         ct, organ, tumor, organ=args.organ, method=args.method, seed=seed, stage=args.stage, size=args.size,
@@ -654,7 +658,7 @@ def handler(args) -> int:
     if not dataset:
         prov = synthesize_case(engine, ct_path, Path(args.organs), out, args, args.seed, settings)
         _warn_unused(args, prov, warned)
-        log.info("%s: %s tumour(s) by %s (%s) -> %s", ct_path.name, prov["n_tumours"], prov["method"], prov["method_reason"], out)
+        log.info("%s: %s tumour(s) by %s -> %s", ct_path.name, prov["n_tumours"], prov["method"], out)
         return 0
     return _run_dataset(engine, args, ct_path, out, settings, warned)
 

@@ -221,7 +221,7 @@ def check_organ_fits(organ: np.ndarray, size: str, *, name: str = "organ mask") 
     need = 4.0 / 3.0 * math.pi * a**3
     if n < need:
         raise DiffTumorError(
-            f"{name}: the organ has {n} voxels (mm³ at 1 mm), too small for a {size} tumour (at least {need:.0f} mm³); "
+            f"{name}: the organ is {n} mm³ (resampled to 1 mm), too small for a {size} tumour (at least {need:.0f} mm³); "
             f"choose a smaller size"
         )
 

@@ -250,6 +250,11 @@ def test_error_texts_name_the_option_and_plain_numbers(tmp_path, capsys):
     assert "--center 0,0,500: lies outside the image" in err and "64 x 64 x 30 voxels" in err and "np." not in err
     assert _run(tmp_path, "--size", "tiny", ct=ct, seg=tmp_path / "nope.nii.gz") == 2
     assert f"--organs {tmp_path / 'nope.nii.gz'}: no such file" in capsys.readouterr().err
+    vol = read_image(seg)  # a label map with no organ at all: named as --organs, said in words
+    write_image(Volume(np.zeros(vol.array.shape, np.uint8), vol.geometry), tmp_path / "zeros.nii.gz")
+    assert _run(tmp_path, "--size", "tiny", ct=ct, seg=tmp_path / "zeros.nii.gz") == 2
+    assert (f"--organs {tmp_path / 'zeros.nii.gz'}: the label map is empty (every voxel 0), so it holds no 'liver'"
+            in capsys.readouterr().err)
     assert _run(tmp_path, "--center", "32,32,15", "--voxel", "--radii", "60,60,60", ct=ct, seg=seg) == 2
     err = capsys.readouterr().err
     assert "ellipsoid (--center 32,32,15 --radii 60,60,60): only" in err and "tumor mask" not in err
