@@ -304,7 +304,30 @@ def read_image(path: PathLike) -> Volume:
         raise DiffTumorError(f"{path}: cannot read as {kind} (corrupt or unsupported: {_itk_reason(exc)})") from None
 
     image = _as_3d(image, path)
-    return Volume.from_sitk(image, path)
+    volume = Volume.from_sitk(image, path)
+    _restore_nifti_non_finite(volume, path)
+    return volume
+
+
+def _restore_nifti_non_finite(volume: Volume, path: Path) -> None:
+    """Put back the NaN / ±inf voxels of a float NIfTI file, which ITK's NIfTI reader (before ITK 6) silently
+    turns into 0 - a valid intensity - so that the non-finite checks downstream see them."""
+    name = path.name.lower()
+    arr = volume.array
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")) or arr.dtype.kind != "f" or not (arr == 0).any():
+        return
+    import nibabel as nib
+
+    try:
+        raw = np.asarray(nib.load(str(path)).dataobj)
+    except Exception:  # noqa: BLE001 - ITK read it; nibabel's view is only a cross-check
+        return
+    raw = raw.reshape(raw.shape[:3]) if raw.ndim > 3 and raw.size == int(np.prod(raw.shape[:3])) else raw
+    if raw.ndim != 3 or raw.shape[::-1] != arr.shape:
+        return
+    bad = ~np.isfinite(raw.T)  # nibabel (i, j, k) -> our (k, j, i)
+    if bad.any():
+        arr[bad] = raw.T[bad]
 
 
 def _itk_reason(exc: Exception) -> str:

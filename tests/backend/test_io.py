@@ -265,3 +265,16 @@ def test_write_text_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
         write_text_atomic(target, "second")
     assert target.read_text(encoding="utf-8") == "first – UTF-8\n"  # the old file survives
     assert [p.name for p in tmp_path.iterdir()] == ["notes.json"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha"])
+def test_non_finite_voxels_survive_reading(tmp_path, suffix):
+    """ITK's NIfTI reader turned NaN and inf into 0 (a valid HU), so a CT with NaNs passed every check."""
+    a = np.random.default_rng(0).normal(0, 100, (6, 7, 8)).astype(np.float32)
+    a[1, 2, 3], a[4, 5, 6], a[0, 0, 0] = np.nan, np.inf, 0.0
+    img = sitk.GetImageFromArray(a)
+    img.SetSpacing((0.8, 0.9, 2.5))
+    sitk.WriteImage(img, str(tmp_path / f"ct{suffix}"))
+    got = read_image(tmp_path / f"ct{suffix}").array
+    assert np.isnan(got[1, 2, 3]) and np.isposinf(got[4, 5, 6]) and got[0, 0, 0] == 0
+    assert np.array_equal(np.isfinite(got), np.isfinite(a))
