@@ -76,7 +76,9 @@ def join_negative_values(argv: Sequence[str], options: Sequence[str] = NUMBER_LI
             out.extend(argv[i:])
             break
         nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if arg in options and nxt is not None and nxt.startswith("-") and _is_number_list(nxt):
+        # argparse also accepts an unambiguous abbreviation (--cent); "--cent=..." resolves the same way
+        named = arg in options or (len(arg) > 3 and any(o.startswith(arg) for o in options))
+        if arg.startswith("--") and named and nxt is not None and nxt.startswith("-") and _is_number_list(nxt):
             out.append(f"{arg}={nxt}")
             i += 2
         else:

@@ -165,6 +165,9 @@ def test_join_negative_values_rewrites_only_number_lists_after_the_listed_option
                                           "--rotation=-30,0,0", "--seed", "-5", "--out", "-dir"]
     assert join_negative_values(["--center=-1,2,3", "--center", "--voxel"]) == ["--center=-1,2,3", "--center", "--voxel"]
     assert join_negative_values(["--", "--center", "-1,2,3"]) == ["--", "--center", "-1,2,3"]
+    # an abbreviation argparse accepts is joined too (it used to end in "expected one argument")
+    assert join_negative_values(["--cent", "-1,2,3", "--rot", "-30,0,0"]) == ["--cent=-1,2,3", "--rot=-30,0,0"]
+    assert join_negative_values(["--c", "-1,2,3"]) == ["--c", "-1,2,3"]  # too short to mean --center
 
 
 def test_negative_values_may_follow_center_radii_and_rotation(tmp_path, capsys):
@@ -173,8 +176,9 @@ def test_negative_values_may_follow_center_radii_and_rotation(tmp_path, capsys):
     base = ["synthesize", "--ct", str(ct), "--organs", str(seg), "--organ", "liver", "--radii", "6,5,5", "--seed", "3"]
     assert main(base + ["--center", "-27.8,-26.8,33", "--rotation", "-30,0,0", "--out", str(tmp_path / "a")]) == 0
     assert main(base + ["--center=-27.8,-26.8,33", "--rotation=-30,0,0", "--out", str(tmp_path / "b")]) == 0
-    a, b = (read_image(tmp_path / d / "label.nii.gz").array for d in "ab")
-    assert (a == 2).sum() > 50 and np.array_equal(a, b)
+    assert main(base + ["--cent", "-27.8,-26.8,33", "--rot", "-30,0,0", "--out", str(tmp_path / "d")]) == 0
+    a, b, d = (read_image(tmp_path / x / "label.nii.gz").array for x in "abd")
+    assert (a == 2).sum() > 50 and np.array_equal(a, b) and np.array_equal(a, d)
     capsys.readouterr()
     assert main(base[:-4] + ["--center", "-27.8,-26.8,33", "--radii", "-6,5,5", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
