@@ -16,7 +16,7 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, Push
 from difftumor_napari import inspection as ins
 from difftumor_napari._dock import ScrollableContainer, browse, forms
 from difftumor_napari import placement as pl
-from difftumor_napari._placement import notify_error, organ_label_layers, select_first, wrapped
+from difftumor_napari._placement import notify_error, organ_label_layers, select_first, unwrap, wrapped
 
 if TYPE_CHECKING:
     import napari
@@ -155,6 +155,14 @@ class InspectionWidget(ScrollableContainer):
         self.reset_choices()
         for box, prev in zip(boxes, old):
             select_first(box, prev)
+        # a new synthesis result is what to inspect: the widget was docked before it existed (or the run was
+        # repeated), so take the new 'CT + synthetic tumor' and its tumour instead of the layers chosen before
+        inserted = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
+        if inserted is not None and inserted.metadata.get("difftumor", {}).get("kind") == "synthetic":
+            for box in (self.result_layer, self.tumor_layer):
+                same = [c for c in box.choices if c is not None and unwrap(c) is unwrap(inserted)]
+                if same:
+                    box.value = same[0]
         self._on_tumor_layer()
 
     def _on_result(self, _=None) -> None:

@@ -200,3 +200,23 @@ def test_results_reopened_from_disk_can_be_inspected(make_napari_viewer, qtbot, 
     assert w.metrics["mean_hu"] < w.metrics["organ_mean_hu"]  # the model-based tumour is hypo-attenuating
     w.original_layer.value = later.layers["case_ct"]
     assert w.measure() is None and "also the Synthetic CT" in errors[-1]
+
+
+def test_docked_before_synthesis_picks_up_the_result(make_napari_viewer, qtbot, monkeypatch, tmp_path, errors,
+                                                      totalseg_ct, totalseg_seg):
+    """The usual docked flow: Inspection exists before the first run. The new result and its tumour are
+    chosen (not the original CT and the placement mask chosen before), also after a second run."""
+    from difftumor_napari._inspection import InspectionWidget
+
+    viewer, synth = _real_ct_with_tumour(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, totalseg_seg,
+                                         size="small")
+    w = InspectionWidget(viewer)
+    qtbot.addWidget(w.native)
+    assert w.result_layer.value.name == "example_ct_sm" and w.tumor_layer.value.name == "tumor mask"
+    synth.method.value = "model-based"
+    for _ in range(2):
+        assert synth.run() and synth.outcome is not None
+        assert w.result_layer.value.name == "CT + synthetic tumor"
+        assert w.tumor_layer.value.name == "synthetic tumor"
+        assert w.original_layer.value.name == "example_ct_sm"
+        assert w.measure() is not None and errors == []
