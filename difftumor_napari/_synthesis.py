@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, ProgressBar, PushButton,
-                              SpinBox)
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar,
+                              PushButton, SpinBox)
 
 from difftumor_napari import synthesis_tasks as st
 from difftumor_napari._dock import ScrollableContainer, browse, forms, watch
 from difftumor_napari._placement import (TUMOR_LAYER, ct_image_layers, notify_error, organ_label_layers,
-                                         select_first, wrapped)
+                                         select_first, unwrap, wrapped)
 from difftumor_napari import placement as pl
 
 if TYPE_CHECKING:
@@ -28,6 +28,15 @@ if TYPE_CHECKING:
 RESULT_CT = "CT + synthetic tumor"
 RESULT_TUMOR = "synthetic tumor"
 DIFFERENCE = "difference (synthetic − original)"
+SAME_ORGAN = "same as Organ"
+
+
+class _Failed:
+    """What the worker returns instead of raising: napari would also relay (and re-raise) a worker's exception,
+    so one failure showed as two or three notifications, one of them a traceback."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
 
 
 class SynthesisWidget(ScrollableContainer):
@@ -56,6 +65,17 @@ class SynthesisWidget(ScrollableContainer):
         self.steps = SpinBox(label="Sampling steps", min=1, max=1000, value=50,
                              tooltip="DDIM steps for mid/late tumours; early tumours use the release's 4 steps")
         self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
+        self.weights_organ = ComboBox(
+            label="Model organ", choices=[SAME_ORGAN, "liver", "pancreas", "kidney"], value=SAME_ORGAN,
+            tooltip="Cross-organ (paper section 4.2): paint this organ's tumours with another organ's diffusion model; "
+                    "blending and stage still follow Organ")
+        self.fixed_sigma = CheckBox(text="Fixed blend blur σ (voxels)", value=False,
+                                    tooltip="Off: σ drawn from U(0, 4) for each tumour, as released")
+        self.sigma = FloatSpinBox(label="Blend σ", min=0.0, max=20.0, step=0.5, value=2.0, enabled=False,
+                                  tooltip="Blur of the tumour mask that blends the decoded crop into the CT")
+        self.pancreas_blend = CheckBox(
+            text="Pancreas: blend like liver and kidney", value=False,
+            tooltip="Off (as released): the whole 96 mm crop around a pancreas tumour becomes the decoded volume")
         self.keep_intermediates = CheckBox(
             text="Keep intermediates for inspection", value=True,
             tooltip="Diffusion: also return the masked input, the autoencoder reconstruction and the raw decoded "
@@ -70,10 +90,12 @@ class SynthesisWidget(ScrollableContainer):
         self.stem = LineEdit(label="File name stem", value="synthetic")
         self.save_button = PushButton(text="Save CT, tumour mask and provenance")
         self.status = wrapped(Label(value=""))
-        layers, settings, progress, saving = forms(
+        layers, settings, blending, progress, saving = forms(
             [self.ct_layer, self.organ_layer, self.organ, self.tumor_layer, self.method],
-            [self.weights_dir, self.device, self.stage, self.steps, self.seed], [self.progress], [self.out_dir, self.stem])
-        self.extend([layers, self.method_info, settings, self.keep_intermediates,
+            [self.weights_dir, self.weights_organ, self.device, self.stage, self.steps, self.seed], [self.sigma],
+            [self.progress], [self.out_dir, self.stem])
+        self.extend([layers, self.method_info, settings, self.fixed_sigma, blending, self.pancreas_blend,
+                     self.keep_intermediates,
                      Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False),
                      progress, self.progress_text,
                      Container(widgets=[self.before_after, self.difference], layout="horizontal", labels=False),
@@ -86,8 +108,13 @@ class SynthesisWidget(ScrollableContainer):
         self.difference.changed.connect(lambda _=None: self.show_difference())
         self.save_button.changed.connect(lambda _=None: self.save())
         self.weights_dir.changed.connect(self._on_weights_dir)
-        for box in (self.method, self.organ, self.stage, self.tumor_layer):
+        for box in (self.method, self.organ, self.stage, self.tumor_layer, self.weights_organ, self.steps):
             box.changed.connect(self.update_method_info)
+        self.fixed_sigma.changed.connect(lambda on: setattr(self.sigma, "enabled", bool(on)))
+        self.organ.changed.connect(self._on_organ)
+        self.tumor_layer.changed.connect(self._watch_tumor_layer)
+        self._watched_tumor = None
+        self._on_organ()
         self.organ_layer.changed.connect(self._on_organ_layer)
         for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
             emitter.connect(self._on_layers_changed)
@@ -128,6 +155,36 @@ class SynthesisWidget(ScrollableContainer):
         self.reset_choices()
         for box, prev in zip((self.ct_layer, self.organ_layer, self.tumor_layer), old):
             select_first(box, prev)
+        self.update_method_info()
+
+    def _on_organ(self, _=None) -> None:
+        self.pancreas_blend.enabled = self.organ.value == "pancreas"
+
+    def _watch_tumor_layer(self, _=None) -> None:
+        """Follow the placements made in the chosen tumour mask (Tumor placement emits a paint event per placement)."""
+        layer = self.tumor_layer.value
+        old = self._watched_tumor
+        if old is not None and (layer is None or unwrap(old) is not unwrap(layer)):
+            try:
+                unwrap(old).events.paint.disconnect(self._follow_placements)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+            self._watched_tumor = None
+        if layer is not None and self._watched_tumor is None:
+            unwrap(layer).events.paint.connect(self._follow_placements)
+            self._watched_tumor = layer
+        self._follow_placements()
+
+    def _follow_placements(self, _=None) -> None:
+        """Organ := the organ the tumours were placed in (Tumor placement records it), so a tumour placed in
+        the kidney is not synthesized as a liver tumour because Organ here still said liver."""
+        layer = self.tumor_layer.value
+        placements = (layer.metadata.get("difftumor", {}).get("placements") or []) if layer is not None else []
+        organs = {p.get("organ") for p in placements}
+        if len(organs) == 1:
+            organ = organs.pop()
+            if organ in pl.PLACEABLE_ORGANS and organ != self.organ.value:
+                self.organ.value = organ
         self.update_method_info()
 
     def _on_organ_layer(self, _=None) -> None:
@@ -176,12 +233,18 @@ class SynthesisWidget(ScrollableContainer):
     def update_method_info(self, _=None) -> st.MethodStatus | None:
         """Say which method will run and why (diffusion only with the weights for organ + stage)."""
         try:
-            status = st.method_status(self.method.value, self.organ.value, self.stages(), self.weights_folder())
+            status = st.method_status(self.method.value, self.organ.value, self.stages(), self.weights_folder(),
+                                      weights_organ=self.model_organ(), steps=int(self.steps.value))
         except Exception as exc:  # noqa: BLE001 - shown in the label, not a popup on every change
             self.method_info.value = st.user_message(exc, "Method")
             return None
         self.method_info.value = status.reason
         return status
+
+    def model_organ(self) -> str | None:
+        """Whose diffusion weights run: None = the organ's own."""
+        value = self.weights_organ.value
+        return None if value == SAME_ORGAN or value == self.organ.value else value
 
     # -- run --------------------------------------------------------------------------------------
     def geometry(self):
@@ -201,15 +264,24 @@ class SynthesisWidget(ScrollableContainer):
         for layer, arr in ((organs, organ), (tumor, tumor.data)):
             if np.shape(arr) != tuple(ct.data.shape):
                 raise DiffTumorError(f"{layer.name}: shape {np.shape(arr)} differs from the CT {tuple(ct.data.shape)}")
+        voxels = np.asarray(tumor.data) > 0
+        n, inside = int(voxels.sum()), int((voxels & organ).sum())
+        if n and inside < 0.5 * n:  # the engine says "the organ"; here the user needs to hear which one
+            raise DiffTumorError(f"{tumor.name}: only {inside} of its {n} voxels lie inside the {self.organ.value} "
+                                 f"(Organ); choose the organ the tumours were placed in, or place them inside the "
+                                 f"{self.organ.value}")
         self.method_info.value = st.method_status(self.method.value, self.organ.value, self.stages(),
-                                                  self.weights_folder()).reason
+                                                  self.weights_folder(), weights_organ=self.model_organ(),
+                                                  steps=int(self.steps.value)).reason
         placements = list(tumor.metadata.get("difftumor", {}).get("placements", []))
         return st.SynthesisRequest(
             ct=np.asarray(ct.data), geometry=self.geometry(), organ_mask=organ, tumor_mask=np.asarray(tumor.data) > 0,
             organ=self.organ.value, method=self.method.value, device=self.device.value, stage=self.stage.value,
             steps=int(self.steps.value), seed=int(self.seed.value), weights_dir=self.weights_folder(),
             placements=placements, source=ct.metadata.get("difftumor", {}).get("source"),
-            keep_intermediates=bool(self.keep_intermediates.value), existing_tumor=existing)
+            keep_intermediates=bool(self.keep_intermediates.value), existing_tumor=existing,
+            weights_organ=self.model_organ(), sigma=float(self.sigma.value) if self.fixed_sigma.value else None,
+            pancreas_blend=bool(self.pancreas_blend.value) and self.organ.value == "pancreas")
 
     @property
     def running(self) -> bool:
@@ -241,13 +313,15 @@ class SynthesisWidget(ScrollableContainer):
         from napari.qt.threading import create_worker
 
         def _steps():
-            """Worker: runs the engine generator; never touches Qt."""
-            return (yield from gen)
+            """Worker: runs the engine generator; never touches Qt. A failure is returned (see :class:`_Failed`)."""
+            try:
+                return (yield from gen)
+            except Exception as exc:  # noqa: BLE001 - reported once, on the GUI thread
+                return _Failed(exc)
 
-        worker = create_worker(_steps, _start_thread=False)
+        worker = create_worker(_steps, _start_thread=False, _connect={"errored": self._on_synthesis_errored})
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_synthesis_done)
-        worker.errored.connect(self._on_synthesis_errored)
         worker.aborted.connect(self._on_synthesis_aborted)
         worker.finished.connect(self._on_finished)
         self.worker = worker
@@ -274,20 +348,22 @@ class SynthesisWidget(ScrollableContainer):
         self.progress.value = min(int(done), self.progress.max)
         self.progress_text.value = message
 
-    def _on_synthesis_done(self, outcome: st.SynthesisOutcome) -> None:
+    def _on_synthesis_done(self, outcome) -> None:
+        if isinstance(outcome, _Failed):
+            self._on_synthesis_errored(outcome.exc)
+            return
         if self._source_ct is None or self._source_ct not in self._viewer.layers:
             self.status.value = "The CT layer was removed during the run; the result was discarded"
             return
         self.outcome = outcome
         self.add_result_layers(outcome)
-        prov = outcome.provenance
-        n = prov.get("n_tumours")
-        self.status.value = (f"Done: {n} tumour(s), {prov.get('method')}, seed {prov.get('seed')}. "
-                             "Next: Before / after, Inspection, or Save.")
+        self.status.value = f"Done: {done_summary(outcome.provenance)}. Next: Before / after, Inspection, or Save."
 
     def _on_synthesis_errored(self, exc: BaseException) -> None:
-        notify_error(exc, "Synthesis")
-        self.status.value = st.user_message(exc, "Synthesis")
+        if self._cancel.is_set():  # the engine stopped at the user's Cancel: not an error
+            self.status.value = "Cancelled: nothing was changed"
+            return
+        self.status.value = notify_error(exc, "Synthesis")
 
     def _on_synthesis_aborted(self) -> None:
         self.status.value = "Cancelled: nothing was changed"
@@ -387,3 +463,25 @@ class SynthesisWidget(ScrollableContainer):
         show_info(f"Saved {paths['ct'].name}, {paths['label'].name} and {paths['provenance'].name} in {folder}")
         self.status.value = f"Saved to {folder}"
         return paths
+
+
+def done_summary(prov: dict) -> str:
+    """'1 tumour(s), diffusion (mid/late: DDIM 3 steps, σ 3.2), seed 5, 10.4 s on cpu' for the status line."""
+    what = str(prov.get("method"))
+    crops = prov.get("tumours") or []
+    if what == "diffusion" and crops:
+        stages = sorted({"early" if c.get("stage") == "early" else "mid/late" for c in crops})
+        sigmas = [c["sigma"] for c in crops if c.get("sigma") is not None]
+        detail = ", ".join(stages)
+        if any(c.get("stage") != "early" for c in crops):
+            detail += f": DDIM {next(c['steps'] for c in crops if c.get('stage') != 'early')} steps"
+        if sigmas:
+            detail += ", blend σ " + "/".join(f"{v:.1f}" for v in sigmas)
+        elif prov.get("organ") == "pancreas":
+            detail += ", whole crop replaced (pancreas as released)"
+        if prov.get("weights_organ") and prov.get("weights_organ") != prov.get("organ"):
+            detail += f", {prov['weights_organ']} weights"
+        what += f" ({detail})"
+    secs = prov.get("seconds")
+    timing = f", {secs:.1f} s on {prov.get('device')}" if isinstance(secs, (int, float)) and prov.get("device") else ""
+    return f"{prov.get('n_tumours')} tumour(s), {what}, seed {prov.get('seed')}{timing}"

@@ -63,28 +63,44 @@ class MethodStatus:
     reason: str  # one sentence for the widget
 
 
+def _stage_words(stages: Sequence[str], steps: int | None) -> str:
+    """'early tumour: T = 4' / 'mid/late tumour: 50 DDIM steps' for the method line."""
+    parts = []
+    for st in sorted(set(stages)):
+        if st == "early":
+            parts.append("early tumour: T = 4 model, 4 steps")
+        else:
+            parts.append(f"mid/late tumour: T = 200 model, {int(steps or 50)} DDIM steps")
+    return "; ".join(parts)
+
+
 def method_status(requested: str, organ: str, stages: Sequence[str], weights_dir: str | os.PathLike | None,
-                  device: str = "cpu") -> MethodStatus:
+                  device: str = "cpu", *, weights_organ: str | None = None, steps: int | None = None) -> MethodStatus:
     """Which method runs and why, as the engine will decide it (diffusion needs the weights of
-    ``organ`` for every stage in ``stages``).
+    ``weights_organ`` (default ``organ``) for every stage in ``stages``).
 
     ``requested`` "auto" picks diffusion when the weights are there, model-based otherwise;
     "diffusion" without weights is a user error (raised); "model-based" always runs.
     """
     from backend.synthesis.engine import SynthesisEngine
+    from backend.weights import diffusion_name
 
     if requested not in METHODS:
         raise DiffTumorError(f"method '{requested}': choose one of {', '.join(METHODS)}")
     if requested == "model-based":
         return MethodStatus("model-based", "Model-based synthesis (chosen; needs no weights)")
+    model_organ = weights_organ or organ
     engine = SynthesisEngine(weights_dir=weights_dir or None, device=device)
-    checks = [engine.diffusion_available(organ, st) for st in sorted(set(stages))]
+    checks = [engine.diffusion_available(model_organ, st) for st in sorted(set(stages))]
     missing = [reason for ok, reason in checks if not ok]
     if engine.weights.root is None:  # say it in the widget's words, not the command line's
         missing = ["no weights folder yet; choose the folder with the DiffTumor weights under Weights "
                    "to run diffusion"]
     if not missing:
-        return MethodStatus("diffusion", f"DiffTumor diffusion: {checks[0][1]}")
+        files = ", ".join(diffusion_name(model_organ, st) for st in sorted(set(stages)))
+        cross = f" ({model_organ} model painting {organ} tumours)" if model_organ != organ else ""
+        return MethodStatus("diffusion", f"DiffTumor diffusion{cross} — {_stage_words(stages, steps)} "
+                                         f"({files} in {engine.weights.root})")
     if requested == "diffusion":
         raise DiffTumorError(f"diffusion: {missing[0]}; choose the weights folder or method 'model-based'")
     return MethodStatus("model-based", f"Model-based synthesis: {missing[0]}")
@@ -112,6 +128,9 @@ class SynthesisRequest:
     source: str | None = None  # file the CT came from (provenance)
     keep_intermediates: bool = True  # diffusion: masked / reconstruction / decoded volumes for Inspection
     existing_tumor: np.ndarray | None = None  # tumours already labelled (kept as tumour, never painted over)
+    weights_organ: str | None = None  # diffusion: whose weights paint the tumours (None: ``organ``; cross-organ)
+    sigma: float | None = None  # diffusion: blend blur in voxels (None: U(0, 4) per tumour, as released)
+    pancreas_blend: bool = False  # diffusion, pancreas: blend like liver/kidney instead of replacing the crop
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("device", DEVICES), ("stage", STAGES)):
@@ -172,6 +191,12 @@ def engine_generator(request: SynthesisRequest):
         kwargs["ddim_steps"] = int(request.steps)  # mid/late DDIM steps; early tumours use the release's T = 4
     if request.existing_tumor is not None:
         kwargs["existing_tumor"] = np.asarray(request.existing_tumor, bool)
+    if request.weights_organ and request.weights_organ != request.organ:
+        kwargs["weights_organ"] = request.weights_organ  # the paper's cross-organ setting
+    if request.sigma is not None:
+        kwargs["sigma"] = float(request.sigma)
+    if request.pancreas_blend:
+        kwargs["pancreas_blend"] = True
     return engine.iter_synthesize(Volume(request.ct, request.geometry), np.asarray(request.organ_mask, bool),
                                   np.asarray(request.tumor_mask) > 0, **kwargs)
 
@@ -233,7 +258,11 @@ def provenance_record(outcome: SynthesisOutcome, files: dict[str, str]) -> dict:
         source_ct=outcome.request.source,
         seed=prov.get("seed", outcome.request.seed),
         requested={"method": outcome.request.method, "device": outcome.request.device,
-                   "stage": outcome.request.stage, "steps": outcome.request.steps},
+                   "stage": outcome.request.stage, "steps": outcome.request.steps,
+                   "weights_organ": outcome.request.weights_organ or outcome.request.organ,
+                   "sigma": "random U(0, 4) per tumour" if outcome.request.sigma is None else outcome.request.sigma,
+                   "pancreas_blend": outcome.request.pancreas_blend,
+                   "keep_intermediates": outcome.request.keep_intermediates},
         tumor_voxels=int(np.count_nonzero(outcome.tumor_mask)),
         files=files,
     )

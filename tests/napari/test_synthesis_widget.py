@@ -328,3 +328,100 @@ def test_closing_the_dock_cancels_and_removing_the_ct_discards_the_run(phantom_v
     qtbot.waitUntil(lambda: not synth2.running, timeout=10000)
     assert synth2.outcome is None and RESULT_CT not in phantom_viewer.layers
     assert "removed during the run" in synth2.status.value
+
+
+def test_an_error_in_the_worker_is_one_notification(phantom_viewer, qtbot, monkeypatch, errors):
+    """A failing threaded run: one one-line notification (napari used to relay the worker's exception as a second
+    one with a traceback and re-raise it in the GUI thread), the status says it, nothing is added."""
+    from napari.utils.notifications import notification_manager
+
+    from backend.errors import DiffTumorError
+
+    monkeypatch.delenv(st.NOTHREADS_ENV, raising=False)
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+
+    def failing(request):
+        yield "step 1", 1, 3
+        raise DiffTumorError("tumor mask: a test failure")
+
+    synth.make_generator = failing
+    relayed = []
+    notification_manager.notification_ready.connect(relayed.append)
+    try:
+        n = len(phantom_viewer.layers)
+        assert synth.run()
+        qtbot.waitUntil(lambda: not synth.running, timeout=10000)
+        qtbot.wait(50)
+    finally:
+        notification_manager.notification_ready.disconnect(relayed.append)
+    assert errors == ["tumor mask: a test failure"] and synth.status.value == errors[0]
+    assert [r for r in relayed if "test failure" in str(r.message)] == []  # no second, traceback-style one
+    assert len(phantom_viewer.layers) == n and synth.run_button.enabled
+
+
+def test_organ_follows_placements_and_a_mismatch_names_the_organ(make_napari_viewer, qtbot, monkeypatch, tmp_path,
+                                                                  errors, no_weights, totalseg_ct, totalseg_seg):
+    from difftumor_napari._reader import read_layer_data
+
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    viewer = make_napari_viewer()
+    for p in (totalseg_ct, totalseg_seg):
+        data, kw, kind = read_layer_data(p)
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    place, synth = _widgets(viewer, qtbot)
+    assert synth.organ.value == "liver"
+    place.organ.value = "kidney"
+    assert place.place_random() == 1
+    assert synth.organ.value == "kidney"  # the organ the tumour was placed in
+    synth.organ.value = "liver"  # the user overrides it: the run is refused in one line naming the organ
+    assert not synth.run()
+    assert "lie inside the liver (Organ)" in errors[-1] and "\n" not in errors[-1]
+    assert "synthetic tumor" not in viewer.layers
+
+
+def test_cross_organ_weights_fixed_sigma_and_pancreas_blend(make_napari_viewer, qtbot, monkeypatch, tmp_path, errors,
+                                                            no_weights, parity_dir, totalseg_ct, totalseg_seg):
+    """Diffusion on the real CT: a pancreas tumour painted with the liver model, σ fixed, pancreas blended; the
+    choices reach the engine and the saved provenance."""
+    import torch
+
+    from difftumor_napari._reader import read_layer_data
+
+    torch.set_num_threads(2)
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    viewer = make_napari_viewer()
+    for p in (totalseg_ct, totalseg_seg):
+        data, kw, kind = read_layer_data(p)
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    place, synth = _widgets(viewer, qtbot)
+    place.organ.value = "pancreas"
+    place.random_size.value = "tiny"
+    assert place.place_random() == 1
+    assert synth.organ.value == "pancreas"
+    synth.weights_dir.value = str(parity_dir)  # liver weights only
+    synth.method.value, synth.device.value = "diffusion", "cpu"
+    assert not synth.run() and "lacks pancreas_early.pt" in errors[-1]
+    assert not synth.pancreas_blend.value and synth.pancreas_blend.enabled
+    synth.weights_organ.value = "liver"
+    assert "liver model painting pancreas tumours" in synth.method_info.value
+    synth.fixed_sigma.value = True
+    assert synth.sigma.enabled
+    synth.sigma.value = 1.5
+    synth.pancreas_blend.value = True
+    synth.keep_intermediates.value = False
+    n_errors = len(errors)
+    assert synth.run() and synth.outcome is not None, errors[n_errors:]
+    prov = synth.outcome.provenance
+    assert prov["method"] == "diffusion" and prov["organ"] == "pancreas" and prov["weights_organ"] == "liver"
+    assert [t["sigma"] for t in prov["tumours"]] == [1.5] and "liver_early.pt" in prov["tumours"][0]["weights_sha256"]
+    assert "liver weights" in synth.status.value and "σ 1.5" in synth.status.value
+    changed = synth.outcome.ct != np.asarray(viewer.layers["example_ct_sm"].data)
+    assert changed.any() and changed.sum() < 2000  # blended around the tumour, not the whole 96 mm crop replaced
+    synth.out_dir.value = str(tmp_path / "out")
+    paths = synth.save()
+    saved = json.loads(paths["provenance"].read_text(encoding="utf-8"))
+    assert saved["requested"]["weights_organ"] == "liver" and saved["requested"]["sigma"] == 1.5
+    assert saved["requested"]["pancreas_blend"] is True and saved["weights_organ"] == "liver"
+    assert set(saved["weights_sha256"]) == {"AutoencoderModel.ckpt", "liver_early.pt"}
+    assert errors[n_errors:] == []
