@@ -176,6 +176,24 @@ def group_components(tumor: np.ndarray, geometry: Geometry, extent_mm: float = G
 # --------------------------------------------------------------------------------------------
 # random placement on the CT grid (the release's generator)
 # --------------------------------------------------------------------------------------------
+def group_crop(geometry: Geometry, group: np.ndarray) -> tuple["crops.Crop", np.ndarray]:
+    """The 96 mm model-grid crop the diffusion model paints for a tumour group, and the group's centre (world)."""
+    nz = np.argwhere(group)
+    centre_idx = (nz.min(0) + nz.max(0)) / 2.0  # (z, y, x)
+    centre_world = geometry.voxel_to_world(centre_idx[::-1])
+    return crops.crop_around(crops.model_grid(geometry), centre_world), centre_world
+
+
+def outside_crop(geometry: Geometry, group: np.ndarray) -> np.ndarray:
+    """Voxels of ``group`` whose centres lie outside its crop: diffusion cannot paint them."""
+    crop, _ = group_crop(geometry, group)
+    idx = np.argwhere(group)
+    pos = crop.geometry.world_to_voxel(geometry.voxel_to_world(idx[:, ::-1].astype(np.float64)))
+    out = np.zeros(group.shape, bool)
+    out[tuple(idx.T)] = np.any((pos < -0.5) | (pos > crop.size - 0.5), axis=1)
+    return out
+
+
 def _organ_in_model_space(grid: Geometry, organ_arr: np.ndarray, size: str):
     """The organ's neighbourhood as a 1 mm model-space (X, Y, Z) mask: (mask, model grid, file slices, sub-grid)."""
     reach_mm = max(10.0, 2.0 * masks.SIZE_CLASSES[size].semi_axes[1])  # room for the class's largest tumour
@@ -482,6 +500,21 @@ class SynthesisEngine:
                 chosen, reason = "model-based", "auto: " + next(r for a, r in avail if not a)
         log.info("synthesis method: %s (%s)", chosen, reason)
 
+        if chosen == "diffusion":  # every tumour voxel must lie in its 96 mm crop, or it is labelled but never painted
+            for i, g in enumerate(groups):
+                outside = outside_crop(ct.geometry, g)
+                if not outside.any():
+                    continue
+                if tumor_mask is not None:
+                    raise DiffTumorError(
+                        f"{tumor_name}: a tumour {max(diameters[i]):.0f} mm across does not fit the diffusion model's "
+                        f"{crops.CROP} mm crop ({int(outside.sum())} of its {int(g.sum())} voxels would be labelled "
+                        f"tumour with the CT unchanged); make it smaller or use method model-based")
+                g &= ~outside  # a generated large tumour is cut to its crop, as the release's crops cut it
+                tumor &= ~outside
+                mask_info["clipped_to_crop_voxels"] = mask_info.get("clipped_to_crop_voxels", 0) + int(outside.sum())
+                diameters[i] = component_diameters_mm(g, spacing_zyx)
+
         out = ct.array.copy()
         inter = ({k: ct.array.astype(np.float32) for k in INTERMEDIATES}
                  if keep_intermediates and chosen == "diffusion" else None)
@@ -565,11 +598,7 @@ class SynthesisEngine:
 
         t0 = time.perf_counter()
         models = self.stage_models(model_organ or organ, stage, ddim_steps)
-        grid = crops.model_grid(geometry)
-        nz = np.argwhere(group)
-        centre_idx = (nz.min(0) + nz.max(0)) / 2.0  # (z, y, x)
-        centre_world = geometry.voxel_to_world(centre_idx[::-1])
-        crop = crops.crop_around(grid, centre_world)
+        crop, centre_world = group_crop(geometry, group)
         inside = crop.inside()
         hu = crops.crop_from(out, geometry, crop, nearest=False, pad=blend.HU_LOW - 1000.0)  # float32 (X, Y, Z)
         m = crops.crop_from(group, geometry, crop, nearest=True, pad=0).astype(np.float32)

@@ -224,3 +224,33 @@ def test_existing_tumours_stay_tumour_and_are_not_painted_over(tmp_path):
     user = ellipsoid_mask(ct.geometry, (40, 40, 20), (4, 4, 4), voxel=True)  # entirely on the real tumour
     with pytest.raises(DiffTumorError, match="entirely on the tumours already"):
         e.synthesize(ct, organ, user, organ="liver", method="model-based", existing_tumor=real_tumour)
+
+
+def test_user_tumour_larger_than_the_crop_is_refused(engine, real):
+    """A tumour wider than the 96 mm crop used to be labelled 2 in full while the CT outside the crop was left
+    unchanged (no error): a wrong label for training. Diffusion refuses it in one line; model-based still runs."""
+    from backend.synthesis.engine import outside_crop
+
+    ct, organ = real
+    zz, yy, xx = np.indices(organ.shape)
+    c = np.argwhere(organ).mean(0)
+    big = organ & ((((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) * 9.0) <= 70.0 ** 2)
+    assert outside_crop(ct.geometry, big).any()
+    with pytest.raises(DiffTumorError, match=r"across does not fit the diffusion model's 96 mm crop \(\d+ of its"):
+        engine.synthesize(ct, organ, big, organ="liver", method="diffusion", seed=0, ddim_steps=1)
+    small = organ & ((((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) * 9.0) <= 30.0 ** 2)
+    assert not outside_crop(ct.geometry, small).any()
+    assert engine.synthesize(ct, organ, big, organ="liver", method="model-based", seed=0).tumor_mask.sum() == big.sum()
+
+
+@pytest.mark.slow
+def test_generated_large_tumour_is_cut_to_its_crop(engine, real):
+    """A generated large tumour (up to 128 mm) is cut to the crop the model paints, as the release's crops cut it."""
+    from backend.synthesis.engine import group_components, outside_crop
+
+    ct, organ = real
+    r = engine.synthesize(ct, organ, organ="liver", size="large", count=1, seed=0, ddim_steps=1, method="diffusion",
+                          sigma=1.0)
+    assert r.provenance["mask"]["clipped_to_crop_voxels"] > 0
+    assert not any(outside_crop(ct.geometry, g).any() for g in group_components(r.tumor_mask, ct.geometry))
+    assert ((r.label == 2) == r.tumor_mask).all()
