@@ -419,7 +419,8 @@ class SynthesisWidget(ScrollableContainer):
         return "after" if show_after else "before"
 
     def show_difference(self):
-        """A 'difference' layer: synthetic minus original HU, blue-white-red, symmetric window."""
+        """A 'difference' layer: synthetic minus original HU, blue (darker) to red (brighter), unchanged voxels
+        transparent so the CT shows through; symmetric window."""
         if self.outcome is None or self._source_ct is None:
             from napari.utils.notifications import show_info
 
@@ -434,8 +435,9 @@ class SynthesisWidget(ScrollableContainer):
         lim = float(max(1.0, np.abs(diff).max()))
         info = dict(ct.metadata.get("difftumor", {}), kind="difference", dtype="float32", source=None)
         info.pop("data_range", None)  # the CT's grid and orientation, so it saves onto the original file grid
-        return self._viewer.add_image(diff, name=DIFFERENCE, scale=ct.scale, translate=ct.translate, colormap="bwr",
-                                      contrast_limits=(-lim, lim), opacity=0.7, metadata={"difftumor": info})
+        return self._viewer.add_image(diff, name=DIFFERENCE, scale=ct.scale, translate=ct.translate,
+                                      colormap=difference_colormap(), contrast_limits=(-lim, lim), opacity=0.9,
+                                      metadata={"difftumor": info})
 
     def save(self) -> dict | None:
         """Write CT, tumour label (0/1/2) and provenance JSON onto the original grid."""
@@ -463,6 +465,15 @@ class SynthesisWidget(ScrollableContainer):
         show_info(f"Saved {paths['ct'].name}, {paths['label'].name} and {paths['provenance'].name} in {folder}")
         self.status.value = f"Saved to {folder}"
         return paths
+
+
+def difference_colormap():
+    """Blue (darker) - transparent (unchanged) - red (brighter): napari's 'bwr' is white at 0 and, over the whole
+    CT, washed the slice out so the change could not be seen against the anatomy."""
+    from napari.utils.colormaps import Colormap
+
+    return Colormap([[0.0, 0.3, 1.0, 1.0], [0.0, 0.3, 1.0, 0.0], [1.0, 0.15, 0.0, 0.0], [1.0, 0.15, 0.0, 1.0]],
+                    controls=[0.0, 0.5 - 1e-3, 0.5 + 1e-3, 1.0], name="difftumor difference")
 
 
 def done_summary(prov: dict) -> str:

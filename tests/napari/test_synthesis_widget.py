@@ -85,6 +85,9 @@ def _flow(viewer, qtbot, tmp_path, source_ct, organ: str):
     assert synth.toggle_before_after() == "after" and result.visible and not ct.visible
     diff = synth.show_difference()
     assert diff.name == DIFFERENCE and float(np.abs(diff.data).max()) > 10
+    rgba = diff.colormap.map(np.array([0.0, 0.5, 1.0]))  # darker, unchanged, brighter
+    assert rgba[1][3] == 0 and rgba[0][3] == rgba[2][3] == 1  # unchanged voxels let the CT show through
+    assert rgba[0][2] > rgba[0][0] and rgba[2][0] > rgba[2][2]  # blue = darker, red = brighter
     # save onto the original grid and reopen
     synth.out_dir.value = str(tmp_path)
     synth.stem.value = "case"
