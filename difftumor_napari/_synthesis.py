@@ -494,5 +494,7 @@ def done_summary(prov: dict) -> str:
             detail += f", {prov['weights_organ']} weights"
         what += f" ({detail})"
     secs = prov.get("seconds")
-    timing = f", {secs:.1f} s on {prov.get('device')}" if isinstance(secs, (int, float)) and prov.get("device") else ""
+    timing = ""
+    if isinstance(secs, (int, float)) and prov.get("device"):
+        timing = f", {'< 0.1' if secs < 0.05 else f'{secs:.1f}'} s on {prov.get('device')}"
     return f"{prov.get('n_tumours')} tumour(s), {what}, seed {prov.get('seed')}{timing}"
