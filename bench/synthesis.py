@@ -9,6 +9,12 @@ shared real CT (3 mm) when present (else a synthetic one), CPU with ``--threads`
 
 Medians over ``--repeats`` runs (mid/late: ``--repeats-mid``). The release takes 6.4 s (early) and
 19.7 s (mid/late) with a 4.7 GB peak on this class of machine.
+
+It also prints a **floor** for each stage: the floating-point operations the exact path must do (counted by
+``torch.utils.flop_counter`` on the real modules: encode, every U-Net call, the region decode) divided by
+the float32 rate this machine reaches on the decoder's own dominant convolution (32 -> 32 channels, 3^3,
+96^3, measured here). No float32 implementation built from these kernels can beat it; a target below the
+floor needs fewer operations (e.g. Winograd kernels) or lower precision (outside the parity tolerance).
 """
 
 from __future__ import annotations
@@ -73,6 +79,54 @@ def sphere(ct, organ, k: int, radius_mm: float):
     return ellipsoid_mask(ct.geometry, (x, y, z), (radius_mm,) * 3, voxel=True) & organ
 
 
+def conv_gflops(device: str = "cpu", repeats: int = 5) -> float:
+    """Measured float32 GFLOP/s of the decoder's dominant convolution (32 -> 32, 3^3 on a padded 98^3 input,
+    channels-last on the CPU as the decoder runs it); median of ``repeats``."""
+    import torch
+
+    conv = torch.nn.Conv3d(32, 32, 3).to(device).eval()
+    x = torch.randn(1, 32, 98, 98, 98, device=device)
+    if device == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        conv(x)
+        ts = []
+        for _ in range(repeats):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            conv(x)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+    return 2 * 27 * 32 * 32 * 96**3 / statistics.median(ts) / 1e9
+
+
+def exact_flops(models, device: str = "cpu") -> dict:
+    """Floating-point operations of one tumour on the exact path, per part, counted on the real modules:
+    encode (96^3), one U-Net call (24^3 latent), the decode of a 32^3 region (the whole crop up to the last
+    GroupNorm, as the exact decode must)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ae, unet, dec = models.autoencoder, models.unet, models.decoder
+    x = torch.zeros(1, 1, 96, 96, 96, device=device)
+    out = {}
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as fc:
+            z = ae.encode(x)
+        out["encode"] = fc.get_total_flops()
+        c = z.shape[1]
+        with FlopCounterMode(display=False) as fc:
+            unet(torch.zeros(1, c, *z.shape[2:], device=device), torch.tensor([1], device=device),
+                 torch.zeros(1, c + 1, *z.shape[2:], device=device))
+        out["unet_call"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            dec.decode(z, quantize=True, region=(slice(32, 64),) * 3)
+        out["decode"] = fc.get_total_flops()
+    return out
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -112,13 +166,22 @@ def main(argv=None) -> int:
         for i in range(args.repeats_mid):
             t, _ = timed(lambda: run(sphere(ct, organ, 1, 14.0), "mid_late", i))
             mid.append(t)
+        flops = exact_flops(engine.stage_models("liver", "early"), args.device)
+        steps = {"early": engine.stage_models("liver", "early").steps,
+                 "mid_late": engine.stage_models("liver", "mid_late").steps}
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    rate = conv_gflops(args.device)
+    floor = {st: (flops["encode"] + n * flops["unet_call"] + flops["decode"]) / (rate * 1e9) for st, n in steps.items()}
     res = {
         "early_s": round(statistics.median(early), 3),
         "mid_late_s": round(statistics.median(mid), 3),
         "second_tumor_s": round(statistics.median(second), 3),
         "model_based_s": round(statistics.median(mb), 4),
         "peak_mb": round(peak_mb, 1),
+        "floor_early_s": round(floor["early"], 3),
+        "floor_mid_late_s": round(floor["mid_late"], 3),
+        "conv_gflops": round(rate, 1),
+        "gflop": {k: round(v / 1e9, 2) for k, v in flops.items()},
         "load_s": round(load_s, 2),
         "threads": args.threads,
         "device": str(engine.device),
@@ -133,6 +196,11 @@ def main(argv=None) -> int:
         tgt = f"target ≤ {TARGETS[k]:g}" if k in TARGETS else "target < 1 s"
         off = f", release {OFFICIAL[k]:g}" if k in OFFICIAL else ""
         print(f"  {k:15s} {res[k]:10.3f}   ({tgt}{off})")
+    g = res["gflop"]
+    print(f"floor of the exact float32 path on this machine: early {res['floor_early_s']:.2f} s, mid/late "
+          f"{res['floor_mid_late_s']:.2f} s ({g['encode']:.1f} GFLOP encode + {steps['early']} / {steps['mid_late']} x "
+          f"{g['unet_call']:.1f} GFLOP U-Net + {g['decode']:.1f} GFLOP decode, at the {res['conv_gflops']:.0f} GFLOP/s "
+          f"measured for the decoder's 32-channel 3^3 convolution)")
     return 0
 
 
