@@ -14,6 +14,7 @@ pandas appears only here, where tables are assembled; the numbers come from :mod
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -90,8 +91,25 @@ def read_answers_csv(path: Path) -> pd.DataFrame:
     if df.empty:
         raise DiffTumorError(f"{path}: answers CSV holds no answers (only a header)")
     df = df[list(ANSWER_COLUMNS)].copy()
-    df["line"] = np.arange(len(df)) + 2
+    df["line"] = _record_lines(path, len(df))
     return df
+
+
+def _record_lines(path: Path, n_rows: int) -> np.ndarray:
+    """The line in the file of each of the ``n_rows`` data rows pandas read.
+
+    pandas skips blank (and whitespace-only) lines, so a row's index is not its line: count them
+    the same way. Falls back to ``index + 2`` if the two readings disagree.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            lines = [reader.line_num for row in reader if len(row) > 1 or (row and row[0].strip())]
+    except (OSError, ValueError, csv.Error):
+        lines = []
+    if len(lines) == n_rows + 1:  # the header, then one line per row
+        return np.asarray(lines[1:])
+    return np.arange(n_rows) + 2
 
 
 def read_answers_db(path: Path) -> pd.DataFrame:

@@ -424,3 +424,13 @@ def test_compress_help_warns_about_file_sizes():
     create = parser._subparsers._group_actions[0].choices["study"]._subparsers._group_actions[0].choices["create"]
     text = " ".join(create.format_help().split())
     assert "can hint at the class" in text and "same size" in text
+
+
+def test_errors_name_the_file_line_despite_blank_lines(tmp_path, files):
+    key, answers = files
+    lines = ANSWERS.splitlines()
+    # blank and whitespace-only lines before the header and between rows; line 7 holds the bad answer
+    text = "\n" + lines[0] + "\n" + lines[1] + "\n\n  \n" + lines[2] + "\n" + lines[3].replace("synthetic", "synth") + "\n"
+    answers.write_text(text + "\n".join(lines[4:]) + "\n", encoding="utf-8")
+    assert text.splitlines()[6].startswith("R1,L3,synth,")
+    _report_fails(tmp_path, key, answers, r"answers.csv: line 7: answer 'synth'")
