@@ -216,14 +216,24 @@ def read_key(path: str | Path) -> dict[str, tuple[str, str]]:
         path = path / "key.csv"
     if not path.is_file():
         raise DiffTumorError(f"{path}: no such key file (expected key.csv with columns {','.join(KEY_COLUMNS)})")
+    try:
+        return _read_key_csv(path)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DiffTumorError(f"{path}: unreadable key CSV ({exc})") from None
+
+
+def _read_key_csv(path: Path) -> dict[str, tuple[str, str]]:
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a key saved by Excel starts with a BOM
         reader = csv.DictReader(f)
         missing = [c for c in KEY_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DiffTumorError(f"{path}: key lacks column(s) {','.join(missing)} (needs {','.join(KEY_COLUMNS)})")
         key: dict[str, tuple[str, str]] = {}
-        for i, row in enumerate(reader, start=2):
-            cid, truth, organ = (row[c].strip() for c in KEY_COLUMNS)
+        for row in reader:
+            i = reader.line_num  # the row's line in the file (DictReader skips blank lines)
+            cid, truth, organ = ((row[c] or "").strip() for c in KEY_COLUMNS)  # None: the line is short
+            if not cid:
+                raise DiffTumorError(f"{path}: line {i}: case_id is empty")
             if truth not in ("real", "synthetic"):
                 raise DiffTumorError(f"{path}: line {i}: truth {truth!r} must be real or synthetic")
             if cid in key:

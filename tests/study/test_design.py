@@ -171,3 +171,17 @@ def test_options_recorded(tmp_path, source_cases):
         **SETTINGS, options=StudyOptions(unsure=True, confidence=True, revisit=True), compress=True))
     assert s.options == StudyOptions(True, True, True)
     assert all(f.endswith(".nii.gz") for f in s.case_files.values())
+
+
+@pytest.mark.parametrize("text, message", [
+    ("case_id,truth,organ\n\nA,real,liver\n\nB,reel,liver\n", r"key.csv: line 5: truth 'reel'"),  # blank lines counted
+    ("case_id,truth,organ\nA,real,liver\nB\n", r"key.csv: line 3: truth '' must be real or synthetic"),  # short line
+    ("case_id,truth,organ\n,real,liver\n", r"key.csv: line 2: case_id is empty"),
+    (b"case_id,truth,organ\nA,real,\xff\n", r"key.csv: unreadable key CSV \('utf-8' codec"),
+])
+def test_malformed_key_is_one_line_naming_file_and_line(tmp_path, text, message):
+    path = tmp_path / "key.csv"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    with pytest.raises(DiffTumorError, match=message) as exc:
+        read_key(path)
+    assert "\n" not in str(exc.value)
