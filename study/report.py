@@ -283,7 +283,7 @@ def imrmc_text(answers: pd.DataFrame, key: dict) -> str:
     lines = [
         "difftumor study report: Visual Turing Test in iMRMC input format",
         "truth 1 = real tumor (signal present), 0 = synthetic tumor; score = reader's rating that the tumor is real",
-        f"NR: {answers.reader.nunique()}",
+        f"NR: {decided.reader.nunique()}",  # readers with a score row (one who only answered unsure has none)
         f"N0: {truths.count(stats.SYNTHETIC)}",
         f"N1: {truths.count(stats.REAL)}",
         "NM: 1",

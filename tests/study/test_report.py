@@ -434,3 +434,13 @@ def test_errors_name_the_file_line_despite_blank_lines(tmp_path, files):
     answers.write_text(text + "\n".join(lines[4:]) + "\n", encoding="utf-8")
     assert text.splitlines()[6].startswith("R1,L3,synth,")
     _report_fails(tmp_path, key, answers, r"answers.csv: line 7: answer 'synth'")
+
+
+def test_imrmc_reader_count_matches_the_score_rows(tmp_path, files):
+    """NR is checked against the readers in the data: a reader who only answered unsure has no row."""
+    key, answers = files
+    answers.write_text(ANSWERS + f"R3,L1,unsure,,1,{T}\nR3,P2,unsure,,1,{T}\n", encoding="utf-8")
+    text = write_report([answers], key, tmp_path / "out")["imrmc.csv"].read_text(encoding="utf-8").splitlines()
+    data = text[text.index("BEGIN DATA:") + 1:]
+    readers = {r.split(",")[0] for r in data if not r.startswith("-1,")}
+    assert readers == {"R1", "R2"} and "NR: 2" in text
