@@ -335,6 +335,11 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
     if 0 < with_mask < len(cases):
         raise DiffTumorError(f"study: {with_mask} of {len(cases)} cases have a tumor mask; give masks for all or none "
                              "(otherwise the view centring differs between cases)")
+    unnamed = sum(c.organ.lower() == "all" for c in cases)
+    if 0 < unnamed < len(cases):
+        named = sorted({c.organ for c in cases if c.organ.lower() != "all"})
+        raise DiffTumorError(f"study: {unnamed} of {len(cases)} cases have no organ but the others have one "
+                             f"({', '.join(named)}); give every case an organ (CSV column 'organ', or --organ), or none")
     seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % (2**31))
     rng = np.random.default_rng(secrets.randbits(128))  # ids, assignment, study id: never from the seed
     perm = rng.permutation(len(cases))

@@ -189,6 +189,15 @@ def load_answers(sources: Sequence[str | Path]) -> tuple[pd.DataFrame, set[str] 
     return df, study_cases
 
 
+def check_key_organs(key: dict, key_path) -> None:
+    """Cases without an organ (organ ``all``) cannot sit beside cases with one: the ``all`` rows pool every organ."""
+    unnamed = sorted(c for c, (_, o) in key.items() if o.lower() == ALL)
+    named = organ_order(o for _, o in key.values() if o.lower() != ALL)
+    if unnamed and named:
+        raise DiffTumorError(f"{key_path}: {len(unnamed)} case(s) have no organ (e.g. {unnamed[0]}) but the others have one "
+                             f"({', '.join(named)}); give every case an organ, or none")
+
+
 def check_against_key(answers: pd.DataFrame, key: dict, key_path, study_cases: set[str] | None) -> None:
     def listing(ids: list[str]) -> str:
         return ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
@@ -410,6 +419,7 @@ def write_report(answers: Sequence[str | Path], key_path: str | Path, out: str |
     check_report_folder(out, force=force)
     df, study_cases = load_answers(answers)
     key = read_key(key_path)
+    check_key_organs(key, key_path)
     check_against_key(df, key, key_path, study_cases)
     table = build_table(df, key)
     kappa = kappa_by_organ(df, key)

@@ -185,3 +185,11 @@ def test_malformed_key_is_one_line_naming_file_and_line(tmp_path, text, message)
     with pytest.raises(DiffTumorError, match=message) as exc:
         read_key(path)
     assert "\n" not in str(exc.value)
+
+
+def test_cases_with_and_without_organ_are_refused(tmp_path, source_cases):
+    real, syn = _sources(source_cases)
+    real[0] = CaseSource(real[0].image, "real", "all", real[0].mask)
+    with pytest.raises(DiffTumorError, match=r"study: 1 of \d+ cases have no organ but the others have one \(liver\)"):
+        create_study(real, syn, tmp_path / "s", settings=StudySettings(**SETTINGS))
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.key").exists()

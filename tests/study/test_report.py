@@ -444,3 +444,20 @@ def test_imrmc_reader_count_matches_the_score_rows(tmp_path, files):
     data = text[text.index("BEGIN DATA:") + 1:]
     readers = {r.split(",")[0] for r in data if not r.startswith("-1,")}
     assert readers == {"R1", "R2"} and "NR: 2" in text
+
+
+@pytest.mark.parametrize("blank", ["", "all", "All"])
+def test_key_mixing_cases_with_and_without_organ_is_refused(tmp_path, files, blank):
+    """Unnamed cases got organ 'all', which collided with the pooled 'all' rows (pandas traceback)."""
+    key, answers = files
+    key.write_text(KEY.replace("P1,real,pancreas", f"P1,real,{blank}"), encoding="utf-8")
+    _report_fails(tmp_path, key, answers, r"key.csv: 1 case\(s\) have no organ \(e.g. P1\) but the others have one "
+                                          r"\(liver, pancreas\)")
+
+
+def test_key_without_any_organ_reports_one_group(tmp_path, files):
+    key, answers = files
+    key.write_text("case_id,truth,organ\n" + "".join(",".join(line.split(",")[:2]) + ",\n" for line in KEY.splitlines()[1:]),
+                   encoding="utf-8")
+    table = pd.read_csv(write_report([answers], key, tmp_path / "out")["table.csv"])
+    assert list(table.organ) == ["all", "all"] and list(table.n_real) == [3, 3]
