@@ -355,6 +355,7 @@ def render_figure(table: pd.DataFrame):
                 ax.text(x, 2, "n/a", ha="center", va="bottom", rotation=90, fontsize=8, color=f"C{i % 10}")
         ax.axhline(50, color="0.3", linestyle="--", linewidth=1)
         ax.set_xticks(np.arange(len(organs)), [o.capitalize() for o in organs])
+        ax.set_xlim(-0.5, len(organs) - 0.5)  # every reader's slot, also one with only "n/a" (text does not autoscale)
         ax.set_title(metric.capitalize())
         ax.set_ylim(0, 105)
     axes[0].set_ylabel("% (95% Wilson interval; dashed = chance)")

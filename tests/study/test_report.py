@@ -461,3 +461,22 @@ def test_key_without_any_organ_reports_one_group(tmp_path, files):
                    encoding="utf-8")
     table = pd.read_csv(write_report([answers], key, tmp_path / "out")["table.csv"])
     assert list(table.organ) == ["all", "all"] and list(table.n_real) == [3, 3]
+
+
+def test_figure_na_labels_lie_inside_their_panel(tmp_path):
+    """The last reader's "n/a" in the last organ was drawn right of the panel (beside the next one)."""
+    from study.design import read_key
+    from study.report import build_table, figure_bars, load_answers, render_figure
+
+    key_csv, answers_csv = tmp_path / "key.csv", tmp_path / "answers.csv"
+    key_csv.write_text("case_id,truth,organ\nL1,real,liver\nL2,synthetic,liver\nP1,real,pancreas\nP2,synthetic,pancreas\n",
+                       encoding="utf-8")
+    answers_csv.write_text("reader,case_id,answer,confidence,seconds,answered_at\nR1,L1,real,,1,\nR1,L2,real,,1,\n"
+                           "R1,P1,real,,1,\nR1,P2,real,,1,\nR2,L1,unsure,,1,\nR2,P2,unsure,,1,\n", encoding="utf-8")
+    table = build_table(load_answers([answers_csv])[0], read_key(key_csv))
+    fig = render_figure(table)
+    for ax, metric in zip(fig.axes[:3], ("sensitivity", "specificity", "accuracy")):
+        lo, hi = ax.get_xlim()
+        xs = np.concatenate([bar["x"] for bar in figure_bars(table, metric)])
+        assert lo < xs.min() and xs.max() < hi
+        assert all(lo < t.get_position()[0] < hi for t in ax.texts) and len(ax.texts) == 3
