@@ -331,6 +331,12 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
     if not real or not synthetic:
         raise DiffTumorError("study: need at least one real and one synthetic case")
     cases = list(real) + list(synthetic)
+    seen: dict[Path, CaseSource] = {}
+    for c in cases:  # one image twice would be two cases (or contradicting truths) that are one
+        first = seen.setdefault(Path(c.image).resolve(), c)
+        if first is not c:
+            raise DiffTumorError(f"study: {c.image} is listed twice (as {first.truth} and as {c.truth}); "
+                                 "each image may be one case only")
     with_mask = sum(c.mask is not None for c in cases)
     if 0 < with_mask < len(cases):
         raise DiffTumorError(f"study: {with_mask} of {len(cases)} cases have a tumor mask; give masks for all or none "

@@ -193,3 +193,13 @@ def test_cases_with_and_without_organ_are_refused(tmp_path, source_cases):
     with pytest.raises(DiffTumorError, match=r"study: 1 of \d+ cases have no organ but the others have one \(liver\)"):
         create_study(real, syn, tmp_path / "s", settings=StudySettings(**SETTINGS))
     assert not (tmp_path / "s").exists() and not (tmp_path / "s.key").exists()
+
+
+@pytest.mark.parametrize("twice_as", ["real", "synthetic"])
+def test_an_image_listed_twice_is_refused(tmp_path, source_cases, twice_as):
+    real, syn = _sources(source_cases)
+    real = real + [CaseSource(real[0].image, twice_as, "liver", real[0].mask)]
+    with pytest.raises(DiffTumorError, match=rf"is listed twice \(as real and as {twice_as}\)") as exc:
+        create_study(real, syn, tmp_path / "s", settings=StudySettings(**SETTINGS))
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.key").exists()
