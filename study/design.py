@@ -238,7 +238,7 @@ def _read_key_csv(path: Path) -> dict[str, tuple[str, str]]:
                 raise DiffTumorError(f"{path}: line {i}: truth {truth!r} must be real or synthetic")
             if cid in key:
                 raise DiffTumorError(f"{path}: line {i}: case {cid} appears twice")
-            key[cid] = (truth, organ or "all")
+            key[cid] = (truth, organ.lower() or "all")  # 'Liver' and 'liver' are one organ (one row of Table 1)
     if not key:
         raise DiffTumorError(f"{path}: key lists no cases")
     return key

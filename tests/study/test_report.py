@@ -480,3 +480,14 @@ def test_figure_na_labels_lie_inside_their_panel(tmp_path):
         xs = np.concatenate([bar["x"] for bar in figure_bars(table, metric)])
         assert lo < xs.min() and xs.max() < hi
         assert all(lo < t.get_position()[0] < hi for t in ax.texts) and len(ax.texts) == 3
+
+
+def test_organ_names_differing_in_case_are_one_organ(tmp_path, files):
+    """'Liver' (synthetic) and 'liver' (real) were two organs: liver had no synthetic case, specificity n/a."""
+    key, answers = files
+    paths = write_report([answers], key, tmp_path / "lower")
+    key.write_text(KEY.replace("L3,synthetic,liver", "L3,synthetic,Liver").replace("L4,synthetic,liver", "L4,synthetic,LIVER "),
+                   encoding="utf-8")
+    paths2 = write_report([answers], key, tmp_path / "mixed")
+    assert paths2["table.csv"].read_bytes() == paths["table.csv"].read_bytes()
+    assert paths2["table.md"].read_text(encoding="utf-8") == paths["table.md"].read_text(encoding="utf-8")
