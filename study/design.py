@@ -216,19 +216,29 @@ def read_key(path: str | Path) -> dict[str, tuple[str, str]]:
         path = path / "key.csv"
     if not path.is_file():
         raise DiffTumorError(f"{path}: no such key file (expected key.csv with columns {','.join(KEY_COLUMNS)})")
+    try:
+        return _read_key_csv(path)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DiffTumorError(f"{path}: unreadable key CSV ({exc})") from None
+
+
+def _read_key_csv(path: Path) -> dict[str, tuple[str, str]]:
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a key saved by Excel starts with a BOM
         reader = csv.DictReader(f)
         missing = [c for c in KEY_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DiffTumorError(f"{path}: key lacks column(s) {','.join(missing)} (needs {','.join(KEY_COLUMNS)})")
         key: dict[str, tuple[str, str]] = {}
-        for i, row in enumerate(reader, start=2):
-            cid, truth, organ = (row[c].strip() for c in KEY_COLUMNS)
+        for row in reader:
+            i = reader.line_num  # the row's line in the file (DictReader skips blank lines)
+            cid, truth, organ = ((row[c] or "").strip() for c in KEY_COLUMNS)  # None: the line is short
+            if not cid:
+                raise DiffTumorError(f"{path}: line {i}: case_id is empty")
             if truth not in ("real", "synthetic"):
                 raise DiffTumorError(f"{path}: line {i}: truth {truth!r} must be real or synthetic")
             if cid in key:
                 raise DiffTumorError(f"{path}: line {i}: case {cid} appears twice")
-            key[cid] = (truth, organ or "all")
+            key[cid] = (truth, organ.lower() or "all")  # 'Liver' and 'liver' are one organ (one row of Table 1)
     if not key:
         raise DiffTumorError(f"{path}: key lists no cases")
     return key
@@ -321,10 +331,21 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
     if not real or not synthetic:
         raise DiffTumorError("study: need at least one real and one synthetic case")
     cases = list(real) + list(synthetic)
+    seen: dict[Path, CaseSource] = {}
+    for c in cases:  # one image twice would be two cases (or contradicting truths) that are one
+        first = seen.setdefault(Path(c.image).resolve(), c)
+        if first is not c:
+            raise DiffTumorError(f"study: {c.image} is listed twice (as {first.truth} and as {c.truth}); "
+                                 "each image may be one case only")
     with_mask = sum(c.mask is not None for c in cases)
     if 0 < with_mask < len(cases):
         raise DiffTumorError(f"study: {with_mask} of {len(cases)} cases have a tumor mask; give masks for all or none "
                              "(otherwise the view centring differs between cases)")
+    unnamed = sum(c.organ.lower() == "all" for c in cases)
+    if 0 < unnamed < len(cases):
+        named = sorted({c.organ for c in cases if c.organ.lower() != "all"})
+        raise DiffTumorError(f"study: {unnamed} of {len(cases)} cases have no organ but the others have one "
+                             f"({', '.join(named)}); give every case an organ (CSV column 'organ', or --organ), or none")
     seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % (2**31))
     rng = np.random.default_rng(secrets.randbits(128))  # ids, assignment, study id: never from the seed
     perm = rng.permutation(len(cases))

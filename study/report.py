@@ -14,6 +14,7 @@ pandas appears only here, where tables are assembled; the numbers come from :mod
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -90,8 +91,25 @@ def read_answers_csv(path: Path) -> pd.DataFrame:
     if df.empty:
         raise DiffTumorError(f"{path}: answers CSV holds no answers (only a header)")
     df = df[list(ANSWER_COLUMNS)].copy()
-    df["line"] = np.arange(len(df)) + 2
+    df["line"] = _record_lines(path, len(df))
     return df
+
+
+def _record_lines(path: Path, n_rows: int) -> np.ndarray:
+    """The line in the file of each of the ``n_rows`` data rows pandas read.
+
+    pandas skips blank (and whitespace-only) lines, so a row's index is not its line: count them
+    the same way. Falls back to ``index + 2`` if the two readings disagree.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            lines = [reader.line_num for row in reader if len(row) > 1 or (row and row[0].strip())]
+    except (OSError, ValueError, csv.Error):
+        lines = []
+    if len(lines) == n_rows + 1:  # the header, then one line per row
+        return np.asarray(lines[1:])
+    return np.arange(n_rows) + 2
 
 
 def read_answers_db(path: Path) -> pd.DataFrame:
@@ -169,6 +187,15 @@ def load_answers(sources: Sequence[str | Path]) -> tuple[pd.DataFrame, set[str] 
                              f"(in {', '.join(where)})")
     check_confidence_all_or_none(df)
     return df, study_cases
+
+
+def check_key_organs(key: dict, key_path) -> None:
+    """Cases without an organ (organ ``all``) cannot sit beside cases with one: the ``all`` rows pool every organ."""
+    unnamed = sorted(c for c, (_, o) in key.items() if o.lower() == ALL)
+    named = organ_order(o for _, o in key.values() if o.lower() != ALL)
+    if unnamed and named:
+        raise DiffTumorError(f"{key_path}: {len(unnamed)} case(s) have no organ (e.g. {unnamed[0]}) but the others have one "
+                             f"({', '.join(named)}); give every case an organ, or none")
 
 
 def check_against_key(answers: pd.DataFrame, key: dict, key_path, study_cases: set[str] | None) -> None:
@@ -265,7 +292,7 @@ def imrmc_text(answers: pd.DataFrame, key: dict) -> str:
     lines = [
         "difftumor study report: Visual Turing Test in iMRMC input format",
         "truth 1 = real tumor (signal present), 0 = synthetic tumor; score = reader's rating that the tumor is real",
-        f"NR: {answers.reader.nunique()}",
+        f"NR: {decided.reader.nunique()}",  # readers with a score row (one who only answered unsure has none)
         f"N0: {truths.count(stats.SYNTHETIC)}",
         f"N1: {truths.count(stats.REAL)}",
         "NM: 1",
@@ -328,6 +355,7 @@ def render_figure(table: pd.DataFrame):
                 ax.text(x, 2, "n/a", ha="center", va="bottom", rotation=90, fontsize=8, color=f"C{i % 10}")
         ax.axhline(50, color="0.3", linestyle="--", linewidth=1)
         ax.set_xticks(np.arange(len(organs)), [o.capitalize() for o in organs])
+        ax.set_xlim(-0.5, len(organs) - 0.5)  # every reader's slot, also one with only "n/a" (text does not autoscale)
         ax.set_title(metric.capitalize())
         ax.set_ylim(0, 105)
     axes[0].set_ylabel("% (95% Wilson interval; dashed = chance)")
@@ -392,6 +420,7 @@ def write_report(answers: Sequence[str | Path], key_path: str | Path, out: str |
     check_report_folder(out, force=force)
     df, study_cases = load_answers(answers)
     key = read_key(key_path)
+    check_key_organs(key, key_path)
     check_against_key(df, key, key_path, study_cases)
     table = build_table(df, key)
     kappa = kappa_by_organ(df, key)

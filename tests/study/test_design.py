@@ -171,3 +171,35 @@ def test_options_recorded(tmp_path, source_cases):
         **SETTINGS, options=StudyOptions(unsure=True, confidence=True, revisit=True), compress=True))
     assert s.options == StudyOptions(True, True, True)
     assert all(f.endswith(".nii.gz") for f in s.case_files.values())
+
+
+@pytest.mark.parametrize("text, message", [
+    ("case_id,truth,organ\n\nA,real,liver\n\nB,reel,liver\n", r"key.csv: line 5: truth 'reel'"),  # blank lines counted
+    ("case_id,truth,organ\nA,real,liver\nB\n", r"key.csv: line 3: truth '' must be real or synthetic"),  # short line
+    ("case_id,truth,organ\n,real,liver\n", r"key.csv: line 2: case_id is empty"),
+    (b"case_id,truth,organ\nA,real,\xff\n", r"key.csv: unreadable key CSV \('utf-8' codec"),
+])
+def test_malformed_key_is_one_line_naming_file_and_line(tmp_path, text, message):
+    path = tmp_path / "key.csv"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    with pytest.raises(DiffTumorError, match=message) as exc:
+        read_key(path)
+    assert "\n" not in str(exc.value)
+
+
+def test_cases_with_and_without_organ_are_refused(tmp_path, source_cases):
+    real, syn = _sources(source_cases)
+    real[0] = CaseSource(real[0].image, "real", "all", real[0].mask)
+    with pytest.raises(DiffTumorError, match=r"study: 1 of \d+ cases have no organ but the others have one \(liver\)"):
+        create_study(real, syn, tmp_path / "s", settings=StudySettings(**SETTINGS))
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.key").exists()
+
+
+@pytest.mark.parametrize("twice_as", ["real", "synthetic"])
+def test_an_image_listed_twice_is_refused(tmp_path, source_cases, twice_as):
+    real, syn = _sources(source_cases)
+    real = real + [CaseSource(real[0].image, twice_as, "liver", real[0].mask)]
+    with pytest.raises(DiffTumorError, match=rf"is listed twice \(as real and as {twice_as}\)") as exc:
+        create_study(real, syn, tmp_path / "s", settings=StudySettings(**SETTINGS))
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.key").exists()

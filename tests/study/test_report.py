@@ -424,3 +424,70 @@ def test_compress_help_warns_about_file_sizes():
     create = parser._subparsers._group_actions[0].choices["study"]._subparsers._group_actions[0].choices["create"]
     text = " ".join(create.format_help().split())
     assert "can hint at the class" in text and "same size" in text
+
+
+def test_errors_name_the_file_line_despite_blank_lines(tmp_path, files):
+    key, answers = files
+    lines = ANSWERS.splitlines()
+    # blank and whitespace-only lines before the header and between rows; line 7 holds the bad answer
+    text = "\n" + lines[0] + "\n" + lines[1] + "\n\n  \n" + lines[2] + "\n" + lines[3].replace("synthetic", "synth") + "\n"
+    answers.write_text(text + "\n".join(lines[4:]) + "\n", encoding="utf-8")
+    assert text.splitlines()[6].startswith("R1,L3,synth,")
+    _report_fails(tmp_path, key, answers, r"answers.csv: line 7: answer 'synth'")
+
+
+def test_imrmc_reader_count_matches_the_score_rows(tmp_path, files):
+    """NR is checked against the readers in the data: a reader who only answered unsure has no row."""
+    key, answers = files
+    answers.write_text(ANSWERS + f"R3,L1,unsure,,1,{T}\nR3,P2,unsure,,1,{T}\n", encoding="utf-8")
+    text = write_report([answers], key, tmp_path / "out")["imrmc.csv"].read_text(encoding="utf-8").splitlines()
+    data = text[text.index("BEGIN DATA:") + 1:]
+    readers = {r.split(",")[0] for r in data if not r.startswith("-1,")}
+    assert readers == {"R1", "R2"} and "NR: 2" in text
+
+
+@pytest.mark.parametrize("blank", ["", "all", "All"])
+def test_key_mixing_cases_with_and_without_organ_is_refused(tmp_path, files, blank):
+    """Unnamed cases got organ 'all', which collided with the pooled 'all' rows (pandas traceback)."""
+    key, answers = files
+    key.write_text(KEY.replace("P1,real,pancreas", f"P1,real,{blank}"), encoding="utf-8")
+    _report_fails(tmp_path, key, answers, r"key.csv: 1 case\(s\) have no organ \(e.g. P1\) but the others have one "
+                                          r"\(liver, pancreas\)")
+
+
+def test_key_without_any_organ_reports_one_group(tmp_path, files):
+    key, answers = files
+    key.write_text("case_id,truth,organ\n" + "".join(",".join(line.split(",")[:2]) + ",\n" for line in KEY.splitlines()[1:]),
+                   encoding="utf-8")
+    table = pd.read_csv(write_report([answers], key, tmp_path / "out")["table.csv"])
+    assert list(table.organ) == ["all", "all"] and list(table.n_real) == [3, 3]
+
+
+def test_figure_na_labels_lie_inside_their_panel(tmp_path):
+    """The last reader's "n/a" in the last organ was drawn right of the panel (beside the next one)."""
+    from study.design import read_key
+    from study.report import build_table, figure_bars, load_answers, render_figure
+
+    key_csv, answers_csv = tmp_path / "key.csv", tmp_path / "answers.csv"
+    key_csv.write_text("case_id,truth,organ\nL1,real,liver\nL2,synthetic,liver\nP1,real,pancreas\nP2,synthetic,pancreas\n",
+                       encoding="utf-8")
+    answers_csv.write_text("reader,case_id,answer,confidence,seconds,answered_at\nR1,L1,real,,1,\nR1,L2,real,,1,\n"
+                           "R1,P1,real,,1,\nR1,P2,real,,1,\nR2,L1,unsure,,1,\nR2,P2,unsure,,1,\n", encoding="utf-8")
+    table = build_table(load_answers([answers_csv])[0], read_key(key_csv))
+    fig = render_figure(table)
+    for ax, metric in zip(fig.axes[:3], ("sensitivity", "specificity", "accuracy")):
+        lo, hi = ax.get_xlim()
+        xs = np.concatenate([bar["x"] for bar in figure_bars(table, metric)])
+        assert lo < xs.min() and xs.max() < hi
+        assert all(lo < t.get_position()[0] < hi for t in ax.texts) and len(ax.texts) == 3
+
+
+def test_organ_names_differing_in_case_are_one_organ(tmp_path, files):
+    """'Liver' (synthetic) and 'liver' (real) were two organs: liver had no synthetic case, specificity n/a."""
+    key, answers = files
+    paths = write_report([answers], key, tmp_path / "lower")
+    key.write_text(KEY.replace("L3,synthetic,liver", "L3,synthetic,Liver").replace("L4,synthetic,liver", "L4,synthetic,LIVER "),
+                   encoding="utf-8")
+    paths2 = write_report([answers], key, tmp_path / "mixed")
+    assert paths2["table.csv"].read_bytes() == paths["table.csv"].read_bytes()
+    assert paths2["table.md"].read_text(encoding="utf-8") == paths["table.md"].read_text(encoding="utf-8")
