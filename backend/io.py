@@ -166,6 +166,18 @@ def _fmt(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
+def label_map_range(array: np.ndarray) -> tuple[int, int] | None:
+    """(min, max) when ``array`` looks like a label map rather than a CT: whole numbers in 0..1000 with at
+    most 256 distinct values (sampled: every 4th voxel in-plane, ~32 slices); ``None`` otherwise."""
+    if not np.issubdtype(array.dtype, np.integer) or array.size == 0:
+        return None
+    sub = array[:: max(1, array.shape[0] // 32), ::4, ::4] if array.ndim == 3 else array
+    lo, hi = int(sub.min()), int(sub.max())
+    if 0 <= lo and hi <= 1000 and len(np.unique(sub)) <= 256:
+        return lo, hi
+    return None
+
+
 def check_same_grid(a, b, *, names: tuple[str, str] = ("image", "mask"), rtol: float = 1e-6, atol: float = 1e-5) -> None:
     """Raise :class:`DiffTumorError` unless ``a`` and ``b`` (Geometry or Volume) share one grid.
 

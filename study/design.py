@@ -318,7 +318,7 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
     Everything is built in hidden temporary folders beside the targets and moved into place at
     the end, so a failure leaves no half-made study. Existing targets are never overwritten.
     """
-    from backend.io import Geometry, check_same_grid, read_image, write_image
+    from backend.io import Geometry, check_same_grid, label_map_range, read_image, write_image
 
     settings = settings or StudySettings()
     out = Path(out)
@@ -368,6 +368,11 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
             src = assigned[cid]
             yield (f"case {done + 1} of {total}", done, total)
             volume = read_image(src.image)
+            labels = label_map_range(volume.array)
+            if labels is not None:  # e.g. a folder of synthesize outputs: ct.nii.gz beside label.nii.gz
+                raise DiffTumorError(
+                    f"--{src.truth}: {src.image} looks like a label map (whole values {labels[0]}..{labels[1]}), not a CT; "
+                    "give CT images only (tumor masks go in a CSV's 'mask' column)")
             mask = read_image(src.mask) if src.mask is not None else None
             if mask is not None:
                 check_same_grid(volume, mask, names=(str(src.image), str(src.mask)))

@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from backend.errors import DiffTumorError
-from backend.io import Geometry, Volume, check_same_grid
+from backend.io import Geometry, Volume, check_same_grid, label_map_range
 from backend.progress import run_sync
 from backend.synthesis import blend, crops, masks
 from backend.synthesis.model_based import ModelBasedConfig, cast_like, synthesize_model_based
@@ -83,8 +83,9 @@ def check_ct_like(ct: Volume, organ_mask: np.ndarray, name: str = "CT") -> None:
     if a.dtype.kind not in "iuf":
         raise DiffTumorError(f"{name}: pixel type {a.dtype} is not a CT intensity type")
     sub = a[:: max(1, a.shape[0] // 32), ::4, ::4]
-    if np.issubdtype(a.dtype, np.integer) and 0 <= int(sub.min()) and int(sub.max()) <= 1000 and len(np.unique(sub)) <= 256:
-        raise DiffTumorError(f"{name}: looks like a label map (few whole values {int(sub.min())}..{int(sub.max())}), not a CT")
+    labels = label_map_range(a)
+    if labels is not None:
+        raise DiffTumorError(f"{name}: looks like a label map (few whole values {labels[0]}..{labels[1]}), not a CT")
     p_lo, p_hi = (float(v) for v in np.percentile(sub, [0.5, 99.5]))
     if p_hi - p_lo < 200.0:  # any abdominal CT spans fat (-100) to soft tissue and bone
         raise DiffTumorError(

@@ -203,3 +203,19 @@ def test_an_image_listed_twice_is_refused(tmp_path, source_cases, twice_as):
         create_study(real, syn, tmp_path / "s", settings=StudySettings(**SETTINGS))
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "s").exists() and not (tmp_path / "s.key").exists()
+
+
+def test_a_label_map_among_the_cases_is_refused(tmp_path, source_cases):
+    """A folder of ``difftumor synthesize`` outputs holds label.nii.gz beside ct.nii.gz: the label map must not
+    become a case that a reader is shown as a CT."""
+    from study.design import list_cases
+
+    _, syn = source_cases
+    folder = syn[0][0].parent  # the synthetic folder also holds each case's mask_*.nii.gz
+    cases = list_cases(folder, "synthetic", "liver")
+    assert any(c.image.name.startswith("mask_") for c in cases)
+    real, _ = _sources(source_cases, with_masks=False)
+    with pytest.raises(DiffTumorError, match=r"--synthetic: .*mask_.* looks like a label map \(whole values 0\.\.2\), not a CT") as exc:
+        create_study(real, cases, tmp_path / "s", settings=StudySettings(**SETTINGS))
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.key").exists()
