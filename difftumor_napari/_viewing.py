@@ -100,9 +100,12 @@ SLIDER_NAMES = ("axial", "coronal", "sagittal")  # what moving world axis z / y 
 
 
 def name_slider_axes(viewer: napari.components.ViewerModel) -> None:
-    """Name the three spatial sliders after the plane they scroll (only over napari's default names)."""
+    """Name the three spatial sliders after the plane they scroll, over napari's default (numeric) names
+    and over ours: after the last layer is removed napari keeps two of our names and prepends '-3' when the
+    next volume comes (the reading session swaps its case layer so). Names a user set stay."""
     labels = tuple(viewer.dims.axis_labels)
-    if viewer.dims.ndim == 3 and all(lbl.lstrip("-").isdigit() for lbl in labels):
+    if (viewer.dims.ndim == 3 and labels != SLIDER_NAMES
+            and all(lbl.lstrip("-").isdigit() or lbl in SLIDER_NAMES for lbl in labels)):
         viewer.dims.axis_labels = SLIDER_NAMES
 
 

@@ -238,3 +238,23 @@ def test_crosshair_is_drawn_over_the_labels(make_napari_viewer, qtbot, totalseg_
         # one horizontal and one vertical line: some row and some column hold many crosshair pixels
         assert np.bincount(rows).max() > 100 and np.bincount(cols).max() > 40, name
     views.close()
+
+
+def test_slider_names_survive_swapping_the_only_volume():
+    """The reading session removes a case's layer before adding the next: napari then keeps two of our names
+    and prepends '-3'; the sliders must still read axial / coronal / sagittal. User-chosen names stay."""
+    from napari.components import ViewerModel
+
+    from difftumor_napari import _viewing
+
+    viewer = ViewerModel()
+    _viewing.keep_radiological(viewer)
+    first = viewer.add_image(np.zeros((4, 5, 6), np.int16), name="case 1")
+    assert tuple(viewer.dims.axis_labels) == _viewing.SLIDER_NAMES
+    viewer.layers.remove(first)
+    viewer.add_image(np.zeros((4, 5, 6), np.int16), name="case 2")
+    assert tuple(viewer.dims.axis_labels) == _viewing.SLIDER_NAMES
+    viewer.dims.axis_labels = ("z", "y", "x")
+    viewer.layers.remove(viewer.layers[0])
+    viewer.add_image(np.zeros((4, 5, 6), np.int16), name="case 3")
+    assert tuple(viewer.dims.axis_labels)[1:] == ("y", "x")
