@@ -278,3 +278,19 @@ def test_non_finite_voxels_survive_reading(tmp_path, suffix):
     got = read_image(tmp_path / f"ct{suffix}").array
     assert np.isnan(got[1, 2, 3]) and np.isposinf(got[4, 5, 6]) and got[0, 0, 0] == 0
     assert np.array_equal(np.isfinite(got), np.isfinite(a))
+
+
+def test_label_map_range_tells_label_maps_from_ct(totalseg_ct, totalseg_seg):
+    from backend.io import label_map_range, read_image
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((20, 40, 40), np.uint8)
+    labels[5:15, 10:30, 10:30] = 1
+    labels[8:12, 15:20, 15:20] = 2
+    assert label_map_range(labels) == (0, 2)
+    soft_tissue_crop = rng.normal(50, 15, (20, 40, 40)).clip(0, 120).astype(np.int16)  # no air, no fat
+    assert label_map_range(soft_tissue_crop) is None
+    assert label_map_range(labels.astype(np.float32)) is None  # not whole-number typed
+    seg, ct = read_image(totalseg_seg), read_image(totalseg_ct)
+    assert label_map_range(seg.array) is not None
+    assert label_map_range(ct.array) is None
