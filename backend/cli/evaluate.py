@@ -83,8 +83,12 @@ def run_with_bar(gen, desc: str):
 
 def handler(args) -> int:
     from backend.errors import DiffTumorError
+    from backend.cli.synthesize import check_out_writable
     from backend.segmentation.evaluate import EvaluationConfig, evaluate_files
 
+    # before any case is read or predicted: a file or unwritable place as --out would otherwise fail
+    # with a traceback after all the work
+    check_out_writable(Path(args.out))
     if args.model is not None:
         if args.pred is not None or args.data is None:
             raise DiffTumorError("--model: give it with --data (and without --pred)")

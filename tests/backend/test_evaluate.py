@@ -215,3 +215,21 @@ def test_evaluate_writes_nothing_when_no_case_can_be_scored(tmp_path, capsys):
     assert len(err) == 2
     assert err[0].startswith(f"difftumor: error: {lab_dir}: no case could be scored; a: ")
     assert "grid does not match" in err[0] and "(and 1 more skipped case(s), logged above)" in err[0]
+
+
+def test_evaluate_refuses_an_out_that_is_a_file_in_one_line(tmp_path, capsys):
+    g = _geom()
+    write_image(_label(), tmp_path / "a_label.nii.gz", g)
+    write_image(_label(), tmp_path / "a_pred.nii.gz", g)
+    out = tmp_path / "out.txt"
+    out.write_text("mine", encoding="utf-8")
+    assert main(["evaluate", "--pred", str(tmp_path / "a_pred.nii.gz"), "--label", str(tmp_path / "a_label.nii.gz"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"difftumor: error: --out {out}: is an existing file; give a folder"]
+    assert out.read_text(encoding="utf-8") == "mine"
+    # a folder below a file cannot be created either
+    assert main(["evaluate", "--pred", str(tmp_path / "a_pred.nii.gz"), "--label", str(tmp_path / "a_label.nii.gz"),
+                 "--out", str(out / "sub")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("difftumor: error: --out ") and "is a file, not a folder" in line
