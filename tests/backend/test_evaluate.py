@@ -233,3 +233,29 @@ def test_evaluate_refuses_an_out_that_is_a_file_in_one_line(tmp_path, capsys):
                  "--out", str(out / "sub")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("difftumor: error: --out ") and "is a file, not a folder" in line
+
+
+def _tiny_checkpoint(path):
+    from backend.segmentation.networks import NetworkConfig, build_network
+    from backend.train.common import config_to_dict, save_checkpoint
+
+    net_cfg = NetworkConfig(tiny=True, roi_size=(16, 16, 16))
+    save_checkpoint(path, stage="segmentation", config={"organ": "liver", "data": {"organ_values": [1], "tumor_values": [2]}},
+                    model_config=config_to_dict(net_cfg), organ="liver", model=build_network(net_cfg).state_dict())
+    return path
+
+
+def test_evaluate_model_writes_nothing_when_no_case_can_be_predicted(tmp_path, capsys):
+    ckpt = _tiny_checkpoint(tmp_path / "best.pt")
+    write_image(np.zeros((16, 24, 24), np.int16), tmp_path / "ct.nii.gz", _geom())
+    write_image(_label(), tmp_path / "label.nii.gz", _geom(spacing=(1.0, 1.0, 2.5)))  # not on the CT's grid
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'ct.nii.gz'},{tmp_path / 'label.nii.gz'}\n", encoding="utf-8")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "list.txt"), "--out", str(out)]) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("difftumor: error: ")]
+    assert "no case could be predicted" in line and "grid does not match" in line
+    assert not out.exists()
+    out.mkdir()  # an existing --out keeps what it held, and gets no empty pred/ and labels/ folders
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "list.txt"), "--out", str(out)]) == 2
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
