@@ -259,3 +259,28 @@ def test_evaluate_model_writes_nothing_when_no_case_can_be_predicted(tmp_path, c
     (out / "notes.txt").write_text("mine", encoding="utf-8")
     assert main(["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "list.txt"), "--out", str(out)]) == 2
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_evaluate_pred_with_fold_scores_that_fold_only_and_refuses_an_unknown_fold(tmp_path, capsys):
+    pred_dir, lab_dir, out = tmp_path / "pred", tmp_path / "lab", tmp_path / "out"
+    pred_dir.mkdir(), lab_dir.mkdir()
+    for name in ("a", "b", "c"):
+        write_image(_label(), lab_dir / f"{name}.nii.gz", _geom())
+        write_image(_label() if name != "c" else np.minimum(_label(), 1), pred_dir / f"{name}.nii.gz", _geom())
+    folds = tmp_path / "folds.csv"
+    folds.write_text("case_id,fold\na,0\nb,1\nc,1\nghost,1\n", encoding="utf-8")
+    base = ["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--folds", str(folds)]
+    assert main([*base, "--fold", "1", "--out", str(out)]) == 0
+    assert [r["case_id"] for r in _read_csv(out / "cases.csv")] == ["b", "c"]  # a is in fold 0
+    assert [r["case_id"] for r in _read_csv(out / "skipped.csv")] == ["ghost"]
+    summary = _read_csv(out / "summary.csv")
+    assert [(s["fold"], s["cases"]) for s in summary] == [("1", "2"), ("all", "2")]
+    capsys.readouterr()
+    # a fold the file lacks, or --fold without --folds: one line, nothing written
+    assert main([*base, "--fold", "7", "--out", str(tmp_path / "o2")]) == 2
+    assert main(["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--fold", "1",
+                 "--out", str(tmp_path / "o3")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"difftumor: error: {folds}: no fold 7 (folds: 0, 1)",
+                   "difftumor: error: --fold 1: needs --folds (the run's splits.json or a case_id,fold CSV)"]
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
