@@ -70,6 +70,8 @@ def predict_dataset(model_path, data, out_dir, *, folds=None, fold=None, overlap
 
     if not 0.0 <= overlap < 1.0:
         raise DiffTumorError(f"--overlap: must be in [0, 1), got {overlap}")
+    if sw_batch_size < 1:
+        raise DiffTumorError(f"--sw-batch-size: must be a positive integer, got {sw_batch_size}")
     dev = resolve_device(device)
     model, ck = load_segmentation_model(model_path, dev)
     cfg = ck["config"]

@@ -284,3 +284,18 @@ def test_evaluate_pred_with_fold_scores_that_fold_only_and_refuses_an_unknown_fo
     assert err == [f"difftumor: error: {folds}: no fold 7 (folds: 0, 1)",
                    "difftumor: error: --fold 1: needs --folds (the run's splits.json or a case_id,fold CSV)"]
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_evaluate_model_refuses_a_sw_batch_size_below_one(tmp_path, capsys):
+    """--sw-batch-size 0 used to end in a 'range() arg 3 must not be zero' traceback after pred/ and labels/
+    were created."""
+    ckpt = _tiny_checkpoint(tmp_path / "best.pt")
+    write_image(np.zeros((16, 24, 24), np.int16), tmp_path / "ct.nii.gz", _geom())
+    write_image(_label(), tmp_path / "label.nii.gz", _geom())
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'ct.nii.gz'},{tmp_path / 'label.nii.gz'}\n", encoding="utf-8")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "list.txt"), "--sw-batch-size", "0",
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "difftumor: error: --sw-batch-size: must be a positive integer, got 0"]
+    assert not out.exists()
