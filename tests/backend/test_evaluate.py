@@ -299,3 +299,27 @@ def test_evaluate_model_refuses_a_sw_batch_size_below_one(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "difftumor: error: --sw-batch-size: must be a positive integer, got 0"]
     assert not out.exists()
+
+
+def test_evaluate_model_takes_a_fold_csv_with_fold(tmp_path, capsys):
+    """--folds documents 'split JSON from training or CSV case_id,fold'; with --model --fold a CSV used to be
+    refused as 'not a split file'."""
+    ckpt = _tiny_checkpoint(tmp_path / "best.pt")
+    lines = []
+    for name in ("a", "b"):
+        write_image(np.zeros((16, 24, 24), np.int16), tmp_path / f"{name}.nii.gz", _geom())
+        write_image(_label(), tmp_path / f"{name}_label.nii.gz", _geom())
+        lines.append(f"{tmp_path / f'{name}.nii.gz'},{tmp_path / f'{name}_label.nii.gz'}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    folds = tmp_path / "folds.csv"
+    folds.write_text("case_id,fold\na,0\nb,1\nghost,1\n", encoding="utf-8")
+    out = tmp_path / "eval"
+    base = ["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "list.txt"), "--folds", str(folds)]
+    assert main([*base, "--fold", "1", "--overlap", "0", "--out", str(out)]) == 0
+    assert [r["case_id"] for r in _read_csv(out / "cases.csv")] == ["b"]
+    assert [r["case_id"] for r in _read_csv(out / "skipped.csv")] == ["ghost"]
+    assert sorted(p.name for p in (out / "pred").iterdir()) == ["b.nii.gz"]
+    capsys.readouterr()
+    assert main([*base, "--fold", "4", "--out", str(tmp_path / "o2")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"difftumor: error: {folds}: no fold 4 (folds: 0, 1)"]
+    assert not (tmp_path / "o2").exists()
