@@ -51,7 +51,7 @@ def register(sub) -> None:
                    help="score all-zero labels as tumour-free cases, and accept label files in which --tumor-label "
                    "never occurs (an all tumour-free set); without it that is an error")
     inf = p.add_argument_group("inference (--model)")
-    inf.add_argument("--fold", type=int, default=None, help="with --folds: run the model on that fold's validation cases only")
+    inf.add_argument("--fold", type=int, default=None, help="with --folds: score only that fold's validation cases (--model: predicts only them)")
     inf.add_argument("--overlap", type=float, default=0.75, help="sliding-window overlap (paper 0.75; release validates with 0.5)")
     inf.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass")
     inf.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
@@ -83,13 +83,18 @@ def run_with_bar(gen, desc: str):
 
 def handler(args) -> int:
     from backend.errors import DiffTumorError
+    from backend.cli.synthesize import check_out_writable
     from backend.segmentation.evaluate import EvaluationConfig, evaluate_files
 
+    # before any case is read or predicted: a file or unwritable place as --out would otherwise fail
+    # with a traceback after all the work
+    check_out_writable(Path(args.out))
     if args.model is not None:
         if args.pred is not None or args.data is None:
             raise DiffTumorError("--model: give it with --data (and without --pred)")
         from backend.segmentation.inference import predict_dataset
 
+        out_existed = Path(args.out).exists()
         pred_dir, label_dir, meta = run_with_bar(
             predict_dataset(
                 args.model, args.data, Path(args.out), folds=args.folds, fold=args.fold,
@@ -99,6 +104,10 @@ def handler(args) -> int:
         )
         pre_skipped = meta["skipped"]
         if not any(pred_dir.glob("*.nii.gz")):
+            # nothing to score: leave no empty pred/ and labels/ folders (nor a new, empty --out) behind
+            for folder in (pred_dir, label_dir, *(() if out_existed else (Path(args.out),))):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
             first = f"; {pre_skipped[0][0]}: {pre_skipped[0][1]}" if pre_skipped else ""
             raise DiffTumorError(f"{args.data}: no case could be predicted{first}")
         args.pred, args.label = pred_dir, label_dir

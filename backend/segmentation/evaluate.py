@@ -230,6 +230,14 @@ def read_fold_file(path: Path) -> dict[str, dict]:
     return out
 
 
+def select_fold(fold_map: dict[str, dict], fold, path) -> dict[str, dict]:
+    """The entries of ``fold_map`` (:func:`read_fold_file`) in fold ``fold``; one line when it has none."""
+    known = sorted({v["fold"] for v in fold_map.values()}, key=lambda f: (len(f), f))
+    if str(fold) not in known:
+        raise DiffTumorError(f"{path}: no fold {fold} (folds: {', '.join(known) or 'none'})")
+    return {c: v for c, v in fold_map.items() if v["fold"] == str(fold)}
+
+
 def _case_id(name: str) -> str:
     from backend.io import strip_image_suffix
 
@@ -442,8 +450,15 @@ def evaluate_files(
     pairs, unpaired = pair_files(pred, label, organ_masks)
     skipped = list(skipped or []) + unpaired
     fold_map = read_fold_file(folds) if folds is not None else None
-    if fold_map is not None and fold is not None:
-        fold_map = {c: v for c, v in fold_map.items() if v["fold"] == str(fold)}
+    if fold is not None:  # only that fold's cases are scored (as --model predicts only them)
+        if fold_map is None:
+            raise DiffTumorError(f"--fold {fold}: needs --folds (the run's splits.json or a case_id,fold CSV)")
+        fold_map = select_fold(fold_map, fold, folds)
+        outside = [cid for cid, *_ in pairs if cid not in fold_map]
+        if outside:
+            log.info("%d case(s) not in fold %s of %s are not scored (e.g. %s)", len(outside), fold, folds, outside[0])
+        pairs = [p for p in pairs if p[0] in fold_map]
+        skipped = [(c, r) for c, r in skipped if c in fold_map]
     rows, skipped = yield from iter_evaluate(pairs, cfg, fold_map, skipped)
     if not rows:
         first = f"; {skipped[0][0]}: {skipped[0][1]}" if skipped else ""

@@ -65,11 +65,13 @@ def predict_dataset(model_path, data, out_dir, *, folds=None, fold=None, overlap
     from backend.data import list_cases
     from backend.device import resolve_device
     from backend.io import check_same_grid, read_image, write_image
-    from backend.segmentation.splits import fold_cases, load_splits
+    from backend.segmentation.evaluate import read_fold_file, select_fold
     from backend.train.segmentation import _label_for
 
     if not 0.0 <= overlap < 1.0:
         raise DiffTumorError(f"--overlap: must be in [0, 1), got {overlap}")
+    if sw_batch_size < 1:
+        raise DiffTumorError(f"--sw-batch-size: must be a positive integer, got {sw_batch_size}")
     dev = resolve_device(device)
     model, ck = load_segmentation_model(model_path, dev)
     cfg = ck["config"]
@@ -79,7 +81,7 @@ def predict_dataset(model_path, data, out_dir, *, folds=None, fold=None, overlap
     if fold is not None:
         if folds is None:
             raise DiffTumorError("--fold: needs --folds (the run's splits.json)")
-        _, val = fold_cases(load_splits(folds), fold, where=str(folds))
+        val = list(select_fold(read_fold_file(folds), fold, folds))  # a split JSON or a case_id,fold CSV
         names = {c.name for c in cases}
         cases = [c for c in cases if c.name in set(val)]
         if not cases:

@@ -435,9 +435,12 @@ def train(cfg: SegmentationConfig, *, resume: bool | str | None = None) -> dict:
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     cfg.network = NetworkConfig(**{**cfg.network.__dict__, "roi_size": tuple(cfg.roi_size)})
     ckpt = common.load_resume_checkpoint(resume, last_path, "segmentation") if resume else None
-    if ckpt is not None:  # same network and organ, and steps left to train
+    if ckpt is not None:  # same network, organ and training/validation cases, and steps left to train
+        # (another fold, or real cases left out of training, would train on cases the run validated on)
         common.check_resume(common.resume_path(resume, last_path), ckpt,
-                            {"model": common.config_to_dict(cfg.network), "organ": cfg.organ}, max_steps=cfg.max_steps)
+                            {"model": common.config_to_dict(cfg.network), "organ": cfg.organ,
+                             "data.fold": cfg.data.fold, "data.use_real_for_training": cfg.data.use_real_for_training},
+                            max_steps=cfg.max_steps)
     else:  # a fresh run would overwrite the earlier run's checkpoints and mix its CSVs
         common.refuse_fresh_run_over(last_path, "out_dir")
     weights_note = check_diffusion_weights(cfg)

@@ -215,3 +215,111 @@ def test_evaluate_writes_nothing_when_no_case_can_be_scored(tmp_path, capsys):
     assert len(err) == 2
     assert err[0].startswith(f"difftumor: error: {lab_dir}: no case could be scored; a: ")
     assert "grid does not match" in err[0] and "(and 1 more skipped case(s), logged above)" in err[0]
+
+
+def test_evaluate_refuses_an_out_that_is_a_file_in_one_line(tmp_path, capsys):
+    g = _geom()
+    write_image(_label(), tmp_path / "a_label.nii.gz", g)
+    write_image(_label(), tmp_path / "a_pred.nii.gz", g)
+    out = tmp_path / "out.txt"
+    out.write_text("mine", encoding="utf-8")
+    assert main(["evaluate", "--pred", str(tmp_path / "a_pred.nii.gz"), "--label", str(tmp_path / "a_label.nii.gz"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"difftumor: error: --out {out}: is an existing file; give a folder"]
+    assert out.read_text(encoding="utf-8") == "mine"
+    # a folder below a file cannot be created either
+    assert main(["evaluate", "--pred", str(tmp_path / "a_pred.nii.gz"), "--label", str(tmp_path / "a_label.nii.gz"),
+                 "--out", str(out / "sub")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("difftumor: error: --out ") and "is a file, not a folder" in line
+
+
+def _tiny_checkpoint(path):
+    from backend.segmentation.networks import NetworkConfig, build_network
+    from backend.train.common import config_to_dict, save_checkpoint
+
+    net_cfg = NetworkConfig(tiny=True, roi_size=(16, 16, 16))
+    save_checkpoint(path, stage="segmentation", config={"organ": "liver", "data": {"organ_values": [1], "tumor_values": [2]}},
+                    model_config=config_to_dict(net_cfg), organ="liver", model=build_network(net_cfg).state_dict())
+    return path
+
+
+def test_evaluate_model_writes_nothing_when_no_case_can_be_predicted(tmp_path, capsys):
+    ckpt = _tiny_checkpoint(tmp_path / "best.pt")
+    write_image(np.zeros((16, 24, 24), np.int16), tmp_path / "ct.nii.gz", _geom())
+    write_image(_label(), tmp_path / "label.nii.gz", _geom(spacing=(1.0, 1.0, 2.5)))  # not on the CT's grid
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'ct.nii.gz'},{tmp_path / 'label.nii.gz'}\n", encoding="utf-8")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "list.txt"), "--out", str(out)]) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("difftumor: error: ")]
+    assert "no case could be predicted" in line and "grid does not match" in line
+    assert not out.exists()
+    out.mkdir()  # an existing --out keeps what it held, and gets no empty pred/ and labels/ folders
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "list.txt"), "--out", str(out)]) == 2
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_evaluate_pred_with_fold_scores_that_fold_only_and_refuses_an_unknown_fold(tmp_path, capsys):
+    pred_dir, lab_dir, out = tmp_path / "pred", tmp_path / "lab", tmp_path / "out"
+    pred_dir.mkdir(), lab_dir.mkdir()
+    for name in ("a", "b", "c"):
+        write_image(_label(), lab_dir / f"{name}.nii.gz", _geom())
+        write_image(_label() if name != "c" else np.minimum(_label(), 1), pred_dir / f"{name}.nii.gz", _geom())
+    folds = tmp_path / "folds.csv"
+    folds.write_text("case_id,fold\na,0\nb,1\nc,1\nghost,1\n", encoding="utf-8")
+    base = ["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--folds", str(folds)]
+    assert main([*base, "--fold", "1", "--out", str(out)]) == 0
+    assert [r["case_id"] for r in _read_csv(out / "cases.csv")] == ["b", "c"]  # a is in fold 0
+    assert [r["case_id"] for r in _read_csv(out / "skipped.csv")] == ["ghost"]
+    summary = _read_csv(out / "summary.csv")
+    assert [(s["fold"], s["cases"]) for s in summary] == [("1", "2"), ("all", "2")]
+    capsys.readouterr()
+    # a fold the file lacks, or --fold without --folds: one line, nothing written
+    assert main([*base, "--fold", "7", "--out", str(tmp_path / "o2")]) == 2
+    assert main(["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--fold", "1",
+                 "--out", str(tmp_path / "o3")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"difftumor: error: {folds}: no fold 7 (folds: 0, 1)",
+                   "difftumor: error: --fold 1: needs --folds (the run's splits.json or a case_id,fold CSV)"]
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_evaluate_model_refuses_a_sw_batch_size_below_one(tmp_path, capsys):
+    """--sw-batch-size 0 used to end in a 'range() arg 3 must not be zero' traceback after pred/ and labels/
+    were created."""
+    ckpt = _tiny_checkpoint(tmp_path / "best.pt")
+    write_image(np.zeros((16, 24, 24), np.int16), tmp_path / "ct.nii.gz", _geom())
+    write_image(_label(), tmp_path / "label.nii.gz", _geom())
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'ct.nii.gz'},{tmp_path / 'label.nii.gz'}\n", encoding="utf-8")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "list.txt"), "--sw-batch-size", "0",
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "difftumor: error: --sw-batch-size: must be a positive integer, got 0"]
+    assert not out.exists()
+
+
+def test_evaluate_model_takes_a_fold_csv_with_fold(tmp_path, capsys):
+    """--folds documents 'split JSON from training or CSV case_id,fold'; with --model --fold a CSV used to be
+    refused as 'not a split file'."""
+    ckpt = _tiny_checkpoint(tmp_path / "best.pt")
+    lines = []
+    for name in ("a", "b"):
+        write_image(np.zeros((16, 24, 24), np.int16), tmp_path / f"{name}.nii.gz", _geom())
+        write_image(_label(), tmp_path / f"{name}_label.nii.gz", _geom())
+        lines.append(f"{tmp_path / f'{name}.nii.gz'},{tmp_path / f'{name}_label.nii.gz'}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    folds = tmp_path / "folds.csv"
+    folds.write_text("case_id,fold\na,0\nb,1\nghost,1\n", encoding="utf-8")
+    out = tmp_path / "eval"
+    base = ["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "list.txt"), "--folds", str(folds)]
+    assert main([*base, "--fold", "1", "--overlap", "0", "--out", str(out)]) == 0
+    assert [r["case_id"] for r in _read_csv(out / "cases.csv")] == ["b"]
+    assert [r["case_id"] for r in _read_csv(out / "skipped.csv")] == ["ghost"]
+    assert sorted(p.name for p in (out / "pred").iterdir()) == ["b.nii.gz"]
+    capsys.readouterr()
+    assert main([*base, "--fold", "4", "--out", str(tmp_path / "o2")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"difftumor: error: {folds}: no fold 4 (folds: 0, 1)"]
+    assert not (tmp_path / "o2").exists()

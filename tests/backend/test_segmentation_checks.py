@@ -192,3 +192,27 @@ def test_user_error_finds_the_message_behind_monai_and_worker_wrapping():
                             "call last):\n  File ...\nbackend.errors.DiffTumorError: training case r1: x: cannot read\n")
     assert user_error(worker) == "training case r1: x: cannot read"
     assert user_error(ValueError("a bug")) is None
+
+
+def test_resume_with_another_fold_or_training_set_is_refused(data, tmp_path, capsys):
+    """A fold-0 run resumed with data.fold=1 used to go on silently: it then trained on fold 0's validation
+    cases, validated on others and kept comparing best.pt across the two folds."""
+    from backend.segmentation.networks import NetworkConfig, build_network
+    from backend.train.common import config_to_dict, load_config, save_checkpoint
+    from backend.train.segmentation import SegmentationConfig
+
+    out = tmp_path / "run"
+    args = _train_args(data, out, "max_steps=3")
+    cfg = load_config(SegmentationConfig, TINY_CONFIG, [a for a in args[4:]])
+    cfg.network = NetworkConfig(**{**cfg.network.__dict__, "roi_size": tuple(cfg.roi_size)})
+    save_checkpoint(out / "last.pt", stage="segmentation", config=config_to_dict(cfg),
+                    model_config=config_to_dict(cfg.network), organ=cfg.organ, step=1,
+                    model=build_network(cfg.network).state_dict())
+    before = (out / "last.pt").read_bytes()
+    assert cli(args + ["data.fold=1", "--resume"]) == 2
+    assert cli(args + ["data.use_real_for_training=false", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith(f"difftumor: error: {out / 'last.pt'}: --resume needs") for line in err)
+    assert "data.fold: checkpoint 0, config 1" in err[0]
+    assert "data.use_real_for_training: checkpoint True, config False" in err[1]
+    assert (out / "last.pt").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["last.pt"]
