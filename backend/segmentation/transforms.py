@@ -127,7 +127,13 @@ class RandTumorSynthesisd(RandomizableTransform, MapTransform):
         models = engine.stage_models(self.weights_organ, stage)
         m = tumor.astype(np.float32)
         gen = torch.Generator().manual_seed(self._seed)
-        decoded = run(iter_synthesize_crop(image01 * 2.0 - 1.0, m, models, device=engine.device, generator=gen))
+        # the latent U-Net needs x, y multiples of 32 and z of 4 (96^3 in the release); a training crop of
+        # another size (e.g. 48^3) is edge-padded for the network, as the release pads crops at the CT's
+        # borders, and the decoded crop is cut back to the training crop
+        pad = [(0, -n % k) for n, k in zip(image01.shape, (32, 32, 4))]
+        x = np.pad(image01 * 2.0 - 1.0, pad, mode="edge") if any(p for _, p in pad) else image01 * 2.0 - 1.0
+        decoded = run(iter_synthesize_crop(x, np.pad(m, pad), models, device=engine.device, generator=gen))
+        decoded = decoded[tuple(slice(0, n) for n in image01.shape)]
         if blend.uses_blend(self.organ):
             m_blur = blend.blur_mask(m, blend.draw_sigma(rng))
             return blend.blend01(image01, m_blur, decoded)

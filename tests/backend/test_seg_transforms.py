@@ -126,6 +126,25 @@ def test_diffusion_path_with_official_format_weights_cross_organ(parity_dir):
     assert not bool(changed[far].any())  # blend reach: sigma <= 4 voxels, truncate 4
 
 
+@pytest.mark.slow
+def test_diffusion_path_takes_a_crop_the_latent_unet_cannot(parity_dir):
+    """A 48^3 training crop (latent 12^3; the U-Net needs in-plane multiples of 8) is edge-padded for the
+    network and cut back: same shape out, tumour painted, voxels far from it unchanged."""
+    torch.set_num_threads(2)
+    t = RandTumorSynthesisd(prob=1.0, stage_probs=(1.0, 0.0, 0.0), method="diffusion", weights_dir=str(parity_dir),
+                            organ="liver")
+    t.set_random_state(0)
+    data = _sample(size=48)
+    out = t(data)
+    assert out["image"].shape == data["image"].shape == (1, 48, 48, 48)
+    tumour = out["label"][0] == 2
+    assert out["synthetic"].item() == 1 and tumour.any()
+    changed = (out["image"] != data["image"])[0]
+    assert bool(changed[tumour].any())
+    far = ~torch.from_numpy(ndimage.binary_dilation(tumour.numpy(), np.ones((3, 3, 3), bool), iterations=17))
+    assert not bool(changed[far].any())
+
+
 def test_load_volumed_matches_monai_loadimaged(totalseg_seg):
     """Our SimpleITK loader gives MONAI's array and RAS affine (so Orientationd/Spacingd agree)."""
     from monai import transforms as T
