@@ -30,7 +30,7 @@ if [ -n "${WHEELS:-}" ]; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/difftumor-site "$WHEELS"/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/difftumor-site" || echo "gpu_check: installing $WHEELS/*.whl failed" >&2
 fi
-if [ "${QUICK:-0}" = 1 ]; then r=1; rm_=1; rd=0; b=2; small="--tiny --roi 48"; else r=5; rm_=3; rd=3; b=8; small=""; fi
+if [ "${QUICK:-0}" = 1 ]; then r=1; rm_=1; rd=0; b=2; small="--network unet --tiny --roi 48"; else r=5; rm_=3; rd=3; b=8; small=""; fi
 
 failed=0
 step() {  # step NAME SECONDS OUTFILE COMMAND...
