@@ -276,18 +276,26 @@ def test_csv_inputs_saved_with_a_bom(tmp_path, files):
 # --------------------------------------------------------------------------------------------
 # Figure: an n/a rate is drawn as "n/a", never as a 0 % bar
 # --------------------------------------------------------------------------------------------
-def test_figure_na_rate_has_no_bar(tmp_path):
-    from study.report import build_table, figure_bars, load_answers, render_figure
+FIGURE_KEY = "case_id,truth,organ\nL1,real,liver\nL2,synthetic,liver\nP1,real,pancreas\nP2,synthetic,pancreas\n"
+
+
+def _figure_table(tmp_path, answer_rows: str):
+    """The Table-1 frame of FIGURE_KEY and answers given as CSV rows (without the header)."""
     from study.design import read_key
+    from study.report import build_table, load_answers
 
     key_csv, answers_csv = tmp_path / "key.csv", tmp_path / "answers.csv"
+    key_csv.write_text(FIGURE_KEY, encoding="utf-8")
+    answers_csv.write_text("reader,case_id,answer,confidence,seconds,answered_at\n" + answer_rows, encoding="utf-8")
+    return build_table(load_answers([answers_csv])[0], read_key(key_csv))
+
+
+def test_figure_na_rate_has_no_bar(tmp_path):
+    from study.report import figure_bars, render_figure
+
     # liver: one real case answered synthetic (sensitivity 0 %), one synthetic case answered unsure
     # (specificity n/a); pancreas: both right
-    key_csv.write_text("case_id,truth,organ\nL1,real,liver\nL2,synthetic,liver\nP1,real,pancreas\nP2,synthetic,pancreas\n",
-                       encoding="utf-8")
-    answers_csv.write_text("reader,case_id,answer,confidence,seconds,answered_at\nR1,L1,synthetic,,1,\n"
-                           "R1,L2,unsure,,1,\nR1,P1,real,,1,\nR1,P2,synthetic,,1,\n", encoding="utf-8")
-    table = build_table(load_answers([answers_csv])[0], read_key(key_csv))
+    table = _figure_table(tmp_path, "R1,L1,synthetic,,1,\nR1,L2,unsure,,1,\nR1,P1,real,,1,\nR1,P2,synthetic,,1,\n")
     organs = list(dict.fromkeys(table.organ))
     assert organs == ["liver", "pancreas", "all"]
 
@@ -465,15 +473,10 @@ def test_key_without_any_organ_reports_one_group(tmp_path, files):
 
 def test_figure_na_labels_lie_inside_their_panel(tmp_path):
     """The last reader's "n/a" in the last organ was drawn right of the panel (beside the next one)."""
-    from study.design import read_key
-    from study.report import build_table, figure_bars, load_answers, render_figure
+    from study.report import figure_bars, render_figure
 
-    key_csv, answers_csv = tmp_path / "key.csv", tmp_path / "answers.csv"
-    key_csv.write_text("case_id,truth,organ\nL1,real,liver\nL2,synthetic,liver\nP1,real,pancreas\nP2,synthetic,pancreas\n",
-                       encoding="utf-8")
-    answers_csv.write_text("reader,case_id,answer,confidence,seconds,answered_at\nR1,L1,real,,1,\nR1,L2,real,,1,\n"
-                           "R1,P1,real,,1,\nR1,P2,real,,1,\nR2,L1,unsure,,1,\nR2,P2,unsure,,1,\n", encoding="utf-8")
-    table = build_table(load_answers([answers_csv])[0], read_key(key_csv))
+    table = _figure_table(tmp_path, "R1,L1,real,,1,\nR1,L2,real,,1,\nR1,P1,real,,1,\nR1,P2,real,,1,\n"
+                                    "R2,L1,unsure,,1,\nR2,P2,unsure,,1,\n")
     fig = render_figure(table)
     for ax, metric in zip(fig.axes[:3], ("sensitivity", "specificity", "accuracy")):
         lo, hi = ax.get_xlim()
