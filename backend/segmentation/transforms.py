@@ -131,9 +131,8 @@ class RandTumorSynthesisd(RandomizableTransform, MapTransform):
         # another size (e.g. 48^3) is edge-padded for the network, as the release pads crops at the CT's
         # borders, and the decoded crop is cut back to the training crop
         pad = [(0, -n % k) for n, k in zip(image01.shape, (32, 32, 4))]
-        x = np.pad(image01 * 2.0 - 1.0, pad, mode="edge") if any(p for _, p in pad) else image01 * 2.0 - 1.0
-        decoded = run(iter_synthesize_crop(x, np.pad(m, pad), models, device=engine.device, generator=gen))
-        decoded = decoded[tuple(slice(0, n) for n in image01.shape)]
+        decoded = run(iter_synthesize_crop(np.pad(image01 * 2.0 - 1.0, pad, mode="edge"), np.pad(m, pad), models,
+                                           device=engine.device, generator=gen))[tuple(slice(0, n) for n in image01.shape)]
         if blend.uses_blend(self.organ):
             m_blur = blend.blur_mask(m, blend.draw_sigma(rng))
             return blend.blend01(image01, m_blur, decoded)
