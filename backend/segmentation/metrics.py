@@ -129,11 +129,11 @@ def largest_diameter_mm(component: np.ndarray, spacing: tuple[float, ...]) -> fl
 
 
 def size_bin(diameter_mm: float) -> str:
-    """Name of the size bin (``lt20mm``, ``20_50mm``, ``gt50mm``) holding ``diameter_mm``."""
-    for name, lo, hi in SIZE_BINS:
-        if lo <= diameter_mm < hi:
-            return name
-    return SIZE_BINS[-1][0]
+    """Name of the size bin (``lt20mm``, ``20_50mm``, ``gt50mm``) holding ``diameter_mm``: below 20 mm is
+    early, 20 to 50 mm both included is the middle bin, above 50 mm the last (the paper's < 20, 20-50, > 50)."""
+    if diameter_mm < SIZE_BINS[0][2]:
+        return SIZE_BINS[0][0]
+    return next(name for name, _, hi in SIZE_BINS[1:] if diameter_mm <= hi)
 
 
 @dataclass

@@ -127,7 +127,8 @@ def test_size_bins():
     assert M.size_bin(5.0) == "lt20mm"
     assert M.size_bin(20.0) == "20_50mm"
     assert M.size_bin(49.9) == "20_50mm"
-    assert M.size_bin(50.0) == "gt50mm"
+    assert M.size_bin(50.0) == "20_50mm"  # "> 50 mm" starts above 50
+    assert M.size_bin(50.01) == "gt50mm"
 
 
 def test_tumor_detection_counts_by_size_and_false_positives():
