@@ -586,3 +586,17 @@ def test_more_ddim_steps_than_the_model_has_timesteps_is_one_line(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err == "difftumor: error: --ddim-steps 500: liver_noearly.pt was trained with T = 200 steps; give 1 to 200"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("which", ["ct", "organs"])
+def test_dataset_out_that_is_an_input_folder_is_refused(tmp_path, capsys, which):
+    """--out cts/ --overwrite wrote cts/<case>_s0/ct.nii.gz, which the same command's resume then read as a
+    new case (and failed: no labels for it)."""
+    ct, seg = _case(tmp_path / "cts")
+    folder = ct.parent if which == "ct" else seg.parent
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["synthesize", "--ct", str(ct.parent), "--organs", str(seg.parent), "--organ", "liver",
+                 "--overwrite", "--out", str(folder) + "/"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"is the --{which} folder" in err
+    assert sorted(p.name for p in folder.iterdir()) == before
