@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -382,20 +383,39 @@ def fetch(dest=None, *, organs=WEIGHT_ORGANS, base_url: str | None = None, progr
         if dest is None:
             raise DiffTumorError(f"weights fetch: no destination; give --dest DIR or set ${ENV_VAR}")
     dest = Path(dest).expanduser()
-    dest.mkdir(parents=True, exist_ok=True)
+    if base_url is not None and urllib.parse.urlsplit(base_url).scheme not in ("http", "https", "ftp", "file"):
+        raise DiffTumorError(f"--base-url {base_url}: not a URL (http://, https://, ftp:// or file://)")
+    if dest.exists() and not dest.is_dir():
+        raise DiffTumorError(f"--dest {dest}: is an existing file; give a folder")
+    made = [d for d in (dest, *dest.parents) if not d.exists()][::-1]
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DiffTumorError(f"--dest {dest}: cannot create the folder ({exc.strerror or exc})") from None
     got = []
-    for f in fetch_plan(organs=organs, base_url=base_url):
-        target = dest / f["name"]
-        if target.is_file() and not force:
-            log.info("%s: present, skipped", target)
+    try:
+        for f in fetch_plan(organs=organs, base_url=base_url):
+            target = dest / f["name"]
+            if target.is_file() and not force:
+                log.info("%s: present, skipped", target)
+                got.append(target)
+                continue
+            t0 = time.perf_counter()
+            try:
+                download(f["url"], target, sha256=f.get("sha256"), progress=progress)
+            except KeyboardInterrupt:
+                log.warning("interrupted: %s.part keeps what was downloaded; rerun the same command to resume", target)
+                raise
+            except OSError as exc:  # the part file or the rename: a read-only or full folder
+                where = getattr(exc, "filename", None) or target
+                raise DiffTumorError(f"--dest {dest}: cannot write {where} ({exc.strerror or exc})") from None
+            log.info("%s: downloaded in %.1f s", target, time.perf_counter() - t0)
             got.append(target)
-            continue
-        t0 = time.perf_counter()
-        try:
-            download(f["url"], target, sha256=f.get("sha256"), progress=progress)
-        except KeyboardInterrupt:
-            log.warning("interrupted: %s.part keeps what was downloaded; rerun the same command to resume", target)
-            raise
-        log.info("%s: downloaded in %.1f s", target, time.perf_counter() - t0)
-        got.append(target)
+    except BaseException:
+        for d in reversed(made):  # folders this call made and nothing was written into
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
     return got

@@ -491,6 +491,20 @@ def check_single_out(out: Path, args) -> None:
                                  "choose another --out")
 
 
+def check_dataset_out(out: Path, args) -> None:
+    """Dataset mode: --out may not be the --ct or --organs folder. Its ``<case>_s<k>/ct.nii.gz`` outputs would
+    be read as new cases by the next run of the same command, so that resuming fails (or synthesizes on
+    synthetic CTs)."""
+    from backend.errors import DiffTumorError
+
+    if not out.is_dir():
+        return
+    for dest in ("ct", "organs"):
+        if os.path.samefile(getattr(args, dest), out):
+            raise DiffTumorError(f"--out {out}: is the --{dest} folder; its outputs would be read as new cases "
+                                 "by the next run; choose another --out (e.g. a folder beside it)")
+
+
 def start_dataset_run(out: Path, settings: dict, overwrite: bool) -> None:
     """Refuse a non-empty --out made by another run (other settings, or not by this command) unless
     ``overwrite``; then record ``settings`` in :data:`RUN_FILE` (atomically)."""
@@ -649,6 +663,8 @@ def handler(args) -> int:
     check_out_writable(out)
     if not dataset:
         check_single_out(out, args)
+    else:
+        check_dataset_out(out, args)
 
     from backend.synthesis.engine import SynthesisEngine
 

@@ -372,6 +372,9 @@ class SynthesisEngine:
             decoder = self._embedded_decoder(ck, ae)
             steps = ck.timesteps
         else:
+            if not 1 <= int(ddim_steps) <= ck.timesteps:  # DDIM takes at most one step per training timestep
+                raise DiffTumorError(f"--ddim-steps {ddim_steps}: {diffusion_name(organ, stage)} was trained with "
+                                     f"T = {ck.timesteps} steps; give 1 to {ck.timesteps}")
             scheduler = ck.ddim_scheduler(ddim_steps)
             decoder, steps = ae, ddim_steps
         sha = {n: self.weights.sha256(n) for n in (AE_NAME, diffusion_name(organ, stage))}

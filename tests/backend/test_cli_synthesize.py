@@ -574,3 +574,29 @@ def test_dataset_seed_of_a_case_does_not_depend_on_the_other_cases(tmp_path):
         assert np.array_equal(read_image(both / "ct.nii.gz").array, read_image(one / "ct.nii.gz").array)
     seeds = {_prov(tmp_path / "aug" / f"c{i}_s{k}")["seed"] for i in (0, 1) for k in (0, 1)}
     assert len(seeds) == 4
+
+
+def test_more_ddim_steps_than_the_model_has_timesteps_is_one_line(tmp_path, capsys, parity_dir, totalseg_ct,
+                                                                   totalseg_seg):
+    """--ddim-steps 500 with the T = 200 mid/late model was a ValueError traceback (exit 1)."""
+    out = tmp_path / "out"
+    assert main(["synthesize", "--ct", str(totalseg_ct), "--organs", str(totalseg_seg), "--organ", "liver",
+                 "--center", "81,58,19", "--voxel", "--radii", "9,9,9", "--stage", "mid_late", "--ddim-steps", "500",
+                 "--method", "diffusion", "--weights", str(parity_dir), "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "difftumor: error: --ddim-steps 500: liver_noearly.pt was trained with T = 200 steps; give 1 to 200"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("which", ["ct", "organs"])
+def test_dataset_out_that_is_an_input_folder_is_refused(tmp_path, capsys, which):
+    """--out cts/ --overwrite wrote cts/<case>_s0/ct.nii.gz, which the same command's resume then read as a
+    new case (and failed: no labels for it)."""
+    ct, seg = _case(tmp_path / "cts")
+    folder = ct.parent if which == "ct" else seg.parent
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["synthesize", "--ct", str(ct.parent), "--organs", str(seg.parent), "--organ", "liver",
+                 "--overwrite", "--out", str(folder) + "/"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"is the --{which} folder" in err
+    assert sorted(p.name for p in folder.iterdir()) == before

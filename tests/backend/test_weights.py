@@ -297,3 +297,32 @@ def test_check_calls_a_pair_with_different_latent_channels_incompatible(tmp_path
     assert main(["weights", "check", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "INCOMPATIBLE liver_early.pt" in out and "liver     diffusion ready for: nothing" in out
+
+
+def test_fetch_refuses_bad_dest_and_base_url_in_one_line_and_writes_nothing(tmp_path, capsys):
+    """A file as --dest, a base URL that is no URL, an unreachable server and an unwritable folder were
+    tracebacks (FileExistsError, ValueError, OSError) or left an empty folder behind."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    cases = [
+        (["--dest", str(a_file)], "is an existing file"),
+        (["--dest", str(tmp_path / "w1"), "--base-url", "mirror/weights"], "--base-url mirror/weights: not a URL"),
+        (["--dest", str(tmp_path / "w2" / "sub"), "--base-url", "http://127.0.0.1:1"], "download failed"),
+    ]
+    for argv, words in cases:
+        assert _cli(["weights", "fetch", "--organ", "liver", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()
+
+
+def test_fetch_names_the_file_it_cannot_write(tmp_path, monkeypatch, capsys):
+    def read_only(url, dest, **kw):
+        raise OSError(30, "Read-only file system", str(dest) + ".part")
+
+    monkeypatch.setattr(weights, "download", read_only)
+    dest = tmp_path / "w"
+    assert _cli(["weights", "fetch", "--organ", "liver", "--dest", str(dest), "--base-url", "http://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"difftumor: error: --dest {dest}: cannot write {dest}/AutoencoderModel.ckpt.part (Read-only file system)"
+    assert not dest.exists()
