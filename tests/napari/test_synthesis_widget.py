@@ -443,3 +443,19 @@ def test_missing_weights_folder_is_named_in_the_widgets_words(phantom_viewer, qt
         assert not synth.run()
         assert "--weights" not in errors[-1] and errors[-1].startswith("Weights folder")
         assert "no such folder" in errors[-1]
+
+
+def test_before_after_with_the_original_ct_closed_keeps_the_result_shown(phantom_viewer, qtbot, monkeypatch, errors):
+    """Closing the original CT after a run, Before / after used to hide the result and say 'Showing: before
+    (original)' over an empty canvas."""
+    from difftumor_napari._synthesis import RESULT_CT
+
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    synth.method.value = "model-based"
+    assert synth.run() and RESULT_CT in phantom_viewer.layers
+    phantom_viewer.layers.remove(synth.ct_layer.value.name if synth.ct_layer.value is not None else "phantom CT")
+    assert synth.toggle_before_after() == "after"
+    assert phantom_viewer.layers[RESULT_CT].visible
+    assert "was closed" in errors[-1] and "\n" not in errors[-1] and "before (original)" not in synth.status.value
