@@ -150,6 +150,7 @@ class PlacementWidget(ScrollableContainer):
         for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
             emitter.connect(self._on_layers_changed)
         self._on_layers_changed()
+        self._on_organ_layer()  # the first hint even when no organ layer is open yet (no change event then)
         from difftumor_napari._viewing import keep_radiological
 
         keep_radiological(viewer)  # superior up in coronal/sagittal, sliders named, whichever widget opens first

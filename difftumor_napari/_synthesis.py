@@ -413,6 +413,15 @@ class SynthesisWidget(ScrollableContainer):
             show_info("Before / after: synthesize a tumour first")
             return ""
         after = self._viewer.layers[RESULT_CT]
+        if self._source_ct not in self._viewer.layers:  # hiding the result would leave an empty canvas
+            from backend.errors import DiffTumorError
+
+            after.visible = True
+            self.status.value = notify_error(
+                DiffTumorError(f"Before / after: the original CT '{self._source_ct.name}' was closed; open it again "
+                           f"and synthesize to compare (showing: after)"), "Before / after")
+            return "after"
+
         show_after = not after.visible
         after.visible, self._source_ct.visible = show_after, not show_after
         self.status.value = "Showing: after (synthetic)" if show_after else "Showing: before (original)"

@@ -90,6 +90,9 @@ def method_status(requested: str, organ: str, stages: Sequence[str], weights_dir
     if requested == "model-based":
         return MethodStatus("model-based", "Model-based synthesis (chosen; needs no weights)")
     model_organ = weights_organ or organ
+    if weights_dir and not Path(weights_dir).expanduser().is_dir():  # the widget's words, not the CLI's '--weights'
+        raise DiffTumorError(f"Weights folder {weights_dir}: no such folder; choose the folder with the DiffTumor "
+                             "weights under Weights, or method 'model-based'")
     engine = SynthesisEngine(weights_dir=weights_dir or None, device=device)
     checks = [engine.diffusion_available(model_organ, st) for st in sorted(set(stages))]
     missing = [reason for ok, reason in checks if not ok]

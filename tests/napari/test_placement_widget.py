@@ -203,3 +203,15 @@ def test_click_mode_leaves_brush_and_eraser_clicks_to_the_labels_tool(real_viewe
         next(gen)
     assert layer.data.max() == 2  # back in pan/zoom mode a click places again
     w.place_mode.value = False
+
+
+def test_docked_with_a_ct_but_no_organ_labels_says_what_to_open(make_napari_viewer, qtbot, totalseg_ct):
+    """A first-time user who opened only the CT sees what is missing at once, not an empty status line."""
+    from difftumor_napari._reader import read_layer_data
+
+    viewer = make_napari_viewer()
+    data, kwargs, kind = read_layer_data(totalseg_ct)
+    viewer.add_image(data, **kwargs)
+    w = _widget(viewer, qtbot)
+    assert w.organ_layer.value is None
+    assert "organ label layer" in w.status.value

@@ -428,3 +428,34 @@ def test_cross_organ_weights_fixed_sigma_and_pancreas_blend(make_napari_viewer, 
     assert saved["requested"]["pancreas_blend"] is True and saved["weights_organ"] == "liver"
     assert set(saved["weights_sha256"]) == {"AutoencoderModel.ckpt", "liver_early.pt"}
     assert errors[n_errors:] == []
+
+
+def test_missing_weights_folder_is_named_in_the_widgets_words(phantom_viewer, qtbot, monkeypatch, errors, tmp_path):
+    """A weights folder that was moved or mistyped: the message speaks of the Weights field, not of the command
+    line's '--weights' flag a napari user never typed."""
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    synth.weights_dir.value = str(tmp_path / "moved")
+    assert "--weights" not in synth.method_info.value and "Weights folder" in synth.method_info.value
+    for method in ("diffusion", "auto"):
+        synth.method.value = method
+        assert not synth.run()
+        assert "--weights" not in errors[-1] and errors[-1].startswith("Weights folder")
+        assert "no such folder" in errors[-1]
+
+
+def test_before_after_with_the_original_ct_closed_keeps_the_result_shown(phantom_viewer, qtbot, monkeypatch, errors):
+    """Closing the original CT after a run, Before / after used to hide the result and say 'Showing: before
+    (original)' over an empty canvas."""
+    from difftumor_napari._synthesis import RESULT_CT
+
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    synth.method.value = "model-based"
+    assert synth.run() and RESULT_CT in phantom_viewer.layers
+    phantom_viewer.layers.remove(synth.ct_layer.value.name if synth.ct_layer.value is not None else "phantom CT")
+    assert synth.toggle_before_after() == "after"
+    assert phantom_viewer.layers[RESULT_CT].visible
+    assert "was closed" in errors[-1] and "\n" not in errors[-1] and "before (original)" not in synth.status.value
