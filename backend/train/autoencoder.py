@@ -248,7 +248,11 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
     ck, step = None, 0
     if resume:  # checked before any data is read: same model, and steps left to train
         ck = load_resume_checkpoint(resume, ckpt_path, "autoencoder", map_location=device)
-        step = check_resume(resume_path(resume, ckpt_path), ck, {"model": cfg.model.to_dict()}, max_steps=cfg.max_steps)
+        # the discriminators' architecture is model state too (it is in the checkpoint's loss_model)
+        step = check_resume(resume_path(resume, ckpt_path), ck, {"model": cfg.model.to_dict(),
+                                                                 "loss.disc_channels": cfg.loss.disc_channels,
+                                                                 "loss.disc_layers": cfg.loss.disc_layers},
+                            max_steps=cfg.max_steps)
     else:
         refuse_fresh_run_over(ckpt_path, "output_dir")
 
