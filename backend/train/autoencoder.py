@@ -34,9 +34,9 @@ from backend.train.common import (
     refuse_fresh_run_over,
     resume_lr_scheduler,
     resume_path,
-    rng_state,
+    rank_rng_states,
+    restore_rank_rng_state,
     save_checkpoint,
-    set_rng_state,
     start_run,
     wrap_ddp,
 )
@@ -248,7 +248,11 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
     ck, step = None, 0
     if resume:  # checked before any data is read: same model, and steps left to train
         ck = load_resume_checkpoint(resume, ckpt_path, "autoencoder", map_location=device)
-        step = check_resume(resume_path(resume, ckpt_path), ck, {"model": cfg.model.to_dict()}, max_steps=cfg.max_steps)
+        # the discriminators' architecture is model state too (it is in the checkpoint's loss_model)
+        step = check_resume(resume_path(resume, ckpt_path), ck, {"model": cfg.model.to_dict(),
+                                                                 "loss.disc_channels": cfg.loss.disc_channels,
+                                                                 "loss.disc_layers": cfg.loss.disc_layers},
+                            max_steps=cfg.max_steps)
     else:
         refuse_fresh_run_over(ckpt_path, "output_dir")
 
@@ -290,7 +294,7 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
         resume_lr_scheduler(sched_d, ck["schedulers"][1])  # same settings as sched_g
         scaler.load_state_dict(ck["scaler"])
         schedule.load_state_dict(ck["data"])
-        set_rng_state(ck["rng"])
+        restore_rank_rng_state(ck, dist, seed=cfg.seed)
         logger.info("resumed from step %d", step)
         if changed:
             logger.info("learning-rate schedule rebuilt for the current config (%s)", ", ".join(changed))
@@ -299,12 +303,13 @@ def train(cfg: AutoencoderTrainConfig, *, resume: str | None = None) -> dict:
     loss_mod.train()
 
     def save(reason: str) -> Path:
+        rngs = rank_rng_states(dist)  # every rank takes part (a collective under torchrun)
         if dist.is_main:
             save_checkpoint(
                 ckpt_path, stage="autoencoder", config=config_to_dict(cfg), model_config=cfg.model.to_dict(), step=step,
                 model=model.state_dict(), loss_model=loss_mod.state_dict(),
                 optimizers=[opt_g.state_dict(), opt_d.state_dict()], schedulers=[sched_g.state_dict(), sched_d.state_dict()],
-                scaler=scaler.state_dict(), ema=None, rng=rng_state(), data=schedule.state_dict(),
+                scaler=scaler.state_dict(), ema=None, rng=rngs[0], rng_ranks=rngs, data=schedule.state_dict(),
                 skipped=sorted(train_store.failed),
             )
             logger.info("checkpoint (%s) at step %d: %s", reason, step, ckpt_path)

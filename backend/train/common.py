@@ -6,6 +6,7 @@ Public API (all pure Python + torch; no stage-specific code)::
     config_to_dict(cfg) -> dict                               nested plain dict (YAML/checkpoint friendly)
     seed_everything(seed) -> None                             python, numpy, torch (+cuda)
     rng_state() -> dict / set_rng_state(state)                 weights_only-loadable RNG snapshot
+    rank_rng_states(dist) / restore_rank_rng_state(ckpt, dist, seed=)  every rank's RNG in a checkpoint
     DistInfo / setup_distributed(device="auto") -> DistInfo   torchrun env vars; gloo on CPU, nccl on CUDA
     teardown_distributed()                                    destroy the process group if any
     get_logger(name, dist) -> logging.Logger                  INFO on rank 0, WARNING on other ranks
@@ -30,7 +31,7 @@ Public API (all pure Python + torch; no stage-specific code)::
 A checkpoint written with :func:`save_checkpoint` is a plain dict of tensors, numbers, strings, lists
 and dicts (loadable with ``weights_only=True``) holding at least ``version`` (package), ``stage``,
 ``config`` (plain dict), ``step``, ``model``; stages add ``model_config``, ``optimizers``, ``ema``,
-``scaler``, ``schedulers``, ``rng`` (:func:`rng_state`) and ``data`` (e.g. :meth:`DrawSchedule.state_dict`).
+``scaler``, ``schedulers``, ``rng`` (:func:`rng_state`), ``rng_ranks`` (:func:`rank_rng_states`) and ``data`` (e.g. :meth:`DrawSchedule.state_dict`).
 """
 
 from __future__ import annotations
@@ -272,6 +273,31 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rank_rng_states(dist: "DistInfo") -> list[dict]:
+    """:func:`rng_state` of every rank, in rank order (a collective under torchrun: call it on all ranks).
+    A checkpoint keeps them all, so that each rank resumes its own random stream (ranks draw different
+    noise, :func:`start_run`)."""
+    state = rng_state()
+    if not dist.distributed:
+        return [state]
+    states: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def restore_rank_rng_state(ckpt: dict, dist: "DistInfo", *, seed: int) -> None:
+    """Set this rank's generators from a checkpoint written with :func:`rank_rng_states` (``rng_ranks``).
+    A checkpoint from another number of processes (or one holding only rank 0's ``rng``) gives rank 0 its
+    saved state and reseeds the other ranks from (seed, rank, step), so they still draw different noise."""
+    states = ckpt.get("rng_ranks")
+    if states and len(states) == dist.world_size:
+        set_rng_state(states[dist.rank])
+        return
+    set_rng_state(ckpt["rng"] if "rng" in ckpt else states[0])
+    if dist.rank > 0:
+        seed_everything(seed + dist.rank + 1_000_003 * int(ckpt.get("step", 0)))
 
 
 # ---------------------------------------------------------------------------------- distributed

@@ -52,9 +52,9 @@ from backend.train.common import (
     load_resume_checkpoint,
     refuse_fresh_run_over,
     resume_path,
-    rng_state,
+    rank_rng_states,
+    restore_rank_rng_state,
     save_checkpoint,
-    set_rng_state,
     start_run,
     wrap_ddp,
 )
@@ -346,18 +346,19 @@ def train(cfg: DiffusionTrainConfig, *, resume: str | None = None) -> dict:
         for group in opt.param_groups:  # the restored state holds the old run's lr; this run's config decides
             group["lr"] = cfg.optim.lr
         schedule.load_state_dict(ck["data"])
-        set_rng_state(ck["rng"])
+        restore_rank_rng_state(ck, dist, seed=cfg.seed)
         logger.info("resumed from step %d", step)
     net = wrap_ddp(unet, dist)
     unet.train()
 
     def save(reason: str) -> None:
+        rngs = rank_rng_states(dist)  # every rank takes part (a collective under torchrun)
         if not dist.is_main:
             return
         extra = {"organ": cfg.data.organ, "stage": cfg.stage, "prediction_type": cfg.prediction_type}
         save_checkpoint(ckpt_path, stage="diffusion", config=config_to_dict(cfg), model_config=cfg.model.to_dict(),
                         timesteps=cfg.T, autoencoder=ae_record, step=step, model=unet.state_dict(), ema=ema.state_dict(),
-                        optimizers=[opt.state_dict()], scaler={}, rng=rng_state(), data=schedule.state_dict(),
+                        optimizers=[opt.state_dict()], scaler={}, rng=rngs[0], rng_ranks=rngs, data=schedule.state_dict(),
                         skipped=len(store.skipped))
         save_official(official_path, model=unet, ema=ema, scheduler=scheduler, vqgan_state=vqgan_state, step=step,
                       extra=extra)

@@ -169,6 +169,9 @@ def _find_state(path: Path, obj) -> tuple[dict, VQGANConfig | None, dict]:
         info = {"format": "lightning", "global_step": obj.get("global_step"), "cfg": cfg}
         return dict(obj["state_dict"]), official_config(cfg) if cfg else None, info
     if "model" in obj and "model_config" in obj:  # our own checkpoint (backend.train.common)
+        if obj.get("stage", "autoencoder") != "autoencoder":  # its model_config is another network's
+            raise DiffTumorError(f"{path}: is a {obj.get('stage')} training checkpoint, not an autoencoder (give "
+                                 "AutoencoderModel.ckpt or an autoencoder run's checkpoint_last.pt)")
         info = {"format": "difftumor", "step": obj.get("step"), "version": obj.get("version")}
         return dict(obj["model"]), VQGANConfig(**obj["model_config"]), info
     for key in ("ema", "model", "state_dict"):  # e.g. the diffusion Trainer.save files (vqgan.*)

@@ -115,3 +115,28 @@ def test_segmentation_trains_under_torchrun(tmp_path, msd):
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["step"] == 2 and ckpt["draws"] == 2  # per rank: 2 steps of batch 1
     assert (out / "splits.json").is_file() and (out / "val_metrics.csv").is_file()
+
+
+def test_resume_under_torchrun_equals_uninterrupted(tmp_path, msd):
+    """Each rank resumes its own random stream (noise, timesteps): rank 1 used to get rank 0's saved RNG
+    state, so after --resume both ranks drew the same noise and the run left the uninterrupted one."""
+    from backend.train.common import save_checkpoint
+    from backend.vqgan.model import VQGAN, VQGANConfig
+
+    torch.manual_seed(0)
+    cfg = VQGANConfig(n_hiddens=8, num_groups=8, downsample=(4, 4, 4), embedding_dim=8, n_codes=64)
+    ae = tmp_path / "tiny_ae.pt"
+    save_checkpoint(ae, stage="autoencoder", config={}, model_config=cfg.to_dict(), step=0,
+                    model=VQGAN(cfg).state_dict())
+    config = Path(__file__).resolve().parents[2] / "backend/configs/diffusion_tiny.yaml"
+    common = ["train", "diffusion", "--config", str(config), f"data.source={msd / 'dataset.json'}", f"autoencoder={ae}",
+              "checkpoint_every=100", "device=cpu", "optim.ema_start=0", "optim.ema_every=1"]
+    _torchrun([*common, f"output_dir={tmp_path / 'full'}", "max_steps=4"], tmp_path)
+    _torchrun([*common, f"output_dir={tmp_path / 'split'}", "max_steps=2"], tmp_path)
+    _torchrun([*common, f"output_dir={tmp_path / 'split'}", "max_steps=4", "--resume"], tmp_path)
+    full, split = (torch.load(tmp_path / d / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+                   for d in ("full", "split"))
+    for part in ("model", "ema"):
+        for k, v in full[part].items():
+            assert torch.equal(v, split[part][k]), (part, k)
+    assert len(split["rng_ranks"]) == 2

@@ -108,6 +108,26 @@ def test_resume_with_another_model_is_one_line(data_dir, tmp_path):
     assert "model.n_hiddens: checkpoint 4, config 8; model.num_groups: checkpoint 4, config 8" in str(err.value)
 
 
+def test_resume_with_other_discriminators_is_one_line(data_dir, tmp_path):
+    """A changed loss.disc_channels/disc_layers used to end in the discriminators' size-mismatch traceback."""
+    train(_cfg(data_dir, tmp_path, "max_steps=1"))
+    with pytest.raises(DiffTumorError) as err:
+        train(_cfg(data_dir, tmp_path, "max_steps=2", "loss.disc_channels=8", "loss.disc_layers=3"), resume="last")
+    assert str(err.value).startswith(f"{tmp_path / 'checkpoint_last.pt'}: ")
+    assert "loss.disc_channels: checkpoint 4, config 8; loss.disc_layers: checkpoint 2, config 3" in str(err.value)
+
+
+def test_init_from_another_stage_checkpoint_is_one_line(data_dir, tmp_path):
+    """init_from= a diffusion (or segmentation) checkpoint used to end in a VQGANConfig TypeError traceback."""
+    from backend.train.common import save_checkpoint
+
+    other = save_checkpoint(tmp_path / "diffusion.pt", stage="diffusion", config={}, model_config={"dim": 8}, step=1,
+                            model={})
+    with pytest.raises(DiffTumorError, match=r"diffusion\.pt: is a diffusion training checkpoint, not an autoencoder"):
+        train(_cfg(data_dir, tmp_path / "run", "max_steps=1", f"init_from={other}"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_reports_config_errors(tmp_path, capsys):
     assert main(["train", "autoencoder", "model.n_hiddenz=4"]) == 2
     assert "unknown key 'model.n_hiddenz'" in capsys.readouterr().err
