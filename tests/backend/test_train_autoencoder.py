@@ -99,22 +99,20 @@ def test_bad_inputs(tmp_path, data_dir):
     assert not (tmp_path / "o").exists()
 
 
-def test_resume_with_another_model_is_one_line(data_dir, tmp_path):
-    """A changed model key used to end in load_state_dict's size-mismatch traceback."""
+@pytest.mark.parametrize("overrides, expected", [
+    (("model.n_hiddens=8", "model.num_groups=8"),
+     "model.n_hiddens: checkpoint 4, config 8; model.num_groups: checkpoint 4, config 8"),
+    (("loss.disc_channels=8", "loss.disc_layers=3"),
+     "loss.disc_channels: checkpoint 4, config 8; loss.disc_layers: checkpoint 2, config 3"),
+])
+def test_resume_with_other_settings_is_one_line(data_dir, tmp_path, overrides, expected):
+    """A changed model key, or discriminator (loss.disc_channels/disc_layers), used to end in load_state_dict's
+    size-mismatch traceback."""
     train(_cfg(data_dir, tmp_path, "max_steps=1"))
     with pytest.raises(DiffTumorError) as err:
-        train(_cfg(data_dir, tmp_path, "max_steps=2", "model.n_hiddens=8", "model.num_groups=8"), resume="last")
+        train(_cfg(data_dir, tmp_path, "max_steps=2", *overrides), resume="last")
     assert str(err.value).startswith(f"{tmp_path / 'checkpoint_last.pt'}: ")
-    assert "model.n_hiddens: checkpoint 4, config 8; model.num_groups: checkpoint 4, config 8" in str(err.value)
-
-
-def test_resume_with_other_discriminators_is_one_line(data_dir, tmp_path):
-    """A changed loss.disc_channels/disc_layers used to end in the discriminators' size-mismatch traceback."""
-    train(_cfg(data_dir, tmp_path, "max_steps=1"))
-    with pytest.raises(DiffTumorError) as err:
-        train(_cfg(data_dir, tmp_path, "max_steps=2", "loss.disc_channels=8", "loss.disc_layers=3"), resume="last")
-    assert str(err.value).startswith(f"{tmp_path / 'checkpoint_last.pt'}: ")
-    assert "loss.disc_channels: checkpoint 4, config 8; loss.disc_layers: checkpoint 2, config 3" in str(err.value)
+    assert expected in str(err.value)
 
 
 def test_init_from_another_stage_checkpoint_is_one_line(data_dir, tmp_path):
