@@ -325,7 +325,36 @@ def read_image(path: PathLike) -> Volume:
     image = _as_3d(image, path)
     volume = Volume.from_sitk(image, path)
     _restore_nifti_non_finite(volume, path)
+    _restore_nifti_integer_type(volume, path)
     return volume
+
+
+def _restore_nifti_integer_type(volume: Volume, path: Path) -> None:
+    """A NIfTI file storing whole numbers with a whole-number scaling (e.g. uint16 with scl_inter -1024, as
+    some converters write CT) is read by ITK as float32; give it back an integer type that holds its values
+    (int16 when they fit, else int32), so an integer CT stays integer through synthesis and saving."""
+    name = path.name.lower()
+    arr = volume.array
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")) or arr.dtype.kind != "f" or arr.size == 0:
+        return
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+        slope, inter = header.get_slope_inter()
+        stored = header.get_data_dtype()
+    except Exception:  # noqa: BLE001 - ITK read it; nibabel's header is only a hint
+        return
+    whole = lambda v: v is None or (np.isfinite(v) and float(v) == round(float(v)))  # noqa: E731
+    if stored.kind not in "iu" or not (whole(slope) and whole(inter)):
+        return
+    if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
+        return
+    lo, hi = float(arr.min()), float(arr.max())
+    for dtype in (np.int16, np.int32):
+        if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
+            volume.array = arr.astype(dtype)
+            return
 
 
 def _restore_nifti_non_finite(volume: Volume, path: Path) -> None:

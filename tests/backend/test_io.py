@@ -294,3 +294,24 @@ def test_label_map_range_tells_label_maps_from_ct(totalseg_ct, totalseg_seg):
     seg, ct = read_image(totalseg_seg), read_image(totalseg_ct)
     assert label_map_range(seg.array) is not None
     assert label_map_range(ct.array) is None
+
+
+def test_scaled_integer_nifti_stays_integer(tmp_path):
+    """uint16 with scl_inter -1024 (as some converters store CT): ITK reads float32; we give back int16 with the
+    same HU, so synthesis and saving keep an integer CT. A fractional scaling stays float."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1024, 2000, (10, 12, 14))
+    img = nib.Nifti1Image((hu + 1024).astype(np.uint16), np.diag([0.8, 0.8, 2.5, 1.0]))
+    img.header.set_slope_inter(1, -1024)
+    nib.save(img, tmp_path / "scaled.nii.gz")
+    v = read_image(tmp_path / "scaled.nii.gz")
+    assert v.dtype == np.int16 and np.array_equal(v.array, hu.T)
+    out = write_image(v, tmp_path / "copy.nii.gz")
+    back = read_image(out)
+    assert back.dtype == np.int16 and np.array_equal(back.array, hu.T)
+
+    img.header.set_slope_inter(0.5, -1024)
+    nib.save(img, tmp_path / "half.nii.gz")
+    assert read_image(tmp_path / "half.nii.gz").dtype.kind == "f"
