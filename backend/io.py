@@ -173,14 +173,11 @@ def label_map_range(array: np.ndarray) -> tuple[int, int] | None:
     about 32 slices."""
     if not np.issubdtype(array.dtype, np.integer) or array.size == 0:
         return None
-    slices = array[:: max(1, array.shape[0] // 32)] if array.ndim == 3 else array
+    slices = array[:: max(1, array.shape[0] // 32)]  # (z, y, x): about 32 whole slices
     lo, hi = int(slices.min()), int(slices.max())
-    if not (0 <= lo and hi <= 1000):
+    if not (0 <= lo and hi <= 1000) or len(np.unique(slices[:, ::4, ::4])) > 256:
         return None
-    if array.ndim == 3 and len(np.unique(slices[:, ::4, ::4])) > 256:
-        return None
-    rows = slices.reshape(-1, slices.shape[-1])
-    if rows.shape[1] > 1 and np.mean(rows[:, 1:] == rows[:, :-1]) < 0.9:
+    if array.shape[-1] > 1 and np.mean(slices[..., 1:] == slices[..., :-1]) < 0.9:
         return None
     return lo, hi
 
@@ -324,15 +321,19 @@ def read_image(path: PathLike) -> Volume:
 
     image = _as_3d(image, path)
     volume = Volume.from_sitk(image, path)
-    _restore_nifti_non_finite(volume, path)
-    _restore_nifti_integer_type(volume, path)
+    _reconcile_float_nifti(volume, path)
     return volume
 
 
-def _restore_nifti_integer_type(volume: Volume, path: Path) -> None:
-    """A NIfTI file storing whole numbers with a whole-number scaling (e.g. uint16 with scl_inter -1024, as
-    some converters write CT) is read by ITK as float32; give it back an integer type that holds its values
-    (int16 when they fit, else int32), so an integer CT stays integer through synthesis and saving."""
+def _reconcile_float_nifti(volume: Volume, path: Path) -> None:
+    """Where ITK's NIfTI reader returned float voxels, put right what it changed (nibabel reads the header):
+
+    * whole numbers stored as integers with a whole-number scaling (e.g. uint16 with scl_inter -1024, as some
+      converters write CT) come back as float32: give them an integer type that holds them (int16 when they
+      fit, else int32), so an integer CT stays integer through synthesis and saving;
+    * float data: NaN / +-inf voxels, which ITK (before ITK 6) silently turns into 0 - a valid intensity - are
+      put back, so that the non-finite checks downstream see them.
+    """
     name = path.name.lower()
     arr = volume.array
     if not (name.endswith(".nii") or name.endswith(".nii.gz")) or arr.dtype.kind != "f" or arr.size == 0:
@@ -340,35 +341,26 @@ def _restore_nifti_integer_type(volume: Volume, path: Path) -> None:
     import nibabel as nib
 
     try:
-        header = nib.load(str(path)).header
-        slope, inter = header.get_slope_inter()
-        stored = header.get_data_dtype()
-    except Exception:  # noqa: BLE001 - ITK read it; nibabel's header is only a hint
-        return
-    whole = lambda v: v is None or (np.isfinite(v) and float(v) == round(float(v)))  # noqa: E731
-    if stored.kind not in "iu" or not (whole(slope) and whole(inter)):
-        return
-    if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
-        return
-    lo, hi = float(arr.min()), float(arr.max())
-    for dtype in (np.int16, np.int32):
-        if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
-            volume.array = arr.astype(dtype)
-            return
-
-
-def _restore_nifti_non_finite(volume: Volume, path: Path) -> None:
-    """Put back the NaN / ±inf voxels of a float NIfTI file, which ITK's NIfTI reader (before ITK 6) silently
-    turns into 0 - a valid intensity - so that the non-finite checks downstream see them."""
-    name = path.name.lower()
-    arr = volume.array
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")) or arr.dtype.kind != "f" or not (arr == 0).any():
-        return
-    import nibabel as nib
-
-    try:
-        raw = np.asarray(nib.load(str(path)).dataobj)
+        img = nib.load(str(path))
+        slope, inter = img.header.get_slope_inter()
+        stored = img.header.get_data_dtype()
     except Exception:  # noqa: BLE001 - ITK read it; nibabel's view is only a cross-check
+        return
+    if stored.kind in "iu":  # integers hold no NaN; the values are whole if the scaling is
+        whole = lambda v: v is None or (np.isfinite(v) and float(v) == round(float(v)))  # noqa: E731
+        if not (whole(slope) and whole(inter)) or not np.array_equal(arr, np.round(arr)):
+            return
+        lo, hi = float(arr.min()), float(arr.max())
+        for dtype in (np.int16, np.int32):
+            if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
+                volume.array = arr.astype(dtype)
+                return
+        return
+    if not (arr == 0).any():
+        return
+    try:
+        raw = np.asarray(img.dataobj)
+    except Exception:  # noqa: BLE001
         return
     raw = raw.reshape(raw.shape[:3]) if raw.ndim > 3 and raw.size == int(np.prod(raw.shape[:3])) else raw
     if raw.ndim != 3 or raw.shape[::-1] != arr.shape:
