@@ -249,18 +249,131 @@ def latent_mismatch(denoiser_config, latent_channels: int) -> str:
             f"{AE_NAME} has {latent_channels} latent channels (needs {want_in} / {want_out})")
 
 
+RELEASE_T = {"early": 4, "noearly": 200}  # diffusion steps of the released models
+STAGE_WORDS = {"early": "early tumours", "noearly": "mid/late tumours"}
+PUT_ITS_AE = (f"put the autoencoder it was trained with in the folder as {AE_NAME} (for one of our runs: the "
+              "autoencoder run's checkpoint_last.pt), or use another weights folder")
+
+
+def stage_mismatch(name: str, ck) -> str:
+    """Why the diffusion file ``name`` ({organ}_{early,noearly}.pt) holds another stage than its name says ("" if not).
+
+    A file we wrote records its stage (``difftumor.stage``): that decides. A file in the plain release layout is
+    told by its number of diffusion steps: the release's early model has T = 4, its noearly model T = 200.
+    """
+    organ, _, rest = name.rpartition("_")
+    named = rest.removesuffix(".pt")
+    if named not in STAGES:
+        return ""
+    meta = ck.meta or {}
+    T = ck.timesteps
+    recorded_T = meta.get("timesteps")
+    if isinstance(recorded_T, int) and recorded_T != T:
+        return (f"records T = {recorded_T} diffusion steps but its noise schedule has {T}: the file is damaged; "
+                "save it again from its training run")
+    recorded = meta.get("stage")
+    if recorded in STAGES:
+        if recorded != named:
+            return (f"holds a model for {STAGE_WORDS[recorded]} (stage {recorded}, T = {T}, as recorded in the file) "
+                    f"but its name says {named} ({STAGE_WORDS[named]}); rename it to {organ}_{recorded}.pt")
+        return ""
+    other = next(s for s in STAGES if s != named)
+    if T == RELEASE_T[other] != RELEASE_T[named]:
+        return (f"has T = {T} diffusion steps, as the release's {other} model (its {named} model has "
+                f"T = {RELEASE_T[named]}), but its name says {named} ({STAGE_WORDS[named]}); if it is the {other} "
+                f"model, rename it to {organ}_{other}.pt")
+    return ""
+
+
+def _codebook(shape) -> str:
+    return f"{shape[0]} codes of {shape[1]} channels"
+
+
+def autoencoder_mismatch(ck, ae, ae_sha256) -> tuple[str, str]:
+    """(error, warning) for a diffusion checkpoint ``ck`` beside the autoencoder model ``ae``.
+
+    The denoiser learnt the latent space of the autoencoder it was trained with, a copy of which the file embeds
+    (``vqgan.*``). error: that copy has another codebook or architecture, or (for a file we wrote) other weights;
+    or the file records the sha256 of its autoencoder and has no copy, and ``ae_sha256()`` differs.
+    warning: a file in the plain release layout whose copy has the same shapes but other weights (the release
+    decodes early tumours with that copy).
+    """
+    from backend.vqgan.official import OPTIONAL_KEYS
+
+    ref = {k: v.detach().cpu() for k, v in ae.state_dict().items()}
+    emb = ck.vqgan_state
+    ours = bool(ck.meta)
+    if not emb:
+        record = (ck.meta or {}).get("autoencoder")
+        sha = record.get("sha256") if isinstance(record, dict) else None
+        if sha and sha != ae_sha256():
+            return (f"was trained with the autoencoder {record.get('path', '?')} (sha256 {str(sha)[:12]}…), but "
+                    f"{AE_NAME} is another file (sha256 {ae_sha256()[:12]}…); {PUT_ITS_AE}"), ""
+        return "", ""
+    codes, own = emb.get("codebook.embeddings"), ref["codebook.embeddings"]
+    if codes is not None and tuple(codes.shape) != tuple(own.shape):
+        return (f"was trained with an autoencoder whose codebook has {_codebook(codes.shape)}, but {AE_NAME} has "
+                f"{_codebook(own.shape)}; {PUT_ITS_AE}"), ""
+    keys = [k for k in ref if k not in OPTIONAL_KEYS]  # codebook.N / z_avg: training-only state
+    missing = [k for k in keys if k not in emb]
+    shaped = [k for k in keys if k in emb and tuple(emb[k].shape) != tuple(ref[k].shape)]
+    if missing or shaped:
+        first = (f"'{shaped[0]}' has shape {tuple(emb[shaped[0]].shape)}, {tuple(ref[shaped[0]].shape)} in {AE_NAME}"
+                 if shaped else f"it lacks '{missing[0]}'")
+        return (f"was trained with an autoencoder of another architecture than {AE_NAME} ({len(missing) + len(shaped)} "
+                f"of its embedded copy's tensors differ in shape; first: {first}); {PUT_ITS_AE}"), ""
+    differ = [k for k in keys if not torch_equal(emb[k], ref[k])]
+    if not differ:
+        return "", ""
+    text = (f"was trained with another autoencoder (its embedded copy differs from {AE_NAME} in {len(differ)} of "
+            f"{len(keys)} tensors, e.g. '{differ[0]}')")
+    if ours:
+        return f"{text}; {PUT_ITS_AE}", ""
+    return "", (f"{text}; the release encodes with {AE_NAME} and decodes early tumours with that copy, so both "
+                "should come from the same release")
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and torch.equal(a.to(b.dtype), b)
+
+
+def fit_problems(name: str, ck, ae=None, ae_sha256=None) -> tuple[str, str]:
+    """(error, warning) for the diffusion file ``name`` loaded as ``ck``: its stage against its name, and, with
+    the folder's autoencoder model ``ae``, its latent channels and embedded autoencoder against it."""
+    problem = stage_mismatch(name, ck)
+    if problem or ae is None:
+        return problem, ""
+    problem = latent_mismatch(ck.unet.config, ae.config.embedding_dim)
+    if problem:
+        return f"{problem}; {PUT_ITS_AE}", ""
+    return autoencoder_mismatch(ck, ae, ae_sha256 or (lambda: ""))
+
+
+def require_fit(root, name: str, ck, ae, ae_sha256) -> None:
+    """Raise one line when the diffusion file ``name`` cannot synthesise with the folder's autoencoder ``ae``;
+    log a warning for a doubtful pair (see :func:`fit_problems`)."""
+    error, warning = fit_problems(name, ck, ae, ae_sha256)
+    if error:
+        raise DiffTumorError(f"weights folder {root}: {name} does not fit the folder: it {error}")
+    if warning:
+        log.warning("weights folder %s: %s %s", root, name, warning)
+
+
 def check_folder(root, *, organs=WEIGHT_ORGANS, load: bool = True) -> list[dict]:
     """One row per expected file: name, present, size, sha256, expected sha256 match, loads, compatible,
-    error. ``compatible`` (diffusion files, when both they and the autoencoder load) says whether the
-    denoiser's channels fit the autoencoder's latent, i.e. whether the pair can synthesise."""
+    error, warning. ``compatible`` (diffusion files that load) says whether the file can synthesise in this
+    folder: its stage matches its name, and (when the autoencoder loads) its denoiser's channels and embedded
+    autoencoder fit the folder's autoencoder (:func:`fit_problems`)."""
     folder = WeightsFolder(Path(root))
     expected = {f["name"]: f.get("sha256") for f in manifest()["files"]}
     names = [AE_NAME] + [diffusion_name(o, s) for o in organs for s in STAGES]
     rows = []
-    latent_channels = None  # of the autoencoder, once it loads
+    ae = None  # the autoencoder model, once it loads
     for name in names:
         row = {"name": name, "present": False, "size": None, "sha256": None, "sha_ok": None, "loads": None,
-               "compatible": None, "error": ""}
+               "compatible": None, "error": "", "warning": ""}
         p = folder.path(name)
         if p is not None:
             row.update(present=True, size=p.stat().st_size, sha256=sha256_cached(p))
@@ -275,10 +388,13 @@ def check_folder(root, *, organs=WEIGHT_ORGANS, load: bool = True) -> list[dict]
                     row["error"] = " ".join(str(exc).split())[:300]
                 else:
                     if name == AE_NAME:
-                        latent_channels = loaded.config.embedding_dim
-                    elif latent_channels is not None:
-                        row["error"] = latent_mismatch(loaded.unet.config, latent_channels)
-                        row["compatible"] = not row["error"]
+                        ae = loaded
+                    else:
+                        ae_row = rows[0]
+                        error, warning = fit_problems(name, loaded, ae, lambda: ae_row["sha256"])
+                        row.update(error=error, warning=warning)
+                        if error or ae is not None:
+                            row["compatible"] = not error
         rows.append(row)
     return rows
 

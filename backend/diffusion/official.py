@@ -40,6 +40,7 @@ class DiffusionCheckpoint(NamedTuple):
     schedule: dict[str, torch.Tensor]  # the 12 stored schedule buffers
     step: int | None
     path: Path
+    meta: Mapping | None = None  # our ``difftumor`` record (stage, timesteps, autoencoder, unet), None in release files
 
     def autoencoder(self, reference=None):
         """The VQGAN to decode this model's samples with (released: early tumours use the embedded copy).
@@ -164,6 +165,7 @@ def load_diffusion(
         schedule={k: v.clone() for k, v in schedule.items()},
         step=int(step) if isinstance(step, int) else None,
         path=path,
+        meta=dict(blob["difftumor"]) if isinstance(blob.get("difftumor"), Mapping) else None,
     )
 
 

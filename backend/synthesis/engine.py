@@ -359,14 +359,15 @@ class SynthesisEngine:
         """Load (once) and return the :class:`~backend.synthesis.diffusion_crop.StageModels` for a stage."""
         from backend.diffusion.official import load_diffusion
         from backend.synthesis.diffusion_crop import StageModels
-        from backend.weights import AE_NAME, diffusion_name
+        from backend.weights import AE_NAME, diffusion_name, require_fit
 
         key = (diffusion_name(organ, stage), ddim_steps if stage == "mid_late" else None)
         if key in self._stage_models:
             return self._stage_models[key]
         paths = self.weights.require(organ, stage)
         ae = self._autoencoder()
-        ck = load_diffusion(paths[diffusion_name(organ, stage)], latent_channels=ae.config.embedding_dim)
+        ck = load_diffusion(paths[diffusion_name(organ, stage)])
+        require_fit(self.weights.root, diffusion_name(organ, stage), ck, ae, lambda: self.weights.sha256(AE_NAME))
         if stage == "early":
             scheduler = ck.ddpm_scheduler()
             decoder = self._embedded_decoder(ck, ae)
@@ -654,7 +655,9 @@ class SynthesisEngine:
         info = {
             "sigma": s,
             "steps": models.steps,
-            "sampler": "ancestral (T=4)" if stage == "early" else f"DDIM {models.steps} steps, eta 0 (T=200)",
+            "timesteps": int(models.scheduler.num_train_timesteps),  # T of the model that ran
+            "sampler": (f"ancestral (T={models.scheduler.num_train_timesteps})" if stage == "early" else
+                        f"DDIM {models.steps} steps, eta 0 (T={models.scheduler.num_train_timesteps})"),
             "weights_sha256": models.sha256,
             "crop_start_model_xyz": list(crop.start),
             "crop_centre_world_mm": [round(float(v), 2) for v in centre_world],

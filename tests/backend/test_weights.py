@@ -326,3 +326,75 @@ def test_fetch_names_the_file_it_cannot_write(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"difftumor: error: --dest {dest}: cannot write {dest}/AutoencoderModel.ckpt.part (Read-only file system)"
     assert not dest.exists()
+
+
+# ------------------------------------------------------------------ do the folder's files fit together?
+def _tiny():
+    import tiny_weights
+
+    return tiny_weights
+
+
+def _rows(root):
+    return {r["name"]: r for r in weights.check_folder(root, organs=("liver",))}
+
+
+def test_check_refuses_an_autoencoder_with_another_codebook_than_the_denoisers(tmp_path, capsys):
+    """Issue 14 defect 3: an official-size autoencoder beside our own diffusion files was 'ready for: early,
+    mid/late', then synthesis died in a 'size mismatch for codebook' traceback."""
+    tw = _tiny()
+    tw.autoencoder(tmp_path / weights.AE_NAME, n_codes=64)  # stands in for the official 16384 x 8 codebook
+    ours = tw.autoencoder(tmp_path / "ours.ckpt", n_codes=16)
+    (tmp_path / "ours.ckpt").unlink()
+    tw.diffusion(tmp_path / "liver_early.pt", ours, T=4, stage="early")
+    tw.diffusion(tmp_path / "liver_noearly.pt", ours, T=10, stage="noearly")
+    rows = _rows(tmp_path)
+    for name in ("liver_early.pt", "liver_noearly.pt"):
+        assert rows[name]["loads"] is True and rows[name]["compatible"] is False, rows[name]
+        assert ("was trained with an autoencoder whose codebook has 16 codes of 8 channels, but "
+                "AutoencoderModel.ckpt has 64 codes of 8 channels") in rows[name]["error"], rows[name]["error"]
+    assert _cli(["weights", "check", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "INCOMPATIBLE liver_early.pt" in out and "liver     diffusion ready for: nothing" in out
+
+
+def test_check_refuses_our_denoiser_beside_another_autoencoder_of_the_same_shape(tmp_path):
+    """Same architecture, other weights: the denoiser learnt another latent space. Our files say so for sure; a
+    file in the plain release layout is only warned about (the release decodes early tumours with its own copy)."""
+    tw = _tiny()
+    tw.autoencoder(tmp_path / weights.AE_NAME, seed=0)
+    other = tw.autoencoder(tmp_path / "other.ckpt", seed=1)
+    (tmp_path / "other.ckpt").unlink()
+    tw.diffusion(tmp_path / "liver_early.pt", other, stage="early")
+    tw.diffusion(tmp_path / "liver_noearly.pt", other, T=200, stage=None)
+    rows = _rows(tmp_path)
+    assert rows["liver_early.pt"]["compatible"] is False
+    assert "was trained with another autoencoder (its embedded copy differs from AutoencoderModel.ckpt" in rows["liver_early.pt"]["error"]
+    assert rows["liver_noearly.pt"]["compatible"] is True
+    assert "differs from AutoencoderModel.ckpt" in rows["liver_noearly.pt"]["warning"]
+
+
+def test_check_compares_a_recorded_autoencoder_sha256(tmp_path):
+    """A file without an embedded copy that records the sha256 of its autoencoder is checked against it."""
+    tw = _tiny()
+    tw.autoencoder(tmp_path / weights.AE_NAME)
+    tw.diffusion(tmp_path / "liver_early.pt", None, extra={"autoencoder": {"path": "/x/ae.ckpt", "sha256": "ab" * 32}})
+    row = _rows(tmp_path)["liver_early.pt"]
+    assert row["compatible"] is False and "sha256 abababababab" in row["error"], row
+
+
+def test_check_refuses_a_file_whose_stage_contradicts_its_name(tmp_path, capsys):
+    """A T = 4 early model saved as liver_noearly.pt passed, and its provenance then said T=200."""
+    tw = _tiny()
+    vq = tw.autoencoder(tmp_path / weights.AE_NAME)
+    tw.diffusion(tmp_path / "liver_noearly.pt", vq, T=4, stage="early")
+    row = _rows(tmp_path)["liver_noearly.pt"]
+    assert row["compatible"] is False
+    assert row["error"] == ("holds a model for early tumours (stage early, T = 4, as recorded in the file) but its name "
+                            "says noearly (mid/late tumours); rename it to liver_early.pt")
+    tw.diffusion(tmp_path / "liver_noearly.pt", vq, T=4, stage=None)  # plain release layout: told by T
+    row = _rows(tmp_path)["liver_noearly.pt"]
+    assert row["compatible"] is False and "T = 4 diffusion steps, as the release's early model" in row["error"]
+    tw.diffusion(tmp_path / "liver_early.pt", vq, T=4, stage="early")
+    assert _cli(["weights", "check", str(tmp_path)]) == 1
+    assert "liver     diffusion ready for: early\n" in capsys.readouterr().out
