@@ -260,7 +260,8 @@ def random_tumor_mask(ct: Volume | Geometry, organ_mask, *, organ: str, size: st
 def _random_joint(geometry, organ_arr, organ, size, rng, count, prepared=None):
     organ_m, model, sl, sub_g = prepared(size) if prepared else _organ_in_model_space(geometry, organ_arr, size)
     masks.check_organ_fits(organ_m, size, name=f"organ '{organ}'")
-    mask_m, params = masks.generate_tumor_mask(organ_m, organ, size=size, count=count, rng=rng)
+    gap = int(np.ceil(max(geometry.spacing))) + 1  # 1 mm voxels between tumours: still apart on the CT's grid
+    mask_m, params = masks.generate_tumor_mask(organ_m, organ, size=size, count=count, rng=rng, gap=gap)
     return _mask_to_file(mask_m, params, model, sl, sub_g, geometry, organ_arr.shape), params
 
 
@@ -474,7 +475,8 @@ class SynthesisEngine:
         if tumor_mask is None:
             tumor, params = self._generate(ct, organ_arr, organ, size, count, rng, cached)
             class_stage = masks.SIZE_CLASSES[params[0].size].stage
-            mask_info = {"source": "generated (release generator)", "tumours": [p.to_dict() for p in params]}
+            mask_info = {"source": "generated (release generator)", "count_requested": count,  # None: the class's range
+                         "count_placed": len(params), "tumours": [p.to_dict() for p in params]}
         else:
             raw = _as_mask(tumor_mask, ct, tumor_name)
             if existing is not None:

@@ -296,3 +296,17 @@ def test_provenance_records_the_T_the_model_was_trained_with(tmp_path, one_threa
     crop = r.provenance["tumours"][0]
     assert crop["stage"] == "mid_late" and crop["timesteps"] == 10
     assert crop["sampler"] == "DDIM 2 steps, eta 0 (T=10)"
+
+
+def test_more_tumours_than_fit_are_refused_and_the_provenance_says_what_was_placed(tmp_path):
+    """--size small --count 10000 gave one merged 'tumour' over half the organ and a provenance of 1 tumour."""
+    ct, organ = _synthetic_ct()
+    e = SynthesisEngine(tmp_path, device="cpu")
+    with pytest.raises(DiffTumorError, match=r"^organ mask: the liver is \d+ ml \(on the 1 mm grid\); at most \d+ small "
+                                             r"tumours \(12-20 mm\) fit in that volume \(asked for 10000\)$"):
+        e.synthesize(ct, organ, organ="liver", method="model-based", size="small", count=10000, seed=0)
+    r = e.synthesize(ct, organ, organ="liver", method="model-based", size="tiny", count=3, seed=2)
+    m = r.provenance["mask"]
+    assert m["count_requested"] == 3 and m["count_placed"] == 3 and len(m["tumours"]) == 3
+    assert all(t["voxels"] > 0 for t in m["tumours"])
+    assert r.provenance["n_tumours"] == 3  # three tumours apart on the CT's own grid, not one blob
