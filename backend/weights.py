@@ -466,7 +466,8 @@ def download(url: str, dest: Path, *, sha256: str | None = None, progress: bool 
             from tqdm import tqdm
 
             with open(part, "ab" if resumed else "wb") as f, tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False
+                total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, leave=False,
+                disable=None if progress else True,  # None: no bar when stderr is not a terminal
             ) as bar:
                 while True:
                     try:
@@ -508,9 +509,10 @@ def fetch(dest=None, *, organs=WEIGHT_ORGANS, base_url: str | None = None, progr
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DiffTumorError(f"--dest {dest}: cannot create the folder ({exc.strerror or exc})") from None
-    got = []
+    got, failed = [], []
+    plan = fetch_plan(organs=organs, base_url=base_url)
     try:
-        for f in fetch_plan(organs=organs, base_url=base_url):
+        for f in plan:  # every file is tried: one that fails (404, checksum) does not stop the others
             target = dest / f["name"]
             if target.is_file() and not force:
                 log.info("%s: present, skipped", target)
@@ -522,11 +524,19 @@ def fetch(dest=None, *, organs=WEIGHT_ORGANS, base_url: str | None = None, progr
             except KeyboardInterrupt:
                 log.warning("interrupted: %s.part keeps what was downloaded; rerun the same command to resume", target)
                 raise
-            except OSError as exc:  # the part file or the rename: a read-only or full folder
+            except DiffTumorError as exc:  # this file: HTTP error, checksum, connection lost
+                failed.append(str(exc))
+                continue
+            except OSError as exc:  # the part file or the rename: a read-only or full folder stops everything
                 where = getattr(exc, "filename", None) or target
                 raise DiffTumorError(f"--dest {dest}: cannot write {where} ({exc.strerror or exc})") from None
             log.info("%s: downloaded in %.1f s", target, time.perf_counter() - t0)
             got.append(target)
+        if failed:
+            kept = (f"the other {len(got)} {'is' if len(got) == 1 else 'are'} in {dest}" if got
+                    else "nothing was written")
+            raise DiffTumorError(f"weights fetch: {len(failed)} of {len(plan)} files failed: {'; '.join(failed)}; "
+                                 f"{kept}; rerun the same command to retry the failed ones")
     except BaseException:
         for d in reversed(made):  # folders this call made and nothing was written into
             try:

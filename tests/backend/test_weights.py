@@ -398,3 +398,17 @@ def test_check_refuses_a_file_whose_stage_contradicts_its_name(tmp_path, capsys)
     tw.diffusion(tmp_path / "liver_early.pt", vq, T=4, stage="early")
     assert _cli(["weights", "check", str(tmp_path)]) == 1
     assert "liver     diffusion ready for: early\n" in capsys.readouterr().out
+
+
+def test_fetch_tries_every_file_and_reports_each_that_failed(server, tmp_path, capsys):
+    """A 404 stopped the fetch before the other files were tried."""
+    base, files, _ = server
+    (Path(server_root := tmp_path / "srv") / "DiffusionModel" / "liver_early.pt").unlink()  # the 2nd of 3 files
+    dest = tmp_path / "w"
+    assert _cli(["weights", "fetch", "--organ", "liver", "--dest", str(dest), "--base-url", base]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("difftumor: error: weights fetch: 1 of 3 files failed: ") and "liver_early.pt" in err
+    assert "HTTP 404" in err and f"the other 2 are in {dest}" in err
+    assert sorted(p.name for p in dest.iterdir()) == ["AutoencoderModel.ckpt", "liver_noearly.pt"]  # kept
+    assert server_root.is_dir()
