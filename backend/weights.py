@@ -9,12 +9,15 @@ The folder is found, in order, from: an explicit argument, the environment varia
 ``$XDG_CONFIG_HOME`` is honoured). The napari widget remembers the folder with :func:`set_weights_dir`.
 
 ``difftumor weights check [DIR]`` and ``difftumor weights fetch`` (``backend/cli/weights.py``) use
-:func:`check_folder` and :func:`fetch`. sha256 sums are cached in a sidecar ``.sha256-cache.json``
-keyed by (size, mtime) so that a check of 1.5 GB of weights is instant the second time.
+:func:`check_folder` and :func:`fetch`. sha256 sums are cached in the user cache folder
+(``$XDG_CACHE_HOME/difftumor/sha256-cache.json``, default ``~/.cache/difftumor``) keyed by absolute path, size
+and mtime, so that a check of 1.5 GB of weights is instant the second time and nothing is written into the
+user's folders. docs/weights.md gives the rules ``weights check`` applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +35,8 @@ ENV_VAR = "DIFFTUMOR_WEIGHTS"
 AE_NAME = "AutoencoderModel.ckpt"
 WEIGHT_ORGANS = ("liver", "pancreas", "kidney")  # organs with released diffusion weights
 STAGES = ("early", "noearly")
-SHA_CACHE = ".sha256-cache.json"
+SHA_CACHE = "sha256-cache.json"  # in the user cache folder (cache_dir()), never beside the weights
+SHA_CACHE_SIZE = 2000  # entries kept (most recently computed)
 MANIFEST_PATH = Path(__file__).with_name("weights_manifest.json")
 
 
@@ -185,28 +189,51 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+def cache_dir() -> Path:
+    """The user cache folder: ``$XDG_CACHE_HOME/difftumor`` or ``~/.cache/difftumor``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "difftumor"
+
+
+def sha_cache_path() -> Path:
+    return cache_dir() / SHA_CACHE
+
+
+def _read_sha_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or damaged: start afresh (it is only a cache)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def sha256_cached(path: Path) -> str:
-    """sha256 of ``path``, cached in the folder's sidecar JSON under (size, mtime_ns)."""
+    """sha256 of ``path``, cached in the user cache folder (:func:`sha_cache_path`) under the file's absolute
+    path, size and mtime_ns; nothing is written next to the file. The cache keeps the :data:`SHA_CACHE_SIZE`
+    most recently used entries; a cache that cannot be written only costs a recomputation."""
     path = Path(path)
     st = path.stat()
-    side = path.parent / SHA_CACHE
-    cache = {}
-    if side.is_file():
-        try:
-            cache = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            cache = {}
-    entry = cache.get(path.name)
-    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+    key = str(path.resolve())
+    side = sha_cache_path()
+    cache = _read_sha_cache(side)
+    entry = cache.get(key)
+    if (isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+            and isinstance(entry.get("sha256"), str)):
         return entry["sha256"]
     digest = sha256_file(path)
-    cache[path.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    cache = _read_sha_cache(side)  # re-read: another process may have added entries meanwhile
+    cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest, "at": time.time()}
+    if len(cache) > SHA_CACHE_SIZE:
+        keep = sorted(cache, key=lambda k: cache[k].get("at", 0) if isinstance(cache[k], dict) else 0)[-SHA_CACHE_SIZE:]
+        cache = {k: cache[k] for k in keep}
+    tmp = side.with_name(f"{side.name}.{os.getpid()}.tmp")
     try:
-        tmp = side.with_name(side.name + f".{os.getpid()}.tmp")
+        side.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, side)
-    except OSError:  # read-only folder: no cache, still correct
-        pass
+    except OSError:  # unwritable cache folder: no cache, still correct
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return digest
 
 

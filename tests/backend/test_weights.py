@@ -15,6 +15,7 @@ from backend.errors import DiffTumorError
 @pytest.fixture(autouse=True)
 def _isolated_config(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv(weights.ENV_VAR, raising=False)
 
 
@@ -47,15 +48,35 @@ def test_missing_weights_one_sentence(tmp_path):
 
 
 def test_sha256_cache(tmp_path, monkeypatch):
-    p = tmp_path / "liver_early.pt"
+    folder = tmp_path / "w"
+    folder.mkdir()
+    p = folder / "liver_early.pt"
     p.write_bytes(b"abc" * 1000)
     digest = hashlib.sha256(p.read_bytes()).hexdigest()
     assert weights.sha256_cached(p) == digest
     calls = []
     monkeypatch.setattr(weights, "sha256_file", lambda path, chunk=0: calls.append(path) or "recomputed")
-    assert weights.sha256_cached(p) == digest and not calls  # served from the sidecar
+    assert weights.sha256_cached(p) == digest and not calls  # served from the cache
     p.write_bytes(b"changed")
     assert weights.sha256_cached(p) == "recomputed" and calls
+
+
+def test_sha256_cache_lives_in_the_user_cache_folder_not_beside_the_files(tmp_path):
+    """.sha256-cache.json was written into the user's weights and run folders."""
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "liver_early.pt").write_bytes(b"not a checkpoint")
+    (folder / weights.AE_NAME).write_bytes(b"nor this")
+    weights.check_folder(folder)
+    assert sorted(q.name for q in folder.iterdir()) == ["AutoencoderModel.ckpt", "liver_early.pt"]
+    cache = json.loads((tmp_path / "cache" / "difftumor" / "sha256-cache.json").read_text(encoding="utf-8"))
+    entry = cache[str((folder / "liver_early.pt").resolve())]
+    assert entry["sha256"] == hashlib.sha256(b"not a checkpoint").hexdigest() and entry["size"] == 16
+    folder.chmod(0o500)  # a read-only folder is fine too: nothing is written there
+    try:
+        assert weights.sha256_cached(folder / "liver_early.pt") == entry["sha256"]
+    finally:
+        folder.chmod(0o700)
 
 
 def test_check_reports_present_missing_and_broken(tmp_path):
