@@ -412,7 +412,7 @@ def check_folder(root, *, organs=WEIGHT_ORGANS, load: bool = True) -> list[dict]
                     row["loads"] = True
                 except Exception as exc:  # any failure = this file is unusable; say why in one line
                     row["loads"] = False
-                    row["error"] = " ".join(str(exc).split())[:300]
+                    row["error"] = " ".join(str(exc).split())[:600]
                 else:
                     if name == AE_NAME:
                         ae = loaded
