@@ -272,6 +272,7 @@ def random_tumor_masks(ct: Volume | Geometry, organ_mask, *, organ: str, size: s
     geometry, organ_arr, organ, size, rng = _random_setup(ct, organ_mask, organ, size, count, seed)
     organ_m, model, sl, sub_g = _organ_in_model_space(geometry, organ_arr, size)
     masks.check_organ_fits(organ_m, size, name=f"organ '{organ}'")
+    masks.check_count_fits(organ_m, size, int(count), organ_name=organ)  # (separate draws: no placement apart)
     shapes, params = [], []
     for _ in range(int(count)):
         mask_m, ps = masks.generate_tumor_mask(organ_m, organ, size=size, count=1, rng=rng)

@@ -310,3 +310,12 @@ def test_more_tumours_than_fit_are_refused_and_the_provenance_says_what_was_plac
     assert m["count_requested"] == 3 and m["count_placed"] == 3 and len(m["tumours"]) == 3
     assert all(t["voxels"] > 0 for t in m["tumours"])
     assert r.provenance["n_tumours"] == 3  # three tumours apart on the CT's own grid, not one blob
+
+
+def test_random_tumor_masks_refuses_more_tumours_than_fit():
+    """The napari placement's per-tumour draws: 10000 small tumours were drawn one by one into one organ."""
+    from backend.synthesis.engine import random_tumor_masks
+
+    ct, organ = _synthetic_ct()
+    with pytest.raises(DiffTumorError, match=r"^organ mask: the liver is \d+ ml .* \(asked for 10000\)$"):
+        random_tumor_masks(ct.geometry, organ, organ="liver", size="small", count=10000, seed=0)
