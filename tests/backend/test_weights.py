@@ -13,6 +13,22 @@ from backend.errors import DiffTumorError
 
 
 @pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch):
+    """These tests never reach the internet: a connection to anything but 127.0.0.1 fails the test."""
+    import socket
+
+    real = socket.socket.connect
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"test tried to connect to {address!r}; use the local server")
+        return real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_config(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -240,6 +256,13 @@ def test_check_names_a_truncated_diffusion_file_in_a_few_words(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "liver_early.pt: not a readable diffusion checkpoint (truncated or damaged file)" in out
     assert "miniz" not in out
+
+
+def test_the_tests_cannot_reach_the_release_server():
+    import urllib.request
+
+    with pytest.raises(AssertionError, match="use the local server"):
+        urllib.request.urlopen("http://93.184.215.14/", timeout=1)
 
 
 def test_manifest_lists_release_urls():
