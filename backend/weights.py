@@ -349,7 +349,7 @@ def autoencoder_mismatch(ck, ae, ae_sha256) -> tuple[str, str]:
                  if shaped else f"it lacks '{missing[0]}'")
         return (f"was trained with an autoencoder of another architecture than {AE_NAME} ({len(missing) + len(shaped)} "
                 f"of its embedded copy's tensors differ in shape; first: {first}); {PUT_ITS_AE}"), ""
-    differ = [k for k in keys if not torch_equal(emb[k], ref[k])]
+    differ = [k for k in keys if not _same_tensor(emb[k], ref[k])]
     if not differ:
         return "", ""
     text = (f"was trained with another autoencoder (its embedded copy differs from {AE_NAME} in {len(differ)} of "
@@ -360,7 +360,7 @@ def autoencoder_mismatch(ck, ae, ae_sha256) -> tuple[str, str]:
                 "should come from the same release")
 
 
-def torch_equal(a, b) -> bool:
+def _same_tensor(a, b) -> bool:
     import torch
 
     return a.shape == b.shape and torch.equal(a.to(b.dtype), b)

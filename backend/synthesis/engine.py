@@ -399,7 +399,8 @@ class SynthesisEngine:
         dec = VQGAN(ae.config)
         missing = dec.load_state_dict(emb, strict=False).missing_keys
         if any(not k.startswith("codebook.") for k in missing):
-            raise DiffTumorError(f"{ck.path}: embedded autoencoder does not match the autoencoder architecture")
+            raise DiffTumorError(f"{ck.path}: its embedded autoencoder copy does not fit the folder's autoencoder "
+                                 "architecture; put the autoencoder it was trained with beside it")
         return dec.to(self.device).eval()
 
     # ---------------------------------------------------------------- main entry points
