@@ -28,6 +28,7 @@ A TotalSegmentator map that happens to hold only ids 1 and 2 is therefore read a
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Literal, Union
@@ -50,19 +51,31 @@ TOTALSEG_IDS: dict[str, int] = {
     "inferior_vena_cava": 63,
 }
 
-#: Names of the TotalSegmentator v2 ("total" task) ids this project knows (abdomen and lower thorax).
-TOTALSEG_NAMES: dict[int, str] = {
-    1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach",
-    7: "pancreas", 8: "adrenal_gland_right", 9: "adrenal_gland_left", 10: "lung_upper_lobe_left",
-    11: "lung_lower_lobe_left", 13: "lung_middle_lobe_right", 14: "lung_lower_lobe_right",
-    18: "small_bowel", 19: "duodenum", 20: "colon", 27: "vertebrae_L5", 28: "vertebrae_L4",
-    29: "vertebrae_L3", 30: "vertebrae_L2", 31: "vertebrae_L1", 32: "vertebrae_T12", 33: "vertebrae_T11",
-    52: "aorta", 63: "inferior_vena_cava", 64: "portal_vein_and_splenic_vein", 79: "spinal_cord",
-    86: "autochthon_left", 87: "autochthon_right", 88: "iliopsoas_left", 89: "iliopsoas_right",
-    **{98 + k - 7: f"rib_left_{k}" for k in range(7, 13)},
-    **{110 + k - 7: f"rib_right_{k}" for k in range(7, 13)},
-    117: "costal_cartilages",
-}  # fmt: skip
+_RIBS = [f"rib_{side}_{k}" for side in ("left", "right") for k in range(1, 13)]
+
+#: The 117 classes of TotalSegmentator v2's "total" task (multi-label output ids 1..117, ``--ml``).
+TOTALSEG_V2_NAMES: dict[int, str] = dict(enumerate([
+    "spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas", "adrenal_gland_right",
+    "adrenal_gland_left", "lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right",
+    "lung_middle_lobe_right", "lung_lower_lobe_right", "esophagus", "trachea", "thyroid_gland", "small_bowel",
+    "duodenum", "colon", "urinary_bladder", "prostate", "kidney_cyst_left", "kidney_cyst_right", "sacrum",
+    "vertebrae_S1", "vertebrae_L5", "vertebrae_L4", "vertebrae_L3", "vertebrae_L2", "vertebrae_L1",
+    *[f"vertebrae_T{k}" for k in range(12, 0, -1)], *[f"vertebrae_C{k}" for k in range(7, 0, -1)],
+    "heart", "aorta", "pulmonary_vein", "brachiocephalic_trunk", "subclavian_artery_right", "subclavian_artery_left",
+    "common_carotid_artery_right", "common_carotid_artery_left", "brachiocephalic_vein_left",
+    "brachiocephalic_vein_right", "atrial_appendage_left", "superior_vena_cava", "inferior_vena_cava",
+    "portal_vein_and_splenic_vein", "iliac_artery_left", "iliac_artery_right", "iliac_vena_left", "iliac_vena_right",
+    "humerus_left", "humerus_right", "scapula_left", "scapula_right", "clavicula_left", "clavicula_right",
+    "femur_left", "femur_right", "hip_left", "hip_right", "spinal_cord", "gluteus_maximus_left",
+    "gluteus_maximus_right", "gluteus_medius_left", "gluteus_medius_right", "gluteus_minimus_left",
+    "gluteus_minimus_right", "autochthon_left", "autochthon_right", "iliopsoas_left", "iliopsoas_right", "brain",
+    "skull", *_RIBS, "sternum", "costal_cartilages",
+], start=1))  # fmt: skip
+
+#: Names of the TotalSegmentator v2 ("total" task) ids this project lists (abdomen and lower thorax; ``info``).
+TOTALSEG_NAMES: dict[int, str] = {i: TOTALSEG_V2_NAMES[i] for i in (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 18, 19, 20, *range(27, 34), 52, 63, 64, 79, 86, 87, 88, 89,
+    *range(98, 104), *range(110, 116), 117)}  # fmt: skip
 
 #: Label ids that make up each organ of :data:`ORGANS` in a TotalSegmentator map.
 ORGAN_TOTALSEG_IDS: dict[str, tuple[int, ...]] = {
@@ -97,6 +110,7 @@ _ALIASES = {
 }
 
 Source = Union[str, os.PathLike, Volume, np.ndarray]
+log = logging.getLogger(__name__)
 
 
 def parse_organ(name: str) -> str:
@@ -221,6 +235,7 @@ def load_organ_and_tumors(
         mask = labels == int(label_id)
         if not mask.any():
             raise DiffTumorError(f"{name}: no voxels with label {int(label_id)} in this mask")
+        warn_label_contradicts(labels, int(label_id), organ, convention, name)
         return mask, None
 
     if convention == "auto":
@@ -240,6 +255,27 @@ def load_organ_and_tumors(
         id_text = "label " + " or ".join(str(i) for i in ids)
         raise DiffTumorError(f"{name}: no '{organ}' voxels ({id_text}) in this mask")
     return mask, None
+
+
+def warn_label_contradicts(labels: np.ndarray, label_id: int, organ: str, convention: str, name: str) -> None:
+    """Log one warning when ``label_id`` names another structure than ``organ`` in the map's vocabulary
+    (TotalSegmentator v2 or MSD/LiTS/KiTS, as :func:`detect_convention` reads the map): e.g. label 99, a rib in a
+    TotalSegmentator map, given as the liver. The label is still used: the user asked for it."""
+    if convention == "auto":
+        convention = detect_convention(labels)
+    if convention == "msd":
+        what = MSD_LABELS.get(label_id)
+        if what and what != "organ":
+            log.warning("%s: label %d is the %s in an MSD/LiTS/KiTS label map, not the %s; using it as the %s as asked",
+                        name, label_id, what, organ, organ)
+        return
+    if convention != "totalseg":
+        return
+    ids = ORGAN_TOTALSEG_IDS[organ]
+    vocab = TOTALSEG_V2_NAMES.get(label_id)
+    if vocab is not None and label_id not in ids:
+        log.warning("%s: label %d is '%s' in TotalSegmentator v2, not the %s (label %s); using it as the %s as asked",
+                    name, label_id, vocab, organ, " or ".join(map(str, ids)), organ)
 
 
 def _atlas_file(seg_dir: Path, stem: str) -> Path | None:

@@ -9,12 +9,15 @@ The folder is found, in order, from: an explicit argument, the environment varia
 ``$XDG_CONFIG_HOME`` is honoured). The napari widget remembers the folder with :func:`set_weights_dir`.
 
 ``difftumor weights check [DIR]`` and ``difftumor weights fetch`` (``backend/cli/weights.py``) use
-:func:`check_folder` and :func:`fetch`. sha256 sums are cached in a sidecar ``.sha256-cache.json``
-keyed by (size, mtime) so that a check of 1.5 GB of weights is instant the second time.
+:func:`check_folder` and :func:`fetch`. sha256 sums are cached in the user cache folder
+(``$XDG_CACHE_HOME/difftumor/sha256-cache.json``, default ``~/.cache/difftumor``) keyed by absolute path, size
+and mtime, so that a check of 1.5 GB of weights is instant the second time and nothing is written into the
+user's folders. docs/weights.md gives the rules ``weights check`` applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +35,8 @@ ENV_VAR = "DIFFTUMOR_WEIGHTS"
 AE_NAME = "AutoencoderModel.ckpt"
 WEIGHT_ORGANS = ("liver", "pancreas", "kidney")  # organs with released diffusion weights
 STAGES = ("early", "noearly")
-SHA_CACHE = ".sha256-cache.json"
+SHA_CACHE = "sha256-cache.json"  # in the user cache folder (cache_dir()), never beside the weights
+SHA_CACHE_SIZE = 2000  # entries kept (most recently computed)
 MANIFEST_PATH = Path(__file__).with_name("weights_manifest.json")
 
 
@@ -185,28 +189,51 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+def cache_dir() -> Path:
+    """The user cache folder: ``$XDG_CACHE_HOME/difftumor`` or ``~/.cache/difftumor``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "difftumor"
+
+
+def sha_cache_path() -> Path:
+    return cache_dir() / SHA_CACHE
+
+
+def _read_sha_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or damaged: start afresh (it is only a cache)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def sha256_cached(path: Path) -> str:
-    """sha256 of ``path``, cached in the folder's sidecar JSON under (size, mtime_ns)."""
+    """sha256 of ``path``, cached in the user cache folder (:func:`sha_cache_path`) under the file's absolute
+    path, size and mtime_ns; nothing is written next to the file. The cache keeps the :data:`SHA_CACHE_SIZE`
+    most recently used entries; a cache that cannot be written only costs a recomputation."""
     path = Path(path)
     st = path.stat()
-    side = path.parent / SHA_CACHE
-    cache = {}
-    if side.is_file():
-        try:
-            cache = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            cache = {}
-    entry = cache.get(path.name)
-    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+    key = str(path.resolve())
+    side = sha_cache_path()
+    cache = _read_sha_cache(side)
+    entry = cache.get(key)
+    if (isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+            and isinstance(entry.get("sha256"), str)):
         return entry["sha256"]
     digest = sha256_file(path)
-    cache[path.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    cache = _read_sha_cache(side)  # re-read: another process may have added entries meanwhile
+    cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest, "at": time.time()}
+    if len(cache) > SHA_CACHE_SIZE:
+        keep = sorted(cache, key=lambda k: cache[k].get("at", 0) if isinstance(cache[k], dict) else 0)[-SHA_CACHE_SIZE:]
+        cache = {k: cache[k] for k in keep}
+    tmp = side.with_name(f"{side.name}.{os.getpid()}.tmp")
     try:
-        tmp = side.with_name(side.name + f".{os.getpid()}.tmp")
+        side.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, side)
-    except OSError:  # read-only folder: no cache, still correct
-        pass
+    except OSError:  # unwritable cache folder: no cache, still correct
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return digest
 
 
@@ -249,18 +276,131 @@ def latent_mismatch(denoiser_config, latent_channels: int) -> str:
             f"{AE_NAME} has {latent_channels} latent channels (needs {want_in} / {want_out})")
 
 
+RELEASE_T = {"early": 4, "noearly": 200}  # diffusion steps of the released models
+STAGE_WORDS = {"early": "early tumours", "noearly": "mid/late tumours"}
+PUT_ITS_AE = (f"put the autoencoder it was trained with in the folder as {AE_NAME} (for one of our runs: the "
+              "autoencoder run's checkpoint_last.pt), or use another weights folder")
+
+
+def stage_mismatch(name: str, ck) -> str:
+    """Why the diffusion file ``name`` ({organ}_{early,noearly}.pt) holds another stage than its name says ("" if not).
+
+    A file we wrote records its stage (``difftumor.stage``): that decides. A file in the plain release layout is
+    told by its number of diffusion steps: the release's early model has T = 4, its noearly model T = 200.
+    """
+    organ, _, rest = name.rpartition("_")
+    named = rest.removesuffix(".pt")
+    if named not in STAGES:
+        return ""
+    meta = ck.meta or {}
+    T = ck.timesteps
+    recorded_T = meta.get("timesteps")
+    if isinstance(recorded_T, int) and recorded_T != T:
+        return (f"records T = {recorded_T} diffusion steps but its noise schedule has {T}: the file is damaged; "
+                "save it again from its training run")
+    recorded = meta.get("stage")
+    if recorded in STAGES:
+        if recorded != named:
+            return (f"holds a model for {STAGE_WORDS[recorded]} (stage {recorded}, T = {T}, as recorded in the file) "
+                    f"but its name says {named} ({STAGE_WORDS[named]}); rename it to {organ}_{recorded}.pt")
+        return ""
+    other = next(s for s in STAGES if s != named)
+    if T == RELEASE_T[other] != RELEASE_T[named]:
+        return (f"has T = {T} diffusion steps, as the release's {other} model (its {named} model has "
+                f"T = {RELEASE_T[named]}), but its name says {named} ({STAGE_WORDS[named]}); if it is the {other} "
+                f"model, rename it to {organ}_{other}.pt")
+    return ""
+
+
+def _codebook(shape) -> str:
+    return f"{shape[0]} codes of {shape[1]} channels"
+
+
+def autoencoder_mismatch(ck, ae, ae_sha256) -> tuple[str, str]:
+    """(error, warning) for a diffusion checkpoint ``ck`` beside the autoencoder model ``ae``.
+
+    The denoiser learnt the latent space of the autoencoder it was trained with, a copy of which the file embeds
+    (``vqgan.*``). error: that copy has another codebook or architecture, or (for a file we wrote) other weights;
+    or the file records the sha256 of its autoencoder and has no copy, and ``ae_sha256()`` differs.
+    warning: a file in the plain release layout whose copy has the same shapes but other weights (the release
+    decodes early tumours with that copy).
+    """
+    from backend.vqgan.official import OPTIONAL_KEYS
+
+    ref = {k: v.detach().cpu() for k, v in ae.state_dict().items()}
+    emb = ck.vqgan_state
+    ours = bool(ck.meta)
+    if not emb:
+        record = (ck.meta or {}).get("autoencoder")
+        sha = record.get("sha256") if isinstance(record, dict) else None
+        if sha and sha != ae_sha256():
+            return (f"was trained with the autoencoder {record.get('path', '?')} (sha256 {str(sha)[:12]}…), but "
+                    f"{AE_NAME} is another file (sha256 {ae_sha256()[:12]}…); {PUT_ITS_AE}"), ""
+        return "", ""
+    codes, own = emb.get("codebook.embeddings"), ref["codebook.embeddings"]
+    if codes is not None and tuple(codes.shape) != tuple(own.shape):
+        return (f"was trained with an autoencoder whose codebook has {_codebook(codes.shape)}, but {AE_NAME} has "
+                f"{_codebook(own.shape)}; {PUT_ITS_AE}"), ""
+    keys = [k for k in ref if k not in OPTIONAL_KEYS]  # codebook.N / z_avg: training-only state
+    missing = [k for k in keys if k not in emb]
+    shaped = [k for k in keys if k in emb and tuple(emb[k].shape) != tuple(ref[k].shape)]
+    if missing or shaped:
+        first = (f"'{shaped[0]}' has shape {tuple(emb[shaped[0]].shape)}, {tuple(ref[shaped[0]].shape)} in {AE_NAME}"
+                 if shaped else f"it lacks '{missing[0]}'")
+        return (f"was trained with an autoencoder of another architecture than {AE_NAME} ({len(missing) + len(shaped)} "
+                f"of its embedded copy's tensors differ in shape; first: {first}); {PUT_ITS_AE}"), ""
+    differ = [k for k in keys if not _same_tensor(emb[k], ref[k])]
+    if not differ:
+        return "", ""
+    text = (f"was trained with another autoencoder (its embedded copy differs from {AE_NAME} in {len(differ)} of "
+            f"{len(keys)} tensors, e.g. '{differ[0]}')")
+    if ours:
+        return f"{text}; {PUT_ITS_AE}", ""
+    return "", (f"{text}; the release encodes with {AE_NAME} and decodes early tumours with that copy, so both "
+                "should come from the same release")
+
+
+def _same_tensor(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and torch.equal(a.to(b.dtype), b)
+
+
+def fit_problems(name: str, ck, ae=None, ae_sha256=None) -> tuple[str, str]:
+    """(error, warning) for the diffusion file ``name`` loaded as ``ck``: its stage against its name, and, with
+    the folder's autoencoder model ``ae``, its latent channels and embedded autoencoder against it."""
+    problem = stage_mismatch(name, ck)
+    if problem or ae is None:
+        return problem, ""
+    problem = latent_mismatch(ck.unet.config, ae.config.embedding_dim)
+    if problem:
+        return f"{problem}; {PUT_ITS_AE}", ""
+    return autoencoder_mismatch(ck, ae, ae_sha256 or (lambda: ""))
+
+
+def require_fit(root, name: str, ck, ae, ae_sha256) -> None:
+    """Raise one line when the diffusion file ``name`` cannot synthesise with the folder's autoencoder ``ae``;
+    log a warning for a doubtful pair (see :func:`fit_problems`)."""
+    error, warning = fit_problems(name, ck, ae, ae_sha256)
+    if error:
+        raise DiffTumorError(f"weights folder {root}: {name} does not fit the folder: it {error}")
+    if warning:
+        log.warning("weights folder %s: %s %s", root, name, warning)
+
+
 def check_folder(root, *, organs=WEIGHT_ORGANS, load: bool = True) -> list[dict]:
     """One row per expected file: name, present, size, sha256, expected sha256 match, loads, compatible,
-    error. ``compatible`` (diffusion files, when both they and the autoencoder load) says whether the
-    denoiser's channels fit the autoencoder's latent, i.e. whether the pair can synthesise."""
+    error, warning. ``compatible`` (diffusion files that load) says whether the file can synthesise in this
+    folder: its stage matches its name, and (when the autoencoder loads) its denoiser's channels and embedded
+    autoencoder fit the folder's autoencoder (:func:`fit_problems`)."""
     folder = WeightsFolder(Path(root))
     expected = {f["name"]: f.get("sha256") for f in manifest()["files"]}
     names = [AE_NAME] + [diffusion_name(o, s) for o in organs for s in STAGES]
     rows = []
-    latent_channels = None  # of the autoencoder, once it loads
+    ae = None  # the autoencoder model, once it loads
     for name in names:
         row = {"name": name, "present": False, "size": None, "sha256": None, "sha_ok": None, "loads": None,
-               "compatible": None, "error": ""}
+               "compatible": None, "error": "", "warning": ""}
         p = folder.path(name)
         if p is not None:
             row.update(present=True, size=p.stat().st_size, sha256=sha256_cached(p))
@@ -272,13 +412,16 @@ def check_folder(root, *, organs=WEIGHT_ORGANS, load: bool = True) -> list[dict]
                     row["loads"] = True
                 except Exception as exc:  # any failure = this file is unusable; say why in one line
                     row["loads"] = False
-                    row["error"] = " ".join(str(exc).split())[:300]
+                    row["error"] = " ".join(str(exc).split())[:600]
                 else:
                     if name == AE_NAME:
-                        latent_channels = loaded.config.embedding_dim
-                    elif latent_channels is not None:
-                        row["error"] = latent_mismatch(loaded.unet.config, latent_channels)
-                        row["compatible"] = not row["error"]
+                        ae = loaded
+                    else:
+                        ae_row = rows[0]
+                        error, warning = fit_problems(name, loaded, ae, lambda: ae_row["sha256"])
+                        row.update(error=error, warning=warning)
+                        if error or ae is not None:
+                            row["compatible"] = not error
         rows.append(row)
     return rows
 
@@ -350,7 +493,8 @@ def download(url: str, dest: Path, *, sha256: str | None = None, progress: bool 
             from tqdm import tqdm
 
             with open(part, "ab" if resumed else "wb") as f, tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False
+                total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, leave=False,
+                disable=None if progress else True,  # None: no bar when stderr is not a terminal
             ) as bar:
                 while True:
                     try:
@@ -392,9 +536,10 @@ def fetch(dest=None, *, organs=WEIGHT_ORGANS, base_url: str | None = None, progr
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DiffTumorError(f"--dest {dest}: cannot create the folder ({exc.strerror or exc})") from None
-    got = []
+    got, failed = [], []
+    plan = fetch_plan(organs=organs, base_url=base_url)
     try:
-        for f in fetch_plan(organs=organs, base_url=base_url):
+        for f in plan:  # every file is tried: one that fails (404, checksum) does not stop the others
             target = dest / f["name"]
             if target.is_file() and not force:
                 log.info("%s: present, skipped", target)
@@ -406,11 +551,19 @@ def fetch(dest=None, *, organs=WEIGHT_ORGANS, base_url: str | None = None, progr
             except KeyboardInterrupt:
                 log.warning("interrupted: %s.part keeps what was downloaded; rerun the same command to resume", target)
                 raise
-            except OSError as exc:  # the part file or the rename: a read-only or full folder
+            except DiffTumorError as exc:  # this file: HTTP error, checksum, connection lost
+                failed.append(str(exc))
+                continue
+            except OSError as exc:  # the part file or the rename: a read-only or full folder stops everything
                 where = getattr(exc, "filename", None) or target
                 raise DiffTumorError(f"--dest {dest}: cannot write {where} ({exc.strerror or exc})") from None
             log.info("%s: downloaded in %.1f s", target, time.perf_counter() - t0)
             got.append(target)
+        if failed:
+            kept = (f"the other {len(got)} {'is' if len(got) == 1 else 'are'} in {dest}" if got
+                    else "nothing was written")
+            raise DiffTumorError(f"weights fetch: {len(failed)} of {len(plan)} files failed: {'; '.join(failed)}; "
+                                 f"{kept}; rerun the same command to retry the failed ones")
     except BaseException:
         for d in reversed(made):  # folders this call made and nothing was written into
             try:

@@ -12,8 +12,9 @@ def register(sub) -> None:
     p = sub.add_parser("weights", help="check or download the diffusion/autoencoder weights")
     verbs = p.add_subparsers(dest="weights_command", metavar="{check,fetch}", required=True)
 
-    c = verbs.add_parser("check", help="list present/missing weights per organ, verify they load and fit the "
-                        "autoencoder, print sha256")
+    c = verbs.add_parser("check", help="list present/missing weights per organ, verify they load, that each "
+                        "diffusion file's stage fits its name and its autoencoder is the folder's (docs/weights.md), "
+                        "print sha256")
     c.add_argument("dir", nargs="?", default=None, help="weights folder (default: $DIFFTUMOR_WEIGHTS or the user config)")
     c.add_argument("--no-load", action="store_true", help="only list files and checksums (fast)")
     c.add_argument("--remember", action="store_true",
@@ -59,6 +60,8 @@ def check_handler(args) -> int:
             print(f"  {state:12s} {r['name']:24s} {r['size'] / 1e6:8.1f} MB  sha256 {r['sha256']}{sha}")
             if r["error"]:
                 print(f"               {r['error']}")
+            if r.get("warning"):
+                print(f"               warning: {r['warning']}")
         by_name = {r["name"]: r for r in rows}
         for organ in weights.WEIGHT_ORGANS:
             ready = [st for st, names in (("early", (weights.AE_NAME, f"{organ}_early.pt")),

@@ -29,6 +29,14 @@ from backend.errors import DiffTumorError, load_failure_cause
 UNET_PREFIX = "denoise_fn."
 VQGAN_PREFIX = "vqgan."
 VQGAN_KEY_COUNT = 154  # full released VQGAN state dict (inference part + discriminators + LPIPS)
+WHAT = "not a DiffTumor diffusion checkpoint"
+GIVE = ("give a released {organ}_{early,noearly}.pt ('difftumor weights fetch') or the {organ}_{stage}.pt that "
+        "'difftumor train diffusion' writes")
+
+
+def _keys(mapping: Mapping, n: int = 8) -> str:
+    keys = [str(k) for k in mapping]
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "") if keys else "none"
 
 
 class DiffusionCheckpoint(NamedTuple):
@@ -40,6 +48,7 @@ class DiffusionCheckpoint(NamedTuple):
     schedule: dict[str, torch.Tensor]  # the 12 stored schedule buffers
     step: int | None
     path: Path
+    meta: Mapping | None = None  # our ``difftumor`` record (stage, timesteps, autoencoder, unet), None in release files
 
     def autoencoder(self, reference=None):
         """The VQGAN to decode this model's samples with (released: early tumours use the embedded copy).
@@ -110,52 +119,67 @@ def load_diffusion(
     """
     path = Path(path)
     if not path.is_file():
-        raise DiffTumorError(f"{path}: diffusion checkpoint not found")
+        raise DiffTumorError(f"{path}: diffusion checkpoint not found (no such file); {GIVE}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
-        raise DiffTumorError(f"{path}: not a readable diffusion checkpoint ({load_failure_cause(exc)})") from None
+        raise DiffTumorError(f"{path}: not a readable diffusion checkpoint ({load_failure_cause(exc)}); download it "
+                             "again ('difftumor weights fetch --force') or save it again from its training run") from None
     which = "ema" if use_ema else "model"
-    if not isinstance(blob, Mapping) or not isinstance(blob.get(which), Mapping):
-        keys = ", ".join(map(str, blob.keys())) if isinstance(blob, Mapping) else type(blob).__name__
-        raise DiffTumorError(f"{path}: expected a dict with a '{which}' state dict (found: {keys})")
+    if not isinstance(blob, Mapping):
+        raise DiffTumorError(f"{path}: {WHAT}: it holds a {type(blob).__name__}, not a dict of weights; {GIVE}")
+    if str(blob.get("format", "")).startswith("difftumor-checkpoint") and blob.get("stage"):
+        stage = blob.get("stage")
+        instead = ("use the {organ}_{stage}.pt its run wrote next to it" if stage == "diffusion" else GIVE)
+        raise DiffTumorError(f"{path}: is a {stage} training checkpoint (what --resume reads), not a diffusion model "
+                             f"file; {instead}")
+    if not isinstance(blob.get(which), Mapping):
+        raise DiffTumorError(f"{path}: {WHAT}: it has no '{which}' weights (keys found: {_keys(blob)}); {GIVE}")
     state: Mapping[str, torch.Tensor] = blob[which]
 
     schedule = {k: state[k] for k in SCHEDULE_BUFFER_NAMES if k in state}
     problem = schedule_mismatch(schedule)
     if problem:
-        raise DiffTumorError(f"{path}: schedule buffers are not a cosine schedule: {problem}")
+        raise DiffTumorError(f"{path}: {WHAT}: its noise schedule is not the release's cosine schedule ({problem}), "
+                             f"so it cannot be sampled here; {GIVE}")
     T = timesteps_of(schedule)
     if timesteps is not None and T != timesteps:
-        raise DiffTumorError(f"{path}: model has T = {T} diffusion steps, expected T = {timesteps}")
+        raise DiffTumorError(f"{path}: model has T = {T} diffusion steps, expected T = {timesteps} (the release's "
+                             "early model has T = 4, its mid/late model T = 200); give the file for the other stage")
 
     unet_sd = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
     vq_sd = {k[len(VQGAN_PREFIX):]: v for k, v in state.items() if k.startswith(VQGAN_PREFIX)}
     other = [k for k in state if k not in schedule and not k.startswith((UNET_PREFIX, VQGAN_PREFIX))]
     if other:
-        raise DiffTumorError(f"{path}: unexpected entries in '{which}': {', '.join(other[:5])}")
+        raise DiffTumorError(f"{path}: {WHAT}: its '{which}' weights hold entries that are neither the denoiser's "
+                             f"('{UNET_PREFIX}*'), its autoencoder's ('{VQGAN_PREFIX}*') nor the schedule "
+                             f"({', '.join(other[:5])}); {GIVE}")
     if not unet_sd:
-        raise DiffTumorError(f"{path}: no '{UNET_PREFIX}*' denoiser weights in '{which}'")
+        raise DiffTumorError(f"{path}: {WHAT}: its '{which}' weights hold no denoiser (no '{UNET_PREFIX}*' entries; "
+                             f"keys found: {_keys(state)}); {GIVE}")
     stored_cfg = blob.get("difftumor", {}).get("unet") if isinstance(blob.get("difftumor"), Mapping) else None
     try:
         cfg = _config_from_state(unet_sd, stored_cfg)
     except (KeyError, ValueError, TypeError) as exc:
-        raise DiffTumorError(f"{path}: cannot read the denoiser architecture ({exc})") from None
+        raise DiffTumorError(f"{path}: {WHAT}, or a damaged one: the denoiser's architecture cannot be read from it "
+                             f"({type(exc).__name__}: {exc}); {GIVE}") from None
     if latent_channels is not None and (cfg.out_dim != latent_channels or cfg.channels != 2 * latent_channels + 1):
         raise DiffTumorError(
             f"{path}: denoiser has {cfg.channels} input / {cfg.out_dim} output channels, expected "
-            f"{2 * latent_channels + 1} / {latent_channels} for a {latent_channels}-channel autoencoder"
+            f"{2 * latent_channels + 1} / {latent_channels} for a {latent_channels}-channel autoencoder; use it with "
+            "the autoencoder it was trained with"
         )
     unet = Unet3D(cfg)
     result = unet.load_state_dict(unet_sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
         bad = (result.missing_keys + result.unexpected_keys)[:3]
         raise DiffTumorError(
-            f"{path}: denoiser weights do not match the Unet3D layout "
-            f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, e.g. {', '.join(bad)})"
+            f"{path}: {WHAT}, or a damaged one: its denoiser weights do not fit the 3D U-Net their shapes describe "
+            f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, e.g. {', '.join(bad)}); {GIVE}"
         )
     if vq_sd and len(vq_sd) != VQGAN_KEY_COUNT and "codebook.embeddings" not in vq_sd:
-        raise DiffTumorError(f"{path}: embedded autoencoder has {len(vq_sd)} entries and no codebook")
+        raise DiffTumorError(f"{path}: damaged: its embedded autoencoder copy ('{VQGAN_PREFIX}*') has {len(vq_sd)} "
+                             "entries and no codebook; download it again or save it again from its training run")
     step = blob.get("step")
     return DiffusionCheckpoint(
         unet=unet.eval(),
@@ -164,6 +188,7 @@ def load_diffusion(
         schedule={k: v.clone() for k, v in schedule.items()},
         step=int(step) if isinstance(step, int) else None,
         path=path,
+        meta=dict(blob["difftumor"]) if isinstance(blob.get("difftumor"), Mapping) else None,
     )
 
 

@@ -260,7 +260,8 @@ def random_tumor_mask(ct: Volume | Geometry, organ_mask, *, organ: str, size: st
 def _random_joint(geometry, organ_arr, organ, size, rng, count, prepared=None):
     organ_m, model, sl, sub_g = prepared(size) if prepared else _organ_in_model_space(geometry, organ_arr, size)
     masks.check_organ_fits(organ_m, size, name=f"organ '{organ}'")
-    mask_m, params = masks.generate_tumor_mask(organ_m, organ, size=size, count=count, rng=rng)
+    gap = int(np.ceil(max(geometry.spacing))) + 1  # 1 mm voxels between tumours: still apart on the CT's grid
+    mask_m, params = masks.generate_tumor_mask(organ_m, organ, size=size, count=count, rng=rng, gap=gap)
     return _mask_to_file(mask_m, params, model, sl, sub_g, geometry, organ_arr.shape), params
 
 
@@ -271,6 +272,7 @@ def random_tumor_masks(ct: Volume | Geometry, organ_mask, *, organ: str, size: s
     geometry, organ_arr, organ, size, rng = _random_setup(ct, organ_mask, organ, size, count, seed)
     organ_m, model, sl, sub_g = _organ_in_model_space(geometry, organ_arr, size)
     masks.check_organ_fits(organ_m, size, name=f"organ '{organ}'")
+    masks.check_count_fits(organ_m, size, int(count), organ_name=organ)  # (separate draws: no placement apart)
     shapes, params = [], []
     for _ in range(int(count)):
         mask_m, ps = masks.generate_tumor_mask(organ_m, organ, size=size, count=1, rng=rng)
@@ -359,14 +361,15 @@ class SynthesisEngine:
         """Load (once) and return the :class:`~backend.synthesis.diffusion_crop.StageModels` for a stage."""
         from backend.diffusion.official import load_diffusion
         from backend.synthesis.diffusion_crop import StageModels
-        from backend.weights import AE_NAME, diffusion_name
+        from backend.weights import AE_NAME, diffusion_name, require_fit
 
         key = (diffusion_name(organ, stage), ddim_steps if stage == "mid_late" else None)
         if key in self._stage_models:
             return self._stage_models[key]
         paths = self.weights.require(organ, stage)
         ae = self._autoencoder()
-        ck = load_diffusion(paths[diffusion_name(organ, stage)], latent_channels=ae.config.embedding_dim)
+        ck = load_diffusion(paths[diffusion_name(organ, stage)])
+        require_fit(self.weights.root, diffusion_name(organ, stage), ck, ae, lambda: self.weights.sha256(AE_NAME))
         if stage == "early":
             scheduler = ck.ddpm_scheduler()
             decoder = self._embedded_decoder(ck, ae)
@@ -396,7 +399,8 @@ class SynthesisEngine:
         dec = VQGAN(ae.config)
         missing = dec.load_state_dict(emb, strict=False).missing_keys
         if any(not k.startswith("codebook.") for k in missing):
-            raise DiffTumorError(f"{ck.path}: embedded autoencoder does not match the autoencoder architecture")
+            raise DiffTumorError(f"{ck.path}: its embedded autoencoder copy does not fit the folder's autoencoder "
+                                 "architecture; put the autoencoder it was trained with beside it")
         return dec.to(self.device).eval()
 
     # ---------------------------------------------------------------- main entry points
@@ -473,7 +477,8 @@ class SynthesisEngine:
         if tumor_mask is None:
             tumor, params = self._generate(ct, organ_arr, organ, size, count, rng, cached)
             class_stage = masks.SIZE_CLASSES[params[0].size].stage
-            mask_info = {"source": "generated (release generator)", "tumours": [p.to_dict() for p in params]}
+            mask_info = {"source": "generated (release generator)", "count_requested": count,  # None: the class's range
+                         "count_placed": len(params), "tumours": [p.to_dict() for p in params]}
         else:
             raw = _as_mask(tumor_mask, ct, tumor_name)
             if existing is not None:
@@ -654,7 +659,9 @@ class SynthesisEngine:
         info = {
             "sigma": s,
             "steps": models.steps,
-            "sampler": "ancestral (T=4)" if stage == "early" else f"DDIM {models.steps} steps, eta 0 (T=200)",
+            "timesteps": int(models.scheduler.num_train_timesteps),  # T of the model that ran
+            "sampler": (f"ancestral (T={models.scheduler.num_train_timesteps})" if stage == "early" else
+                        f"DDIM {models.steps} steps, eta 0 (T={models.scheduler.num_train_timesteps})"),
             "weights_sha256": models.sha256,
             "crop_start_model_xyz": list(crop.start),
             "crop_centre_world_mm": [round(float(v), 2) for v in centre_world],

@@ -74,6 +74,7 @@ class TumorParams:
     sigma: float
     centre: tuple[int, int, int]  # model-space voxel (X, Y, Z)
     clipped_to_organ: bool
+    voxels: int = 0  # its voxels in the returned mask (1 mm grid), after clipping to the organ
     centre_world_mm: tuple[float, float, float] | None = None  # filled in by the engine (LPS mm)
     centre_voxel_xyz: tuple[int, int, int] | None = None  # filled in by the engine: index on the CT's grid
 
@@ -226,6 +227,53 @@ def check_organ_fits(organ: np.ndarray, size: str, *, name: str = "organ mask") 
         )
 
 
+PLACE_TRIES = 50  # centres tried per tumour before it counts as not fitting apart from the others
+
+
+def _volume_ml(n_voxels: int) -> str:
+    ml = n_voxels / 1000.0  # 1 mm voxels
+    return f"{ml:,.0f} ml" if ml >= 10 else f"{ml:.2g} ml"
+
+
+def _size_words(size: str) -> str:
+    lo, hi = SIZE_CLASSES[size].diameter_mm
+    return f"{size} tumours ({lo}-{hi} mm)"
+
+
+def max_tumours(organ: np.ndarray, size: str) -> int:
+    """An upper bound on how many tumours of ``size`` fit in ``organ`` (1 mm grid): its volume over the
+    volume of the class's smallest ellipsoid."""
+    a = SIZE_CLASSES[size].semi_axes[0]
+    return int(int(np.count_nonzero(organ)) // (4.0 / 3.0 * math.pi * a**3))
+
+
+def check_count_fits(organ: np.ndarray, size: str, count: int, *, organ_name: str = "organ",
+                     name: str = "organ mask") -> None:
+    """Refuse a number of tumours that cannot fit: more than :func:`max_tumours`, or more than one large tumour
+    where the release places it at the organ's centre (not liver or kidney)."""
+    n = int(np.count_nonzero(organ))
+    if size == "large" and organ_name not in ORGANS_WITH_RANDOM_CENTRE and count > 1:
+        raise DiffTumorError(f"{name}: a large {organ_name} tumour is placed at the organ's centre, so only one fits "
+                             f"(asked for {count})")
+    most = max_tumours(organ, size)
+    if count > most:
+        raise DiffTumorError(f"{name}: the {organ_name} is {_volume_ml(n)} (on the 1 mm grid); at most {most} "
+                             f"{_size_words(size)} fit in that volume (asked for {count})")
+
+
+def _placement(canvas_shape, shape_shape, centre):
+    """(canvas slices, shape slices) of a box of ``shape_shape`` centred on ``centre`` (None: off the canvas)."""
+    dst, src = [], []
+    for c, n, N in zip(centre, shape_shape, canvas_shape):
+        start = int(c) - n // 2
+        lo, hi = max(start, 0), min(start + n, N)
+        if hi <= lo:
+            return None
+        dst.append(slice(lo, hi))
+        src.append(slice(lo - start, hi - start))
+    return tuple(dst), tuple(src)
+
+
 def generate_tumor_mask(
     organ_mask: np.ndarray,
     organ: str,
@@ -233,11 +281,19 @@ def generate_tumor_mask(
     size: str | None = None,
     count: int | None = None,
     rng=0,
+    gap: int = 1,
+    name: str = "organ mask",
 ) -> tuple[np.ndarray, list[TumorParams]]:
     """Draw tumours like the release, in model space (1 mm, RAS (X, Y, Z) array).
 
     ``size`` None draws the release's training mix (:func:`sample_size_class`); ``count`` None draws
     from the class's count range. Returns the boolean mask and one :class:`TumorParams` per tumour.
+
+    Unlike the release, tumours never touch: a tumour whose shape would come within ``gap`` voxels of one
+    already placed gets a new centre (up to :data:`PLACE_TRIES`), so every tumour reported is a tumour of its
+    own. An asked-for ``count`` that cannot be placed so is refused in one line naming the organ's volume
+    and how many fit (:func:`check_count_fits` refuses the hopeless ones before drawing); with ``count``
+    None the tumours that find no room are left out (at least one is always placed).
     """
     rng = as_rng(rng)
     organ_mask = np.asarray(organ_mask, dtype=bool)
@@ -247,38 +303,70 @@ def generate_tumor_mask(
         size = sample_size_class(rng)
     if size not in SIZE_CLASSES:
         raise ValueError(f"size {size!r} is not one of {sorted(SIZE_CLASSES)}")
-    check_organ_fits(organ_mask, size)
+    check_organ_fits(organ_mask, size, name=name)
     sc = SIZE_CLASSES[size]
+    asked = count is not None
     if count is None:
         count = int(rng.integers(sc.count[0], sc.count[1] + 1))
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+    if asked:
+        check_count_fits(organ_mask, size, count, organ_name=organ, name=name)
     kidney = organ.startswith("kidney")
     random_loc = organ in ORGANS_WITH_RANDOM_CENTRE or size != "large"
     erode = organ == "liver"
     canvas = np.zeros_like(organ_mask)
+    taken = np.zeros_like(organ_mask)  # placed tumours grown by `gap`: no new tumour may reach into it
+    grow = np.ones((2 * gap + 1,) * 3, bool) if gap > 0 else None
     params: list[TumorParams] = []
+    placed: list[tuple] = []  # (canvas slices, shape slices, shape) per tumour
     for _ in range(count):
         axes = draw_semi_axes(size, rng)
         sigma = draw_sigma(size, rng)
         shape = deformed_ellipsoid(axes, sigma, rng)
-        if random_loc:
-            centre = random_centre(organ_mask, rng, erode=erode)
-        else:  # large tumour outside liver/kidney: bbox-cropped shape on the organ's bbox centre
+        if not random_loc:  # large tumour outside liver/kidney: bbox-cropped shape on the organ's bbox centre
             nz = np.argwhere(shape)
             lo, hi = nz.min(0), nz.max(0)
             shape = shape[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]  # the release drops the max index
-            centre = bbox_centre(organ_mask)
-        paste_centered(canvas, shape, centre)
+        for _try in range(PLACE_TRIES if random_loc else 1):
+            centre = random_centre(organ_mask, rng, erode=erode) if random_loc else bbox_centre(organ_mask)
+            where = _placement(canvas.shape, shape.shape, centre)
+            if where is None or not (taken[where[0]] & shape[where[1]]).any():
+                break
+        else:
+            where = "no room"
+        if where == "no room":
+            if asked:
+                raise DiffTumorError(f"{name}: the {organ} is {_volume_ml(int(organ_mask.sum()))} (on the 1 mm grid); "
+                                     f"only {len(params)} {_size_words(size)} could be placed in it apart from each "
+                                     f"other (asked for {count})")
+            break  # the release's random count: keep those that fit
+        if where is not None:
+            dst, src = where
+            canvas[dst] |= shape[src]
+            if grow is not None:
+                pad = np.pad(shape[src], gap)
+                grown = ndimage.binary_dilation(pad, structure=grow)
+                lo = [d.start - gap for d in dst]
+                gdst = tuple(slice(max(l, 0), min(l + g, N)) for l, g, N in zip(lo, grown.shape, canvas.shape))
+                gsrc = tuple(slice(d.start - l, d.stop - l) for d, l in zip(gdst, lo))
+                taken[gdst] |= grown[gsrc]
+            else:
+                taken[dst] |= shape[src]
+        placed.append((where, shape))
         params.append(TumorParams(size, axes, sigma, tuple(int(c) for c in centre), True))
     clip = True
     if kidney and size in ("medium", "large"):
         clip = bool(rng.random() >= 0.5)
     mask = canvas & organ_mask if clip else canvas
-    for p in params:
+    for p, (where, shape) in zip(params, placed):
         p.clipped_to_organ = clip
+        if where is not None:
+            dst, src = where
+            p.voxels = int(np.count_nonzero(shape[src] & organ_mask[dst] if clip else shape[src]))
     if not mask.any():  # vanishingly rare (shape warped away): redraw deterministically from this rng
-        return generate_tumor_mask(organ_mask, organ, size=size, count=count, rng=rng)
+        return generate_tumor_mask(organ_mask, organ, size=size, count=count if asked else None, rng=rng, gap=gap,
+                                   name=name)
     return mask, params
 
 

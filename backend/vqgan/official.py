@@ -41,6 +41,12 @@ from backend.vqgan.model import VQGAN, VQGANConfig
 EXTRA_PREFIXES = ("image_discriminator.", "video_discriminator.", "perceptual_model.")
 # Training-only codebook state: filled from the embeddings when a plain state dict lacks it.
 OPTIONAL_KEYS = ("codebook.N", "codebook.z_avg")
+GIVE = "give the released AutoencoderModel.ckpt ('difftumor weights fetch') or an autoencoder run's checkpoint_last.pt"
+
+
+def _keys(mapping, n: int = 8) -> str:
+    keys = [str(k) for k in mapping]
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "") if keys else "none"
 
 
 class _OmegaConfStandIn:
@@ -101,16 +107,18 @@ def safe_load(path, *, map_location="cpu"):
     """``torch.load`` through the restricted unpickler; one-line DiffTumorError on any problem."""
     path = Path(path)
     if not path.is_file():
-        raise DiffTumorError(f"{path}: checkpoint file not found")
+        raise DiffTumorError(f"{path}: autoencoder checkpoint not found (no such file); {GIVE}")
     try:
         return torch.load(path, map_location=map_location, pickle_module=restricted_pickle, weights_only=False)
     except RefusedGlobal as exc:
         raise DiffTumorError(
             f"{path}: refusing to load: the checkpoint asks for global '{exc.qualname}', which is not allowed "
-            "(only tensors, plain containers and omegaconf configs are read; nothing in the file is executed)"
+            "(only tensors, plain containers and omegaconf configs are read; nothing in the file was executed); it is "
+            f"not a checkpoint DiffTumor reads: {GIVE}"
         ) from None
     except Exception as exc:  # truncated zip, not a torch file, ...
-        raise DiffTumorError(f"{path}: not a readable PyTorch checkpoint ({load_failure_cause(exc)})") from None
+        raise DiffTumorError(f"{path}: not a readable PyTorch checkpoint ({load_failure_cause(exc)}); download it again "
+                             "('difftumor weights fetch --force') or save it again from its training run") from None
 
 
 def to_plain(obj):
@@ -151,7 +159,7 @@ def _config_from_shapes(sd: dict) -> VQGANConfig:
     w = sd.get("encoder.conv_first.conv.weight")
     e = sd.get("codebook.embeddings")
     if w is None or e is None or "pre_vq_conv.conv.weight" not in sd:
-        raise KeyError("encoder.conv_first.conv.weight / codebook.embeddings / pre_vq_conv.conv.weight")
+        raise KeyError("'encoder.conv_first.conv.weight', 'codebook.embeddings', 'pre_vq_conv.conv.weight'")
     levels = len({k.split(".")[2] for k in sd if k.startswith("encoder.conv_blocks.")})
     h = int(w.shape[0])
     return VQGANConfig(image_channels=int(w.shape[1]), n_hiddens=h, downsample=(2**levels,) * 3,
@@ -161,7 +169,8 @@ def _config_from_shapes(sd: dict) -> VQGANConfig:
 def _find_state(path: Path, obj) -> tuple[dict, VQGANConfig | None, dict]:
     """(state_dict, config or None, info) from any supported checkpoint layout."""
     if not isinstance(obj, dict):
-        raise DiffTumorError(f"{path}: not an autoencoder checkpoint (top level is {type(obj).__name__}, expected a dict)")
+        raise DiffTumorError(f"{path}: not an autoencoder checkpoint: it holds a {type(obj).__name__}, not a dict of "
+                             f"weights; {GIVE}")
     info: dict = {}
     if "state_dict" in obj and "hyper_parameters" in obj:  # official Lightning file
         hp = to_plain(obj["hyper_parameters"]) or {}
@@ -193,12 +202,17 @@ def load_autoencoder_with_extras(path, *, map_location="cpu", config: VQGANConfi
     sd = {k: v for k, v in sd.items() if not k.startswith(EXTRA_PREFIXES)}
     try:
         cfg = config or cfg or _config_from_shapes(sd)
-    except (KeyError, ValueError) as exc:
-        raise DiffTumorError(f"{path}: not a DiffTumor autoencoder checkpoint (cannot infer the architecture: {exc})") from None
+    except KeyError as exc:
+        raise DiffTumorError(f"{path}: not a DiffTumor autoencoder checkpoint: it lacks the autoencoder weights "
+                             f"{exc.args[0]} (keys found: {_keys(sd)}); {GIVE}") from None
+    except ValueError as exc:
+        raise DiffTumorError(f"{path}: not a DiffTumor autoencoder checkpoint: the architecture its weights describe is "
+                             f"not supported ({exc}); {GIVE}") from None
     try:
         model = VQGAN(cfg)
     except ValueError as exc:
-        raise DiffTumorError(f"{path}: unsupported autoencoder configuration ({exc})") from None
+        raise DiffTumorError(f"{path}: its autoencoder configuration cannot be built ({exc}); the file is damaged or "
+                             f"from another program; {GIVE}") from None
     expected = model.state_dict()
     problems = []
     for k, v in expected.items():
@@ -210,8 +224,9 @@ def load_autoencoder_with_extras(path, *, map_location="cpu", config: VQGANConfi
     problems += [f"unexpected '{k}'" for k in sd if k not in expected]
     if problems:
         raise DiffTumorError(
-            f"{path}: checkpoint does not match the autoencoder architecture ({len(problems)} mismatching "
-            f"tensors; first: {problems[0]})"
+            f"{path}: checkpoint does not match the autoencoder architecture its configuration describes "
+            f"({len(problems)} mismatching tensors; first: {problems[0]}); the file is damaged or from another "
+            f"program; {GIVE}"
         )
     if "codebook.z_avg" not in sd:
         sd["codebook.z_avg"] = sd["codebook.embeddings"].clone()

@@ -254,3 +254,68 @@ def test_generated_large_tumour_is_cut_to_its_crop(engine, real):
     assert r.provenance["mask"]["clipped_to_crop_voxels"] > 0
     assert not any(outside_crop(ct.geometry, g).any() for g in group_components(r.tumor_mask, ct.geometry))
     assert ((r.label == 2) == r.tumor_mask).all()
+
+
+# ------------------------------------------------------------------ a weights folder whose files do not fit
+def _tiny_folder(root, *, ae_codes=16, trained_codes=16, early_T=4, noearly_T=10, noearly_stage="noearly"):
+    import tiny_weights as tw
+
+    tw.autoencoder(root / tw.AE_NAME, n_codes=ae_codes)
+    trained = tw.autoencoder(root / "trained_with.ckpt", n_codes=trained_codes)
+    (root / "trained_with.ckpt").unlink()
+    tw.diffusion(root / "liver_early.pt", trained, T=early_T, stage="early")
+    tw.diffusion(root / "liver_noearly.pt", trained, T=noearly_T, stage=noearly_stage)
+    return root
+
+
+def test_synthesis_refuses_a_folder_whose_autoencoder_does_not_fit_in_one_line(tmp_path):
+    """Was a ~100-line 'size mismatch for codebook.embeddings' RuntimeError."""
+    ct, organ = _synthetic_ct()
+    e = SynthesisEngine(_tiny_folder(tmp_path, ae_codes=64), device="cpu")
+    with pytest.raises(DiffTumorError, match=(
+            r"^weights folder .*: liver_early\.pt does not fit the folder: it was trained with an autoencoder whose "
+            r"codebook has 16 codes of 8 channels, but AutoencoderModel\.ckpt has 64 codes of 8 channels; put")):
+        e.synthesize(ct, organ, organ="liver", method="diffusion", size="tiny", count=1, seed=0)
+
+
+def test_synthesis_refuses_a_misnamed_stage_file(tmp_path):
+    ct, organ = _synthetic_ct()
+    e = SynthesisEngine(_tiny_folder(tmp_path, noearly_T=4, noearly_stage="early"), device="cpu")
+    big = ellipsoid_mask(ct.geometry, (48, 48, 20), (14, 14, 14), voxel=True) & organ  # 28 mm: mid/late
+    with pytest.raises(DiffTumorError, match=r"liver_noearly\.pt does not fit the folder: it holds a model for early "
+                                             r"tumours .* rename it to liver_early\.pt$"):
+        e.synthesize(ct, organ, big, organ="liver", method="diffusion", seed=0, ddim_steps=2)
+
+
+def test_provenance_records_the_T_the_model_was_trained_with(tmp_path, one_thread):
+    """The provenance said 'T=200' for every mid/late model and 'T=4' for every early one."""
+    ct, organ = _synthetic_ct()
+    e = SynthesisEngine(_tiny_folder(tmp_path, noearly_T=10), device="cpu")
+    big = ellipsoid_mask(ct.geometry, (48, 48, 20), (14, 14, 14), voxel=True) & organ
+    r = e.synthesize(ct, organ, big, organ="liver", method="diffusion", seed=0, ddim_steps=2, sigma=1.0)
+    crop = r.provenance["tumours"][0]
+    assert crop["stage"] == "mid_late" and crop["timesteps"] == 10
+    assert crop["sampler"] == "DDIM 2 steps, eta 0 (T=10)"
+
+
+def test_more_tumours_than_fit_are_refused_and_the_provenance_says_what_was_placed(tmp_path):
+    """--size small --count 10000 gave one merged 'tumour' over half the organ and a provenance of 1 tumour."""
+    ct, organ = _synthetic_ct()
+    e = SynthesisEngine(tmp_path, device="cpu")
+    with pytest.raises(DiffTumorError, match=r"^organ mask: the liver is \d+ ml \(on the 1 mm grid\); at most \d+ small "
+                                             r"tumours \(12-20 mm\) fit in that volume \(asked for 10000\)$"):
+        e.synthesize(ct, organ, organ="liver", method="model-based", size="small", count=10000, seed=0)
+    r = e.synthesize(ct, organ, organ="liver", method="model-based", size="tiny", count=3, seed=2)
+    m = r.provenance["mask"]
+    assert m["count_requested"] == 3 and m["count_placed"] == 3 and len(m["tumours"]) == 3
+    assert all(t["voxels"] > 0 for t in m["tumours"])
+    assert r.provenance["n_tumours"] == 3  # three tumours apart on the CT's own grid, not one blob
+
+
+def test_random_tumor_masks_refuses_more_tumours_than_fit():
+    """The napari placement's per-tumour draws: 10000 small tumours were drawn one by one into one organ."""
+    from backend.synthesis.engine import random_tumor_masks
+
+    ct, organ = _synthetic_ct()
+    with pytest.raises(DiffTumorError, match=r"^organ mask: the liver is \d+ ml .* \(asked for 10000\)$"):
+        random_tumor_masks(ct.geometry, organ, organ="liver", size="small", count=10000, seed=0)

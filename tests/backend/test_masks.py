@@ -136,3 +136,45 @@ def test_validate_user_mask():
 def test_largest_diameter():
     assert masks.largest_diameter_mm(masks.ellipsoid_box((10, 6, 5))) == pytest.approx(20, abs=1.0)
     assert masks.largest_diameter_mm(masks.ellipsoid_box((4, 4, 4)), (2, 2, 2)) == pytest.approx(16, abs=1.5)
+
+
+# ------------------------------------------------------------------ how many tumours fit (issue 14, defect 4)
+def _box(n=60):
+    org = np.zeros((n, n, n), bool)
+    org[5:-5, 5:-5, 5:-5] = True
+    return org
+
+
+def test_a_count_beyond_the_organs_volume_is_refused_in_one_line():
+    """--size small --count 10000 silently gave one merged 'tumour' over half the organ (provenance: 1 tumour)."""
+    org = _box()  # 50 mm cube: 125 ml
+    with pytest.raises(DiffTumorError, match=r"^organ mask: the liver is 125 ml \(on the 1 mm grid\); at most 138 small "
+                                             r"tumours \(12-20 mm\) fit in that volume \(asked for 10000\)$"):
+        generate_tumor_mask(org, "liver", size="small", count=10000, rng=0)
+
+
+def test_tumours_are_placed_apart_or_refused_with_how_many_fit():
+    org = _box()
+    mask, params = generate_tumor_mask(org, "liver", size="small", count=3, rng=1)
+    from scipy import ndimage
+
+    assert ndimage.label(mask, np.ones((3, 3, 3)))[1] == 3 and len(params) == 3  # three tumours, not one blob
+    assert all(p.voxels > 0 for p in params) and sum(p.voxels for p in params) == mask.sum()
+    with pytest.raises(DiffTumorError, match=r"^organ mask: the liver is 125 ml \(on the 1 mm grid\); only \d+ small tumours "
+                                             r"\(12-20 mm\) could be placed in it apart from each other \(asked for 60\)$"):
+        generate_tumor_mask(org, "liver", size="small", count=60, rng=0)
+
+
+def test_a_large_tumour_at_the_organs_centre_fits_once():
+    org = _organ()
+    with pytest.raises(DiffTumorError, match=r"a large pancreas tumour is placed at the organ's centre, so only one fits"):
+        generate_tumor_mask(org, "pancreas", size="large", count=2, rng=0)
+
+
+def test_the_releases_random_count_keeps_the_tumours_that_fit_apart():
+    """Without an asked-for count (the release's 1-3 draw, used in segmentation training) a tumour that finds no
+    room is left out instead of failing the draw."""
+    org = np.zeros((40, 40, 40), bool)
+    org[10:28, 10:28, 10:28] = True
+    counts = [len(generate_tumor_mask(org, "kidney", size="small", rng=s)[1]) for s in range(12)]
+    assert min(counts) >= 1 and max(counts) <= 3

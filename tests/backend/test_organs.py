@@ -186,3 +186,37 @@ def test_kits_map_with_cysts_is_told_from_a_totalseg_map_with_spleen_and_kidneys
     ts[2:8, 8:12, 1:5] = 3  # left kidney
     assert detect_convention(ts) == "totalseg"
     assert load_organ_mask(ts, "kidney").sum() == ((ts == 2) | (ts == 3)).sum()
+
+
+def test_totalsegmentator_v2_vocabulary_is_complete():
+    from backend.organs import TOTALSEG_V2_NAMES
+
+    assert sorted(TOTALSEG_V2_NAMES) == list(range(1, 118)) and len(set(TOTALSEG_V2_NAMES.values())) == 117
+    assert all(TOTALSEG_V2_NAMES[i] == n for i, n in TOTALSEG_NAMES.items())
+    assert (TOTALSEG_V2_NAMES[26], TOTALSEG_V2_NAMES[51], TOTALSEG_V2_NAMES[90], TOTALSEG_V2_NAMES[92],
+            TOTALSEG_V2_NAMES[104], TOTALSEG_V2_NAMES[116]) == (
+        "vertebrae_S1", "heart", "brain", "rib_left_1", "rib_right_1", "sternum")
+
+
+def test_an_organ_label_that_names_another_structure_is_warned_about(caplog):
+    """--organ-label 99 (a rib in a TotalSegmentator map) was taken as the liver without a word."""
+    labels = np.zeros((6, 8, 8), np.uint8)
+    labels[1:3, 2:5, 2:5] = 5  # liver
+    labels[3:5, 2:5, 2:5] = 99  # rib_left_8
+    labels[0, 0, 0] = 52  # aorta: a TotalSegmentator map, not MSD
+    with caplog.at_level("WARNING"):
+        mask = load_organ_mask(labels, "liver", label_id=99)
+    assert mask.sum() == 18  # still used: the user asked for it
+    assert [r.getMessage() for r in caplog.records] == [
+        "<label array>: label 99 is 'rib_left_8' in TotalSegmentator v2, not the liver (label 5); "
+        "using it as the liver as asked"]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_organ_mask(labels, "liver", label_id=5)
+        msd = np.where(labels == 5, 1, 0).astype(np.uint8)
+        msd[0, 0, 1] = 2
+        load_organ_mask(msd, "liver", label_id=1)
+    assert not [r for r in caplog.records if "label 5 is" in r.getMessage() or "label 1 is" in r.getMessage()]
+    with caplog.at_level("WARNING"):
+        load_organ_mask(msd, "liver", label_id=2)
+    assert "label 2 is the tumor in an MSD/LiTS/KiTS label map, not the liver" in caplog.text

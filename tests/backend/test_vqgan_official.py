@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 
 import pytest
@@ -120,7 +121,7 @@ def test_unreadable_files(tmp_path):
         load_autoencoder(bad)
     lst = tmp_path / "list.pt"
     torch.save([1, 2], lst)
-    with pytest.raises(DiffTumorError, match="top level is list"):
+    with pytest.raises(DiffTumorError, match="it holds a list, not a dict of weights; give "):
         load_autoencoder(lst)
 
 
@@ -137,4 +138,36 @@ def test_damaged_autoencoder_file_gives_a_short_cause(tmp_path):
     bad.write_bytes(good.read_bytes()[:300])
     with pytest.raises(DiffTumorError) as err:
         safe_load(bad)
-    assert str(err.value).endswith("(truncated or damaged file)") and len(str(err.value)) < 200
+    text = str(err.value)  # a short cause, then what to do; not PyTorch's paragraph
+    assert "(truncated or damaged file); download it again" in text and "miniz" not in text
+    assert len(text) - len(str(bad)) < 200
+
+
+def test_loader_messages_say_which_file_what_it_is_and_what_to_do(tmp_path):
+    """'expected a dict with a 'ema' state dict (found: ... ema ...)' told a user nothing they could act on."""
+    from backend.diffusion.official import load_diffusion
+    from backend.train.common import save_checkpoint
+
+    cases = []
+    p = tmp_path / "liver_early.pt"
+    torch.save({"step": 3, "model": {}, "scaler": {}}, p)
+    cases.append((load_diffusion, p, r"liver_early\.pt: not a DiffTumor diffusion checkpoint: it has no 'ema' weights "
+                                     r"\(keys found: step, model, scaler\); give a released"))
+    q = tmp_path / "run" / "checkpoint_last.pt"
+    save_checkpoint(q, stage="diffusion", model={}, ema={"w": torch.zeros(1)}, step=1)
+    cases.append((load_diffusion, q, r"checkpoint_last\.pt: is a diffusion training checkpoint \(what --resume reads\), "
+                                     r"not a diffusion model file; use the \{organ\}_\{stage\}\.pt its run wrote"))
+    r = tmp_path / "noearly.pt"
+    torch.save({"ema": {"betas": torch.zeros(3)}}, r)
+    cases.append((load_diffusion, r, r"noearly\.pt: not a DiffTumor diffusion checkpoint: its noise schedule is not"))
+    s = tmp_path / "AutoencoderModel.ckpt"
+    torch.save({"weight": torch.zeros(2), "bias": torch.zeros(2)}, s)
+    cases.append((load_autoencoder, s, r"AutoencoderModel\.ckpt: not a DiffTumor autoencoder checkpoint: it lacks the "
+                                       r"autoencoder weights 'encoder\.conv_first\.conv\.weight', .*\(keys found: weight, "
+                                       r"bias\); give the released AutoencoderModel\.ckpt"))
+    for load, path, pattern in cases:
+        with pytest.raises(DiffTumorError) as err:
+            load(path)
+        text = str(err.value)
+        assert re.match(f"^{re.escape(str(tmp_path))}/.*{pattern}", text), text
+        assert "\n" not in text and "; " in text  # one line, ending in what to do

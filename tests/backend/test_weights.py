@@ -13,8 +13,25 @@ from backend.errors import DiffTumorError
 
 
 @pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch):
+    """These tests never reach the internet: a connection to anything but 127.0.0.1 fails the test."""
+    import socket
+
+    real = socket.socket.connect
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"test tried to connect to {address!r}; use the local server")
+        return real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_config(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv(weights.ENV_VAR, raising=False)
 
 
@@ -47,15 +64,35 @@ def test_missing_weights_one_sentence(tmp_path):
 
 
 def test_sha256_cache(tmp_path, monkeypatch):
-    p = tmp_path / "liver_early.pt"
+    folder = tmp_path / "w"
+    folder.mkdir()
+    p = folder / "liver_early.pt"
     p.write_bytes(b"abc" * 1000)
     digest = hashlib.sha256(p.read_bytes()).hexdigest()
     assert weights.sha256_cached(p) == digest
     calls = []
     monkeypatch.setattr(weights, "sha256_file", lambda path, chunk=0: calls.append(path) or "recomputed")
-    assert weights.sha256_cached(p) == digest and not calls  # served from the sidecar
+    assert weights.sha256_cached(p) == digest and not calls  # served from the cache
     p.write_bytes(b"changed")
     assert weights.sha256_cached(p) == "recomputed" and calls
+
+
+def test_sha256_cache_lives_in_the_user_cache_folder_not_beside_the_files(tmp_path):
+    """.sha256-cache.json was written into the user's weights and run folders."""
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "liver_early.pt").write_bytes(b"not a checkpoint")
+    (folder / weights.AE_NAME).write_bytes(b"nor this")
+    weights.check_folder(folder)
+    assert sorted(q.name for q in folder.iterdir()) == ["AutoencoderModel.ckpt", "liver_early.pt"]
+    cache = json.loads((tmp_path / "cache" / "difftumor" / "sha256-cache.json").read_text(encoding="utf-8"))
+    entry = cache[str((folder / "liver_early.pt").resolve())]
+    assert entry["sha256"] == hashlib.sha256(b"not a checkpoint").hexdigest() and entry["size"] == 16
+    folder.chmod(0o500)  # a read-only folder is fine too: nothing is written there
+    try:
+        assert weights.sha256_cached(folder / "liver_early.pt") == entry["sha256"]
+    finally:
+        folder.chmod(0o700)
 
 
 def test_check_reports_present_missing_and_broken(tmp_path):
@@ -221,6 +258,13 @@ def test_check_names_a_truncated_diffusion_file_in_a_few_words(tmp_path, capsys)
     assert "miniz" not in out
 
 
+def test_the_tests_cannot_reach_the_release_server():
+    import urllib.request
+
+    with pytest.raises(AssertionError, match="use the local server"):
+        urllib.request.urlopen("http://93.184.215.14/", timeout=1)
+
+
 def test_manifest_lists_release_urls():
     m = json.loads(weights.MANIFEST_PATH.read_text(encoding="utf-8"))
     assert m["base_url"].startswith("https://huggingface.co/MrGiovanni/DiffTumor")
@@ -326,3 +370,89 @@ def test_fetch_names_the_file_it_cannot_write(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"difftumor: error: --dest {dest}: cannot write {dest}/AutoencoderModel.ckpt.part (Read-only file system)"
     assert not dest.exists()
+
+
+# ------------------------------------------------------------------ do the folder's files fit together?
+def _tiny():
+    import tiny_weights
+
+    return tiny_weights
+
+
+def _rows(root):
+    return {r["name"]: r for r in weights.check_folder(root, organs=("liver",))}
+
+
+def test_check_refuses_an_autoencoder_with_another_codebook_than_the_denoisers(tmp_path, capsys):
+    """Issue 14 defect 3: an official-size autoencoder beside our own diffusion files was 'ready for: early,
+    mid/late', then synthesis died in a 'size mismatch for codebook' traceback."""
+    tw = _tiny()
+    tw.autoencoder(tmp_path / weights.AE_NAME, n_codes=64)  # stands in for the official 16384 x 8 codebook
+    ours = tw.autoencoder(tmp_path / "ours.ckpt", n_codes=16)
+    (tmp_path / "ours.ckpt").unlink()
+    tw.diffusion(tmp_path / "liver_early.pt", ours, T=4, stage="early")
+    tw.diffusion(tmp_path / "liver_noearly.pt", ours, T=10, stage="noearly")
+    rows = _rows(tmp_path)
+    for name in ("liver_early.pt", "liver_noearly.pt"):
+        assert rows[name]["loads"] is True and rows[name]["compatible"] is False, rows[name]
+        assert ("was trained with an autoencoder whose codebook has 16 codes of 8 channels, but "
+                "AutoencoderModel.ckpt has 64 codes of 8 channels") in rows[name]["error"], rows[name]["error"]
+    assert _cli(["weights", "check", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "INCOMPATIBLE liver_early.pt" in out and "liver     diffusion ready for: nothing" in out
+
+
+def test_check_refuses_our_denoiser_beside_another_autoencoder_of_the_same_shape(tmp_path):
+    """Same architecture, other weights: the denoiser learnt another latent space. Our files say so for sure; a
+    file in the plain release layout is only warned about (the release decodes early tumours with its own copy)."""
+    tw = _tiny()
+    tw.autoencoder(tmp_path / weights.AE_NAME, seed=0)
+    other = tw.autoencoder(tmp_path / "other.ckpt", seed=1)
+    (tmp_path / "other.ckpt").unlink()
+    tw.diffusion(tmp_path / "liver_early.pt", other, stage="early")
+    tw.diffusion(tmp_path / "liver_noearly.pt", other, T=200, stage=None)
+    rows = _rows(tmp_path)
+    assert rows["liver_early.pt"]["compatible"] is False
+    assert "was trained with another autoencoder (its embedded copy differs from AutoencoderModel.ckpt" in rows["liver_early.pt"]["error"]
+    assert rows["liver_noearly.pt"]["compatible"] is True
+    assert "differs from AutoencoderModel.ckpt" in rows["liver_noearly.pt"]["warning"]
+
+
+def test_check_compares_a_recorded_autoencoder_sha256(tmp_path):
+    """A file without an embedded copy that records the sha256 of its autoencoder is checked against it."""
+    tw = _tiny()
+    tw.autoencoder(tmp_path / weights.AE_NAME)
+    tw.diffusion(tmp_path / "liver_early.pt", None, extra={"autoencoder": {"path": "/x/ae.ckpt", "sha256": "ab" * 32}})
+    row = _rows(tmp_path)["liver_early.pt"]
+    assert row["compatible"] is False and "sha256 abababababab" in row["error"], row
+
+
+def test_check_refuses_a_file_whose_stage_contradicts_its_name(tmp_path, capsys):
+    """A T = 4 early model saved as liver_noearly.pt passed, and its provenance then said T=200."""
+    tw = _tiny()
+    vq = tw.autoencoder(tmp_path / weights.AE_NAME)
+    tw.diffusion(tmp_path / "liver_noearly.pt", vq, T=4, stage="early")
+    row = _rows(tmp_path)["liver_noearly.pt"]
+    assert row["compatible"] is False
+    assert row["error"] == ("holds a model for early tumours (stage early, T = 4, as recorded in the file) but its name "
+                            "says noearly (mid/late tumours); rename it to liver_early.pt")
+    tw.diffusion(tmp_path / "liver_noearly.pt", vq, T=4, stage=None)  # plain release layout: told by T
+    row = _rows(tmp_path)["liver_noearly.pt"]
+    assert row["compatible"] is False and "T = 4 diffusion steps, as the release's early model" in row["error"]
+    tw.diffusion(tmp_path / "liver_early.pt", vq, T=4, stage="early")
+    assert _cli(["weights", "check", str(tmp_path)]) == 1
+    assert "liver     diffusion ready for: early\n" in capsys.readouterr().out
+
+
+def test_fetch_tries_every_file_and_reports_each_that_failed(server, tmp_path, capsys):
+    """A 404 stopped the fetch before the other files were tried."""
+    base, files, _ = server
+    (Path(server_root := tmp_path / "srv") / "DiffusionModel" / "liver_early.pt").unlink()  # the 2nd of 3 files
+    dest = tmp_path / "w"
+    assert _cli(["weights", "fetch", "--organ", "liver", "--dest", str(dest), "--base-url", base]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("difftumor: error: weights fetch: 1 of 3 files failed: ") and "liver_early.pt" in err
+    assert "HTTP 404" in err and f"the other 2 are in {dest}" in err
+    assert sorted(p.name for p in dest.iterdir()) == ["AutoencoderModel.ckpt", "liver_noearly.pt"]  # kept
+    assert server_root.is_dir()
