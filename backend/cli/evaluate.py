@@ -94,7 +94,6 @@ def handler(args) -> int:
             raise DiffTumorError("--model: give it with --data (and without --pred)")
         from backend.segmentation.inference import predict_dataset
 
-        out_existed = Path(args.out).exists()
         pred_dir, label_dir, meta = run_with_bar(
             predict_dataset(
                 args.model, args.data, Path(args.out), folds=args.folds, fold=args.fold,
@@ -104,8 +103,8 @@ def handler(args) -> int:
         )
         pre_skipped = meta["skipped"]
         if not any(pred_dir.glob("*.nii.gz")):
-            # nothing to score: leave no empty pred/ and labels/ folders (nor a new, empty --out) behind
-            for folder in (pred_dir, label_dir, *(() if out_existed else (Path(args.out),))):
+            # nothing to score: leave none of the folders this run created (pred/, labels/, --out) behind empty
+            for folder in sorted(meta["created"], key=lambda p: len(p.parts), reverse=True):
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
             first = f"; {pre_skipped[0][0]}: {pre_skipped[0][1]}" if pre_skipped else ""

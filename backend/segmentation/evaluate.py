@@ -24,7 +24,6 @@ import csv
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -357,20 +356,35 @@ def summary_markdown(summary: list[dict], cfg: EvaluationConfig) -> str:
 
 
 # -------------------------------------------------------------------------------------- files
-def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if isinstance(v, float) and v != v else v) for k, v in r.items()})
-    os.replace(tmp, path)
+MANIFEST_NAME = ".difftumor-evaluate.json"  # the files an evaluation wrote in its --out (backend.manifest)
+REPORT_FILES = ("cases.csv", "skipped.csv", "summary.csv", "summary.md", "summary.png", "evaluation.json")
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def output_manifest(out: Path):
+    """The :class:`backend.manifest.OutputManifest` of an evaluation's output folder."""
+    from backend.manifest import OutputManifest
+
+    return OutputManifest(Path(out), command="difftumor evaluate", name=MANIFEST_NAME)
+
+
+def claim_report_files(out: Path):
+    """Refuse in one line, before anything is scored or written, when a report file already in ``out`` was not
+    written there by an earlier evaluation (or was changed since); returns the folder's manifest."""
+    out = Path(out)
+    manifest = output_manifest(out)
+    manifest.claim(out / name for name in REPORT_FILES)
+    return manifest
+
+
+def _csv_text(rows: list[dict], columns: list[str]) -> str:
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(v, float) and v != v else v) for k, v in r.items()})
+    return buf.getvalue()
 
 
 def definitions(cfg: EvaluationConfig) -> dict:
@@ -412,22 +426,29 @@ def definitions_markdown(cfg: EvaluationConfig, *, organ_masks: bool = False) ->
 def write_report(out: Path, rows: list[dict], skipped: list[tuple[str, str]], cfg: EvaluationConfig, *,
                  organ_masks: bool = False) -> dict:
     """Write cases.csv, skipped.csv, summary.csv/.md, summary.png and evaluation.json; return the summary."""
+    from backend.io import write_text_atomic
+
     out = Path(out)
+    manifest = claim_report_files(out)
     out.mkdir(parents=True, exist_ok=True)
+
+    def put(name: str, text: str) -> None:
+        manifest.record(write_text_atomic(out / name, text))
+
     rows = sorted(rows, key=lambda r: r["case_id"])
-    _write_csv(out / "cases.csv", rows, CASE_COLUMNS)
-    _write_csv(out / "skipped.csv", [{"case_id": c, "reason": r} for c, r in skipped], ["case_id", "reason"])
+    put("cases.csv", _csv_text(rows, CASE_COLUMNS))
+    put("skipped.csv", _csv_text([{"case_id": c, "reason": r} for c, r in skipped], ["case_id", "reason"]))
     summary = summarize(rows)
     if summary:
-        _write_csv(out / "summary.csv", summary, list(summary[0]))
+        put("summary.csv", _csv_text(summary, list(summary[0])))
     md = summary_markdown(summary, cfg) + "\n" + definitions_markdown(cfg, organ_masks=organ_masks)
     if skipped:
         md += f"\n{len(skipped)} case(s) skipped, see skipped.csv.\n"
-    _write_text(out / "summary.md", md)
+    put("summary.md", md)
     if rows:
         from backend.segmentation.figures import summary_figure
 
-        summary_figure(rows, summary, out / "summary.png", cfg.tolerance_mm)
+        manifest.record(summary_figure(rows, summary, out / "summary.png", cfg.tolerance_mm))
     meta = {
         "settings": asdict(cfg),
         "definitions": definitions(cfg),
@@ -435,7 +456,7 @@ def write_report(out: Path, rows: list[dict], skipped: list[tuple[str, str]], cf
         "cases_skipped": len(skipped),
         "summary": [{k: (None if isinstance(v, float) and v != v else v) for k, v in s.items()} for s in summary],
     }
-    _write_text(out / "evaluation.json", json.dumps(meta, indent=2, ensure_ascii=False))
+    put("evaluation.json", json.dumps(meta, indent=2, ensure_ascii=False))
     return {"summary": summary, "markdown": md}
 
 
@@ -447,6 +468,7 @@ def evaluate_files(
     ``fold`` keeps only that fold's cases of the fold file (the others are not expected). Nothing
     is written when no case can be scored: the error names the first skipped case and its reason
     (every reason is logged). ``skipped`` lists cases already left out, e.g. by the inference run."""
+    claim_report_files(out)  # a file of the user's in the way: refused before any case is scored
     pairs, unpaired = pair_files(pred, label, organ_masks)
     skipped = list(skipped or []) + unpaired
     fold_map = read_fold_file(folds) if folds is not None else None
