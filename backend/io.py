@@ -294,9 +294,12 @@ def read_image(path: PathLike) -> Volume:
     A DICOM folder holding several series gives the series with the most files (sub-folders
     are searched, three levels deep, when the folder itself holds no series). The pixel type is
     kept (int16 CT stays int16). Raises :class:`DiffTumorError` naming the file for a missing or
-    unreadable file, a 2D or 4D image, or a multi-component (vector/RGB) image.
+    unreadable file, a file cut short or with damaged compressed data (``"<path>: truncated or corrupt:
+    <reason>"``, :mod:`backend.integrity`), a 2D or 4D image, or a multi-component (vector/RGB) image.
     """
     import SimpleITK as sitk
+
+    from backend.integrity import check_dicom_files
 
     path = Path(path)
     if not path.exists():
@@ -306,13 +309,15 @@ def read_image(path: PathLike) -> Volume:
             files = _dicom_series_files(path)
             if not files:
                 raise DiffTumorError(f"{path}: folder holds no DICOM series (expected a folder of .dcm slices)")
+            folder = Path(files[0]).parent
+            series = {os.path.abspath(f) for f in files}
+            others = [p for p in sorted(folder.iterdir()) if p.is_file() and os.path.abspath(p) not in series]
+            check_dicom_files(files, others=others)
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
             image = reader.Execute()
         else:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            image = reader.Execute()
+            image = _read_checked_file(path)
     except DiffTumorError:
         raise
     except RuntimeError as exc:
@@ -323,6 +328,34 @@ def read_image(path: PathLike) -> Volume:
     volume = Volume.from_sitk(image, path)
     _reconcile_float_nifti(volume, path)
     return volume
+
+
+def _read_checked_file(path: Path) -> "sitk.Image":
+    """SimpleITK's read of one file, refused when the file is cut short or damaged (:mod:`backend.integrity`).
+
+    Compressed data is inflated by the check in a second thread while SimpleITK reads (both release the GIL),
+    so on a machine with a free core the check costs little wall time; other files are checked first (a few
+    header bytes and the file size). The check's reason wins over SimpleITK's when both fail."""
+    import SimpleITK as sitk
+
+    from backend.integrity import check_image_file, needs_stream_check
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    check_image_file(path, streams=False)  # sizes first: SimpleITK never sees a file cut short of its header's promise
+    if not needs_stream_check(path):
+        return reader.Execute()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="difftumor-integrity") as pool:
+        check = pool.submit(check_image_file, path)
+        try:
+            image = reader.Execute()
+        except RuntimeError:
+            check.result()  # a DiffTumorError naming the damage, if that is why SimpleITK failed
+            raise
+        check.result()
+    return image
 
 
 def _reconcile_float_nifti(volume: Volume, path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from backend.cli import main
@@ -78,3 +79,13 @@ def test_cli_survives_an_ascii_only_terminal():
                           capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode("ascii", "replace")
     assert b"mean ? std" in proc.stdout
+
+
+@pytest.mark.parametrize("keep", [200_000, 3000])
+def test_info_refuses_a_cut_gzip_nifti(totalseg_ct, tmp_path, capsys, keep):
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(open(totalseg_ct, "rb").read()[:keep])
+    assert main(["info", str(cut)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == f"difftumor: error: {cut}: truncated or corrupt: the compressed data ends early"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.nii.gz"]
