@@ -112,14 +112,15 @@ def _need(promised: int | None, have: int, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- streams
-def inflate(path: Path, offset: int, kind: str, *, keep: int = 0, limit: int | None = None) -> tuple[int, bytes]:
+def inflate(path: Path, offset: int, kind: str, *, keep: int = 0, limit: int | None = None, sink=None) -> tuple[int, bytes]:
     """Inflate the compressed stream starting at byte ``offset`` of ``path`` to its end, checking it.
 
     ``kind``: ``"gzip"`` (every member, each with its CRC-32/length trailer; zero padding or other bytes after
     a complete last member are allowed, as gzip allows them), ``"zlib"`` (zlib or gzip header, Adler-32/CRC-32
     checked) or ``"bzip2"``. ``limit``: compressed bytes that belong to the stream (MetaImage
-    ``CompressedDataSize``). Returns (inflated bytes, the first ``keep`` of them). Raises :class:`Broken` when
-    the stream ends early or fails a check.
+    ``CompressedDataSize``). ``sink``: called with each inflated piece, in order (to keep the data). Returns
+    (inflated bytes, the first ``keep`` of them). Raises :class:`Broken` when the stream ends early or fails a
+    check.
     """
     total = 0
     prefix = bytearray()
@@ -129,6 +130,8 @@ def inflate(path: Path, offset: int, kind: str, *, keep: int = 0, limit: int | N
         total += len(out)
         if len(prefix) < keep:
             prefix.extend(out[: keep - len(prefix)])
+        if sink is not None and out:
+            sink(out)
 
     with open(path, "rb") as fh:
         fh.seek(offset)
@@ -224,6 +227,85 @@ def _check_part(file: Path, offset: int, encoding: str | None, promised: int | N
 
 
 # --------------------------------------------------------------------------------------- NIfTI
+NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8",
+                1280: "u8"}  # NIfTI datatype code -> numpy scalar type (byte order from the header)
+
+
+def nifti_layout(header: bytes):
+    """(numpy dtype, dims, vox_offset, slope, inter) of a NIfTI-1/2 header, or None (not NIfTI, or a type that is
+    not a plain scalar)."""
+    if len(header) < 348:
+        return None
+    for endian in "<>":
+        (sizeof_hdr,) = struct.unpack(endian + "i", header[:4])
+        if sizeof_hdr in (348, 540):
+            break
+    else:
+        return None
+    if len(header) < sizeof_hdr:
+        return None
+    if sizeof_hdr == 348:
+        if header[344:347] not in (b"n+1", b"ni1"):
+            return None
+        dim = struct.unpack(endian + "8h", header[40:56])
+        (code,) = struct.unpack(endian + "h", header[70:72])
+        (vox_offset, slope, inter) = struct.unpack(endian + "3f", header[108:120])
+    else:
+        (code,) = struct.unpack(endian + "h", header[12:14])
+        dim = struct.unpack(endian + "8q", header[16:80])
+        (vox_offset,) = struct.unpack(endian + "q", header[168:176])
+        (slope, inter) = struct.unpack(endian + "2d", header[176:192])
+    if code not in NIFTI_DTYPES or not 1 <= dim[0] <= 7:
+        return None
+    import numpy as np
+
+    return np.dtype(endian + NIFTI_DTYPES[code]), tuple(int(d) for d in dim[1 : dim[0] + 1]), int(vox_offset), slope, inter
+
+
+def read_gzip_nifti_voxels(path: Path, size_xyz: tuple[int, ...], dtype):
+    """The voxels of a gzip NIfTI file as a (z, y, x) array of ``dtype`` (native byte order), inflated once, with
+    the stream checked to its end (:func:`inflate`); None when the file's layout is not a plain scalar 3D volume
+    of that type without scaling (SimpleITK then reads it). Raises :class:`Broken` for a cut or damaged file."""
+    import numpy as np
+
+    state: dict = {"head": bytearray(), "buf": None, "pos": 0, "skip": False}
+
+    def sink(piece: bytes) -> None:
+        if state["skip"]:
+            return
+        if state["buf"] is None:
+            state["head"].extend(piece)
+            if len(state["head"]) < 540:
+                return
+            layout = nifti_layout(bytes(state["head"][:540]))
+            ok = layout is not None
+            if ok:
+                file_dtype, dims, vox_offset, slope, inter = layout
+                dims3 = dims + (1,) * (3 - len(dims)) if len(dims) < 3 else dims
+                unscaled = slope in (0.0, 1.0) and inter == 0.0  # else SimpleITK's float conversion applies
+                ok = (tuple(dims3[:3]) == tuple(size_xyz) and all(d == 1 for d in dims3[3:]) and unscaled
+                      and file_dtype.newbyteorder("=") == np.dtype(dtype).newbyteorder("="))
+            if not ok:
+                state["skip"] = True
+                return
+            state["dtype"], state["offset"] = file_dtype, max(vox_offset, 348)
+            state["buf"] = np.empty(state["offset"] + int(np.prod(size_xyz)) * file_dtype.itemsize, np.uint8)
+            piece, state["head"] = bytes(state["head"]), None
+        buf, pos = state["buf"], state["pos"]
+        n = min(len(piece), len(buf) - pos)
+        buf[pos : pos + n] = np.frombuffer(piece, np.uint8, count=n)
+        state["pos"] = pos + n
+
+    total, _ = inflate(path, 0, "gzip", sink=sink)
+    if state["buf"] is None:
+        return None
+    if state["pos"] < len(state["buf"]):
+        raise Broken(f"the image data ends early (the complete compressed stream holds {total:,} of the "
+                     f"{len(state['buf']):,} bytes its NIfTI header promises)")
+    arr = state["buf"][state["offset"] :].view(state["dtype"]).reshape(tuple(size_xyz)[::-1])
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
+
+
 def nifti_promise(header: bytes, *, single_file: bool) -> int | None:
     """Bytes a NIfTI-1/-2 (or Analyze 7.5) file must hold: voxel offset + voxels x bits / 8; None if ``header``
     is no such header (then SimpleITK decides). ``single_file`` False: the ``.img`` of a pair (no offset

@@ -324,18 +324,19 @@ def read_image(path: PathLike) -> Volume:
         kind = "a DICOM series" if path.is_dir() else "an image file"
         raise DiffTumorError(f"{path}: cannot read as {kind} (corrupt or unsupported: {_itk_reason(exc)})") from None
 
-    image = _as_3d(image, path)
-    volume = Volume.from_sitk(image, path)
+    volume = image if isinstance(image, Volume) else Volume.from_sitk(_as_3d(image, path), path)
     _reconcile_float_nifti(volume, path)
     return volume
 
 
-def _read_checked_file(path: Path) -> "sitk.Image":
+def _read_checked_file(path: Path) -> "sitk.Image | Volume":
     """SimpleITK's read of one file, refused when the file is cut short or damaged (:mod:`backend.integrity`).
 
-    Compressed data is inflated by the check in a second thread while SimpleITK reads (both release the GIL),
-    so on a machine with a free core the check costs little wall time; other files are checked first (a few
-    header bytes and the file size). The check's reason wins over SimpleITK's when both fail."""
+    A gzip NIfTI holding a plain scalar 3D volume (the usual CT or label file) is inflated once, by the check,
+    straight into the array; SimpleITK reads its header only (geometry and pixel type come from it as before).
+    Other compressed files are checked in a second thread while SimpleITK reads them (both release the GIL);
+    uncompressed ones are checked first (header bytes and the file size). The check's reason wins over
+    SimpleITK's when both fail."""
     import SimpleITK as sitk
 
     from backend.integrity import check_image_file, needs_stream_check
@@ -345,6 +346,10 @@ def _read_checked_file(path: Path) -> "sitk.Image":
     check_image_file(path, streams=False)  # sizes first: SimpleITK never sees a file cut short of its header's promise
     if not needs_stream_check(path):
         return reader.Execute()
+    if path.name.lower().endswith(".nii.gz"):
+        volume = _read_gzip_nifti(reader, path)
+        if volume is not None:
+            return volume
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="difftumor-integrity") as pool:
@@ -356,6 +361,40 @@ def _read_checked_file(path: Path) -> "sitk.Image":
             raise
         check.result()
     return image
+
+
+def _sitk_scalar_dtypes() -> dict:
+    import SimpleITK as sitk
+
+    return {sitk.sitkInt8: np.int8, sitk.sitkUInt8: np.uint8, sitk.sitkInt16: np.int16, sitk.sitkUInt16: np.uint16,
+            sitk.sitkInt32: np.int32, sitk.sitkUInt32: np.uint32, sitk.sitkInt64: np.int64, sitk.sitkUInt64: np.uint64,
+            sitk.sitkFloat32: np.float32, sitk.sitkFloat64: np.float64}
+
+
+def _read_gzip_nifti(reader, path: Path) -> "Volume | None":
+    """A plain scalar 3D gzip NIfTI as a Volume, its data inflated once with the integrity check; None for
+    other layouts (4D, vector, scaled to float by ITK, ...), which SimpleITK reads whole."""
+    from backend.integrity import Broken, broken, check_image_file, read_gzip_nifti_voxels
+
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        check_image_file(path)  # the precise reason, when the file is cut or damaged
+        raise
+    dtype = _sitk_scalar_dtypes().get(reader.GetPixelID())
+    size = tuple(reader.GetSize())
+    if (reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1
+            or dtype is None or min(size) < 2):
+        return None
+    try:
+        arr = read_gzip_nifti_voxels(path, size, dtype)
+    except Broken as exc:
+        raise broken(path, str(exc)) from None
+    if arr is None:
+        return None
+    # ReadImageInformation gives -0.0 where a full read gives 0.0 (same grid, but printed "-0")
+    direction = tuple(v + 0.0 for v in reader.GetDirection())
+    return Volume(arr, Geometry(size, reader.GetSpacing(), reader.GetOrigin(), direction), path)
 
 
 def _reconcile_float_nifti(volume: Volume, path: Path) -> None:

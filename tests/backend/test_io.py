@@ -398,3 +398,35 @@ def test_dicom_series_with_a_cut_slice_is_refused(tmp_path, keep):
     with pytest.raises(DiffTumorError) as info:
         read_image(folder)
     assert str(info.value).startswith(f"{victim}: truncated or corrupt: the ")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.float32, np.float64])
+def test_gzip_nifti_inflated_once_equals_simpleitk(tmp_path, dtype, monkeypatch):
+    """A plain 3D .nii.gz is inflated once, by the integrity check, into the array: same voxels, type and grid
+    as SimpleITK's own read."""
+    import backend.integrity as integrity
+
+    used = []
+    real = integrity.read_gzip_nifti_voxels
+    monkeypatch.setattr(integrity, "read_gzip_nifti_voxels", lambda *a: used.append(1) or real(*a))
+    g = Geometry((9, 7, 5), (0.75, 0.8125, 2.5), (-100.25, 20.5, 55.125), PERMUTED)
+    arr = (np.random.default_rng(1).random((5, 7, 9)) * 100).astype(dtype)
+    path = write_image(arr, tmp_path / "x.nii.gz", g)
+    v = read_image(path)
+    ref = sitk.ReadImage(str(path))
+    assert used and v.dtype == sitk.GetArrayViewFromImage(ref).dtype and v.array.flags.c_contiguous
+    np.testing.assert_array_equal(v.array, sitk.GetArrayFromImage(ref))
+    assert v.geometry == Geometry.from_image(ref)
+
+
+def test_big_endian_gzip_nifti_reads_like_simpleitk(tmp_path):
+    import nibabel as nib
+
+    arr = np.arange(4 * 5 * 6, dtype=">i2").reshape(4, 5, 6)  # nibabel order (x, y, z)
+    img = nib.Nifti1Image(arr, np.diag([1.5, 2.0, 2.5, 1.0]))
+    img.set_data_dtype(">i2")
+    nib.save(img, tmp_path / "be.nii.gz")
+    v = read_image(tmp_path / "be.nii.gz")
+    np.testing.assert_array_equal(v.array, sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "be.nii.gz"))))
+    np.testing.assert_array_equal(v.array, arr.T)
+    assert v.dtype == np.int16 and v.dtype.isnative
