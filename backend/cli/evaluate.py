@@ -15,8 +15,13 @@ examples:
       --fold 0 --overlap 0.75 --out eval/
 
 outputs: cases.csv (case_id,organ,fold,dsc,nsd,tumors,detected,false_positives,sensitivity, size bins,...),
-summary.md / summary.csv (mean ± std per organ and fold), summary.png, skipped.csv, evaluation.json
-(settings and metric definitions, NSD included).
+summary.md / summary.csv (mean ± std per organ and fold; sensitivity with false positives per case),
+summary.png, skipped.csv, evaluation.json (settings and metric definitions, NSD included), and
+.difftumor-evaluate.json (the files this command wrote in --out: only those, unchanged, are ever
+replaced or removed; any other file in the way is refused).
+
+detection (docs/evaluation.md): by default a tumour is detected when a predicted connected component
+overlaps it with Dice >= 0.1; --detection any-voxel counts one predicted voxel inside it.
 """
 
 
@@ -45,6 +50,12 @@ def register(sub) -> None:
                    help="organ mask file/folder (non-zero = organ, e.g. pseudo-labels) to restrict tumour predictions to")
     p.add_argument("--organ", default=None, help="organ name for the tables (default: from the checkpoint, else 'tumor')")
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    p.add_argument("--detection", choices=("overlap", "any-voxel"), default="overlap",
+                   help="tumour-wise detection rule: 'overlap' (default) = some predicted component has Dice >= "
+                   "--detection-min-dice with the tumour; 'any-voxel' = one predicted voxel inside it (lenient: read "
+                   "it with the false positives per case)")
+    p.add_argument("--detection-min-dice", type=float, default=0.1,
+                   help="Dice a predicted component needs with a tumour to detect it (--detection overlap; default 0.1)")
     p.add_argument("--folds", type=Path, default=None,
                    help="split JSON from training or CSV case_id,fold[,organ]: adds a fold column and per-fold rows")
     p.add_argument("--allow-empty-labels", action="store_true",
@@ -121,14 +132,20 @@ def handler(args) -> int:
     cfg = EvaluationConfig(
         tumor_label=args.tumor_label, organ_label=args.organ_label, pred_tumor_label=args.pred_tumor_label,
         pred_organ_label=args.pred_organ_label, tolerance_mm=args.tolerance_mm, organ=args.organ or "tumor",
-        allow_empty_labels=args.allow_empty_labels,
+        allow_empty_labels=args.allow_empty_labels, detection=args.detection,
+        detection_min_dice=args.detection_min_dice,
     )
-    rows, skipped, _ = run_with_bar(
+    rows, skipped, summary = run_with_bar(
         evaluate_files(args.pred, args.label, args.out, cfg, folds=args.folds, organ_masks=args.organ_masks,
                        fold=args.fold, skipped=pre_skipped),
         "score",
     )
     table = (Path(args.out) / "summary.md").read_text(encoding="utf-8").split("\n\n", 1)[0]
     print(table)  # the metric definitions follow it in summary.md and evaluation.json
+    rule = cfg.detection + (f", component Dice >= {cfg.detection_min_dice:g}" if cfg.detection == "overlap" else "")
+    for s in summary:
+        if s["fold"] == "all" and s["tumors"]:
+            print(f"{s['organ']}: tumour-wise sensitivity {100 * s['sensitivity']:.1f} % ({s['tumors']} tumours) at "
+                  f"{s['fp_per_case']:.2f} false positives per case (detection: {rule})")
     print(f"{len(rows)} case(s) scored, {len(skipped)} skipped; results in {args.out}")
     return 0

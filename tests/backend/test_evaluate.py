@@ -394,3 +394,31 @@ def test_evaluate_refuses_report_files_it_did_not_write(tmp_path, capsys):
     (out / "summary.md").unlink()
     assert main(argv) == 0
     assert main(argv) == 0  # its own files are replaced on a second run
+
+
+def test_evaluate_prints_false_positives_next_to_sensitivity_and_names_the_rule(tmp_path, capsys):
+    """Defect 8: a near-random prediction no longer scores a high sensitivity by default."""
+    pred_dir, lab_dir = tmp_path / "pred", tmp_path / "lab"
+    pred_dir.mkdir(), lab_dir.mkdir()
+    lab = _label()
+    noise = (np.random.default_rng(1).random(lab.shape) < 0.01) & (lab > 0)
+    write_image(lab, lab_dir / "a.nii.gz", _geom())
+    write_image(np.where(noise, 2, np.minimum(lab, 1)).astype(np.uint8), pred_dir / "a.nii.gz", _geom())
+    base = ["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--organ-label", "1"]
+    results = {}
+    for rule in ("overlap", "any-voxel"):
+        out = tmp_path / rule
+        assert main([*base, "--detection", rule, "--out", str(out)]) == 0
+        stdout = capsys.readouterr().out
+        (line,) = [ln for ln in stdout.splitlines() if "false positives per case" in ln]
+        summary = _read_csv(out / "summary.csv")[0]
+        assert list(summary).index("fp_per_case") == list(summary).index("sensitivity") + 1
+        assert summary["detection"] == rule
+        assert f"detection: {rule}" in line and f"{float(summary['fp_per_case']):.2f} false positives" in line
+        assert "| Sens. (%) | FP/case |" in (out / "summary.md").read_text(encoding="utf-8")
+        meta = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
+        assert meta["settings"]["detection"] == rule and meta["summary"][0]["fp_per_case"] > 5
+        results[rule] = float(summary["sensitivity"])
+    assert results == {"overlap": 0.0, "any-voxel": 1.0}
+    assert main([*base, "--detection-min-dice", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--detection-min-dice: must be in (0, 1], got 0.0" in capsys.readouterr().err
