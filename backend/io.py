@@ -17,6 +17,7 @@ spacing 0.7) comes back as its nearest float32 value, which :meth:`Geometry.matc
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -288,6 +289,47 @@ def _dicom_series_files(folder: Path, max_depth: int = 3) -> list[str]:
     return best
 
 
+_ERRNO_WHY = {
+    errno.EINVAL: "the file system refuses this name or operation (e.g. one of : * ? \" < > | in a name on a "
+    "FAT, exFAT, NTFS or network drive)",
+    errno.ENAMETOOLONG: "the name is too long for the file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted here",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOENT: "no such file or folder (or a folder on the way cannot be created here)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.ELOOP: "too many symbolic links on the way",
+    errno.EXDEV: "cannot move a file across file systems here",
+}
+
+
+def os_error_message(exc: OSError, path: PathLike | None = None) -> str:
+    """One line for an :class:`OSError`: the path it concerns and what is wrong, in words a user can act on
+    (``"out/a:b.csv: the file system refuses this name or operation (...)"`` rather than ``[Errno 22] Invalid
+    argument``)."""
+    where = exc.filename if exc.filename is not None else path
+    why = _ERRNO_WHY.get(exc.errno, exc.strerror or type(exc).__name__)
+    return f"{shown_path(where) if where is not None else 'file system'}: {why}"
+
+
+def shown_path(path: PathLike) -> str:
+    """``path`` as text that can always be printed (bytes that are not UTF-8 shown as \\xNN)."""
+    text = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def check_path_name(path: PathLike) -> None:
+    """Refuse a path SimpleITK cannot open: a name that is not valid UTF-8 (it would abort the process)."""
+    try:
+        os.fsdecode(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DiffTumorError(f"{shown_path(path)}: the name is not valid UTF-8 text, which SimpleITK cannot open; "
+                             "rename it") from None
+
+
 def read_image(path: PathLike) -> Volume:
     """Read a 3D image (NIfTI, NRRD, MHA/MHD, or a DICOM series folder) into a :class:`Volume`.
 
@@ -302,8 +344,14 @@ def read_image(path: PathLike) -> Volume:
     from backend.integrity import check_dicom_files
 
     path = Path(path)
-    if not path.exists():
-        raise DiffTumorError(f"{path}: no such file or folder")
+    check_path_name(path)
+    try:
+        if not path.exists():
+            raise DiffTumorError(f"{path}: no such file or folder")
+        if not (path.is_dir() or path.is_file()):
+            raise DiffTumorError(f"{path}: not an image file or folder (a device, pipe or socket)")
+    except OSError as exc:
+        raise DiffTumorError(os_error_message(exc, path)) from None
     try:
         if path.is_dir():
             files = _dicom_series_files(path)
@@ -527,6 +575,7 @@ def write_image(
             raise ValueError("write_image(array, path) needs a geometry")
         volume = Volume(np.asarray(data), geometry)
 
+    check_path_name(target)
     suffix = image_suffix(target)
     if not suffix:
         raise DiffTumorError(f"{target}: unknown output format; use one of {', '.join(IMAGE_SUFFIXES)}")
@@ -547,6 +596,8 @@ def write_image(
         os.replace(tmp, target)
     except RuntimeError as exc:
         raise DiffTumorError(f"{target}: cannot write image ({_itk_reason(exc)})") from None
+    except OSError as exc:
+        raise DiffTumorError(os_error_message(exc, target)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -92,7 +92,36 @@ def run_with_bar(gen, desc: str):
             bar.close()
 
 
+def check_out_outside_inputs(args) -> None:
+    """``--out`` must not be (inside) a folder evaluate reads: its files would mix with the inputs (and, inside the
+    prediction or label folder, a later run would pair them as cases)."""
+    from backend.errors import DiffTumorError
+
+    out = Path(args.out).resolve()
+    inputs = [("prediction", args.pred), ("label", args.label), ("organ-mask", args.organ_masks)]
+    if args.model is not None and args.data is not None:
+        inputs.append(("dataset", Path(args.data)))
+    for what, folder in inputs:
+        if folder is None or not Path(folder).is_dir():
+            continue
+        folder = Path(folder).resolve()
+        if out == folder or folder in out.parents:
+            where = "is" if out == folder else "is inside"
+            raise DiffTumorError(f"--out {args.out}: {where} the {what} folder {folder}; choose a folder outside the inputs")
+
+
 def handler(args) -> int:
+    from backend.errors import DiffTumorError
+    from backend.io import check_path_name, os_error_message
+
+    check_path_name(args.out)
+    try:
+        return _evaluate(args)
+    except OSError as exc:  # e.g. a name the file system refuses, no space left: one line naming the path
+        raise DiffTumorError(os_error_message(exc, args.out)) from None
+
+
+def _evaluate(args) -> int:
     from backend.errors import DiffTumorError
     from backend.cli.synthesize import check_out_writable
     from backend.segmentation.evaluate import EvaluationConfig, evaluate_files
@@ -100,6 +129,7 @@ def handler(args) -> int:
     # before any case is read or predicted: a file or unwritable place as --out would otherwise fail
     # with a traceback after all the work
     check_out_writable(Path(args.out))
+    check_out_outside_inputs(args)
     if args.model is not None:
         if args.pred is not None or args.data is None:
             raise DiffTumorError("--model: give it with --data (and without --pred)")

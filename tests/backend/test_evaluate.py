@@ -422,3 +422,31 @@ def test_evaluate_prints_false_positives_next_to_sensitivity_and_names_the_rule(
     assert results == {"overlap": 0.0, "any-voxel": 1.0}
     assert main([*base, "--detection-min-dice", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--detection-min-dice: must be in (0, 1], got 0.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["pred", "lab", "lab/eval"])
+def test_evaluate_refuses_an_out_inside_an_input_folder(tmp_path, capsys, where):
+    """Defect 7: --out inside the prediction or label folder was accepted (its files mixed with the inputs)."""
+    pred_dir, lab_dir = tmp_path / "pred", tmp_path / "lab"
+    pred_dir.mkdir(), lab_dir.mkdir()
+    write_image(_label(), lab_dir / "a.nii.gz", _geom())
+    write_image(_label(), pred_dir / "a.nii.gz", _geom())
+    before = _tree(tmp_path)
+    out = tmp_path / where
+    assert main(["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    folder = pred_dir if where == "pred" else lab_dir
+    kind = "prediction" if where == "pred" else "label"
+    assert line == (f"difftumor: error: --out {out}: {'is' if out == folder else 'is inside'} the {kind} folder "
+                    f"{folder}; choose a folder outside the inputs")
+    assert _tree(tmp_path) == before and not (tmp_path / "lab" / "eval").exists()
+
+
+def test_evaluate_os_errors_are_one_line_naming_the_path(tmp_path, capsys):
+    pred_dir, lab_dir = tmp_path / "pred", tmp_path / "lab"
+    pred_dir.mkdir(), lab_dir.mkdir()
+    write_image(_label(), lab_dir / "a.nii.gz", _geom())
+    write_image(_label(), pred_dir / "a.nii.gz", _geom())
+    long_out = tmp_path / ("o" * 300)
+    assert main(["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--out", str(long_out)]) == 2
+    assert capsys.readouterr().err.strip() == f"difftumor: error: {long_out}: the name is too long for the file system"
