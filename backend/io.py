@@ -372,7 +372,9 @@ def read_image(path: PathLike) -> Volume:
         kind = "a DICOM series" if path.is_dir() else "an image file"
         raise DiffTumorError(f"{path}: cannot read as {kind} (corrupt or unsupported: {_itk_reason(exc)})") from None
 
-    volume = image if isinstance(image, Volume) else Volume.from_sitk(_as_3d(image, path), path)
+    if isinstance(image, Volume):  # a gzip NIfTI's own voxels, as stored (NaN kept, no scaling): nothing to put right
+        return image
+    volume = Volume.from_sitk(_as_3d(image, path), path)
     _reconcile_float_nifti(volume, path)
     return volume
 

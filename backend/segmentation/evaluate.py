@@ -12,10 +12,15 @@ Outputs of :func:`write_report` in ``out``:
   DSC/NSD/sensitivity are fractions in [0, 1].
 * ``summary.csv`` / ``summary.md``: per organ (and per fold, plus an "all" row per organ when folds
   are known): number of cases, mean and std of DSC/NSD/organ DSC, pooled tumour-wise sensitivity
-  (sum detected / sum tumours) overall and per size bin, false positives per case.
+  (sum detected / sum tumours) followed by the false positives per case and the detection rule
+  (``EvaluationConfig.detection``: ``overlap`` = component Dice >= 0.1, the default, or ``any-voxel``),
+  then the sensitivity per size bin.
 * ``skipped.csv``: ``case_id, reason`` for every case that could not be scored.
 * ``summary.png``: DSC/NSD per organ (box plots) and sensitivity by tumour size.
 * ``evaluation.json``: settings, metric definitions (NSD included) and the overall summary.
+* ``.difftumor-evaluate.json``: the files this evaluation wrote in ``out`` (size + SHA-256,
+  :mod:`backend.manifest`). A later evaluation into the same folder replaces or removes only those, and
+  only while unchanged; any other file in its way is refused before anything is scored or written.
 """
 
 from __future__ import annotations
