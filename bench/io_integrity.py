@@ -2,7 +2,9 @@
 
 Writes an int16 CT of 512 x 512 x 300 voxels (the shared real CT resampled to it, plus 12 HU of noise so that
 it compresses like a real scan: about 95 MB as .nii.gz, 157 MB as .nii) to a temporary folder, then times,
-as medians over ``--repeats`` runs after one untimed warm-up (the file is in the page cache):
+wall and CPU time (all threads of the process; on a shared machine CPU time is the steadier figure), as medians
+over ``--repeats`` rounds in which the three take turns, after one untimed round (the file is in the page
+cache):
 
 * ``check``: :func:`backend.integrity.check_image_file` alone (for .nii.gz: one streaming inflate with the
   CRC-32/length check; for .nii: a header read and the file size);
@@ -56,14 +58,23 @@ def make_ct(path: Path) -> None:
     sitk.WriteImage(out, str(path), useCompression=path.name.endswith(".gz"))
 
 
-def median_s(fn, repeats: int) -> float:
-    fn()  # warm-up (page cache, imports)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def measure(ops: dict, repeats: int) -> dict:
+    """Median wall and CPU time of each op; the ops take turns in every round (after one untimed round), so a
+    change in the machine's load hits all of them alike."""
+    for fn in ops.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    runs = {name: [] for name in ops}
+    for _ in range(repeats):
+        for name, fn in ops.items():
+            runs[name].append(timed(fn))
+    return {name: (statistics.median(w for w, _ in r), statistics.median(c for _, c in r)) for name, r in runs.items()}
 
 
 def main() -> None:
@@ -85,27 +96,30 @@ def main() -> None:
         for name in ("ct.nii.gz", "ct.nii"):
             path = Path(tmp) / name
             make_ct(path)
-            check = median_s(lambda: check_image_file(path), args.repeats)
-            plain = median_s(lambda: sitk_read(path), args.repeats)
-            whole = median_s(lambda: read_image(path), args.repeats)
+            t = measure({"check": lambda: check_image_file(path), "sitk": lambda: sitk_read(path),
+                         "read_image": lambda: read_image(path)}, args.repeats)
             results.append({
                 "file": name, "mb": round(os.path.getsize(path) / 1e6, 1), "repeats": args.repeats,
-                "check_ms": round(check * 1e3, 2), "sitk_read_ms": round(plain * 1e3, 1),
-                "read_image_ms": round(whole * 1e3, 1),
-                "check_pct_of_read": round(100 * check / whole, 2),
-                "read_image_over_sitk_pct": round(100 * (whole - plain) / plain, 1),
+                **{f"{k}_wall_ms": round(v[0] * 1e3, 1) for k, v in t.items()},
+                **{f"{k}_cpu_ms": round(v[1] * 1e3, 1) for k, v in t.items()},
+                "check_pct_of_read_image_cpu": round(100 * t["check"][1] / t["read_image"][1], 2),
+                "read_image_vs_sitk_cpu_pct": round(100 * (t["read_image"][1] - t["sitk"][1]) / t["sitk"][1], 1),
+                "read_image_vs_sitk_wall_pct": round(100 * (t["read_image"][0] - t["sitk"][0]) / t["sitk"][0], 1),
             })
             path.unlink()
     if args.json:
         for r in results:
             print(json.dumps(r))
         return
-    print(f"512x512x300 int16 CT, medians of {args.repeats} runs, {os.cpu_count()} CPU(s)")
-    print(f"{'file':<10} {'MB':>6} {'check ms':>10} {'SimpleITK read ms':>18} {'read_image ms':>14} "
-          f"{'check/read_image':>17} {'read_image vs SimpleITK':>24}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"512x512x300 int16 CT, medians of {args.repeats} interleaved runs, {os.cpu_count()} CPU(s), "
+          f"load average {load:.1f} at the end")
+    print(f"{'file':<10} {'MB':>6} | {'check':>16} | {'SimpleITK read':>16} | {'read_image':>16} | check/read_image"
+          f" | read_image vs SimpleITK   (ms: wall / CPU)")
     for r in results:
-        print(f"{r['file']:<10} {r['mb']:>6} {r['check_ms']:>10} {r['sitk_read_ms']:>18} {r['read_image_ms']:>14} "
-              f"{r['check_pct_of_read']:>16}% {r['read_image_over_sitk_pct']:>+23}%")
+        cells = [f"{r[f'{k}_wall_ms']:>7.1f} / {r[f'{k}_cpu_ms']:>7.1f}" for k in ("check", "sitk", "read_image")]
+        print(f"{r['file']:<10} {r['mb']:>6} | " + " | ".join(cells) + f" | {r['check_pct_of_read_image_cpu']:>6.2f} % CPU"
+              f"    | {r['read_image_vs_sitk_cpu_pct']:+.1f} % CPU, {r['read_image_vs_sitk_wall_pct']:+.1f} % wall")
 
 
 if __name__ == "__main__":
