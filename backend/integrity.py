@@ -177,8 +177,8 @@ def inflate(path: Path, offset: int, kind: str, *, keep: int = 0, limit: int | N
 
 
 def _decompressor(kind: str):
-    if kind == "gzip":
-        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if kind == "gzip":  # each member: a gzip header (or zlib, as some NRRD writers use), detected
+        return zlib.decompressobj(32 + zlib.MAX_WBITS)
     if kind == "zlib":
         return zlib.decompressobj(32 + zlib.MAX_WBITS)  # zlib or gzip header, detected
     if kind == "bzip2":
@@ -477,7 +477,6 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"
 _IMPLICIT = "1.2.840.10008.1.2"
 _NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
-_PIXEL_DATA = (0x7FE0, 0x0010)
 _WANTED = {(0x0028, 0x0002): "samples", (0x0028, 0x0008): "frames", (0x0028, 0x0010): "rows",
            (0x0028, 0x0011): "columns", (0x0028, 0x0100): "bits", (0x0002, 0x0010): "syntax",
            (0x0020, 0x000E): "series"}
@@ -500,8 +499,12 @@ def check_dicom_files(files, *, others=()) -> None:
         if not (f.suffix.lower() == ".dcm" or _has_preamble(f)):
             continue
         values, reason = _dicom_state(f)
-        same = values.get("series") in (None, uid)
-        if reason is not None and same:
+        if reason is None:
+            continue
+        series = values.get("series")
+        # a slice of this series, or a file cut before it names its series; not a DICOMDIR, a report or another
+        # series' object without pixel data
+        if (series is not None and series == uid) or (series is None and reason != NO_PIXEL_DATA):
             raise broken(f, f"{reason}; the series in {f.parent} would be read without it")
 
 
@@ -545,10 +548,9 @@ def _check_dicom(path: Path, values: dict) -> None:
         return  # not a layout we check (e.g. deflated)
     pixel_pos, pixel_len = found
     if pixel_pos is None:
-        raise Broken("the file holds no pixel data (cut before it?)")
-    if pixel_len is None:  # encapsulated (compressed) fragments: the sequence must be closed
-        if b"\xfe\xff\xdd\xe0" not in _tail(path, size):
-            raise Broken("the compressed pixel data ends early (no end-of-sequence marker)")
+        raise Broken(NO_PIXEL_DATA)
+    if pixel_len is None:  # encapsulated (compressed) fragments: walk the items to the sequence delimiter
+        _walk_fragments(path, pixel_pos, size, "<" if values.get("syntax") != _BIG_ENDIAN else ">")
         return
     if pixel_pos + pixel_len > size:
         raise Broken(f"the pixel data ends early (the file holds {size - pixel_pos:,} of the {pixel_len:,} bytes "
@@ -561,7 +563,7 @@ def _check_dicom(path: Path, values: dict) -> None:
     except (KeyError, ValueError):
         return
     expected = (rows * cols * frames * samples * bits + 7) // 8
-    if values.get("syntax", "") in _NATIVE and pixel_len < expected:
+    if values.get("syntax", "") in _NATIVE and values.get("pixel_tag") == 0x0010 and pixel_len < expected:
         raise Broken(f"the pixel data is short ({pixel_len:,} of the {expected:,} bytes {rows} x {cols} x {frames} "
                      f"frame(s) x {bits} bits need)")
 
@@ -570,10 +572,26 @@ class _NeedMore(Exception):
     pass
 
 
-def _tail(path: Path, size: int) -> bytes:
+NO_PIXEL_DATA = "the file holds no pixel data (cut before it?)"
+
+
+def _walk_fragments(path: Path, pos: int, size: int, e: str) -> None:
+    """Encapsulated pixel data from ``pos``: items (FFFE,E000) of defined length up to the sequence delimiter
+    (FFFE,E0DD); one running past the end of the file, or no delimiter, is a cut file."""
     with open(path, "rb") as fh:
-        fh.seek(max(0, size - 64))
-        return fh.read()
+        while True:
+            fh.seek(pos)
+            head = fh.read(8)
+            if len(head) < 8:
+                raise Broken("the compressed pixel data ends early (no end-of-sequence marker)")
+            group, elem, length = struct.unpack(e + "HHI", head)
+            if group != 0xFFFE:
+                raise Broken("the compressed pixel data is damaged (not a sequence of fragments)")
+            if elem == 0xE0DD:
+                return
+            pos += 8 + length
+            if length == 0xFFFFFFFF or pos > size:
+                raise Broken("the compressed pixel data ends early (a fragment runs past the end of the file)")
 
 
 def _walk_dicom(buf: bytes, size: int, values: dict):
@@ -614,7 +632,8 @@ def _walk_dicom(buf: bytes, size: int, values: dict):
         else:
             (length,) = struct.unpack(e + "I", buf[pos + 4 : pos + 8])
             start = pos + 8
-        if (group, elem) == _PIXEL_DATA:
+        if group == 0x7FE0 and elem in (0x0008, 0x0009, 0x0010):  # (float / double / integer) pixel data
+            values["pixel_tag"] = elem
             return start, None if length == 0xFFFFFFFF else length
         if length == 0xFFFFFFFF:
             pos = _skip_undefined(buf, start, size, use_explicit, e)

@@ -430,3 +430,30 @@ def test_big_endian_gzip_nifti_reads_like_simpleitk(tmp_path):
     np.testing.assert_array_equal(v.array, sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "be.nii.gz"))))
     np.testing.assert_array_equal(v.array, arr.T)
     assert v.dtype == np.int16 and v.dtype.isnative
+
+
+def test_compressed_dicom_series_with_a_cut_slice_is_refused_and_other_objects_are_not(tmp_path):
+    import struct
+
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    arr = np.random.default_rng(0).integers(0, 2000, (4, 32, 32)).astype(np.int16)
+    img = sitk.GetImageFromArray(arr)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetUseCompression(True)  # encapsulated (compressed) pixel data
+    for k in range(4):
+        sl = img[:, :, k]
+        for key, value in {"0020|000e": "1.2.826.0.1.3680043.2.1125.2.777", "0020|0032": f"0\\0\\{k * 2.5}",
+                           "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0013": str(k), "0008|0060": "CT"}.items():
+            sl.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"s{k}.dcm"))
+        writer.Execute(sl)
+    data = (folder / "s2.dcm").read_bytes()
+    # a DICOM object without pixel data and without a series (just a file meta header, as in a DICOMDIR) is no slice
+    (meta_len,) = struct.unpack("<I", data[140:144])
+    (folder / "DICOMDIR").write_bytes(data[: 144 + meta_len])
+    np.testing.assert_array_equal(read_image(folder).array, arr)
+    (folder / "s2.dcm").write_bytes(data[:-9])
+    with pytest.raises(DiffTumorError, match=r"s2\.dcm: truncated or corrupt: the compressed pixel data ends early"):
+        read_image(folder)
