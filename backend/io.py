@@ -17,6 +17,7 @@ spacing 0.7) comes back as its nearest float32 value, which :meth:`Geometry.matc
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -288,41 +289,162 @@ def _dicom_series_files(folder: Path, max_depth: int = 3) -> list[str]:
     return best
 
 
+_ERRNO_WHY = {
+    errno.EINVAL: "the file system refuses this name or operation (e.g. one of : * ? \" < > | in a name on a "
+    "FAT, exFAT, NTFS or network drive)",
+    errno.ENAMETOOLONG: "the name is too long for the file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted here",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOENT: "no such file or folder (or a folder on the way cannot be created here)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.ELOOP: "too many symbolic links on the way",
+    errno.EXDEV: "cannot move a file across file systems here",
+}
+
+
+def os_error_message(exc: OSError, path: PathLike | None = None) -> str:
+    """One line for an :class:`OSError`: the path it concerns and what is wrong, in words a user can act on
+    (``"out/a:b.csv: the file system refuses this name or operation (...)"`` rather than ``[Errno 22] Invalid
+    argument``)."""
+    where = exc.filename if exc.filename is not None else path
+    why = _ERRNO_WHY.get(exc.errno, exc.strerror or type(exc).__name__)
+    return f"{shown_path(where) if where is not None else 'file system'}: {why}"
+
+
+def shown_path(path: PathLike) -> str:
+    """``path`` as text that can always be printed (bytes that are not UTF-8 shown as \\xNN)."""
+    text = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def check_path_name(path: PathLike) -> None:
+    """Refuse a path SimpleITK cannot open: a name that is not valid UTF-8 (it would abort the process)."""
+    try:
+        os.fsdecode(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DiffTumorError(f"{shown_path(path)}: the name is not valid UTF-8 text, which SimpleITK cannot open; "
+                             "rename it") from None
+
+
 def read_image(path: PathLike) -> Volume:
     """Read a 3D image (NIfTI, NRRD, MHA/MHD, or a DICOM series folder) into a :class:`Volume`.
 
     A DICOM folder holding several series gives the series with the most files (sub-folders
     are searched, three levels deep, when the folder itself holds no series). The pixel type is
     kept (int16 CT stays int16). Raises :class:`DiffTumorError` naming the file for a missing or
-    unreadable file, a 2D or 4D image, or a multi-component (vector/RGB) image.
+    unreadable file, a file cut short or with damaged compressed data (``"<path>: truncated or corrupt:
+    <reason>"``, :mod:`backend.integrity`), a 2D or 4D image, or a multi-component (vector/RGB) image.
     """
     import SimpleITK as sitk
 
+    from backend.integrity import check_dicom_files
+
     path = Path(path)
-    if not path.exists():
-        raise DiffTumorError(f"{path}: no such file or folder")
+    check_path_name(path)
+    try:
+        if not path.exists():
+            raise DiffTumorError(f"{path}: no such file or folder")
+        if not (path.is_dir() or path.is_file()):
+            raise DiffTumorError(f"{path}: not an image file or folder (a device, pipe or socket)")
+    except OSError as exc:
+        raise DiffTumorError(os_error_message(exc, path)) from None
     try:
         if path.is_dir():
             files = _dicom_series_files(path)
             if not files:
                 raise DiffTumorError(f"{path}: folder holds no DICOM series (expected a folder of .dcm slices)")
+            folder = Path(files[0]).parent
+            series = {os.path.abspath(f) for f in files}
+            others = [p for p in sorted(folder.iterdir()) if p.is_file() and os.path.abspath(p) not in series]
+            check_dicom_files(files, others=others)
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
             image = reader.Execute()
         else:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            image = reader.Execute()
+            image = _read_checked_file(path)
     except DiffTumorError:
         raise
     except RuntimeError as exc:
         kind = "a DICOM series" if path.is_dir() else "an image file"
         raise DiffTumorError(f"{path}: cannot read as {kind} (corrupt or unsupported: {_itk_reason(exc)})") from None
 
-    image = _as_3d(image, path)
-    volume = Volume.from_sitk(image, path)
+    if isinstance(image, Volume):  # a gzip NIfTI's own voxels, as stored (NaN kept, no scaling): nothing to put right
+        return image
+    volume = Volume.from_sitk(_as_3d(image, path), path)
     _reconcile_float_nifti(volume, path)
     return volume
+
+
+def _read_checked_file(path: Path) -> "sitk.Image | Volume":
+    """SimpleITK's read of one file, refused when the file is cut short or damaged (:mod:`backend.integrity`).
+
+    A gzip NIfTI holding a plain scalar 3D volume (the usual CT or label file) is inflated once, by the check,
+    straight into the array; SimpleITK reads its header only (geometry and pixel type come from it as before).
+    Other compressed files are checked in a second thread while SimpleITK reads them (both release the GIL);
+    uncompressed ones are checked first (header bytes and the file size). The check's reason wins over
+    SimpleITK's when both fail."""
+    import SimpleITK as sitk
+
+    from backend.integrity import check_image_file, needs_stream_check
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    check_image_file(path, streams=False)  # sizes first: SimpleITK never sees a file cut short of its header's promise
+    if not needs_stream_check(path):
+        return reader.Execute()
+    if path.name.lower().endswith(".nii.gz"):
+        volume = _read_gzip_nifti(reader, path)
+        if volume is not None:
+            return volume
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="difftumor-integrity") as pool:
+        check = pool.submit(check_image_file, path)
+        try:
+            image = reader.Execute()
+        except RuntimeError:
+            check.result()  # a DiffTumorError naming the damage, if that is why SimpleITK failed
+            raise
+        check.result()
+    return image
+
+
+def _sitk_scalar_dtypes() -> dict:
+    import SimpleITK as sitk
+
+    return {sitk.sitkInt8: np.int8, sitk.sitkUInt8: np.uint8, sitk.sitkInt16: np.int16, sitk.sitkUInt16: np.uint16,
+            sitk.sitkInt32: np.int32, sitk.sitkUInt32: np.uint32, sitk.sitkInt64: np.int64, sitk.sitkUInt64: np.uint64,
+            sitk.sitkFloat32: np.float32, sitk.sitkFloat64: np.float64}
+
+
+def _read_gzip_nifti(reader, path: Path) -> "Volume | None":
+    """A plain scalar 3D gzip NIfTI as a Volume, its data inflated once with the integrity check; None for
+    other layouts (4D, vector, scaled to float by ITK, ...), which SimpleITK reads whole."""
+    from backend.integrity import Broken, broken, check_image_file, read_gzip_nifti_voxels
+
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        check_image_file(path)  # the precise reason, when the file is cut or damaged
+        raise
+    dtype = _sitk_scalar_dtypes().get(reader.GetPixelID())
+    size = tuple(reader.GetSize())
+    if (reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1
+            or dtype is None or min(size) < 2):
+        return None
+    try:
+        arr = read_gzip_nifti_voxels(path, size, dtype)
+    except Broken as exc:
+        raise broken(path, str(exc)) from None
+    if arr is None:
+        return None
+    # ReadImageInformation gives -0.0 where a full read gives 0.0 (same grid, but printed "-0")
+    direction = tuple(v + 0.0 for v in reader.GetDirection())
+    return Volume(arr, Geometry(size, reader.GetSpacing(), reader.GetOrigin(), direction), path)
 
 
 def _reconcile_float_nifti(volume: Volume, path: Path) -> None:
@@ -455,6 +577,7 @@ def write_image(
             raise ValueError("write_image(array, path) needs a geometry")
         volume = Volume(np.asarray(data), geometry)
 
+    check_path_name(target)
     suffix = image_suffix(target)
     if not suffix:
         raise DiffTumorError(f"{target}: unknown output format; use one of {', '.join(IMAGE_SUFFIXES)}")
@@ -475,6 +598,8 @@ def write_image(
         os.replace(tmp, target)
     except RuntimeError as exc:
         raise DiffTumorError(f"{target}: cannot write image ({_itk_reason(exc)})") from None
+    except OSError as exc:
+        raise DiffTumorError(os_error_message(exc, target)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -69,13 +69,25 @@ def describe(volume) -> dict:
         info["structures"] = {k: v for k, v in entries.items() if k not in main_names}
         info["other_labels"] = [int(i) for i in np.flatnonzero(counts) if i != 0 and int(i) not in named_ids.values()]
     else:
-        flat = arr.ravel()
+        info["kind"] = "image"
+        finite = arr
+        if arr.dtype.kind in "fc":  # NaN / inf voxels: counted and named, statistics over the finite ones
+            nan = np.isnan(arr)
+            inf = np.isinf(arr)
+            info["nan_voxels"], info["inf_voxels"] = int(nan.sum()), int(inf.sum())
+            if info["nan_voxels"] or info["inf_voxels"]:
+                finite = arr[~(nan | inf)]
+        info["finite_voxels"] = int(finite.size)
+        if finite.size == 0:
+            info["min"] = info["max"] = info["mean"] = None
+            info["percentiles"] = {}
+            return info
+        flat = finite.ravel()
         if flat.size > SAMPLE_VOXELS:
             flat = flat[:: int(np.ceil(flat.size / SAMPLE_VOXELS))]
         pct = np.percentile(flat, [1, 5, 50, 95, 99])
-        info["kind"] = "image"
-        info["min"], info["max"] = _num(arr.min()), _num(arr.max())
-        info["mean"] = round(float(arr.mean(dtype=np.float64)), 2)
+        info["min"], info["max"] = _num(finite.min()), _num(finite.max())
+        info["mean"] = round(float(finite.mean(dtype=np.float64)), 2)
         info["percentiles"] = {f"p{p}": round(float(v), 2) for p, v in zip((1, 5, 50, 95, 99), pct)}
     return info
 
@@ -109,8 +121,16 @@ def format_text(info: dict) -> str:
     ]
     if info["kind"] == "image":
         p = info["percentiles"]
-        lines.append(f"Range:       min {info['min']}, max {info['max']}, mean {info['mean']}")
-        lines.append("Percentiles: " + ", ".join(f"{k} {v:g}" for k, v in p.items()))
+        bad = info.get("nan_voxels", 0) + info.get("inf_voxels", 0)
+        if bad:
+            lines.append(f"Non-finite:  {info['nan_voxels']:,} NaN and {info['inf_voxels']:,} inf voxel(s) of "
+                         f"{bad + info['finite_voxels']:,}; the statistics below are over the "
+                         f"{info['finite_voxels']:,} finite ones")
+        if info["min"] is None:
+            lines.append("Range:       no finite voxel")
+        else:
+            lines.append(f"Range:       min {info['min']}, max {info['max']}, mean {info['mean']}")
+            lines.append("Percentiles: " + ", ".join(f"{k} {v:g}" for k, v in p.items()))
     else:
         conv = {"msd": "MSD/LiTS/KiTS (1 organ, 2 tumor)", "totalseg": "TotalSegmentator v2 ids"}[info["convention"]]
         lines.append(f"Labels:      {conv}")
@@ -129,8 +149,12 @@ def format_text(info: dict) -> str:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from backend.io import read_image
+    from backend.errors import DiffTumorError
+    from backend.io import os_error_message, read_image
 
-    info = describe(read_image(args.path))
+    try:
+        info = describe(read_image(args.path))
+    except OSError as exc:  # one line naming the path, not a traceback
+        raise DiffTumorError(os_error_message(exc, args.path)) from None
     print(json.dumps(info, indent=2) if args.json else format_text(info))
     return 0

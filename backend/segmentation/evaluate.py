@@ -12,10 +12,15 @@ Outputs of :func:`write_report` in ``out``:
   DSC/NSD/sensitivity are fractions in [0, 1].
 * ``summary.csv`` / ``summary.md``: per organ (and per fold, plus an "all" row per organ when folds
   are known): number of cases, mean and std of DSC/NSD/organ DSC, pooled tumour-wise sensitivity
-  (sum detected / sum tumours) overall and per size bin, false positives per case.
+  (sum detected / sum tumours) followed by the false positives per case and the detection rule
+  (``EvaluationConfig.detection``: ``overlap`` = component Dice >= 0.1, the default, or ``any-voxel``),
+  then the sensitivity per size bin.
 * ``skipped.csv``: ``case_id, reason`` for every case that could not be scored.
 * ``summary.png``: DSC/NSD per organ (box plots) and sensitivity by tumour size.
 * ``evaluation.json``: settings, metric definitions (NSD included) and the overall summary.
+* ``.difftumor-evaluate.json``: the files this evaluation wrote in ``out`` (size + SHA-256,
+  :mod:`backend.manifest`). A later evaluation into the same folder replaces or removes only those, and
+  only while unchanged; any other file in its way is refused before anything is scored or written.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import csv
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -54,12 +58,18 @@ class EvaluationConfig:
     pred_organ_label: int | None = None  # organ value in the predictions, for organ DSC (None: organ_label)
     tolerance_mm: float = 2.0  # NSD tolerance tau
     organ: str = "tumor"  # name used for grouping when the fold file gives none
-    min_overlap_voxels: int = 1  # predicted voxels inside a real tumour needed to call it detected
+    detection: str = "overlap"  # tumour-wise detection rule: "overlap" (component Dice) or "any-voxel"
+    detection_min_dice: float = 0.1  # "overlap": Dice a predicted component needs with a real tumour
+    min_overlap_voxels: int = 1  # "any-voxel": predicted voxels inside a real tumour needed to call it detected
     allow_empty_labels: bool = False  # score all-zero labels as tumour-free cases instead of skipping them
 
     def __post_init__(self):
         if not (self.tolerance_mm >= 0 and math.isfinite(self.tolerance_mm)):
             raise DiffTumorError(f"--tolerance-mm: must be a finite number >= 0, got {self.tolerance_mm}")
+        if self.detection not in M.DETECTION_RULES:
+            raise DiffTumorError(f"--detection: {self.detection!r} is not one of {', '.join(M.DETECTION_RULES)}")
+        if not 0.0 < self.detection_min_dice <= 1.0:
+            raise DiffTumorError(f"--detection-min-dice: must be in (0, 1], got {self.detection_min_dice}")
         if self.min_overlap_voxels < 1:
             raise DiffTumorError(f"min_overlap_voxels: must be >= 1, got {self.min_overlap_voxels}")
         if self.organ_label is not None and self.organ_label == self.tumor_label:
@@ -137,7 +147,8 @@ def score_case(
     restrict = organ_mask if organ_mask is not None else ref_organ
     if restrict is not None:
         pred_tumor &= np.asarray(restrict, dtype=bool)
-    det = M.tumor_detection(pred_tumor, ref_tumor, spacing, min_overlap_voxels=cfg.min_overlap_voxels)
+    det = M.tumor_detection(pred_tumor, ref_tumor, spacing, rule=cfg.detection, min_dice=cfg.detection_min_dice,
+                            min_overlap_voxels=cfg.min_overlap_voxels)
     row = {
         "dsc": M.dice(pred_tumor, ref_tumor),
         "nsd": M.surface_dice(pred_tumor, ref_tumor, spacing, cfg.tolerance_mm),
@@ -309,30 +320,33 @@ def _mean_std(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
-def _summary_row(organ: str, fold: str, rows: list[dict]) -> dict:
+def _summary_row(organ: str, fold: str, rows: list[dict], detection: str) -> dict:
     out = {"organ": organ, "fold": fold, "cases": len(rows)}
     for key in ("dsc", "nsd", "organ_dsc"):
         out[f"{key}_mean"], out[f"{key}_std"] = _mean_std(r[key] for r in rows)
     tumors = sum(r["tumors"] for r in rows)
     out["tumors"] = tumors
     out["sensitivity"] = M.sensitivity(sum(r["detected"] for r in rows), tumors)
+    # false positives per case beside the sensitivity: a high sensitivity means little with many of them
+    out["fp_per_case"] = float(np.mean([r["false_positives"] for r in rows])) if rows else float("nan")
+    out["detection"] = detection
     for b in BIN_NAMES:
         t = sum(r[f"tumors_{b}"] for r in rows)
         out[f"tumors_{b}"] = t
         out[f"sensitivity_{b}"] = M.sensitivity(sum(r[f"detected_{b}"] for r in rows), t)
-    out["fp_per_case"] = float(np.mean([r["false_positives"] for r in rows])) if rows else float("nan")
     return out
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean ± std per organ, per fold (when folds are known) and over all folds."""
+def summarize(rows: list[dict], detection: str = "overlap") -> list[dict]:
+    """Mean ± std per organ, per fold (when folds are known) and over all folds; ``detection`` names the
+    detection rule the rows were scored with (a column of the summary)."""
     out = []
     for organ in sorted({r["organ"] for r in rows}):
         rs = [r for r in rows if r["organ"] == organ]
         folds = sorted({r["fold"] for r in rs if r["fold"] != ""}, key=lambda f: (len(f), f))
         for fold in folds:
-            out.append(_summary_row(organ, fold, [r for r in rs if r["fold"] == fold]))
-        out.append(_summary_row(organ, "all", rs))
+            out.append(_summary_row(organ, fold, [r for r in rs if r["fold"] == fold], detection))
+        out.append(_summary_row(organ, "all", rs, detection))
     return out
 
 
@@ -344,33 +358,48 @@ def _pct(mean: float, std: float | None = None) -> str:
 
 def summary_markdown(summary: list[dict], cfg: EvaluationConfig) -> str:
     head = ["Organ", "Fold", "Cases", "DSC (%)", f"NSD@{cfg.tolerance_mm:g}mm (%)", "Organ DSC (%)",
-            "Sens. (%)", "Sens. <20mm", "Sens. 20-50mm", "Sens. >50mm", "FP/case"]
+            "Sens. (%)", "FP/case", "Sens. <20mm", "Sens. 20-50mm", "Sens. >50mm"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [s["organ"], s["fold"], str(s["cases"]), _pct(s["dsc_mean"], s["dsc_std"]),
                  _pct(s["nsd_mean"], s["nsd_std"]), _pct(s["organ_dsc_mean"], s["organ_dsc_std"]),
-                 f"{_pct(s['sensitivity'])} (n={s['tumors']})"]
+                 f"{_pct(s['sensitivity'])} (n={s['tumors']})",
+                 f"{s['fp_per_case']:.2f}" if s["fp_per_case"] == s["fp_per_case"] else "–"]
         cells += [f"{_pct(s[f'sensitivity_{b}'])} (n={s[f'tumors_{b}']})" for b in BIN_NAMES]
-        cells.append(f"{s['fp_per_case']:.2f}" if s["fp_per_case"] == s["fp_per_case"] else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 # -------------------------------------------------------------------------------------- files
-def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if isinstance(v, float) and v != v else v) for k, v in r.items()})
-    os.replace(tmp, path)
+MANIFEST_NAME = ".difftumor-evaluate.json"  # the files an evaluation wrote in its --out (backend.manifest)
+REPORT_FILES = ("cases.csv", "skipped.csv", "summary.csv", "summary.md", "summary.png", "evaluation.json")
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def output_manifest(out: Path):
+    """The :class:`backend.manifest.OutputManifest` of an evaluation's output folder."""
+    from backend.manifest import OutputManifest
+
+    return OutputManifest(Path(out), command="difftumor evaluate", name=MANIFEST_NAME)
+
+
+def claim_report_files(out: Path):
+    """Refuse in one line, before anything is scored or written, when a report file already in ``out`` was not
+    written there by an earlier evaluation (or was changed since); returns the folder's manifest."""
+    out = Path(out)
+    manifest = output_manifest(out)
+    manifest.claim(out / name for name in REPORT_FILES)
+    return manifest
+
+
+def _csv_text(rows: list[dict], columns: list[str]) -> str:
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(v, float) and v != v else v) for k, v in r.items()})
+    return buf.getvalue()
 
 
 def definitions(cfg: EvaluationConfig) -> dict:
@@ -378,12 +407,28 @@ def definitions(cfg: EvaluationConfig) -> dict:
         "dsc": "2|P∩G|/(|P|+|G|) on the tumour masks; both empty -> 1, one empty -> 0",
         "nsd": M.NSD_DEFINITION.replace("tolerance tau mm", f"tolerance tau = {cfg.tolerance_mm:g} mm"),
         "tumor": f"{M.CONNECTIVITY}-connected component of the reference tumour mask",
-        "detected": f"a reference tumour with >= {cfg.min_overlap_voxels} predicted tumour voxel(s) inside it",
-        "false_positive": "a 26-connected predicted tumour component overlapping no reference tumour voxel",
+        **detection_definitions(cfg),
         "sensitivity": "pooled over cases: sum(detected) / sum(tumors)",
         "size": "largest 3D diameter (Feret, voxel corners) in mm; bins <20 (early), 20-50, >50 mm",
         "organ_restriction": "tumour predictions are kept only inside the organ mask (organ-mask files, else the "
         "reference organ incl. tumour) when an organ label or organ masks are given",
+    }
+
+
+def detection_definitions(cfg: EvaluationConfig) -> dict:
+    """What "detected" and "false positive" mean under the configured rule (:mod:`.metrics`)."""
+    if cfg.detection == "overlap":
+        return {
+            "detection_rule": f"overlap: component Dice >= {cfg.detection_min_dice:g}",
+            "detected": f"a reference tumour that some 26-connected predicted tumour component overlaps with Dice >= "
+            f"{cfg.detection_min_dice:g} (2|T∩P|/(|T|+|P|) of the two components)",
+            "false_positive": f"a 26-connected predicted tumour component with Dice >= {cfg.detection_min_dice:g} with "
+            "no reference tumour",
+        }
+    return {
+        "detection_rule": f"any-voxel: >= {cfg.min_overlap_voxels} predicted voxel(s) inside the tumour",
+        "detected": f"a reference tumour with >= {cfg.min_overlap_voxels} predicted tumour voxel(s) inside it",
+        "false_positive": "a 26-connected predicted tumour component overlapping no reference tumour voxel",
     }
 
 
@@ -398,11 +443,12 @@ def definitions_markdown(cfg: EvaluationConfig, *, organ_masks: bool = False) ->
         where = "tumour predictions were scored as they are (no --organ-label or --organ-masks given)"
     lines = [
         "DSC, NSD, organ DSC: mean ± std over the cases (%). Sensitivity: tumour-wise, pooled over the cases "
-        "(n = reference tumours). FP/case: predicted tumour components per case that touch no reference tumour.",
+        f"(n = reference tumours), detection rule '{cfg.detection}'. FP/case: false-positive predicted tumour "
+        "components per case.",
         "",
         f"- DSC: {d['dsc']}",
         f"- NSD: {d['nsd'].removeprefix('NSD = ')}",
-        f"- Tumour: {d['tumor']}; detected: {d['detected']}",
+        f"- Tumour: {d['tumor']}; detected ({cfg.detection}): {d['detected']}; false positive: {d['false_positive']}",
         f"- Size: {d['size']}",
         f"- Organ: {where}",
     ]
@@ -412,22 +458,29 @@ def definitions_markdown(cfg: EvaluationConfig, *, organ_masks: bool = False) ->
 def write_report(out: Path, rows: list[dict], skipped: list[tuple[str, str]], cfg: EvaluationConfig, *,
                  organ_masks: bool = False) -> dict:
     """Write cases.csv, skipped.csv, summary.csv/.md, summary.png and evaluation.json; return the summary."""
+    from backend.io import write_text_atomic
+
     out = Path(out)
+    manifest = claim_report_files(out)
     out.mkdir(parents=True, exist_ok=True)
+
+    def put(name: str, text: str) -> None:
+        manifest.record(write_text_atomic(out / name, text))
+
     rows = sorted(rows, key=lambda r: r["case_id"])
-    _write_csv(out / "cases.csv", rows, CASE_COLUMNS)
-    _write_csv(out / "skipped.csv", [{"case_id": c, "reason": r} for c, r in skipped], ["case_id", "reason"])
-    summary = summarize(rows)
+    put("cases.csv", _csv_text(rows, CASE_COLUMNS))
+    put("skipped.csv", _csv_text([{"case_id": c, "reason": r} for c, r in skipped], ["case_id", "reason"]))
+    summary = summarize(rows, cfg.detection)
     if summary:
-        _write_csv(out / "summary.csv", summary, list(summary[0]))
+        put("summary.csv", _csv_text(summary, list(summary[0])))
     md = summary_markdown(summary, cfg) + "\n" + definitions_markdown(cfg, organ_masks=organ_masks)
     if skipped:
         md += f"\n{len(skipped)} case(s) skipped, see skipped.csv.\n"
-    _write_text(out / "summary.md", md)
+    put("summary.md", md)
     if rows:
         from backend.segmentation.figures import summary_figure
 
-        summary_figure(rows, summary, out / "summary.png", cfg.tolerance_mm)
+        manifest.record(summary_figure(rows, summary, out / "summary.png", cfg.tolerance_mm))
     meta = {
         "settings": asdict(cfg),
         "definitions": definitions(cfg),
@@ -435,7 +488,7 @@ def write_report(out: Path, rows: list[dict], skipped: list[tuple[str, str]], cf
         "cases_skipped": len(skipped),
         "summary": [{k: (None if isinstance(v, float) and v != v else v) for k, v in s.items()} for s in summary],
     }
-    _write_text(out / "evaluation.json", json.dumps(meta, indent=2, ensure_ascii=False))
+    put("evaluation.json", json.dumps(meta, indent=2, ensure_ascii=False))
     return {"summary": summary, "markdown": md}
 
 
@@ -447,6 +500,7 @@ def evaluate_files(
     ``fold`` keeps only that fold's cases of the fold file (the others are not expected). Nothing
     is written when no case can be scored: the error names the first skipped case and its reason
     (every reason is logged). ``skipped`` lists cases already left out, e.g. by the inference run."""
+    claim_report_files(out)  # a file of the user's in the way: refused before any case is scored
     pairs, unpaired = pair_files(pred, label, organ_masks)
     skipped = list(skipped or []) + unpaired
     fold_map = read_fold_file(folds) if folds is not None else None

@@ -91,15 +91,15 @@ def predict_dataset(model_path, data, out_dir, *, folds=None, fold=None, overlap
     organ_values, tumor_values = cfg["data"]["organ_values"], cfg["data"]["tumor_values"]
     out_dir = Path(out_dir)
     pred_dir, label_dir = out_dir / "pred", out_dir / "labels"
+    manifest, stale = claim_prediction_folders(out_dir, [c.name for c in cases])
+    created = [d for d in (out_dir, pred_dir, label_dir) if not d.exists()]  # the handler may remove them if empty
     pred_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
-    keep = {f"{c.name}.nii.gz" for c in cases}
-    for folder in (pred_dir, label_dir):  # files of an earlier run into this --out would be scored with these
-        stale = [f for f in folder.glob("*.nii.gz") if f.name not in keep]
-        for f in stale:
-            f.unlink()
-        if stale:
-            log.info("%s: removed %d file(s) of an earlier evaluation (not among this run's cases)", folder, len(stale))
+    for f in stale:  # our own files of an earlier run into this --out would be scored with these
+        manifest.remove(f)
+    if stale:
+        log.info("%s: removed %d file(s) this command wrote in an earlier evaluation (not among this run's cases)",
+                 out_dir, len(stale))
     for i, case in enumerate(cases):
         yield f"predicting {case.name}", i, len(cases)
         try:
@@ -109,16 +109,42 @@ def predict_dataset(model_path, data, out_dir, *, folds=None, fold=None, overlap
             check_same_grid(ct, lab, names=(str(case.image), str(label_path)))
         except DiffTumorError as exc:  # evaluation lists it as a skipped case (no prediction)
             skipped.append((case.name, str(exc)))
-            for folder in (pred_dir, label_dir):  # no earlier run's file for it either
-                (folder / f"{case.name}.nii.gz").unlink(missing_ok=True)
+            for folder in (pred_dir, label_dir):  # no earlier run's file for it either (ours: claimed above)
+                manifest.remove(folder / f"{case.name}.nii.gz")
             continue
         pred = predict_volume(model, ct, roi_size=ck["model_config"]["roi_size"], overlap=overlap,
                               sw_batch_size=sw_batch_size, device=dev, hu_range=tuple(cfg.get("hu_range", (-175.0, 250.0))))
-        write_image(pred, pred_dir / f"{case.name}.nii.gz", ct.geometry)
+        manifest.record(write_image(pred, pred_dir / f"{case.name}.nii.gz", ct.geometry))
         mapped = map_labels(lab.array, (1,), ()) if binary else map_labels(lab.array, organ_values, tumor_values)
-        write_image(mapped, label_dir / f"{case.name}.nii.gz", ct.geometry)
+        manifest.record(write_image(mapped, label_dir / f"{case.name}.nii.gz", ct.geometry))
     yield "predicted", len(cases), len(cases)
-    return pred_dir, label_dir, {"organ": organ, "overlap": overlap, "checkpoint": str(model_path), "skipped": skipped}
+    return pred_dir, label_dir, {"organ": organ, "overlap": overlap, "checkpoint": str(model_path), "skipped": skipped,
+                                  "created": created}
+
+
+def claim_prediction_folders(out_dir: Path, case_names) -> tuple:
+    """Before anything is written: ``(manifest, stale)`` for ``out_dir``. Every file that is in the way (a
+    prediction or label this run writes, a report file, any other file in ``pred/`` or ``labels/``, which would
+    be scored with this run's cases) must be one an earlier evaluation wrote there and nobody changed since;
+    else one line naming it (nothing is deleted or replaced). ``stale`` = such files of ours that this run
+    does not write again: they are to be removed."""
+    from backend.segmentation.evaluate import claim_report_files
+
+    manifest = claim_report_files(out_dir)
+    keep = {f"{name}.nii.gz" for name in case_names}
+    stale: list[Path] = []
+    for folder in (out_dir / "pred", out_dir / "labels"):
+        if folder.exists() and not folder.is_dir():
+            raise DiffTumorError(f"{folder}: is a file where difftumor evaluate writes a folder; move it away or choose another --out")
+        manifest.claim(folder / k for k in sorted(keep))
+        if folder.is_dir():
+            for f in sorted(folder.iterdir()):
+                if f.name in keep:
+                    continue
+                if f.is_dir() or not manifest.owns(f):
+                    raise manifest.refusal(f)
+                stale.append(f)
+    return manifest, stale
 
 
 def _warn_training_cases(cases, model_path, ck: dict, folds) -> None:

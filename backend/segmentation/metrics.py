@@ -13,9 +13,18 @@ Definitions (also written to every evaluation's JSON):
   (MONAI ``compute_surface_dice(..., use_subvoxels=True)`` with the voxel spacing in mm).
   Same empty conventions as DSC.
 * **Tumours** are the connected components of the reference tumour mask under 26-connectivity
-  (voxels sharing a face, an edge or a corner). A reference tumour is **detected** when at least
-  one predicted tumour voxel lies inside it. A **false positive** is a 26-connected component of
-  the prediction that overlaps no reference tumour voxel.
+  (voxels sharing a face, an edge or a corner); predicted tumours are the 26-connected components
+  of the prediction. Two detection rules (:data:`DETECTION_RULES`):
+
+  - ``overlap`` (the default): a reference tumour is **detected** when some predicted component
+    has Dice >= 0.1 with it (2|T ∩ P| / (|T| + |P|), computed per pair of components; the threshold
+    is ``min_dice``). A **false positive** is a predicted component that matches no reference
+    tumour that way. A few stray voxels inside a large tumour, or one blob covering half the organ,
+    therefore detect nothing and count as false positives.
+  - ``any-voxel``: a reference tumour is detected when at least ``min_overlap_voxels`` (1)
+    predicted voxels lie inside it; a false positive is a predicted component touching no reference
+    tumour voxel. Lenient: a model predicting noise all over the organ scores a high sensitivity
+    (with many false positives), so always read it with the false positives per case.
 * A tumour's **size** is its largest 3D diameter in mm: the largest distance between two corners
   of its voxels (the Feret diameter of the voxelised object). Bins: ``lt20mm`` (< 20 mm, early
   tumours), ``20_50mm`` (20-50 mm), ``gt50mm`` (> 50 mm).
@@ -147,29 +156,56 @@ class Detection:
     diameters_mm: list[float] = field(default_factory=list)
 
 
+DETECTION_RULES = ("overlap", "any-voxel")
+
+
+def component_dice(ref_labels: np.ndarray, n_ref: int, pred_labels: np.ndarray, n_pred: int):
+    """Dice of every touching (reference component, predicted component) pair: arrays ``(ref_id, pred_id, dice)``
+    (ids from 1; pairs that share no voxel have Dice 0 and are not listed)."""
+    ref_size = np.bincount(ref_labels.ravel(), minlength=n_ref + 1)
+    pred_size = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)
+    both = (ref_labels > 0) & (pred_labels > 0)
+    pair = ref_labels[both].astype(np.int64) * (n_pred + 1) + pred_labels[both]
+    keys, inter = np.unique(pair, return_counts=True)
+    ref_id, pred_id = keys // (n_pred + 1), keys % (n_pred + 1)
+    return ref_id, pred_id, 2.0 * inter / (ref_size[ref_id] + pred_size[pred_id])
+
+
 def tumor_detection(
-    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...], *, min_overlap_voxels: int = 1
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...], *, rule: str = "overlap",
+    min_dice: float = 0.1, min_overlap_voxels: int = 1,
 ) -> Detection:
-    """Count reference tumours, detected ones (overlap >= ``min_overlap_voxels``), false positives."""
+    """Count reference tumours, detected ones and false positives under ``rule`` (module docstring):
+    ``"overlap"`` (a predicted component with Dice >= ``min_dice``) or ``"any-voxel"`` (>=
+    ``min_overlap_voxels`` predicted voxels inside the tumour)."""
+    if rule not in DETECTION_RULES:
+        raise ValueError(f"rule must be one of {', '.join(DETECTION_RULES)}, got {rule!r}")
+    if not 0.0 < min_dice <= 1.0:
+        raise ValueError(f"min_dice must be in (0, 1], got {min_dice}")
     pred, ref = _check_pair(pred, ref)
     ref_labels, n_ref = components(ref)
     pred_labels, n_pred = components(pred)
     out = Detection(by_size={name: (0, 0) for name, _, _ in SIZE_BINS})
     out.tumors = n_ref
-    if n_ref:
-        overlap = np.bincount(ref_labels[pred], minlength=n_ref + 1)  # predicted voxels per reference id
-        for i, sl in enumerate(ndimage.find_objects(ref_labels), start=1):
-            comp = ref_labels[sl] == i
-            diameter = largest_diameter_mm(comp, spacing)
-            hit = bool(overlap[i] >= min_overlap_voxels)
-            name = size_bin(diameter)
-            t, d = out.by_size[name]
-            out.by_size[name] = (t + 1, d + int(hit))
-            out.detected += int(hit)
-            out.diameters_mm.append(diameter)
-    if n_pred:
-        touching = np.unique(pred_labels[ref & pred])
-        out.false_positives = n_pred - int(np.count_nonzero(touching))
+    if rule == "overlap":
+        ref_id, pred_id, dsc = component_dice(ref_labels, n_ref, pred_labels, n_pred)
+        match = dsc >= min_dice
+        hits = np.zeros(n_ref + 1, bool)
+        hits[ref_id[match]] = True
+        out.false_positives = n_pred - len(np.unique(pred_id[match]))
+    else:
+        hits = np.bincount(ref_labels[pred], minlength=n_ref + 1) >= min_overlap_voxels  # predicted voxels per id
+        if n_pred:
+            touching = np.unique(pred_labels[ref & pred])
+            out.false_positives = n_pred - int(np.count_nonzero(touching))
+    for i, sl in enumerate(ndimage.find_objects(ref_labels), start=1):
+        diameter = largest_diameter_mm(ref_labels[sl] == i, spacing)
+        hit = bool(hits[i])
+        name = size_bin(diameter)
+        t, d = out.by_size[name]
+        out.by_size[name] = (t + 1, d + int(hit))
+        out.detected += int(hit)
+        out.diameters_mm.append(diameter)
     return out
 
 

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from backend.cli import main
@@ -78,3 +79,49 @@ def test_cli_survives_an_ascii_only_terminal():
                           capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode("ascii", "replace")
     assert b"mean ? std" in proc.stdout
+
+
+@pytest.mark.parametrize("keep", [200_000, 3000])
+def test_info_refuses_a_cut_gzip_nifti(totalseg_ct, tmp_path, capsys, keep):
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(open(totalseg_ct, "rb").read()[:keep])
+    assert main(["info", str(cut)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == f"difftumor: error: {cut}: truncated or corrupt: the compressed data ends early"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.nii.gz"]
+
+
+def test_info_names_nan_and_inf_voxels_and_scores_the_finite_ones(tmp_path, capsys):
+    """Defect 7: info printed 'min nan, max nan, mean nan' without saying the file holds NaNs."""
+    arr = np.linspace(-100, 100, 4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    arr[0, 0, :3] = np.nan
+    arr[1, 1, 1] = np.inf
+    path = write_image(arr, tmp_path / "nan.nii.gz", Geometry((6, 5, 4), (1, 1, 1), (0, 0, 0)))
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Non-finite:  3 NaN and 1 inf voxel(s) of 120; the statistics below are over the 116 finite ones" in out
+    assert "nan" not in out.replace("NaN", "").lower().split("non-finite")[1]
+    finite = arr[np.isfinite(arr)]
+    assert f"max {round(float(finite.max()), 3)}" in out
+    assert main(["info", "--json", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["nan_voxels"], info["inf_voxels"], info["finite_voxels"]) == (3, 1, 116)
+    all_nan = write_image(np.full((4, 5, 6), np.nan, np.float32), tmp_path / "allnan.nii.gz",
+                          Geometry((6, 5, 4), (1, 1, 1), (0, 0, 0)))
+    assert main(["info", str(all_nan)]) == 0
+    assert "Range:       no finite voxel" in capsys.readouterr().out
+
+
+def test_info_odd_paths_are_one_line(tmp_path, capsys):
+    """A name too long for the file system, a device and a name that is not UTF-8 (SimpleITK used to abort the
+    whole process on it) are one line each."""
+    for path, problem in (
+        (str(tmp_path / ("x" * 300 + ".nii.gz")), "the name is too long for the file system"),
+        ("/dev/zero", "not an image file or folder (a device, pipe or socket)"),
+        (os.fsdecode(bytes(tmp_path) + b"/bad\xff.nii.gz"), "the name is not valid UTF-8 text"),
+    ):
+        if "bad" in path:
+            open(os.fsencode(path), "wb").close()
+        assert main(["info", path]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and problem in err and "Traceback" not in err

@@ -323,3 +323,130 @@ def test_evaluate_model_takes_a_fold_csv_with_fold(tmp_path, capsys):
     assert main([*base, "--fold", "4", "--out", str(tmp_path / "o2")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"difftumor: error: {folds}: no fold 4 (folds: 0, 1)"]
     assert not (tmp_path / "o2").exists()
+
+
+# ------------------------------------------------------------------- output folder ownership
+def _model_case(tmp_path, names=("a",)):
+    ckpt = _tiny_checkpoint(tmp_path / "best.pt")
+    lines = []
+    for name in names:
+        write_image(np.zeros((16, 24, 24), np.int16), tmp_path / f"{name}.nii.gz", _geom())
+        write_image(_label(), tmp_path / f"{name}_label.nii.gz", _geom())
+        lines.append(f"{tmp_path / f'{name}.nii.gz'},{tmp_path / f'{name}_label.nii.gz'}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return ["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "list.txt"), "--overlap", "0"]
+
+
+def _tree(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["labels/mine.nii.gz", "pred/notes.txt", "cases.csv", "pred/a.nii.gz"])
+def test_evaluate_model_never_deletes_or_replaces_a_file_it_did_not_write(tmp_path, capsys, where):
+    """Defect 1 of issue 14: a user's file in --out/labels was removed as 'stale'. Now any file in the way that the
+    folder's manifest does not list (unchanged) is a one-line refusal, and nothing is written."""
+    base = _model_case(tmp_path)
+    out = tmp_path / "eval"
+    (out / where).parent.mkdir(parents=True)
+    (out / where).write_bytes(b"the user's own file")
+    before = _tree(out)
+    assert main([*base, "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"difftumor: error: {out / where}: ") and "not written by" in line
+    assert _tree(out) == before
+
+
+def test_evaluate_model_replaces_and_removes_only_its_own_files(tmp_path, capsys):
+    base = _model_case(tmp_path, names=("a", "b"))
+    out = tmp_path / "eval"
+    assert main([*base, "--out", str(out)]) == 0
+    manifest = json.loads((out / ".difftumor-evaluate.json").read_text(encoding="utf-8"))
+    assert {"pred/a.nii.gz", "labels/b.nii.gz", "cases.csv", "evaluation.json"} <= set(manifest["files"])
+    # a second run on case a alone: b's files of the first run are removed, a's replaced, all listed
+    (tmp_path / "list.txt").write_text((tmp_path / "list.txt").read_text(encoding="utf-8").splitlines()[0] + "\n",
+                                       encoding="utf-8")
+    assert main([*base, "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "pred").iterdir()) == ["a.nii.gz"]
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["a.nii.gz"]
+    # a file of ours the user changed is theirs now: refused, kept
+    (out / "pred" / "a.nii.gz").write_bytes(b"edited")
+    capsys.readouterr()
+    assert main([*base, "--out", str(out)]) == 2
+    assert "not written by" in capsys.readouterr().err
+    assert (out / "pred" / "a.nii.gz").read_bytes() == b"edited"
+
+
+def test_evaluate_refuses_report_files_it_did_not_write(tmp_path, capsys):
+    pred_dir, lab_dir, out = tmp_path / "pred", tmp_path / "lab", tmp_path / "out"
+    pred_dir.mkdir(), lab_dir.mkdir(), out.mkdir()
+    write_image(_label(), lab_dir / "a.nii.gz", _geom())
+    write_image(_label(), pred_dir / "a.nii.gz", _geom())
+    (out / "summary.md").write_text("my notes", encoding="utf-8")
+    argv = ["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--out", str(out)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"difftumor: error: {out / 'summary.md'}: not written by difftumor evaluate (not in {out / '.difftumor-evaluate.json'}"
+        ", or changed since); move it away or choose another --out"]
+    assert [p.name for p in out.iterdir()] == ["summary.md"]
+    (out / "summary.md").unlink()
+    assert main(argv) == 0
+    assert main(argv) == 0  # its own files are replaced on a second run
+
+
+def test_evaluate_prints_false_positives_next_to_sensitivity_and_names_the_rule(tmp_path, capsys):
+    """Defect 8: a near-random prediction no longer scores a high sensitivity by default."""
+    pred_dir, lab_dir = tmp_path / "pred", tmp_path / "lab"
+    pred_dir.mkdir(), lab_dir.mkdir()
+    lab = _label()
+    noise = (np.random.default_rng(1).random(lab.shape) < 0.01) & (lab > 0)
+    write_image(lab, lab_dir / "a.nii.gz", _geom())
+    write_image(np.where(noise, 2, np.minimum(lab, 1)).astype(np.uint8), pred_dir / "a.nii.gz", _geom())
+    base = ["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--organ-label", "1"]
+    results = {}
+    for rule in ("overlap", "any-voxel"):
+        out = tmp_path / rule
+        assert main([*base, "--detection", rule, "--out", str(out)]) == 0
+        stdout = capsys.readouterr().out
+        (line,) = [ln for ln in stdout.splitlines() if "false positives per case" in ln]
+        summary = _read_csv(out / "summary.csv")[0]
+        assert list(summary).index("fp_per_case") == list(summary).index("sensitivity") + 1
+        assert summary["detection"] == rule
+        assert f"detection: {rule}" in line and f"{float(summary['fp_per_case']):.2f} false positives" in line
+        assert "| Sens. (%) | FP/case |" in (out / "summary.md").read_text(encoding="utf-8")
+        meta = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
+        assert meta["settings"]["detection"] == rule and meta["summary"][0]["fp_per_case"] > 5
+        results[rule] = float(summary["sensitivity"])
+    assert results == {"overlap": 0.0, "any-voxel": 1.0}
+    assert main([*base, "--detection-min-dice", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--detection-min-dice: must be in (0, 1], got 0.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["pred", "lab", "lab/eval"])
+def test_evaluate_refuses_an_out_inside_an_input_folder(tmp_path, capsys, where):
+    """Defect 7: --out inside the prediction or label folder was accepted (its files mixed with the inputs)."""
+    pred_dir, lab_dir = tmp_path / "pred", tmp_path / "lab"
+    pred_dir.mkdir(), lab_dir.mkdir()
+    write_image(_label(), lab_dir / "a.nii.gz", _geom())
+    write_image(_label(), pred_dir / "a.nii.gz", _geom())
+    before = _tree(tmp_path)
+    out = tmp_path / where
+    assert main(["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    folder = pred_dir if where == "pred" else lab_dir
+    kind = "prediction" if where == "pred" else "label"
+    assert line == (f"difftumor: error: --out {out}: {'is' if out == folder else 'is inside'} the {kind} folder "
+                    f"{folder}; choose a folder outside the inputs")
+    assert _tree(tmp_path) == before and not (tmp_path / "lab" / "eval").exists()
+
+
+def test_evaluate_os_errors_are_one_line_naming_the_path(tmp_path, capsys):
+    pred_dir, lab_dir = tmp_path / "pred", tmp_path / "lab"
+    pred_dir.mkdir(), lab_dir.mkdir()
+    write_image(_label(), lab_dir / "a.nii.gz", _geom())
+    write_image(_label(), pred_dir / "a.nii.gz", _geom())
+    long_out = tmp_path / ("o" * 300)
+    assert main(["evaluate", "--pred", str(pred_dir), "--label", str(lab_dir), "--out", str(long_out)]) == 2
+    assert capsys.readouterr().err.strip() == f"difftumor: error: {long_out}: the name is too long for the file system"

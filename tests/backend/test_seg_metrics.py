@@ -142,21 +142,77 @@ def test_tumor_detection_counts_by_size_and_false_positives():
     pred[30, 55, 55] = True  # single voxel inside the large one
     pred[75:78, 2:4, 2:4] = True  # false positive
     pred[2:4, 75:78, 75:78] = True  # false positive
-    det = M.tumor_detection(pred, ref, spacing)
+    det = M.tumor_detection(pred, ref, spacing, rule="any-voxel")
     assert (det.tumors, det.detected, det.false_positives) == (3, 2, 2)
     assert det.by_size == {"lt20mm": (1, 1), "20_50mm": (1, 0), "gt50mm": (1, 1)}
     assert M.sensitivity(det.detected, det.tumors) == pytest.approx(2 / 3)
+    # overlap rule: the single voxel inside the large tumour (Dice ~ 0.0003) detects nothing and is a false positive
+    det = M.tumor_detection(pred, ref, spacing)
+    assert (det.tumors, det.detected, det.false_positives) == (3, 1, 3)
+    assert det.by_size == {"lt20mm": (1, 1), "20_50mm": (1, 0), "gt50mm": (1, 0)}
 
 
 def test_tumor_detection_min_overlap_and_empty_cases():
     ref = _cube()
     pred = np.zeros_like(ref)
     pred[5, 5, 5] = True
-    assert M.tumor_detection(pred, ref, (1, 1, 1)).detected == 1
-    assert M.tumor_detection(pred, ref, (1, 1, 1), min_overlap_voxels=2).detected == 0
+    assert M.tumor_detection(pred, ref, (1, 1, 1), rule="any-voxel").detected == 1
+    assert M.tumor_detection(pred, ref, (1, 1, 1), rule="any-voxel", min_overlap_voxels=2).detected == 0
     empty = np.zeros_like(ref)
     det = M.tumor_detection(empty, empty, (1, 1, 1))
     assert (det.tumors, det.detected, det.false_positives) == (0, 0, 0)
     assert math.isnan(M.sensitivity(0, 0))
     det = M.tumor_detection(ref, empty, (1, 1, 1))  # healthy case, one predicted blob
     assert (det.tumors, det.false_positives) == (0, 1)
+
+
+def _tumours_in_organ(seed=0):
+    """A 64^3 'organ' holding five cubic tumours of 6 to 14 voxels a side."""
+    ref = np.zeros((64, 64, 64), bool)
+    for (z, y, x), a in zip([(5, 5, 5), (20, 30, 8), (40, 10, 40), (45, 45, 20), (10, 45, 45)], (6, 8, 10, 12, 14)):
+        ref[z : z + a, y : y + a, x : x + a] = True
+    return ref
+
+
+def test_near_random_prediction_detects_nothing_under_the_overlap_rule():
+    """Issue 14 defect 8: 'one voxel inside' gave a near-random model ~96 % sensitivity."""
+    ref = _tumours_in_organ()
+    noise = np.random.default_rng(0).random(ref.shape) < 0.02  # ~5,000 specks over the organ
+    lenient = M.tumor_detection(noise, ref, (1, 1, 1), rule="any-voxel")
+    strict = M.tumor_detection(noise, ref, (1, 1, 1))
+    assert lenient.tumors == strict.tumors == 5
+    assert lenient.detected == 5  # the lenient rule is fooled
+    assert strict.detected == 0
+    assert strict.false_positives > 1000 and strict.false_positives >= lenient.false_positives
+
+
+def test_good_prediction_detects_every_tumour_under_both_rules():
+    from scipy import ndimage
+
+    ref = _tumours_in_organ()
+    good = np.roll(ndimage.binary_erosion(ref), 1, axis=0)  # a little small and shifted by a voxel
+    good[60:62, 60:62, 60:62] = True  # one false positive
+    for rule in M.DETECTION_RULES:
+        det = M.tumor_detection(good, ref, (1, 1, 1), rule=rule)
+        assert (det.tumors, det.detected, det.false_positives) == (5, 5, 1), rule
+    # one blob over the whole organ touches every tumour but matches none of them
+    blob = np.ones_like(ref)
+    det = M.tumor_detection(blob, ref, (1, 1, 1))
+    assert (det.detected, det.false_positives) == (0, 1)
+    assert M.tumor_detection(blob, ref, (1, 1, 1), rule="any-voxel").detected == 5
+
+
+def test_component_dice_lists_touching_pairs():
+    ref = np.zeros((1, 1, 10), bool)
+    ref[0, 0, 0:4] = True
+    pred = np.zeros_like(ref)
+    pred[0, 0, 2:8] = True
+    rl, nr = M.components(ref)
+    pl, npred = M.components(pred)
+    ref_id, pred_id, dsc = M.component_dice(rl, nr, pl, npred)
+    assert ref_id.tolist() == [1] and pred_id.tolist() == [1] and dsc.tolist() == [pytest.approx(2 * 2 / 10)]
+
+
+def test_tumor_detection_bad_rule():
+    with pytest.raises(ValueError, match="rule must be one of overlap, any-voxel"):
+        M.tumor_detection(_cube(), _cube(), (1, 1, 1), rule="iou")

@@ -235,3 +235,15 @@ def test_napari_open_and_save_through_the_plugin(tmp_path):
         a, b = read_image(src), read_image(out)
         assert a.geometry == b.geometry and a.dtype == b.dtype
         np.testing.assert_array_equal(a.array, b.array)
+
+
+def test_cut_gzip_file_gives_one_notification_naming_the_cause(tmp_path, totalseg_ct, monkeypatch):
+    """The plugin reads through backend.io.read_image, so a cut-off file is refused there too (issue 14)."""
+    import napari.utils.notifications as notifications
+
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(open(totalseg_ct, "rb").read()[:200_000])
+    shown = []
+    monkeypatch.setattr(notifications, "show_error", lambda msg: shown.append(msg))
+    assert get_reader(str(cut))(str(cut)) == [(None,)]
+    assert shown == [f"{cut}: truncated or corrupt: the compressed data ends early"]
