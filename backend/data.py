@@ -23,6 +23,7 @@ Public API::
     Case(image: Path, label: Path | None = None, segmentations: Path | None = None, name: str = "")
     list_cases(source, *, require_labels=False) -> list[Case]
     split_cases(cases, *, val_fraction=0.1, seed=0, min_val=1) -> (train, val)
+    label_for(case, organ) -> (label file, is a binary organ mask)
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def list_cases(source, *, require_labels: bool = False) -> list[Case]:
     if require_labels:
         missing = [c for c in cases if c.label is None and c.segmentations is None]
         if missing:
-            raise DiffTumorError(f"{src}: {len(missing)} of {len(cases)} cases have no label (first: {missing[0].image})")
+            raise DiffTumorError(f"{src}: {len(missing)} of {len(cases)} cases have no label "
+                                 f"(first: {missing[0].image})")
     return cases
 
 
@@ -158,3 +160,15 @@ def split_cases(cases: list[Case], *, val_fraction: float = 0.1, seed: int = 0, 
     val = sorted(order[:n_val])
     train = sorted(order[n_val:])
     return [cases[i] for i in train], [cases[i] for i in val]
+
+
+def label_for(case: Case, organ: str) -> tuple[str, bool]:
+    """(label file, is a binary organ mask) of ``case`` for ``organ``: AbdomenAtlas cases use
+    ``segmentations/<organ>.nii.gz`` (a 0/1 organ mask) when it exists, else their label file."""
+    if case.segmentations is not None:
+        p = Path(case.segmentations) / f"{organ}.nii.gz"
+        if p.is_file():
+            return str(p), True
+    if case.label is not None:
+        return str(case.label), False
+    raise DiffTumorError(f"{case.image}: case has no label and no segmentations/{organ}.nii.gz")

@@ -486,3 +486,29 @@ def _same_file(a: Path, b: Path) -> bool:
         return b.exists() and os.path.samefile(a, b)
     except OSError:
         return Path(os.path.abspath(a)) == Path(os.path.abspath(b))
+
+
+class atomic_write:  # noqa: N801 - used like open(): ``with atomic_write(path) as tmp: ...``
+    """Write a file atomically: ``with atomic_write(path) as tmp: save(tmp)``.
+
+    ``tmp`` is a fresh temporary path in ``path``'s folder (ending in ``suffix``, so that writers that pick
+    a format from the name see the right one). When the block ends without an error, ``tmp`` replaces
+    ``path`` (:func:`os.replace`: readers see the old file or the new one, never half of one); on an error
+    the temporary file is removed and ``path`` is left as it was.
+    """
+
+    def __init__(self, path: PathLike, *, suffix: str = ".tmp"):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if self.tmp.exists():
+                self.tmp.unlink()
+        return False

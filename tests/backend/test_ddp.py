@@ -85,7 +85,7 @@ def test_autoencoder_trains_under_torchrun(tmp_path, msd):
 
 
 def test_diffusion_trains_under_torchrun(tmp_path, msd):
-    from backend.train.common import save_checkpoint
+    from backend.checkpoint import save_checkpoint
     from backend.vqgan.model import VQGAN, VQGANConfig
 
     torch.manual_seed(0)
@@ -120,7 +120,7 @@ def test_segmentation_trains_under_torchrun(tmp_path, msd):
 def test_resume_under_torchrun_equals_uninterrupted(tmp_path, msd):
     """Each rank resumes its own random stream (noise, timesteps): rank 1 used to get rank 0's saved RNG
     state, so after --resume both ranks drew the same noise and the run left the uninterrupted one."""
-    from backend.train.common import save_checkpoint
+    from backend.checkpoint import save_checkpoint
     from backend.vqgan.model import VQGAN, VQGANConfig
 
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 import signal
 from dataclasses import dataclass, field
 from typing import Literal
@@ -12,22 +13,20 @@ import numpy as np
 import pytest
 import torch
 
+from backend.checkpoint import load_checkpoint, save_checkpoint
 from backend.errors import DiffTumorError
-from backend.train.common import (
-    DrawSchedule,
-    GracefulInterrupt,
-    MetricsWriter,
+from backend.train.checkpoint import resume_lr_scheduler, rng_state, seed_everything, set_rng_state
+from backend.train.config import (
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
     config_to_dict,
-    load_checkpoint,
     load_config,
-    parse_overrides,
-    resume_lr_scheduler,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-    setup_distributed,
+    ranged,
 )
+from backend.train.data import DrawSchedule
+from backend.train.distributed import setup_distributed
+from backend.train.loop import GracefulInterrupt, MetricsWriter
 
 
 @dataclass
@@ -227,7 +226,7 @@ def test_seeded_draws_resume_the_dataloader_stream_exactly(workers):
     from monai.data import CacheDataset
     from monai.transforms import Compose, RandGaussianNoised, ScaleIntensityd
 
-    from backend.train.common import DrawSampler, SeededDraws
+    from backend.train.data import DrawSampler, SeededDraws
 
     items = [{"x": torch.full((1, 4, 4), float(i)), "i": i} for i in range(5)]
     ds = CacheDataset(items, Compose([ScaleIntensityd("x", minv=None, maxv=None, factor=0.0),
@@ -248,7 +247,8 @@ def test_seeded_draws_resume_the_dataloader_stream_exactly(workers):
 
 
 def test_training_loop_logs_on_schedule_and_stops_on_ctrl_c(tmp_path):
-    from backend.train.common import DistInfo, TrainingLoop
+    from backend.train.distributed import DistInfo
+    from backend.train.loop import TrainingLoop
 
     step, logged = 0, []
     with TrainingLoop(DistInfo(), tmp_path / "m.csv", step=0, max_steps=7, log_every=3, desc="t") as loop:
@@ -269,7 +269,7 @@ def test_training_loop_logs_on_schedule_and_stops_on_ctrl_c(tmp_path):
 
 
 def test_resume_checkpoint_must_come_from_the_same_stage(tmp_path):
-    from backend.train.common import load_resume_checkpoint
+    from backend.train.checkpoint import load_resume_checkpoint
 
     save_checkpoint(tmp_path / "last.pt", stage="diffusion", config={}, step=3, model={})
     assert load_resume_checkpoint("last", tmp_path / "last.pt", "diffusion")["step"] == 3
@@ -293,7 +293,8 @@ def test_setup_single_process_cpu(monkeypatch):
 
 def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
     """A run killed after its step-3 checkpoint had logged steps 4-5; the resumed run logs them again."""
-    from backend.train.common import DistInfo, TrainingLoop
+    from backend.train.distributed import DistInfo
+    from backend.train.loop import TrainingLoop
 
     w = MetricsWriter(tmp_path / "m.csv")
     for s in range(1, 6):
@@ -310,7 +311,8 @@ def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
 
 
 def test_training_loop_removes_the_folder_it_created_when_nothing_was_trained(tmp_path):
-    from backend.train.common import DistInfo, TrainingLoop
+    from backend.train.distributed import DistInfo
+    from backend.train.loop import TrainingLoop
 
     out = tmp_path / "run"
     with pytest.raises(DiffTumorError, match="no usable case"):
@@ -325,7 +327,7 @@ def test_training_loop_removes_the_folder_it_created_when_nothing_was_trained(tm
 
 
 def test_check_resume_names_the_file_and_every_changed_setting(tmp_path):
-    from backend.train.common import check_resume
+    from backend.train.checkpoint import check_resume
 
     ckpt = {"step": 7, "config": {"stage": "early", "data": {"organ": "liver"}},
             "model_config": {"dim": 8, "dim_mults": [1, 2], "channels": 17}}
@@ -344,15 +346,34 @@ def test_check_resume_names_the_file_and_every_changed_setting(tmp_path):
         check_resume("ck.pt", ckpt, same, saved={"T": 4}, max_steps=7)
 
 
-def test_positive_settings_and_output_dir_are_checked_in_one_line(tmp_path):
-    from backend.train.common import check_output_dir, check_positive
+@dataclass
+class Ranged:
+    steps: int = ranged(10, **POSITIVE)
+    every: int = ranged(0, **NON_NEGATIVE)
+    p: float = ranged(0.5, **PROBABILITY)
+    crop: tuple[int, ...] = ranged((8, 8), **POSITIVE)
+    scale: float = 1.0  # no declared range: still has to be finite
+    inner: Inner = field(default_factory=Inner)
 
-    cfg = load_config(Outer, None, ["steps=0"])
-    with pytest.raises(DiffTumorError, match=r"^steps=0: must be a positive integer$"):
-        check_positive(cfg, "steps")
-    check_positive(cfg, zero_ok=("steps",))
-    with pytest.raises(DiffTumorError, match=r"^steps=-1: must be 0 or more$"):
-        check_positive(load_config(Outer, None, ["steps=-1"]), zero_ok=("steps",))
+
+@pytest.mark.parametrize("override, message", [
+    ("steps=0", "steps=0: must be a positive integer"),
+    ("every=-1", "every=-1: must be 0 or more"),
+    ("p=1.5", "p=1.5: must be a probability in [0, 1]"),
+    ("p=.nan", "p=nan: must be a finite number"),
+    ("crop=[8,0]", "crop=[8, 0]: each value must be a positive integer"),
+    ("scale=.inf", "scale=inf: must be a finite number"),
+    ("inner.lr=.nan", "inner.lr=nan: must be a finite number"),
+])
+def test_declared_ranges_are_checked_where_the_config_is_built(override, message):
+    with pytest.raises(DiffTumorError, match=f"^{re.escape(message)}$"):
+        load_config(Ranged, None, [override])
+    assert load_config(Ranged, None, ["steps=1", "every=0", "p=1", "crop=[1]"]).steps == 1
+
+
+def test_output_dir_is_checked_in_one_line(tmp_path):
+    from backend.train.loop import check_output_dir
+
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(DiffTumorError, match=r"output_dir=.*f\.txt: exists and is not a folder"):
         check_output_dir(tmp_path / "f.txt")
@@ -381,7 +402,7 @@ def test_unreadable_checkpoint_gives_a_short_cause(tmp_path, content, cause):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_error_names_the_config_key():
-    from backend.train.common import start_run
+    from backend.train.distributed import start_run
 
     with pytest.raises(DiffTumorError, match=r"^device=cuda: no CUDA GPU .*; use device=cpu$"):
         start_run("cuda", seed=0)
@@ -392,7 +413,8 @@ def test_fresh_run_starts_its_csvs_afresh_and_writes_its_config(tmp_path):
     to append to that attempt's CSVs."""
     from dataclasses import dataclass
 
-    from backend.train.common import DistInfo, TrainingLoop
+    from backend.train.distributed import DistInfo
+    from backend.train.loop import TrainingLoop
 
     @dataclass
     class Cfg:
@@ -418,7 +440,7 @@ def test_fresh_run_starts_its_csvs_afresh_and_writes_its_config(tmp_path):
 
 
 def test_fresh_run_over_a_checkpoint_is_refused(tmp_path):
-    from backend.train.common import refuse_fresh_run_over
+    from backend.train.checkpoint import refuse_fresh_run_over
 
     refuse_fresh_run_over(tmp_path / "last.pt", "out_dir")  # nothing there: fine
     save_checkpoint(tmp_path / "last.pt", stage="segmentation", config={}, step=3, model={})
@@ -432,7 +454,8 @@ def test_log_lines_do_not_break_the_progress_bar(tmp_path, monkeypatch):
 
     import tqdm
 
-    from backend.train.common import DistInfo, TrainingLoop
+    from backend.train.distributed import DistInfo
+    from backend.train.loop import TrainingLoop
 
     written = []
     monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False:
