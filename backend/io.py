@@ -407,16 +407,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file in the same folder, flushed to disk,
     then :func:`os.replace`; a failure leaves the old file (or none) and no temporary behind."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     return path
 
 
@@ -469,15 +463,11 @@ def write_image(
 
     # Keep the real ending on the temporary name so SimpleITK picks the right writer; let the
     # writer create it (mkstemp would leave mode 0600 on the result).
-    tmp = str(target.parent / f".{strip_image_suffix(target)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
-        sitk.WriteImage(volume.to_sitk(), tmp, useCompression=compress)
-        os.replace(tmp, target)
+        with atomic_write(target, suffix=f".tmp{suffix}") as tmp:
+            sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=compress)
     except RuntimeError as exc:
         raise DiffTumorError(f"{target}: cannot write image ({_itk_reason(exc)})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
