@@ -49,12 +49,14 @@ def main() -> None:
     args = p.parse_args()
     exe = shutil.which("difftumor") or sys.exit("difftumor is not on PATH")
     us, heavy = import_time_us("from backend.cli import build_parser; build_parser()")
-    print(f"build_parser(): import time {us / 1e6:.2f} s (python -X importtime, one run); heavy modules: {heavy or 'none'}")
+    print(f"build_parser(): import time {us / 1e6:.2f} s (python -X importtime, one run); "
+          f"heavy modules: {heavy or 'none'}")
     print(f"difftumor --help: median wall {wall([exe, '--help'], args.runs):.2f} s over {args.runs} runs")
     if args.ct.is_file():
         us, heavy = import_time_us(f"from backend.cli import main; main(['info', {str(args.ct)!r}])")
         print(f"difftumor info CT: import time {us / 1e6:.2f} s; heavy modules: {heavy or 'none'}")
-        print(f"difftumor info CT: median wall {wall([exe, 'info', str(args.ct)], args.runs):.2f} s over {args.runs} runs")
+        seconds = wall([exe, "info", str(args.ct)], args.runs)
+        print(f"difftumor info CT: median wall {seconds:.2f} s over {args.runs} runs")
 
 
 if __name__ == "__main__":

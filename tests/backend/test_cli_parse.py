@@ -62,7 +62,8 @@ def test_output_into_a_closed_pipe_ends_quietly(totalseg_seg):
     import subprocess
     import sys
 
-    code = f"import sys; from backend.cli import entry; sys.argv = ['difftumor', 'info', {str(totalseg_seg)!r}]; entry()"
+    code = ("import sys; from backend.cli import entry; "
+            f"sys.argv = ['difftumor', 'info', {str(totalseg_seg)!r}]; entry()")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the command writes anything
     err = proc.stderr.read().decode("utf-8", "replace")

@@ -59,7 +59,8 @@ def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     if DIFFTUMOR is None:
         pytest.skip("the difftumor console script is not installed")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([*TORCHRUN, DIFFTUMOR, *args], cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace",
+    proc = subprocess.run([*TORCHRUN, DIFFTUMOR, *args], cwd=tmp_path, env=env, capture_output=True, encoding="utf-8",
+                          errors="replace",
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

@@ -146,9 +146,11 @@ def _multistep(opt, milestones):
     [
         # `train segmentation max_steps=12 --resume` after 8 steps (was: LR 0 at step 8, then climbing again)
         (lambda o: _warmup_cosine(o, 2, 8), lambda o: _warmup_cosine(o, 2, 12), ["t_total 8 -> 12"]),
-        (lambda o: _warmup_cosine(o, 2, 8), lambda o: _warmup_cosine(o, 3, 20), ["warmup_steps 2 -> 3", "t_total 8 -> 20"]),
+        (lambda o: _warmup_cosine(o, 2, 8), lambda o: _warmup_cosine(o, 3, 20),
+         ["warmup_steps 2 -> 3", "t_total 8 -> 20"]),
         # chained schedule: the LR is rebuilt from the config, not from the optimizer's restored LR
-        (lambda o: _multistep(o, (3, 6)), lambda o: _multistep(o, (3, 10)), ["milestones Counter({3: 1, 6: 1}) -> Counter({3: 1, 10: 1})"]),
+        (lambda o: _multistep(o, (3, 6)), lambda o: _multistep(o, (3, 10)),
+         ["milestones Counter({3: 1, 6: 1}) -> Counter({3: 1, 10: 1})"]),
     ],
 )
 @pytest.mark.parametrize("new_lr", [1e-2, 5e-3])
@@ -435,7 +437,8 @@ def test_fresh_run_starts_its_csvs_afresh_and_writes_its_config(tmp_path):
         loop.log_validation(step, {"val_dsc": 0.25})
     rows = list(csv.DictReader(open(tmp_path / "m.csv", encoding="utf-8")))
     assert [(r["step"], r["loss"]) for r in rows] == [("1", "0.5"), ("2", "0.5")] and "old" not in rows[0]
-    assert list(csv.DictReader(open(tmp_path / "val_metrics.csv", encoding="utf-8"))) == [{"step": "2", "val_dsc": "0.25"}]
+    rows = list(csv.DictReader(open(tmp_path / "val_metrics.csv", encoding="utf-8")))
+    assert rows == [{"step": "2", "val_dsc": "0.25"}]
     assert load_config(Cfg, tmp_path / "config.yaml") == Cfg()
 
 

@@ -189,7 +189,8 @@ def test_resume_refuses_changed_settings_and_another_autoencoder(tmp_path, msd, 
     torch.manual_seed(1)  # same architecture, other weights: another latent space
     other = tmp_path / "other_ae.pt"
     cfg = VQGANConfig(n_hiddens=8, num_groups=8, downsample=(4, 4, 4), embedding_dim=8, n_codes=64)
-    save_checkpoint(other, stage="autoencoder", config={}, model_config=cfg.to_dict(), step=0, model=VQGAN(cfg).state_dict())
+    save_checkpoint(other, stage="autoencoder", config={}, model_config=cfg.to_dict(), step=0,
+                    model=VQGAN(cfg).state_dict())
     line = _error(capsys, [*base, f"autoencoder={other}", "max_steps=4", "--resume"])
     assert f"autoencoder={other.resolve()}: {ck_path} was trained with another autoencoder, {tiny_ae.resolve()}" in line
 
@@ -206,7 +207,8 @@ def test_resume_refuses_changed_settings_and_another_autoencoder(tmp_path, msd, 
 def test_bad_settings_are_one_line_and_create_nothing(tmp_path, msd, tiny_ae, capsys):
     base = ["train", "diffusion", *TINY, f"data.source={msd}", f"autoencoder={tiny_ae}"]
     main([*base, f"output_dir={tmp_path / 'df'}", "max_steps=1"])
-    line = _error(capsys, [*base, f"output_dir={tmp_path / 'x'}", f"autoencoder={tmp_path / 'df' / 'checkpoint_last.pt'}"])
+    line = _error(capsys, [*base, f"output_dir={tmp_path / 'x'}",
+                           f"autoencoder={tmp_path / 'df' / 'checkpoint_last.pt'}"])
     assert "is a diffusion training checkpoint, not an autoencoder" in line
     assert "'lung' is not allowed; allowed: 'liver', 'pancreas', 'kidney'" in _error(capsys, [*base, "data.organ=lung"])
     assert "data.batch_size=0: must be a positive integer" in _error(capsys, [*base, f"output_dir={tmp_path / 'x'}",
@@ -225,6 +227,7 @@ def test_organ_label_absent_from_the_data_is_refused(tmp_path, msd, tiny_ae, cap
     with pytest.raises(DiffTumorError) as err:
         train(_cfg(out, msd, tiny_ae, "max_steps=1", "data.organ_labels=[9]"))
     line = str(err.value)
-    assert line.startswith(f"{msd}: data.organ_labels=[9]: no label map with a tumour holds the organ (checked 3: "), line
+    expected = f"{msd}: data.organ_labels=[9]: no label map with a tumour holds the organ (checked 3: "
+    assert line.startswith(expected), line
     assert "case0.nii.gz" in line and "the label map holds [0, 1, 2]" in line, line
     assert not out.exists()

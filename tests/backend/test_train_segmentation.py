@@ -97,7 +97,8 @@ def test_resume_after_a_crash_continues_the_same_data_stream(toy, tmp_path, monk
     monkeypatch.setattr(train_loop.MetricsWriter, "write", write)
     assert torch.load(tmp_path / "crashed" / "last.pt", map_location="cpu", weights_only=False)["step"] == 2
     assert cli(["train", "segmentation", *args(tmp_path / "crashed"), "--resume"]) == 0
-    a, b = (torch.load(tmp_path / r / "last.pt", map_location="cpu", weights_only=False) for r in ("crashed", "straight"))
+    a, b = (torch.load(tmp_path / r / "last.pt", map_location="cpu", weights_only=False)
+            for r in ("crashed", "straight"))
     assert a["step"] == b["step"] == 4 and a["draws"] == b["draws"] == 8
     for k, v in a["model"].items():
         assert torch.allclose(v, b["model"][k], rtol=0, atol=1e-6), k
@@ -198,7 +199,8 @@ def test_build_items_reads_atlas_trees_and_list_files(tmp_path):
     train, val, splits = build_items(cfg, tmp_path / "run")
     assert len(train) == 4 and len(val) == 1 and (tmp_path / "run" / "splits.json").is_file()
     atlas = [t for t in train if t["healthy"]]
-    assert len(atlas) == 2 and all(t["label"].endswith("liver.nii.gz") and t["label_values"] == ((1,), ()) for t in atlas)
+    assert len(atlas) == 2
+    assert all(t["label"].endswith("liver.nii.gz") and t["label_values"] == ((1,), ()) for t in atlas)
     real = [t for t in train if not t["healthy"]]
     assert all(t["label_values"] == ((1,), (2,)) for t in real)
     cfg.data.use_real_for_training = False  # synthetic only
@@ -214,4 +216,5 @@ def test_build_items_reads_atlas_trees_and_list_files(tmp_path):
     train, val, _ = build_items(cfg, tmp_path / "run")
     syn = [t for t in train if t["name"].startswith("presynthesized/")]
     assert len(syn) == 2 and len(train) == 4 and len(val) == 1
-    assert all(t["label"].endswith("label.nii.gz") and t["healthy"] == 0 and t["label_values"] == ((1,), (2,)) for t in syn)
+    assert all(t["label"].endswith("label.nii.gz") and t["healthy"] == 0 and t["label_values"] == ((1,), (2,))
+               for t in syn)
