@@ -473,3 +473,52 @@ def test_log_lines_do_not_break_the_progress_bar(tmp_path, monkeypatch):
     finally:
         root.removeHandler(handler)
     assert any("skipping a case" in s for s in written)
+
+
+class _RecordingScaler:
+    """Stands in for an enabled torch.amp.GradScaler (CUDA only) and records the calls of one step."""
+
+    def __init__(self):
+        self.calls = []
+
+    def scale(self, loss):
+        self.calls.append("scale")
+        return loss * 4.0
+
+    def unscale_(self, optimizer):
+        self.calls.append("unscale")
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad.div_(4.0)
+
+    def step(self, optimizer):
+        self.calls.append("step")
+        optimizer.step()
+
+    def update(self):
+        self.calls.append("update")
+
+
+def test_optimizer_step_backpropagates_clips_steps_and_updates_the_scaler():
+    from backend.train.loop import optimizer_step
+
+    model = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.weight.grad = torch.full_like(model.weight, 100.0)  # stale: zeroed before the backward pass
+    scaler, hook = _RecordingScaler(), []
+    loss = (model(torch.tensor([[3.0, 0.0, 4.0]])) ** 1).sum()  # d loss / d w = (3, 0, 4), norm 5
+    optimizer_step(opt, list(model.parameters()), loss=loss, scaler=scaler, clip=1.0,
+                   before_unscale=lambda: hook.append(model.weight.grad.clone()))
+    assert scaler.calls == ["scale", "unscale", "step", "update"]
+    assert torch.allclose(hook[0], torch.tensor([[12.0, 0.0, 16.0]]))  # scaled gradient, before unscaling
+    assert torch.allclose(model.weight, torch.tensor([[1 - 0.6, 1.0, 1 - 0.8]]))  # clipped to norm 1, then SGD
+
+    # no loss: the gradients are already accumulated; no clipping at clip=0; update=False leaves the scaler
+    model.weight.grad = torch.tensor([[10.0, 0.0, 0.0]])
+    scaler = _RecordingScaler()
+    optimizer_step(opt, list(model.parameters()), scaler=scaler, clip=0.0, update=False)
+    assert scaler.calls == ["step"] and torch.allclose(model.weight, torch.tensor([[0.4 - 10.0, 1.0, 0.2]]))
+    optimizer_step(opt, list(model.parameters()))  # fp32 without a scaler: a plain step
+    assert torch.allclose(model.weight, torch.tensor([[0.4 - 20.0, 1.0, 0.2]]))
