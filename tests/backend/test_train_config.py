@@ -80,8 +80,6 @@ def test_every_numeric_setting_has_a_range(stage):
 
     root = {"autoencoder": autoencoder.AutoencoderTrainConfig, "diffusion": diffusion.DiffusionTrainConfig,
             "segmentation": segmentation.SegmentationConfig}[stage]
-    classes = [("", root)] + [(f"{f.name}.", f.type) for f in dataclasses.fields(root)
-                              if dataclasses.is_dataclass(f.type) and f.type.__module__.startswith("backend.train")]
     import typing
 
     hints = typing.get_type_hints(root)
@@ -90,3 +88,17 @@ def test_every_numeric_setting_has_a_range(stage):
                               and hints[f.name].__module__.startswith("backend.train")]
     missing = [key for prefix, cls in classes for key, f in _numeric_fields(cls, prefix) if "range" not in f.metadata]
     assert missing == []
+
+
+def test_every_shipped_config_is_within_the_ranges():
+    from pathlib import Path
+
+    from backend.train import autoencoder, diffusion, segmentation
+    from backend.train.config import load_config
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "backend" / "configs").glob("*.yaml"))
+    assert len(configs) >= 9
+    for path in configs:
+        cls = (autoencoder.AutoencoderTrainConfig if path.name.startswith("autoencoder") else
+               diffusion.DiffusionTrainConfig if path.name.startswith("diffusion") else segmentation.SegmentationConfig)
+        load_config(cls, path)
