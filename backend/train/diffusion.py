@@ -129,8 +129,9 @@ class TumourCropStore:
     """Training cases as (image, stage label) in model space + seeded crops centred on organ or tumour.
 
     The crop label is 0 background, 1 organ, 2 tumour of the selected stage. Cases without such a
-    tumour are skipped and counted (``skipped``), as are unreadable ones; tumours larger than the crop
-    are dropped from the mask with one warning each (``too_large``).
+    tumour are skipped and counted (``skipped``), as are unreadable ones and ones whose label map holds
+    none of ``data.organ_labels`` (``no_organ``); tumours larger than the crop are dropped from the mask
+    with one warning each (``too_large``). :meth:`exhausted` says why, once no case is usable.
     """
 
     def __init__(self, cases, cfg: DiffusionTrainConfig):
