@@ -31,7 +31,7 @@ from backend.train.checkpoint import (
     resume_lr_scheduler,
     resume_path,
 )
-from backend.train.config import NON_NEGATIVE, POSITIVE, config_to_dict, ranged
+from backend.train.config import NON_NEGATIVE, POSITIVE, RangeChecked, config_to_dict, ranged
 from backend.train.data import DrawSchedule, next_batch
 from backend.train.distributed import allreduce_grads, start_run, wrap_ddp
 from backend.train.loop import TrainingLoop, amp_dtype, autocast, check_output_dir, grad_scaler, optimizer_step
@@ -45,7 +45,7 @@ METRIC_KEYS = ("recon_l1", "commitment", "perceptual", "g_adv", "feat_match", "g
 
 
 @dataclass
-class DataConfig:
+class DataConfig(RangeChecked):
     source: str = ""  # CT folder, AbdomenAtlas tree, MSD dataset.json or list file
     val_source: str | None = None  # default: a seeded split of `source` (training cases if val_fraction 0)
     val_fraction: float = ranged(0.1, ge=0.0, lt=1.0)
@@ -58,7 +58,7 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(RangeChecked):
     lr: float = ranged(1.875e-5, gt=0.0)  # official effective LR (3e-4 x 1/8 x 2/4)
     betas: tuple[float, float] = ranged((0.5, 0.9), ge=0.0, lt=1.0)
     milestones: tuple[int, ...] = ranged((40000, 50000, 60000), **POSITIVE)  # steps at which the LR drops
@@ -67,7 +67,7 @@ class OptimConfig:
 
 
 @dataclass
-class AutoencoderTrainConfig:
+class AutoencoderTrainConfig(RangeChecked):
     output_dir: str = "runs/autoencoder"
     seed: int = ranged(1234)  # any whole number
     device: str = "auto"

@@ -4,6 +4,7 @@
     config_to_dict(cfg) -> dict                          nested plain dict (YAML/checkpoint friendly)
     parse_overrides(["a.b=3"]) -> {"a": {"b": 3}}
     ranged(default, ge=/gt=/le=/lt=, why=)              a dataclass field with its allowed range
+    RangeChecked                                         base class: ranges checked in __post_init__ too
     check_ranges(cfg)                                    what :func:`load_config` runs on every dataclass it builds
 
 Types are coerced from the annotations. Every numeric field is checked where its dataclass is built: a float
@@ -94,6 +95,14 @@ def check_ranges(cfg) -> None:
         if rng is not None and any(v not in rng for v in numbers):
             each = "each value " if isinstance(value, (list, tuple)) and not rng.why else ""
             raise ConfigRangeError(f.name, _show(value), f"{each}{rng.describe()}")
+
+
+class RangeChecked:
+    """Base of a config dataclass whose :func:`ranged` fields are checked however it is built (from YAML by
+    :func:`load_config`, or in code: ``OptimConfig(lr=-1)`` raises :class:`ConfigRangeError`)."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def _show(value):

@@ -48,7 +48,7 @@ from backend.train.checkpoint import (
     restore_rank_rng_state,
     resume_path,
 )
-from backend.train.config import NON_NEGATIVE, POSITIVE, PROBABILITY, config_to_dict, ranged
+from backend.train.config import NON_NEGATIVE, POSITIVE, PROBABILITY, RangeChecked, config_to_dict, ranged
 from backend.train.data import DrawSchedule, next_batch
 from backend.train.distributed import start_run, wrap_ddp
 from backend.train.loop import TrainingLoop, check_output_dir, optimizer_step
@@ -62,7 +62,7 @@ DEFAULT_T = {"early": 4, "noearly": 200}  # released models
 
 
 @dataclass
-class DataConfig:
+class DataConfig(RangeChecked):
     source: str = ""  # MSD dataset.json, list file (image,label) or AbdomenAtlas tree; labels required
     organ: Organ = "liver"  # organ of the training data (names the output file; weights work for any organ)
     organ_labels: tuple[int, ...] = ranged((1,), **NON_NEGATIVE)  # label ids of the organ (MSD / LiTS / KiTS: 1)
@@ -78,7 +78,7 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(RangeChecked):
     lr: float = ranged(1e-4, gt=0.0)
     grad_accum: int = ranged(2, **POSITIVE)  # micro-batches per optimizer step
     ema_decay: float = ranged(0.995, ge=0.0, le=1.0)
@@ -88,7 +88,7 @@ class OptimConfig:
 
 
 @dataclass
-class DiffusionTrainConfig:
+class DiffusionTrainConfig(RangeChecked):
     output_dir: str = "runs/diffusion"
     autoencoder: str = ""  # frozen stage-1 weights: official AutoencoderModel.ckpt or one of ours
     stage: Stage = "early"

@@ -41,7 +41,7 @@ from backend.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from backend.train.config import NON_NEGATIVE, POSITIVE, PROBABILITY, config_to_dict, ranged
+from backend.train.config import NON_NEGATIVE, POSITIVE, PROBABILITY, RangeChecked, config_to_dict, ranged
 from backend.train.data import DrawSampler, DrawSchedule, SeededDraws
 from backend.train.distributed import start_run, wrap_ddp
 from backend.train.loop import (
@@ -68,7 +68,7 @@ LABEL = {"ge": 0, "why": "label values are whole numbers >= 0"}
 
 
 @dataclass
-class DataConfig:
+class DataConfig(RangeChecked):
     real: str | None = None  # CTs with real tumours: MSD dataset.json, LiTS/KiTS folder list file, AbdomenAtlas tree
     healthy: str | None = None  # healthy CTs (+ organ labels) that receive synthetic tumours
     organ_values: list[int] = ranged(default_factory=lambda: [1], **LABEL)  # raw organ label values in `real`
@@ -93,7 +93,7 @@ class DataConfig:
 
 
 @dataclass
-class SynthesisConfig:
+class SynthesisConfig(RangeChecked):
     enabled: bool = True
     method: Literal["model-based", "diffusion"] = "model-based"
     prob: float = ranged(0.5, **PROBABILITY)  # release: a healthy crop gets a tumour with p 0.5
@@ -105,7 +105,7 @@ class SynthesisConfig:
 
 
 @dataclass
-class SegmentationConfig:
+class SegmentationConfig(RangeChecked):
     organ: str = "liver"
     out_dir: str = "runs/segmentation"
     network: NetworkConfig = field(default_factory=NetworkConfig)

@@ -102,3 +102,15 @@ def test_every_shipped_config_is_within_the_ranges():
         cls = (autoencoder.AutoencoderTrainConfig if path.name.startswith("autoencoder") else
                diffusion.DiffusionTrainConfig if path.name.startswith("diffusion") else segmentation.SegmentationConfig)
         load_config(cls, path)
+
+
+def test_ranges_hold_for_configs_built_in_code():
+    from backend.train.autoencoder import OptimConfig
+    from backend.train.config import ConfigRangeError
+    from backend.train.segmentation import SegmentationConfig
+
+    with pytest.raises(ConfigRangeError, match=r"^lr=-1: must be > 0$"):
+        OptimConfig(lr=-1)
+    with pytest.raises(ConfigRangeError, match=r"^val_overlap=1.0: sliding-window overlap must be in \[0, 1\)$"):
+        SegmentationConfig(val_overlap=1.0)
+    assert OptimConfig(lr=0.5).lr == 0.5
