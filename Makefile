@@ -1,6 +1,6 @@
 # DiffTumor Studio: the two README commands.
 #   make demo   set up .venv (once) and open napari with the CT phantom and the DiffTumor widgets
-#   make test   set up .venv (once) + the virtual-display system packages, run the whole test suite
+#   make test   set up .venv (once) + the virtual-display system packages, run ruff and the whole test suite
 #   make screenshot   re-render docs/img/demo.png (the README picture) on a virtual display
 # Setup is idempotent: a stamp in .venv keyed on pyproject.toml's hash makes a second run take ~1 s.
 # Variables: PYTHON (interpreter for the venv, default: first python3.x >= 3.10 found),
@@ -22,6 +22,7 @@ demo: setup
 	$(VENV)/bin/difftumor demo
 
 test: setup sysdeps
+	$(VENV)/bin/ruff check .
 	xvfb-run -a -s "$(XVFB_SCREEN)" $(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
 
 screenshot: setup sysdeps

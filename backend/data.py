@@ -1,39 +1,58 @@
-"""Dataset listing shared by all training stages.
+"""The case lister: every command that reads a dataset lists its cases here.
 
 :func:`list_cases` turns whatever the user points at into a sorted list of :class:`Case` records
-(image path, optional label path, optional per-organ segmentation folder, a case name). Supported
-sources, detected in this order:
+(image path, optional label path, optional per-organ segmentation folder, optional organ, a case name).
+Supported sources, detected in this order:
 
 1. an MSD ``dataset.json`` (or a folder holding one): ``training`` entries ``{"image", "label"}``,
    paths relative to the JSON's folder (``imagesTr`` / ``labelsTr``);
-2. a list file (any other regular file, e.g. ``.txt``/``.csv``): one case per line, ``image[,label]``
-   (comma or tab separated; ``#`` comments and blank lines ignored; relative paths are taken relative
-   to the list file's folder);
-3. an AbdomenAtlas-style tree: ``<root>/<case>/ct.nii.gz`` with optional ``segmentations/`` (per-organ
-   masks such as ``liver.nii.gz``) and optional ``combined_labels.nii.gz`` (used as ``label``), or
-   ``label.nii.gz`` instead, which makes the output folder of ``difftumor synthesize --ct DIR --n K``
-   (``<case>_s<k>/ct.nii.gz`` + ``label.nii.gz``, 1 organ / 2 tumour) a data source too;
-4. a folder of CT files (``*.nii.gz``, ``*.nii``, ``*.nrrd``, ``*.mha``, ...), labels absent.
+2. a list file (any other regular file, e.g. ``.txt``/``.csv``), in the one list-file format below;
+3. a folder of case folders (AbdomenAtlas-style tree) and/or CT files: ``<root>/<case>/ct.<ext>`` with
+   optional ``segmentations/`` (per-organ masks such as ``liver.nii.gz``) and optional
+   ``combined_labels.nii.gz`` (used as ``label``), or ``label.nii.gz`` instead, which makes the output
+   folder of ``difftumor synthesize --ct DIR --n K`` (``<case>_s<k>/ct.nii.gz`` + ``label.nii.gz``,
+   1 organ / 2 tumour) a data source too;
+   CT files (``*.nii.gz``, ``*.nii``, ``*.nrrd``, ``*.mha``, ...) in the same folder are cases too, labels
+   absent.
+
+With ``labels=FOLDER`` (CTs in one folder, their labels in another, as ``difftumor synthesize --ct DIR
+--organs DIR`` takes them) each case's label is ``FOLDER/<case>.<ext>``, or the case folder
+``FOLDER/<case>/`` (its ``segmentations/`` and ``combined_labels.nii.gz``); for case folders ``FOLDER`` may
+be the CT folder itself.
+
+**List-file format** (one format for every command): one case per line, ``image[,label[,organ]]``, comma-
+or tab-separated; ``#`` starts a comment; blank lines are ignored; relative paths are taken relative to
+the list file's folder; an empty field means "none" (``ct.nii.gz,,liver``). An optional first line
+``image,label,organ`` (any order; ``mask`` is accepted for ``label``) names the columns. An ``image`` may
+name an AbdomenAtlas case folder. Example::
+
+    # image, label, organ
+    imagesTr/liver_1.nii.gz, labelsTr/liver_1.nii.gz, liver
+    /data/atlas/BDMAP_00001
 
 Nothing is read here beyond directory listings (and the JSON/list text); reading and preprocessing
 happen in the stage's transforms. Every problem is one DiffTumorError line naming the path.
 
 Public API::
 
-    Case(image: Path, label: Path | None = None, segmentations: Path | None = None, name: str = "")
-    list_cases(source, *, require_labels=False) -> list[Case]
+    Case(image: Path, label: Path | None = None, segmentations: Path | None = None, name: str = "",
+         organ: str | None = None)
+    list_cases(source, *, labels=None, require_labels=False) -> list[Case]
     split_cases(cases, *, val_fraction=0.1, seed=0, min_val=1) -> (train, val)
+    label_for(case, organ) -> (label file, is a binary organ mask)
+    case_ct_file(folder) -> Path | None       ``folder/ct.<ext>`` of a case folder
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from backend.errors import DiffTumorError
-from backend.io import image_suffix, strip_image_suffix
+from backend.io import IMAGE_SUFFIXES, image_suffix, strip_image_suffix
 
 ATLAS_IMAGE = "ct.nii.gz"
 ATLAS_LABEL = "combined_labels.nii.gz"
@@ -46,6 +65,7 @@ class Case:
     label: Path | None = None
     segmentations: Path | None = None  # AbdomenAtlas per-organ mask folder
     name: str = ""
+    organ: str | None = None  # the organ a list file names for this case (None: the command's --organ)
 
     def as_dict(self) -> dict:
         """MONAI dictionary-transform input: ``{"image": str, "label": str?, "name": str}``."""
@@ -84,37 +104,87 @@ def _from_msd(json_path: Path) -> list[Case]:
     return cases
 
 
+LIST_COLUMNS = ("image", "label", "organ")
+_COLUMN_ALIASES = {"mask": "label"}
+
+
+def _fields(line: str) -> list[str]:
+    return [p.strip() for p in line.replace("\t", ",").split(",")]
+
+
 def _from_list(list_path: Path) -> list[Case]:
     try:
         lines = list_path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DiffTumorError(f"{list_path}: not a readable list file ({type(exc).__name__})") from None
     base = list_path.parent
-    cases = []
+    columns, cases = list(LIST_COLUMNS), []
     for n, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        parts = [p.strip() for p in line.replace("\t", ",").split(",") if p.strip()]
-        if len(parts) > 2:
-            raise DiffTumorError(f"{list_path}: line {n}: expected 'image[,label]', got {len(parts)} fields")
-        img = _resolve(base, parts[0], f"{list_path}: line {n}", "image")
-        lab = _resolve(base, parts[1], f"{list_path}: line {n}", "label") if len(parts) == 2 else None
-        if img.is_dir() and (img / ATLAS_IMAGE).is_file():  # a line may name an AbdomenAtlas case folder
-            cases.append(_atlas_case(img))
+        parts = _fields(line)
+        while parts and not parts[-1]:
+            parts.pop()
+        named = [_COLUMN_ALIASES.get(p.lower(), p.lower()) for p in parts]
+        if not cases and columns == list(LIST_COLUMNS) and "image" in named:  # a header line names the columns
+            unknown = [p for p in named if p not in LIST_COLUMNS]
+            if unknown or len(set(named)) != len(named):
+                raise DiffTumorError(f"{list_path}: line {n}: header columns must be among image, label (or mask), "
+                                     f"organ, each once; got {', '.join(parts)}")
+            columns = named
+            continue
+        if len(parts) > len(columns):
+            raise DiffTumorError(f"{list_path}: line {n}: expected 'image[,label[,organ]]', got {len(parts)} fields")
+        row = dict(zip(columns, parts))
+        if not row.get("image"):
+            raise DiffTumorError(f"{list_path}: line {n}: no image")
+        where = f"{list_path}: line {n}"
+        img = _resolve(base, row["image"], where, "image")
+        lab = _resolve(base, row["label"], where, "label") if row.get("label") else None
+        organ = row.get("organ") or None
+        if img.is_dir() and case_ct_file(img):  # a line may name an AbdomenAtlas case folder
+            cases.append(dataclasses.replace(_atlas_case(img), organ=organ))
         else:
-            cases.append(Case(img, lab, None, strip_image_suffix(img)))
+            cases.append(Case(img, lab, None, strip_image_suffix(img), organ))
     return cases
 
 
-def _atlas_case(case_dir: Path) -> Case:
+def case_ct_file(folder: Path) -> Path | None:
+    """``folder/ct.<ext>``: the CT of an AbdomenAtlas / TotalSegmentator case folder, or None."""
+    return next((folder / f"ct{sfx}" for sfx in IMAGE_SUFFIXES if (folder / f"ct{sfx}").is_file()), None)
+
+
+def _atlas_case(case_dir: Path, name: str | None = None) -> Case:
     seg = case_dir / "segmentations"
     lab = next((p for p in (case_dir / ATLAS_LABEL, case_dir / SYNTHESIZED_LABEL) if p.is_file()), None)
-    return Case(case_dir / ATLAS_IMAGE, lab, seg if seg.is_dir() else None, case_dir.name)
+    return Case(case_ct_file(case_dir) or case_dir / ATLAS_IMAGE, lab, seg if seg.is_dir() else None,
+                name or case_dir.name)
 
 
-def list_cases(source, *, require_labels: bool = False) -> list[Case]:
-    """All cases under ``source`` (see module docstring). Raises one-line DiffTumorErrors."""
+def _pair_labels(cases: list[Case], labels: Path) -> list[Case]:
+    """Each case's label from the folder ``labels``: ``<case>.<ext>`` or the case folder ``<case>/``."""
+    if not labels.is_dir():
+        raise DiffTumorError(f"{labels}: the labels of a CT folder must be a folder too")
+    entries = sorted(p for p in labels.iterdir() if not p.name.startswith("."))
+    files = {strip_image_suffix(p): p for p in entries if p.is_file() and image_suffix(p)}
+    folders = {p.name: p for p in entries if p.is_dir()}
+    out = []
+    for c in cases:
+        if c.name in files:
+            out.append(dataclasses.replace(c, label=files[c.name], segmentations=None))
+        elif c.name in folders:
+            folder = _atlas_case(folders[c.name])
+            out.append(dataclasses.replace(c, label=folder.label, segmentations=folder.segmentations))
+        else:
+            shown = c.image.name if c.image.is_file() else c.name
+            raise DiffTumorError(f"{labels}: no label file or case folder for {shown}")
+    return out
+
+
+def list_cases(source, *, labels=None, require_labels: bool = False) -> list[Case]:
+    """All cases under ``source`` (see module docstring), their labels paired from the folder ``labels`` if
+    given. Raises one-line DiffTumorErrors."""
     src = Path(source).expanduser()
     if not src.exists():
         raise DiffTumorError(f"{src}: data source does not exist")
@@ -128,21 +198,22 @@ def list_cases(source, *, require_labels: bool = False) -> list[Case]:
         else:
             cases = _from_list(src)
     else:
-        atlas = sorted(d for d in src.iterdir() if d.is_dir() and (d / ATLAS_IMAGE).is_file())
-        if atlas:
-            cases = [_atlas_case(d) for d in atlas]
-        else:
-            files = sorted(p for p in src.iterdir() if p.is_file() and image_suffix(p) and not p.name.startswith("."))
-            cases = [Case(p, None, None, strip_image_suffix(p)) for p in files]
+        # case folders (<case>/ct.<ext>) and CT files, side by side as `difftumor synthesize --ct DIR` takes them
+        entries = sorted(p for p in src.iterdir() if not p.name.startswith("."))
+        cases = [_atlas_case(p) if p.is_dir() else Case(p, None, None, strip_image_suffix(p)) for p in entries
+                 if (p.is_dir() and case_ct_file(p)) or (p.is_file() and image_suffix(p))]
     if not cases:
         raise DiffTumorError(
             f"{src}: no CT images found (expected image files, <case>/{ATLAS_IMAGE} folders, an MSD dataset.json "
             "or a list file)"
         )
+    if labels is not None:
+        cases = _pair_labels(cases, Path(labels).expanduser())
     if require_labels:
         missing = [c for c in cases if c.label is None and c.segmentations is None]
         if missing:
-            raise DiffTumorError(f"{src}: {len(missing)} of {len(cases)} cases have no label (first: {missing[0].image})")
+            raise DiffTumorError(f"{src}: {len(missing)} of {len(cases)} cases have no label "
+                                 f"(first: {missing[0].image})")
     return cases
 
 
@@ -158,3 +229,15 @@ def split_cases(cases: list[Case], *, val_fraction: float = 0.1, seed: int = 0, 
     val = sorted(order[:n_val])
     train = sorted(order[n_val:])
     return [cases[i] for i in train], [cases[i] for i in val]
+
+
+def label_for(case: Case, organ: str) -> tuple[str, bool]:
+    """(label file, is a binary organ mask) of ``case`` for ``organ``: AbdomenAtlas cases use
+    ``segmentations/<organ>.nii.gz`` (a 0/1 organ mask) when it exists, else their label file."""
+    if case.segmentations is not None:
+        p = Path(case.segmentations) / f"{organ}.nii.gz"
+        if p.is_file():
+            return str(p), True
+    if case.label is not None:
+        return str(case.label), False
+    raise DiffTumorError(f"{case.image}: case has no label and no segmentations/{organ}.nii.gz")

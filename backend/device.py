@@ -133,7 +133,8 @@ def is_oom(exc: BaseException) -> bool:
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
     if oom is not None and isinstance(exc, oom):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower() and ("cuda" in str(exc).lower() or "mps" in str(exc).lower())
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and "out of memory" in text and ("cuda" in text or "mps" in text)
 
 
 @contextlib.contextmanager

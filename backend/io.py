@@ -529,16 +529,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file in the same folder, flushed to disk,
     then :func:`os.replace`; a failure leaves the old file (or none) and no temporary behind."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     return path
 
 
@@ -592,17 +586,13 @@ def write_image(
 
     # Keep the real ending on the temporary name so SimpleITK picks the right writer; let the
     # writer create it (mkstemp would leave mode 0600 on the result).
-    tmp = str(target.parent / f".{strip_image_suffix(target)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
-        sitk.WriteImage(volume.to_sitk(), tmp, useCompression=compress)
-        os.replace(tmp, target)
+        with atomic_write(target, suffix=f".tmp{suffix}") as tmp:
+            sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=compress)
     except RuntimeError as exc:
         raise DiffTumorError(f"{target}: cannot write image ({_itk_reason(exc)})") from None
     except OSError as exc:
         raise DiffTumorError(os_error_message(exc, target)) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
@@ -611,3 +601,29 @@ def _same_file(a: Path, b: Path) -> bool:
         return b.exists() and os.path.samefile(a, b)
     except OSError:
         return Path(os.path.abspath(a)) == Path(os.path.abspath(b))
+
+
+class atomic_write:  # noqa: N801 - used like open(): ``with atomic_write(path) as tmp: ...``
+    """Write a file atomically: ``with atomic_write(path) as tmp: save(tmp)``.
+
+    ``tmp`` is a fresh temporary path in ``path``'s folder (ending in ``suffix``, so that writers that pick
+    a format from the name see the right one). When the block ends without an error, ``tmp`` replaces
+    ``path`` (:func:`os.replace`: readers see the old file or the new one, never half of one); on an error
+    the temporary file is removed and ``path`` is left as it was.
+    """
+
+    def __init__(self, path: PathLike, *, suffix: str = ".tmp"):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if self.tmp.exists():
+                self.tmp.unlink()
+        return False

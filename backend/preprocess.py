@@ -16,9 +16,9 @@ keeps the first voxel *centre* of the oriented image and extends (whole 1 mm ste
 half source voxel, so the whole field of view is covered; points beyond the source take the nearest
 source voxel (never a fill value). Whenever the source spacing is a whole multiple of 1 mm (e.g. the
 usual 1, 2, 3, 5 mm slices), every source voxel centre is also a model voxel centre and going back
-is exact up to float32 rounding; otherwise it is a second linear interpolation. Labels come back exactly whenever the source spacing is
->= the model spacing (no label is lost by upsampling). Data that is already at the target spacing
-is only re-oriented (no interpolation at all, exact both ways); :func:`reorient_only` forces that.
+is exact up to float32 rounding; otherwise it is a second linear interpolation. Labels come back exactly
+whenever the source spacing is >= the model spacing (no label is lost by upsampling). Data that is already
+at the target spacing is only re-oriented (no interpolation at all, exact both ways); :func:`reorient_only` forces that.
 
 **HU windows**: [-175, 250] HU -> [-1, 1] (autoencoder/diffusion) or [0, 1] (segmentation).
 Values outside the window are clipped, so :func:`unit_to_hu` inverts :func:`hu_to_unit` exactly
@@ -198,20 +198,29 @@ def _clip(x, lo: float, hi: float):
 
 def _as_float(x):
     if isinstance(x, (np.ndarray, np.generic, int, float, list, tuple)):
-        return np.asarray(x, dtype=np.float32)
+        return np.asarray(x, dtype=np.float64)  # numpy: computed in float64, returned as float32
     return x.float() if hasattr(x, "float") else x  # torch tensor
 
 
-def hu_to_unit(hu, range: UnitRange = "[-1,1]"):
-    """Clip HU to [-175, 250] and map linearly to [-1, 1] or [0, 1] (numpy -> float32, torch stays torch)."""
-    _check_range(range)
-    u = (_clip(_as_float(hu), HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)
-    return u * 2.0 - 1.0 if range == "[-1,1]" else u
+def _as_output(u):
+    return u.astype(np.float32) if isinstance(u, np.ndarray) else u
 
 
-def unit_to_hu(unit, range: UnitRange = "[-1,1]"):
-    """Inverse of :func:`hu_to_unit`: [-1, 1] or [0, 1] (clipped) -> HU in [-175, 250]."""
+def hu_to_unit(hu, range: UnitRange = "[-1,1]", *, window: tuple[float, float] = (HU_MIN, HU_MAX)):
+    """Clip HU to ``window`` ([-175, 250] unless a config sets another) and map it linearly to [-1, 1]
+    (autoencoder, diffusion) or [0, 1] (segmentation). numpy in -> float32 out (computed in float64);
+    a torch tensor stays a tensor of its float dtype. The one HU window of the project: the synthesis
+    engine, the trainers and segmentation inference all call it."""
     _check_range(range)
+    lo, hi = float(window[0]), float(window[1])
+    u = (_clip(_as_float(hu), lo, hi) - lo) / (hi - lo)
+    return _as_output(u * 2.0 - 1.0 if range == "[-1,1]" else u)
+
+
+def unit_to_hu(unit, range: UnitRange = "[-1,1]", *, window: tuple[float, float] = (HU_MIN, HU_MAX)):
+    """Inverse of :func:`hu_to_unit`: [-1, 1] or [0, 1] (clipped) -> HU in ``window``."""
+    _check_range(range)
+    lo, hi = float(window[0]), float(window[1])
     u = _as_float(unit)
     u = _clip((u + 1.0) * 0.5, 0.0, 1.0) if range == "[-1,1]" else _clip(u, 0.0, 1.0)
-    return u * (HU_MAX - HU_MIN) + HU_MIN
+    return _as_output(u * (hi - lo) + lo)

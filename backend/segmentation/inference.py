@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def load_segmentation_model(path, device):
     """(model in eval mode, checkpoint dict) from a ``difftumor train segmentation`` checkpoint."""
     from backend.segmentation.networks import NetworkConfig, build_network
-    from backend.train.common import load_checkpoint
+    from backend.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path)
     if ck.get("stage") != "segmentation":
@@ -48,12 +48,11 @@ def predict_volume(model, ct, *, roi_size, overlap: float, sw_batch_size: int, d
     """Label map (z, y, x) uint8 on ``ct``'s grid: model space -> sliding window -> argmax -> back."""
     from monai.inferers import sliding_window_inference
 
-    from backend.preprocess import from_model_space, to_model_space
+    from backend.preprocess import from_model_space, hu_to_unit, to_model_space
 
     ms = to_model_space(ct)
-    lo, hi = hu_range
-    x = np.clip((ms.array.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
-    xt = torch.from_numpy(x)[None, None].to(device)  # (1, 1, X, Y, Z)
+    x = hu_to_unit(torch.from_numpy(ms.array.astype(np.float32)), "[0,1]", window=hu_range)
+    xt = x[None, None].to(device)  # (1, 1, X, Y, Z)
     logits = sliding_window_inference(xt, tuple(roi_size), sw_batch_size, model, overlap=overlap, mode="gaussian")
     pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()  # (X, Y, Z)
     return from_model_space(pred, ms, is_label=True, dtype=np.uint8)
@@ -66,7 +65,7 @@ def predict_dataset(model_path, data, out_dir, *, folds=None, fold=None, overlap
     from backend.device import resolve_device
     from backend.io import check_same_grid, read_image, write_image
     from backend.segmentation.evaluate import read_fold_file, select_fold
-    from backend.train.segmentation import _label_for
+    from backend.data import label_for as _label_for
 
     if not 0.0 <= overlap < 1.0:
         raise DiffTumorError(f"--overlap: must be in [0, 1), got {overlap}")

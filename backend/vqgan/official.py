@@ -177,7 +177,7 @@ def _find_state(path: Path, obj) -> tuple[dict, VQGANConfig | None, dict]:
         cfg = hp.get("cfg") if isinstance(hp, dict) else None
         info = {"format": "lightning", "global_step": obj.get("global_step"), "cfg": cfg}
         return dict(obj["state_dict"]), official_config(cfg) if cfg else None, info
-    if "model" in obj and "model_config" in obj:  # our own checkpoint (backend.train.common)
+    if "model" in obj and "model_config" in obj:  # our own checkpoint (backend.checkpoint)
         if obj.get("stage", "autoencoder") != "autoencoder":  # its model_config is another network's
             raise DiffTumorError(f"{path}: is a {obj.get('stage')} training checkpoint, not an autoencoder (give "
                                  "AutoencoderModel.ckpt or an autoencoder run's checkpoint_last.pt)")

@@ -62,9 +62,41 @@ def test_output_into_a_closed_pipe_ends_quietly(totalseg_seg):
     import subprocess
     import sys
 
-    code = f"import sys; from backend.cli import entry; sys.argv = ['difftumor', 'info', {str(totalseg_seg)!r}]; entry()"
+    code = ("import sys; from backend.cli import entry; "
+            f"sys.argv = ['difftumor', 'info', {str(totalseg_seg)!r}]; entry()")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the command writes anything
     err = proc.stderr.read().decode("utf-8", "replace")
     assert proc.wait(timeout=60) == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+HEAVY = ("torch", "monai", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "difftumor_napari", "vispy")
+
+
+def _imported_after(code: str) -> list[str]:
+    """The heavy packages a fresh interpreter holds after running ``code``."""
+    import subprocess
+    import sys
+
+    probe = f"{code}\nimport sys\nprint('HEAVY:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("HEAVY:")][-1]
+    return [m for m in line[len("HEAVY:"):].split(",") if m]
+
+
+def test_help_and_parser_import_neither_torch_nor_qt():
+    """The command line is the top layer: building every subcommand's parser and printing the help of the
+    command and of each subcommand group loads neither torch (seconds) nor a GUI toolkit."""
+    code = ("import contextlib, io\nfrom backend.cli import build_parser, main\nbuild_parser()\n"
+            "for argv in (['--help'], ['train', '--help'], ['train', 'diffusion', '--help'], ['study', '--help'],"
+            " ['weights', '--help'], ['synthesize', '--help'], ['evaluate', '--help'], ['demo', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main(argv)")
+    assert _imported_after(code) == []
+
+
+def test_info_imports_neither_torch_nor_qt(totalseg_ct):
+    code = f"from backend.cli import main\nassert main(['info', {str(totalseg_ct)!r}]) == 0"
+    assert _imported_after(code) == []

@@ -60,9 +60,46 @@ def test_list_file(tmp_path):
     cases = list_cases(lst)
     assert [(c.image, c.label) for c in cases[:2]] == [(img, lab), (img, None)]
     assert cases[2].name == "C3"
-    lst.write_text("data/ct1.nii.gz,a,b\n", encoding="utf-8")
-    with pytest.raises(DiffTumorError, match="line 1: expected 'image\\[,label\\]'"):
+    assert all(c.organ is None for c in cases)
+    lst.write_text("data/ct1.nii.gz,data/seg1.nii.gz,liver,extra\n", encoding="utf-8")
+    with pytest.raises(DiffTumorError, match=r"line 1: expected 'image\[,label\[,organ\]\]', got 4 fields"):
         list_cases(lst)
+
+
+def test_list_file_organ_column_and_header(tmp_path):
+    """The one list-file format also carries what a reader study needs: an organ per case, a header naming
+    the columns (``mask`` is read as ``label``), empty fields for "none"."""
+    img = _touch(tmp_path / "ct1.nii.gz")
+    lab = _touch(tmp_path / "seg1.nii.gz")
+    lst = tmp_path / "cases.csv"
+    lst.write_text("ct1.nii.gz,seg1.nii.gz,pancreas\nct1.nii.gz,,kidney\n", encoding="utf-8")
+    assert [(c.image, c.label, c.organ) for c in list_cases(lst)] == [(img, lab, "pancreas"), (img, None, "kidney")]
+    lst.write_text("organ,image,mask\nliver,ct1.nii.gz,seg1.nii.gz\n,ct1.nii.gz\n", encoding="utf-8")
+    assert [(c.image, c.label, c.organ) for c in list_cases(lst)] == [(img, lab, "liver"), (img, None, None)]
+    lst.write_text("image,labels\nct1.nii.gz,seg1.nii.gz\n", encoding="utf-8")
+    with pytest.raises(DiffTumorError, match=r"cases.csv: line 1: header columns must be among image, label"):
+        list_cases(lst)
+    lst.write_text("image,label\n,seg1.nii.gz\n", encoding="utf-8")
+    with pytest.raises(DiffTumorError, match=r"cases.csv: line 2: no image"):
+        list_cases(lst)
+
+
+def test_ct_folder_with_a_separate_labels_folder(tmp_path):
+    """CTs in one folder, labels in another (as ``synthesize --ct DIR --organs DIR`` takes them): a label file
+    of the same name or a case folder; case folders may hold ct.<any image ending>."""
+    cts, labs = tmp_path / "ct", tmp_path / "labels"
+    _touch(cts / "a.nii.gz")
+    _touch(cts / "b" / "ct.nrrd")
+    _touch(labs / "a.nii.gz")
+    _touch(labs / "b" / "segmentations" / "liver.nii.gz")
+    cases = list_cases(cts, labels=labs, require_labels=True)
+    assert [c.name for c in cases] == ["a", "b"] and cases[1].image == cts / "b" / "ct.nrrd"
+    assert cases[0].label == labs / "a.nii.gz" and cases[1].segmentations == labs / "b" / "segmentations"
+    _touch(cts / "c.mha")
+    with pytest.raises(DiffTumorError, match=r"labels: no label file or case folder for c.mha"):
+        list_cases(cts, labels=labs)
+    with pytest.raises(DiffTumorError, match=r"a.nii.gz: the labels of a CT folder must be a folder too"):
+        list_cases(cts, labels=labs / "a.nii.gz")
 
 
 def test_empty_and_missing(tmp_path):

@@ -59,7 +59,8 @@ def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     if DIFFTUMOR is None:
         pytest.skip("the difftumor console script is not installed")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([*TORCHRUN, DIFFTUMOR, *args], cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace",
+    proc = subprocess.run([*TORCHRUN, DIFFTUMOR, *args], cwd=tmp_path, env=env, capture_output=True, encoding="utf-8",
+                          errors="replace",
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -85,7 +86,7 @@ def test_autoencoder_trains_under_torchrun(tmp_path, msd):
 
 
 def test_diffusion_trains_under_torchrun(tmp_path, msd):
-    from backend.train.common import save_checkpoint
+    from backend.checkpoint import save_checkpoint
     from backend.vqgan.model import VQGAN, VQGANConfig
 
     torch.manual_seed(0)
@@ -120,7 +121,7 @@ def test_segmentation_trains_under_torchrun(tmp_path, msd):
 def test_resume_under_torchrun_equals_uninterrupted(tmp_path, msd):
     """Each rank resumes its own random stream (noise, timesteps): rank 1 used to get rank 0's saved RNG
     state, so after --resume both ranks drew the same noise and the run left the uninterrupted one."""
-    from backend.train.common import save_checkpoint
+    from backend.checkpoint import save_checkpoint
     from backend.vqgan.model import VQGAN, VQGANConfig
 
     torch.manual_seed(0)

@@ -105,7 +105,8 @@ def test_synthetic_oblique_non_unit_round_trip():
     smooth = (L + 2 * P - S).astype(np.float32)  # linear in world space: linear interpolation is exact
     m = to_model_space(Volume(smooth, g))
     assert np.allclose(m.geometry.spacing, 1.0)
-    np.testing.assert_allclose(np.reshape(m.geometry.direction, (3, 3)), _rotation_z(17) @ np.reshape(RAS, (3, 3)), atol=1e-12)
+    np.testing.assert_allclose(np.reshape(m.geometry.direction, (3, 3)), _rotation_z(17) @ np.reshape(RAS, (3, 3)),
+                               atol=1e-12)
     # model voxels hold the same world function: orientation and origin are right
     idx = np.stack(np.meshgrid(*(np.arange(n) for n in m.array.shape), indexing="ij"), -1).reshape(-1, 3)
     w = m.geometry.voxel_to_world(idx)

@@ -7,10 +7,11 @@ import csv
 import pytest
 import torch
 
+from backend.checkpoint import load_checkpoint
 from backend.cli import main
 from backend.errors import DiffTumorError
 from backend.train.autoencoder import AutoencoderTrainConfig, train
-from backend.train.common import load_checkpoint, load_config
+from backend.train.config import load_config
 from backend.vqgan import load_autoencoder
 
 TINY = [
@@ -117,7 +118,7 @@ def test_resume_with_other_settings_is_one_line(data_dir, tmp_path, overrides, e
 
 def test_init_from_another_stage_checkpoint_is_one_line(data_dir, tmp_path):
     """init_from= a diffusion (or segmentation) checkpoint used to end in a VQGANConfig TypeError traceback."""
-    from backend.train.common import save_checkpoint
+    from backend.checkpoint import save_checkpoint
 
     other = save_checkpoint(tmp_path / "diffusion.pt", stage="diffusion", config={}, model_config={"dim": 8}, step=1,
                             model={})

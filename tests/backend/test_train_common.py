@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 import signal
 from dataclasses import dataclass, field
 from typing import Literal
@@ -12,22 +13,20 @@ import numpy as np
 import pytest
 import torch
 
+from backend.checkpoint import load_checkpoint, save_checkpoint
 from backend.errors import DiffTumorError
-from backend.train.common import (
-    DrawSchedule,
-    GracefulInterrupt,
-    MetricsWriter,
+from backend.train.checkpoint import resume_lr_scheduler, rng_state, seed_everything, set_rng_state
+from backend.train.config import (
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
     config_to_dict,
-    load_checkpoint,
     load_config,
-    parse_overrides,
-    resume_lr_scheduler,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-    setup_distributed,
+    ranged,
 )
+from backend.train.data import DrawSchedule
+from backend.train.distributed import setup_distributed
+from backend.train.loop import GracefulInterrupt, MetricsWriter
 
 
 @dataclass
@@ -147,9 +146,11 @@ def _multistep(opt, milestones):
     [
         # `train segmentation max_steps=12 --resume` after 8 steps (was: LR 0 at step 8, then climbing again)
         (lambda o: _warmup_cosine(o, 2, 8), lambda o: _warmup_cosine(o, 2, 12), ["t_total 8 -> 12"]),
-        (lambda o: _warmup_cosine(o, 2, 8), lambda o: _warmup_cosine(o, 3, 20), ["warmup_steps 2 -> 3", "t_total 8 -> 20"]),
+        (lambda o: _warmup_cosine(o, 2, 8), lambda o: _warmup_cosine(o, 3, 20),
+         ["warmup_steps 2 -> 3", "t_total 8 -> 20"]),
         # chained schedule: the LR is rebuilt from the config, not from the optimizer's restored LR
-        (lambda o: _multistep(o, (3, 6)), lambda o: _multistep(o, (3, 10)), ["milestones Counter({3: 1, 6: 1}) -> Counter({3: 1, 10: 1})"]),
+        (lambda o: _multistep(o, (3, 6)), lambda o: _multistep(o, (3, 10)),
+         ["milestones Counter({3: 1, 6: 1}) -> Counter({3: 1, 10: 1})"]),
     ],
 )
 @pytest.mark.parametrize("new_lr", [1e-2, 5e-3])
@@ -227,7 +228,7 @@ def test_seeded_draws_resume_the_dataloader_stream_exactly(workers):
     from monai.data import CacheDataset
     from monai.transforms import Compose, RandGaussianNoised, ScaleIntensityd
 
-    from backend.train.common import DrawSampler, SeededDraws
+    from backend.train.data import DrawSampler, SeededDraws
 
     items = [{"x": torch.full((1, 4, 4), float(i)), "i": i} for i in range(5)]
     ds = CacheDataset(items, Compose([ScaleIntensityd("x", minv=None, maxv=None, factor=0.0),
@@ -248,7 +249,8 @@ def test_seeded_draws_resume_the_dataloader_stream_exactly(workers):
 
 
 def test_training_loop_logs_on_schedule_and_stops_on_ctrl_c(tmp_path):
-    from backend.train.common import DistInfo, TrainingLoop
+    from backend.train.distributed import DistInfo
+    from backend.train.loop import TrainingLoop
 
     step, logged = 0, []
     with TrainingLoop(DistInfo(), tmp_path / "m.csv", step=0, max_steps=7, log_every=3, desc="t") as loop:
@@ -269,7 +271,7 @@ def test_training_loop_logs_on_schedule_and_stops_on_ctrl_c(tmp_path):
 
 
 def test_resume_checkpoint_must_come_from_the_same_stage(tmp_path):
-    from backend.train.common import load_resume_checkpoint
+    from backend.train.checkpoint import load_resume_checkpoint
 
     save_checkpoint(tmp_path / "last.pt", stage="diffusion", config={}, step=3, model={})
     assert load_resume_checkpoint("last", tmp_path / "last.pt", "diffusion")["step"] == 3
@@ -293,7 +295,8 @@ def test_setup_single_process_cpu(monkeypatch):
 
 def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
     """A run killed after its step-3 checkpoint had logged steps 4-5; the resumed run logs them again."""
-    from backend.train.common import DistInfo, TrainingLoop
+    from backend.train.distributed import DistInfo
+    from backend.train.loop import TrainingLoop
 
     w = MetricsWriter(tmp_path / "m.csv")
     for s in range(1, 6):
@@ -310,7 +313,8 @@ def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
 
 
 def test_training_loop_removes_the_folder_it_created_when_nothing_was_trained(tmp_path):
-    from backend.train.common import DistInfo, TrainingLoop
+    from backend.train.distributed import DistInfo
+    from backend.train.loop import TrainingLoop
 
     out = tmp_path / "run"
     with pytest.raises(DiffTumorError, match="no usable case"):
@@ -325,7 +329,7 @@ def test_training_loop_removes_the_folder_it_created_when_nothing_was_trained(tm
 
 
 def test_check_resume_names_the_file_and_every_changed_setting(tmp_path):
-    from backend.train.common import check_resume
+    from backend.train.checkpoint import check_resume
 
     ckpt = {"step": 7, "config": {"stage": "early", "data": {"organ": "liver"}},
             "model_config": {"dim": 8, "dim_mults": [1, 2], "channels": 17}}
@@ -344,15 +348,34 @@ def test_check_resume_names_the_file_and_every_changed_setting(tmp_path):
         check_resume("ck.pt", ckpt, same, saved={"T": 4}, max_steps=7)
 
 
-def test_positive_settings_and_output_dir_are_checked_in_one_line(tmp_path):
-    from backend.train.common import check_output_dir, check_positive
+@dataclass
+class Ranged:
+    steps: int = ranged(10, **POSITIVE)
+    every: int = ranged(0, **NON_NEGATIVE)
+    p: float = ranged(0.5, **PROBABILITY)
+    crop: tuple[int, ...] = ranged((8, 8), **POSITIVE)
+    scale: float = 1.0  # no declared range: still has to be finite
+    inner: Inner = field(default_factory=Inner)
 
-    cfg = load_config(Outer, None, ["steps=0"])
-    with pytest.raises(DiffTumorError, match=r"^steps=0: must be a positive integer$"):
-        check_positive(cfg, "steps")
-    check_positive(cfg, zero_ok=("steps",))
-    with pytest.raises(DiffTumorError, match=r"^steps=-1: must be 0 or more$"):
-        check_positive(load_config(Outer, None, ["steps=-1"]), zero_ok=("steps",))
+
+@pytest.mark.parametrize("override, message", [
+    ("steps=0", "steps=0: must be a positive integer"),
+    ("every=-1", "every=-1: must be 0 or more"),
+    ("p=1.5", "p=1.5: must be a probability in [0, 1]"),
+    ("p=.nan", "p=nan: must be a finite number"),
+    ("crop=[8,0]", "crop=[8, 0]: each value must be a positive integer"),
+    ("scale=.inf", "scale=inf: must be a finite number"),
+    ("inner.lr=.nan", "inner.lr=nan: must be a finite number"),
+])
+def test_declared_ranges_are_checked_where_the_config_is_built(override, message):
+    with pytest.raises(DiffTumorError, match=f"^{re.escape(message)}$"):
+        load_config(Ranged, None, [override])
+    assert load_config(Ranged, None, ["steps=1", "every=0", "p=1", "crop=[1]"]).steps == 1
+
+
+def test_output_dir_is_checked_in_one_line(tmp_path):
+    from backend.train.loop import check_output_dir
+
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(DiffTumorError, match=r"output_dir=.*f\.txt: exists and is not a folder"):
         check_output_dir(tmp_path / "f.txt")
@@ -381,7 +404,7 @@ def test_unreadable_checkpoint_gives_a_short_cause(tmp_path, content, cause):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_error_names_the_config_key():
-    from backend.train.common import start_run
+    from backend.train.distributed import start_run
 
     with pytest.raises(DiffTumorError, match=r"^device=cuda: no CUDA GPU .*; use device=cpu$"):
         start_run("cuda", seed=0)
@@ -392,7 +415,8 @@ def test_fresh_run_starts_its_csvs_afresh_and_writes_its_config(tmp_path):
     to append to that attempt's CSVs."""
     from dataclasses import dataclass
 
-    from backend.train.common import DistInfo, TrainingLoop
+    from backend.train.distributed import DistInfo
+    from backend.train.loop import TrainingLoop
 
     @dataclass
     class Cfg:
@@ -413,12 +437,13 @@ def test_fresh_run_starts_its_csvs_afresh_and_writes_its_config(tmp_path):
         loop.log_validation(step, {"val_dsc": 0.25})
     rows = list(csv.DictReader(open(tmp_path / "m.csv", encoding="utf-8")))
     assert [(r["step"], r["loss"]) for r in rows] == [("1", "0.5"), ("2", "0.5")] and "old" not in rows[0]
-    assert list(csv.DictReader(open(tmp_path / "val_metrics.csv", encoding="utf-8"))) == [{"step": "2", "val_dsc": "0.25"}]
+    rows = list(csv.DictReader(open(tmp_path / "val_metrics.csv", encoding="utf-8")))
+    assert rows == [{"step": "2", "val_dsc": "0.25"}]
     assert load_config(Cfg, tmp_path / "config.yaml") == Cfg()
 
 
 def test_fresh_run_over_a_checkpoint_is_refused(tmp_path):
-    from backend.train.common import refuse_fresh_run_over
+    from backend.train.checkpoint import refuse_fresh_run_over
 
     refuse_fresh_run_over(tmp_path / "last.pt", "out_dir")  # nothing there: fine
     save_checkpoint(tmp_path / "last.pt", stage="segmentation", config={}, step=3, model={})
@@ -432,7 +457,8 @@ def test_log_lines_do_not_break_the_progress_bar(tmp_path, monkeypatch):
 
     import tqdm
 
-    from backend.train.common import DistInfo, TrainingLoop
+    from backend.train.distributed import DistInfo
+    from backend.train.loop import TrainingLoop
 
     written = []
     monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False:
@@ -447,3 +473,52 @@ def test_log_lines_do_not_break_the_progress_bar(tmp_path, monkeypatch):
     finally:
         root.removeHandler(handler)
     assert any("skipping a case" in s for s in written)
+
+
+class _RecordingScaler:
+    """Stands in for an enabled torch.amp.GradScaler (CUDA only) and records the calls of one step."""
+
+    def __init__(self):
+        self.calls = []
+
+    def scale(self, loss):
+        self.calls.append("scale")
+        return loss * 4.0
+
+    def unscale_(self, optimizer):
+        self.calls.append("unscale")
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad.div_(4.0)
+
+    def step(self, optimizer):
+        self.calls.append("step")
+        optimizer.step()
+
+    def update(self):
+        self.calls.append("update")
+
+
+def test_optimizer_step_backpropagates_clips_steps_and_updates_the_scaler():
+    from backend.train.loop import optimizer_step
+
+    model = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.weight.grad = torch.full_like(model.weight, 100.0)  # stale: zeroed before the backward pass
+    scaler, hook = _RecordingScaler(), []
+    loss = (model(torch.tensor([[3.0, 0.0, 4.0]])) ** 1).sum()  # d loss / d w = (3, 0, 4), norm 5
+    optimizer_step(opt, list(model.parameters()), loss=loss, scaler=scaler, clip=1.0,
+                   before_unscale=lambda: hook.append(model.weight.grad.clone()))
+    assert scaler.calls == ["scale", "unscale", "step", "update"]
+    assert torch.allclose(hook[0], torch.tensor([[12.0, 0.0, 16.0]]))  # scaled gradient, before unscaling
+    assert torch.allclose(model.weight, torch.tensor([[1 - 0.6, 1.0, 1 - 0.8]]))  # clipped to norm 1, then SGD
+
+    # no loss: the gradients are already accumulated; no clipping at clip=0; update=False leaves the scaler
+    model.weight.grad = torch.tensor([[10.0, 0.0, 0.0]])
+    scaler = _RecordingScaler()
+    optimizer_step(opt, list(model.parameters()), scaler=scaler, clip=0.0, update=False)
+    assert scaler.calls == ["step"] and torch.allclose(model.weight, torch.tensor([[0.4 - 10.0, 1.0, 0.2]]))
+    optimizer_step(opt, list(model.parameters()))  # fp32 without a scaler: a plain step
+    assert torch.allclose(model.weight, torch.tensor([[0.4 - 20.0, 1.0, 0.2]]))

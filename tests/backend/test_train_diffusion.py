@@ -10,12 +10,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from backend.checkpoint import save_checkpoint
 from backend.cli import main
 from backend.diffusion.inferer import DiffusionInferer
 from backend.diffusion.official import load_diffusion
 from backend.errors import DiffTumorError
-from backend.train.common import load_config, save_checkpoint
-from backend.train.diffusion import DiffusionTrainConfig, tumour_components, train
+from backend.train.config import load_config
+from backend.train.diffusion import DiffusionTrainConfig, train, tumour_components
 from backend.vqgan.model import VQGAN, VQGANConfig
 
 TINY = [
@@ -188,7 +189,8 @@ def test_resume_refuses_changed_settings_and_another_autoencoder(tmp_path, msd, 
     torch.manual_seed(1)  # same architecture, other weights: another latent space
     other = tmp_path / "other_ae.pt"
     cfg = VQGANConfig(n_hiddens=8, num_groups=8, downsample=(4, 4, 4), embedding_dim=8, n_codes=64)
-    save_checkpoint(other, stage="autoencoder", config={}, model_config=cfg.to_dict(), step=0, model=VQGAN(cfg).state_dict())
+    save_checkpoint(other, stage="autoencoder", config={}, model_config=cfg.to_dict(), step=0,
+                    model=VQGAN(cfg).state_dict())
     line = _error(capsys, [*base, f"autoencoder={other}", "max_steps=4", "--resume"])
     assert f"autoencoder={other.resolve()}: {ck_path} was trained with another autoencoder, {tiny_ae.resolve()}" in line
 
@@ -205,7 +207,8 @@ def test_resume_refuses_changed_settings_and_another_autoencoder(tmp_path, msd, 
 def test_bad_settings_are_one_line_and_create_nothing(tmp_path, msd, tiny_ae, capsys):
     base = ["train", "diffusion", *TINY, f"data.source={msd}", f"autoencoder={tiny_ae}"]
     main([*base, f"output_dir={tmp_path / 'df'}", "max_steps=1"])
-    line = _error(capsys, [*base, f"output_dir={tmp_path / 'x'}", f"autoencoder={tmp_path / 'df' / 'checkpoint_last.pt'}"])
+    line = _error(capsys, [*base, f"output_dir={tmp_path / 'x'}",
+                           f"autoencoder={tmp_path / 'df' / 'checkpoint_last.pt'}"])
     assert "is a diffusion training checkpoint, not an autoencoder" in line
     assert "'lung' is not allowed; allowed: 'liver', 'pancreas', 'kidney'" in _error(capsys, [*base, "data.organ=lung"])
     assert "data.batch_size=0: must be a positive integer" in _error(capsys, [*base, f"output_dir={tmp_path / 'x'}",
@@ -215,3 +218,16 @@ def test_bad_settings_are_one_line_and_create_nothing(tmp_path, msd, tiny_ae, ca
     assert not (tmp_path / "x").exists()
     (tmp_path / "file.txt").write_text("x")
     assert "exists and is not a folder" in _error(capsys, [*base, f"output_dir={tmp_path / 'file.txt'}", "max_steps=1"])
+
+
+def test_organ_label_absent_from_the_data_is_refused(tmp_path, msd, tiny_ae, capsys):
+    """Issue 14 defect 5: data.organ_labels naming a value no label map holds trained silently without an
+    organ; it is refused as a wrong tumour label is, in one line naming the label and the files checked."""
+    out = tmp_path / "o"
+    with pytest.raises(DiffTumorError) as err:
+        train(_cfg(out, msd, tiny_ae, "max_steps=1", "data.organ_labels=[9]"))
+    line = str(err.value)
+    expected = f"{msd}: data.organ_labels=[9]: no label map with a tumour holds the organ (checked 3: "
+    assert line.startswith(expected), line
+    assert "case0.nii.gz" in line and "the label map holds [0, 1, 2]" in line, line
+    assert not out.exists()

@@ -76,7 +76,7 @@ def test_train_resume_and_evaluate_end_to_end(toy, tmp_path):
 def test_resume_after_a_crash_continues_the_same_data_stream(toy, tmp_path, monkeypatch):
     """A run that crashes after step 3 (last save: step 2) and is resumed ends with the same weights as an
     uninterrupted run: the crops, augmentations and synthetic tumours of steps 3-4 are the same draws."""
-    from backend.train import common as train_common
+    from backend.train import loop as train_loop
 
     def args(out):
         return ["--config", str(TINY_CONFIG), f"data.real={toy['real']}", f"data.healthy={toy['healthy']}",
@@ -84,20 +84,21 @@ def test_resume_after_a_crash_continues_the_same_data_stream(toy, tmp_path, monk
                 "log_every=1", "synthesis.prob=1.0", "data.cache_rate=0"]
 
     assert cli(["train", "segmentation", *args(tmp_path / "straight")]) == 0
-    write = train_common.MetricsWriter.write
+    write = train_loop.MetricsWriter.write
 
     def crash_at_step_3(self, step, metrics):
         if step == 3:
             raise RuntimeError("simulated crash")
         return write(self, step, metrics)
 
-    monkeypatch.setattr(train_common.MetricsWriter, "write", crash_at_step_3)
+    monkeypatch.setattr(train_loop.MetricsWriter, "write", crash_at_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         cli(["train", "segmentation", *args(tmp_path / "crashed")])
-    monkeypatch.setattr(train_common.MetricsWriter, "write", write)
+    monkeypatch.setattr(train_loop.MetricsWriter, "write", write)
     assert torch.load(tmp_path / "crashed" / "last.pt", map_location="cpu", weights_only=False)["step"] == 2
     assert cli(["train", "segmentation", *args(tmp_path / "crashed"), "--resume"]) == 0
-    a, b = (torch.load(tmp_path / r / "last.pt", map_location="cpu", weights_only=False) for r in ("crashed", "straight"))
+    a, b = (torch.load(tmp_path / r / "last.pt", map_location="cpu", weights_only=False)
+            for r in ("crashed", "straight"))
     assert a["step"] == b["step"] == 4 and a["draws"] == b["draws"] == 8
     for k, v in a["model"].items():
         assert torch.allclose(v, b["model"][k], rtol=0, atol=1e-6), k
@@ -177,7 +178,7 @@ def test_build_items_reads_atlas_trees_and_list_files(tmp_path):
     import numpy as np
 
     from backend.io import Geometry, write_image
-    from backend.train.common import load_config
+    from backend.train.config import load_config
     from backend.train.segmentation import SegmentationConfig, build_items
 
     g = Geometry((8, 8, 8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -198,7 +199,8 @@ def test_build_items_reads_atlas_trees_and_list_files(tmp_path):
     train, val, splits = build_items(cfg, tmp_path / "run")
     assert len(train) == 4 and len(val) == 1 and (tmp_path / "run" / "splits.json").is_file()
     atlas = [t for t in train if t["healthy"]]
-    assert len(atlas) == 2 and all(t["label"].endswith("liver.nii.gz") and t["label_values"] == ((1,), ()) for t in atlas)
+    assert len(atlas) == 2
+    assert all(t["label"].endswith("liver.nii.gz") and t["label_values"] == ((1,), ()) for t in atlas)
     real = [t for t in train if not t["healthy"]]
     assert all(t["label_values"] == ((1,), (2,)) for t in real)
     cfg.data.use_real_for_training = False  # synthetic only
@@ -214,4 +216,5 @@ def test_build_items_reads_atlas_trees_and_list_files(tmp_path):
     train, val, _ = build_items(cfg, tmp_path / "run")
     syn = [t for t in train if t["name"].startswith("presynthesized/")]
     assert len(syn) == 2 and len(train) == 4 and len(val) == 1
-    assert all(t["label"].endswith("label.nii.gz") and t["healthy"] == 0 and t["label_values"] == ((1,), (2,)) for t in syn)
+    assert all(t["label"].endswith("label.nii.gz") and t["healthy"] == 0 and t["label_values"] == ((1,), (2,))
+               for t in syn)
