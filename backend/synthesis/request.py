@@ -59,6 +59,10 @@ OPTION_NAMES = {
     "rotation": "ellipsoid rotation",
     "irregularity": "ellipsoid irregularity",
     "out": "output folder",
+    "overwrite": "overwrite",
+    "ct": "CT",
+    "organs": "organ labels",
+    "tumor_mask": "tumour mask",
 }
 
 
@@ -247,7 +251,10 @@ class SynthesisRequest:
         if self.method not in METHODS:
             raise OptionError("method", self.method, f"choose one of {', '.join(METHODS)}")
         if self.stage is not None:
-            object.__setattr__(self, "stage", Stage.parse(self.stage, OPTION_NAMES["stage"]))
+            try:
+                object.__setattr__(self, "stage", Stage.parse(self.stage))
+            except DiffTumorError:
+                raise OptionError("stage", self.stage, "choose early or mid_late") from None
         if self.sigma is not None and not SIGMA_RANGE[0] <= float(self.sigma) <= SIGMA_RANGE[1]:
             raise OptionError("sigma", self.sigma, "the blend blur must lie in [0, 20] voxels")
         if self.ddim_steps is not None and int(self.ddim_steps) < 1:
