@@ -246,6 +246,48 @@ class _CTEntry:
 
 
 # --------------------------------------------------------------------------------------------
+# the method: diffusion when the weights are there (no networks loaded to find out)
+# --------------------------------------------------------------------------------------------
+def diffusion_available(weights, organ: str, stage: str) -> tuple[bool, str]:
+    """(available, reason) for ``stage`` of ``organ`` in ``weights`` (a :class:`backend.weights.WeightsFolder`)."""
+    from backend.weights import WEIGHT_ORGANS, weight_organ
+
+    if weight_organ(organ) not in WEIGHT_ORGANS:
+        return False, f"no diffusion weights exist for {organ} (released organs: {', '.join(WEIGHT_ORGANS)})"
+    if weights.root is None:
+        return False, "no weights folder found (--weights, $DIFFTUMOR_WEIGHTS or the user config)"
+    miss = weights.missing(organ, stage)
+    if miss:
+        return False, f"weights folder {weights.root} lacks {', '.join(miss)}"
+    return True, f"weights found in {weights.root} ({weights.source})"
+
+
+def missing_weights(weights, model_organ: str, stages) -> tuple[Stage, str] | None:
+    """The first stage of ``stages`` whose diffusion weights ``weights`` lacks, and why; None when all are there."""
+    for st in sorted({Stage.parse(s) for s in stages}, key=lambda s: s.value):
+        ok, why = diffusion_available(weights, model_organ, st.value)
+        if not ok:
+            return st, why
+    return None
+
+
+def choose_method(weights, method: str, model_organ: str, stages) -> tuple[str, str]:
+    """(method that runs, why): "model-based" as asked; "diffusion" needs ``model_organ``'s weights for every
+    stage in ``stages`` (a user error naming the missing file otherwise); "auto" is diffusion when they are
+    all there, else model-based."""
+    if method == "model-based":
+        return "model-based", "requested"
+    missing = missing_weights(weights, model_organ, stages)
+    if missing is None:
+        found = diffusion_available(weights, model_organ, Stage.parse(next(iter(stages), Stage.EARLY)).value)[1]
+        return "diffusion", ("requested; " if method == "diffusion" else "auto: ") + found
+    if method == "diffusion":
+        weights.require(model_organ, missing[0].value)
+        raise DiffTumorError(f"diffusion: {missing[1]}")  # pragma: no cover - require() raised already
+    return "model-based", "auto: " + missing[1]
+
+
+# --------------------------------------------------------------------------------------------
 # the engine
 # --------------------------------------------------------------------------------------------
 class SynthesisEngine:
@@ -269,16 +311,7 @@ class SynthesisEngine:
     # ---------------------------------------------------------------- weights
     def diffusion_available(self, organ: str, stage: str) -> tuple[bool, str]:
         """(available, reason) for ``stage`` of ``organ``."""
-        from backend.weights import WEIGHT_ORGANS, weight_organ
-
-        if weight_organ(organ) not in WEIGHT_ORGANS:
-            return False, f"no diffusion weights exist for {organ} (released organs: {', '.join(WEIGHT_ORGANS)})"
-        if self.weights.root is None:
-            return False, "no weights folder found (--weights, $DIFFTUMOR_WEIGHTS or the user config)"
-        miss = self.weights.missing(organ, stage)
-        if miss:
-            return False, f"weights folder {self.weights.root} lacks {', '.join(miss)}"
-        return True, f"weights found in {self.weights.root} ({self.weights.source})"
+        return diffusion_available(self.weights, organ, stage)
 
     def _autoencoder(self):
         if self._ae is None:
@@ -401,18 +434,8 @@ class SynthesisEngine:
                                          organ_name=organ_name, noise=noise))
 
     def choose_method(self, method: str, model_organ: str, stages) -> tuple[str, str]:
-        """(method that runs, why): diffusion needs ``model_organ``'s weights for every stage in ``stages``."""
-        if method == "model-based":
-            return "model-based", "requested"
-        needed = sorted({Stage.parse(s) for s in stages}, key=lambda s: s.value)
-        avail = [self.diffusion_available(model_organ, s.value) for s in needed]
-        if all(a for a, _ in avail):
-            return "diffusion", ("requested; " if method == "diffusion" else "auto: ") + avail[0][1]
-        missing = next(r for a, r in avail if not a)
-        if method == "diffusion":
-            self.weights.require(model_organ, next(s.value for s, (a, _) in zip(needed, avail) if not a))
-            raise DiffTumorError(f"diffusion: {missing}")  # pragma: no cover - require() raised already
-        return "model-based", "auto: " + missing
+        """(method that runs, why); see :func:`choose_method`."""
+        return choose_method(self.weights, method, model_organ, stages)
 
     # ---------------------------------------------------------------- the steps of iter_run
     def _checked_inputs(self, request, ct: Volume, organ_mask, existing_tumor, organ_name: str):
