@@ -10,9 +10,12 @@ Labels layer) has no such record: it is written on the LPS grid given by its ``s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from backend.io import Geometry
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")  # single-file formats: written atomically
 

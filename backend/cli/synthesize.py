@@ -29,7 +29,6 @@ This module parses and prints only: the options become a :class:`backend.synthes
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from contextlib import contextmanager

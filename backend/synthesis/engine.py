@@ -1,15 +1,19 @@
 """The synthesis engine: a healthy CT + organ mask (+ tumour mask) -> CT with a synthetic tumour.
 
     engine = SynthesisEngine(weights_dir=None, device="auto")
-    result = engine.synthesize(ct, organ_mask, tumor_mask=None, organ="liver", seed=0)
+    request = SynthesisRequest(organ="liver", tumor=Generated("small", 2), seed=0)  # backend.synthesis.request
+    result = engine.run(request, ct, organ_mask)
     result.ct          # Volume: same geometry and dtype as ``ct``
     result.label       # uint8 (z, y, x): 0 background, 1 organ, 2 tumour
     result.tumor_mask  # bool (z, y, x)
     result.provenance  # dict: method (+ why), weights sha256, seed, stage, steps, sigma, mask params, timings
+    result.unused      # the request's options that had no effect (e.g. ["sigma"] when model-based ran)
     result.intermediates  # keep_intermediates=True (diffusion): "masked", "reconstruction", "decoded" in HU
 
-``iter_synthesize`` is the same work as a generator yielding ``(message, done, total)`` and returning
-the :class:`SynthesisResult` (for the napari progress bar); :func:`run_sync` drives it.
+``iter_run`` is the same work as a generator yielding ``(message, done, total)`` and returning the
+:class:`SynthesisResult` (for the napari progress bar); :func:`run_sync` drives it. ``synthesize`` /
+``iter_synthesize`` take the request's fields as keywords (``engine.synthesize(ct, organ_mask, organ="liver",
+size="small", seed=0)``). The request, the stage rule and the provenance format: docs/synthesis.md.
 
 Methods: ``"diffusion"`` (the release's latent diffusion, needs the weights), ``"model-based"``
 (Hu et al. 2023, no weights) and ``"auto"`` = diffusion when the weights for the organ and stage are
@@ -33,7 +37,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 
@@ -44,7 +48,9 @@ from backend.synthesis import blend, crops, masks
 from backend.synthesis.crops import (GROUP_EXTENT_MM, bbox_slices, component_diameters_mm,  # noqa: F401 - re-exported
                                      group_components, group_crop, outside_crop)
 from backend.synthesis.model_based import ModelBasedConfig, cast_like, synthesize_model_based
-from backend.synthesis.request import METHODS, Generated, OptionError, SynthesisRequest, UserMask
+from backend.synthesis.placement import (_organ_in_model_space, _random_joint, _random_setup,  # noqa: F401
+                                         random_tumor_mask, random_tumor_masks)
+from backend.synthesis.request import METHODS, Generated, OptionError, SynthesisRequest, UserMask  # noqa: F401
 from backend.synthesis.stage import EARLY_MAX_DIAMETER_MM, Stage, stage_of_diameter  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
@@ -118,90 +124,6 @@ def _as_mask(m, ct: Volume, name: str) -> np.ndarray:
     return m != 0
 
 
-def _organ_in_model_space(grid: Geometry, organ_arr: np.ndarray, size: str):
-    """The organ's neighbourhood as a 1 mm model-space (X, Y, Z) mask: (mask, model grid, file slices, sub-grid)."""
-    reach_mm = max(10.0, 2.0 * masks.SIZE_CLASSES[size].semi_axes[1])  # room for the class's largest tumour
-    margin = [int(np.ceil(reach_mm / s)) for s in grid.spacing[::-1]]
-    sl = bbox_slices(organ_arr, margin)
-    sub_g = crops.sub_geometry(grid, sl)
-    model = crops.model_grid(sub_g)
-    organ_m = crops.sample(organ_arr[sl], sub_g, model, nearest=True, extrapolate=True).transpose(2, 1, 0).astype(bool)
-    return organ_m, model, sl, sub_g
-
-
-def _mask_to_file(mask_m: np.ndarray, params, model: Geometry, sl, sub_g: Geometry, full: Geometry, shape) -> np.ndarray:
-    back = crops.sample(np.ascontiguousarray(mask_m.transpose(2, 1, 0)), model, sub_g, nearest=True).astype(bool)
-    tumor = np.zeros(shape, bool)
-    tumor[sl] = back
-    if not tumor.any():  # thinner than a slice: keep the voxel nearest each centre
-        for p in params:
-            k = np.clip(np.rint(full.world_to_voxel(model.voxel_to_world(np.asarray(p.centre, float)))).astype(int),
-                        0, np.asarray(full.size) - 1)
-            tumor[k[2], k[1], k[0]] = True
-    for p in params:  # report centres in world coordinates (LPS mm) and on the CT's grid too
-        world = model.voxel_to_world(np.asarray(p.centre, float))
-        p.centre_world_mm = tuple(round(float(v), 2) for v in world)
-        p.centre_voxel_xyz = tuple(int(v) for v in np.rint(full.world_to_voxel(world)))
-    return tumor
-
-
-def _random_setup(ct, organ_mask, organ: str, size, count, seed):
-    from backend.organs import parse_organ
-
-    geometry = ct.geometry if isinstance(ct, Volume) else ct
-    organ_arr = np.asarray(organ_mask) != 0
-    if organ_arr.shape != tuple(geometry.size[::-1]):
-        raise DiffTumorError(f"organ mask: array shape {organ_arr.shape} differs from the CT's {tuple(geometry.size[::-1])} (z, y, x)")
-    organ = parse_organ(organ)
-    if not organ_arr.any():
-        raise DiffTumorError(f"organ mask: the organ '{organ}' is absent (no voxel)")
-    if size is not None and size not in masks.SIZE_CLASSES:
-        raise DiffTumorError(f"size class '{size}': choose one of {', '.join(masks.SIZE_CLASSES)}")
-    if count is not None and int(count) < 1:
-        raise DiffTumorError(f"number of tumours: must be at least 1, got {count}")
-    rng = masks.as_rng(seed)
-    if size is None:
-        size = masks.sample_size_class(rng)
-    return geometry, organ_arr, organ, size, rng
-
-
-def random_tumor_mask(ct: Volume | Geometry, organ_mask, *, organ: str, size: str | None = None,
-                      count: int | None = None, seed=0) -> tuple[np.ndarray, list[masks.TumorParams]]:
-    """Tumours drawn by the release's generator at valid places in the organ, on the CT's own grid.
-
-    ``ct``: the CT Volume (or its Geometry); ``organ_mask``: (z, y, x) on that grid. ``size`` None draws
-    the release's training mix and ``count`` None the class's count range; ``seed`` is an int or a
-    ``numpy.random.Generator`` (used as is, so a caller's stream continues). The generator runs in
-    1 mm model space on the organ's neighbourhood only (one joint draw, as released: one clipping
-    decision for all tumours) and is brought back by nearest neighbour; a tumour thinner than a
-    voxel keeps the voxel nearest its centre. Returns (bool mask (z, y, x), one
-    :class:`~backend.synthesis.masks.TumorParams` per tumour with ``centre_world_mm`` filled in).
-    """
-    return _random_joint(*_random_setup(ct, organ_mask, organ, size, count, seed), count)
-
-
-def _random_joint(geometry, organ_arr, organ, size, rng, count, prepared=None):
-    organ_m, model, sl, sub_g = prepared(size) if prepared else _organ_in_model_space(geometry, organ_arr, size)
-    masks.check_organ_fits(organ_m, size, name=f"organ '{organ}'")
-    mask_m, params = masks.generate_tumor_mask(organ_m, organ, size=size, count=count, rng=rng)
-    return _mask_to_file(mask_m, params, model, sl, sub_g, geometry, organ_arr.shape), params
-
-
-def random_tumor_masks(ct: Volume | Geometry, organ_mask, *, organ: str, size: str | None = None, count: int = 1,
-                       seed=0) -> tuple[list[np.ndarray], list[masks.TumorParams]]:
-    """Like :func:`random_tumor_mask` but one mask per tumour (one generator draw each, same seeded stream):
-    for tools that keep each tumour apart (the napari placement gives each its own label id)."""
-    geometry, organ_arr, organ, size, rng = _random_setup(ct, organ_mask, organ, size, count, seed)
-    organ_m, model, sl, sub_g = _organ_in_model_space(geometry, organ_arr, size)
-    masks.check_organ_fits(organ_m, size, name=f"organ '{organ}'")
-    shapes, params = [], []
-    for _ in range(int(count)):
-        mask_m, ps = masks.generate_tumor_mask(organ_m, organ, size=size, count=1, rng=rng)
-        shapes.append(_mask_to_file(mask_m, ps, model, sl, sub_g, geometry, organ_arr.shape))
-        params.extend(ps)
-    return shapes, params
-
-
 # --------------------------------------------------------------------------------------------
 # per-CT cache: a second tumour in the same CT skips the checks and the organ's model-space mask
 # --------------------------------------------------------------------------------------------
@@ -248,6 +170,14 @@ class _CTEntry:
 # --------------------------------------------------------------------------------------------
 # the method: diffusion when the weights are there (no networks loaded to find out)
 # --------------------------------------------------------------------------------------------
+def planned_stages(tumor: np.ndarray, geometry: Geometry) -> list[Stage]:
+    """The stage the engine gives each crop's group of tumours in a given (z, y, x) mask: early when its
+    largest tumour is under 20 mm (:func:`backend.synthesis.stage.stage_of_diameter`), before any clipping."""
+    spacing_zyx = geometry.spacing[::-1]
+    return [stage_of_diameter(max(component_diameters_mm(g, spacing_zyx)))
+            for g in group_components(np.asarray(tumor) != 0, geometry)]
+
+
 def diffusion_available(weights, organ: str, stage: str) -> tuple[bool, str]:
     """(available, reason) for ``stage`` of ``organ`` in ``weights`` (a :class:`backend.weights.WeightsFolder`)."""
     from backend.weights import WEIGHT_ORGANS, weight_organ
