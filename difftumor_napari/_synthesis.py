@@ -251,7 +251,7 @@ class SynthesisWidget(ScrollableContainer):
         ct = self.ct_layer.value
         return pl.layer_geometry(ct.data.shape, ct.scale, ct.translate, ct.metadata)
 
-    def build_request(self) -> st.SynthesisRequest:
+    def build_request(self) -> st.SynthesisJob:
         from backend.errors import DiffTumorError
 
         ct, organs, tumor = self.ct_layer.value, self.organ_layer.value, self.tumor_layer.value
@@ -274,7 +274,7 @@ class SynthesisWidget(ScrollableContainer):
                                                   self.weights_folder(), weights_organ=self.model_organ(),
                                                   steps=int(self.steps.value)).reason
         placements = list(tumor.metadata.get("difftumor", {}).get("placements", []))
-        return st.SynthesisRequest(
+        return st.build_job(
             ct=np.asarray(ct.data), geometry=self.geometry(), organ_mask=organ, tumor_mask=np.asarray(tumor.data) > 0,
             organ=self.organ.value, method=self.method.value, device=self.device.value, stage=self.stage.value,
             steps=int(self.steps.value), seed=int(self.seed.value), weights_dir=self.weights_folder(),

@@ -10,9 +10,12 @@ Labels layer) has no such record: it is written on the LPS grid given by its ``s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from backend.io import Geometry
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")  # single-file formats: written atomically
 
@@ -33,12 +36,22 @@ def write_layer(path, data, meta: dict, *, labels: bool) -> Path:
     Raises :class:`backend.errors.DiffTumorError` (one line naming the file) for data that does not
     fit the recorded grid, a non-3D layer, or a non-integer labels layer.
     """
-    from backend.errors import DiffTumorError
-    from backend.io import Geometry, write_image
+    from backend.io import write_image
 
     target = Path(path)
     if not target.name.lower().endswith(SUFFIXES):
         target = target.with_name(target.name + ".nii.gz")
+    array, geometry = layer_volume(data, meta, labels=labels, target=target)
+    return write_image(array, target, geometry)
+
+
+def layer_volume(data, meta: dict, *, labels: bool, target) -> tuple[np.ndarray, "Geometry"]:
+    """A layer's data as (array, geometry) of its original file: display reorientation undone, dtype restored
+    (see :func:`write_layer`; ``target`` names the file in errors)."""
+    from backend.errors import DiffTumorError
+    from backend.io import Geometry
+
+    target = Path(target)
     array = np.asarray(data)
     name = meta.get("name", "layer")
     if array.ndim != 3:
@@ -62,7 +75,7 @@ def write_layer(path, data, meta: dict, *, labels: bool) -> Path:
         geometry = Geometry(array.shape[::-1], scale[::-1], translate[::-1])
         dtype = array.dtype
     array = _as_dtype(array, dtype, labels=labels, target=target, name=name)
-    return write_image(np.ascontiguousarray(array), target, geometry)
+    return np.ascontiguousarray(array), geometry
 
 
 def _as_dtype(array: np.ndarray, dtype: np.dtype, *, labels: bool, target: Path, name: str) -> np.ndarray:

@@ -309,13 +309,11 @@ def random_tumors(geometry: "Geometry", organ: np.ndarray, organ_name: str, *, s
 
 
 def tumor_stages(labels: np.ndarray, geometry: "Geometry") -> list[str]:
-    """The stage the engine will choose for each tumour group: 'early' below 20 mm, else 'mid_late'."""
-    from backend.synthesis.engine import EARLY_MAX_DIAMETER_MM, group_components
-    from backend.synthesis.masks import largest_diameter_mm
+    """The stage the engine will choose for each tumour group (its largest tumour: 'early' below 20 mm, else
+    'mid_late'; :func:`backend.synthesis.engine.planned_stages`)."""
+    from backend.synthesis.engine import planned_stages
 
     tumor = np.asarray(labels) > 0
     if not tumor.any():
         raise DiffTumorError("tumour mask: it is empty; place a tumour first")
-    spacing = geometry.spacing[::-1]
-    return ["early" if largest_diameter_mm(g, spacing) < EARLY_MAX_DIAMETER_MM else "mid_late"
-            for g in group_components(tumor, geometry)]
+    return [stage.value for stage in planned_stages(tumor, geometry)]

@@ -1,28 +1,31 @@
 """Synthesis as a Qt-free task: request -> generator of progress -> outcome; saving; messages.
 
-The "Synthesis" widget (``_synthesis.py``) builds a :class:`SynthesisRequest` from its layers and
+The "Synthesis" widget (``_synthesis.py``) builds a :class:`SynthesisJob` (the layers' arrays + a
+:class:`backend.synthesis.request.SynthesisRequest`, :func:`build_job`) from its layers and
 runs :func:`synthesis_steps` in a napari ``thread_worker`` (or, with ``DIFFTUMOR_NAPARI_NOTHREADS=1``
 and in scripts, through :func:`run_sync`). The generator yields ``(message, done, total)`` from the
-engine (:meth:`backend.synthesis.engine.SynthesisEngine.iter_synthesize`) and returns a
+engine (:meth:`backend.synthesis.engine.SynthesisEngine.iter_run`) and returns a
 :class:`SynthesisOutcome`. Nothing here touches Qt.
 
 Arrays are on the napari display grid (the reader's LPS grid, (z, y, x)); :func:`save_outcome`
-writes them back onto the file's ORIGINAL grid, orientation and dtype through the plugin writer.
+writes them back onto the file's ORIGINAL grid, orientation and dtype with the writer of every
+synthesis output (:mod:`backend.synthesis.outputs`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Sequence
 
 import numpy as np
 
 from backend.errors import DiffTumorError
+
+if TYPE_CHECKING:
+    from backend.synthesis.request import SynthesisRequest
 
 NOTHREADS_ENV = "DIFFTUMOR_NAPARI_NOTHREADS"
 METHODS = ("auto", "diffusion", "model-based")
@@ -76,14 +79,15 @@ def _stage_words(stages: Sequence[str], steps: int | None) -> str:
 
 def method_status(requested: str, organ: str, stages: Sequence[str], weights_dir: str | os.PathLike | None,
                   device: str = "cpu", *, weights_organ: str | None = None, steps: int | None = None) -> MethodStatus:
-    """Which method runs and why, as the engine will decide it (diffusion needs the weights of
-    ``weights_organ`` (default ``organ``) for every stage in ``stages``).
+    """Which method runs and why, as the engine will decide it (:func:`backend.synthesis.engine.choose_method`:
+    diffusion needs the weights of ``weights_organ`` (default ``organ``) for every stage in ``stages``).
 
     ``requested`` "auto" picks diffusion when the weights are there, model-based otherwise;
-    "diffusion" without weights is a user error (raised); "model-based" always runs.
+    "diffusion" without weights is a user error (raised); "model-based" always runs. Only the weights
+    folder's listing is read (no engine, no network is built).
     """
-    from backend.synthesis.engine import SynthesisEngine
-    from backend.weights import diffusion_name
+    from backend.synthesis.engine import missing_weights
+    from backend.weights import WeightsFolder, diffusion_name
 
     if requested not in METHODS:
         raise DiffTumorError(f"method '{requested}': choose one of {', '.join(METHODS)}")
@@ -93,65 +97,86 @@ def method_status(requested: str, organ: str, stages: Sequence[str], weights_dir
     if weights_dir and not Path(weights_dir).expanduser().is_dir():  # the widget's words, not the CLI's '--weights'
         raise DiffTumorError(f"Weights folder {weights_dir}: no such folder; choose the folder with the DiffTumor "
                              "weights under Weights, or method 'model-based'")
-    engine = SynthesisEngine(weights_dir=weights_dir or None, device=device)
-    checks = [engine.diffusion_available(model_organ, st) for st in sorted(set(stages))]
-    missing = [reason for ok, reason in checks if not ok]
-    if engine.weights.root is None:  # say it in the widget's words, not the command line's
-        missing = ["no weights folder yet; choose the folder with the DiffTumor weights under Weights "
-                   "to run diffusion"]
-    if not missing:
+    weights = WeightsFolder.find(weights_dir or None)
+    missing = missing_weights(weights, model_organ, stages)
+    why = None if missing is None else missing[1]
+    if weights.root is None:  # say it in the widget's words, not the command line's
+        why = "no weights folder yet; choose the folder with the DiffTumor weights under Weights to run diffusion"
+    if why is None:
         files = ", ".join(diffusion_name(model_organ, st) for st in sorted(set(stages)))
         cross = f" ({model_organ} model painting {organ} tumours)" if model_organ != organ else ""
         return MethodStatus("diffusion", f"DiffTumor diffusion{cross} — {_stage_words(stages, steps)} "
-                                         f"({files} in {engine.weights.root})")
+                                         f"({files} in {weights.root})")
     if requested == "diffusion":
-        raise DiffTumorError(f"diffusion: {missing[0]}; choose the weights folder or method 'model-based'")
-    return MethodStatus("model-based", f"Model-based synthesis: {missing[0]}")
+        raise DiffTumorError(f"diffusion: {why}; choose the weights folder or method 'model-based'")
+    return MethodStatus("model-based", f"Model-based synthesis: {why}")
 
 
 # --------------------------------------------------------------------------------------------
 # the task
 # --------------------------------------------------------------------------------------------
 @dataclass
-class SynthesisRequest:
-    """Everything one synthesis run needs, on the display grid."""
+class SynthesisJob:
+    """One run of the widget: the layers' arrays on the display grid and the library's request."""
 
     ct: np.ndarray  # (z, y, x) HU
     geometry: Any  # backend.io.Geometry of that grid
     organ_mask: np.ndarray  # bool
     tumor_mask: np.ndarray  # bool or ids (non-zero = tumour)
-    organ: str
-    method: str = "auto"
+    request: "SynthesisRequest"  # what to synthesize (backend.synthesis.request)
     device: str = "auto"
-    stage: str = "auto"
-    steps: int | None = None  # sampling steps (None: the method's default)
-    seed: int = 0
     weights_dir: str | None = None
     placements: list[dict] = field(default_factory=list)
     source: str | None = None  # file the CT came from (provenance)
-    keep_intermediates: bool = True  # diffusion: masked / reconstruction / decoded volumes for Inspection
     existing_tumor: np.ndarray | None = None  # tumours already labelled (kept as tumour, never painted over)
-    weights_organ: str | None = None  # diffusion: whose weights paint the tumours (None: ``organ``; cross-organ)
-    sigma: float | None = None  # diffusion: blend blur in voxels (None: U(0, 4) per tumour, as released)
-    pancreas_blend: bool = False  # diffusion, pancreas: blend like liver/kidney instead of replacing the crop
 
     def __post_init__(self):
-        for name, allowed in (("method", METHODS), ("device", DEVICES), ("stage", STAGES)):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
+
+    @property
+    def organ(self) -> str:
+        return self.request.organ
+
+    def settings(self) -> dict:
+        """The request's settings plus the widget's own (device, weights folder): the provenance's ``settings``."""
+        return {**self.request.settings(), "device": self.device, "weights": self.weights_dir}
+
+
+def build_job(*, ct, geometry, organ_mask, tumor_mask, organ: str, method: str = "auto", device: str = "auto",
+              stage: str = "auto", steps: int | None = None, seed: int = 0, weights_dir: str | None = None,
+              placements=(), source: str | None = None, keep_intermediates: bool = True, existing_tumor=None,
+              weights_organ: str | None = None, sigma: float | None = None,
+              pancreas_blend: bool = False) -> SynthesisJob:
+    """The widget's values -> a :class:`SynthesisJob` (its request checked by
+    :class:`~backend.synthesis.request.SynthesisRequest`). ``stage`` "auto" lets the engine choose from each
+    tumour's size; ``steps`` are the DDIM steps of mid/late tumours; ``weights_organ`` None or ``organ`` means
+    the organ's own weights; ``keep_intermediates`` (diffusion) feeds the Inspection widget."""
+    from backend.synthesis.request import SynthesisRequest, UserMask
+
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+    tumor = np.asarray(tumor_mask) > 0
+    request = SynthesisRequest(
+        organ=organ, tumor=UserMask(tumor), method=method, seed=int(seed),
+        stage=None if stage == "auto" else stage, ddim_steps=int(steps) if steps else None,
+        sigma=None if sigma is None else float(sigma), pancreas_blend=bool(pancreas_blend),
+        keep_intermediates=bool(keep_intermediates),
+        weights_organ=weights_organ if weights_organ and weights_organ != organ else None)
+    return SynthesisJob(np.asarray(ct), geometry, np.asarray(organ_mask, bool), tumor, request, device, weights_dir,
+                        list(placements), source, None if existing_tumor is None else np.asarray(existing_tumor, bool))
 
 
 @dataclass
 class SynthesisOutcome:
-    """The engine's result on the display grid, plus the request it answers."""
+    """The engine's result on the display grid, plus the job it answers."""
 
     ct: np.ndarray
     label: np.ndarray
     tumor_mask: np.ndarray
     provenance: dict
     intermediates: dict[str, np.ndarray]
-    request: SynthesisRequest
+    request: SynthesisJob
 
 
 _ENGINES: dict = {}  # (weights folder, device, folder listing) -> SynthesisEngine; the last one only
@@ -177,46 +202,31 @@ def shared_engine(weights_dir, device: str):
     return _ENGINES[key]
 
 
-def engine_generator(request: SynthesisRequest):
-    """The engine's ``iter_synthesize`` generator for ``request`` (imports torch/backend lazily).
+def engine_generator(job: SynthesisJob):
+    """The engine's ``iter_run`` generator for ``job`` (imports torch/backend lazily).
 
     The engine is shared between runs (:func:`shared_engine`): a second tumour reuses the loaded
     networks and the engine's per-CT cache.
     """
     from backend.io import Volume
 
-    engine = shared_engine(request.weights_dir, request.device)
-    kwargs = dict(organ=request.organ, method=request.method, seed=int(request.seed),
-                  stage=None if request.stage == "auto" else request.stage)
-    if request.keep_intermediates:
-        kwargs["keep_intermediates"] = True  # one extra encode + decode per crop; ignored by model-based
-    if request.steps:
-        kwargs["ddim_steps"] = int(request.steps)  # mid/late DDIM steps; early tumours use the release's T = 4
-    if request.existing_tumor is not None:
-        kwargs["existing_tumor"] = np.asarray(request.existing_tumor, bool)
-    if request.weights_organ and request.weights_organ != request.organ:
-        kwargs["weights_organ"] = request.weights_organ  # the paper's cross-organ setting
-    if request.sigma is not None:
-        kwargs["sigma"] = float(request.sigma)
-    if request.pancreas_blend:
-        kwargs["pancreas_blend"] = True
-    return engine.iter_synthesize(Volume(request.ct, request.geometry), np.asarray(request.organ_mask, bool),
-                                  np.asarray(request.tumor_mask) > 0, **kwargs)
+    engine = shared_engine(job.weights_dir, job.device)
+    return engine.iter_run(job.request, Volume(job.ct, job.geometry), job.organ_mask, existing_tumor=job.existing_tumor)
 
 
-def synthesis_steps(request: SynthesisRequest, *, cancel: threading.Event | None = None,
+def synthesis_steps(job: SynthesisJob, *, cancel: threading.Event | None = None,
                     make_generator=engine_generator) -> Generator[Progress, None, SynthesisOutcome]:
     """Run the engine, yielding ``(message, done, total)``; returns a :class:`SynthesisOutcome`.
 
     Worker function: must not touch Qt. ``cancel`` (set from the GUI thread) stops the run at the
     next step with :class:`DiffTumorError`; a napari worker's ``quit()`` stops it at the next yield.
     """
-    if not np.asarray(request.tumor_mask).any():
+    if not np.asarray(job.tumor_mask).any():
         raise DiffTumorError("tumour mask: it is empty; place a tumour (Tumor placement widget) or paint one first")
-    if not np.asarray(request.organ_mask).any():
-        raise DiffTumorError(f"{request.organ}: the organ mask is empty; choose the organ label layer and organ")
+    if not np.asarray(job.organ_mask).any():
+        raise DiffTumorError(f"{job.organ}: the organ mask is empty; choose the organ label layer and organ")
     yield ("preparing", 0, 1)
-    gen = make_generator(request)
+    gen = make_generator(job)
     while True:
         if cancel is not None and cancel.is_set():
             gen.close()
@@ -228,12 +238,12 @@ def synthesis_steps(request: SynthesisRequest, *, cancel: threading.Event | None
             break
         yield (str(message), int(done), int(total))
     prov = dict(getattr(result, "provenance", {}) or {})
-    prov.setdefault("seed", int(request.seed))
-    prov["placements"] = request.placements
-    prov.setdefault("organ", request.organ)
+    prov.setdefault("seed", int(job.request.seed))
+    prov["placements"] = job.placements
+    prov.setdefault("organ", job.organ)
     inter = dict(getattr(result, "intermediates", None) or prov.pop("intermediates", None) or {})
     ct = result.ct.array if hasattr(result.ct, "array") else np.asarray(result.ct)
-    return SynthesisOutcome(ct, np.asarray(result.label), np.asarray(result.tumor_mask), prov, inter, request)
+    return SynthesisOutcome(ct, np.asarray(result.label), np.asarray(result.tumor_mask), prov, inter, job)
 
 
 def run_sync(gen: Generator, on_progress=None):
@@ -250,91 +260,48 @@ def run_sync(gen: Generator, on_progress=None):
 # --------------------------------------------------------------------------------------------
 # saving
 # --------------------------------------------------------------------------------------------
-def provenance_record(outcome: SynthesisOutcome, files: dict[str, str]) -> dict:
-    """The JSON written beside the images: method, weights checksums, seed, masks, version, files."""
-    from backend import __version__
-
-    prov = dict(outcome.provenance)
-    prov.update(
-        difftumor_version=__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source_ct=outcome.request.source,
-        seed=prov.get("seed", outcome.request.seed),
-        requested={"method": outcome.request.method, "device": outcome.request.device,
-                   "stage": outcome.request.stage, "steps": outcome.request.steps,
-                   "weights_organ": outcome.request.weights_organ or outcome.request.organ,
-                   "sigma": "random U(0, 4) per tumour" if outcome.request.sigma is None else outcome.request.sigma,
-                   "pancreas_blend": outcome.request.pancreas_blend,
-                   "keep_intermediates": outcome.request.keep_intermediates},
-        tumor_voxels=int(np.count_nonzero(outcome.tumor_mask)),
-        files=files,
-    )
-    prov.setdefault("method", outcome.request.method)
-    sha: dict = dict(prov.get("weights_sha256") or {})
-    for t in prov.get("tumours", []):
-        sha.update(t.get("weights_sha256") or {})
-    prov["weights_sha256"] = sha  # empty for the model-based method (no weights used)
-    return prov
-
-
-def write_json_atomic(path: Path, data: dict) -> Path:
-    from backend.io import write_text_atomic
-
-    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default))
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (Path, tuple, set)):
-        return str(o) if isinstance(o, Path) else list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def output_paths(folder, stem: str) -> list[Path]:
-    """The three files :func:`save_outcome` writes for ``stem``."""
-    return [Path(folder) / f"{stem}{suffix}" for suffix in ("_ct.nii.gz", "_tumor.nii.gz", "_provenance.json")]
-
-
 def free_stem(folder, stem: str) -> str:
     """``stem`` if none of its files exist in ``folder``, else the first free ``stem_2``, ``stem_3``, ..."""
-    k, candidate = 1, stem
-    while any(p.exists() for p in output_paths(folder, candidate)):
-        k += 1
-        candidate = f"{stem}_{k}"
-    return candidate
+    from backend.synthesis.outputs import free_stem as free
+
+    return free(folder, stem)
+
+
+def provenance_record(outcome: SynthesisOutcome) -> dict:
+    """The provenance written beside the images, in the format of every synthesis output
+    (:func:`backend.synthesis.outputs.provenance`; docs/synthesis.md)."""
+    from backend.synthesis.outputs import provenance
+
+    job = outcome.request
+    extra = {k: v for k, v in outcome.provenance.items() if k == "placements"}
+    return provenance(outcome.provenance, settings=job.settings(), inputs={"ct": job.source}, **extra)
 
 
 def save_outcome(outcome: SynthesisOutcome, folder, stem: str, ct_metadata: dict, *,
                  scale: Sequence[float], translate: Sequence[float]) -> dict[str, Path]:
-    """Write ``<stem>_ct.nii.gz``, ``<stem>_tumor.nii.gz`` (0/1/2 label) and ``<stem>_provenance.json``.
+    """Write ``<stem>_ct.nii.gz``, ``<stem>_label.nii.gz`` (0/1/2 label) and ``<stem>_provenance.json``.
 
-    Images go through :func:`difftumor_napari._writer.write_layer` with the CT layer's metadata, so
-    they land on the original file grid, orientation and dtype (HU rounded back to int16 when the
-    source was int16). A missing folder is created; existing files are never replaced (the caller
-    picks another stem, see :func:`free_stem`); every file is written atomically.
+    The layers are brought back to the CT file's original grid, orientation and dtype
+    (:func:`difftumor_napari._writer.layer_volume`; HU rounded back to int16 when the source was int16)
+    and written by :func:`backend.synthesis.outputs.write_output`, the writer of the command line. A missing
+    folder is created; existing files are never replaced (the caller picks another stem, see
+    :func:`free_stem`); the files appear together (staging folder), the provenance last.
     """
-    from difftumor_napari._writer import write_layer
+    from backend.synthesis.outputs import write_output
+    from difftumor_napari._writer import layer_volume
 
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DiffTumorError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
-    taken = [p for p in output_paths(folder, stem) if p.exists()]
-    if taken:
-        raise DiffTumorError(f"{taken[0]}: already exists; nothing was overwritten (choose another file name stem)")
     meta = {"name": stem, "metadata": ct_metadata, "scale": tuple(scale), "translate": tuple(translate)}
     info = dict((ct_metadata or {}).get("difftumor", {}))
     ct = outcome.ct
     if np.issubdtype(np.dtype(info.get("dtype", ct.dtype)), np.integer) and not np.issubdtype(ct.dtype, np.integer):
         ct = np.rint(ct)
-    ct_path = write_layer(folder / f"{stem}_ct.nii.gz", ct, meta, labels=False)
     label_meta = {**meta, "metadata": {"difftumor": {**info, "dtype": "uint8"}}} if info else meta
-    label_path = write_layer(folder / f"{stem}_tumor.nii.gz", np.asarray(outcome.label).astype(np.uint8), label_meta,
-                             labels=True)
-    files = {"ct": ct_path.name, "label": label_path.name}
-    prov_path = write_json_atomic(folder / f"{stem}_provenance.json", provenance_record(outcome, files))
-    return {"ct": ct_path, "label": label_path, "provenance": prov_path}
+    images = {"ct": layer_volume(ct, meta, labels=False, target=folder / f"{stem}_ct.nii.gz"),
+              "label": layer_volume(np.asarray(outcome.label).astype(np.uint8), label_meta, labels=True,
+                                    target=folder / f"{stem}_label.nii.gz")}
+    return write_output(folder, images, provenance_record(outcome), stem=stem, replace=False)

@@ -21,28 +21,32 @@ hidden staging folder and renamed into place, so a killed run leaves no half-wri
 recorded in ``aug/difftumor_synthesize.json`` (:data:`RUN_FILE`) and in each provenance; a re-run with
 the same settings resumes (an output counts as done when all its files exist and its provenance has
 these settings), a run with other settings is refused unless ``--overwrite`` is given.
+
+This module parses and prints only: the options become a :class:`backend.synthesis.request.SynthesisRequest`
+(:func:`build_request`; its errors are re-worded with the flags by :func:`cli_words`), the engine runs it and
+:mod:`backend.synthesis.outputs` writes and checks the outputs (docs/synthesis.md).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "difftumor_synthesize.json"  # dataset mode: the settings the folder's outputs were made with
-OUTPUT_FILES = ("ct.nii.gz", "label.nii.gz", "provenance.json")  # provenance last: it marks a finished output
-STAGING = ".difftumor-partial"  # an output being written (see write_outputs); a killed run leaves only this
+RUN_FILE = "difftumor_synthesize.json"  # = backend.synthesis.outputs.RUN_FILE (no import: --help stays light)
+OUTPUT_FILES = ("ct.nii.gz", "label.nii.gz", "provenance.json")  # = backend.synthesis.outputs.OUTPUT_FILES
 MAX_SEED = 2**32 - 1
 DEFAULT_DDIM_STEPS = 50
-# options that only the diffusion method reads (defaults None/False, so "given" can be told apart)
-DIFFUSION_ONLY = ("sigma", "stage", "ddim_steps", "keep_intermediates", "pancreas_blend", "weights_organ")
+# the request's field names whose command-line flag is not "--" + the name with dashes
+FLAGS = {"centre": "--center", "overwrite": "pass --overwrite"}
 
 
 def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+    """The command-line flag of an option (a request field, a setting): ``ddim_steps`` -> ``--ddim-steps``."""
+    return FLAGS.get(dest, "--" + dest.replace("_", "-"))
 
 
 def seed_arg(text: str) -> int:
@@ -153,25 +157,14 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def check_options(args) -> None:
-    """Refuse values out of range and options that contradict each other (one line naming them)."""
+    """Refuse options that contradict each other, and values the request does not see (one line naming them).
+    The values of the request's own options are checked by :func:`build_request`."""
     from backend.errors import DiffTumorError
 
     if args.n is not None and args.n < 1:
         raise DiffTumorError(f"--n {args.n}: must be >= 1")
-    if args.count is not None and args.count < 1:
-        raise DiffTumorError(f"--count {args.count}: must be >= 1")
-    if args.ddim_steps is not None and args.ddim_steps < 1:
-        raise DiffTumorError(f"--ddim-steps {args.ddim_steps}: must be >= 1")
     if args.shard is not None:
         parse_shard(args.shard)
-    from backend.organs import parse_organ
-
-    for dest in ("organ", "weights_organ"):
-        if getattr(args, dest) is not None:
-            try:
-                parse_organ(getattr(args, dest))
-            except DiffTumorError as exc:
-                raise DiffTumorError(f"{_flag(dest)} {getattr(args, dest)}: {exc}") from None
     random = [f for f in ("size", "count") if getattr(args, f) is not None]
     placed = [f for f in ("tumor_mask", "center", "radii") if getattr(args, f)]
     if random and placed:
@@ -183,19 +176,49 @@ def check_options(args) -> None:
         if not args.radii:
             raise DiffTumorError("--center: also give --radii A,B,C (mm)")
         _floats(args.center, 3, "--center")
-        radii = _floats(args.radii, 3, "--radii")
-        if min(radii) <= 0:
-            raise DiffTumorError(f"--radii {args.radii}: the ellipsoid's semi-axes must be > 0 mm")
+        _floats(args.radii, 3, "--radii")
         if args.rotation:
             _floats(args.rotation, 3, "--rotation")
-        if args.irregularity is not None and not 0.0 <= args.irregularity <= 1.0:
-            raise DiffTumorError(f"--irregularity {args.irregularity}: must lie in [0, 1]")
         return
     if args.radii:
         raise DiffTumorError("--radii: give --center X,Y,Z as well")
     for dest, value in (("rotation", args.rotation), ("irregularity", args.irregularity), ("voxel", args.voxel)):
         if value not in (None, False):
             raise DiffTumorError(f"{_flag(dest)}: only used for an ellipsoid; give --center X,Y,Z and --radii A,B,C as well")
+
+
+def build_request(args):
+    """The :class:`~backend.synthesis.request.SynthesisRequest` of the command line (a ``--tumor-mask`` is read
+    per case, see :func:`synthesize_case`)."""
+    from backend.synthesis.request import Ellipsoid, Generated, SynthesisRequest, UserMask
+
+    if args.tumor_mask:
+        tumor = UserMask(None, f"--tumor-mask {args.tumor_mask}", os.path.abspath(args.tumor_mask))
+    elif args.center:
+        tumor = Ellipsoid(_floats(args.center, 3, "--center"), _floats(args.radii, 3, "--radii"), voxel=args.voxel,
+                          rotation=_floats(args.rotation, 3, "--rotation") if args.rotation else None,
+                          irregularity=args.irregularity or 0.0,
+                          name=f"ellipsoid (--center {args.center} --radii {args.radii})")
+    else:
+        tumor = Generated(args.size, args.count)
+    with cli_words(args):
+        return SynthesisRequest(organ=args.organ, tumor=tumor, method=args.method, seed=args.seed, stage=args.stage,
+                                sigma=args.sigma, ddim_steps=args.ddim_steps, pancreas_blend=args.pancreas_blend,
+                                keep_intermediates=bool(args.keep_intermediates), weights_organ=args.weights_organ)
+
+
+@contextmanager
+def cli_words(args):
+    """Rename the option in a library error (``blend blur sigma 30: ...``) to its flag (``--sigma 30: ...``),
+    quoting the value as the user typed it."""
+    from backend.synthesis.request import OptionError
+
+    try:
+        yield
+    except OptionError as exc:
+        typed = {"centre": args.center and args.center + (" --voxel" if args.voxel else ""),
+                 "radii": args.radii, "rotation": args.rotation}.get(exc.option)
+        raise exc.renamed(_flag(exc.option), typed) from None
 
 
 def _check_inputs_exist(args) -> None:
@@ -209,68 +232,20 @@ def _check_inputs_exist(args) -> None:
 
 def check_out_writable(out: Path) -> None:
     """``--out`` must be a folder (or not exist yet) that we may create and write in."""
-    from backend.errors import DiffTumorError
+    from backend.synthesis.outputs import check_out_writable as check
 
-    if out.exists() and not out.is_dir():
-        raise DiffTumorError(f"--out {out}: is an existing file; give a folder")
-    base = out
-    while not base.exists() and base.parent != base:
-        base = base.parent
-    if not base.is_dir():
-        raise DiffTumorError(f"--out {out}: {base} is a file, not a folder")
-    if not os.access(base, os.W_OK | os.X_OK):
-        try:
-            read_only = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
-        except (OSError, AttributeError):  # pragma: no cover - no statvfs (Windows)
-            read_only = False
-        why = "read-only file system" if read_only else "permission denied"
-        where = "" if base == out else f" (in {base})"
-        raise DiffTumorError(f"--out {out}: cannot write here{where}: {why}")
+    check(out, names=_flag)
 
 
-def _os_error(out: Path, exc: OSError, *, stage: Path | None = None, out_dir: Path | None = None):
-    from backend.errors import DiffTumorError
-
-    where = str(exc.filename) if getattr(exc, "filename", None) else str(out)
-    if stage is not None and where.startswith(str(stage)):  # name the file as the user will see it
-        where = str(out_dir) + where[len(str(stage)):]
-    return DiffTumorError(f"--out {out}: cannot write {where}: {exc.strerror or exc}")
-
-
-def run_settings(args, engine) -> dict:
+def run_settings(args, request, engine) -> dict:
     """What defines the outputs (recorded in the run file and each provenance; a resume must match it)."""
-    from backend.organs import parse_organ
 
     def absolute(p):
         return os.path.abspath(p) if p else None
 
-    def numbers(text, n, name):
-        return _floats(text, n, name) if text else None
-
-    return {
-        "ct": absolute(args.ct),
-        "organs": absolute(args.organs),
-        "organ": parse_organ(args.organ),
-        "organ_label": args.organ_label,
-        "weights_organ": parse_organ(args.weights_organ) if args.weights_organ else None,
-        "tumor_mask": absolute(args.tumor_mask),
-        "center": numbers(args.center, 3, "--center"),
-        "voxel": bool(args.voxel),
-        "radii": numbers(args.radii, 3, "--radii"),
-        "rotation": numbers(args.rotation, 3, "--rotation"),
-        "irregularity": (args.irregularity or 0.0) if args.center else None,
-        "size": args.size,
-        "count": args.count,
-        "method": args.method,
-        "stage": args.stage,
-        "sigma": args.sigma,
-        "ddim_steps": args.ddim_steps or DEFAULT_DDIM_STEPS,
-        "pancreas_blend": bool(args.pancreas_blend),
-        "keep_intermediates": bool(args.keep_intermediates),
-        "weights": str(engine.weights.root) if engine.weights.root is not None else None,
-        "seed": args.seed,
-        "n": args.n or 1,
-    }
+    return {"ct": absolute(args.ct), "organs": absolute(args.organs), "organ_label": args.organ_label,
+            **request.settings(), "weights": str(engine.weights.root) if engine.weights.root is not None else None,
+            "n": args.n or 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,272 +262,44 @@ def _read(path: Path, flag: str):
         raise DiffTumorError(f"{flag} {text}" if text.startswith(str(path)) else f"{flag} {path}: {text}") from None
 
 
-def _tumor_mask(args, ct, seed: int):
-    """(tumour mask or None, its provenance entry, its name for engine messages)."""
-    import numpy as np
+def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, request, settings: dict):
+    """Read, synthesize, then write the outputs (nothing is left behind when anything fails); returns the result."""
+    import dataclasses
 
-    from backend.errors import DiffTumorError
-
-    if args.tumor_mask:
-        path = Path(args.tumor_mask)
-        entry = {"source": "mask file", "file": os.path.abspath(path)}
-        return _read(path, "--tumor-mask"), entry, f"--tumor-mask {path}"
-    if not args.center:
-        return None, None, "tumor mask"
-    from backend.synthesis.masks import ellipsoid_mask
-
-    given = _floats(args.center, 3, "--center")
-    radii = _floats(args.radii, 3, "--radii")
-    rot = _floats(args.rotation, 3, "--rotation") if args.rotation else None
-    irregularity = args.irregularity or 0.0
-    g = ct.geometry
-    world = np.asarray(g.voxel_to_world(np.asarray(given)) if args.voxel else given, float)
-    index = np.asarray(g.world_to_voxel(world), float)
-    size = [int(v) for v in g.size]
-    if np.any(index < -0.5) or np.any(index > np.asarray(size) - 0.5):
-        raise DiffTumorError(
-            f"--center {args.center}{' --voxel' if args.voxel else ''}: lies outside the image (voxel index "
-            f"{', '.join(f'{v:.1f}' for v in index)}; the image has {' x '.join(map(str, size))} voxels)")
-    mask = ellipsoid_mask(g, given, radii, voxel=args.voxel, rotation=rot, irregularity=irregularity, rng=seed)
-    entry = {
-        "source": "ellipsoid",
-        "ellipsoid": {
-            "centre_given": given,
-            "centre_given_as": "voxel index (x, y, z)" if args.voxel else "world mm (LPS)",
-            "centre_world_mm_lps": [round(float(v), 2) for v in world],
-            "centre_voxel_xyz": [round(float(v), 2) for v in index],
-            "radii_mm": radii,
-            "rotation_deg_xyz": rot or [0.0, 0.0, 0.0],
-            "irregularity": irregularity,
-            "irregularity_seed": int(seed),
-        },
-    }
-    return mask, entry, f"ellipsoid (--center {args.center} --radii {args.radii})"
-
-
-def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, seed: int, settings: dict | None = None) -> dict:
-    """Read, synthesize, then write the outputs (nothing is left behind when anything fails)."""
     from backend.errors import DiffTumorError
     from backend.organs import load_organ_and_tumors
+    from backend.synthesis import outputs
 
     ct = _read(Path(ct_path), "--ct")
     try:
         organ, existing = load_organ_and_tumors(organs_path, args.organ, label_id=args.organ_label, reference=ct)
     except DiffTumorError as exc:  # the organs module names the file; say which option gave it
         raise DiffTumorError(f"--organs {exc}") from None
-    tumor, mask_entry, tumor_name = _tumor_mask(args, ct, seed)
-    result = engine.synthesize(
-        ct, organ, tumor, organ=args.organ, method=args.method, seed=seed, stage=args.stage, size=args.size,
-        count=args.count, sigma=args.sigma, ddim_steps=args.ddim_steps or DEFAULT_DDIM_STEPS,
-        pancreas_blend=args.pancreas_blend, tumor_name=tumor_name, organ_name=str(organs_path),
-        keep_intermediates=bool(args.keep_intermediates), weights_organ=args.weights_organ,
-        existing_tumor=existing,  # an MSD/LiTS/KiTS map's tumours stay tumour, never painted over
-    )
-    prov = dict(result.provenance)
-    if mask_entry is not None:  # the engine only knows "a mask came in": say which and with what parameters
-        prov["mask"] = {**prov.get("mask", {}), **mask_entry}
-    prov["organ_label"] = args.organ_label
-    prov["inputs"] = {"ct": os.path.abspath(ct_path), "organs": os.path.abspath(organs_path),
-                      "tumor_mask": os.path.abspath(args.tumor_mask) if args.tumor_mask else None}
-    if settings is not None:
-        prov["settings"] = settings
-    if args.keep_intermediates:
-        from backend.synthesis.engine import INTERMEDIATES
-
-        prov["intermediates"] = {f"{k}.nii.gz": INTERMEDIATES[k] for k in result.intermediates}
-    images = {"ct.nii.gz": result.ct, "label.nii.gz": result.label_volume()}
-    images.update({f"{k}.nii.gz": (vol, ct.geometry) for k, vol in result.intermediates.items()})
-    write_outputs(out_dir, images, prov, out_flag_value=Path(args.out))
-    return prov
+    if args.tumor_mask:
+        request = dataclasses.replace(request, tumor=dataclasses.replace(
+            request.tumor, mask=_read(Path(args.tumor_mask), "--tumor-mask")))
+    with cli_words(args):
+        # an MSD/LiTS/KiTS map's tumours (existing) stay tumour, never painted over
+        result = engine.run(request, ct, organ, existing_tumor=existing, organ_name=str(organs_path))
+        prov = outputs.provenance(
+            result.provenance, settings=settings, organ_label=args.organ_label,
+            inputs={"ct": os.path.abspath(ct_path), "organs": os.path.abspath(organs_path),
+                    "tumor_mask": os.path.abspath(args.tumor_mask) if args.tumor_mask else None},
+            intermediates=list(result.intermediates) if args.keep_intermediates else None)
+        outputs.write_output(out_dir, outputs.result_images(result), prov, names=_flag)
+    result.provenance = prov
+    return result
 
 
-def _staging(out_dir: Path) -> Path:
-    """Where an output is assembled before it is published: a hidden folder beside a new output folder
-    (renamed into place when complete, so the output appears whole or not at all), or inside an existing
-    one (files moved in, provenance last). A run killed meanwhile leaves only this folder, which the next
-    write of the same output removes."""
-    if out_dir.is_dir():
-        return out_dir / STAGING
-    return out_dir.parent / f".{out_dir.name}{STAGING}"
-
-
-def write_outputs(out_dir: Path, images: dict, prov: dict, *, out_flag_value: Path) -> None:
-    """Write the images, then provenance.json, into a staging folder (:func:`_staging`) and publish them
-    in ``out_dir``; on any failure remove what this call wrote (and the folders it made) and report an
-    OSError as one line naming the path."""
-    import shutil
-
-    from backend.io import write_image, write_text_atomic
-    from backend.synthesis.engine import INTERMEDIATES
-
-    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()][::-1]
-    stage = _staging(out_dir)
-    published: list[Path] = []
-    try:
-        for d in made[:-1] if out_dir in made else made:
-            d.mkdir()
-        if stage.exists():  # left by a run that was killed while writing this output
-            shutil.rmtree(stage)
-        stage.mkdir()
-        for name, data in images.items():
-            if isinstance(data, tuple):
-                write_image(data[0], data[1], stage / name)
-            else:
-                write_image(data, stage / name)
-        write_text_atomic(stage / "provenance.json", json.dumps(prov, indent=1, default=str))
-        if stage.parent != out_dir:
-            os.rename(stage, out_dir)  # a new output folder appears complete
-        else:
-            # the old provenance goes first: an output without one is unfinished (redone on resume)
-            (out_dir / "provenance.json").unlink(missing_ok=True)
-            for name in (*images, "provenance.json"):
-                os.replace(stage / name, out_dir / name)
-                published.append(out_dir / name)
-            stage.rmdir()
-    except BaseException as exc:
-        shutil.rmtree(stage, ignore_errors=True)
-        for p in published:
-            try:
-                p.unlink(missing_ok=True)
-            except OSError:  # pragma: no cover - the folder turned read-only under us
-                pass
-        for d in reversed(made):
-            try:
-                d.rmdir()
-            except OSError:  # pragma: no cover - someone else wrote there meanwhile
-                pass
-        if isinstance(exc, OSError):
-            raise _os_error(out_flag_value, exc, stage=stage, out_dir=out_dir) from None
-        raise
-    for key in INTERMEDIATES:  # a replaced result's intermediates that this run did not make
-        if f"{key}.nii.gz" not in images:
-            (out_dir / f"{key}.nii.gz").unlink(missing_ok=True)
-
-
-def unused_options(args, prov: dict) -> list[str]:
-    """The diffusion-only options the user gave that had no effect on this output."""
-    given = [d for d in DIFFUSION_ONLY if getattr(args, d) not in (None, False)]
-    if prov.get("method") != "diffusion":
-        return [_flag(d) for d in given]
-    from backend.synthesis.blend import uses_blend
-
-    organ = prov.get("organ", args.organ)
-    stages = {t.get("stage") for t in prov.get("tumours", [])}
-    unused = []
-    if "ddim_steps" in given and "mid_late" not in stages:
-        unused.append("ddim_steps")  # early tumours use the ancestral sampler
-    if "sigma" in given and not uses_blend(organ, args.pancreas_blend):
-        unused.append("sigma")  # the pancreas crop is replaced, not blended
-    if "pancreas_blend" in given and organ != "pancreas":
-        unused.append("pancreas_blend")
-    return [_flag(d) for d in unused]
-
-
-def _warn_unused(args, prov: dict, warned: set) -> None:
-    names = unused_options(args, prov)
+def _warn_unused(result, warned: set) -> None:
+    """Say once per (method, options) which given options the engine found had no effect."""
+    prov = result.provenance
+    names = [_flag(d) for d in result.unused]
     key = (prov.get("method"), tuple(names))
     if names and key not in warned:
         warned.add(key)
         log.warning("%s had no effect: the %s method ran (%s)", ", ".join(names), prov.get("method"),
                     prov.get("method_reason", ""))
-
-
-# --------------------------------------------------------------------------------------------
-# existing outputs
-# --------------------------------------------------------------------------------------------
-def _show(value) -> str:
-    if value is None:
-        return "(not given)"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, list):
-        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    return str(value)
-
-
-def check_single_out(out: Path, args) -> None:
-    """A non-empty --out needs --overwrite, and never may an output replace one of the inputs."""
-    from backend.errors import DiffTumorError
-
-    if not out.is_dir():
-        return
-    present = sorted(p.name for p in out.iterdir() if p.name != STAGING)  # STAGING: a killed run's leftover
-    if present and not args.overwrite:
-        shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
-        raise DiffTumorError(f"--out {out}: folder is not empty ({shown}); choose another --out, or pass --overwrite "
-                             "to replace the results there")
-    from backend.synthesis.engine import INTERMEDIATES
-
-    outputs = [out / n for n in (*OUTPUT_FILES, *(f"{k}.nii.gz" for k in INTERMEDIATES))]
-    for dest in ("ct", "organs", "tumor_mask"):
-        value = getattr(args, dest)
-        if value and any(o.exists() and os.path.samefile(value, o) for o in outputs):
-            raise DiffTumorError(f"{_flag(dest)} {value}: is one of the files --out {out} would replace; "
-                                 "choose another --out")
-
-
-def check_dataset_out(out: Path, args) -> None:
-    """Dataset mode: --out may not be the --ct or --organs folder. Its ``<case>_s<k>/ct.nii.gz`` outputs would
-    be read as new cases by the next run of the same command, so that resuming fails (or synthesizes on
-    synthetic CTs)."""
-    from backend.errors import DiffTumorError
-
-    if not out.is_dir():
-        return
-    for dest in ("ct", "organs"):
-        if os.path.samefile(getattr(args, dest), out):
-            raise DiffTumorError(f"--out {out}: is the --{dest} folder; its outputs would be read as new cases "
-                                 "by the next run; choose another --out (e.g. a folder beside it)")
-
-
-def start_dataset_run(out: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse a non-empty --out made by another run (other settings, or not by this command) unless
-    ``overwrite``; then record ``settings`` in :data:`RUN_FILE` (atomically)."""
-    from backend import __version__
-    from backend.errors import DiffTumorError
-    from backend.io import write_text_atomic
-
-    run_file = out / RUN_FILE
-    # another shard starting at the same moment may have made the folder and be writing the run file
-    # (a hidden temporary until it is complete): that folder counts as empty
-    begun = out.is_dir() and any(not _run_file_temp(p.name) for p in out.iterdir())
-    if begun and not overwrite:
-        try:
-            old = json.loads(run_file.read_text(encoding="utf-8"))["settings"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise DiffTumorError(f"--out {out}: folder is not empty and holds no {RUN_FILE} from an earlier "
-                                 "'difftumor synthesize' run; choose another --out, or pass --overwrite") from None
-        for key in settings:
-            if old.get(key) != settings[key]:
-                raise DiffTumorError(
-                    f"--out {out}: holds results made with {_flag(key)} {_show(old.get(key))}, but this run has "
-                    f"{_flag(key)} {_show(settings[key])}; choose another --out, or pass --overwrite to redo them")
-    made = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_file, json.dumps({"command": "difftumor synthesize", "version": __version__,
-                                                "settings": settings}, indent=1))
-    except OSError as exc:
-        if made and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise _os_error(out, exc) from None
-
-
-def _run_file_temp(name: str) -> bool:
-    """A temporary of :data:`RUN_FILE` while backend.io.write_text_atomic writes it."""
-    return name.startswith(f".{RUN_FILE}.") and name.endswith(".tmp")
-
-
-def output_done(dest: Path, settings: dict) -> bool:
-    """All of the output's files exist and its provenance was written with these settings."""
-    try:
-        prov = json.loads((dest / "provenance.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(prov, dict) or prov.get("settings") != settings:
-        return False
-    names = [*OUTPUT_FILES, *(prov.get("intermediates") or {})]
-    return all((dest / n).is_file() for n in names)
 
 
 class _OncePerMessage(logging.Filter):
@@ -571,7 +318,7 @@ class _OncePerMessage(logging.Filter):
 
 
 # --------------------------------------------------------------------------------------------
-# the command
+# dataset mode: the cases of a folder
 # --------------------------------------------------------------------------------------------
 def case_ct_file(folder: Path) -> Path | None:
     """``folder/ct.<ext>``: the CT of an AbdomenAtlas / TotalSegmentator case folder, or None."""
@@ -643,10 +390,15 @@ def rank_device(device: str, *, sharded_by_flag: bool) -> str:
     return f"cuda:{int(local) % torch.cuda.device_count()}"
 
 
+# --------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------
 def handler(args) -> int:
     from backend.errors import DiffTumorError
+    from backend.synthesis import outputs
 
     check_options(args)
+    request = build_request(args)
     _check_inputs_exist(args)
     ct_path, out = Path(args.ct), Path(args.out)
     # a folder holding image files or case folders is a dataset; any other folder is read as one DICOM series
@@ -662,36 +414,41 @@ def handler(args) -> int:
                                  f"--ct {ct_path} is a single CT")
     check_out_writable(out)
     if not dataset:
-        check_single_out(out, args)
+        outputs.check_single_out(out, {d: getattr(args, d) for d in ("ct", "organs", "tumor_mask")}, args.overwrite,
+                                 names=_flag)
     else:
-        check_dataset_out(out, args)
+        outputs.check_dataset_out(out, {"ct": args.ct, "organs": args.organs}, names=_flag)
 
     from backend.synthesis.engine import SynthesisEngine
 
     engine = SynthesisEngine(args.weights, device=rank_device(args.device, sharded_by_flag=args.shard is not None))
-    settings = run_settings(args, engine)
+    settings = run_settings(args, request, engine)
     warned: set = set()
     if not dataset:
-        prov = synthesize_case(engine, ct_path, Path(args.organs), out, args, args.seed, settings)
-        _warn_unused(args, prov, warned)
-        log.info("%s: %s tumour(s) by %s -> %s", ct_path.name, prov["n_tumours"], prov["method"], out)
+        result = synthesize_case(engine, ct_path, Path(args.organs), out, args, request, settings)
+        _warn_unused(result, warned)
+        log.info("%s: %s tumour(s) by %s -> %s", ct_path.name, result.provenance["n_tumours"],
+                 result.provenance["method"], out)
         return 0
-    return _run_dataset(engine, args, ct_path, out, settings, warned)
+    return _run_dataset(engine, args, request, ct_path, out, settings, warned)
 
 
-def _run_dataset(engine, args, ct_path: Path, out: Path, settings: dict, warned: set) -> int:
+def _run_dataset(engine, args, request, ct_path: Path, out: Path, settings: dict, warned: set) -> int:
+    import dataclasses
+
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from backend.errors import DiffTumorError
+    from backend.synthesis import outputs
 
     rank, world = parse_shard(args.shard)
     cases = dataset_cases(ct_path, Path(args.organs))
-    start_dataset_run(out, settings, args.overwrite)
+    outputs.start_dataset_run(out, settings, args.overwrite, names=_flag)
     n = args.n or 1
     jobs = [(ci, case, c, o, k) for ci, (case, c, o) in enumerate(cases) for k in range(n)]
     jobs = [j for j in jobs if j[0] % world == rank]
-    todo = [j for j in jobs if not output_done(out / f"{j[1]}_s{j[4]}", settings)]
+    todo = [j for j in jobs if not outputs.output_done(out / f"{j[1]}_s{j[4]}", settings)]
     if len(todo) < len(jobs):
         log.info("%d of %d outputs already done in %s (skipped); %d to synthesize", len(jobs) - len(todo), len(jobs),
                  out, len(todo))
@@ -704,8 +461,9 @@ def _run_dataset(engine, args, ct_path: Path, out: Path, settings: dict, warned:
             desc = "synthesize" if world == 1 else f"synthesize shard {rank}/{world}"
             for ci, case, c, o, k in tqdm(todo, desc=desc, unit="output", disable=not todo):
                 try:
-                    prov = synthesize_case(engine, c, o, out / f"{case}_s{k}", args, output_seed(args.seed, case, k), settings)
-                    _warn_unused(args, prov, warned)
+                    case_request = dataclasses.replace(request, seed=output_seed(args.seed, case, k))
+                    _warn_unused(synthesize_case(engine, c, o, out / f"{case}_s{k}", args, case_request, settings),
+                                 warned)
                 except DiffTumorError as exc:
                     failures += 1
                     log.error("%s: %s", case, exc)

@@ -31,12 +31,15 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, RandomizableTransform
 
 from backend.errors import DiffTumorError
+from backend.synthesis.masks import SIZE_CLASSES
 
 log = logging.getLogger(__name__)
 
 METHODS = ("model-based", "diffusion")
+# the release's three draws (stage_probs): early (size class tiny or small, 0.5/0.5), medium, large; the
+# diffusion stage of each follows from its size class (backend.synthesis.stage: tiny/small early, else mid_late)
 STAGES = ("early", "mid", "large")
-STAGE_SIZES = {"mid": "medium", "large": "large"}  # early -> tiny/small 0.5/0.5
+STAGE_SIZES = {"mid": "medium", "large": "large"}
 
 
 def _as_bool(v) -> bool:
@@ -101,42 +104,17 @@ class RandTumorSynthesisd(RandomizableTransform, MapTransform):
             # thread (raising it in a forked worker can deadlock OpenMP, whose pool the parent started).
             threads = torch.get_num_threads() if get_worker_info() is not None else None
             self._engine = SynthesisEngine(self.weights_dir, device=self.device, threads=threads)
-            stage = "early" if self._stage == "early" else "mid_late"
-            ok, why = self._engine.diffusion_available(self.weights_organ, stage)
+            ok, why = self._engine.diffusion_available(self.weights_organ, SIZE_CLASSES[self._size].stage)
             if not ok:
                 raise DiffTumorError(f"synthesis.method=diffusion: {why}")
         return self._engine
 
-    def synthesize(self, image01: np.ndarray, organ: np.ndarray, tumor: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """New [0, 1] crop (X, Y, Z) with the tumour ``tumor`` inserted."""
-        from backend.synthesis import blend
+    def request(self):
+        """The :class:`~backend.synthesis.request.SynthesisRequest` of this draw (size class and seed)."""
+        from backend.synthesis.request import Generated, SynthesisRequest
 
-        if self.method == "model-based":
-            from backend.synthesis.model_based import synthesize_model_based
-
-            hu = blend.from_01(image01)
-            new_hu, support, _ = synthesize_model_based(hu, (1.0, 1.0, 1.0), organ, tumor, rng=rng)
-            out = np.array(image01, dtype=np.float32, copy=True)
-            out[support] = blend.hu_to_01(new_hu[support])  # voxels outside the blend stay bit-identical
-            return out
-        from backend.progress import run_sync as run
-        from backend.synthesis.diffusion_crop import iter_synthesize_crop
-
-        engine = self._engine_for_diffusion()
-        stage = "early" if self._stage == "early" else "mid_late"
-        models = engine.stage_models(self.weights_organ, stage)
-        m = tumor.astype(np.float32)
-        gen = torch.Generator().manual_seed(self._seed)
-        # the latent U-Net needs x, y multiples of 32 and z of 4 (96^3 in the release); a training crop of
-        # another size (e.g. 48^3) is edge-padded for the network, as the release pads crops at the CT's
-        # borders, and the decoded crop is cut back to the training crop
-        pad = [(0, -n % k) for n, k in zip(image01.shape, (32, 32, 4))]
-        decoded = run(iter_synthesize_crop(np.pad(image01 * 2.0 - 1.0, pad, mode="edge"), np.pad(m, pad), models,
-                                           device=engine.device, generator=gen))[tuple(slice(0, n) for n in image01.shape)]
-        if blend.uses_blend(self.organ):
-            m_blur = blend.blur_mask(m, blend.draw_sigma(rng))
-            return blend.blend01(image01, m_blur, decoded)
-        return ((decoded + 1.0) / 2.0).astype(np.float32)  # pancreas, as released: the whole crop
+        return SynthesisRequest(organ=self.organ, tumor=Generated(self._size), method=self.method, seed=self._seed,
+                                weights_organ=self.weights_organ if self.weights_organ != self.organ else None)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -144,22 +122,19 @@ class RandTumorSynthesisd(RandomizableTransform, MapTransform):
         d["synthetic"] = torch.tensor(0, dtype=torch.uint8)
         if not self._do_transform or not _as_bool(d.get(self.healthy_key, False)):
             return d
+        from backend.synthesis.diffusion_crop import synthesize_training_crop
+
         img_key, lab_key = self.keys
         image, label = d[img_key], d[lab_key]
         lab = np.asarray(label.detach().cpu() if torch.is_tensor(label) else label)
         organ = lab[0] == self.organ_label
-        from backend.synthesis.masks import generate_tumor_mask
-
-        rng = np.random.default_rng(self._seed)
-        try:
-            tumor, _ = generate_tumor_mask(organ, self.organ, size=self._size, rng=rng)
-        except DiffTumorError:  # the crop holds too little organ for this size: no tumour in this draw
+        img = np.asarray(image.detach().cpu() if torch.is_tensor(image) else image, dtype=np.float32)
+        painted = synthesize_training_crop(self.request(), img[0], organ, engine=self._engine_for_diffusion)
+        if painted is None:
             log.debug("crop has %d organ voxels, too few for a %s tumour; left unchanged", int(organ.sum()), self._size)
             return d
-        img = np.asarray(image.detach().cpu() if torch.is_tensor(image) else image, dtype=np.float32)
-        new = self.synthesize(img[0], organ, tumor, rng)
         img = img.copy()
-        img[0] = new
+        img[0], tumor = painted
         lab = lab.copy()
         lab[0][tumor] = self.tumor_label
         d[img_key] = _like(image, img)

@@ -16,8 +16,10 @@ inside the crop's footprint; a voxel changes only where the sampled blurred mask
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from backend.io import Geometry
 
@@ -157,3 +159,79 @@ def back_to_file(values_xyz: np.ndarray, crop: Crop, target: Geometry, sl_zyx) -
     """Sample a crop (X, Y, Z) float array (linear, 0 outside) on the file sub-grid ``sl_zyx``."""
     sub = sub_geometry(target, sl_zyx)
     return sample(np.ascontiguousarray(values_xyz.transpose(2, 1, 0)), crop.geometry, sub, nearest=False, default=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# tumour components -> groups that share one crop
+# --------------------------------------------------------------------------------------------
+GROUP_EXTENT_MM = 80.0  # tumour components whose union fits in 80 mm share one 96 mm crop
+
+
+def component_diameters_mm(mask: np.ndarray, spacing_zyx) -> list[float]:
+    """Largest diameter (mm) of each connected tumour (26-connected) in ``mask``, largest first."""
+    from backend.synthesis.masks import largest_diameter_mm
+
+    box = bbox_slices(mask, (0, 0, 0))
+    lab, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))
+    return sorted((largest_diameter_mm(lab[sl] == k + 1, spacing_zyx)
+                   for k, sl in enumerate(ndimage.find_objects(lab))), reverse=True)
+
+
+def bbox_slices(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
+    """The bounding box of ``mask`` grown by ``margin`` voxels per axis (clipped to the array)."""
+    nz = np.argwhere(mask)
+    lo = np.maximum(nz.min(0) - np.asarray(margin), 0)
+    hi = np.minimum(nz.max(0) + 1 + np.asarray(margin), mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def group_components(tumor: np.ndarray, geometry: Geometry, extent_mm: float = GROUP_EXTENT_MM) -> list[np.ndarray]:
+    """Split a (z, y, x) tumour mask into groups of components that fit together in one crop.
+
+    Works on the tumour's bounding box only (labelling a whole CT costs ~0.2 s per 10 M voxels).
+    """
+    if not tumor.any():
+        return []
+    box = bbox_slices(tumor, (1, 1, 1))
+    offset = [s.start for s in box]
+    lab, n = ndimage.label(tumor[box], structure=np.ones((3, 3, 3), bool))
+    objs = [tuple(slice(o.start + d, o.stop + d) for o, d in zip(sl, offset)) for sl in ndimage.find_objects(lab)]
+    sizes = ndimage.sum_labels(tumor[box], lab, index=np.arange(1, n + 1))
+    groups: list[tuple[np.ndarray, np.ndarray, list[int]]] = []  # (world lo, world hi, ids)
+    for i in np.argsort(-sizes):
+        sl = objs[i]
+        corners = np.array([[sl[2].start, sl[1].start, sl[0].start], [sl[2].stop - 1, sl[1].stop - 1, sl[0].stop - 1]], float)
+        w = geometry.voxel_to_world(np.array([[x, y, z] for x in corners[:, 0] for y in corners[:, 1] for z in corners[:, 2]]))
+        lo, hi = w.min(0), w.max(0)
+        for g in groups:
+            nlo, nhi = np.minimum(g[0], lo), np.maximum(g[1], hi)
+            if np.all(nhi - nlo <= extent_mm):
+                g[0][:], g[1][:] = nlo, nhi
+                g[2].append(int(i) + 1)
+                break
+        else:
+            groups.append((lo.copy(), hi.copy(), [int(i) + 1]))
+    out = []
+    for g in groups:
+        full = np.zeros(tumor.shape, bool)
+        full[box] = np.isin(lab, g[2])
+        out.append(full)
+    return out
+
+
+def group_crop(geometry: Geometry, group: np.ndarray) -> tuple[Crop, np.ndarray]:
+    """The 96 mm model-grid crop the diffusion model paints for a tumour group, and the group's centre (world)."""
+    nz = np.argwhere(group)
+    centre_idx = (nz.min(0) + nz.max(0)) / 2.0  # (z, y, x)
+    centre_world = geometry.voxel_to_world(centre_idx[::-1])
+    return crop_around(model_grid(geometry), centre_world), centre_world
+
+
+def outside_crop(geometry: Geometry, group: np.ndarray) -> np.ndarray:
+    """Voxels of ``group`` whose centres lie outside its crop: diffusion cannot paint them."""
+    crop, _ = group_crop(geometry, group)
+    idx = np.argwhere(group)
+    pos = crop.geometry.world_to_voxel(geometry.voxel_to_world(idx[:, ::-1].astype(np.float64)))
+    out = np.zeros(group.shape, bool)
+    out[tuple(idx.T)] = np.any((pos < -0.5) | (pos > crop.size - 0.5), axis=1)
+    return out

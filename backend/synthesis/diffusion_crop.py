@@ -16,13 +16,11 @@ or a ``torch.Generator``; noise is drawn on the CPU so a seed gives the same tum
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import torch
 
-Stage = Literal["early", "mid_late"]
-STAGES: tuple[str, ...] = ("early", "mid_late")
 
 
 @dataclass
@@ -94,3 +92,57 @@ def reconstruct_crop(x_xyz: np.ndarray, autoencoder: torch.nn.Module, *, device:
         vol = torch.from_numpy(np.ascontiguousarray(x_xyz, dtype=np.float32))[None, None].permute(0, 1, 4, 2, 3)
         rec = autoencoder.decode(autoencoder.encode(vol.to(device)), quantize=True)  # (1, 1, Z, X, Y)
         return rec[0, 0].permute(1, 2, 0).float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# stage 3: a whole training crop, from a request
+# --------------------------------------------------------------------------------------------
+def synthesize_training_crop(request, image01: np.ndarray, organ: np.ndarray, *, engine=None):
+    """Stage 3 (on-the-fly synthesis): draw ``request.tumor`` (a :class:`~backend.synthesis.request.Generated`
+    size class) inside the organ of a model-space crop and paint it, as the release's training loop does.
+
+    ``image01``: (X, Y, Z) in [0, 1] (HU window [-175, 250], RAS, 1 mm); ``organ``: bool, same shape.
+    ``request.method`` "model-based" needs no ``engine``; "diffusion" uses the networks of ``engine`` (a
+    :class:`~backend.synthesis.engine.SynthesisEngine`, or a function returning one, called only once a tumour
+    was drawn) for the
+    stage of the size class (tiny/small early, medium/large mid/late; ``request.stage`` overrides it), the
+    release's blend (``request.sigma``, default U(0, 4)) or, for the pancreas, the whole crop replaced.
+    Returns ``(new crop (X, Y, Z) float32 in [0, 1], tumour mask)``, or ``None`` when the crop holds too little
+    organ for a tumour of that size (no tumour this draw).
+    """
+    from backend.errors import DiffTumorError
+    from backend.synthesis import blend
+    from backend.synthesis.masks import SIZE_CLASSES, generate_tumor_mask
+    from backend.synthesis.stage import Stage
+
+    rng = np.random.default_rng(request.seed)
+    size = request.tumor.size
+    try:
+        tumor, _ = generate_tumor_mask(organ, request.organ, size=size, rng=rng)
+    except DiffTumorError:  # the crop holds too little organ for this size: no tumour in this draw
+        return None
+    if request.method == "model-based":
+        from backend.synthesis.model_based import synthesize_model_based
+
+        hu = blend.from_01(image01)
+        new_hu, support, _ = synthesize_model_based(hu, (1.0, 1.0, 1.0), organ, tumor, rng=rng)
+        out = np.array(image01, dtype=np.float32, copy=True)
+        out[support] = blend.hu_to_01(new_hu[support])  # voxels outside the blend stay bit-identical
+        return out, tumor
+    from backend.progress import run_sync
+
+    engine = engine() if callable(engine) else engine
+    stage = Stage.parse(request.stage or SIZE_CLASSES[size].stage)
+    models = engine.stage_models(request.model_organ, stage.value, request.steps)
+    m = tumor.astype(np.float32)
+    gen = torch.Generator().manual_seed(int(request.seed))
+    # the latent U-Net needs x, y multiples of 32 and z of 4 (96^3 in the release); a training crop of
+    # another size (e.g. 48^3) is edge-padded for the network, as the release pads crops at the CT's
+    # borders, and the decoded crop is cut back to the training crop
+    pad = [(0, -n % k) for n, k in zip(image01.shape, (32, 32, 4))]
+    decoded = run_sync(iter_synthesize_crop(np.pad(image01 * 2.0 - 1.0, pad, mode="edge"), np.pad(m, pad), models,
+                                            device=engine.device, generator=gen))[tuple(slice(0, n) for n in image01.shape)]
+    if blend.uses_blend(request.organ, request.pancreas_blend):
+        sigma = float(request.sigma) if request.sigma is not None else blend.draw_sigma(rng)
+        return blend.blend01(image01, blend.blur_mask(m, sigma), decoded), tumor
+    return ((decoded + 1.0) / 2.0).astype(np.float32), tumor  # pancreas, as released: the whole crop

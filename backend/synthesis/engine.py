@@ -1,15 +1,19 @@
 """The synthesis engine: a healthy CT + organ mask (+ tumour mask) -> CT with a synthetic tumour.
 
     engine = SynthesisEngine(weights_dir=None, device="auto")
-    result = engine.synthesize(ct, organ_mask, tumor_mask=None, organ="liver", seed=0)
+    request = SynthesisRequest(organ="liver", tumor=Generated("small", 2), seed=0)  # backend.synthesis.request
+    result = engine.run(request, ct, organ_mask)
     result.ct          # Volume: same geometry and dtype as ``ct``
     result.label       # uint8 (z, y, x): 0 background, 1 organ, 2 tumour
     result.tumor_mask  # bool (z, y, x)
     result.provenance  # dict: method (+ why), weights sha256, seed, stage, steps, sigma, mask params, timings
+    result.unused      # the request's options that had no effect (e.g. ["sigma"] when model-based ran)
     result.intermediates  # keep_intermediates=True (diffusion): "masked", "reconstruction", "decoded" in HU
 
-``iter_synthesize`` is the same work as a generator yielding ``(message, done, total)`` and returning
-the :class:`SynthesisResult` (for the napari progress bar); :func:`run_sync` drives it.
+``iter_run`` is the same work as a generator yielding ``(message, done, total)`` and returning the
+:class:`SynthesisResult` (for the napari progress bar); :func:`run_sync` drives it. ``synthesize`` /
+``iter_synthesize`` take the request's fields as keywords (``engine.synthesize(ct, organ_mask, organ="liver",
+size="small", seed=0)``). The request, the stage rule and the provenance format: docs/synthesis.md.
 
 Methods: ``"diffusion"`` (the release's latent diffusion, needs the weights), ``"model-based"``
 (Hu et al. 2023, no weights) and ``"auto"`` = diffusion when the weights for the organ and stage are
@@ -33,23 +37,23 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
-from scipy import ndimage
 
 from backend.errors import DiffTumorError
 from backend.io import Geometry, Volume, check_same_grid, label_map_range
 from backend.progress import run_sync
 from backend.synthesis import blend, crops, masks
+from backend.synthesis.crops import (GROUP_EXTENT_MM, bbox_slices, component_diameters_mm,  # noqa: F401 - re-exported
+                                     group_components, group_crop, outside_crop)
 from backend.synthesis.model_based import ModelBasedConfig, cast_like, synthesize_model_based
+from backend.synthesis.placement import (_organ_in_model_space, _random_joint, _random_setup,  # noqa: F401
+                                         random_tumor_mask, random_tumor_masks)
+from backend.synthesis.request import METHODS, Generated, OptionError, SynthesisRequest, UserMask  # noqa: F401
+from backend.synthesis.stage import EARLY_MAX_DIAMETER_MM, Stage, stage_of_diameter  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-
-METHODS = ("auto", "diffusion", "model-based")
-STAGE_CHOICES = ("early", "mid_late")
-EARLY_MAX_DIAMETER_MM = 20.0  # the release: tumours < 2 cm are "early"
-GROUP_EXTENT_MM = 80.0  # tumour components whose union fits in 80 mm share one 96 mm crop
 INTERMEDIATES = {
     "masked": "what the encoder sees: the crop windowed to [-175, 250] HU with the tumour at 37.5 HU (0 in [-1, 1])",
     "reconstruction": "decode(quantize(encode(crop))) of the UNMASKED crop by the standalone autoencoder: what the "
@@ -67,6 +71,9 @@ class SynthesisResult:
     # keep_intermediates=True, diffusion only: float32 HU (z, y, x) volumes on the CT's grid, the CT's own
     # value outside the crops -- see ``INTERMEDIATES``
     intermediates: dict[str, np.ndarray] = field(default_factory=dict)
+    # the request's options that had no effect (field names of SynthesisRequest, e.g. ["sigma"]): the method
+    # that ran does not read them, or no tumour needed them
+    unused: list[str] = field(default_factory=list)
 
     def label_volume(self) -> Volume:
         return Volume(self.label, self.ct.geometry)
@@ -117,170 +124,6 @@ def _as_mask(m, ct: Volume, name: str) -> np.ndarray:
     return m != 0
 
 
-def component_diameters_mm(mask: np.ndarray, spacing_zyx) -> list[float]:
-    """Largest diameter (mm) of each connected tumour (26-connected) in ``mask``, largest first."""
-    box = _bbox_slices(mask, (0, 0, 0))
-    lab, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))
-    return sorted((masks.largest_diameter_mm(lab[sl] == k + 1, spacing_zyx)
-                   for k, sl in enumerate(ndimage.find_objects(lab))), reverse=True)
-
-
-def stage_of_diameter(diameter_mm: float) -> str:
-    """The release's stage rule: a tumour under 20 mm is early, anything larger mid/late."""
-    return "early" if diameter_mm < EARLY_MAX_DIAMETER_MM else "mid_late"
-
-
-def _bbox_slices(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
-    nz = np.argwhere(mask)
-    lo = np.maximum(nz.min(0) - np.asarray(margin), 0)
-    hi = np.minimum(nz.max(0) + 1 + np.asarray(margin), mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-
-
-# --------------------------------------------------------------------------------------------
-# tumour components -> crops
-# --------------------------------------------------------------------------------------------
-def group_components(tumor: np.ndarray, geometry: Geometry, extent_mm: float = GROUP_EXTENT_MM) -> list[np.ndarray]:
-    """Split a (z, y, x) tumour mask into groups of components that fit together in one crop.
-
-    Works on the tumour's bounding box only (labelling a whole CT costs ~0.2 s per 10 M voxels).
-    """
-    if not tumor.any():
-        return []
-    box = _bbox_slices(tumor, (1, 1, 1))
-    offset = [s.start for s in box]
-    lab, n = ndimage.label(tumor[box], structure=np.ones((3, 3, 3), bool))
-    objs = [tuple(slice(o.start + d, o.stop + d) for o, d in zip(sl, offset)) for sl in ndimage.find_objects(lab)]
-    sizes = ndimage.sum_labels(tumor[box], lab, index=np.arange(1, n + 1))
-    groups: list[tuple[np.ndarray, np.ndarray, list[int]]] = []  # (world lo, world hi, ids)
-    for i in np.argsort(-sizes):
-        sl = objs[i]
-        corners = np.array([[sl[2].start, sl[1].start, sl[0].start], [sl[2].stop - 1, sl[1].stop - 1, sl[0].stop - 1]], float)
-        w = geometry.voxel_to_world(np.array([[x, y, z] for x in corners[:, 0] for y in corners[:, 1] for z in corners[:, 2]]))
-        lo, hi = w.min(0), w.max(0)
-        for g in groups:
-            nlo, nhi = np.minimum(g[0], lo), np.maximum(g[1], hi)
-            if np.all(nhi - nlo <= extent_mm):
-                g[0][:], g[1][:] = nlo, nhi
-                g[2].append(int(i) + 1)
-                break
-        else:
-            groups.append((lo.copy(), hi.copy(), [int(i) + 1]))
-    out = []
-    for g in groups:
-        full = np.zeros(tumor.shape, bool)
-        full[box] = np.isin(lab, g[2])
-        out.append(full)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# random placement on the CT grid (the release's generator)
-# --------------------------------------------------------------------------------------------
-def group_crop(geometry: Geometry, group: np.ndarray) -> tuple["crops.Crop", np.ndarray]:
-    """The 96 mm model-grid crop the diffusion model paints for a tumour group, and the group's centre (world)."""
-    nz = np.argwhere(group)
-    centre_idx = (nz.min(0) + nz.max(0)) / 2.0  # (z, y, x)
-    centre_world = geometry.voxel_to_world(centre_idx[::-1])
-    return crops.crop_around(crops.model_grid(geometry), centre_world), centre_world
-
-
-def outside_crop(geometry: Geometry, group: np.ndarray) -> np.ndarray:
-    """Voxels of ``group`` whose centres lie outside its crop: diffusion cannot paint them."""
-    crop, _ = group_crop(geometry, group)
-    idx = np.argwhere(group)
-    pos = crop.geometry.world_to_voxel(geometry.voxel_to_world(idx[:, ::-1].astype(np.float64)))
-    out = np.zeros(group.shape, bool)
-    out[tuple(idx.T)] = np.any((pos < -0.5) | (pos > crop.size - 0.5), axis=1)
-    return out
-
-
-def _organ_in_model_space(grid: Geometry, organ_arr: np.ndarray, size: str):
-    """The organ's neighbourhood as a 1 mm model-space (X, Y, Z) mask: (mask, model grid, file slices, sub-grid)."""
-    reach_mm = max(10.0, 2.0 * masks.SIZE_CLASSES[size].semi_axes[1])  # room for the class's largest tumour
-    margin = [int(np.ceil(reach_mm / s)) for s in grid.spacing[::-1]]
-    sl = _bbox_slices(organ_arr, margin)
-    sub_g = crops.sub_geometry(grid, sl)
-    model = crops.model_grid(sub_g)
-    organ_m = crops.sample(organ_arr[sl], sub_g, model, nearest=True, extrapolate=True).transpose(2, 1, 0).astype(bool)
-    return organ_m, model, sl, sub_g
-
-
-def _mask_to_file(mask_m: np.ndarray, params, model: Geometry, sl, sub_g: Geometry, full: Geometry, shape) -> np.ndarray:
-    back = crops.sample(np.ascontiguousarray(mask_m.transpose(2, 1, 0)), model, sub_g, nearest=True).astype(bool)
-    tumor = np.zeros(shape, bool)
-    tumor[sl] = back
-    if not tumor.any():  # thinner than a slice: keep the voxel nearest each centre
-        for p in params:
-            k = np.clip(np.rint(full.world_to_voxel(model.voxel_to_world(np.asarray(p.centre, float)))).astype(int),
-                        0, np.asarray(full.size) - 1)
-            tumor[k[2], k[1], k[0]] = True
-    for p in params:  # report centres in world coordinates (LPS mm) and on the CT's grid too
-        world = model.voxel_to_world(np.asarray(p.centre, float))
-        p.centre_world_mm = tuple(round(float(v), 2) for v in world)
-        p.centre_voxel_xyz = tuple(int(v) for v in np.rint(full.world_to_voxel(world)))
-    return tumor
-
-
-def _random_setup(ct, organ_mask, organ: str, size, count, seed):
-    from backend.organs import parse_organ
-
-    geometry = ct.geometry if isinstance(ct, Volume) else ct
-    organ_arr = np.asarray(organ_mask) != 0
-    if organ_arr.shape != tuple(geometry.size[::-1]):
-        raise DiffTumorError(f"organ mask: array shape {organ_arr.shape} differs from the CT's {tuple(geometry.size[::-1])} (z, y, x)")
-    organ = parse_organ(organ)
-    if not organ_arr.any():
-        raise DiffTumorError(f"organ mask: the organ '{organ}' is absent (no voxel)")
-    if size is not None and size not in masks.SIZE_CLASSES:
-        raise DiffTumorError(f"size class '{size}': choose one of {', '.join(masks.SIZE_CLASSES)}")
-    if count is not None and int(count) < 1:
-        raise DiffTumorError(f"number of tumours: must be at least 1, got {count}")
-    rng = masks.as_rng(seed)
-    if size is None:
-        size = masks.sample_size_class(rng)
-    return geometry, organ_arr, organ, size, rng
-
-
-def random_tumor_mask(ct: Volume | Geometry, organ_mask, *, organ: str, size: str | None = None,
-                      count: int | None = None, seed=0) -> tuple[np.ndarray, list[masks.TumorParams]]:
-    """Tumours drawn by the release's generator at valid places in the organ, on the CT's own grid.
-
-    ``ct``: the CT Volume (or its Geometry); ``organ_mask``: (z, y, x) on that grid. ``size`` None draws
-    the release's training mix and ``count`` None the class's count range; ``seed`` is an int or a
-    ``numpy.random.Generator`` (used as is, so a caller's stream continues). The generator runs in
-    1 mm model space on the organ's neighbourhood only (one joint draw, as released: one clipping
-    decision for all tumours) and is brought back by nearest neighbour; a tumour thinner than a
-    voxel keeps the voxel nearest its centre. Returns (bool mask (z, y, x), one
-    :class:`~backend.synthesis.masks.TumorParams` per tumour with ``centre_world_mm`` filled in).
-    """
-    return _random_joint(*_random_setup(ct, organ_mask, organ, size, count, seed), count)
-
-
-def _random_joint(geometry, organ_arr, organ, size, rng, count, prepared=None):
-    organ_m, model, sl, sub_g = prepared(size) if prepared else _organ_in_model_space(geometry, organ_arr, size)
-    masks.check_organ_fits(organ_m, size, name=f"organ '{organ}'")
-    gap = int(np.ceil(max(geometry.spacing))) + 1  # 1 mm voxels between tumours: still apart on the CT's grid
-    mask_m, params = masks.generate_tumor_mask(organ_m, organ, size=size, count=count, rng=rng, gap=gap)
-    return _mask_to_file(mask_m, params, model, sl, sub_g, geometry, organ_arr.shape), params
-
-
-def random_tumor_masks(ct: Volume | Geometry, organ_mask, *, organ: str, size: str | None = None, count: int = 1,
-                       seed=0) -> tuple[list[np.ndarray], list[masks.TumorParams]]:
-    """Like :func:`random_tumor_mask` but one mask per tumour (one generator draw each, same seeded stream):
-    for tools that keep each tumour apart (the napari placement gives each its own label id)."""
-    geometry, organ_arr, organ, size, rng = _random_setup(ct, organ_mask, organ, size, count, seed)
-    organ_m, model, sl, sub_g = _organ_in_model_space(geometry, organ_arr, size)
-    masks.check_organ_fits(organ_m, size, name=f"organ '{organ}'")
-    masks.check_count_fits(organ_m, size, int(count), organ_name=organ)  # (separate draws: no placement apart)
-    shapes, params = [], []
-    for _ in range(int(count)):
-        mask_m, ps = masks.generate_tumor_mask(organ_m, organ, size=size, count=1, rng=rng)
-        shapes.append(_mask_to_file(mask_m, ps, model, sl, sub_g, geometry, organ_arr.shape))
-        params.extend(ps)
-    return shapes, params
-
-
 # --------------------------------------------------------------------------------------------
 # per-CT cache: a second tumour in the same CT skips the checks and the organ's model-space mask
 # --------------------------------------------------------------------------------------------
@@ -301,6 +144,16 @@ def _ct_key(ct: Volume) -> tuple:
 
 
 @dataclass
+class _Painting:
+    """What the tumour groups are painted into, one after the other (see ``SynthesisEngine._paint``)."""
+
+    out: np.ndarray  # the CT's array, painted in place
+    rng: np.random.Generator
+    noise: object = None
+    intermediates: dict | None = None
+
+
+@dataclass
 class _CTEntry:
     checked: bool
     organ_models: dict = field(default_factory=dict)  # reach (mm) -> (organ_m, model grid, slices, sub-grid)
@@ -312,6 +165,59 @@ class _CTEntry:
             prepared[0].flags.writeable = False  # shared by later calls: nobody may edit it
             self.organ_models[reach] = prepared
         return self.organ_models[reach]
+
+
+# --------------------------------------------------------------------------------------------
+# the method: diffusion when the weights are there (no networks loaded to find out)
+# --------------------------------------------------------------------------------------------
+def planned_stages(tumor: np.ndarray, geometry: Geometry) -> list[Stage]:
+    """The stage the engine gives each crop's group of tumours in a given (z, y, x) mask: early when its
+    largest tumour is under 20 mm (:func:`backend.synthesis.stage.stage_of_diameter`), before any clipping."""
+    spacing_zyx = geometry.spacing[::-1]
+    return [stage_of_diameter(max(component_diameters_mm(g, spacing_zyx)))
+            for g in group_components(np.asarray(tumor) != 0, geometry)]
+
+
+def diffusion_available(weights, organ: str, stage: str) -> tuple[bool, str]:
+    """(available, reason) for ``stage`` of ``organ`` in ``weights`` (a :class:`backend.weights.WeightsFolder`)."""
+    from backend.weights import WEIGHT_ORGANS, weight_organ
+
+    if weight_organ(organ) not in WEIGHT_ORGANS:
+        return False, f"no diffusion weights exist for {organ} (released organs: {', '.join(WEIGHT_ORGANS)})"
+    if weights.root is None:
+        return False, "no weights folder found (--weights, $DIFFTUMOR_WEIGHTS or the user config)"
+    miss = weights.missing(organ, stage)
+    if miss:
+        return False, f"weights folder {weights.root} lacks {', '.join(miss)}"
+    return True, f"weights found in {weights.root} ({weights.source})"
+
+
+def missing_weights(weights, model_organ: str, stages, available=None) -> tuple[Stage, str] | None:
+    """The first stage of ``stages`` whose diffusion weights ``weights`` lacks, and why; None when all are there.
+    ``available(organ, stage)`` -> (ok, why) replaces the folder lookup (the engine passes its own)."""
+    available = available or (lambda organ, stage: diffusion_available(weights, organ, stage))
+    for st in sorted({Stage.parse(s) for s in stages}, key=lambda s: s.value):
+        ok, why = available(model_organ, st.value)
+        if not ok:
+            return st, why
+    return None
+
+
+def choose_method(weights, method: str, model_organ: str, stages, available=None) -> tuple[str, str]:
+    """(method that runs, why): "model-based" as asked; "diffusion" needs ``model_organ``'s weights for every
+    stage in ``stages`` (a user error naming the missing file otherwise); "auto" is diffusion when they are
+    all there, else model-based."""
+    if method == "model-based":
+        return "model-based", "requested"
+    available = available or (lambda organ, stage: diffusion_available(weights, organ, stage))
+    missing = missing_weights(weights, model_organ, stages, available)
+    if missing is None:
+        found = available(model_organ, Stage.parse(next(iter(stages), Stage.EARLY)).value)[1]
+        return "diffusion", ("requested; " if method == "diffusion" else "auto: ") + found
+    if method == "diffusion":
+        weights.require(model_organ, missing[0].value)
+        raise DiffTumorError(f"diffusion: {missing[1]}")  # pragma: no cover - require() raised already
+    return "model-based", "auto: " + missing[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,16 +244,7 @@ class SynthesisEngine:
     # ---------------------------------------------------------------- weights
     def diffusion_available(self, organ: str, stage: str) -> tuple[bool, str]:
         """(available, reason) for ``stage`` of ``organ``."""
-        from backend.weights import WEIGHT_ORGANS, weight_organ
-
-        if weight_organ(organ) not in WEIGHT_ORGANS:
-            return False, f"no diffusion weights exist for {organ} (released organs: {', '.join(WEIGHT_ORGANS)})"
-        if self.weights.root is None:
-            return False, "no weights folder found (--weights, $DIFFTUMOR_WEIGHTS or the user config)"
-        miss = self.weights.missing(organ, stage)
-        if miss:
-            return False, f"weights folder {self.weights.root} lacks {', '.join(miss)}"
-        return True, f"weights found in {self.weights.root} ({self.weights.source})"
+        return diffusion_available(self.weights, organ, stage)
 
     def _autoencoder(self):
         if self._ae is None:
@@ -376,8 +273,8 @@ class SynthesisEngine:
             steps = ck.timesteps
         else:
             if not 1 <= int(ddim_steps) <= ck.timesteps:  # DDIM takes at most one step per training timestep
-                raise DiffTumorError(f"--ddim-steps {ddim_steps}: {diffusion_name(organ, stage)} was trained with "
-                                     f"T = {ck.timesteps} steps; give 1 to {ck.timesteps}")
+                raise OptionError("ddim_steps", ddim_steps, f"{diffusion_name(organ, stage)} was trained with "
+                                  f"T = {ck.timesteps} steps; give 1 to {ck.timesteps}")
             scheduler = ck.ddim_scheduler(ddim_steps)
             decoder, steps = ae, ddim_steps
         sha = {n: self.weights.sha256(n) for n in (AE_NAME, diffusion_name(organ, stage))}
@@ -404,154 +301,45 @@ class SynthesisEngine:
         return dec.to(self.device).eval()
 
     # ---------------------------------------------------------------- main entry points
-    def synthesize(self, ct: Volume, organ_mask, tumor_mask=None, **kwargs) -> SynthesisResult:
-        return run_sync(self.iter_synthesize(ct, organ_mask, tumor_mask, **kwargs))
+    def run(self, request: SynthesisRequest, ct: Volume, organ_mask, **kwargs) -> SynthesisResult:
+        """Synthesize ``request`` into ``ct``; see :meth:`iter_run`."""
+        return run_sync(self.iter_run(request, ct, organ_mask, **kwargs))
 
-    def iter_synthesize(
-        self,
-        ct: Volume,
-        organ_mask,
-        tumor_mask=None,
-        *,
-        organ: str,
-        method: str = "auto",
-        seed: int = 0,
-        stage: str | None = None,
-        size: str | None = None,
-        count: int | None = None,
-        sigma: float | None = None,
-        ddim_steps: int = 50,
-        pancreas_blend: bool = False,
-        noise=None,
-        tumor_name: str = "tumor mask",
-        organ_name: str = "organ mask",
-        keep_intermediates: bool = False,
-        weights_organ: str | None = None,
-        existing_tumor=None,
-    ) -> Iterator[tuple[str, int, int]]:
-        """Generator form of :meth:`synthesize`; must not touch Qt. See the module docstring.
+    def iter_run(self, request: SynthesisRequest, ct: Volume, organ_mask, *, existing_tumor=None,
+                 organ_name: str = "organ mask", noise=None) -> Iterator[tuple[str, int, int]]:
+        """Generator form of :meth:`run`, yielding ``(message, done, total)``; must not touch Qt.
 
-        * ``tumor_mask``: (z, y, x) array or Volume on the CT grid (non-zero = tumour); None draws
-          tumours with the release's generator (``size``/``count``; None = the release's mix).
-        * ``stage``: "early" / "mid_late" overrides the choice from the size (diameter < 20 mm = early).
-        * ``sigma``: blend blur in voxels (None: U(0, 4) as released); ``pancreas_blend`` blends the
-          pancreas like the other organs instead of replacing the whole crop.
-        * ``noise``: explicit diffusion noises ``[x_T, z...]`` (tests/parity), used for every crop.
-        * ``keep_intermediates``: fill ``result.intermediates`` (diffusion only; see :data:`INTERMEDIATES`).
-        * ``weights_organ``: whose diffusion weights to use (default: ``organ``). The paper's cross-organ
-          setting (section 4.2): e.g. ``organ="pancreas", weights_organ="liver"`` paints pancreas tumours
-          with the liver model; blending and the tumour generator still follow ``organ``.
+        * ``request``: what to synthesize (:class:`~backend.synthesis.request.SynthesisRequest`, already checked).
+        * ``organ_mask``: (z, y, x) array or Volume on the CT grid (non-zero = organ); ``organ_name`` names it
+          in messages.
         * ``existing_tumor``: tumours already in the CT (e.g. label 2 of an MSD/LiTS/KiTS map). They stay
           tumour (2) in the output label, are left out of the organ for placement, blending and the organ's
           statistics, and are never painted over.
+        * ``noise``: explicit diffusion noises ``[x_T, z...]`` (tests/parity), used for every crop.
+
+        The engine decides the method (``request.method`` "auto": diffusion when the weights of
+        ``request.model_organ`` are there for every stage needed), the stage of each tumour group
+        (:func:`backend.synthesis.stage.stage_of`, or the generator's size class, or ``request.stage``) and
+        which given options had no effect (``result.unused``); the provenance says all three.
         """
         t_start = time.perf_counter()
-        if method not in METHODS:
-            raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
-        if stage is not None and stage not in STAGE_CHOICES:
-            raise DiffTumorError(f"--stage {stage}: choose early or mid_late")
-        if size is not None and size not in masks.SIZE_CLASSES:
-            raise DiffTumorError(f"--size {size}: choose one of {', '.join(masks.SIZE_CLASSES)}")
-        if sigma is not None and not 0.0 <= float(sigma) <= 20.0:
-            raise DiffTumorError(f"--sigma {sigma}: the blend blur must lie in [0, 20] voxels")
-        from backend.organs import parse_organ
-
-        organ = parse_organ(organ)
-        model_organ = parse_organ(weights_organ) if weights_organ else organ
-        rng = np.random.default_rng(seed)
-        existing = None
-        if existing_tumor is not None:
-            existing = _as_mask(existing_tumor, ct, "existing tumour mask")
-            organ_mask = _as_mask(organ_mask, ct, organ_name) & ~existing  # the healthy organ
-        cached, organ_arr = self._ct_entry(ct, organ_mask, organ_name)
-        if not organ_arr.any():
-            raise DiffTumorError(f"{organ_name}: the organ '{organ}' is absent (no voxel)")
-        if not cached.checked:
-            check_ct_like(ct, organ_arr, ct.name if ct.name else "CT")
-            cached.checked = True
-        yield "checked the input", 0, 1
-
-        # ---- tumour mask (file space)
-        mask_info: dict
-        class_stage = None
-        if tumor_mask is None:
-            tumor, params = self._generate(ct, organ_arr, organ, size, count, rng, cached)
-            class_stage = masks.SIZE_CLASSES[params[0].size].stage
-            mask_info = {"source": "generated (release generator)", "count_requested": count,  # None: the class's range
-                         "count_placed": len(params), "tumours": [p.to_dict() for p in params]}
-        else:
-            raw = _as_mask(tumor_mask, ct, tumor_name)
-            if existing is not None:
-                if raw.any() and not (raw & ~existing).any():
-                    raise DiffTumorError(f"{tumor_name}: lies entirely on the tumours already in the organ labels")
-                raw = raw & ~existing  # a real tumour is never painted over
-            tumor = masks.validate_tumor_mask(raw, organ_arr, name=tumor_name)
-            mask_info = {"source": "user", "voxels": int(tumor.sum()),
-                         "volume_ml": float(tumor.sum() * ct.geometry.voxel_volume_ml)}
-        if existing is not None:
-            tumor = tumor & ~existing  # (generated tumours already avoid them: the organ excludes them)
-        spacing_zyx = ct.geometry.spacing[::-1]
+        rng = np.random.default_rng(request.seed)
+        organ_arr, existing, cached = yield from self._checked_inputs(request, ct, organ_mask, existing_tumor,
+                                                                      organ_name)
+        tumor, mask_info, class_stage = self._tumour_mask(request, ct, organ_arr, existing, rng, cached)
         groups = group_components(tumor, ct.geometry)
+        spacing_zyx = ct.geometry.spacing[::-1]
         diameters = [component_diameters_mm(g, spacing_zyx) for g in groups]  # per tumour, not per crop
-
-        # ---- method
-        stages = [stage or class_stage or stage_of_diameter(max(d)) for d in diameters]
-        if method == "model-based":
-            chosen, reason = "model-based", "requested"
-        else:
-            avail = [self.diffusion_available(model_organ, s) for s in sorted(set(stages))]
-            if all(a for a, _ in avail):
-                chosen, reason = "diffusion", ("requested; " if method == "diffusion" else "auto: ") + avail[0][1]
-            elif method == "diffusion":
-                self.weights.require(model_organ, next(s for s, (a, _) in zip(sorted(set(stages)), avail) if not a))
-                raise DiffTumorError(f"diffusion: {next(r for a, r in avail if not a)}")  # pragma: no cover
-            else:
-                chosen, reason = "model-based", "auto: " + next(r for a, r in avail if not a)
+        stages = [Stage.parse(request.stage or class_stage or stage_of_diameter(max(d))) for d in diameters]
+        chosen, reason = self.choose_method(request.method, request.model_organ, stages)
         log.info("synthesis method: %s (%s)", chosen, reason)
-
-        if chosen == "diffusion":  # every tumour voxel must lie in its 96 mm crop, or it is labelled but never painted
-            for i, g in enumerate(groups):
-                outside = outside_crop(ct.geometry, g)
-                if not outside.any():
-                    continue
-                if tumor_mask is not None:
-                    raise DiffTumorError(
-                        f"{tumor_name}: a tumour {max(diameters[i]):.0f} mm across does not fit the diffusion model's "
-                        f"{crops.CROP} mm crop ({int(outside.sum())} of its {int(g.sum())} voxels would be labelled "
-                        f"tumour with the CT unchanged); make it smaller or use method model-based")
-                g &= ~outside  # a generated large tumour is cut to its crop, as the release's crops cut it
-                tumor &= ~outside
-                mask_info["clipped_to_crop_voxels"] = mask_info.get("clipped_to_crop_voxels", 0) + int(outside.sum())
-                diameters[i] = component_diameters_mm(g, spacing_zyx)
-
-        out = ct.array.copy()
-        inter = ({k: ct.array.astype(np.float32) for k in INTERMEDIATES}
-                 if keep_intermediates and chosen == "diffusion" else None)
-        crops_info = []
-        n = len(groups)
-        for i, (g, st, diam) in enumerate(zip(groups, stages, diameters)):
-            t0 = time.perf_counter()
-            if chosen == "model-based":
-                out, _, params = synthesize_model_based(out, spacing_zyx, organ_arr, g, rng=rng, config=self.model_based_config)
-                info = {"params": params}
-                yield f"model-based tumour {i + 1}/{n}", i + 1, n
-            else:
-                sub = self._diffuse_group(out, ct.geometry, organ_arr, g, organ=organ, model_organ=model_organ,
-                                          stage=st, sigma=sigma, rng=rng,
-                                          seed=seed, index=i, ddim_steps=ddim_steps, pancreas_blend=pancreas_blend,
-                                          noise=noise, intermediates=inter)
-                info = None
-                while True:
-                    try:
-                        msg, done, total = next(sub)
-                        yield f"tumour {i + 1}/{n}: {msg}", i * total + done, n * total
-                    except StopIteration as stop:
-                        out, info = stop.value
-                        break
-            info.update(stage=st if chosen == "diffusion" else None, seconds=round(time.perf_counter() - t0, 3),
-                        tumours=len(diam), diameter_mm=round(max(diam), 2), diameters_mm=[round(d, 2) for d in diam])
-            crops_info.append(info)
-
+        if chosen == "diffusion":
+            self._fit_to_crops(request, ct.geometry, tumor, groups, diameters, mask_info)
+        state = _Painting(ct.array.copy(), rng, noise,
+                          ({k: ct.array.astype(np.float32) for k in INTERMEDIATES}
+                           if request.keep_intermediates and chosen == "diffusion" else None))
+        crops_info = yield from self._paint(request, chosen, ct.geometry, organ_arr, groups, stages, diameters, state)
+        out = state.out
         label = np.zeros(ct.array.shape, np.uint8)
         label[organ_arr] = 1
         if existing is not None:
@@ -559,23 +347,137 @@ class SynthesisEngine:
             label[existing] = 2
             mask_info["existing_tumour_voxels"] = int(existing.sum())
         label[tumor] = 2
+        prov = self._provenance(request, chosen, reason, mask_info, crops_info, diameters, t_start)
+        yield "done", 1, 1
+        return SynthesisResult(Volume(out, ct.geometry, getattr(ct, "path", None)), label, tumor, prov,
+                               state.intermediates or {}, request.unused(chosen, stages))
+
+    def synthesize(self, ct: Volume, organ_mask, tumor_mask=None, **kwargs) -> SynthesisResult:
+        """Keyword form of :meth:`run` (see :meth:`iter_synthesize`)."""
+        return run_sync(self.iter_synthesize(ct, organ_mask, tumor_mask, **kwargs))
+
+    def iter_synthesize(self, ct: Volume, organ_mask, tumor_mask=None, *, organ: str, size: str | None = None,
+                        count: int | None = None, tumor_name: str = "tumor mask", organ_name: str = "organ mask",
+                        existing_tumor=None, noise=None, **options) -> Iterator[tuple[str, int, int]]:
+        """:meth:`iter_run` with the request given as keywords: ``tumor_mask`` (array or Volume; None draws
+        tumours with the release's generator, ``size``/``count``), and any other
+        :class:`~backend.synthesis.request.SynthesisRequest` field (``method``, ``seed``, ``stage``, ``sigma``,
+        ``ddim_steps``, ``pancreas_blend``, ``keep_intermediates``, ``weights_organ``)."""
+        tumor = Generated(size, count) if tumor_mask is None else UserMask(tumor_mask, tumor_name)
+        request = SynthesisRequest(organ=organ, tumor=tumor, **options)
+        return (yield from self.iter_run(request, ct, organ_mask, existing_tumor=existing_tumor,
+                                         organ_name=organ_name, noise=noise))
+
+    def choose_method(self, method: str, model_organ: str, stages) -> tuple[str, str]:
+        """(method that runs, why); see :func:`choose_method`."""
+        return choose_method(self.weights, method, model_organ, stages, self.diffusion_available)
+
+    # ---------------------------------------------------------------- the steps of iter_run
+    def _checked_inputs(self, request, ct: Volume, organ_mask, existing_tumor, organ_name: str):
+        """(organ mask without the existing tumours, existing tumour mask or None, the CT's cache entry), after the
+        checks of the CT and the organ."""
+        existing = None
+        if existing_tumor is not None:
+            existing = _as_mask(existing_tumor, ct, "existing tumour mask")
+            organ_mask = _as_mask(organ_mask, ct, organ_name) & ~existing  # the healthy organ
+        cached, organ_arr = self._ct_entry(ct, organ_mask, organ_name)
+        if not organ_arr.any():
+            raise DiffTumorError(f"{organ_name}: the organ '{request.organ}' is absent (no voxel)")
+        if not cached.checked:
+            check_ct_like(ct, organ_arr, ct.name if ct.name else "CT")
+            cached.checked = True
+        yield "checked the input", 0, 1
+        return organ_arr, existing, cached
+
+    def _tumour_mask(self, request, ct: Volume, organ_arr, existing, rng, cached) -> tuple[np.ndarray, dict, str | None]:
+        """(tumour mask (z, y, x), its provenance entry, the generator's stage or None) from ``request.tumor``."""
+        source = request.tumor
+        if isinstance(source, Generated):
+            tumor, params = self._generate(ct, organ_arr, request.organ, source.size, source.count, rng, cached)
+            info = {"source": "generated (release generator)", "count_requested": source.count,  # None: the class's range
+                    "count_placed": len(params), "tumours": [p.to_dict() for p in params]}
+            return tumor & ~existing if existing is not None else tumor, info, masks.SIZE_CLASSES[params[0].size].stage
+        if isinstance(source, UserMask):
+            raw, entry = _as_mask(source.mask, ct, source.label), source.entry()
+        else:  # Ellipsoid
+            raw, entry = source.build(ct.geometry, request.seed)
+        if existing is not None:
+            if raw.any() and not (raw & ~existing).any():
+                raise DiffTumorError(f"{source.label}: lies entirely on the tumours already in the organ labels")
+            raw = raw & ~existing  # a real tumour is never painted over
+        tumor = masks.validate_tumor_mask(raw, organ_arr, name=source.label)
+        info = {"source": "user", "voxels": int(tumor.sum()), "volume_ml": float(tumor.sum() * ct.geometry.voxel_volume_ml)}
+        info.update(entry)
+        return tumor, info, None
+
+    @staticmethod
+    def _fit_to_crops(request, geometry: Geometry, tumor, groups, diameters, mask_info: dict) -> None:
+        """Every tumour voxel must lie in its 96 mm crop, or it would be labelled but never painted: a given
+        mask that does not fit is refused, a generated tumour is cut to its crop (as the release's crops cut it)."""
+        spacing_zyx = geometry.spacing[::-1]
+        for i, g in enumerate(groups):
+            outside = outside_crop(geometry, g)
+            if not outside.any():
+                continue
+            if not isinstance(request.tumor, Generated):
+                raise DiffTumorError(
+                    f"{request.tumor.label}: a tumour {max(diameters[i]):.0f} mm across does not fit the diffusion "
+                    f"model's {crops.CROP} mm crop ({int(outside.sum())} of its {int(g.sum())} voxels would be "
+                    f"labelled tumour with the CT unchanged); make it smaller or use method model-based")
+            g &= ~outside
+            tumor &= ~outside
+            mask_info["clipped_to_crop_voxels"] = mask_info.get("clipped_to_crop_voxels", 0) + int(outside.sum())
+            diameters[i] = component_diameters_mm(g, spacing_zyx)
+
+    def _paint(self, request, chosen: str, geometry: Geometry, organ_arr, groups, stages, diameters, state):
+        """Paint every tumour group into ``state.out``; yields progress, returns one provenance entry per crop."""
+        crops_info, n = [], len(groups)
+        for i, (g, st, diam) in enumerate(zip(groups, stages, diameters)):
+            t0 = time.perf_counter()
+            if chosen == "model-based":
+                state.out, _, params = synthesize_model_based(state.out, geometry.spacing[::-1], organ_arr, g,
+                                                              rng=state.rng, config=self.model_based_config)
+                info = {"params": params}
+                yield f"model-based tumour {i + 1}/{n}", i + 1, n
+            else:
+                sub = self._diffuse_group(state.out, geometry, organ_arr, g, organ=request.organ,
+                                          model_organ=request.model_organ, stage=st.value,
+                                          sigma=request.sigma, rng=state.rng, seed=request.seed, index=i,
+                                          ddim_steps=request.steps, pancreas_blend=request.pancreas_blend,
+                                          noise=state.noise, intermediates=state.intermediates)
+                while True:
+                    try:
+                        msg, done, total = next(sub)
+                    except StopIteration as stop:
+                        state.out, info = stop.value
+                        break
+                    yield f"tumour {i + 1}/{n}: {msg}", i * total + done, n * total
+            info.update(stage=st.value if chosen == "diffusion" else None,
+                        seconds=round(time.perf_counter() - t0, 3), tumours=len(diam),
+                        diameter_mm=round(max(diam), 2), diameters_mm=[round(d, 2) for d in diam])
+            crops_info.append(info)
+        return crops_info
+
+    def _provenance(self, request, chosen: str, reason: str, mask_info: dict, crops_info, diameters, t_start) -> dict:
         from backend import __version__
 
-        prov = {
+        sha: dict = {}
+        for c in crops_info:
+            sha.update(c.get("weights_sha256") or {})
+        return {
             "method": chosen,
             "method_reason": reason,
-            "organ": organ,
-            "weights_organ": model_organ if chosen == "diffusion" else None,
-            "seed": int(seed),
+            "organ": request.organ,
+            "weights_organ": request.model_organ if chosen == "diffusion" else None,
+            "seed": int(request.seed),
             "version": __version__,
             "device": str(self.device),
             "mask": mask_info,
             "n_tumours": int(sum(len(d) for d in diameters)),
             "tumours": crops_info,  # one entry per crop (tumours close together share a crop)
+            "weights_sha256": sha,  # every weight file used, by name (empty for the model-based method)
             "seconds": round(time.perf_counter() - t_start, 3),
         }
-        yield "done", 1, 1
-        return SynthesisResult(Volume(out, ct.geometry, getattr(ct, "path", None)), label, tumor, prov, inter or {})
 
     # ---------------------------------------------------------------- helpers
     def _generate(self, ct: Volume, organ_arr: np.ndarray, organ: str, size, count, rng, cached: "_CTEntry"):
@@ -618,7 +520,7 @@ class SynthesisEngine:
         if blended:
             s = float(sigma) if sigma is not None else blend.draw_sigma(rng)
             m_blur = blend.blur_mask(m, s) * inside
-            box = _bbox_slices(m_blur > 0, (0, 0, 0))  # only the blend support needs decoded values
+            box = bbox_slices(m_blur > 0, (0, 0, 0))  # only the blend support needs decoded values
         else:  # pancreas as released: the whole crop becomes (decoded + 1)/2
             s = None
             m_blur = inside.astype(np.float32)

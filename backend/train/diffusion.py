@@ -9,7 +9,8 @@ crops centred on organ or tumour) -> frozen autoencoder -> denoiser (new or resu
 loop (gradient accumulation, EMA every 10 steps with warm start, metrics, checkpoints).
 
 Stage split (TNM T1 as in the paper): a tumour = one connected component of the tumour labels; it is
-*early* when its largest extent is < ``early_diameter_mm`` (20 mm), otherwise mid/late. ``stage=early``
+*early* when its largest diameter is < ``early_diameter_mm`` (20 mm), otherwise mid/late
+(:func:`backend.synthesis.stage.stage_of`, the rule synthesis uses). ``stage=early``
 trains the T = 4 model on early tumours, ``stage=noearly`` the T = 200 model on the others; the mask of a
 crop covers the tumours of the chosen stage (tumours of the other stage stay visible as context).
 
@@ -93,7 +94,7 @@ class DiffusionTrainConfig(RangeChecked):
     autoencoder: str = ""  # frozen stage-1 weights: official AutoencoderModel.ckpt or one of ours
     stage: Stage = "early"
     timesteps: int = ranged(0, **NON_NEGATIVE)  # 0 = released default for the stage (early 4, noearly 200)
-    early_diameter_mm: float = ranged(20.0, gt=0.0)  # tumours with largest extent below this are "early" (TNM T1)
+    early_diameter_mm: float = ranged(20.0, gt=0.0)  # tumours with largest diameter below this are "early" (TNM T1; stage_of)
     prediction_type: PredictionType = "epsilon"  # epsilon as released; "sample" = x0 as the paper states
     loss: LossType = "l1"
     seed: int = ranged(1234)  # any whole number
@@ -178,9 +179,15 @@ class TumourCropStore:
             return self._skip(item, f"{case.label}: no organ voxel (organ labels {list(dc.organ_labels)}; the label "
                                     f"map holds {np.unique(lab).astype(int).tolist()})")
         comps_lab, comps = tumour_components(tumour, dc.spacing)
+        from scipy import ndimage
+
+        from backend.synthesis.stage import Stage, stage_of
+
+        boxes = ndimage.find_objects(comps_lab)
         keep = []
-        for c in comps:
-            early = c["diameter_mm"] < self.cfg.early_diameter_mm
+        for c in comps:  # the stage rule of synthesis too: largest diameter (backend/synthesis/stage.py)
+            box = boxes[c["id"] - 1]
+            early = stage_of(comps_lab[box] == c["id"], dc.spacing, self.cfg.early_diameter_mm) is Stage.EARLY
             if early != (self.cfg.stage == "early"):
                 continue
             if any(e > s for e, s in zip(c["extent_vox"], dc.crop_size)):

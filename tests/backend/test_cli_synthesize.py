@@ -283,17 +283,16 @@ def test_diffusion_only_options_warn_once_when_model_based_runs(tmp_path, caplog
 
 
 def test_unused_options_after_diffusion_name_only_what_that_output_ignored():
-    import argparse
+    from backend.synthesis.request import SynthesisRequest
+    from backend.synthesis.stage import Stage
 
-    args = argparse.Namespace(sigma=2.0, stage=None, ddim_steps=20, keep_intermediates=False, pancreas_blend=True,
-                              weights_organ=None, organ="liver")
-    early = {"method": "diffusion", "organ": "liver", "tumours": [{"stage": "early"}]}
-    assert synth_cli.unused_options(args, early) == ["--ddim-steps", "--pancreas-blend"]
-    late = {"method": "diffusion", "organ": "pancreas", "tumours": [{"stage": "mid_late"}]}
-    assert synth_cli.unused_options(args, late) == []
-    args.pancreas_blend = False  # the released pancreas path replaces the crop: no blend blur
-    assert synth_cli.unused_options(args, late) == ["--sigma"]
-    assert synth_cli.unused_options(args, {"method": "model-based"}) == ["--sigma", "--ddim-steps"]
+    request = SynthesisRequest(organ="liver", sigma=2.0, ddim_steps=20, pancreas_blend=True)
+    assert request.unused("diffusion", [Stage.EARLY]) == ["ddim_steps", "pancreas_blend"]
+    pancreas = SynthesisRequest(organ="pancreas", sigma=2.0, ddim_steps=20, pancreas_blend=True)
+    assert pancreas.unused("diffusion", [Stage.MID_LATE]) == []
+    released = SynthesisRequest(organ="pancreas", sigma=2.0, ddim_steps=20)  # the crop is replaced: no blend blur
+    assert released.unused("diffusion", ["mid_late"]) == ["sigma"]
+    assert released.unused("model-based", []) == ["sigma", "ddim_steps"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -158,3 +158,14 @@ def test_random_tumors_on_real_ct(totalseg_seg):
     liver = pl.organ_mask(data, "liver")
     shapes, _ = pl.random_tumors(geo, liver, "liver", size="medium", count=1, seed=0)
     assert shapes[0].sum() > 10 and not (shapes[0] & ~liver).any()
+
+
+def test_stages_match_the_engine_for_tumours_sharing_a_crop():
+    """Two 10 mm tumours 40 mm apart share one crop, which the engine paints with the early model; the widget
+    measured the pair as one 50 mm blob and announced the mid/late model."""
+    geo = Geometry((64, 64, 64), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    zz, yy, xx = np.indices(geo.shape)
+    labels = np.zeros(geo.shape, np.uint8)
+    for z in (12, 52):
+        labels[(zz - z) ** 2 + (yy - 32) ** 2 + (xx - 32) ** 2 <= 25] = 1
+    assert pl.tumor_stages(labels, geo) == ["early"]

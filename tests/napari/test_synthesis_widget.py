@@ -110,9 +110,10 @@ def _flow(viewer, qtbot, tmp_path, source_ct, organ: str):
     assert saved_diff.geometry.matches(original.geometry)
     np.testing.assert_allclose(saved_diff.array, saved_ct.array.astype(np.float32) - original.array, atol=0.51)
     prov = json.loads(paths["provenance"].read_text(encoding="utf-8"))
-    assert prov["method"] == "model-based" and prov["seed"] == 11 and prov["difftumor_version"]
+    assert prov["method"] == "model-based" and prov["seed"] == 11 and prov["version"]
     assert prov["weights_sha256"] == {} and len(prov["placements"]) == 2
-    assert prov["files"] == {"ct": "case_ct.nii.gz", "label": "case_tumor.nii.gz"}
+    assert prov["files"] == {"ct": "case_ct.nii.gz", "label": "case_label.nii.gz"}
+    assert prov["settings"]["seed"] == 11 and prov["inputs"]["ct"] == str(source_ct) and prov["created"]
     return synth
 
 
@@ -424,8 +425,8 @@ def test_cross_organ_weights_fixed_sigma_and_pancreas_blend(make_napari_viewer, 
     synth.out_dir.value = str(tmp_path / "out")
     paths = synth.save()
     saved = json.loads(paths["provenance"].read_text(encoding="utf-8"))
-    assert saved["requested"]["weights_organ"] == "liver" and saved["requested"]["sigma"] == 1.5
-    assert saved["requested"]["pancreas_blend"] is True and saved["weights_organ"] == "liver"
+    assert saved["settings"]["weights_organ"] == "liver" and saved["settings"]["sigma"] == 1.5
+    assert saved["settings"]["pancreas_blend"] is True and saved["weights_organ"] == "liver"
     assert set(saved["weights_sha256"]) == {"AutoencoderModel.ckpt", "liver_early.pt"}
     assert errors[n_errors:] == []
 
