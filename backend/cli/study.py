@@ -46,17 +46,24 @@ def register(sub) -> None:
 
 def add_commands(group) -> None:
     """Add create/read/report/export to the ``study`` sub-parsers ``group``."""
-    p = group.add_parser("create", help="create a blinded reader package and a separate answer key",
+    p = group.add_parser("create", help="create one blinded reader package per reader and a separate answer key",
                          description="Re-writes every case through identical preprocessing (LPS, common spacing, fixed "
-                                     "ROI around the tumor, int16, stripped headers) under random case ids.")
+                                     "ROI around the tumor placed alike for every case, int16, stripped headers) under "
+                                     "random case ids, into one package per reader (STUDY/<reader>/: give each reader "
+                                     "only their own folder). Warns about confounds between the classes (source "
+                                     "spacing, dtype, padding, noise, intensity range, file size, and a classifier on "
+                                     "those statistics); the warnings are also written to the key folder.")
     p.add_argument("--real", required=True, metavar="DIR_OR_CSV", help="real-tumor CTs: a folder of images or a CSV "
                    "with columns image[,mask][,organ] (mask = tumor mask, used only to centre the view)")
     p.add_argument("--synthetic", required=True, metavar="DIR_OR_CSV", help="synthetic-tumor CTs, same forms as --real")
-    p.add_argument("--out", required=True, type=Path, metavar="STUDY", help="reader package folder to create (must not exist)")
+    p.add_argument("--out", required=True, type=Path, metavar="STUDY",
+                   help="study folder to create (must not exist): one reader package per reader in it")
     p.add_argument("--key-out", type=Path, metavar="DIR", help="answer key folder (default: STUDY.key beside STUDY); "
                    "keep it away from the readers")
     p.add_argument("--readers", default="R1", help="comma-separated reader names (default: R1)")
-    p.add_argument("--seed", type=int, help="seed for case ids and reading orders (default: random, recorded)")
+    p.add_argument("--seed", type=int, help="seed for each reader's reading order only (default: random; recorded in "
+                   "the key). Case ids and which case gets which id never come from it: they are drawn fresh from the "
+                   "operating system's randomness every time")
     p.add_argument("--organ", default="all", help="organ of cases whose list gives none (default: all)")
     p.add_argument("--spacing", type=_floats(3, "--spacing"), default=(1.0, 1.0, 1.0), metavar="MM[,MM,MM]",
                    help="common voxel spacing x,y,z in mm (default: 1)")
@@ -70,16 +77,20 @@ def add_commands(group) -> None:
     p.add_argument("--compress", action="store_true",
                    help="write .nii.gz: smaller, but a compressed file's size follows the image content and can hint "
                         "at the class (real vs synthetic); the uncompressed default gives every case file the same size")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse to create the study (write nothing) when there is any confound between the classes")
     p.set_defaults(func=create_handler)
 
     p = group.add_parser("read", help="open napari for one reader's blinded reading session")
-    p.add_argument("study", type=Path, metavar="STUDY", help="reader package folder")
-    p.add_argument("--reader", required=True, help="reader name, as given at creation")
+    p.add_argument("study", type=Path, metavar="PACKAGE", help="the reader's package folder (STUDY/<reader>), or the "
+                   "study folder with --reader")
+    p.add_argument("--reader", help="reader name, as given at creation (default: the package's one reader)")
     p.set_defaults(func=read_handler)
 
     p = group.add_parser("report", help="sensitivity/specificity/accuracy per reader and organ (Table 1), kappa, AUC, iMRMC")
     p.add_argument("--answers", required=True, nargs="+", type=Path, metavar="ANSWERS",
-                   help="answers CSV(s), session database(s) (*.sqlite) or study folder(s)")
+                   help="answers CSV(s), session database(s) (*.sqlite) sent back by readers, reader package(s) "
+                        "or the study folder (collects every reader package's answers)")
     p.add_argument("--key", required=True, type=Path, metavar="KEY", help="key.csv (case_id,truth,organ) or its folder")
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="output folder: new, empty or a previous report's (its files are replaced); never inside a study")
@@ -87,7 +98,7 @@ def add_commands(group) -> None:
     p.set_defaults(func=report_handler)
 
     p = group.add_parser("export", help="write one reader's answers as CSV (reader,case_id,answer,confidence,seconds,answered_at)")
-    p.add_argument("study", type=Path, metavar="STUDY", help="reader package folder")
+    p.add_argument("study", type=Path, metavar="STUDY", help="the reader's package folder, or the study folder")
     p.add_argument("--reader", required=True, help="reader name")
     p.add_argument("--out", required=True, type=Path, metavar="FILE",
                    help="CSV to write; must not exist (unless --force) and must lie outside the study folder")
@@ -101,7 +112,7 @@ def create_handler(args) -> int:
     settings = StudySettings(
         readers=tuple(r.strip() for r in args.readers.split(",") if r.strip()),
         seed=args.seed, spacing=args.spacing, roi_size_mm=args.roi_size, window=args.window,
-        compress=args.compress, organ=args.organ,
+        compress=args.compress, organ=args.organ, strict=args.strict,
         options=StudyOptions(unsure=args.unsure, confidence=args.confidence, revisit=args.revisit),
     )
     real = list_cases(args.real, "real", args.organ)
@@ -111,17 +122,28 @@ def create_handler(args) -> int:
         log.info("preprocessing %s", message)
 
     study = create_study(real, synthetic, args.out, settings=settings, key_out=args.key_out, progress=progress)
-    key = args.key_out or args.out.parent / f"{args.out.name}.key"
-    seed = json.loads((Path(key) / "key.json").read_text(encoding="utf-8"))["seed"]
-    print(f"reader package: {study.root} ({len(study.case_ids)} cases, readers {', '.join(study.readers)})")
+    key = Path(args.key_out or args.out.parent / f"{args.out.name}.key")
+    seed = json.loads((key / "key.json").read_text(encoding="utf-8"))["seed"]
+    n_warnings = len(json.loads((key / "confounds.json").read_text(encoding="utf-8"))["warnings"])
+    print(f"study: {args.out} ({len(study.case_ids)} cases); one package per reader, give each reader only their own:")
+    for reader in settings.readers:
+        print(f"  {reader}: {args.out / reader}")
     print(f"answer key (keep it from the readers; it records the order seed {seed}): {key}")
+    if n_warnings:
+        print(f"{n_warnings} confound warning(s) above, also in {key / 'confounds.txt'}")
     return 0
 
 
 def read_handler(args) -> int:
     from study.session import ReadingSession
 
-    session = ReadingSession(args.study, args.reader)  # errors (not a study, bad reader, bad db) before Qt starts
+    from study.design import load_study
+
+    study = load_study(args.study, args.reader)
+    if args.reader is None and len(study.readers) != 1:
+        raise DiffTumorError(f"{args.study}: --reader is needed (readers: {', '.join(study.readers)})")
+    # errors (damaged case files, bad reader, bad database) come before Qt starts
+    session = ReadingSession(study, args.reader or study.readers[0])
     try:
         from difftumor_napari._reading import run_reading_app
     except ImportError as exc:  # napari / Qt missing

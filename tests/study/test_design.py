@@ -41,19 +41,40 @@ def created(tmp_path, source_cases):
 
 def test_package_layout_key_and_orders(created):
     study, key_dir, _ = created
+    folder = study.root.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["R1", "R2", "packages.json"]
+    assert study.root == folder / "R1" and study.readers == ("R1",)
     assert sorted(p.name for p in study.root.iterdir()) == ["cases", "study.json"]
     assert len(study.case_ids) == 6 and all(len(c) == 5 for c in study.case_ids)
-    for r in ("R1", "R2"):
-        assert sorted(study.orders[r]) == sorted(study.case_ids)
-    assert study.orders["R1"] != study.orders["R2"]
+    r2 = load_study(folder, "R2")
+    assert r2.root == folder / "R2" and r2.readers == ("R2",) and list(r2.orders) == ["R2"]
+    assert sorted(study.orders["R1"]) == sorted(r2.orders["R2"]) == sorted(study.case_ids)
+    assert study.orders["R1"] != r2.orders["R2"]
+    for cid in study.case_ids:  # the same bytes in every package (hard links where the file system allows)
+        assert study.case_path(cid).read_bytes() == r2.case_path(cid).read_bytes()
+        assert study.case_checks[cid] == r2.case_checks[cid]
+    assert b"R1" not in (folder / "R2" / "study.json").read_bytes()  # a package names only its own reader
     assert study.size == (16, 14, 8)
     assert json.loads((key_dir / "key.json").read_text(encoding="utf-8"))["seed"] == 1234
     key = read_key(key_dir)
     assert set(key) == set(study.case_ids)
     assert sorted(t for t, _ in key.values()) == ["real"] * 3 + ["synthetic"] * 3
     rows = list(csv.DictReader(open(key_dir / "key.csv", encoding="utf-8")))
-    assert list(rows[0]) == ["case_id", "truth", "organ", "source", "mask"]
+    assert list(rows[0]) == ["case_id", "truth", "organ", "source", "mask", "placement"]
     assert json.loads((key_dir / "key.json").read_text(encoding="utf-8"))["study_id"] == study.study_id
+    assert sorted(p.name for p in key_dir.iterdir()) == ["case_statistics.csv", "confounds.json", "confounds.txt",
+                                                         "key.csv", "key.json"]
+
+
+def test_a_study_folder_needs_a_reader_and_knows_its_readers(created):
+    study, _, _ = created
+    folder = study.root.parent
+    with pytest.raises(DiffTumorError, match=r"one package per reader \(R1, R2\); give --reader"):
+        load_study(folder)
+    with pytest.raises(DiffTumorError, match="reader 'R3': not in this study"):
+        load_study(folder, "R3")
+    with pytest.raises(DiffTumorError, match="reader 'R2': not in this study \\(readers: R1\\)"):
+        load_study(study.root, "R2")  # R1's package knows nothing of R2
 
 
 def test_seed_reproduces_orders_but_not_the_assignment(tmp_path, source_cases):
@@ -62,8 +83,10 @@ def test_seed_reproduces_orders_but_not_the_assignment(tmp_path, source_cases):
     real, syn = _sources(source_cases)
     a = create_study(real, syn, tmp_path / "a", settings=StudySettings(**SETTINGS))
     b = create_study(real, syn, tmp_path / "b", settings=StudySettings(**SETTINGS))
-    assert a.orders == {r: tuple(o) for r, o in reader_orders(list(a.case_ids), a.readers, SETTINGS["seed"]).items()}
-    assert b.orders == {r: tuple(o) for r, o in reader_orders(list(b.case_ids), b.readers, SETTINGS["seed"]).items()}
+    for s in (a, b):
+        orders = {r: tuple(load_study(s.root.parent, r).orders[r]) for r in SETTINGS["readers"]}
+        assert orders == {r: tuple(o) for r, o in reader_orders(list(s.case_ids), SETTINGS["readers"],
+                                                                 SETTINGS["seed"]).items()}
     pattern = [[sorted(s.case_ids).index(c) for c in s.orders["R1"]] for s in (a, b)]
     assert pattern[0] == pattern[1]  # the same shuffle of the sorted ids
     assert set(a.case_ids).isdisjoint(b.case_ids) and a.study_id != b.study_id
@@ -88,9 +111,10 @@ def test_reader_package_leaks_nothing(created):
     study, _, (real, syn) = created
     import SimpleITK as sitk
 
-    forbidden = [b"real", b"synthetic", b"fake", b"patient", b"hospital", b"diffusion", b"secret", b"liver", b"mask"]
+    forbidden = [b"real", b"synthetic", b"fake", b"patient", b"hospital", b"diffusion", b"secret", b"liver", b"mask",
+                 b"phase", b"shift", b"placement", b"confound"]
     forbidden += [Path(p).name.split(".")[0].encode() for p, _ in real + syn]
-    files = [p for p in study.root.rglob("*") if p.is_file()]
+    files = [p for p in study.root.parent.rglob("*") if p.is_file()]
     for path in files:
         blob = path.read_bytes().lower()
         for word in forbidden:
@@ -111,6 +135,7 @@ def test_reader_package_leaks_nothing(created):
     meta = json.loads((study.root / "study.json").read_text(encoding="utf-8"))
     assert set(meta) == {"format", "version", "study_id", "created", "readers", "orders", "cases",
                          "grid", "display", "options"}
+    assert all(set(c) == {"id", "file", "bytes", "sha256"} for c in meta["cases"])
 
 
 def test_view_is_centred_on_the_tumor(created):
@@ -144,7 +169,7 @@ def test_refuses_to_overwrite_and_mixed_masks(tmp_path, source_cases):
     before = sorted(os.listdir(out))
     with pytest.raises(DiffTumorError, match="refusing to overwrite"):
         create_study(real, syn, out, settings=StudySettings(**SETTINGS))
-    assert sorted(os.listdir(out)) == before
+    assert sorted(os.listdir(out)) == before == ["R1", "R2", "packages.json"]
     real_nomask, _ = _sources(source_cases, with_masks=False)
     with pytest.raises(DiffTumorError, match="masks for all or none"):
         create_study(real_nomask, syn, tmp_path / "t", settings=StudySettings(**SETTINGS))
