@@ -244,3 +244,99 @@ def test_a_label_map_among_the_cases_is_refused(tmp_path, source_cases):
         create_study(real, cases, tmp_path / "s", settings=StudySettings(**SETTINGS))
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "s").exists() and not (tmp_path / "s.key").exists()
+
+
+def test_confounds_of_the_leaky_fixture_are_written_to_the_key(created):
+    """The fixture's real cases are int16 at 0.8 x 0.8 x 2.5 mm, its synthetic ones float32 at 1 mm."""
+    _, key_dir, _ = created
+    lines = (key_dir / "confounds.txt").read_text(encoding="utf-8").splitlines()
+    assert "confound: source data type: real int16 x3, synthetic float32 x3" in lines
+    assert "confound: slice thickness of the source (mm): real 2.50 (all 3), synthetic 1.00 (all 3); " \
+           "it alone separates the classes with AUC 1.00" in lines
+    assert "confound: in-plane spacing of the source (mm): real 0.80 (all 3), synthetic 1.00 (all 3); " \
+           "it alone separates the classes with AUC 1.00" in lines
+
+
+def _row(**values):
+    row = dict(in_plane_mm=1.0, slice_mm=1.0, dtype="int16", padded_pct=0.0, noise_hu=10.0, high_freq_pct=50.0,
+               min_hu=-1024.0, max_hu=1500.0, file_bytes=float("nan"))
+    row.update(values)
+    return row
+
+
+def test_compare_classes_by_hand():
+    from study.confounds import compare_classes
+
+    truths = ["real"] * 4 + ["synthetic"] * 4
+    # only the compressed file size differs: one warning for it, plus the classifier's
+    rows = [_row(file_bytes=b) for b in (1000, 1010, 1020, 1030, 2000, 2100, 2050, 1990)]
+    result = compare_classes(rows, truths)
+    assert [w["statistic"] for w in result["warnings"]] == ["file_bytes", "classifier"]
+    assert result["warnings"][0]["message"] == (
+        "confound: compressed case file size (bytes): real median 1015, 1000 to 1030 (n=4), "
+        "synthetic median 2025, 1990 to 2100 (n=4); it alone separates the classes with AUC 1.00")
+    # a perfect separation by an immaterial amount (0.1 HU of noise) is no confound
+    rows = [_row(noise_hu=10.0 + 0.1 * (t == "real") + 0.01 * i) for i, t in enumerate(truths)]
+    assert [w["statistic"] for w in compare_classes(rows, truths)["warnings"]] in ([], ["classifier"])
+    # the padding where the source's field of view is shorter than the ROI
+    rows = [_row(padded_pct=p) for p in (0, 0, 1, 0, 12, 15, 12, 20)]
+    assert compare_classes(rows, truths)["warnings"][0]["message"].startswith(
+        "confound: field of view: ROI outside the source, padded with -1024 (%): real median 0.0, 0.0 to 1.0 (n=4)")
+    # too few cases for a cross-validated classifier: no AUC, said so
+    few = compare_classes([_row(), _row(), _row()], ["real", "real", "synthetic"])
+    assert few["warnings"] == [] and few["classifier"]["auc"] is None
+
+
+def test_the_same_ct_under_another_path_is_refused(tmp_path, source_cases):
+    real, syn = _sources(source_cases)
+    copy = tmp_path / "copied_elsewhere.nii"  # same voxels, another path and format (uncompressed)
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.ReadImage(str(real[0].image)), str(copy))
+    syn = syn + [CaseSource(copy, "synthetic", "liver", real[0].mask)]
+    with pytest.raises(DiffTumorError, match="holds the same voxels as .*; each image may be one case only") as exc:
+        create_study(real, syn, tmp_path / "s", settings=StudySettings(**SETTINGS))
+    text = str(exc.value)  # the two files are named in the (random) order they were read
+    assert "\n" not in text and "patient_real_0.nii.gz (real)" in text and "copied_elsewhere.nii (synthetic)" in text
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.key").exists()
+
+
+def test_a_truncated_nii_gz_is_refused_in_one_line(tmp_path, source_cases):
+    """A .nii.gz cut short (``head -c``) must not become a flat grey case: backend.io.read_image refuses it."""
+    import subprocess
+
+    real, syn = _sources(source_cases)
+    cut = tmp_path / "cut.nii.gz"
+    size = real[0].image.stat().st_size
+    with open(cut, "wb") as f:
+        subprocess.run(["head", "-c", str(size // 2), str(real[0].image)], stdout=f, check=True)
+    real[0] = CaseSource(cut, "real", "liver", real[0].mask)
+    with pytest.raises(DiffTumorError, match="cut.nii.gz") as exc:
+        create_study(real, syn, tmp_path / "s", settings=StudySettings(**SETTINGS))
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.key").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".s")]
+
+
+def test_a_csv_with_a_header_and_no_rows(tmp_path):
+    sheet = tmp_path / "real.csv"
+    sheet.write_text("image,mask,organ\n", encoding="utf-8")
+    with pytest.raises(DiffTumorError, match=r"--real .*real.csv: CSV lists no cases \(a header and no rows\)"):
+        list_cases(sheet, "real")
+    sheet.write_text("path,organ\nx.nii.gz,liver\n", encoding="utf-8")
+    with pytest.raises(DiffTumorError, match="needs a header with an 'image' column"):
+        list_cases(sheet, "real")
+
+
+def test_seed_help_says_what_the_seed_does():
+    import argparse
+
+    from backend.cli import study as study_cli
+
+    parser = argparse.ArgumentParser(prog="difftumor")
+    study_cli.register(parser.add_subparsers(dest="command"))
+    create = parser._subparsers._group_actions[0].choices["study"]._subparsers._group_actions[0].choices["create"]
+    (seed,) = [a for a in create._actions if "--seed" in a.option_strings]
+    text = " ".join(seed.help.split())
+    assert text.startswith("seed for each reader's reading order only")
+    assert "Case ids and which case gets which id never come from it" in text
