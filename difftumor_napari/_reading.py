@@ -69,7 +69,6 @@ class ReadingWidget(Container):
         self.view_button = PushButton(text="3D view  [V]")
         self.extend([self.progress, self.prompt, answers, self.confidence_label, self.confidence_row,
                      self.back_button, self.next_button, self.view_button])
-        self.prompt.native.setWordWrap(True)
         self.progress.native.setStyleSheet("font-size: 16pt; font-weight: bold;")
         for button in self.confidence_buttons.values():
             button.native.setCheckable(True)
@@ -122,6 +121,7 @@ class ReadingWidget(Container):
         s = self.session
         self._remove_layer()
         self.unreadable = False
+        self.prompt.native.setWordWrap(False)
         self.next_button.visible = False
         self._shown_at = float("inf")
         self.progress.value = s.progress_text()
@@ -188,6 +188,7 @@ class ReadingWidget(Container):
         self.back_button.enabled = False
         case_id = self.session.case_id
         self.session.mark_unreadable(reason)
+        self.prompt.native.setWordWrap(True)  # the one long line of this state
         self.prompt.value = (f"Case {case_id} cannot be shown (its file is missing or damaged), so it takes no answer; "
                              "it is noted for the study coordinator. Press Next case [N] to go on.")
         self.next_button.visible = True
