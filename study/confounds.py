@@ -115,7 +115,7 @@ def case_statistics(volume, arr: np.ndarray, labels: np.ndarray | None, padded_f
 
 
 def _fmt(value: float, digits: int) -> str:
-    return f"{value:.{digits}f}"
+    return stats.round_half_up(value, digits)
 
 
 def _describe(values: np.ndarray, digits: int) -> str:
