@@ -8,9 +8,16 @@ window title names only the reader.
 
 Keys (window-wide ``QShortcut`` s, so they work whichever part of the window has focus):
 ``R`` real, ``S`` synthetic, ``U`` unsure (if the study offers it), ``1``-``5`` confidence (if
-asked), ``B`` back (if revisits are allowed), ``V`` toggles the 2D / 3D view. Keys do not repeat
-while held, and an answer given within :attr:`ReadingWidget.ANSWER_GUARD_S` of a case appearing is
-ignored, so a held key or a double click cannot answer the next cases unseen.
+asked), ``B`` back (if revisits are allowed), ``V`` toggles the 2D / 3D view, ``N`` next case (only
+after a case could not be shown). Keys do not repeat while held, and an answer given within
+:attr:`ReadingWidget.ANSWER_GUARD_S` of a case appearing is ignored, so a held key or a double click
+cannot answer the next cases unseen.
+
+A case counts as shown at its first paint: the canvas's draw event after its layer was added calls
+:meth:`ReadingWidget.case_painted`, which starts the answer time (so the first case's time does not
+include napari's start-up) and only then accepts answers. A case file that cannot be read (deleted
+or damaged after the session started) is not shown: answering is disabled, one line says why, and
+the case is noted as unreadable in the session, not as an answer; ``N`` moves on.
 """
 
 from __future__ import annotations
@@ -37,7 +44,9 @@ class ReadingWidget(Container):
 
     def __init__(self, viewer: napari.viewer.Viewer, session: ReadingSession):
         super().__init__(labels=False)
-        self._shown_at = float("-inf")
+        self._shown_at = float("inf")  # when the current case was first painted (monotonic); inf: not yet
+        self._awaiting_paint = False
+        self.unreadable = False  # the current case could not be shown
         self._viewer = viewer
         self.session = session
         opts = session.study.options
@@ -56,9 +65,10 @@ class ReadingWidget(Container):
                                         labels=False, visible=opts.confidence)
         self.confidence_label = Label(value="", visible=opts.confidence)
         self.back_button = PushButton(text="Back  [B]", visible=opts.revisit)
+        self.next_button = PushButton(text="Next case  [N]", visible=False)
         self.view_button = PushButton(text="3D view  [V]")
         self.extend([self.progress, self.prompt, answers, self.confidence_label, self.confidence_row,
-                     self.back_button, self.view_button])
+                     self.back_button, self.next_button, self.view_button])
         self.progress.native.setStyleSheet("font-size: 16pt; font-weight: bold;")
         for button in self.confidence_buttons.values():
             button.native.setCheckable(True)
@@ -69,8 +79,13 @@ class ReadingWidget(Container):
         for k, button in self.confidence_buttons.items():
             button.changed.connect(lambda _=None, k=k: self.set_confidence(k))
         self.back_button.changed.connect(lambda _=None: self.back())
+        self.next_button.changed.connect(lambda _=None: self.next_case())
         self.view_button.changed.connect(lambda _=None: self.toggle_3d())
         self.shortcuts = self._bind_keys()
+        canvas = viewer.window._qt_viewer.canvas
+        canvas.events.draw.connect(self._on_draw, position="last")  # after the scene itself was drawn
+        self._canvas = canvas
+        self.native.destroyed.connect(self._disconnect_draw)
         self.show_current()
 
     # -- keys -----------------------------------------------------------------------------------
@@ -80,7 +95,8 @@ class ReadingWidget(Container):
         from qtpy.QtWidgets import QShortcut
 
         opts = self.session.study.options
-        actions = {"R": lambda: self.answer("real"), "S": lambda: self.answer("synthetic"), "V": self.toggle_3d}
+        actions = {"R": lambda: self.answer("real"), "S": lambda: self.answer("synthetic"), "V": self.toggle_3d,
+                   "N": self.next_case}
         if opts.unsure:
             actions["U"] = lambda: self.answer("unsure")
         if opts.confidence:
@@ -99,23 +115,33 @@ class ReadingWidget(Container):
 
     # -- display --------------------------------------------------------------------------------
     def show_current(self) -> None:
-        """Show the session's current case (or the thank-you state) and start its timer."""
+        """Show the session's current case (or the thank-you state); its timer starts at its first paint."""
         from backend.io import read_image
 
         s = self.session
         self._remove_layer()
+        self.unreadable = False
+        self.prompt.native.setWordWrap(False)
+        self.next_button.visible = False
+        self._shown_at = float("inf")
         self.progress.value = s.progress_text()
         self._set_confidence_display(None)
         finished = s.finished
-        for w in (self.real_button, self.synthetic_button, self.unsure_button, self.view_button,
-                  *self.confidence_buttons.values()):
-            w.enabled = not finished
+        self._enable_answers(not finished)
         self.back_button.enabled = s.can_go_back
         if finished:
             self.prompt.value = "Your answers are saved. You can close this window."
             self._viewer.dims.ndisplay = 2
             return
-        volume = read_image(s.case_path())
+        try:
+            path = s.case_path()  # checked again: size and sha256 as 'study create' wrote them
+            volume = read_image(path)
+        except DiffTumorError as exc:
+            self._case_unreadable(str(exc))
+            return
+        except (OSError, RuntimeError, ValueError) as exc:  # anything else the file system or reader raises
+            self._case_unreadable(f"{s.study.case_path(s.case_id)}: cannot be shown ({exc})")
+            return
         study = s.study
         low, high = study.window
         layer = self._viewer.add_image(volume.array, name=s.case_id, scale=tuple(reversed(volume.spacing)),
@@ -128,8 +154,51 @@ class ReadingWidget(Container):
         keys = "R / S" + (" / U" if study.options.unsure else "")
         self.prompt.value = (f"Real or synthetic tumor? ({keys})" if previous is None
                              else f"Revisiting: your answer was '{previous.answer}'. Answer again to change it.")
-        s.show()
+        self._awaiting_paint = True
+        self._canvas.native.update()  # ask for a paint; case_painted() runs when it has happened
+
+    def _on_draw(self, event=None) -> None:
+        if self._awaiting_paint:
+            self.case_painted()
+
+    def _disconnect_draw(self, *_) -> None:
+        try:
+            self._canvas.events.draw.disconnect(self._on_draw)
+        except (RuntimeError, AttributeError):  # the canvas went first
+            pass
+
+    def case_painted(self) -> None:
+        """The current case is on screen: start its answer time and accept answers (after the guard)."""
+        if not self._awaiting_paint or self.layer is None or self.session.finished:
+            return
+        self._awaiting_paint = False
+        self.session.show()
         self._shown_at = time.monotonic()
+
+    def _enable_answers(self, enabled: bool) -> None:
+        for w in (self.real_button, self.synthetic_button, self.unsure_button, self.view_button,
+                  *self.confidence_buttons.values()):
+            w.enabled = enabled
+
+    def _case_unreadable(self, reason: str) -> None:
+        """The current case cannot be shown: no answer is possible; note it and offer the next case."""
+        self._awaiting_paint = False
+        self.unreadable = True
+        self._enable_answers(False)
+        self.back_button.enabled = False
+        case_id = self.session.case_id
+        self.session.mark_unreadable(reason)
+        self.prompt.native.setWordWrap(True)  # the one long line of this state
+        self.prompt.value = (f"Case {case_id} cannot be shown (its file is missing or damaged), so it takes no answer; "
+                             "it is noted for the study coordinator. Press Next case [N] to go on.")
+        self.next_button.visible = True
+        self.next_button.enabled = True
+        _notify(f"case {case_id} cannot be shown and is noted as unreadable, not answered: {reason}")
+
+    def next_case(self) -> None:
+        """After an unreadable case: go on to the next case."""
+        if self.unreadable:
+            self.show_current()
 
     def recentre(self) -> None:
         """Fit the case to the canvas again, centred on the ROI (e.g. after the window got its size)."""
@@ -165,10 +234,10 @@ class ReadingWidget(Container):
 
     def answer(self, kind: str) -> None:
         """Commit ``kind`` for the current case (saved before the next case appears)."""
-        if self.session.finished:
+        if self.session.finished or self.unreadable or self.layer is None:
             return
         if time.monotonic() - self._shown_at < self.ANSWER_GUARD_S:
-            return  # the second click of a double click, or a key pressed before the case was seen
+            return  # not painted yet, the second click of a double click, or a key pressed before the case was seen
         try:
             self.session.answer(kind, self.confidence)
         except DiffTumorError as exc:
@@ -185,7 +254,7 @@ class ReadingWidget(Container):
         self.show_current()
 
     def toggle_3d(self) -> None:
-        if self.session.finished:
+        if self.session.finished or self.layer is None:
             return
         dims = self._viewer.dims
         dims.ndisplay = 3 if dims.ndisplay == 2 else 2

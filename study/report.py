@@ -5,7 +5,8 @@ Inputs (interchange formats, documented in the README):
 * answers: CSV ``reader,case_id,answer,confidence,seconds,answered_at`` (UTF-8, with or without
   a BOM; answer ``real|synthetic|unsure``, confidence empty or 1..5 on all or none of a reader's
   real/synthetic answers, seconds empty or >= 0, answered_at empty or ISO 8601), a session
-  database (``*.sqlite``), or a study folder (all ``answers/*.sqlite`` inside it);
+  database (``*.sqlite``, as a reader sends it back), a reader's package (its ``answers/*.sqlite``) or
+  the coordinator's study folder (every reader package's answers: this is where they are collected);
 * key: CSV ``case_id,truth,organ`` (truth ``real|synthetic``), read by :func:`study.design.read_key`.
 
 Everything is validated before anything is written; each output is written atomically.
@@ -28,7 +29,7 @@ import pandas as pd
 
 from backend.errors import DiffTumorError
 from study import stats
-from study.design import load_study, read_key
+from study.design import load_study, package_readers, read_key
 
 ANSWER_COLUMNS = ("reader", "case_id", "answer", "confidence", "seconds", "answered_at")
 TABLE_COLUMNS = (
@@ -123,6 +124,14 @@ def read_answers_db(path: Path) -> pd.DataFrame:
     return df
 
 
+def read_unreadable_db(path: Path) -> list[tuple[str, str]]:
+    """``(reader, case_id)`` of the cases a session noted as unreadable (shown to nobody, never answers)."""
+    from study.session import AnswerStore
+
+    with AnswerStore(path, readonly=True) as store:
+        return [(r, c) for r, c, *_ in store.unreadable()]
+
+
 def check_confidence_all_or_none(answers: pd.DataFrame) -> None:
     """Each reader's real/synthetic answers carry a confidence on every case or on none.
 
@@ -149,17 +158,23 @@ def load_answers(sources: Sequence[str | Path]) -> tuple[pd.DataFrame, set[str] 
     stripped of surrounding whitespace, ``seconds`` is a float (``nan`` when empty).
     """
     frames, study_cases = [], None
+    unreadable: list[tuple[str, str]] = []
     for src in sources:
         src = Path(src)
         if src.is_dir():
-            study = load_study(src)  # "not a study" error for other folders
-            study_cases = (study_cases or set()) | set(study.case_ids)
-            for db in sorted((src / "answers").glob("*.sqlite")):  # a reader not started yet has none
-                frames.append(read_answers_db(db).assign(source=str(db)))
+            packages = package_readers(src)
+            roots = list(packages.values()) if packages is not None and not (src / "study.json").is_file() else [src]
+            for root in roots:
+                study = load_study(root)  # "not a study" error for other folders
+                study_cases = (study_cases or set()) | set(study.case_ids)
+                for db in sorted((root / "answers").glob("*.sqlite")):  # a reader not started yet has none
+                    frames.append(read_answers_db(db).assign(source=str(db)))
+                    unreadable += read_unreadable_db(db)
         elif not src.is_file():
             raise DiffTumorError(f"--answers {src}: no such file or folder")
         elif src.suffix.lower() in (".sqlite", ".db", ".sqlite3"):
             frames.append(read_answers_db(src).assign(source=str(src)))
+            unreadable += read_unreadable_db(src)
             if frames[-1].empty:
                 raise DiffTumorError(f"{src}: the answers database holds no answers")
         else:
@@ -186,6 +201,8 @@ def load_answers(sources: Sequence[str | Path]) -> tuple[pd.DataFrame, set[str] 
         raise DiffTumorError(f"duplicate answers: reader {first.reader} answered case {first.case_id} more than once "
                              f"(in {', '.join(where)})")
     check_confidence_all_or_none(df)
+    answered = set(zip(df.reader, df.case_id))
+    df.attrs["unreadable"] = sorted({(r, c) for r, c in unreadable if (r, c) not in answered})
     return df, study_cases
 
 
@@ -381,10 +398,11 @@ def _atomic(path: Path, write) -> None:
 
 
 def study_folder_holding(path: str | Path) -> Path | None:
-    """The reader package (a folder with ``study.json``) that ``path`` is, or lies inside; else None."""
+    """The reader package or study folder (a folder with ``study.json`` or ``packages.json``) that ``path``
+    is, or lies inside; else None."""
     path = Path(path).resolve()
     for folder in (path, *path.parents):
-        if (folder / "study.json").is_file():
+        if (folder / "study.json").is_file() or (folder / "packages.json").is_file():
             return folder
     return None
 
@@ -433,6 +451,8 @@ def write_report(answers: Sequence[str | Path], key_path: str | Path, out: str |
         "median_seconds": {r: float(np.median(g.seconds.dropna())) if g.seconds.notna().any() else None
                            for r, g in df.groupby("reader")},
         "confidence_collected": bool(df[df.answer != stats.UNSURE].confidence.notna().all()),
+        "unreadable": {r: [c for rr, c in df.attrs.get("unreadable", []) if rr == r]
+                       for r in sorted({rr for rr, _ in df.attrs.get("unreadable", [])})},
     }
     figure = render_figure(table)
     out.mkdir(parents=True, exist_ok=True)
@@ -462,9 +482,7 @@ def export_answers(study_dir: str | Path, reader: str, out: str | Path, *, force
         raise DiffTumorError(f"--out {target}: already exists; refusing to overwrite it (use --force to replace it)")
     if not target.parent.is_dir():
         raise DiffTumorError(f"--out {target}: folder {target.parent} does not exist")
-    study = load_study(study_dir)
-    if reader not in study.readers:
-        raise DiffTumorError(f"--reader {reader}: not in this study (readers: {', '.join(study.readers)})")
+    study = load_study(study_dir, reader)
     db = session_db_path(study, reader)
     if not db.exists():
         raise DiffTumorError(f"{db}: reader {reader} has no answers yet")

@@ -1,6 +1,7 @@
 """Reading sessions: answers stored in SQLite, one transaction per answer, and a Qt-free controller.
 
-:class:`AnswerStore` owns one SQLite file (``STUDY/answers/<reader>.sqlite``). The database runs
+:class:`AnswerStore` owns one SQLite file (``<reader package>/answers/<reader>.sqlite``, in the
+reader's own package, so no reader's package holds another's answers). The database runs
 in rollback-journal mode with ``synchronous=FULL``, and every answer is its own ``BEGIN
 IMMEDIATE .. COMMIT`` transaction, so once :meth:`AnswerStore.record` returns the answer
 survives quitting, a crash (SIGKILL) or a power loss. A second answer for the same
@@ -9,12 +10,15 @@ and the replaced row is kept in ``history``.
 
 :class:`ReadingSession` is the controller the napari reading widget drives (and scripts/tests
 drive without a GUI): the reader's case order, the current case, the time from display to
-answer, resume at the first unanswered case, and going back when revisits are allowed.
+answer, resume at the first unanswered case, and going back when revisits are allowed. It never
+records an answer for a case that was not shown: every case file is checked against the byte size
+and sha256 that ``create`` recorded when the session starts; an answer needs :meth:`ReadingSession.show`
+(called at the case's first paint, so ``seconds`` runs from there); and a case that cannot be shown
+later is recorded as *unreadable* (table ``unreadable``), never as an answer.
 """
 
 from __future__ import annotations
 
-import math
 import sqlite3
 import time
 from collections.abc import Callable
@@ -23,10 +27,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from backend.errors import DiffTumorError
-from study.design import Study, check_reader_name, load_study
+from study.design import Study, check_case_file, check_case_files, check_reader_name, load_study
 from study.stats import ANSWERS, CONFIDENCE_LEVELS, UNSURE
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: table unreadable
 ANSWER_COLUMNS = ("reader", "case_id", "answer", "confidence", "seconds", "answered_at")
 
 _SCHEMA = f"""
@@ -46,6 +50,11 @@ CREATE TABLE IF NOT EXISTS history (
     reader TEXT NOT NULL, case_id TEXT NOT NULL, answer TEXT NOT NULL, confidence INTEGER,
     seconds REAL NOT NULL, answered_at TEXT NOT NULL, position INTEGER NOT NULL,
     replaced_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS unreadable (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    reader TEXT NOT NULL, case_id TEXT NOT NULL, reason TEXT NOT NULL, noted_at TEXT NOT NULL,
+    position INTEGER NOT NULL
 );
 """
 
@@ -180,6 +189,25 @@ class AnswerStore:
             raise DiffTumorError(f"{self.path}: not a readable answers database ({exc})") from None
         return [Answer(*r) for r in rows]
 
+    def record_unreadable(self, reader: str, case_id: str, reason: str, position: int) -> None:
+        """Note (one transaction) that ``case_id`` could not be shown to ``reader``: not an answer."""
+        try:
+            with self._transaction():
+                self._conn.execute("INSERT INTO unreadable (reader, case_id, reason, noted_at, position) "
+                                   "VALUES (?, ?, ?, ?, ?)", (reader, case_id, reason, now_iso(), int(position)))
+        except sqlite3.DatabaseError as exc:
+            raise DiffTumorError(f"{self.path}: could not note the unreadable case ({exc})") from None
+
+    def unreadable(self, reader: str | None = None) -> list[tuple[str, str, str, str]]:
+        """``(reader, case_id, reason, noted_at)`` of every case noted unreadable (none in a schema-1 file)."""
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "unreadable" not in tables:
+            return []
+        sql = "SELECT reader, case_id, reason, noted_at FROM unreadable"
+        if reader is None:
+            return self._conn.execute(sql + " ORDER BY id").fetchall()
+        return self._conn.execute(sql + " WHERE reader = ? ORDER BY id", (reader,)).fetchall()
+
     def history(self, reader: str | None = None) -> list[tuple]:
         sql = "SELECT reader, case_id, answer, confidence, seconds, answered_at, position, replaced_at FROM history"
         if reader is None:
@@ -194,22 +222,27 @@ def session_db_path(study: Study, reader: str) -> Path:
 class ReadingSession:
     """Qt-free reading logic for one reader of one study (the widget only displays and forwards keys).
 
-    ``clock`` is injectable for tests. :meth:`show` marks the moment the current case is on
-    screen; :meth:`answer` commits and moves to the first unanswered case.
+    ``study`` is the reader's package (or the study folder holding it). ``clock`` is injectable for
+    tests. :meth:`show` marks the moment the current case is on screen; :meth:`answer` commits and
+    moves to the first unanswered case; :meth:`mark_unreadable` notes a case that cannot be shown and
+    moves on without an answer.
     """
 
     def __init__(self, study: Study | str | Path, reader: str, *, clock: Callable[[], float] = time.monotonic):
-        self.study = study if isinstance(study, Study) else load_study(study)
+        self.study = study if isinstance(study, Study) else load_study(study, reader)
         if reader not in self.study.readers:
             raise DiffTumorError(f"reader {reader!r}: not in this study (readers: {', '.join(self.study.readers)})")
         self.reader = reader
         self.order: list[str] = list(self.study.orders[reader])
+        check_case_files(self.study, self.order)  # before anything is shown or stored
         self.store = AnswerStore(session_db_path(self.study, reader), study_id=self.study.study_id)
         self._clock = clock
         self._shown_at: float | None = None
+        self._skipped: set[str] = set()  # cases noted unreadable in this session
         self._answers = {a.case_id: a for a in self.store.answers(reader)}
         unknown = set(self._answers) - set(self.order)
         if unknown:
+            self.store.close()
             raise DiffTumorError(f"{self.store.path}: answers for cases not in this study: {', '.join(sorted(unknown))}")
         self.index: int | None = self.first_unanswered()
 
@@ -235,10 +268,15 @@ class ReadingSession:
         return self.study.options.revisit and self.n_cases > 0 and (self.index is None or self.index > 0)
 
     def first_unanswered(self) -> int | None:
+        """The first case neither answered nor noted unreadable in this session (None: finished)."""
         for i, case_id in enumerate(self.order):
-            if case_id not in self._answers:
+            if case_id not in self._answers and case_id not in self._skipped:
                 return i
         return None
+
+    @property
+    def n_unreadable(self) -> int:
+        return len(self._skipped)
 
     def previous_answer(self) -> Answer | None:
         """The reader's own earlier answer on the current case (only when revisiting)."""
@@ -246,18 +284,38 @@ class ReadingSession:
 
     def progress_text(self) -> str:
         if self.finished:
+            if self._skipped:
+                return (f"Thank you — {self.n_answered} of {self.n_cases} cases answered, "
+                        f"{len(self._skipped)} could not be shown")
             return f"Thank you — all {self.n_cases} cases answered"
         return f"Case {self.index + 1} of {self.n_cases}"
 
     def case_path(self) -> Path:
+        """The current case's file, checked again (size, sha256) so a file damaged since the start is refused."""
         if self.case_id is None:
             raise DiffTumorError("the session is finished: there is no current case")
+        check_case_file(self.study, self.case_id)
         return self.study.case_path(self.case_id)
 
     # --- actions -----------------------------------------------------------------------------
     def show(self) -> None:
-        """Call when the current case is displayed; the answer time runs from here."""
+        """Call when the current case is on screen (its first paint); the answer time runs from here."""
+        if self.finished:
+            raise DiffTumorError("the session is finished: there is no case to show")
         self._shown_at = self._clock()
+
+    @property
+    def shown(self) -> bool:
+        return self._shown_at is not None
+
+    def mark_unreadable(self, reason: str) -> None:
+        """Note that the current case could not be shown (never an answer) and move to the next case."""
+        if self.finished:
+            raise DiffTumorError("the session is finished: there is no current case")
+        self.store.record_unreadable(self.reader, self.case_id, reason, self.index + 1)
+        self._skipped.add(self.case_id)
+        self._shown_at = None
+        self.index = self.first_unanswered()
 
     def answer(self, answer: str, confidence: int | None = None) -> Answer:
         """Commit the answer on the current case (one transaction) and move to the next unanswered case."""
@@ -274,9 +332,11 @@ class ReadingSession:
             raise DiffTumorError("confidence: choose 1 (guess) .. 5 (certain) before answering")
         elif not opts.confidence:
             confidence = None
-        seconds = math.nan if self._shown_at is None else max(0.0, self._clock() - self._shown_at)
+        if self._shown_at is None:
+            raise DiffTumorError(f"case {self.case_id}: not on screen yet; an answer is taken only for a case that was shown")
+        seconds = max(0.0, self._clock() - self._shown_at)
         record = Answer(self.reader, self.case_id, answer, None if confidence is None else int(confidence),
-                        0.0 if math.isnan(seconds) else round(seconds, 3), now_iso(), self.index + 1)
+                        round(seconds, 3), now_iso(), self.index + 1)
         self.store.record(record, allow_update=opts.revisit)
         self._answers[record.case_id] = record
         self._shown_at = None

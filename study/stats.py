@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 
@@ -235,8 +236,21 @@ def roc_auc(truths: Sequence[str], scores: Sequence[float]) -> float:
     return float((greater + 0.5 * ties) / (pos.size * neg.size))
 
 
+def round_half_up(value: float, digits: int = 1) -> str:
+    """``value`` with ``digits`` decimals, ties rounded away from zero (76.25 -> "76.3", -0.5 -> "-1").
+
+    The float's shortest repr is taken as the exact decimal, so a value that prints as a tie is one.
+    """
+    return str(Decimal(repr(float(value))).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
 def format_percent(value: float, digits: int = 1) -> str:
-    """A fraction as a percentage with ``digits`` decimals (0.7417 -> "74.2"); nan -> "n/a"."""
+    """A fraction as a percentage with ``digits`` decimals, rounded half up; nan -> "n/a".
+
+    Half up, as readers and the paper expect: 183/240 = 76.25 % -> "76.3" (Python's round-half-to-even
+    would print 76.2). A ratio whose percentage ends exactly on a 5 (k/240, k/8, ...) is a tie and goes
+    up; 0.7417 -> "74.2".
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{100 * value:.{digits}f}"
+    return round_half_up(float(Decimal(repr(float(value))) * 100), digits)

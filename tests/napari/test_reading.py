@@ -1,4 +1,8 @@
-"""The reading widget: a whole session through the widget, blinding, resume after SIGKILL."""
+"""The reading widget: a whole session through the widget, blinding, resume after SIGKILL, first paint,
+cases that cannot be shown.
+
+Viewers here are hidden (nothing is painted), so tests say when a case "was painted" with
+:func:`_seen`; one test shows the window and lets the canvas's own draw event do it."""
 
 from __future__ import annotations
 
@@ -46,6 +50,16 @@ def _no_answer_guard(monkeypatch):
     monkeypatch.setattr(ReadingWidget, "ANSWER_GUARD_S", 0.0)
 
 
+def _seen(widget):
+    """What the canvas's first paint of the case does in a shown window."""
+    widget.case_painted()
+    return widget
+
+
+def _answer(widget, kind):
+    _seen(widget).answer(kind)
+
+
 def _stored(study, reader="R1"):
     with AnswerStore(session_db_path(study, reader), readonly=True) as store:
         return store.answers(reader)
@@ -66,6 +80,11 @@ def test_widget_drives_a_whole_session(make_napari_viewer, qtbot, tmp_path):
     assert tuple(layer.contrast_limits) == (-100.0, 200.0)
     assert layer.source.path is None and layer.metadata == {}
     assert viewer.dims.current_step[0] == 6  # the middle of 12 slices, where the ROI centre is
+    widget.shortcuts["4"].activated.emit()
+    widget.real_button.native.click()  # the case was not painted yet: no answer
+    assert widget.progress.value == "Case 1 of 6" and _stored(study) == []
+    widget._set_confidence_display(None)
+    _seen(widget)
     # without a confidence the answer is refused and nothing is stored
     widget.real_button.native.click()
     assert widget.progress.value == "Case 1 of 6" and _stored(study) == []
@@ -83,12 +102,12 @@ def test_widget_drives_a_whole_session(make_napari_viewer, qtbot, tmp_path):
     widget.toggle_3d()
     assert viewer.dims.ndisplay == 2
 
-    widget.shortcuts["U"].activated.emit()  # unsure needs no confidence
+    _seen(widget).shortcuts["U"].activated.emit()  # unsure needs no confidence
     widget.confidence_buttons[2].native.click()
-    widget.synthetic_button.native.click()
+    _seen(widget).synthetic_button.native.click()
     for _ in range(3):
         widget.set_confidence(5)
-        widget.answer("real")
+        _answer(widget, "real")
     assert widget.progress.value == "Thank you — all 6 cases answered"
     assert len(viewer.layers) == 0 and not widget.real_button.enabled
     rows = _stored(study)
@@ -117,11 +136,11 @@ def test_revisit_and_resume_in_the_widget(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer()
     widget = ReadingWidget(viewer, ReadingSession(study, "R1"))
     order = study.orders["R1"]
-    widget.answer("real")
-    widget.answer("real")
+    _answer(widget, "real")
+    _answer(widget, "real")
     widget.shortcuts["B"].activated.emit()
     assert widget.progress.value == "Case 2 of 6" and "your answer was 'real'" in widget.prompt.value
-    widget.answer("synthetic")
+    _answer(widget, "synthetic")
     assert widget.progress.value == "Case 3 of 6"
     widget.session.close()
     viewer.layers.clear()
@@ -150,6 +169,7 @@ GUI_CHILD = textwrap.dedent("""
     widget = ReadingWidget(viewer, ReadingSession(sys.argv[1], "R1"))
     print("ready", flush=True)
     for line in sys.stdin:
+        widget.case_painted()  # a hidden viewer paints nothing
         widget.shortcuts[line.strip()].activated.emit()
         print(widget.progress.value, flush=True)
 """)
@@ -190,12 +210,68 @@ def test_held_key_or_double_click_answers_one_case(make_napari_viewer, qtbot, tm
     widget = ReadingWidget(viewer, ReadingSession(study, "R1"))
     qtbot.addWidget(widget.native)
     assert widget.shortcuts and not any(sc.autoRepeat() for sc in widget.shortcuts.values())
+    _seen(widget)
     qtbot.wait(600)  # the reader looked at case 1
     widget.real_button.native.click()
     widget.real_button.native.click()  # a double click: the second lands on case 2 at once
     widget.shortcuts["S"].activated.emit()  # so does a key pressed right after
     assert widget.progress.value == "Case 2 of 6" and len(_stored(study)) == 1
+    _seen(widget)
     qtbot.wait(600)
     widget.shortcuts["S"].activated.emit()
     assert widget.progress.value == "Case 3 of 6"
     assert [r.answer for r in _stored(study)] == ["real", "synthetic"]
+
+
+def test_the_answer_time_starts_at_the_first_paint(make_napari_viewer, qtbot, tmp_path):
+    """A shown window: the canvas's draw event marks the case shown; before it no answer is taken, and the time
+    does not include what happened before the paint (napari's start-up for the first case)."""
+    from difftumor_napari._reading import ReadingWidget
+
+    study = _make_study(tmp_path)
+    viewer = make_napari_viewer(show=True)
+    session = ReadingSession(study, "R1")
+    widget = ReadingWidget(viewer, session)
+    assert not session.shown
+    widget.answer("real")  # no paint yet
+    assert _stored(study) == []
+    qtbot.waitUntil(lambda: session.shown, timeout=10000)
+    qtbot.wait(200)
+    widget.answer("real")
+    (row,) = _stored(study)
+    assert 0.2 <= row.seconds < 5
+    assert not session.shown  # the next case waits for its own paint
+    qtbot.waitUntil(lambda: session.shown, timeout=10000)
+
+
+def test_a_case_that_cannot_be_shown_takes_no_answer(make_napari_viewer, tmp_path):
+    """The file of case 2 is truncated after the session started: no traceback, no empty canvas with live
+    buttons, no answer with seconds 0; one line, answering disabled, the case noted as unreadable."""
+    from difftumor_napari._reading import ReadingWidget
+
+    study = _make_study(tmp_path)
+    viewer = make_napari_viewer()
+    session = ReadingSession(study, "R1")
+    widget = ReadingWidget(viewer, session)
+    order = study.orders["R1"]
+    path = study.case_path(order[1])
+    path.write_bytes(path.read_bytes()[:200])
+    _answer(widget, "real")
+    assert widget.unreadable and len(viewer.layers) == 0
+    assert not widget.real_button.enabled and not widget.synthetic_button.enabled
+    assert not widget.next_button.native.isHidden() and widget.next_button.enabled
+    assert f"Case {order[1]} cannot be shown" in widget.prompt.value and "\n" not in widget.prompt.value
+    for key in ("R", "S"):
+        widget.case_painted()
+        widget.shortcuts[key].activated.emit()
+    assert [r.case_id for r in _stored(study)] == [order[0]]  # nothing recorded for case 2
+    with AnswerStore(session_db_path(study, "R1"), readonly=True) as store:
+        (note,) = store.unreadable("R1")
+    assert note[1] == order[1] and "bytes" in note[2]
+    widget.shortcuts["N"].activated.emit()
+    assert widget.progress.value == "Case 3 of 6" and viewer.layers[0].name == order[2]
+    assert widget.real_button.enabled and widget.next_button.native.isHidden()
+    for _ in range(4):
+        _answer(widget, "synthetic")
+    assert widget.progress.value == "Thank you — 5 of 6 cases answered, 1 could not be shown"
+    assert [r.case_id for r in _stored(study)] == [order[0], *order[2:]]

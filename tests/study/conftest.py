@@ -1,4 +1,4 @@
-"""Study fixtures: a hand-written reader package (no images) and tiny source CT volumes."""
+"""Study fixtures: a hand-written reader package (placeholder case files) and tiny source CT volumes."""
 
 from __future__ import annotations
 
@@ -13,13 +13,21 @@ from study.design import STUDY_FORMAT, STUDY_VERSION
 
 def write_study_json(root: Path, case_ids, *, readers=("R1",), orders=None, unsure=False,
                      confidence=False, revisit=False) -> Path:
-    """A minimal reader package: study.json only (session logic never opens the images)."""
-    root.mkdir(parents=True, exist_ok=True)
+    """A minimal reader package: study.json and one small placeholder file per case, with its byte size and
+    sha256 as ``create`` records them (session logic checks the files but never opens them as images)."""
+    import hashlib
+
+    (root / "cases").mkdir(parents=True, exist_ok=True)
     orders = orders or {r: list(case_ids) for r in readers}
+    entries = []
+    for c in case_ids:
+        data = f"case {c}".encode() * 10
+        (root / "cases" / f"{c}.nii").write_bytes(data)
+        entries.append({"id": c, "file": f"cases/{c}.nii", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     meta = {
-        "format": STUDY_FORMAT, "version": STUDY_VERSION, "study_id": "0" * 32, "seed": 7,
+        "format": STUDY_FORMAT, "version": STUDY_VERSION, "study_id": "0" * 32,
         "readers": list(readers), "orders": orders,
-        "cases": [{"id": c, "file": f"cases/{c}.nii"} for c in case_ids],
+        "cases": entries,
         "grid": {"spacing": [1.0, 1.0, 1.0], "size": [8, 8, 4]},
         "display": {"window": [-160.0, 240.0]},
         "options": {"unsure": unsure, "confidence": confidence, "revisit": revisit},

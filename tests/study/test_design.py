@@ -41,19 +41,40 @@ def created(tmp_path, source_cases):
 
 def test_package_layout_key_and_orders(created):
     study, key_dir, _ = created
+    folder = study.root.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["R1", "R2", "packages.json"]
+    assert study.root == folder / "R1" and study.readers == ("R1",)
     assert sorted(p.name for p in study.root.iterdir()) == ["cases", "study.json"]
     assert len(study.case_ids) == 6 and all(len(c) == 5 for c in study.case_ids)
-    for r in ("R1", "R2"):
-        assert sorted(study.orders[r]) == sorted(study.case_ids)
-    assert study.orders["R1"] != study.orders["R2"]
+    r2 = load_study(folder, "R2")
+    assert r2.root == folder / "R2" and r2.readers == ("R2",) and list(r2.orders) == ["R2"]
+    assert sorted(study.orders["R1"]) == sorted(r2.orders["R2"]) == sorted(study.case_ids)
+    assert study.orders["R1"] != r2.orders["R2"]
+    for cid in study.case_ids:  # the same bytes in every package (hard links where the file system allows)
+        assert study.case_path(cid).read_bytes() == r2.case_path(cid).read_bytes()
+        assert study.case_checks[cid] == r2.case_checks[cid]
+    assert b"R1" not in (folder / "R2" / "study.json").read_bytes()  # a package names only its own reader
     assert study.size == (16, 14, 8)
     assert json.loads((key_dir / "key.json").read_text(encoding="utf-8"))["seed"] == 1234
     key = read_key(key_dir)
     assert set(key) == set(study.case_ids)
     assert sorted(t for t, _ in key.values()) == ["real"] * 3 + ["synthetic"] * 3
     rows = list(csv.DictReader(open(key_dir / "key.csv", encoding="utf-8")))
-    assert list(rows[0]) == ["case_id", "truth", "organ", "source", "mask"]
+    assert list(rows[0]) == ["case_id", "truth", "organ", "source", "mask", "placement"]
     assert json.loads((key_dir / "key.json").read_text(encoding="utf-8"))["study_id"] == study.study_id
+    assert sorted(p.name for p in key_dir.iterdir()) == ["case_statistics.csv", "confounds.json", "confounds.txt",
+                                                         "key.csv", "key.json"]
+
+
+def test_a_study_folder_needs_a_reader_and_knows_its_readers(created):
+    study, _, _ = created
+    folder = study.root.parent
+    with pytest.raises(DiffTumorError, match=r"one package per reader \(R1, R2\); give --reader"):
+        load_study(folder)
+    with pytest.raises(DiffTumorError, match="reader 'R3': not in this study"):
+        load_study(folder, "R3")
+    with pytest.raises(DiffTumorError, match="reader 'R2': not in this study \\(readers: R1\\)"):
+        load_study(study.root, "R2")  # R1's package knows nothing of R2
 
 
 def test_seed_reproduces_orders_but_not_the_assignment(tmp_path, source_cases):
@@ -62,8 +83,10 @@ def test_seed_reproduces_orders_but_not_the_assignment(tmp_path, source_cases):
     real, syn = _sources(source_cases)
     a = create_study(real, syn, tmp_path / "a", settings=StudySettings(**SETTINGS))
     b = create_study(real, syn, tmp_path / "b", settings=StudySettings(**SETTINGS))
-    assert a.orders == {r: tuple(o) for r, o in reader_orders(list(a.case_ids), a.readers, SETTINGS["seed"]).items()}
-    assert b.orders == {r: tuple(o) for r, o in reader_orders(list(b.case_ids), b.readers, SETTINGS["seed"]).items()}
+    for s in (a, b):
+        orders = {r: tuple(load_study(s.root.parent, r).orders[r]) for r in SETTINGS["readers"]}
+        assert orders == {r: tuple(o) for r, o in reader_orders(list(s.case_ids), SETTINGS["readers"],
+                                                                 SETTINGS["seed"]).items()}
     pattern = [[sorted(s.case_ids).index(c) for c in s.orders["R1"]] for s in (a, b)]
     assert pattern[0] == pattern[1]  # the same shuffle of the sorted ids
     assert set(a.case_ids).isdisjoint(b.case_ids) and a.study_id != b.study_id
@@ -88,9 +111,10 @@ def test_reader_package_leaks_nothing(created):
     study, _, (real, syn) = created
     import SimpleITK as sitk
 
-    forbidden = [b"real", b"synthetic", b"fake", b"patient", b"hospital", b"diffusion", b"secret", b"liver", b"mask"]
+    forbidden = [b"real", b"synthetic", b"fake", b"patient", b"hospital", b"diffusion", b"secret", b"liver", b"mask",
+                 b"phase", b"shift", b"placement", b"confound"]
     forbidden += [Path(p).name.split(".")[0].encode() for p, _ in real + syn]
-    files = [p for p in study.root.rglob("*") if p.is_file()]
+    files = [p for p in study.root.parent.rglob("*") if p.is_file()]
     for path in files:
         blob = path.read_bytes().lower()
         for word in forbidden:
@@ -111,6 +135,7 @@ def test_reader_package_leaks_nothing(created):
     meta = json.loads((study.root / "study.json").read_text(encoding="utf-8"))
     assert set(meta) == {"format", "version", "study_id", "created", "readers", "orders", "cases",
                          "grid", "display", "options"}
+    assert all(set(c) == {"id", "file", "bytes", "sha256"} for c in meta["cases"])
 
 
 def test_view_is_centred_on_the_tumor(created):
@@ -144,7 +169,7 @@ def test_refuses_to_overwrite_and_mixed_masks(tmp_path, source_cases):
     before = sorted(os.listdir(out))
     with pytest.raises(DiffTumorError, match="refusing to overwrite"):
         create_study(real, syn, out, settings=StudySettings(**SETTINGS))
-    assert sorted(os.listdir(out)) == before
+    assert sorted(os.listdir(out)) == before == ["R1", "R2", "packages.json"]
     real_nomask, _ = _sources(source_cases, with_masks=False)
     with pytest.raises(DiffTumorError, match="masks for all or none"):
         create_study(real_nomask, syn, tmp_path / "t", settings=StudySettings(**SETTINGS))
@@ -219,3 +244,99 @@ def test_a_label_map_among_the_cases_is_refused(tmp_path, source_cases):
         create_study(real, cases, tmp_path / "s", settings=StudySettings(**SETTINGS))
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "s").exists() and not (tmp_path / "s.key").exists()
+
+
+def test_confounds_of_the_leaky_fixture_are_written_to_the_key(created):
+    """The fixture's real cases are int16 at 0.8 x 0.8 x 2.5 mm, its synthetic ones float32 at 1 mm."""
+    _, key_dir, _ = created
+    lines = (key_dir / "confounds.txt").read_text(encoding="utf-8").splitlines()
+    assert "confound: source data type: real int16 x3, synthetic float32 x3" in lines
+    assert "confound: slice thickness of the source (mm): real 2.50 (all 3), synthetic 1.00 (all 3); " \
+           "it alone separates the classes with AUC 1.00" in lines
+    assert "confound: in-plane spacing of the source (mm): real 0.80 (all 3), synthetic 1.00 (all 3); " \
+           "it alone separates the classes with AUC 1.00" in lines
+
+
+def _row(**values):
+    row = dict(in_plane_mm=1.0, slice_mm=1.0, dtype="int16", padded_pct=0.0, noise_hu=10.0, high_freq_pct=50.0,
+               min_hu=-1024.0, max_hu=1500.0, file_bytes=float("nan"))
+    row.update(values)
+    return row
+
+
+def test_compare_classes_by_hand():
+    from study.confounds import compare_classes
+
+    truths = ["real"] * 4 + ["synthetic"] * 4
+    # only the compressed file size differs: one warning for it, plus the classifier's
+    rows = [_row(file_bytes=b) for b in (1000, 1010, 1020, 1030, 2000, 2100, 2050, 1990)]
+    result = compare_classes(rows, truths)
+    assert [w["statistic"] for w in result["warnings"]] == ["file_bytes", "classifier"]
+    assert result["warnings"][0]["message"] == (
+        "confound: compressed case file size (bytes): real median 1015, 1000 to 1030 (n=4), "
+        "synthetic median 2025, 1990 to 2100 (n=4); it alone separates the classes with AUC 1.00")
+    # a perfect separation by an immaterial amount (0.1 HU of noise) is no confound
+    rows = [_row(noise_hu=10.0 + 0.1 * (t == "real") + 0.01 * i) for i, t in enumerate(truths)]
+    assert [w["statistic"] for w in compare_classes(rows, truths)["warnings"]] in ([], ["classifier"])
+    # the padding where the source's field of view is shorter than the ROI
+    rows = [_row(padded_pct=p) for p in (0, 0, 1, 0, 12, 15, 12, 20)]
+    assert compare_classes(rows, truths)["warnings"][0]["message"].startswith(
+        "confound: field of view: ROI outside the source, padded with -1024 (%): real median 0.0, 0.0 to 1.0 (n=4)")
+    # too few cases for a cross-validated classifier: no AUC, said so
+    few = compare_classes([_row(), _row(), _row()], ["real", "real", "synthetic"])
+    assert few["warnings"] == [] and few["classifier"]["auc"] is None
+
+
+def test_the_same_ct_under_another_path_is_refused(tmp_path, source_cases):
+    real, syn = _sources(source_cases)
+    copy = tmp_path / "copied_elsewhere.nii"  # same voxels, another path and format (uncompressed)
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.ReadImage(str(real[0].image)), str(copy))
+    syn = syn + [CaseSource(copy, "synthetic", "liver", real[0].mask)]
+    with pytest.raises(DiffTumorError, match="holds the same voxels as .*; each image may be one case only") as exc:
+        create_study(real, syn, tmp_path / "s", settings=StudySettings(**SETTINGS))
+    text = str(exc.value)  # the two files are named in the (random) order they were read
+    assert "\n" not in text and "patient_real_0.nii.gz (real)" in text and "copied_elsewhere.nii (synthetic)" in text
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.key").exists()
+
+
+def test_a_truncated_nii_gz_is_refused_in_one_line(tmp_path, source_cases):
+    """A .nii.gz cut short (``head -c``) must not become a flat grey case: backend.io.read_image refuses it."""
+    import subprocess
+
+    real, syn = _sources(source_cases)
+    cut = tmp_path / "cut.nii.gz"
+    size = real[0].image.stat().st_size
+    with open(cut, "wb") as f:
+        subprocess.run(["head", "-c", str(size // 2), str(real[0].image)], stdout=f, check=True)
+    real[0] = CaseSource(cut, "real", "liver", real[0].mask)
+    with pytest.raises(DiffTumorError, match="cut.nii.gz") as exc:
+        create_study(real, syn, tmp_path / "s", settings=StudySettings(**SETTINGS))
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.key").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".s")]
+
+
+def test_a_csv_with_a_header_and_no_rows(tmp_path):
+    sheet = tmp_path / "real.csv"
+    sheet.write_text("image,mask,organ\n", encoding="utf-8")
+    with pytest.raises(DiffTumorError, match=r"--real .*real.csv: CSV lists no cases \(a header and no rows\)"):
+        list_cases(sheet, "real")
+    sheet.write_text("path,organ\nx.nii.gz,liver\n", encoding="utf-8")
+    with pytest.raises(DiffTumorError, match="needs a header with an 'image' column"):
+        list_cases(sheet, "real")
+
+
+def test_seed_help_says_what_the_seed_does():
+    import argparse
+
+    from backend.cli import study as study_cli
+
+    parser = argparse.ArgumentParser(prog="difftumor")
+    study_cli.register(parser.add_subparsers(dest="command"))
+    create = parser._subparsers._group_actions[0].choices["study"]._subparsers._group_actions[0].choices["create"]
+    (seed,) = [a for a in create._actions if "--seed" in a.option_strings]
+    text = " ".join(seed.help.split())
+    assert text.startswith("seed for each reader's reading order only")
+    assert "Case ids and which case gets which id never come from it" in text

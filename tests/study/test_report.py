@@ -494,3 +494,67 @@ def test_organ_names_differing_in_case_are_one_organ(tmp_path, files):
     paths2 = write_report([answers], key, tmp_path / "mixed")
     assert paths2["table.csv"].read_bytes() == paths["table.csv"].read_bytes()
     assert paths2["table.md"].read_text(encoding="utf-8") == paths["table.md"].read_text(encoding="utf-8")
+
+
+def test_each_reader_package_holds_only_its_own_answers_and_the_study_folder_collects_them(tmp_path, source_cases):
+    from study.design import CaseSource, StudySettings, create_study
+
+    real, syn = source_cases
+    study = create_study([CaseSource(p, "real", "liver", m) for p, m in real],
+                         [CaseSource(p, "synthetic", "liver", m) for p, m in syn], tmp_path / "study",
+                         settings=StudySettings(readers=("R1", "R2"), seed=4, roi_size_mm=(12.0, 12.0, 12.0)))
+    folder = study.root.parent
+    for reader, answer in (("R1", "real"), ("R2", "synthetic")):
+        s = ReadingSession(folder / reader, reader)  # each reader opens only their own package
+        while not s.finished:
+            s.show()
+            s.answer(answer)
+        s.close()
+    for reader, other in (("R1", "R2"), ("R2", "R1")):
+        files = [p for p in (folder / reader).rglob("*") if p.is_file()]
+        assert sorted(p.relative_to(folder / reader).as_posix() for p in files if "answers" in p.parts) == \
+            [f"answers/{reader}.sqlite"]
+        meta = [p for p in files if "cases" not in p.parts]  # study.json and the answers (case files are voxels)
+        assert not any(other.encode() in p.read_bytes() for p in meta)  # nothing of the other reader
+    key = tmp_path / "study.key"
+    table = pd.read_csv(write_report([folder], key, tmp_path / "all")["table.csv"]).set_index("reader")
+    assert sorted(table.index) == ["R1", "R2"]  # the study folder collects every package's answers
+    assert table.loc["R1", "sensitivity"] == 1.0 and table.loc["R2", "specificity"] == 1.0
+    table = pd.read_csv(write_report([folder / "R1"], key, tmp_path / "r1")["table.csv"])
+    assert list(table.reader) == ["R1"]  # a package sent back on its own
+    sent = pd.read_csv(write_report([folder / "R2" / "answers" / "R2.sqlite"], key, tmp_path / "r2")["table.csv"])
+    assert list(sent.reader) == ["R2"]  # or just the answers file
+
+
+def test_unreadable_cases_are_reported_not_answered(tmp_path, study_factory):
+    study_dir, ids = study_factory(n=3)
+    s = ReadingSession(study_dir, "R1")
+    s.show()
+    s.answer("real")
+    s.mark_unreadable("cases/K001.nii: case file is missing from the reader package")
+    s.show()
+    s.answer("synthetic")
+    s.close()
+    key = tmp_path / "key.csv"
+    key.write_text(f"case_id,truth,organ\n{ids[0]},real,liver\n{ids[1]},real,liver\n{ids[2]},synthetic,liver\n",
+                   encoding="utf-8")
+    paths = write_report([study_dir], key, tmp_path / "out")
+    summary = json.loads(paths["summary.json"].read_text(encoding="utf-8"))
+    assert summary["unreadable"] == {"R1": [ids[1]]}
+    row = pd.read_csv(paths["table.csv"]).iloc[0]
+    assert (row.n_real, row.n_synthetic, row.n_unanswered) == (1, 1, 1)
+
+
+def test_read_needs_a_reader_for_a_study_folder(tmp_path, source_cases, capsys):
+    from backend.cli import main
+    from study.design import CaseSource, StudySettings, create_study
+
+    real, syn = source_cases
+    create_study([CaseSource(p, "real", "liver", m) for p, m in real],
+                 [CaseSource(p, "synthetic", "liver", m) for p, m in syn], tmp_path / "study",
+                 settings=StudySettings(readers=("R1", "R2"), seed=4, roi_size_mm=(12.0, 12.0, 12.0)))
+    assert main(["study", "read", str(tmp_path / "study")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "one package per reader (R1, R2); give --reader" in err and "\n" not in err
+    assert main(["study", "read", str(tmp_path / "study" / "R2"), "--reader", "R1"]) == 2
+    assert "reader 'R1': not in this study (readers: R2)" in capsys.readouterr().err

@@ -15,6 +15,12 @@ from backend.errors import DiffTumorError
 from study.session import Answer, AnswerStore, ReadingSession, session_db_path
 
 
+def _answer(session, answer, confidence=None):
+    """What the widget does: the case is shown (first paint), then answered."""
+    session.show()
+    return session.answer(answer, confidence)
+
+
 class FakeClock:
     def __init__(self):
         self.t = 100.0
@@ -41,8 +47,8 @@ def test_answers_in_order_with_times_and_resume(study_factory):
     again = ReadingSession(root, "R1")
     assert again.case_id == ids[2] and again.n_answered == 2
     assert [x.answer for x in again.store.answers("R1")] == ["real", "synthetic"]
-    again.answer("real")
-    again.answer("synthetic")
+    _answer(again, "real")
+    _answer(again, "synthetic")
     assert again.finished and again.progress_text() == "Thank you — all 4 cases answered"
     with pytest.raises(DiffTumorError, match="finished"):
         again.answer("real")
@@ -61,38 +67,38 @@ def test_options_enforced(study_factory):
     root, _ = study_factory(3)
     s = ReadingSession(root, "R1")
     with pytest.raises(DiffTumorError, match="does not allow unsure"):
-        s.answer("unsure")
+        _answer(s, "unsure")
     with pytest.raises(DiffTumorError, match="does not allow revisiting"):
         s.back()
-    assert s.answer("real", confidence=4).confidence is None  # confidence not collected here
+    assert _answer(s, "real", confidence=4).confidence is None  # confidence not collected here
 
 
 def test_confidence_and_unsure(tmp_path, study_factory):
     root, _ = study_factory(3, unsure=True, confidence=True)
     s = ReadingSession(root, "R1")
     with pytest.raises(DiffTumorError, match="confidence"):
-        s.answer("real")
-    assert s.answer("real", confidence=5).confidence == 5
-    assert s.answer("unsure", confidence=3).confidence is None
+        _answer(s, "real")
+    assert _answer(s, "real", confidence=5).confidence == 5
+    assert _answer(s, "unsure", confidence=3).confidence is None
     with pytest.raises(DiffTumorError, match="1..5"):
-        s.answer("synthetic", confidence=7)
+        _answer(s, "synthetic", confidence=7)
     assert s.case_id == "K002"  # the refused answer did not advance
 
 
 def test_revisit_updates_and_keeps_history(study_factory):
     root, ids = study_factory(3, revisit=True)
     s = ReadingSession(root, "R1")
-    s.answer("real")
-    s.answer("real")
+    _answer(s, "real")
+    _answer(s, "real")
     s.back()
     assert s.case_id == ids[1] and s.previous_answer().answer == "real"
-    s.answer("synthetic")
+    _answer(s, "synthetic")
     assert s.case_id == ids[2]  # back to the first unanswered case
     got = {a.case_id: a.answer for a in s.store.answers("R1")}
     assert got == {ids[0]: "real", ids[1]: "synthetic"}
     hist = s.store.history("R1")
     assert len(hist) == 1 and hist[0][1] == ids[1] and hist[0][2] == "real"
-    s.answer("real")
+    _answer(s, "real")
     assert s.finished and s.can_go_back
     s.back()
     assert s.case_id == ids[2]
@@ -165,3 +171,59 @@ def test_sigkill_mid_session_loses_no_answer(study_factory):
     assert recorded[: len(reported)] == reported  # every acknowledged answer survived
     assert recorded == ids[: len(recorded)] and len(recorded) < len(ids)
     assert s.case_id == ids[len(recorded)]  # resumes at the first unanswered case
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.unlink(), "case file is missing"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-7]), "bytes, 'study create' wrote"),
+    (lambda p: p.write_bytes(p.read_bytes()[::-1]), "sha256 mismatch"),  # same size, other content
+])
+def test_a_damaged_case_file_refuses_the_session_before_anything_is_stored(study_factory, damage, message):
+    root, ids = study_factory(4)
+    damage(root / "cases" / f"{ids[2]}.nii")
+    damage(root / "cases" / f"{ids[3]}.nii")
+    with pytest.raises(DiffTumorError, match=message) as exc:
+        ReadingSession(root, "R1")
+    text = str(exc.value)
+    assert "\n" not in text and f"{ids[2]}.nii" in text and "and 1 more damaged case file" in text
+    assert not (root / "answers").exists()  # no database was created
+
+
+def test_no_answer_for_a_case_never_shown(study_factory):
+    root, ids = study_factory(2)
+    s = ReadingSession(root, "R1")
+    with pytest.raises(DiffTumorError, match=f"case {ids[0]}: not on screen yet") as exc:
+        s.answer("real")
+    assert "\n" not in str(exc.value) and s.store.answers() == [] and s.case_id == ids[0]
+    _answer(s, "real")
+    with pytest.raises(DiffTumorError, match="not on screen yet"):  # the next case needs its own show()
+        s.answer("real")
+
+
+def test_seconds_run_from_show_not_from_the_session_start(study_factory):
+    root, _ = study_factory(1)
+    clock = FakeClock()
+    s = ReadingSession(root, "R1", clock=clock)
+    clock.t += 40  # napari starting up
+    s.show()
+    clock.t += 2.5
+    assert s.answer("real").seconds == 2.5
+
+
+def test_a_case_damaged_mid_session_is_recorded_unreadable_not_answered(study_factory):
+    root, ids = study_factory(3)
+    s = ReadingSession(root, "R1")
+    _answer(s, "real")
+    (root / "cases" / f"{ids[1]}.nii").unlink()  # gone after the session started
+    with pytest.raises(DiffTumorError, match="case file is missing") as exc:
+        s.case_path()
+    s.mark_unreadable(str(exc.value))
+    assert s.case_id == ids[2] and s.n_unreadable == 1
+    _answer(s, "synthetic")
+    assert s.finished and s.progress_text() == "Thank you — 2 of 3 cases answered, 1 could not be shown"
+    assert [(a.case_id, a.answer) for a in s.store.answers()] == [(ids[0], "real"), (ids[2], "synthetic")]
+    (row,) = s.store.unreadable("R1")
+    assert row[:2] == ("R1", ids[1]) and "missing" in row[2]
+    s.close()
+    with pytest.raises(DiffTumorError, match="missing"):  # still damaged: the next session refuses to start
+        ReadingSession(root, "R1")
