@@ -174,18 +174,22 @@ def forms(*groups) -> list[Container]:
     return made
 
 
+_PROBLEMS: dict[str, None] = {}  # messages of the warnings and errors notified (newest last), to find their toasts
+
+
 def dismiss_error_toasts(event=None) -> int:
     """Close the error and warning toasts still over the canvas; returns how many were closed.
 
     napari starts a toast's dismiss timer only when its window is active, and stops every other toast's
     timer when a new one shows, so an error toast could stay over the canvas after the user had fixed
-    the problem and the next step had worked."""
+    the problem and the next step had worked. (A toast does not keep its severity: it is recognised by
+    its message, recorded when the warning or error was notified.)"""
     from napari._qt.dialogs.qt_notification import NapariQtNotification
-    from napari.utils.notifications import NotificationSeverity
 
     closed = 0
     for toast in list(NapariQtNotification._instances):
-        if NotificationSeverity(toast.severity) >= NotificationSeverity.WARNING:
+        label = getattr(toast, "message", None)
+        if label is not None and label.text() in _PROBLEMS:
             toast.close()
             closed += 1
     return closed
@@ -197,7 +201,14 @@ _DISMISSING: "weakref.WeakSet" = weakref.WeakSet()  # viewers whose successes cl
 def _on_notification(notification) -> None:
     from napari.utils.notifications import NotificationSeverity
 
-    if getattr(notification, "severity", None) == NotificationSeverity.INFO:
+    severity = getattr(notification, "severity", None)
+    if severity is None:
+        return
+    if NotificationSeverity(severity) >= NotificationSeverity.WARNING:
+        _PROBLEMS[str(notification.message)] = None
+        while len(_PROBLEMS) > 50:
+            _PROBLEMS.pop(next(iter(_PROBLEMS)))
+    elif NotificationSeverity(severity) == NotificationSeverity.INFO:
         dismiss_error_toasts()
 
 

@@ -248,9 +248,10 @@ class _Framing:
 
     def _apply(self) -> None:
         model = self.model
-        if not model.layers:
+        content = [ly for ly in model.layers if ly.name != ThreeViews.CROSSHAIR]  # its lines overshoot the images
+        if not content:
             return
-        model.reset_view()
+        model.fit_to_view(layers=content)
         if self.target is not None:
             center, radius = self.target
             rows, cols = model.dims.displayed
@@ -298,12 +299,13 @@ class ThreeViews:
         from qtpy.QtCore import Qt
         from qtpy.QtWidgets import QSplitter
 
-        self.viewer = viewer
+        self.viewer = viewer = getattr(viewer, "__wrapped__", viewer)  # the model: a plugin proxy re-wraps each layer
         self.models: dict[str, ViewerModel] = {}
         self.framings: dict[str, _Framing] = {}
         self._copies: dict[str, dict[int, object]] = {}  # view name -> {id(source layer): copy}
         self._links: dict[int, list[tuple[object, object]]] = {}  # id(source) -> [(emitter, callback)]
         self._thin_noted: set[str] = set()
+        self._crosshair_extent = None  # the extent the crosshair lines were made for
         self.widget = QSplitter(Qt.Orientation.Horizontal)
         self.widget.setMinimumHeight(260)
         self._syncing = False
@@ -319,7 +321,7 @@ class ThreeViews:
             self.widget.addWidget(qt_viewer)  # Qt owns the canvas; no Python reference kept here
             model.dims.events.current_step.connect(self._on_view_step)
             model.mouse_drag_callbacks.append(self._click_to_cursor)
-        _THREE_VIEWS[getattr(viewer, "__wrapped__", viewer)] = self
+        _THREE_VIEWS[viewer] = self
         viewer.dims.events.current_step.connect(self._on_main_step)
         viewer.dims.events.point.connect(self._update_crosshairs)
         viewer.mouse_drag_callbacks.append(self._click_to_cursor)
@@ -364,24 +366,22 @@ class ThreeViews:
         finally:
             self._syncing = False
         self._link(src)
+        self._shape_crosshairs()
         self._on_main_step()
         if first:
             for framing in self.framings.values():
                 framing.fit()
-            self._update_crosshairs()
             self._say_if_too_thin(src)
 
     def _start_view(self, name, model, src) -> None:
         """With its first layer: the crosshair on that layer's grid, the view's plane, superior up."""
         if self.CROSSHAIR not in model.layers:
-            # on the first layer's voxel grid: a shape is drawn only on the slice its (rounded) vertex
-            # coordinates fall in, and the cursor sits on voxel centres of that grid
-            model.add_shapes(name=self.CROSSHAIR, ndim=3, scale=src.scale, translate=src.translate,
-                             edge_color=[self.CROSSHAIR_COLOR], face_color="transparent", opacity=1.0,
+            # two lines through the layer's origin, moved to the cursor by its translate (a Shapes layer's
+            # data is slow to set: ~0.1 s a time, on every cursor move); the first layer's voxel size, so
+            # that the views' sliders keep that layer's steps
+            model.add_shapes(name=self.CROSSHAIR, ndim=3, scale=src.scale, edge_color=[self.CROSSHAIR_COLOR],
+                             face_color="transparent", opacity=1.0,
                              blending="translucent_no_depth")  # drawn over the labels
-        else:
-            crosshair = model.layers[self.CROSSHAIR]
-            crosshair.scale, crosshair.translate = src.scale, src.translate
         if tuple(model.dims.order) != self.VIEWS[name]:
             model.dims.order = self.VIEWS[name]
         name_slider_axes(model)
@@ -401,14 +401,8 @@ class ThreeViews:
                     model.layers.remove(copy)
 
     def _on_removed(self, event=None) -> None:
-        if not self._copies["coronal"]:
-            return
-        first = self.sources()[0]
-        for model in self.models.values():  # the crosshair follows the grid of the (new) first layer
-            crosshair = model.layers[self.CROSSHAIR]
-            if tuple(crosshair.scale) != tuple(first.scale) or tuple(crosshair.translate) != tuple(first.translate):
-                crosshair.scale, crosshair.translate = first.scale, first.translate
-        self._update_crosshairs()
+        if self._copies["coronal"]:
+            self._shape_crosshairs()
 
     def _sync_order(self, event=None) -> None:
         """Copies in the main viewer's order, the crosshair on top."""
@@ -459,26 +453,47 @@ class ThreeViews:
         for emitter, callback in self._links.pop(id(src), []):
             emitter.disconnect(callback)
 
-    def _update_crosshairs(self, event=None) -> None:
-        """Redraw each extra view's crosshair through the main viewer's cursor, spanning the images."""
-        extent = self.viewer.layers.extent.world  # (2, ndim) world min / max of the main layers
-        point = np.asarray(self.viewer.dims.point, float)
+    def _shape_crosshairs(self) -> None:
+        """Lines long enough to span the images from any cursor inside them, about 0.4 % of the view's larger
+        side wide; set when the layers' extent changes (a layer added or removed), not on cursor moves."""
+        extent = np.asarray(self.viewer.layers.extent.world, float)  # (2, ndim) world min / max
+        if extent.shape[-1] != 3 or not np.all(np.isfinite(extent)) or self._crosshair_extent is not None \
+                and np.array_equal(extent, self._crosshair_extent):
+            self._update_crosshairs()
+            return
+        self._crosshair_extent = extent
+        size = extent[1] - extent[0]
+        first = self.sources()[0] if self.sources() else None
         for model in self.models.values():
-            if self.CROSSHAIR not in model.layers or point.size != 3 or not np.all(np.isfinite(extent)):
+            if self.CROSSHAIR not in model.layers:
                 continue
             rows, cols = model.dims.displayed  # vertical, horizontal axes of this view
-            layer = model.layers[self.CROSSHAIR]
             lines = []
-            for axis in (cols, rows):  # a line along `axis` through the cursor
-                a, b = point.copy(), point.copy()
-                a[axis], b[axis] = extent[0, axis], extent[1, axis]
-                lines.append(np.stack([layer.world_to_data(a), layer.world_to_data(b)]))
-            # about 0.4 % of the view's larger side, in the layer's data units (voxels) across each line
-            side = 0.004 * float(max(extent[1, rows] - extent[0, rows], extent[1, cols] - extent[0, cols]))
-            layer.data = lines
+            for axis in (cols, rows):  # a line along `axis` through the origin (the cursor once translated)
+                line = np.zeros((2, 3))
+                line[0, axis], line[1, axis] = -size[axis], size[axis]
+                lines.append(line)
+            width = 0.004 * float(max(size[rows], size[cols]))
+            layer = model.layers[self.CROSSHAIR]
+            if first is not None and tuple(layer.scale) != tuple(first.scale):  # the (new) first layer's voxels
+                layer.scale = first.scale
+            scale = np.asarray(layer.scale, float)
+            layer.data = [line / scale for line in lines]  # in the layer's data units
             layer.shape_type = ["line", "line"]
-            layer.edge_width = [side / float(layer.scale[rows]), side / float(layer.scale[cols])]
+            layer.edge_width = [width / scale[rows], width / scale[cols]]
             layer.edge_color = [self.CROSSHAIR_COLOR] * 2
+        self._update_crosshairs()
+
+    def _update_crosshairs(self, event=None) -> None:
+        """Move each extra view's crosshair to the cursor: to the point its view slices at (so the lines lie
+        exactly on the slice shown, and are drawn)."""
+        for model in self.models.values():
+            if self.CROSSHAIR not in model.layers or model.dims.ndim != 3:
+                continue
+            layer = model.layers[self.CROSSHAIR]
+            point = tuple(float(v) for v in model.dims.point)
+            if tuple(layer.translate) != point:
+                layer.translate = point
 
     # -- cursor ---------------------------------------------------------------------------------
     def _on_main_step(self, event=None) -> None:
@@ -491,6 +506,7 @@ class ThreeViews:
                     model.dims.point = self.viewer.dims.point
         finally:
             self._syncing = False
+        self._update_crosshairs()
 
     def _on_view_step(self, event=None) -> None:
         if self._syncing:
@@ -536,7 +552,7 @@ class ThreeViews:
             for name, model in self.models.items():
                 model.layers.clear()
                 self._copies[name].clear()
-        _THREE_VIEWS.pop(getattr(self.viewer, "__wrapped__", self.viewer), None)
+        _THREE_VIEWS.pop(self.viewer, None)
 
 
 def fit_slider_labels(qt_dims, *, axis_names: bool = True) -> None:
@@ -585,6 +601,7 @@ class ViewingWidget(ScrollableContainer):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self._viewer = viewer
+        self._model = getattr(viewer, "__wrapped__", viewer)  # napari's plugin proxy wraps each layer anew
         self._three_views: ThreeViews | None = None
         self._dock = None
         self._views_shown = False
@@ -624,8 +641,8 @@ class ViewingWidget(ScrollableContainer):
 
         window = native.window()
         for qt_dims in window.findChildren(QtDims) if window is not None else ():
-            if qt_dims.dims is getattr(self._viewer, "dims", None):
-                keep_slider_labels_readable(qt_dims, self._viewer.dims)
+            if qt_dims.dims is self._model.dims:
+                keep_slider_labels_readable(qt_dims, self._model.dims)
 
     def _layer_choices(self, widget=None):
         return [(ly.name, ly) for ly in ct_layers(self._viewer)]
@@ -654,26 +671,26 @@ class ViewingWidget(ScrollableContainer):
         low, high = window_to_contrast_limits(width, level)
         self._linking = True
         try:
-            for linked in linked_ct_layers(self._viewer, layer):
+            for linked in linked_ct_layers(self._model, getattr(layer, "__wrapped__", layer)):
                 apply_window(linked, low, high)
         finally:
             self._linking = False
 
     def _link_windows(self, event=None) -> None:
         """Follow contrast changes made anywhere (napari's layer controls included) on every CT layer."""
-        for layer in ct_layers(self._viewer):
+        for layer in ct_layers(self._model):
             layer.events.contrast_limits.connect(self._on_any_limits)  # no-op when connected
 
     def _on_any_limits(self, event) -> None:
         if self._linking:
             return
         source = event.source
-        if source not in self._viewer.layers:
+        if not any(ly is source for ly in self._model.layers):
             return
         low, high = (float(v) for v in source.contrast_limits)
         self._linking = True
         try:
-            for linked in linked_ct_layers(self._viewer, source)[1:]:
+            for linked in linked_ct_layers(self._model, source)[1:]:
                 apply_window(linked, low, high)
         finally:
             self._linking = False
