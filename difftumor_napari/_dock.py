@@ -13,6 +13,9 @@ cannot be made narrower than the form's minimum width plus that scroll bar.
 from __future__ import annotations
 
 import functools
+import os
+import weakref
+from pathlib import Path
 
 from magicgui.widgets import Container
 from qtpy.QtCore import QEvent, QObject
@@ -51,6 +54,23 @@ def _fit_scroll_width(area, form) -> None:
     it once per insert, from a minimum that grows later as labels align)."""
     bar = area.verticalScrollBar().sizeHint().width()
     area.setMinimumWidth(form.minimumSizeHint().width() + bar + 2 * area.frameWidth())
+
+
+def _show_bar_when_needed(area, _obj=None) -> None:
+    from qtpy.QtCore import Qt
+
+    form = area.widget()
+    if form is None:
+        return
+    width = area.width() - 2 * area.frameWidth()
+    height = area.height() - 2 * area.frameWidth()
+    needed = form.minimumSizeHint().height()
+    layout = form.layout()
+    if layout is not None and layout.hasHeightForWidth():
+        needed = max(needed, layout.totalHeightForWidth(width))
+    policy = Qt.ScrollBarPolicy.ScrollBarAlwaysOn if needed > height else Qt.ScrollBarPolicy.ScrollBarAlwaysOff
+    if area.verticalScrollBarPolicy() != policy:
+        area.setVerticalScrollBarPolicy(policy)
 
 
 def _align_labels(labels, _obj=None) -> None:
@@ -96,6 +116,10 @@ class ScrollableContainer(Container):
         self._fit_width = watch(self.form, (QEvent.Type.LayoutRequest, QEvent.Type.Show),
                                 functools.partial(_fit_scroll_width, area))
         area.setProperty(TAB_GROUP, True)
+        # Qt 6 can leave the vertical scroll bar shown (the form then sticks out on the right) after the dock
+        # grew tall enough for the form: the bar is shown exactly when the form needs more height
+        self._bar_hooks = [watch(w, (QEvent.Type.Resize, QEvent.Type.LayoutRequest),
+                                 functools.partial(_show_bar_when_needed, area)) for w in (area, self.form)]
         # the first time it is shown in a dock, join the other DiffTumor docks of that area as a tab (napari
         # stacks plugin docks one under another, squeezing each to a few rows)
         self._join_tabs = watch(area, (QEvent.Type.Show,), join_difftumor_tabs, once=True)
@@ -148,3 +172,70 @@ def forms(*groups) -> list[Container]:
     made[0]._label_hooks = [watch(label, (QEvent.Type.Show, QEvent.Type.StyleChange, QEvent.Type.FontChange), align)
                             for label in labels]
     return made
+
+
+_PROBLEMS: dict[str, None] = {}  # messages of the warnings and errors notified (newest last), to find their toasts
+
+
+def dismiss_error_toasts(event=None) -> int:
+    """Close the error and warning toasts still over the canvas; returns how many were closed.
+
+    napari starts a toast's dismiss timer only when its window is active, and stops every other toast's
+    timer when a new one shows, so an error toast could stay over the canvas after the user had fixed
+    the problem and the next step had worked. (A toast does not keep its severity: it is recognised by
+    its message, recorded when the warning or error was notified.)"""
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    closed = 0
+    for toast in list(NapariQtNotification._instances):
+        label = getattr(toast, "message", None)
+        if label is not None and label.text() in _PROBLEMS:
+            toast.close()
+            closed += 1
+    return closed
+
+
+_DISMISSING: "weakref.WeakSet" = weakref.WeakSet()  # viewers whose successes clear stale error toasts
+
+
+def _on_notification(notification) -> None:
+    from napari.utils.notifications import NotificationSeverity
+
+    severity = getattr(notification, "severity", None)
+    if severity is None:
+        return
+    if NotificationSeverity(severity) >= NotificationSeverity.WARNING:
+        _PROBLEMS[str(notification.message)] = None
+        while len(_PROBLEMS) > 50:
+            _PROBLEMS.pop(next(iter(_PROBLEMS)))
+    elif NotificationSeverity(severity) == NotificationSeverity.INFO:
+        dismiss_error_toasts()
+
+
+def clear_errors_on_success(viewer) -> None:
+    """Close stale error toasts when something worked: a layer was added (a CT opened, a tumour placed, a
+    result arrived) or an info notification (e.g. "Saved …") was shown. Set up once per viewer."""
+    from napari.utils.notifications import notification_manager
+
+    model = getattr(viewer, "__wrapped__", viewer)
+    if model in _DISMISSING:
+        return
+    _DISMISSING.add(model)
+    model.layers.events.inserted.connect(dismiss_error_toasts)
+    notification_manager.notification_ready.connect(_on_notification)  # no-op when connected
+
+
+def default_save_folder(source: str | None) -> Path:
+    """Where results are saved unless the user picks a folder: ``difftumor_results`` next to the CT file
+    (its folder for a DICOM series) when that folder is writable, else ``DiffTumor`` in the user's
+    documents (home when there is no Documents folder); never inside the installed package."""
+    package = Path(__file__).resolve().parent.parent
+    if source:
+        folder = Path(source).expanduser().resolve()
+        folder = folder if folder.is_dir() else folder.parent
+        inside_package = folder == package or package in folder.parents
+        if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK) and not inside_package:
+            return folder / "difftumor_results"
+    home = Path.home()
+    documents = home / "Documents"
+    return (documents if documents.is_dir() else home) / "DiffTumor"

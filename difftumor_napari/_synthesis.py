@@ -17,7 +17,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpin
                               PushButton, SpinBox)
 
 from difftumor_napari import synthesis_tasks as st
-from difftumor_napari._dock import ScrollableContainer, browse, forms, watch
+from difftumor_napari._dock import ScrollableContainer, browse, default_save_folder, forms, watch
 from difftumor_napari._placement import (TUMOR_LAYER, ct_image_layers, notify_error, organ_label_layers,
                                          select_first, unwrap, wrapped)
 from difftumor_napari import placement as pl
@@ -114,6 +114,7 @@ class SynthesisWidget(ScrollableContainer):
         self.organ.changed.connect(self._on_organ)
         self.tumor_layer.changed.connect(self._watch_tumor_layer)
         self._watched_tumor = None
+        self._offered_folder = None  # the default "Save to" shown, replaced while the user has not chosen one
         self._on_organ()
         self.organ_layer.changed.connect(self._on_organ_layer)
         for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
@@ -155,7 +156,20 @@ class SynthesisWidget(ScrollableContainer):
         self.reset_choices()
         for box, prev in zip((self.ct_layer, self.organ_layer, self.tumor_layer), old):
             select_first(box, prev)
+        self._offer_save_folder()
         self.update_method_info()
+
+    def _offer_save_folder(self) -> None:
+        """Save to: a default for the chosen CT (next to its file, else the user's documents) until the user
+        picks a folder."""
+        current = str(self.out_dir.value or "").strip()
+        if current not in ("", ".") and current != self._offered_folder:
+            return
+        ct = self.ct_layer.value
+        folder = str(default_save_folder(ct.metadata.get("difftumor", {}).get("source") if ct is not None else None))
+        self._offered_folder = folder
+        if current != folder:
+            self.out_dir.value = folder
 
     def _on_organ(self, _=None) -> None:
         self.pancreas_blend.enabled = self.organ.value == "pancreas"

@@ -73,15 +73,61 @@ def plugin_widget_names() -> list[str]:
     return [w.display_name for w in manifest.contributions.widgets or ()]
 
 
+def _prefer_qt6() -> None:
+    """Use PyQt6 (napari's recommended binding) when it is installed and no binding was chosen: qtpy
+    would otherwise pick PyQt5 first in an environment that has both."""
+    import importlib.util
+
+    if not os.environ.get("QT_API") and importlib.util.find_spec("PyQt6") is not None:
+        os.environ["QT_API"] = "pyqt6"
+
+
 def _quiet_qt_binding_notice() -> None:
-    """napari 0.9 pops a 'PyQt5 support is deprecated' toast over the canvas on first show: a note
-    for developers choosing a Qt binding, not for someone looking at CT, so the demo skips it."""
+    """napari 0.9 pops a 'PyQt5 support is deprecated' toast over the canvas on first show when it runs on
+    PyQt5 (an environment without PyQt6): a note for developers choosing a Qt binding, not for someone
+    looking at CT, so the demo skips it."""
     try:
         from napari._qt import qt_main_window
     except ImportError:  # pragma: no cover - other napari layouts
         return
     if hasattr(qt_main_window, "SHOW_QT_WARNING"):
         qt_main_window.SHOW_QT_WARNING = False
+
+
+LAYER_LIST_ROWS = 8  # rows of the layer list visible without scrolling (CT, organs, tumour, result, ...)
+
+
+def arrange_window(viewer, docks: list) -> None:
+    """Readable tabs and a usable layer list: each DiffTumor tab shows its whole name (the dock's title
+    without the "(difftumor)" suffix, never elided, the right dock widened to fit every tab), and the layer
+    list gets room for :data:`LAYER_LIST_ROWS` layers instead of two rows under the layer controls."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QApplication, QTabBar
+
+    main_window = viewer.window._qt_window
+    for dock in docks:
+        title = dock.windowTitle()
+        if title.endswith(f" ({PLUGIN})"):
+            dock.setWindowTitle(title[: -len(f" ({PLUGIN})")])
+    QApplication.processEvents()
+    titles = {d.windowTitle() for d in docks}
+    for bar in main_window.findChildren(QTabBar):
+        if titles & {bar.tabText(i) for i in range(bar.count())}:
+            bar.setElideMode(Qt.TextElideMode.ElideNone)
+            bar.setExpanding(False)
+            bar.setUsesScrollButtons(False)
+            if docks:
+                needed = bar.sizeHint().width() + 8
+                if docks[0].width() < needed:
+                    main_window.resizeDocks([docks[0]], [needed], Qt.Orientation.Horizontal)
+    qt_viewer = viewer.window._qt_viewer
+    controls, layer_list = qt_viewer.dockLayerControls, qt_viewer.dockLayerList
+    view = qt_viewer.layers
+    row = max(view.sizeHintForRow(0), 28) if view.model().rowCount() else 32
+    wanted = LAYER_LIST_ROWS * row + 80  # + the buttons above and below the list
+    total = controls.height() + layer_list.height()
+    if layer_list.height() < wanted and total > wanted:
+        main_window.resizeDocks([controls, layer_list], [total - wanted, wanted], Qt.Orientation.Vertical)
 
 
 FRONT_WIDGET = "Tumor placement"  # the first step of the demo
@@ -113,6 +159,7 @@ def dock_plugin_widgets(viewer) -> tuple[dict, list[str]]:
         docked = [n for n in plugin_widget_names() if n in widgets]
         front = docks[docked.index(FRONT_WIDGET)] if FRONT_WIDGET in docked else docks[0]
         front.raise_()
+        arrange_window(viewer, docks)
     return widgets, failed
 
 
@@ -128,6 +175,7 @@ def handler(args) -> int:
         if not args.screenshot.resolve().parent.is_dir():
             raise DiffTumorError(f"--screenshot {args.screenshot}: folder {args.screenshot.parent} does not exist")
     _check_display()
+    _prefer_qt6()  # before anything imports qtpy
     layers = _load_layers(args)
 
     import napari

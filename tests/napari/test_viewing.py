@@ -151,8 +151,9 @@ def test_three_views_linked_to_the_main_cursor(ct_viewer, widget):
         along_cols, along_rows = (np.array([cursor.data_to_world(v) for v in line]) for line in cursor.data)
         assert np.allclose(along_cols[:, rows], ct_viewer.dims.point[rows])  # horizontal line
         assert np.allclose(along_rows[:, cols], ct_viewer.dims.point[cols])  # vertical line
-        lo, hi = ct_viewer.layers.extent.world
-        assert sorted(along_cols[:, cols]) == pytest.approx([lo[cols], hi[cols]])
+        lo, hi = ct_viewer.layers.extent.world  # the lines span the images
+        assert min(along_cols[:, cols]) <= lo[cols] and max(along_cols[:, cols]) >= hi[cols]
+        assert min(along_rows[:, rows]) <= lo[rows] and max(along_rows[:, rows]) >= hi[rows]
     # a click in the main (axial) view moves the cursor there, and the coronal view's lines follow
     click_at(ct_viewer, (z, -30.0 - 1.5 * 3, -20.0 - 1.5 * 15))
     assert ct_viewer.dims.point[1] == pytest.approx(-34.5) and ct_viewer.dims.point[2] == pytest.approx(-42.5)
@@ -258,3 +259,180 @@ def test_slider_names_survive_swapping_the_only_volume():
     viewer.layers.remove(viewer.layers[0])
     viewer.add_image(np.zeros((4, 5, 6), np.int16), name="case 3")
     assert tuple(viewer.dims.axis_labels)[1:] == ("y", "x")
+
+
+# -- issue 16: three views kept up to date one layer at a time -----------------------------------
+def test_three_views_add_and_remove_only_the_layer_concerned(ct_viewer, widget):
+    """A layer added or removed changes only its own copy (the others are the same objects, no rebuild),
+    copies share the data array, and the axial slice stays where the user put it."""
+    widget.toggle_three_views()
+    views = widget._three_views
+    cor = views.models["coronal"]
+    before = {ly.name: ly for ly in cor.layers}
+    ct_viewer.dims.set_point(0, 100.0 + 3.0 * 9)  # axial slice 9 of 12, not the middle
+    z = ct_viewer.dims.point[0]
+    mask = ct_viewer.add_labels(np.zeros((12, 20, 24), np.uint8), name="tumour", scale=(3.0, 1.5, 1.5),
+                                translate=(100.0, -30.0, -20.0))
+    assert ct_viewer.dims.point[0] == pytest.approx(z)  # the slice did not jump back to the middle
+    assert [ly.name for ly in cor.layers] == ["ct", "labels", "tumour", "cursor"]
+    assert cor.layers["ct"] is before["ct"] and cor.layers["labels"] is before["labels"]
+    assert cor.layers["tumour"].data is mask.data
+    ct_viewer.layers.move(ct_viewer.layers.index(mask), 0)  # reordered: the copies follow
+    assert [ly.name for ly in cor.layers] == ["tumour", "ct", "labels", "cursor"]
+    ct_viewer.layers.remove(mask)
+    assert [ly.name for ly in cor.layers] == ["ct", "labels", "cursor"]
+    assert cor.layers["ct"] is before["ct"]
+    assert ct_viewer.dims.point[0] == pytest.approx(z)
+    mask.data[0, 0, 0] = 1  # a removed layer is no longer followed
+    widget.toggle_three_views()
+
+
+def test_removing_a_layer_collects_garbage_once(ct_viewer, widget, monkeypatch):
+    """napari collects garbage once per canvas losing a layer (~0.4 s each with torch loaded): the extra
+    views' collections skip the objects that existed before, so one full collection remains."""
+    import gc
+
+    widget.toggle_three_views()
+    extra = ct_viewer.add_labels(np.zeros((12, 20, 24), np.uint8), name="extra")
+    calls = []
+    real = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append(gc.get_freeze_count()) or real(*a))
+    ct_viewer.layers.remove(extra)
+    assert len(calls) >= 1
+    assert sum(1 for frozen in calls if frozen == 0) == 1, calls  # only the main canvas's collection is full
+    assert gc.get_freeze_count() == 0  # nothing stays frozen
+    widget.toggle_three_views()
+
+
+def test_window_level_acts_on_the_result_too(ct_viewer, widget):
+    """Presets, the spin boxes and contrast set anywhere apply to the original CT and the synthesis result on
+    its grid alike (before: only to the hidden original)."""
+    ct = ct_viewer.layers["ct"]
+    info = dict(ct.metadata["difftumor"], kind="synthetic")
+    result = ct_viewer.add_image(np.asarray(ct.data).copy(), name="CT + synthetic tumor", scale=ct.scale,
+                                 translate=ct.translate, contrast_limits=ct.contrast_limits,
+                                 metadata={"difftumor": info})
+    other = ct_viewer.add_image(np.zeros((5, 5, 5), np.int16), name="other grid",
+                                metadata={"difftumor": {"kind": "ct"}})
+    ct.visible = False  # as after a synthesis: the result shown
+    widget.apply_preset("liver")
+    assert tuple(result.contrast_limits) == (-45, 105) and tuple(ct.contrast_limits) == (-45, 105)
+    assert tuple(other.contrast_limits) != (-45, 105)  # another grid: another CT, left alone
+    result.contrast_limits = (0, 100)  # e.g. napari's layer controls on the result
+    assert tuple(ct.contrast_limits) == (0, 100)
+    assert (widget.width_box.value, widget.level_box.value) == (100, 50)
+
+
+def test_side_views_fit_the_whole_volume_when_resized(make_napari_viewer, qtbot):
+    """A 128³ volume: each extra view shows it whole (not fitted to the width, cutting top and bottom), also
+    after its canvas changed size."""
+    from difftumor_napari._viewing import ThreeViews
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((128, 128, 128), np.int16), scale=(1.0, 0.8, 0.8))
+    views = ThreeViews(viewer)
+    qtbot.addWidget(views.widget)
+    for size in ((1000, 300), (600, 500)):
+        views.widget.resize(*size)
+        views.widget.show()
+        qtbot.wait(150)
+        for model in views.models.values():
+            rows, cols = model.dims.displayed
+            extent = viewer.layers.extent.world
+            shown = model.camera.zoom * (extent[1] - extent[0])
+            height, width = model.canvas.size
+            assert shown[rows] <= height + 1 and shown[cols] <= width + 1, (size, model.title)
+            assert shown[rows] >= 0.8 * height or shown[cols] >= 0.8 * width  # and fills the canvas
+    views.close()
+
+
+def test_a_thin_volume_says_so(make_napari_viewer, qtbot, monkeypatch):
+    import napari.utils.notifications as notifications
+
+    from difftumor_napari._viewing import ThreeViews, too_thin
+
+    assert too_thin((3, 512, 512), (5.0, 0.7, 0.7)) == "3 slices (15 mm)"
+    assert too_thin((30, 101, 122), (3.0, 3.0, 3.0)) is None
+    said = []
+    monkeypatch.setattr(notifications, "show_info", lambda msg: said.append(msg))
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((3, 64, 64), np.int16), name="dicom", scale=(5.0, 0.7, 0.7))
+    views = ThreeViews(viewer)
+    qtbot.addWidget(views.widget)
+    assert len(said) == 1 and "dicom" in said[0] and "too thin" in said[0] and "\n" not in said[0]
+    assert "too thin" in views.models["coronal"].text_overlay.text
+    views.close()
+
+
+def test_focus_views_frames_a_point_in_all_three_views(ct_viewer, widget):
+    from difftumor_napari._viewing import focus_views
+
+    widget.toggle_three_views()
+    views = widget._three_views
+    target = (100.0 + 3.0 * 6, -30.0 - 1.5 * 8, -20.0 - 1.5 * 5)
+    zooms = {name: m.camera.zoom for name, m in views.models.items()}
+    main_zoom = ct_viewer.camera.zoom
+    focus_views(ct_viewer, target, 6.0)
+    assert ct_viewer.dims.point == pytest.approx(target)
+    assert ct_viewer.camera.center[-2:] == pytest.approx(target[1:])
+    assert ct_viewer.camera.zoom >= main_zoom
+    for name, model in views.models.items():
+        rows, cols = model.dims.displayed
+        assert model.dims.point == pytest.approx(target)
+        assert model.camera.center[-2:] == pytest.approx((target[rows], target[cols]))
+        assert model.camera.zoom >= zooms[name]
+    widget.toggle_three_views()
+
+
+def test_focus_zoom():
+    from difftumor_napari._viewing import focus_zoom
+
+    assert focus_zoom((400, 600), 10.0) == pytest.approx(4.0)  # 100 mm field of view in 400 px
+    assert focus_zoom((400, 600), 1.0) == pytest.approx(10.0)  # never closer than 40 mm
+    assert focus_zoom((400, 600), 100.0, fit_zoom=2.0) == 2.0  # never farther than the whole volume
+
+
+def test_slider_numbers_get_the_width_their_font_needs(make_napari_viewer):
+    from difftumor_napari._viewing import fit_slider_labels
+
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(np.zeros((128, 8, 8), np.uint8))
+    qt_dims = viewer.window._qt_viewer.dims
+    fit_slider_labels(qt_dims)
+    slider = qt_dims.slider_widgets[0]
+    for label in (slider.curslice_label, slider.totslice_label):
+        assert label.width() >= label.fontMetrics().horizontalAdvance("127") + 6
+
+
+def test_a_success_closes_stale_error_toasts(make_napari_viewer, qtbot):
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+    from napari.utils.notifications import Notification, NotificationSeverity, notification_manager
+
+    from difftumor_napari._dock import clear_errors_on_success
+
+    viewer = make_napari_viewer(show=True)
+    clear_errors_on_success(viewer)
+    canvas = viewer.window._qt_viewer.canvas.native
+    notification_manager.dispatch(Notification("Save: cannot write", severity=NotificationSeverity.ERROR))
+    toast = NapariQtNotification("Save: cannot write", NotificationSeverity.ERROR, parent=canvas)
+    toast.show()
+    assert toast in NapariQtNotification._instances
+    viewer.add_image(np.zeros((4, 4), np.uint8))  # something worked
+    assert toast not in NapariQtNotification._instances
+
+
+def test_default_save_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import difftumor_napari
+    from difftumor_napari._dock import default_save_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "Documents").mkdir(parents=True)
+    ct = tmp_path / "cases" / "ct.nii.gz"
+    ct.parent.mkdir()
+    ct.write_bytes(b"")
+    assert default_save_folder(str(ct)) == tmp_path / "cases" / "difftumor_results"
+    assert default_save_folder(None) == tmp_path / "home" / "Documents" / "DiffTumor"
+    inside = Path(difftumor_napari.__file__).parent / "ct.nii.gz"  # never inside the package
+    assert default_save_folder(str(inside)) == tmp_path / "home" / "Documents" / "DiffTumor"
