@@ -80,7 +80,8 @@ def _flow(viewer, qtbot, tmp_path, source_ct, organ: str):
     stack = [ly.name for ly in viewer.layers]
     assert stack.index(RESULT_CT) == stack.index(ct.name) + 1  # drawn where the original is: same overlays on top
     assert result.interpolation2d == ct.interpolation2d and result.colormap.name == ct.colormap.name
-    assert not labels.visible and not viewer.layers["tumor mask"].visible  # the tumour itself, not an outline
+    assert labels.visible and labels.contour >= 1  # the synthetic tumour as a thin outline ...
+    assert not viewer.layers["tumor mask"].visible  # ... and not the placement mask over its texture
     assert synth.toggle_before_after() == "before" and ct.visible and not result.visible
     assert synth.toggle_before_after() == "after" and result.visible and not ct.visible
     diff = synth.show_difference()
@@ -459,3 +460,133 @@ def test_before_after_with_the_original_ct_closed_keeps_the_result_shown(phantom
     assert synth.toggle_before_after() == "after"
     assert phantom_viewer.layers[RESULT_CT].visible
     assert "was closed" in errors[-1] and "\n" not in errors[-1] and "before (original)" not in synth.status.value
+
+
+def _off_centre_liver_voxel(liver: np.ndarray) -> tuple[int, int, int]:
+    """A liver voxel well inside the organ on a slice away from the volume's middle one."""
+    from scipy import ndimage
+
+    d = ndimage.distance_transform_edt(liver)
+    middle = liver.shape[0] // 2
+    d[max(0, middle - 3):middle + 4] = 0  # not on the slice napari opens on
+    return tuple(int(v) for v in np.unravel_index(np.argmax(d), liver.shape))
+
+
+def test_after_synthesis_the_view_goes_to_the_tumour(phantom_viewer, qtbot, monkeypatch, errors):
+    """Defect 3: the result was hidden: the organ labels stayed on top at full opacity, the tumour outline was
+    hidden and nothing centred on it. Now the slice, the camera centre and the zoom go to the tumour, the organs
+    drop to an outline and the tumour is a thin outline that the checkbox toggles."""
+    from difftumor_napari._focus import _camera, view_size_px
+    from difftumor_napari._synthesis import RESULT_TUMOR
+
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    viewer = phantom_viewer
+    place, synth = _widgets(viewer, qtbot)
+    ct, organs = viewer.layers["phantom CT"], viewer.layers["phantom organs"]
+    voxel = _off_centre_liver_voxel(place.organ_mask())
+    place.size.value = "small"
+    assert place.place_at_voxel(voxel)
+    viewer.dims.set_point(0, float(ct.data_to_world((0, 0, 0))[0]))  # the user looks elsewhere ...
+    viewer.reset_view()  # ... at the whole slice
+    synth.method.value = "model-based"
+    assert synth.run() and synth.outcome is not None and errors == []
+
+    mask = synth.outcome.tumor_mask
+    centre = np.asarray(ct.data_to_world(np.argwhere(mask).mean(0)))
+    assert viewer.dims.point[0] == pytest.approx(centre[0], abs=ct.scale[0])  # the tumour's slice
+    camera = _camera(viewer)
+    np.testing.assert_allclose(np.asarray(camera.center)[-2:], centre[-2:], atol=float(max(ct.scale)))
+    extent_mm = (np.ptp(np.argwhere(mask), axis=0) + 1) * np.asarray(ct.scale)
+    spans = float(max(extent_mm[1:])) * camera.zoom / float(min(view_size_px(viewer)))
+    assert 0.1 <= spans <= 0.6, spans  # a readable part of the canvas, not 8 pixels, not the whole of it
+    assert organs.contour >= 1 and organs.opacity <= 0.5  # organs drawn as a faint outline
+    tumour = viewer.layers[RESULT_TUMOR]
+    assert tumour.visible and tumour.contour >= 1 and viewer.layers.index(tumour) == len(viewer.layers) - 1
+    assert synth.show_outline.value
+    synth.show_outline.value = False
+    assert not tumour.visible
+    tumour.visible = True  # the layer list's eye and the checkbox agree
+    assert synth.show_outline.value
+    viewer.reset_view()
+    synth.go_to_tumour()
+    np.testing.assert_allclose(np.asarray(camera.center)[-2:], centre[-2:], atol=float(max(ct.scale)))
+
+
+def test_status_says_how_long_the_user_waited(phantom_viewer, qtbot, monkeypatch, errors):
+    """Defect 5: the status said '< 0.1 s on cpu' (the engine's own time) when the user waited 27-40 s; it now
+    gives the time from the click to the result shown."""
+    import re
+
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    slow = _slow_generator(0.1, 4)
+
+    def quick_engine_slow_wait(request):  # the engine reports 0.01 s; 0.4 s pass before the result is there
+        result = yield from slow(request)
+        result.provenance.update(seconds=0.01, device="cpu", n_tumours=1, seed=0)
+        return result
+
+    synth.make_generator = quick_engine_slow_wait
+    assert synth.run() and synth.outcome is not None
+    status = synth.status.value
+    assert status.startswith("Done:") and "< 0.1 s" not in status.split("(engine")[0], status
+    waited = float(re.search(r"result in (\d+(?:\.\d+)?) s", status).group(1))
+    assert waited >= 0.4, status
+
+
+def test_every_refused_synthesize_updates_the_status(phantom_viewer, qtbot, monkeypatch, errors):
+    """Defect 5: a refused Synthesize left the previous 'Done: ...' in the status line."""
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    assert synth.run() and synth.status.value.startswith("Done:")
+    phantom_viewer.layers.remove("tumor mask")
+    assert not synth.run()
+    assert synth.status.value == errors[-1] and "no tumour mask layer" in synth.status.value
+    synth2 = _widgets(phantom_viewer, qtbot)[1]
+    synth2.status.value = "old text"
+    synth2.toggle_before_after()
+    assert "synthesize a tumour first" in synth2.status.value
+    synth2.status.value = "old text"
+    synth2.show_difference()
+    assert "synthesize a tumour first" in synth2.status.value
+
+
+@pytest.fixture
+def unwritable_folder():
+    """A folder the (effective) user cannot write to: mode 0555, and when the tests run as root - who may write
+    anywhere - the effective user is 'nobody' while the fixture is active."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="difftumor-ro-", dir="/tmp"))
+    folder.chmod(0o555)
+    root = os.geteuid() == 0
+    if root:
+        os.setegid(65534)
+        os.seteuid(65534)
+    try:
+        yield folder
+    finally:
+        if root:
+            os.seteuid(0)
+            os.setegid(0)
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def test_saving_into_a_read_only_folder_says_permission_denied(phantom_viewer, qtbot, monkeypatch, errors,
+                                                                request):
+    """Defect 5: 'ITK ERROR: NiftiImageIO(0x55c6...)' with a temporary path; now one sentence naming the folder."""
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    assert synth.run() and synth.outcome is not None
+    folder = request.getfixturevalue("unwritable_folder")
+    synth.out_dir.value = str(folder)
+    assert synth.save() is None
+    assert errors[-1] == f"cannot write to {folder}: permission denied", errors[-1]
+    assert synth.status.value == errors[-1] and list(folder.iterdir()) == []
