@@ -39,22 +39,36 @@ def largest_component_focus(mask: np.ndarray, spacing: Sequence[float]) -> tuple
     """(centre of mass as a continuous data index (z, y, x), radius in mm) of the largest 26-connected
     component of ``mask``; None when the mask is empty. The radius is the largest distance from the centre
     to a voxel of the component plus half a voxel, so the whole component fits a circle of that radius."""
-    from scipy import ndimage
-
     box = _bounding_box(mask)
     if box is None:
         return None
-    sub = np.asarray(mask)[box] != 0
+    return _box_focus(np.asarray(mask)[box] != 0, [s.start for s in box], spacing)
+
+
+def voxels_focus(index: Sequence[np.ndarray], spacing: Sequence[float]) -> tuple[np.ndarray, float] | None:
+    """:func:`largest_component_focus` of the voxels ``index`` (as ``np.nonzero`` gives them), without a
+    mask of the whole volume: what a placement just painted."""
+    index = [np.asarray(i, int) for i in index]
+    if not index or index[0].size == 0:
+        return None
+    lo = [int(i.min()) for i in index]
+    sub = np.zeros([int(i.max()) - low + 1 for i, low in zip(index, lo)], bool)
+    sub[tuple(i - low for i, low in zip(index, lo))] = True
+    return _box_focus(sub, lo, spacing)
+
+
+def _box_focus(sub: np.ndarray, offset: Sequence[int], spacing: Sequence[float]) -> tuple[np.ndarray, float]:
+    from scipy import ndimage
+
     comps, n = ndimage.label(sub, structure=np.ones((3,) * sub.ndim, bool))
     if n > 1:
         sizes = np.bincount(comps.ravel())[1:]
         sub = comps == int(np.argmax(sizes)) + 1
-    offset = np.array([s.start for s in box], float)
     points = np.argwhere(sub).astype(float)
     centre = points.mean(axis=0)
     s = np.asarray(spacing, float)[-sub.ndim:]
     radius = float(np.sqrt((((points - centre) * s) ** 2).sum(axis=1)).max()) + 0.5 * float(s.max())
-    return centre + offset, radius
+    return centre + np.asarray(offset, float), radius
 
 
 def tumor_focus(mask: np.ndarray, layer) -> tuple[np.ndarray, float] | None:
@@ -127,3 +141,13 @@ def focus_on_mask(viewer, mask: np.ndarray, layer) -> tuple[np.ndarray, float] |
     if found is not None:
         focus_views(viewer, *found)
     return found
+
+
+def focus_on_voxels(viewer, index: Sequence[np.ndarray], layer) -> tuple[np.ndarray, float] | None:
+    """:func:`focus_on_mask` for the voxels ``index`` of ``layer`` (what a placement painted)."""
+    found = voxels_focus(index, tuple(layer.scale)[-3:])
+    if found is None:
+        return None
+    centre, radius = np.asarray(layer.data_to_world(found[0]), float)[-3:], found[1]
+    focus_views(viewer, centre, radius)
+    return centre, radius
