@@ -211,12 +211,16 @@ class InspectionWidget(ScrollableContainer):
         """Compute the numbers and flags for the selected tumour and show them."""
         try:
             result, mask = self._selected()
-            organ = None
+            organ, others = None, (self._comps > 0) & ~mask  # the mask's other tumours are not organ either
             if self.organ_layer.value is not None:
-                organ = pl.organ_mask(self.organ_layer.value.data, self.organ.value, name=self.organ_layer.value.name)
+                organ, real = pl.organ_and_tumors(self.organ_layer.value.data, self.organ.value,
+                                                  name=self.organ_layer.value.name)
+                if real is not None and real.shape == others.shape:  # MSD/LiTS label 2: real tumours
+                    others |= real & ~mask
             original = self.original_layer.value
             orig = np.asarray(original.data) if original is not None and original.data.shape == result.data.shape else None
-            self.metrics = ins.tumor_metrics(np.asarray(result.data), mask, organ, tuple(result.scale[-3:]), original_ct=orig)
+            self.metrics = ins.tumor_metrics(np.asarray(result.data), mask, organ, tuple(result.scale[-3:]), original_ct=orig,
+                                             existing_tumor=others if others.any() else None)
         except Exception as exc:  # noqa: BLE001
             notify_error(exc, "Inspection")
             return None
@@ -231,10 +235,15 @@ class InspectionWidget(ScrollableContainer):
         return self.metrics
 
     def _centre_on(self, mask: np.ndarray, layer) -> None:
-        centre = np.argwhere(mask).mean(0)
-        world = np.asarray(layer.data_to_world(centre))
-        self._viewer.dims.set_point(range(self._viewer.dims.ndim - 3, self._viewer.dims.ndim), tuple(world[-3:]))
-        self._viewer.camera.center = tuple(world[-2:])
+        """The tumour's slice, centred and zoomed (in every cell of the side-by-side grid: they share a camera)."""
+        from difftumor_napari._focus import focus_on_mask
+
+        focus_on_mask(self._viewer, mask, layer)
+
+    @property
+    def _grid(self):
+        canvas = getattr(self._viewer, "canvas", None)  # napari >= 0.9; viewer.grid before (deprecated since)
+        return canvas.grid if canvas is not None and hasattr(canvas, "grid") else self._viewer.grid
 
     # -- intermediates ------------------------------------------------------------------------------
     def intermediate_volumes(self) -> tuple[dict[str, np.ndarray], str]:
@@ -272,15 +281,15 @@ class InspectionWidget(ScrollableContainer):
 
         from difftumor_napari._placement import tumor_colormap
 
-        if self._viewer.grid.enabled and any(ly.name.startswith(PREFIX) for ly in self._viewer.layers):
+        if self._grid.enabled and any(ly.name.startswith(PREFIX) for ly in self._viewer.layers):
             for ly in [ly for ly in self._viewer.layers if ly.name.startswith(PREFIX)]:
                 self._viewer.layers.remove(ly)
             for ly in self._hidden:
                 if ly in self._viewer.layers:
                     ly.visible = True
             self._hidden = []
-            self._viewer.grid.stride = self._stride
-            self._viewer.grid.enabled = False
+            self._grid.stride = self._stride
+            self._grid.enabled = False
             return False
         try:
             vols, note = self.intermediate_volumes()
@@ -303,18 +312,17 @@ class InspectionWidget(ScrollableContainer):
             edge.contour = 1
             self._viewer.layers.insert(2 * k, image)
             self._viewer.layers.insert(2 * k + 1, edge)
-        self._stride = self._viewer.grid.stride
-        self._viewer.grid.stride = 2
-        self._viewer.grid.enabled = True
+        self._stride = self._grid.stride
+        self._grid.stride = 2
+        self._grid.enabled = True
         self.intermediates_text.value = f"{self.grid_captions()}\n{note}".strip()
-        self._centre_on(mask, result)
-        self._viewer.reset_view()
+        self._centre_on(mask, result)  # zoomed to the tumour: the whole slice made a 13 mm tumour 8 pixels
         return True
 
     def grid_captions(self) -> str:
         """Which grid cell shows which intermediate (napari's grid has no titles of its own)."""
         layers = list(self._viewer.layers)
-        rows, cols = self._viewer.grid.actual_shape(layers)
+        rows, cols = self._grid.actual_shape(layers)
 
         def name(i, n, names, word):
             if n == 1:
@@ -324,7 +332,7 @@ class InspectionWidget(ScrollableContainer):
         cells = []
         for k, ly in enumerate(layers):
             if ly.name.startswith(PREFIX) and not ly.name.endswith(OUTLINE):
-                r, c = self._viewer.grid.position(k, layers)
+                r, c = self._grid.position(k, layers)
                 if r >= 0:
                     where = " ".join(w for w in (name(r, rows, ROW_NAMES, "row"), name(c, cols, COL_NAMES, "column"))
                                      if w) or "the view"

@@ -220,3 +220,56 @@ def test_docked_before_synthesis_picks_up_the_result(make_napari_viewer, qtbot, 
         assert w.tumor_layer.value.name == "synthetic tumor"
         assert w.original_layer.value.name == "example_ct_sm"
         assert w.measure() is not None and errors == []
+
+
+def test_side_by_side_cells_are_zoomed_to_the_tumour(synthesized, qtbot, errors):
+    """Defect 6: each side-by-side cell showed the whole slice (a 13 mm tumour was ~8 px); every cell is now
+    centred on the tumour and zoomed so that it spans a readable part of the cell."""
+    from difftumor_napari._focus import _camera, view_size_px
+    from difftumor_napari._inspection import InspectionWidget
+
+    viewer = synthesized
+    w = InspectionWidget(viewer)
+    qtbot.addWidget(w.native)
+    assert w.toggle_side_by_side()
+    result = viewer.layers["CT + synthetic tumor"]
+    mask = viewer.layers["synthetic tumor"].data > 0
+    camera = _camera(viewer)
+    centre = np.asarray(result.data_to_world(np.argwhere(mask).mean(0)))
+    np.testing.assert_allclose(np.asarray(camera.center)[-2:], centre[-2:], atol=float(max(result.scale)))
+    assert viewer.dims.point[0] == pytest.approx(centre[0], abs=result.scale[0])
+    cell = view_size_px(viewer)  # one grid cell
+    assert tuple(cell) != tuple(np.asarray(viewer.canvas.size, float))
+    extent = float(max((np.ptp(np.argwhere(mask), axis=0)[1:] + 1) * np.asarray(result.scale)[1:]))
+    assert 0.1 <= extent * camera.zoom / float(min(cell)) <= 0.6
+    assert errors == []
+
+
+def test_organ_numbers_leave_out_tumours_labelled_in_msd_organ_labels(synthesized, qtbot, errors):
+    """Defect 8 in the widget: an MSD/LiTS organ layer (1 liver, 2 tumour) - its labelled tumours no longer
+    count as organ: the numbers match those measured with the clean liver."""
+    from scipy import ndimage
+
+    from difftumor_napari._inspection import InspectionWidget
+
+    viewer = synthesized
+    w = InspectionWidget(viewer)
+    qtbot.addWidget(w.native)
+    clean = w.measure()
+    assert clean is not None
+    seg, result = viewer.layers["example_seg"], viewer.layers["CT + synthetic tumor"]
+    liver = np.isin(np.asarray(seg.data), [5])
+    tumour = viewer.layers["synthetic tumor"].data > 0
+    far = liver & ~ndimage.binary_dilation(tumour, iterations=6)
+    d = ndimage.distance_transform_edt(far)
+    real = far & (d >= np.quantile(d[far], 0.94))  # the liver's deepest part, away from the synthetic tumour
+    result.data[real] = 0  # a dark real tumour (about 5 % of the liver) in the synthetic CT ...
+    msd = liver.astype(np.uint8)
+    msd[real] = 2  # ... labelled as tumour in an MSD map
+    seg.data = msd
+    w.organ.value = "liver"
+    m = w.measure()
+    assert m is not None and errors == []
+    assert real.sum() > 0.03 * liver.sum()
+    assert m["organ_mean_hu"] == pytest.approx(clean["organ_mean_hu"], abs=1.0)
+    assert m["contrast_hu"] == pytest.approx(clean["contrast_hu"], abs=1.0)
