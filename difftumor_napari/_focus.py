@@ -151,3 +151,44 @@ def focus_on_voxels(viewer, index: Sequence[np.ndarray], layer) -> tuple[np.ndar
     centre, radius = np.asarray(layer.data_to_world(found[0]), float)[-3:], found[1]
     focus_views(viewer, centre, radius)
     return centre, radius
+
+
+# --------------------------------------------------------------------------------------------
+# the tumour's outline: a thin line between the tumour's voxels and their neighbours
+# --------------------------------------------------------------------------------------------
+OUTLINE_RGBA = (1.0, 0.85, 0.0, 1.0)  # the tumour colour of the placement mask
+OUTLINE_WIDTH_MM = 0.35  # a line, not a ring of voxels over the tumour's margin (where the blending happens)
+
+
+def outline_paths(mask: np.ndarray) -> list[np.ndarray]:
+    """The tumour's boundary on every axial slice as closed polylines in data coordinates (z, y, x):
+    marching squares (``skimage.measure.find_contours``) at 0.5, i.e. half-way between a tumour voxel's centre
+    and its neighbour's, so the line runs along the tumour's edge without covering any voxel of it."""
+    from skimage import measure
+
+    box = _bounding_box(mask)
+    if box is None:
+        return []
+    sub = np.asarray(mask)[box] != 0
+    paths = []
+    for k in range(sub.shape[0]):
+        if not sub[k].any():
+            continue
+        for line in measure.find_contours(np.pad(sub[k], 1).astype(np.float32), 0.5):
+            yx = line - 1 + np.array([box[1].start, box[2].start], float)
+            paths.append(np.column_stack([np.full(len(yx), float(box[0].start + k)), yx]))
+    return paths
+
+
+def outline_layer(mask: np.ndarray, ref, name: str, *, metadata: dict | None = None, visible: bool = True):
+    """A napari Shapes layer (not yet added) drawing :func:`outline_paths` of ``mask`` on ``ref``'s grid
+    (its ``scale`` and ``translate``), :data:`OUTLINE_WIDTH_MM` wide, in the tumour colour."""
+    from napari.layers import Shapes
+
+    scale = np.asarray(ref.scale, float)[-3:]
+    paths = outline_paths(mask)
+    layer = Shapes(paths, ndim=3, shape_type="path", name=name, scale=ref.scale, translate=ref.translate,
+                   edge_color=[OUTLINE_RGBA] * len(paths) if paths else "yellow", face_color="transparent",
+                   edge_width=OUTLINE_WIDTH_MM / float(np.mean(scale[1:])), opacity=1.0, visible=visible,
+                   blending="translucent_no_depth", metadata=metadata or {})
+    return layer

@@ -231,8 +231,16 @@ class InspectionWidget(ScrollableContainer):
                                 if self.flags else "Automatic flags: none")
         for name, box in self.checks.items():
             box.value = name in self.flags  # the reviewer confirms or unticks
+        self._keep_rows_apart()
         self._centre_on(mask, result)
         return self.metrics
+
+    def _keep_rows_apart(self) -> None:
+        """After the table and the sentences change: the form may grow, never squeeze its rows together. (The
+        scroll area sized it from the word-wrapped labels' height-for-width, smaller than the rows need, so the
+        form's rows overlapped once Measure had filled the table while the tab was hidden.)"""
+        self.form.setMinimumHeight(0)
+        self.form.setMinimumHeight(self.form.sizeHint().height())
 
     def _centre_on(self, mask: np.ndarray, layer) -> None:
         """The tumour's slice, centred and zoomed (in every cell of the side-by-side grid: they share a camera)."""
@@ -277,9 +285,9 @@ class InspectionWidget(ScrollableContainer):
     def toggle_side_by_side(self) -> bool:
         """Show the intermediates in napari's grid, one cell each with the tumour's outline drawn over it;
         a second click restores the view."""
-        from napari.layers import Image, Labels
+        from napari.layers import Image, Shapes
 
-        from difftumor_napari._placement import tumor_colormap
+        from difftumor_napari._focus import OUTLINE_RGBA, OUTLINE_WIDTH_MM, outline_paths
 
         if self._grid.enabled and any(ly.name.startswith(PREFIX) for ly in self._viewer.layers):
             for ly in [ly for ly in self._viewer.layers if ly.name.startswith(PREFIX)]:
@@ -301,21 +309,23 @@ class InspectionWidget(ScrollableContainer):
         self._hidden = [ly for ly in self._viewer.layers if ly.visible]
         for ly in self._hidden:
             ly.visible = False
-        outline = mask.astype(np.uint8)
+        paths = outline_paths(mask)  # a line along the tumour's edge, not a ring of voxels over its margin
         # image + outline pairs at the front of the layer list: with stride 2, napari's grid puts layers
         # 2k and 2k + 1 in cell k (the outline drawn over its image); the hidden layers take no cell
         for k, (name, vol) in enumerate(vols.items()):
             kw = dict(scale=result.scale, translate=result.translate, metadata={"difftumor": {"kind": "intermediate"}})
             image = Image(vol, name=PREFIX + name, contrast_limits=result.contrast_limits, colormap="gray",
                           interpolation2d=result.interpolation2d, **kw)  # drawn like the result
-            edge = Labels(outline, name=PREFIX + name + OUTLINE, colormap=tumor_colormap(), opacity=0.9, **kw)
-            edge.contour = 1
+            edge = Shapes(paths, ndim=3, shape_type="path", name=PREFIX + name + OUTLINE, face_color="transparent",
+                          edge_color=[OUTLINE_RGBA] * len(paths), edge_width=OUTLINE_WIDTH_MM / float(np.mean(
+                              np.asarray(result.scale, float)[-2:])), blending="translucent_no_depth", **kw)
             self._viewer.layers.insert(2 * k, image)
             self._viewer.layers.insert(2 * k + 1, edge)
         self._stride = self._grid.stride
         self._grid.stride = 2
         self._grid.enabled = True
         self.intermediates_text.value = f"{self.grid_captions()}\n{note}".strip()
+        self._keep_rows_apart()
         self._centre_on(mask, result)  # zoomed to the tumour: the whole slice made a 13 mm tumour 8 pixels
         return True
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 RESULT_CT = "CT + synthetic tumor"
 RESULT_TUMOR = "synthetic tumor"
+TUMOR_OUTLINE = "synthetic tumor outline"
 DIFFERENCE = "difference (synthetic − original)"
 ORGAN_OPACITY = 0.4  # the organ outline after a synthesis: there, but not over the tumour's texture
 SAME_ORGAN = "same as Organ"
@@ -399,7 +400,7 @@ class SynthesisWidget(ScrollableContainer):
         info = dict(ct.metadata.get("difftumor", {}))
         info.update(kind="synthetic", source=None, provenance=outcome.provenance, original_layer=ct.name,
                     organ=outcome.request.organ, intermediates=outcome.intermediates)
-        for name in (RESULT_CT, RESULT_TUMOR, DIFFERENCE):
+        for name in (RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE, DIFFERENCE):
             if name in self._viewer.layers:
                 self._viewer.layers.remove(name)
         # "after" is drawn exactly like "before": same window, colormap and interpolation, and at the original's
@@ -412,12 +413,17 @@ class SynthesisWidget(ScrollableContainer):
         layers.move(layers.index(result), layers.index(ct) + 1)
         meta = tumor_layer_metadata(ct, kind="synthetic")
         meta["difftumor"].update(provenance=outcome.provenance, original_layer=ct.name, result_layer=RESULT_CT)
-        # the tumour as a thin outline on top of everything (toggled by "Tumour outline"), so the synthetic
-        # texture inside it stays visible; the organs drop to a faint outline, the placement mask is hidden
-        outline = self._viewer.add_labels(np.asarray(outcome.tumor_mask).astype(np.uint8), name=RESULT_TUMOR,
-                                          scale=ct.scale, translate=ct.translate, metadata=meta, opacity=1.0,
-                                          visible=bool(self.show_outline.value), colormap=tumor_colormap())
-        outline.contour = 1
+        self._viewer.add_labels(np.asarray(outcome.tumor_mask).astype(np.uint8), name=RESULT_TUMOR, scale=ct.scale,
+                                translate=ct.translate, metadata=meta, opacity=0.35, visible=False,
+                                colormap=tumor_colormap())
+        # the tumour as a thin line along its edge on top of everything (toggled by "Tumour outline"): the
+        # synthetic texture and its blended margin stay visible; the organs drop to a faint outline, and the
+        # placement mask is hidden
+        from difftumor_napari._focus import outline_layer
+
+        outline = outline_layer(outcome.tumor_mask, ct, TUMOR_OUTLINE, visible=bool(self.show_outline.value),
+                                metadata={"difftumor": {"kind": "outline", "original_layer": ct.name}})
+        self._viewer.layers.append(outline)
         outline.events.visible.connect(self._on_outline_visible)
         for layer in layers:
             if layer.name == TUMOR_LAYER:
@@ -428,6 +434,7 @@ class SynthesisWidget(ScrollableContainer):
                 layer.contour = max(1, int(layer.contour))
                 layer.opacity = min(float(layer.opacity), ORGAN_OPACITY)
         ct.visible = False  # "after" first; Before / after swaps
+        layers.selection.active = result  # its contrast (window) in the layer controls, not the outline's
 
     def go_to_tumour(self) -> bool:
         """Bring the synthetic tumour into view: its slice, centred, zoomed (the largest one when there are
@@ -441,13 +448,13 @@ class SynthesisWidget(ScrollableContainer):
         return focus_on_mask(self._viewer, self.outcome.tumor_mask, layer) is not None
 
     def _on_show_outline(self, on: bool) -> None:
-        if RESULT_TUMOR in self._viewer.layers:
-            self._viewer.layers[RESULT_TUMOR].visible = bool(on)
+        if TUMOR_OUTLINE in self._viewer.layers:
+            self._viewer.layers[TUMOR_OUTLINE].visible = bool(on)
 
     def _on_outline_visible(self, event=None) -> None:
-        """The layer list's eye on 'synthetic tumor' and the checkbox show the same state."""
-        if RESULT_TUMOR in self._viewer.layers:
-            visible = bool(self._viewer.layers[RESULT_TUMOR].visible)
+        """The layer list's eye on the outline and the checkbox show the same state."""
+        if TUMOR_OUTLINE in self._viewer.layers:
+            visible = bool(self._viewer.layers[TUMOR_OUTLINE].visible)
             if visible != bool(self.show_outline.value):
                 with self.show_outline.changed.blocked():
                     self.show_outline.value = visible

@@ -80,8 +80,8 @@ def _flow(viewer, qtbot, tmp_path, source_ct, organ: str):
     stack = [ly.name for ly in viewer.layers]
     assert stack.index(RESULT_CT) == stack.index(ct.name) + 1  # drawn where the original is: same overlays on top
     assert result.interpolation2d == ct.interpolation2d and result.colormap.name == ct.colormap.name
-    assert labels.visible and labels.contour >= 1  # the synthetic tumour as a thin outline ...
-    assert not viewer.layers["tumor mask"].visible  # ... and not the placement mask over its texture
+    assert viewer.layers["synthetic tumor outline"].visible  # the synthetic tumour as a thin outline, not
+    assert not labels.visible and not viewer.layers["tumor mask"].visible  # a mask over its texture
     assert synth.toggle_before_after() == "before" and ct.visible and not result.visible
     assert synth.toggle_before_after() == "after" and result.visible and not ct.visible
     diff = synth.show_difference()
@@ -476,8 +476,10 @@ def test_after_synthesis_the_view_goes_to_the_tumour(phantom_viewer, qtbot, monk
     """Defect 3: the result was hidden: the organ labels stayed on top at full opacity, the tumour outline was
     hidden and nothing centred on it. Now the slice, the camera centre and the zoom go to the tumour, the organs
     drop to an outline and the tumour is a thin outline that the checkbox toggles."""
+    from napari.layers import Shapes
+
     from difftumor_napari._focus import _camera, view_size_px
-    from difftumor_napari._synthesis import RESULT_TUMOR
+    from difftumor_napari._synthesis import TUMOR_OUTLINE
 
     monkeypatch.setenv(st.NOTHREADS_ENV, "1")
     viewer = phantom_viewer
@@ -500,8 +502,12 @@ def test_after_synthesis_the_view_goes_to_the_tumour(phantom_viewer, qtbot, monk
     spans = float(max(extent_mm[1:])) * camera.zoom / float(min(view_size_px(viewer)))
     assert 0.1 <= spans <= 0.6, spans  # a readable part of the canvas, not 8 pixels, not the whole of it
     assert organs.contour >= 1 and organs.opacity <= 0.5  # organs drawn as a faint outline
-    tumour = viewer.layers[RESULT_TUMOR]
-    assert tumour.visible and tumour.contour >= 1 and viewer.layers.index(tumour) == len(viewer.layers) - 1
+    tumour = viewer.layers[TUMOR_OUTLINE]
+    assert isinstance(tumour, Shapes) and tumour.visible and viewer.layers.index(tumour) == len(viewer.layers) - 1
+    lines = np.concatenate(tumour.data)  # (z, y, x) on the CT grid: along the tumour's edge, between voxels
+    assert set(np.unique(lines[:, 0]).astype(int)) == set(np.unique(np.nonzero(mask)[0]))
+    inner = np.rint(lines).astype(int)
+    assert 0 < mask[tuple(inner.T)].mean() < 1  # between tumour voxels and their neighbours, on no side only
     assert synth.show_outline.value
     synth.show_outline.value = False
     assert not tumour.visible
@@ -590,3 +596,68 @@ def test_saving_into_a_read_only_folder_says_permission_denied(phantom_viewer, q
     assert synth.save() is None
     assert errors[-1] == f"cannot write to {folder}: permission denied", errors[-1]
     assert synth.status.value == errors[-1] and list(folder.iterdir()) == []
+
+
+def _yellow_box(shot: np.ndarray) -> tuple[int, int] | None:
+    """(height, width) in pixels of the box around the tumour outline's yellow pixels, or None if none."""
+    rgb = np.asarray(shot)[..., :3].astype(int)
+    yellow = (rgb[..., 0] > 200) & (rgb[..., 1] > 160) & (rgb[..., 2] < 90)
+    if yellow.sum() < 10:
+        return None
+    rows, cols = np.nonzero(yellow)
+    return int(np.ptp(rows)) + 1, int(np.ptp(cols)) + 1
+
+
+def test_result_screenshots_show_the_tumour(make_napari_viewer, qtbot, monkeypatch, tmp_path, no_weights):
+    """Render before / after at the tumour's slice and the zoomed side-by-side Inspection to PNG (the docs/img
+    images: ``DIFFTUMOR_SCREENSHOT_DIR=docs/img``), and check that the tumour is outlined and large enough."""
+    import os
+    from pathlib import Path
+
+    from PIL import Image
+
+    from difftumor_napari._inspection import InspectionWidget
+    from difftumor_napari._placement import PlacementWidget
+    from difftumor_napari._sample_data import make_phantom_sample
+    from difftumor_napari._synthesis import SynthesisWidget
+
+    out = Path(os.environ.get("DIFFTUMOR_SCREENSHOT_DIR", tmp_path))
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    for data, kw, kind in make_phantom_sample():
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    place, synth, inspect = PlacementWidget(viewer), SynthesisWidget(viewer), InspectionWidget(viewer)
+    docks = [viewer.window.add_dock_widget(w, name=n, area="right", tabify=i > 0)
+             for i, (w, n) in enumerate(((place, "Tumor placement"), (synth, "Synthesis"), (inspect, "Inspection")))]
+    place.size.value = "small"
+    assert place.place_at_voxel(_off_centre_liver_voxel(place.organ_mask()))
+    viewer.reset_view()  # the user looks at the whole slice before pressing Synthesize
+    qtbot.wait(50)
+    docks[1].raise_()
+    assert synth.run() and synth.outcome is not None
+
+    def save(name: str) -> np.ndarray:
+        qtbot.wait(400)  # the docks re-lay out after the widgets' texts change
+        shot = np.asarray(viewer.screenshot(canvas_only=False, flash=False))
+        img = Image.fromarray(shot[..., :3])
+        img.resize((1200, round(img.height * 1200 / img.width)), Image.LANCZOS).save(out / f"{name}.png", optimize=True)
+        return np.asarray(viewer.screenshot(canvas_only=True, flash=False))
+
+    after = save("result_after")
+    assert synth.toggle_before_after() == "before"
+    before = save("result_before")
+    canvas_px = min(after.shape[:2])
+    for shot in (after, before):  # the outline is there, and the tumour spans a readable part of the canvas
+        box = _yellow_box(shot)
+        assert box is not None and max(box) >= 0.1 * canvas_px, box
+    assert np.abs(after[..., :3].astype(int) - before[..., :3].astype(int)).sum() > 0
+    synth.toggle_before_after()
+
+    docks[2].raise_()
+    assert inspect.measure() is not None
+    assert inspect.toggle_side_by_side()
+    grid = save("inspection_side_by_side")
+    cell = min(inspect._viewer.canvas.viewbox_size(viewer.layers))
+    box = _yellow_box(grid)
+    assert box is not None and min(box) >= 0.1 * cell, box  # in the cells, not 8 pixels
