@@ -590,10 +590,24 @@ def write_image(
         with atomic_write(target, suffix=f".tmp{suffix}") as tmp:
             sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=compress)
     except RuntimeError as exc:
+        refused = _cannot_create_in(target.parent)  # ITK names neither the folder nor the reason, only its temp file
+        if refused:
+            raise DiffTumorError(f"cannot write to {target.parent}: {refused}") from None
         raise DiffTumorError(f"{target}: cannot write image ({_itk_reason(exc)})") from None
     except OSError as exc:
         raise DiffTumorError(os_error_message(exc, target)) from None
     return target
+
+
+def _cannot_create_in(folder: Path) -> str | None:
+    """Why no file can be created in ``folder`` ('permission denied', 'read-only file system', ...), or None."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as exc:
+        return (exc.strerror or type(exc).__name__).lower()
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -211,12 +211,16 @@ class InspectionWidget(ScrollableContainer):
         """Compute the numbers and flags for the selected tumour and show them."""
         try:
             result, mask = self._selected()
-            organ = None
+            organ, others = None, (self._comps > 0) & ~mask  # the mask's other tumours are not organ either
             if self.organ_layer.value is not None:
-                organ = pl.organ_mask(self.organ_layer.value.data, self.organ.value, name=self.organ_layer.value.name)
+                organ, real = pl.organ_and_tumors(self.organ_layer.value.data, self.organ.value,
+                                                  name=self.organ_layer.value.name)
+                if real is not None and real.shape == others.shape:  # MSD/LiTS label 2: real tumours
+                    others |= real & ~mask
             original = self.original_layer.value
             orig = np.asarray(original.data) if original is not None and original.data.shape == result.data.shape else None
-            self.metrics = ins.tumor_metrics(np.asarray(result.data), mask, organ, tuple(result.scale[-3:]), original_ct=orig)
+            self.metrics = ins.tumor_metrics(np.asarray(result.data), mask, organ, tuple(result.scale[-3:]), original_ct=orig,
+                                             existing_tumor=others if others.any() else None)
         except Exception as exc:  # noqa: BLE001
             notify_error(exc, "Inspection")
             return None
@@ -227,14 +231,27 @@ class InspectionWidget(ScrollableContainer):
                                 if self.flags else "Automatic flags: none")
         for name, box in self.checks.items():
             box.value = name in self.flags  # the reviewer confirms or unticks
+        self._keep_rows_apart()
         self._centre_on(mask, result)
         return self.metrics
 
+    def _keep_rows_apart(self) -> None:
+        """After the table and the sentences change: the form may grow, never squeeze its rows together. (The
+        scroll area sized it from the word-wrapped labels' height-for-width, smaller than the rows need, so the
+        form's rows overlapped once Measure had filled the table while the tab was hidden.)"""
+        self.form.setMinimumHeight(0)
+        self.form.setMinimumHeight(self.form.sizeHint().height())
+
     def _centre_on(self, mask: np.ndarray, layer) -> None:
-        centre = np.argwhere(mask).mean(0)
-        world = np.asarray(layer.data_to_world(centre))
-        self._viewer.dims.set_point(range(self._viewer.dims.ndim - 3, self._viewer.dims.ndim), tuple(world[-3:]))
-        self._viewer.camera.center = tuple(world[-2:])
+        """The tumour's slice, centred and zoomed (in every cell of the side-by-side grid: they share a camera)."""
+        from difftumor_napari._focus import focus_on_mask
+
+        focus_on_mask(self._viewer, mask, layer)
+
+    @property
+    def _grid(self):
+        canvas = getattr(self._viewer, "canvas", None)  # napari >= 0.9; viewer.grid before (deprecated since)
+        return canvas.grid if canvas is not None and hasattr(canvas, "grid") else self._viewer.grid
 
     # -- intermediates ------------------------------------------------------------------------------
     def intermediate_volumes(self) -> tuple[dict[str, np.ndarray], str]:
@@ -268,19 +285,19 @@ class InspectionWidget(ScrollableContainer):
     def toggle_side_by_side(self) -> bool:
         """Show the intermediates in napari's grid, one cell each with the tumour's outline drawn over it;
         a second click restores the view."""
-        from napari.layers import Image, Labels
+        from napari.layers import Image, Shapes
 
-        from difftumor_napari._placement import tumor_colormap
+        from difftumor_napari._focus import OUTLINE_RGBA, OUTLINE_WIDTH_MM, outline_paths
 
-        if self._viewer.grid.enabled and any(ly.name.startswith(PREFIX) for ly in self._viewer.layers):
+        if self._grid.enabled and any(ly.name.startswith(PREFIX) for ly in self._viewer.layers):
             for ly in [ly for ly in self._viewer.layers if ly.name.startswith(PREFIX)]:
                 self._viewer.layers.remove(ly)
             for ly in self._hidden:
                 if ly in self._viewer.layers:
                     ly.visible = True
             self._hidden = []
-            self._viewer.grid.stride = self._stride
-            self._viewer.grid.enabled = False
+            self._grid.stride = self._stride
+            self._grid.enabled = False
             return False
         try:
             vols, note = self.intermediate_volumes()
@@ -292,29 +309,30 @@ class InspectionWidget(ScrollableContainer):
         self._hidden = [ly for ly in self._viewer.layers if ly.visible]
         for ly in self._hidden:
             ly.visible = False
-        outline = mask.astype(np.uint8)
+        paths = outline_paths(mask)  # a line along the tumour's edge, not a ring of voxels over its margin
         # image + outline pairs at the front of the layer list: with stride 2, napari's grid puts layers
         # 2k and 2k + 1 in cell k (the outline drawn over its image); the hidden layers take no cell
         for k, (name, vol) in enumerate(vols.items()):
             kw = dict(scale=result.scale, translate=result.translate, metadata={"difftumor": {"kind": "intermediate"}})
             image = Image(vol, name=PREFIX + name, contrast_limits=result.contrast_limits, colormap="gray",
                           interpolation2d=result.interpolation2d, **kw)  # drawn like the result
-            edge = Labels(outline, name=PREFIX + name + OUTLINE, colormap=tumor_colormap(), opacity=0.9, **kw)
-            edge.contour = 1
+            edge = Shapes(paths, ndim=3, shape_type="path", name=PREFIX + name + OUTLINE, face_color="transparent",
+                          edge_color=[OUTLINE_RGBA] * len(paths), edge_width=OUTLINE_WIDTH_MM / float(np.mean(
+                              np.asarray(result.scale, float)[-2:])), blending="translucent_no_depth", **kw)
             self._viewer.layers.insert(2 * k, image)
             self._viewer.layers.insert(2 * k + 1, edge)
-        self._stride = self._viewer.grid.stride
-        self._viewer.grid.stride = 2
-        self._viewer.grid.enabled = True
+        self._stride = self._grid.stride
+        self._grid.stride = 2
+        self._grid.enabled = True
         self.intermediates_text.value = f"{self.grid_captions()}\n{note}".strip()
-        self._centre_on(mask, result)
-        self._viewer.reset_view()
+        self._keep_rows_apart()
+        self._centre_on(mask, result)  # zoomed to the tumour: the whole slice made a 13 mm tumour 8 pixels
         return True
 
     def grid_captions(self) -> str:
         """Which grid cell shows which intermediate (napari's grid has no titles of its own)."""
         layers = list(self._viewer.layers)
-        rows, cols = self._viewer.grid.actual_shape(layers)
+        rows, cols = self._grid.actual_shape(layers)
 
         def name(i, n, names, word):
             if n == 1:
@@ -324,7 +342,7 @@ class InspectionWidget(ScrollableContainer):
         cells = []
         for k, ly in enumerate(layers):
             if ly.name.startswith(PREFIX) and not ly.name.endswith(OUTLINE):
-                r, c = self._viewer.grid.position(k, layers)
+                r, c = self._grid.position(k, layers)
                 if r >= 0:
                     where = " ".join(w for w in (name(r, rows, ROW_NAMES, "row"), name(c, cols, COL_NAMES, "column"))
                                      if w) or "the view"

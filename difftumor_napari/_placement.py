@@ -195,15 +195,19 @@ class PlacementWidget(ScrollableContainer):
         return ct
 
     def organ_mask(self) -> np.ndarray:
+        return self.organ_and_tumors()[0]
+
+    def organ_and_tumors(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(organ mask, tumours already labelled in it (MSD/LiTS/KiTS label 2) or None), on the CT's grid."""
         layer = self.organ_layer.value
-        mask = pl.organ_mask(None if layer is None else layer.data, self.organ.value,
-                             name=layer.name if layer is not None else "organ labels")
+        mask, existing = pl.organ_and_tumors(None if layer is None else layer.data, self.organ.value,
+                                             name=layer.name if layer is not None else "organ labels")
         ct = self._require_ct()
         if mask.shape != tuple(ct.data.shape):
             from backend.errors import DiffTumorError
 
             raise DiffTumorError(f"{layer.name}: shape {mask.shape} differs from the CT {tuple(ct.data.shape)}; use labels on the CT's grid")
-        return mask
+        return mask, existing
 
     def geometry(self):
         ct = self._require_ct()
@@ -253,18 +257,23 @@ class PlacementWidget(ScrollableContainer):
         """Place a tumour centred at a (continuous) data index (z, y, x) of the CT."""
         had_layer = TUMOR_LAYER in self._viewer.layers
         try:
-            organ = self.organ_mask()
+            organ, existing = self.organ_and_tumors()
             geometry = self.geometry()
             spec = self.spec_at(centre_zyx)
             layer = self.tumor_layer()
             p = pl.place_ellipsoid(layer.data, self.history, geometry, organ, spec, organ_name=self.organ.value,
-                                   keep_inside_organ=self.keep_inside.value, file_geometry=self.file_geometry())
+                                   keep_inside_organ=self.keep_inside.value, file_geometry=self.file_geometry(),
+                                   existing=existing)
         except Exception as exc:  # noqa: BLE001
             self._drop_new_tumor_layer(had_layer)
             self.status.value = notify_error(exc, "Tumour placement")
             return False
+        left_out = int(p.params.get("overlap_left_out_voxels", 0))
+        overlap = (f" {left_out} voxels on the labelled tumour were left out (a real tumour is never painted over)."
+                   if left_out else "")
         self._after_edit(layer, f"Tumour {p.label}: {len(p.index[0])} voxels at voxel "
-                                f"{[int(round(c)) for c in centre_zyx]} (z, y, x). {NEXT_SYNTHESIZE}")
+                                f"{[int(round(c)) for c in centre_zyx]} (z, y, x).{overlap} {NEXT_SYNTHESIZE}",
+                         focus=[p])
         self.seed.value = (self.seed.value + 1) % (2**31 - 1)  # the next irregular shape differs
         return True
 
@@ -276,8 +285,7 @@ class PlacementWidget(ScrollableContainer):
     def place_random(self) -> int:
         """Drop N tumours of the random size class at valid places in the organ (seeded)."""
         try:
-            organ = self.organ_mask()
-            _, existing = pl.organ_and_tumors(self.organ_layer.value.data, self.organ.value)
+            organ, existing = self.organ_and_tumors()
             if existing is not None:  # tumours already labelled (MSD/LiTS/KiTS): new ones go into healthy tissue
                 organ = organ & ~existing
             shapes, params = pl.random_tumors(self.geometry(), organ, self.organ.value, size=self.random_size.value,
@@ -287,10 +295,9 @@ class PlacementWidget(ScrollableContainer):
         except Exception as exc:  # noqa: BLE001
             self.status.value = notify_error(exc, "Random placement")
             return 0
-        for shape, p in zip(shapes, params):
-            self.history.apply(layer.data, shape, params=p)
+        placed = [self.history.apply(layer.data, shape, params=p) for shape, p in zip(shapes, params)]
         self._after_edit(layer, f"{len(shapes)} random {self.random_size.value} tumour(s) in the {self.organ.value} "
-                                f"(seed {self.seed.value}). {NEXT_SYNTHESIZE}")
+                                f"(seed {self.seed.value}). {NEXT_SYNTHESIZE}", focus=placed)
         self.seed.value = (self.seed.value + 1) % (2**31 - 1)
         return len(shapes)
 
@@ -316,11 +323,17 @@ class PlacementWidget(ScrollableContainer):
         """Parameters of the placements in effect (synthesis records them in the provenance)."""
         return self.history.params()
 
-    def _after_edit(self, layer, message: str) -> None:
+    def _after_edit(self, layer, message: str, focus: list[pl.Placement] | None = None) -> None:
+        """Record the placements, redraw, and (``focus``: the placements just made) go to the largest new one."""
         layer.metadata.setdefault("difftumor", {})["placements"] = self.history.params()  # provenance
         layer.refresh()
         layer.events.paint(value=[])  # linked views (three views) refresh on paint events
         self._viewer.layers.selection.active = layer
+        if focus:
+            from difftumor_napari._focus import focus_on_voxels
+
+            index = tuple(np.concatenate([p.index[axis] for p in focus]) for axis in range(3))
+            focus_on_voxels(self._viewer, index, layer)
         self.status.value = message
 
     # -- click mode -------------------------------------------------------------------------------

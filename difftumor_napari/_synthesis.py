@@ -9,6 +9,7 @@ and turns results into layers.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 
 RESULT_CT = "CT + synthetic tumor"
 RESULT_TUMOR = "synthetic tumor"
+TUMOR_OUTLINE = "synthetic tumor outline"
 DIFFERENCE = "difference (synthetic − original)"
+ORGAN_OPACITY = 0.4  # the organ outline after a synthesis: there, but not over the tumour's texture
 SAME_ORGAN = "same as Organ"
 
 
@@ -50,6 +53,7 @@ class SynthesisWidget(ScrollableContainer):
         self.outcome: st.SynthesisOutcome | None = None
         self._cancel = threading.Event()
         self._source_ct = None  # the CT layer the current result was made from
+        self._clicked_at: float | None = None  # perf_counter() of the Synthesize click being answered
 
         self.ct_layer = ComboBox(label="CT layer", choices=self._ct_choices, nullable=True)
         self.organ_layer = ComboBox(label="Organ labels", choices=self._organ_choices, nullable=True)
@@ -86,6 +90,9 @@ class SynthesisWidget(ScrollableContainer):
         self.progress_text = wrapped(Label(value=""))
         self.before_after = PushButton(text="Before / after")
         self.difference = PushButton(text="Difference view")
+        self.go_to_button = PushButton(text="Go to tumour", tooltip="Its slice, centred and zoomed")
+        self.show_outline = CheckBox(text="Tumour outline", value=True,
+                                     tooltip="Draw the synthetic tumour's outline over the result")
         self.out_dir = browse(FileEdit(label="Save to", mode="d", value="", tooltip="Folder the CT, tumour mask and provenance are written to"))
         self.stem = LineEdit(label="File name stem", value="synthetic")
         self.save_button = PushButton(text="Save CT, tumour mask and provenance")
@@ -99,6 +106,7 @@ class SynthesisWidget(ScrollableContainer):
                      Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False),
                      progress, self.progress_text,
                      Container(widgets=[self.before_after, self.difference], layout="horizontal", labels=False),
+                     Container(widgets=[self.go_to_button, self.show_outline], layout="horizontal", labels=False),
                      saving, self.save_button, self.status])
 
         self._remembered_weights()
@@ -106,6 +114,8 @@ class SynthesisWidget(ScrollableContainer):
         self.cancel_button.changed.connect(lambda _=None: self.cancel())
         self.before_after.changed.connect(lambda _=None: self.toggle_before_after())
         self.difference.changed.connect(lambda _=None: self.show_difference())
+        self.go_to_button.changed.connect(lambda _=None: self.go_to_tumour())
+        self.show_outline.changed.connect(self._on_show_outline)
         self.save_button.changed.connect(lambda _=None: self.save())
         self.weights_dir.changed.connect(self._on_weights_dir)
         for box in (self.method, self.organ, self.stage, self.tumor_layer, self.weights_organ, self.steps):
@@ -304,12 +314,15 @@ class SynthesisWidget(ScrollableContainer):
     def run(self) -> bool:
         """Start a synthesis run (threaded unless DIFFTUMOR_NAPARI_NOTHREADS=1); False if refused."""
         if self.running:
+            self.status.value = "Synthesis: a run is in progress; wait for it or press Cancel"
             return False
+        self._clicked_at = time.perf_counter()  # what the user waits is counted from here to the result shown
         try:
             request = self.build_request()
         except Exception as exc:  # noqa: BLE001
-            notify_error(exc, "Synthesis")
+            self.status.value = notify_error(exc, "Synthesis")  # never the previous run's "Done: ..."
             return False
+        self.status.value = "Synthesizing…"
         self._cancel.clear()
         self._source_ct = self.ct_layer.value
         gen = st.synthesis_steps(request, cancel=self._cancel, make_generator=self.make_generator)
@@ -371,7 +384,10 @@ class SynthesisWidget(ScrollableContainer):
             return
         self.outcome = outcome
         self.add_result_layers(outcome)
-        self.status.value = f"Done: {done_summary(outcome.provenance)}. Next: Before / after, Inspection, or Save."
+        self.go_to_tumour()
+        waited = time.perf_counter() - self._clicked_at if self._clicked_at is not None else None
+        self.status.value = (f"Done: {done_summary(outcome.provenance, waited)}. "
+                             "Next: Before / after, Inspection, or Save.")
 
     def _on_synthesis_errored(self, exc: BaseException) -> None:
         if self._cancel.is_set():  # the engine stopped at the user's Cancel: not an error
@@ -398,7 +414,7 @@ class SynthesisWidget(ScrollableContainer):
         info = dict(ct.metadata.get("difftumor", {}))
         info.update(kind="synthetic", source=None, provenance=outcome.provenance, original_layer=ct.name,
                     organ=outcome.request.organ, intermediates=outcome.intermediates)
-        for name in (RESULT_CT, RESULT_TUMOR, DIFFERENCE):
+        for name in (RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE, DIFFERENCE):
             if name in self._viewer.layers:
                 self._viewer.layers.remove(name)
         # "after" is drawn exactly like "before": same window, colormap and interpolation, and at the original's
@@ -414,17 +430,56 @@ class SynthesisWidget(ScrollableContainer):
         self._viewer.add_labels(np.asarray(outcome.tumor_mask).astype(np.uint8), name=RESULT_TUMOR, scale=ct.scale,
                                 translate=ct.translate, metadata=meta, opacity=0.35, visible=False,
                                 colormap=tumor_colormap())
-        for layer in layers:  # the tumour itself is what to look at now: hide the placement outline over it
+        # the tumour as a thin line along its edge on top of everything (toggled by "Tumour outline"): the
+        # synthetic texture and its blended margin stay visible; the organs drop to a faint outline, and the
+        # placement mask is hidden
+        from difftumor_napari._focus import outline_layer
+
+        outline = outline_layer(outcome.tumor_mask, ct, TUMOR_OUTLINE, visible=bool(self.show_outline.value),
+                                metadata={"difftumor": {"kind": "outline", "original_layer": ct.name}})
+        self._viewer.layers.append(outline)
+        outline.events.visible.connect(self._on_outline_visible)
+        for layer in layers:
             if layer.name == TUMOR_LAYER:
                 layer.visible = False
+        organs = self.organ_layer.value
+        for layer in organ_label_layers(self._viewer):
+            if organs is not None and unwrap(layer) is unwrap(organs):
+                layer.contour = max(1, int(layer.contour))
+                layer.opacity = min(float(layer.opacity), ORGAN_OPACITY)
         ct.visible = False  # "after" first; Before / after swaps
+        layers.selection.active = result  # its contrast (window) in the layer controls, not the outline's
+
+    def go_to_tumour(self) -> bool:
+        """Bring the synthetic tumour into view: its slice, centred, zoomed (the largest one when there are
+        several); False (and the status says why) without a result."""
+        from difftumor_napari._focus import focus_on_mask
+
+        if self.outcome is None or self._source_ct is None:
+            self.status.value = "Go to tumour: synthesize a tumour first"
+            return False
+        layer = self._viewer.layers[RESULT_CT] if RESULT_CT in self._viewer.layers else self._source_ct
+        return focus_on_mask(self._viewer, self.outcome.tumor_mask, layer) is not None
+
+    def _on_show_outline(self, on: bool) -> None:
+        if TUMOR_OUTLINE in self._viewer.layers:
+            self._viewer.layers[TUMOR_OUTLINE].visible = bool(on)
+
+    def _on_outline_visible(self, event=None) -> None:
+        """The layer list's eye on the outline and the checkbox show the same state."""
+        if TUMOR_OUTLINE in self._viewer.layers:
+            visible = bool(self._viewer.layers[TUMOR_OUTLINE].visible)
+            if visible != bool(self.show_outline.value):
+                with self.show_outline.changed.blocked():
+                    self.show_outline.value = visible
 
     def toggle_before_after(self) -> str:
         """Swap the visibility of the original CT and 'CT + synthetic tumor'; returns what is shown."""
         if RESULT_CT not in self._viewer.layers or self._source_ct is None:
             from napari.utils.notifications import show_info
 
-            show_info("Before / after: synthesize a tumour first")
+            self.status.value = "Before / after: synthesize a tumour first"
+            show_info(self.status.value)
             return ""
         after = self._viewer.layers[RESULT_CT]
         if self._source_ct not in self._viewer.layers:  # hiding the result would leave an empty canvas
@@ -447,7 +502,8 @@ class SynthesisWidget(ScrollableContainer):
         if self.outcome is None or self._source_ct is None:
             from napari.utils.notifications import show_info
 
-            show_info("Difference view: synthesize a tumour first")
+            self.status.value = "Difference view: synthesize a tumour first"
+            show_info(self.status.value)
             return None
         if DIFFERENCE in self._viewer.layers:
             layer = self._viewer.layers[DIFFERENCE]
@@ -499,8 +555,10 @@ def difference_colormap():
                     controls=[0.0, 0.5 - 1e-3, 0.5 + 1e-3, 1.0], name="difftumor difference")
 
 
-def done_summary(prov: dict) -> str:
-    """'1 tumour(s), diffusion (mid/late: DDIM 3 steps, σ 3.2), seed 5, 10.4 s on cpu' for the status line."""
+def done_summary(prov: dict, waited: float | None = None) -> str:
+    """'1 tumour(s), diffusion (mid/late: DDIM 3 steps, σ 3.2), seed 5, result in 12.1 s (engine 10.4 s on cpu)'
+    for the status line. ``waited``: seconds from the Synthesize click to the result shown (what the user waited,
+    including the layers being added); the engine's own time alone once read '< 0.1 s' after a 30 s wait."""
     what = str(prov.get("method"))
     crops = prov.get("tumours") or []
     if what == "diffusion" and crops:
@@ -517,7 +575,11 @@ def done_summary(prov: dict) -> str:
             detail += f", {prov['weights_organ']} weights"
         what += f" ({detail})"
     secs = prov.get("seconds")
-    timing = ""
+    engine = ""
     if isinstance(secs, (int, float)) and prov.get("device"):
-        timing = f", {'< 0.1' if secs < 0.05 else f'{secs:.1f}'} s on {prov.get('device')}"
+        engine = f"{'< 0.1' if secs < 0.05 else f'{secs:.1f}'} s on {prov.get('device')}"
+    if waited is not None:
+        timing = f", result in {waited:.1f} s" + (f" (engine {engine})" if engine else "")
+    else:
+        timing = f", {engine}" if engine else ""
     return f"{prov.get('n_tumours')} tumour(s), {what}, seed {prov.get('seed')}{timing}"

@@ -7,7 +7,9 @@ Everything works on numpy arrays in SimpleITK order (z, y, x) with ``spacing`` g
 Metrics (all HU or mm):
 
 * ``mean_hu`` / ``std_hu`` inside the tumour; ``rim_*`` in a shell of ``rim_mm`` (3 mm) just outside
-  it; ``organ_*`` in the rest of the organ (organ minus tumour minus rim).
+  it, clipped to the organ (fat or air beyond the organ's edge is not tumour surroundings); ``organ_*`` in
+  the rest of the organ (organ minus tumour minus rim minus ``existing_tumor``, the tumours labelled in
+  the organ labels, e.g. label 2 of an MSD/LiTS map: a real metastasis is not liver parenchyma).
 * ``contrast_hu`` = tumour mean - organ mean.
 * ``noise_ratio``: robust standard deviation (1.4826 x MAD) of the high-pass residual
   ``ct - gaussian(ct, 1 voxel)`` inside the tumour interior (2 voxels from the edge) divided by the
@@ -213,8 +215,10 @@ def _solidity(mask: np.ndarray, s: np.ndarray, volume: float) -> float:
 
 
 def tumor_metrics(ct: np.ndarray, tumor: np.ndarray, organ: np.ndarray | None = None, spacing=None,
-                  *, original_ct: np.ndarray | None = None, rim_mm: float = 3.0) -> dict:
-    """All numbers for one tumour (see the module docstring). ``ct`` is the synthetic CT in HU."""
+                  *, original_ct: np.ndarray | None = None, rim_mm: float = 3.0,
+                  existing_tumor: np.ndarray | None = None) -> dict:
+    """All numbers for one tumour (see the module docstring). ``ct`` is the synthetic CT in HU;
+    ``existing_tumor``: other tumour voxels (labelled real tumours, other synthetic ones), never organ."""
     s = _spacing(spacing)
     ct = np.asarray(ct)
     tumor = np.asarray(tumor, bool)
@@ -223,10 +227,18 @@ def tumor_metrics(ct: np.ndarray, tumor: np.ndarray, organ: np.ndarray | None = 
     if not tumor.any():
         raise DiffTumorError("tumour mask: it is empty; select a layer that contains a tumour")
     organ = np.zeros_like(tumor) if organ is None else np.asarray(organ, bool)
-    rim = rim_mask(tumor, s, rim_mm)
-    background = organ & ~tumor & ~rim
+    if existing_tumor is not None:
+        other = np.asarray(existing_tumor, bool)
+        if other.shape != tumor.shape:
+            raise DiffTumorError(f"labelled tumours: shape {other.shape} differs from the CT {ct.shape}")
+        organ = organ & ~other
+    shell = rim_mask(tumor, s, rim_mm)
+    rim = shell & organ
+    if not rim.any():  # no organ given (or the tumour lies outside it): the whole shell
+        rim = shell
+    background = organ & ~tumor & ~shell
     if not background.any():  # tumour fills the organ (or no organ given): use a 3..10 mm shell
-        background = rim_mask(tumor, s, rim_mm + 7.0) & ~rim
+        background = rim_mask(tumor, s, rim_mm + 7.0) & ~shell
     m: dict = {}
     m["mean_hu"], m["std_hu"], m["n_voxels"] = region_stats(ct, tumor)
     m["rim_mean_hu"], m["rim_std_hu"], _ = region_stats(ct, rim)
@@ -249,7 +261,7 @@ def tumor_metrics(ct: np.ndarray, tumor: np.ndarray, organ: np.ndarray | None = 
     m.update(shape_metrics(tumor, s))
 
     if original_ct is not None:
-        inner = tumor | rim
+        inner = tumor | shell
         shell = rim_mask(inner, s, 10.0)
         diff = np.abs(ct.astype(np.float64) - np.asarray(original_ct, np.float64))
         m["shell_change_hu"] = float(diff[shell].mean()) if shell.any() else float("nan")

@@ -262,23 +262,38 @@ class PlacementHistory:
 
 def place_ellipsoid(labels: np.ndarray, history: PlacementHistory, geometry: "Geometry", organ: np.ndarray | None,
                     spec: TumorSpec, *, organ_name: str, keep_inside_organ: bool = True,
-                    file_geometry: "Geometry | None" = None) -> Placement:
+                    file_geometry: "Geometry | None" = None, existing: np.ndarray | None = None) -> Placement:
     """Validate ``spec`` against the organ, draw it (clipped to the organ if asked) and record it.
 
-    The record gives the centre on the display grid (``centre_zyx``), in world millimetres
-    (``centre_world_mm_lps``) and, with ``file_geometry`` (the CT file's own grid), as that file's voxel
-    index (``centre_file_voxel_xyz``), so a placement can be reproduced with ``difftumor synthesize``."""
-    check_centre(spec.centre_zyx, organ, organ_name)
+    ``existing``: tumours already labelled in the organ labels (label 2 of an MSD/LiTS/KiTS map). A centre on
+    one is refused; the voxels of the ellipsoid that fall on one are left out (with or without
+    ``keep_inside_organ``: the engine never paints over a real tumour), and their number is recorded as
+    ``overlap_left_out_voxels``. The record gives the centre on the display grid (``centre_zyx``), in world
+    millimetres (``centre_world_mm_lps``) and, with ``file_geometry`` (the CT file's own grid), as that file's
+    voxel index (``centre_file_voxel_xyz``), so a placement can be reproduced with ``difftumor synthesize``."""
+    voxel = check_centre(spec.centre_zyx, organ, organ_name)
+    real = None if existing is None else np.asarray(existing, bool)
+    if real is not None and real[voxel]:
+        raise DiffTumorError(f"click on a tumour already labelled in the organ labels (voxel {list(voxel)} z, y, x); "
+                             f"click in tumour-free {organ_name} tissue")
     tumor = ellipsoid_on_grid(geometry, spec)
-    check_fits(tumor, organ, organ_name, geometry.spacing[::-1])
+    healthy = organ if real is None else organ & ~real
+    check_fits(tumor, healthy, organ_name, geometry.spacing[::-1])
     if keep_inside_organ:
         tumor &= organ
+    left_out = 0
+    if real is not None:
+        left_out = int((tumor & real).sum())
+        tumor &= ~real
     if not tumor.any():
-        raise DiffTumorError(f"tumour at {list(spec.centre_zyx)} covers no voxel of the {organ_name}; enlarge the radii")
+        where = "outside the labelled tumours" if left_out else "of the " + organ_name
+        raise DiffTumorError(f"tumour at {list(spec.centre_zyx)} covers no voxel {where}; enlarge the radii")
     world = geometry.voxel_to_world(np.asarray(spec.centre_zyx, float)[::-1])
     where = {"centre_world_mm_lps": [round(float(v), 2) for v in world]}
     if file_geometry is not None:
         where["centre_file_voxel_xyz"] = [round(float(v), 2) for v in file_geometry.world_to_voxel(world)]
+    if real is not None:
+        where["overlap_left_out_voxels"] = left_out
     return history.apply(labels, tumor, params={"kind": "ellipsoid", "organ": organ_name,
                                                 "keep_inside_organ": keep_inside_organ, **spec.to_dict(), **where})
 

@@ -195,3 +195,40 @@ def test_sharp_edge_reference_is_a_bare_step_on_the_same_grid():
     assert "bare step on this grid" in ins.failure_flags(step)["too_sharp_edge"]
     assert 1.25 * soft["edge_width_step_mm"] < soft["edge_width_mm"] < 2.5 * spacing[0]  # the old rule flagged this
     assert "too_sharp_edge" not in ins.failure_flags(soft)
+
+
+def test_organ_statistics_leave_out_labelled_tumours():
+    """Defect 8: with MSD/LiTS labels the organ numbers included the real tumours (108 ± 30 HU against 118 ± 22
+    for clean liver, contrast -11 instead of about -27 HU)."""
+    rng = np.random.default_rng(1)
+    shape = (48, 48, 48)
+    organ = _ball(shape, (24, 24, 24), (21, 21, 21))
+    synthetic = _ball(shape, (24, 14, 24), (5, 5, 5))
+    real = _ball(shape, (24, 33, 24), (8, 8, 8))  # a labelled metastasis in the same liver
+    ct = np.full(shape, -100.0)
+    ct[organ] = 118.0
+    ct[real] = 40.0
+    ct[synthetic] = 91.0
+    ct += rng.normal(0, 8, shape)
+    m = ins.tumor_metrics(ct, synthetic, organ, (1, 1, 1), existing_tumor=real)
+    assert m["organ_mean_hu"] == pytest.approx(118, abs=1)
+    assert m["organ_std_hu"] < 10
+    assert m["contrast_hu"] == pytest.approx(-27, abs=2)
+    polluted = ins.tumor_metrics(ct, synthetic, organ, (1, 1, 1))  # what happens without the real tumours
+    assert polluted["organ_mean_hu"] < 116 and polluted["contrast_hu"] > -24
+
+
+def test_rim_is_clipped_to_the_organ():
+    """Defect 8: the 3 mm rim reached out of the organ (fat, air): a rim std of 170 HU at the liver's edge."""
+    rng = np.random.default_rng(2)
+    shape = (40, 40, 40)
+    organ = np.zeros(shape, bool)
+    organ[4:36, 4:36, 4:22] = True  # the organ ends at x = 21; beyond it, fat
+    tumor = _ball(shape, (20, 20, 18), (4, 4, 4)) & organ  # touching the organ's edge
+    ct = np.where(organ, 110.0, -100.0)
+    ct[tumor] = 80.0
+    ct += rng.normal(0, 8, shape)
+    m = ins.tumor_metrics(ct, tumor, organ, (1, 1, 1))
+    assert m["rim_mean_hu"] == pytest.approx(110, abs=2) and m["rim_std_hu"] < 10
+    m_no_organ = ins.tumor_metrics(ct, tumor, None, (1, 1, 1))  # without an organ the rim is the whole shell
+    assert m_no_organ["rim_std_hu"] > 50

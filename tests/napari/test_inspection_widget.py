@@ -50,6 +50,8 @@ def synthesized(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, t
 
 
 def test_measure_flags_and_side_by_side(synthesized, qtbot, errors):
+    from napari.layers import Shapes
+
     from difftumor_napari._inspection import OUTLINE, PREFIX, InspectionWidget
 
     viewer = synthesized
@@ -89,8 +91,10 @@ def test_measure_flags_and_side_by_side(synthesized, qtbot, errors):
     assert f"{where}: masked CT" in captions
     masked = viewer.layers[PREFIX + "masked CT"].data
     outline = viewer.layers[PREFIX + "masked CT" + OUTLINE]
-    assert outline.contour == 1 and outline.data.any()
-    assert np.all(masked[outline.data > 0] == np.float32(37.5))
+    tumour = viewer.layers["synthetic tumor"].data > 0
+    assert isinstance(outline, Shapes) and len(outline.data) >= 1  # a line along the tumour's edge
+    assert set(np.concatenate(outline.data)[:, 0].astype(int)) == set(np.nonzero(tumour)[0])
+    assert np.all(masked[tumour] == np.float32(37.5))
     assert np.array_equal(viewer.layers[PREFIX + "original CT"].data, viewer.layers["example_ct_sm"].data)
     assert not w.toggle_side_by_side()
     assert not viewer.grid.enabled and not any(ly.name.startswith(PREFIX) for ly in viewer.layers)
@@ -167,7 +171,7 @@ def test_diffusion_run_shows_reconstruction_and_decoded(make_napari_viewer, qtbo
         layer = viewer.layers[PREFIX + n]
         assert layer.data.shape == ct.data.shape and layer.scale == pytest.approx(ct.scale)
         assert not np.array_equal(layer.data, np.asarray(ct.data, np.float32))  # the crop was replaced
-    mask = viewer.layers[PREFIX + "masked CT" + OUTLINE].data > 0
+    mask = viewer.layers["synthetic tumor"].data > 0  # the outline layer is a line now, not a mask
     core = ndimage.binary_erosion(mask) if ndimage.binary_erosion(mask).any() else mask
     np.testing.assert_allclose(viewer.layers[PREFIX + "masked CT"].data[core], 37.5, atol=0.05)
 
@@ -220,3 +224,56 @@ def test_docked_before_synthesis_picks_up_the_result(make_napari_viewer, qtbot, 
         assert w.tumor_layer.value.name == "synthetic tumor"
         assert w.original_layer.value.name == "example_ct_sm"
         assert w.measure() is not None and errors == []
+
+
+def test_side_by_side_cells_are_zoomed_to_the_tumour(synthesized, qtbot, errors):
+    """Defect 6: each side-by-side cell showed the whole slice (a 13 mm tumour was ~8 px); every cell is now
+    centred on the tumour and zoomed so that it spans a readable part of the cell."""
+    from difftumor_napari._focus import _camera, view_size_px
+    from difftumor_napari._inspection import InspectionWidget
+
+    viewer = synthesized
+    w = InspectionWidget(viewer)
+    qtbot.addWidget(w.native)
+    assert w.toggle_side_by_side()
+    result = viewer.layers["CT + synthetic tumor"]
+    mask = viewer.layers["synthetic tumor"].data > 0
+    camera = _camera(viewer)
+    centre = np.asarray(result.data_to_world(np.argwhere(mask).mean(0)))
+    np.testing.assert_allclose(np.asarray(camera.center)[-2:], centre[-2:], atol=float(max(result.scale)))
+    assert viewer.dims.point[0] == pytest.approx(centre[0], abs=result.scale[0])
+    cell = view_size_px(viewer)  # one grid cell
+    assert tuple(cell) != tuple(np.asarray(viewer.canvas.size, float))
+    extent = float(max((np.ptp(np.argwhere(mask), axis=0)[1:] + 1) * np.asarray(result.scale)[1:]))
+    assert 0.1 <= extent * camera.zoom / float(min(cell)) <= 0.6
+    assert errors == []
+
+
+def test_organ_numbers_leave_out_tumours_labelled_in_msd_organ_labels(synthesized, qtbot, errors):
+    """Defect 8 in the widget: an MSD/LiTS organ layer (1 liver, 2 tumour) - its labelled tumours no longer
+    count as organ: the numbers match those measured with the clean liver."""
+    from scipy import ndimage
+
+    from difftumor_napari._inspection import InspectionWidget
+
+    viewer = synthesized
+    w = InspectionWidget(viewer)
+    qtbot.addWidget(w.native)
+    clean = w.measure()
+    assert clean is not None
+    seg, result = viewer.layers["example_seg"], viewer.layers["CT + synthetic tumor"]
+    liver = np.isin(np.asarray(seg.data), [5])
+    tumour = viewer.layers["synthetic tumor"].data > 0
+    far = liver & ~ndimage.binary_dilation(tumour, iterations=6)
+    d = ndimage.distance_transform_edt(far)
+    real = far & (d >= np.quantile(d[far], 0.94))  # the liver's deepest part, away from the synthetic tumour
+    result.data[real] = 0  # a dark real tumour (about 5 % of the liver) in the synthetic CT ...
+    msd = liver.astype(np.uint8)
+    msd[real] = 2  # ... labelled as tumour in an MSD map
+    seg.data = msd
+    w.organ.value = "liver"
+    m = w.measure()
+    assert m is not None and errors == []
+    assert real.sum() > 0.03 * liver.sum()
+    assert m["organ_mean_hu"] == pytest.approx(clean["organ_mean_hu"], abs=1.0)
+    assert m["contrast_hu"] == pytest.approx(clean["contrast_hu"], abs=1.0)

@@ -215,3 +215,75 @@ def test_docked_with_a_ct_but_no_organ_labels_says_what_to_open(make_napari_view
     w = _widget(viewer, qtbot)
     assert w.organ_layer.value is None
     assert "organ label layer" in w.status.value
+
+
+def _msd_liver(viewer, w):
+    """Turn the organ layer into an MSD/LiTS map: 1 liver, 2 a labelled real tumour (a ball deep in the liver);
+    returns (liver mask, real tumour mask, a voxel of the real tumour's centre)."""
+    from scipy import ndimage
+
+    seg = viewer.layers["example_seg"]
+    w.organ.value = "liver"
+    liver = w.organ_mask()
+    d = ndimage.distance_transform_edt(liver, sampling=seg.scale)
+    centre = np.unravel_index(np.argmax(d), liver.shape)
+    zz, yy, xx = np.indices(liver.shape, sparse=True)
+    dist = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip((zz, yy, xx), centre, seg.scale)))
+    real = liver & (dist <= 12.0)
+    msd = liver.astype(np.uint8)
+    msd[real] = 2
+    seg.data = msd
+    w._on_organ_layer()
+    return liver, real, tuple(int(c) for c in centre)
+
+
+def test_a_click_on_a_labelled_tumour_is_refused_and_overlap_left_out(real_viewer, qtbot, errors):
+    """Defect 7: placing by click on a labelled LiTS tumour was accepted silently while random placement avoided
+    it. A click on it is refused in one sentence; a tumour overlapping it keeps off it and the status says so."""
+    viewer = real_viewer
+    w = _widget(viewer, qtbot)
+    liver, real, centre = _msd_liver(viewer, w)
+    w.size.value = "small"
+    assert not w.place_at_voxel(centre)
+    assert "already labelled" in errors[-1] and "\n" not in errors[-1] and w.status.value == errors[-1]
+    assert "tumor mask" not in viewer.layers
+    edge = np.argwhere(real)[np.argmax(np.argwhere(real)[:, 2])]  # the real tumour's edge along x ...
+    step = int(np.ceil(4.0 / viewer.layers["example_ct_sm"].scale[2]))
+    beside = (int(edge[0]), int(edge[1]), int(edge[2]) + step)  # ... and 4 mm past it (radius 8 mm), in the liver
+    assert liver[beside] and not real[beside]
+    n = len(errors)
+    assert w.place_at_voxel(beside)
+    layer = viewer.layers["tumor mask"]
+    assert layer.data[beside] > 0 and not ((layer.data > 0) & real).any()
+    assert "labelled tumour" in w.status.value and len(errors) == n
+    assert w.placements()[-1]["overlap_left_out_voxels"] > 0
+
+
+def test_after_a_placement_the_view_goes_to_the_tumour(real_viewer, qtbot, errors):
+    """Defect 3 (placement): the slice, the camera centre and the zoom go to the placed tumour."""
+    from difftumor_napari._focus import _camera, view_size_px
+
+    viewer = real_viewer
+    w = _widget(viewer, qtbot)
+    ct = viewer.layers["example_ct_sm"]
+    w.organ.value = "liver"
+    liver = w.organ_mask()
+    voxel = _inner_voxel(liver)
+    viewer.dims.set_point(0, float(ct.data_to_world((0, 0, 0))[0]))
+    viewer.reset_view()
+    assert w.place_at_voxel(voxel)
+    mask = viewer.layers["tumor mask"].data > 0
+    centre = np.asarray(ct.data_to_world(np.argwhere(mask).mean(0)))
+    assert viewer.dims.point[0] == pytest.approx(centre[0], abs=ct.scale[0])
+    camera = _camera(viewer)
+    np.testing.assert_allclose(np.asarray(camera.center)[-2:], centre[-2:], atol=float(max(ct.scale)))
+    extent = float(max((np.ptp(np.argwhere(mask), axis=0)[1:] + 1) * np.asarray(ct.scale)[1:]))
+    assert 0.1 <= extent * camera.zoom / float(min(view_size_px(viewer))) <= 0.6
+    # random placement: the view goes to the (largest) new tumour
+    viewer.reset_view()
+    w.random_size.value = "medium"
+    assert w.place_random() == 1
+    new = viewer.layers["tumor mask"].data == 2
+    np.testing.assert_allclose(np.asarray(camera.center)[-2:], np.asarray(ct.data_to_world(np.argwhere(new).mean(0)))[-2:],
+                               atol=float(max(ct.scale)))
+    assert errors == []

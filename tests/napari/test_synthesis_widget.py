@@ -80,7 +80,8 @@ def _flow(viewer, qtbot, tmp_path, source_ct, organ: str):
     stack = [ly.name for ly in viewer.layers]
     assert stack.index(RESULT_CT) == stack.index(ct.name) + 1  # drawn where the original is: same overlays on top
     assert result.interpolation2d == ct.interpolation2d and result.colormap.name == ct.colormap.name
-    assert not labels.visible and not viewer.layers["tumor mask"].visible  # the tumour itself, not an outline
+    assert viewer.layers["synthetic tumor outline"].visible  # the synthetic tumour as a thin outline, not
+    assert not labels.visible and not viewer.layers["tumor mask"].visible  # a mask over its texture
     assert synth.toggle_before_after() == "before" and ct.visible and not result.visible
     assert synth.toggle_before_after() == "after" and result.visible and not ct.visible
     diff = synth.show_difference()
@@ -460,3 +461,204 @@ def test_before_after_with_the_original_ct_closed_keeps_the_result_shown(phantom
     assert synth.toggle_before_after() == "after"
     assert phantom_viewer.layers[RESULT_CT].visible
     assert "was closed" in errors[-1] and "\n" not in errors[-1] and "before (original)" not in synth.status.value
+
+
+def _off_centre_liver_voxel(liver: np.ndarray) -> tuple[int, int, int]:
+    """A liver voxel well inside the organ on a slice away from the volume's middle one."""
+    from scipy import ndimage
+
+    d = ndimage.distance_transform_edt(liver)
+    middle = liver.shape[0] // 2
+    d[max(0, middle - 3):middle + 4] = 0  # not on the slice napari opens on
+    return tuple(int(v) for v in np.unravel_index(np.argmax(d), liver.shape))
+
+
+def test_after_synthesis_the_view_goes_to_the_tumour(phantom_viewer, qtbot, monkeypatch, errors):
+    """Defect 3: the result was hidden: the organ labels stayed on top at full opacity, the tumour outline was
+    hidden and nothing centred on it. Now the slice, the camera centre and the zoom go to the tumour, the organs
+    drop to an outline and the tumour is a thin outline that the checkbox toggles."""
+    from napari.layers import Shapes
+
+    from difftumor_napari._focus import _camera, view_size_px
+    from difftumor_napari._synthesis import TUMOR_OUTLINE
+
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    viewer = phantom_viewer
+    place, synth = _widgets(viewer, qtbot)
+    ct, organs = viewer.layers["phantom CT"], viewer.layers["phantom organs"]
+    voxel = _off_centre_liver_voxel(place.organ_mask())
+    place.size.value = "small"
+    assert place.place_at_voxel(voxel)
+    viewer.dims.set_point(0, float(ct.data_to_world((0, 0, 0))[0]))  # the user looks elsewhere ...
+    viewer.reset_view()  # ... at the whole slice
+    synth.method.value = "model-based"
+    assert synth.run() and synth.outcome is not None and errors == []
+
+    mask = synth.outcome.tumor_mask
+    centre = np.asarray(ct.data_to_world(np.argwhere(mask).mean(0)))
+    assert viewer.dims.point[0] == pytest.approx(centre[0], abs=ct.scale[0])  # the tumour's slice
+    camera = _camera(viewer)
+    np.testing.assert_allclose(np.asarray(camera.center)[-2:], centre[-2:], atol=float(max(ct.scale)))
+    extent_mm = (np.ptp(np.argwhere(mask), axis=0) + 1) * np.asarray(ct.scale)
+    spans = float(max(extent_mm[1:])) * camera.zoom / float(min(view_size_px(viewer)))
+    assert 0.1 <= spans <= 0.6, spans  # a readable part of the canvas, not 8 pixels, not the whole of it
+    assert organs.contour >= 1 and organs.opacity <= 0.5  # organs drawn as a faint outline
+    tumour = viewer.layers[TUMOR_OUTLINE]
+    assert isinstance(tumour, Shapes) and tumour.visible and viewer.layers.index(tumour) == len(viewer.layers) - 1
+    lines = np.concatenate(tumour.data)  # (z, y, x) on the CT grid: along the tumour's edge, between voxels
+    assert set(np.unique(lines[:, 0]).astype(int)) == set(np.unique(np.nonzero(mask)[0]))
+    inner = np.rint(lines).astype(int)
+    assert 0 < mask[tuple(inner.T)].mean() < 1  # between tumour voxels and their neighbours, on no side only
+    assert synth.show_outline.value
+    synth.show_outline.value = False
+    assert not tumour.visible
+    tumour.visible = True  # the layer list's eye and the checkbox agree
+    assert synth.show_outline.value
+    viewer.reset_view()
+    synth.go_to_tumour()
+    np.testing.assert_allclose(np.asarray(camera.center)[-2:], centre[-2:], atol=float(max(ct.scale)))
+
+
+def test_status_says_how_long_the_user_waited(phantom_viewer, qtbot, monkeypatch, errors):
+    """Defect 5: the status said '< 0.1 s on cpu' (the engine's own time) when the user waited 27-40 s; it now
+    gives the time from the click to the result shown."""
+    import re
+
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    slow = _slow_generator(0.1, 4)
+
+    def quick_engine_slow_wait(request):  # the engine reports 0.01 s; 0.4 s pass before the result is there
+        result = yield from slow(request)
+        result.provenance.update(seconds=0.01, device="cpu", n_tumours=1, seed=0)
+        return result
+
+    synth.make_generator = quick_engine_slow_wait
+    assert synth.run() and synth.outcome is not None
+    status = synth.status.value
+    assert status.startswith("Done:") and "< 0.1 s" not in status.split("(engine")[0], status
+    waited = float(re.search(r"result in (\d+(?:\.\d+)?) s", status).group(1))
+    assert waited >= 0.4, status
+
+
+def test_every_refused_synthesize_updates_the_status(phantom_viewer, qtbot, monkeypatch, errors):
+    """Defect 5: a refused Synthesize left the previous 'Done: ...' in the status line."""
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    assert synth.run() and synth.status.value.startswith("Done:")
+    phantom_viewer.layers.remove("tumor mask")
+    assert not synth.run()
+    assert synth.status.value == errors[-1] and "no tumour mask layer" in synth.status.value
+    synth2 = _widgets(phantom_viewer, qtbot)[1]
+    synth2.status.value = "old text"
+    synth2.toggle_before_after()
+    assert "synthesize a tumour first" in synth2.status.value
+    synth2.status.value = "old text"
+    synth2.show_difference()
+    assert "synthesize a tumour first" in synth2.status.value
+
+
+@pytest.fixture
+def unwritable_folder():
+    """A folder the (effective) user cannot write to: mode 0555, and when the tests run as root - who may write
+    anywhere - the effective user is 'nobody' while the fixture is active."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="difftumor-ro-", dir="/tmp"))
+    folder.chmod(0o555)
+    root = os.geteuid() == 0
+    if root:
+        os.setegid(65534)
+        os.seteuid(65534)
+    try:
+        yield folder
+    finally:
+        if root:
+            os.seteuid(0)
+            os.setegid(0)
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def test_saving_into_a_read_only_folder_says_permission_denied(phantom_viewer, qtbot, monkeypatch, errors,
+                                                                request):
+    """Defect 5: 'ITK ERROR: NiftiImageIO(0x55c6...)' with a temporary path; now one sentence naming the folder."""
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    assert synth.run() and synth.outcome is not None
+    folder = request.getfixturevalue("unwritable_folder")
+    synth.out_dir.value = str(folder)
+    assert synth.save() is None
+    assert errors[-1] == f"cannot write to {folder}: permission denied", errors[-1]
+    assert synth.status.value == errors[-1] and list(folder.iterdir()) == []
+
+
+def _yellow_box(shot: np.ndarray) -> tuple[int, int] | None:
+    """(height, width) in pixels of the box around the tumour outline's yellow pixels, or None if none."""
+    rgb = np.asarray(shot)[..., :3].astype(int)
+    yellow = (rgb[..., 0] > 200) & (rgb[..., 1] > 160) & (rgb[..., 2] < 90)
+    if yellow.sum() < 10:
+        return None
+    rows, cols = np.nonzero(yellow)
+    return int(np.ptp(rows)) + 1, int(np.ptp(cols)) + 1
+
+
+def test_result_screenshots_show_the_tumour(make_napari_viewer, qtbot, monkeypatch, tmp_path, no_weights):
+    """Render before / after at the tumour's slice and the zoomed side-by-side Inspection to PNG (the docs/img
+    images: ``DIFFTUMOR_SCREENSHOT_DIR=docs/img``), and check that the tumour is outlined and large enough."""
+    import os
+    from pathlib import Path
+
+    from PIL import Image
+
+    from difftumor_napari._inspection import InspectionWidget
+    from difftumor_napari._placement import PlacementWidget
+    from difftumor_napari._sample_data import make_phantom_sample
+    from difftumor_napari._synthesis import SynthesisWidget
+
+    out = Path(os.environ.get("DIFFTUMOR_SCREENSHOT_DIR", tmp_path))
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    for data, kw, kind in make_phantom_sample():
+        getattr(viewer, f"add_{kind}")(data, **kw)
+    place, synth, inspect = PlacementWidget(viewer), SynthesisWidget(viewer), InspectionWidget(viewer)
+    docks = [viewer.window.add_dock_widget(w, name=n, area="right", tabify=i > 0)
+             for i, (w, n) in enumerate(((place, "Tumor placement"), (synth, "Synthesis"), (inspect, "Inspection")))]
+    place.size.value = "small"
+    assert place.place_at_voxel(_off_centre_liver_voxel(place.organ_mask()))
+    viewer.reset_view()  # the user looks at the whole slice before pressing Synthesize
+    qtbot.wait(50)
+    docks[1].raise_()
+    assert synth.run() and synth.outcome is not None
+
+    def save(name: str) -> np.ndarray:
+        qtbot.wait(400)  # the docks re-lay out after the widgets' texts change
+        shot = np.asarray(viewer.screenshot(canvas_only=False, flash=False))
+        img = Image.fromarray(shot[..., :3])
+        img.resize((1200, round(img.height * 1200 / img.width)), Image.LANCZOS).save(out / f"{name}.png", optimize=True)
+        return np.asarray(viewer.screenshot(canvas_only=True, flash=False))
+
+    after = save("result_after")
+    assert synth.toggle_before_after() == "before"
+    before = save("result_before")
+    canvas_px = min(after.shape[:2])
+    for shot in (after, before):  # the outline is there, and the tumour spans a readable part of the canvas
+        box = _yellow_box(shot)
+        assert box is not None and max(box) >= 0.1 * canvas_px, box
+    assert np.abs(after[..., :3].astype(int) - before[..., :3].astype(int)).sum() > 0
+    synth.toggle_before_after()
+
+    docks[2].raise_()
+    assert inspect.measure() is not None
+    assert inspect.toggle_side_by_side()
+    grid = save("inspection_side_by_side")
+    cell = min(inspect._viewer.canvas.viewbox_size(viewer.layers))
+    box = _yellow_box(grid)
+    assert box is not None and min(box) >= 0.1 * cell, box  # in the cells, not 8 pixels
