@@ -9,12 +9,13 @@ tumours stay round; medium and large ones are **lobulated**: 2–4 smaller ellip
 the main semi-axes) centred 0.75–1.0 of the way to the main surface in random directions bulge out
 of it, the bosselated outline of confluent nodules, and the whole is deformed together.
 
-**Location** (:func:`place_tumor`): a centre inside the organ, at least ``edge_fraction`` of the
-tumour's radius from the organ's surface, and far enough from everything the tumour must not collide
-with that the whole shape misses it (Hu et al.'s vessel-collision rule): the vessels of an enhanced
-organ (:func:`vessel_mask`: bright tubular voxels) and any ``avoid`` mask (labelled real tumours,
-labelled vessels). When no such centre exists the constraints are relaxed step by step and the
-provenance says so. The mask is clipped to the organ and never overlaps ``avoid``.
+**Location** (:func:`place_tumor`): a centre inside the organ where the whole shape fits inside it
+(else at least ``edge_fraction`` of the tumour's radius deep, else anywhere in the organ), far enough
+from everything the tumour must not collide with that the whole shape misses it by ``clearance_mm``
+(Hu et al.'s vessel-collision rule): the vessels of an enhanced organ (:func:`vessel_mask`: bright
+tubular voxels) and any ``avoid`` mask (labelled real tumours, labelled vessels). When no such
+centre exists the constraints are relaxed step by step and the provenance says so. The mask is
+clipped to the organ and never overlaps ``avoid``.
 """
 
 from __future__ import annotations
@@ -78,8 +79,15 @@ def tumor_shape(params: dict, spacing: Sequence[float]) -> np.ndarray:
     pts = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (n0, n1, n2, 3) mm from the centre
     if amp > 0:
         grid = np.asarray(params["elastic_grid"], dtype=np.float64) * amp  # (3 components, 3, 3, 3)
-        u = np.moveaxis(np.clip(pts / reach, -1.0, 1.0) + 1.0, -1, 0)  # control-grid coordinates in [0, 2]
-        pts = pts + np.stack([ndimage.map_coordinates(grid[c], u, order=3, mode="nearest") for c in range(3)], axis=-1)
+        # the field is smooth (3 control points across the box): evaluate it on <= 17 points per axis and
+        # interpolate linearly to every voxel (control-grid coordinate = clipped position / reach + 1)
+        n = pts.shape[:3]
+        m = [min(k, 17) for k in n]
+        coarse = [np.clip(np.linspace(-h * sp, h * sp, k) / reach, -1.0, 1.0) + 1.0 for h, sp, k in zip(half, s, m)]
+        u = np.stack(np.meshgrid(*coarse, indexing="ij"))
+        disp = [ndimage.map_coordinates(grid[c], u, order=3, mode="nearest") for c in range(3)]
+        zoom = [a / b for a, b in zip(n, m)]  # output shape n; grid_mode=False aligns the corner voxels
+        pts = pts + np.stack([ndimage.zoom(dc, zoom, order=1, grid_mode=False, output=np.float32) for dc in disp], axis=-1)
     local = pts @ np.asarray(params["rotation"], dtype=np.float64)
     q = local / semi  # main body: the unit ball in these coordinates
     shape = (q**2).sum(-1) <= 1.0
@@ -164,11 +172,17 @@ def place_tumor(organ: np.ndarray, spacing: Sequence[float], shape: np.ndarray, 
     d_edge = ndimage.distance_transform_edt(np.pad(org, 1), sampling=s)[1:-1, 1:-1, 1:-1]  # the image border is an edge
     d_obs = ndimage.distance_transform_edt(~obs, sampling=s) if obs.any() else np.full(org.shape, np.inf)
     info: dict = {"shape_radius_mm": round(shape_radius, 2), "obstacle_voxels": int(obstacles.sum())}
-    attempts = ((edge_fraction, 1.0), (0.5 * edge_fraction, 1.0), (0.0, 1.0), (0.0, 0.5), (0.0, 0.0))
-    for ef, of in attempts:
-        allowed = org & (d_edge >= ef * eq_radius) & (d_obs > of * (shape_radius + clearance_mm))
+    # first choice: the whole shape inside the organ (a tumour cut flat by the organ's surface looks
+    # wrong; one that reaches the surface should bulge it, which the mass effect does); then a centre
+    # at least edge_fraction of the radius deep; then anywhere; obstacle clearance is given up last
+    inside = shape_radius + clearance_mm
+    attempts = ((inside, 1.0), (edge_fraction * eq_radius, 1.0), (0.5 * edge_fraction * eq_radius, 1.0), (0.0, 1.0),
+                (0.0, 0.5), (0.0, 0.0))
+    for depth, of in attempts:
+        allowed = org & (d_edge >= depth) & (d_obs > of * (shape_radius + clearance_mm))
         if allowed.any():
-            info.update(edge_fraction=ef, obstacle_clearance=of, relaxed=(ef, of) != attempts[0])
+            info.update(centre_depth_mm=round(float(depth), 2), fits_inside=depth == inside,
+                        obstacle_clearance=of, relaxed=of < 1.0 or depth == 0.0)
             break
     cand = np.argwhere(allowed)
     c = cand[rng.integers(len(cand))] + lo
