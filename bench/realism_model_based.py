@@ -116,15 +116,21 @@ def figures(folder: Path, name: str, ct, liver, spacing, geometry) -> None:
         for row, window in enumerate(WINDOWS):
             _imshow(axes[row, 0], _display(before, geometry), spacing, window, f"before  W{window[0]}/L{window[1]}")
             _imshow(axes[row, 1], _display(after, geometry), spacing, window, f"after  W{window[0]}/L{window[1]}")
-            ax = axes[row, 2]
-            ny, nx = before.shape
-            ext = (0, nx * spacing[2], ny * spacing[1], 0)
-            ax.imshow(_display(after - before, geometry), cmap="RdBu_r", vmin=-60, vmax=60, extent=ext, interpolation="nearest")
+            ax = axes[row, 2]  # the difference, zoomed to 100 mm around the tumour, with the liver outline
+            cy, cx = (int(v) for v in np.argwhere(tumor[z]).mean(0).round())
+            hy, hx = int(round(50.0 / spacing[1])), int(round(50.0 / spacing[2]))
+            ys = slice(max(cy - hy, 0), min(cy + hy, before.shape[0]))
+            xs = slice(max(cx - hx, 0), min(cx + hx, before.shape[1]))
+            diff = _display((after - before)[ys, xs], geometry)
+            ny, nx = diff.shape
+            ax.imshow(diff, cmap="RdBu_r", vmin=-60, vmax=60, extent=(0, nx * spacing[2], ny * spacing[1], 0),
+                      interpolation="nearest")
             yy, xx = np.mgrid[0:ny, 0:nx]
             X, Y = (xx + 0.5) * spacing[2], (yy + 0.5) * spacing[1]
-            ax.contour(X, Y, _display(liver[z].astype(float), geometry), [0.5], colors="gold", linewidths=0.8, linestyles="--")
-            ax.contour(X, Y, _display(res.organ[z].astype(float), geometry), [0.5], colors="lime", linewidths=0.8)
-            ax.set_title("after − before (±60 HU); liver before (gold, dashed) / after (green)", fontsize=9)
+            ax.contour(X, Y, _display(liver[z][ys, xs].astype(float), geometry), [0.5], colors="black", linewidths=1.0,
+                       linestyles="--")
+            ax.contour(X, Y, _display(res.organ[z][ys, xs].astype(float), geometry), [0.5], colors="green", linewidths=1.0)
+            ax.set_title("after − before (±60 HU, 100 mm)\nliver outline before (dashed) / after (green)", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
         me = res.params["mass_effect"]
