@@ -1,6 +1,6 @@
 """DPM-Solver++(2M) with N steps against the released DDIM-50, from the same x_T, on the parity weights.
 
-    python bench/sampler_compare.py [--steps 10 15 20] [--spacing time_quadratic] [--threads 2] [--json]
+    python bench/sampler_compare.py [--steps 10 15 20] [--spacing logsnr_uniform] [--threads 2] [--json]
 
 Uses shared/reference/parity (liver_noearly.pt, T = 200; its x_T and condition): runs DDIM-50 once,
 checks it against the stored reference latent, then DPM-Solver++ for each N and prints the latent
@@ -45,7 +45,7 @@ def _unpacked(name: str) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 15, 20])
-    ap.add_argument("--spacing", default="time_quadratic", help="time_quadratic (default), time_uniform, logsnr_uniform")
+    ap.add_argument("--spacing", default="logsnr_uniform", help="logsnr_uniform (default), time_quadratic, time_uniform")
     ap.add_argument("--reference-steps", type=int, default=98,
                     help="steps of the fine DPM-Solver++ (time_uniform) run taken as the ODE's solution (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
