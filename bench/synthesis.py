@@ -7,7 +7,8 @@ shared real CT (3 mm) when present (else a synthetic one), CPU with ``--threads`
     python bench/synthesis.py            # figures next to the targets
     python bench/synthesis.py --json     # one JSON object: early_s, mid_late_s, second_tumor_s, model_based_s, peak_mb
 
-Medians over ``--repeats`` runs (mid/late: ``--repeats-mid``) after one untimed warm-up tumour; with
+Medians over ``--repeats`` runs (mid/late: ``--repeats-mid``) after one untimed warm-up tumour, each also printed as
+a ratio to its floor (below; the second tumour is an early one), which stays comparable between sittings; with
 ``--device cuda`` the GPU's peak memory is reported too (results come back as arrays, so every timed call
 has waited for the GPU). The release takes 6.4 s (early) and
 19.7 s (mid/late) with a 4.7 GB peak on this class of machine.
@@ -185,6 +186,10 @@ def main(argv=None) -> int:
            if str(engine.device).startswith("cuda") else {}),
         "floor_early_s": round(floor["early"], 3),
         "floor_mid_late_s": round(floor["mid_late"], 3),
+        # every figure over the floor of the same stage measured in this sitting: comparable across machines
+        "early_floor_ratio": round(statistics.median(early) / floor["early"], 2),
+        "mid_late_floor_ratio": round(statistics.median(mid) / floor["mid_late"], 2),
+        "second_tumor_floor_ratio": round(statistics.median(second) / floor["early"], 2),
         "conv_gflops": round(rate, 1),
         "gflop": {k: round(v / 1e9, 2) for k, v in flops.items()},
         "load_s": round(load_s, 2),
@@ -202,7 +207,9 @@ def main(argv=None) -> int:
             continue
         tgt = f"target ≤ {TARGETS[k]:g}" if k in TARGETS else ("GPU memory" if k == "peak_gpu_mb" else "target < 1 s")
         off = f", release {OFFICIAL[k]:g}" if k in OFFICIAL else ""
-        print(f"  {k:15s} {res[k]:10.3f}   ({tgt}{off})")
+        ratio = {"early_s": "early", "mid_late_s": "mid_late", "second_tumor_s": "second_tumor"}.get(k)
+        ratio = f" = {res[ratio + '_floor_ratio']:.2f}x its floor" if ratio else ""
+        print(f"  {k:15s} {res[k]:10.3f}{ratio:20s} ({tgt}{off})")
     g = res["gflop"]
     print(f"floor of the exact float32 path on this machine: early {res['floor_early_s']:.2f} s, mid/late "
           f"{res['floor_mid_late_s']:.2f} s ({g['encode']:.1f} GFLOP encode + {steps['early']} / {steps['mid_late']} x "

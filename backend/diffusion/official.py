@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from backend.diffusion.ddim import DDIMScheduler
+from backend.diffusion.dpm_solver import DPMSolverMultistepScheduler
 from backend.diffusion.ddpm import DDPMScheduler
 from backend.diffusion.schedule import SCHEDULE_BUFFER_NAMES, schedule_mismatch, timesteps_of
 from backend.diffusion.unet import Unet3D, Unet3DConfig
@@ -74,6 +75,10 @@ class DiffusionCheckpoint(NamedTuple):
     def ddim_scheduler(self, num_inference_steps: int = 50, *, eta: float = 0.0, **kwargs) -> DDIMScheduler:
         """DDIM sampler (released mid/late-tumour sampler: 50 steps, eta 0)."""
         return DDIMScheduler(self.timesteps, num_inference_steps=num_inference_steps, eta=eta, **kwargs)
+
+    def dpm_solver_scheduler(self, num_inference_steps: int = 15, **kwargs) -> DPMSolverMultistepScheduler:
+        """DPM-Solver++(2M) over this model's schedule: an opt-in fast sampler (not in the release)."""
+        return DPMSolverMultistepScheduler(self.timesteps, num_inference_steps=num_inference_steps, **kwargs)
 
 
 def _config_from_state(sd: Mapping[str, torch.Tensor], stored: Mapping | None) -> Unet3DConfig:
