@@ -3,8 +3,7 @@
 Qt-free: everything here works on a napari ``ViewerModel`` (the dims point, the camera, the canvas size)
 and on numpy masks. :func:`tumor_focus` finds what to look at (the centre of mass of the largest
 connected component of a mask, in world millimetres, and its radius); :func:`focus_views` moves the view
-there. The "Window / level" widget's three views get a ``focus_views`` of the same signature in
-``_viewing.py``; this one moves the main viewer only.
+there, in the main viewer and in the "Window / level" widget's coronal and sagittal views.
 """
 
 from __future__ import annotations
@@ -116,9 +115,13 @@ def _fit_zoom(viewer, view_px: np.ndarray) -> float | None:
 
 
 def focus_views(viewer: napari.components.ViewerModel, center_world: Sequence[float], radius_mm: float) -> None:
-    """Move the view to ``center_world`` (napari world coordinates, dims order (z, y, x)): the slices
+    """Move every view to ``center_world`` (napari world coordinates, dims order (z, y, x)): the slices
     through it, the camera centred on it and zoomed (:func:`focus_zoom`) so that a tumour of
-    ``radius_mm`` spans a readable part of the canvas."""
+    ``radius_mm`` spans a readable part of the canvas. The main viewer (one grid cell when napari's grid
+    is on) and, when the "Window / level" widget shows them, the coronal and sagittal views, which keep
+    this framing when their canvases are resized until the user pans or zooms."""
+    from difftumor_napari._viewing import three_views_of
+
     ndim = viewer.dims.ndim
     point = np.asarray(center_world, float)[-3:]
     if ndim < 3 or point.size != 3 or not np.all(np.isfinite(point)):
@@ -132,6 +135,10 @@ def focus_views(viewer: napari.components.ViewerModel, center_world: Sequence[fl
         camera.center = tuple(centre)
     px = view_size_px(viewer)
     camera.zoom = focus_zoom(radius_mm, px, _fit_zoom(viewer, px))
+    views = three_views_of(viewer) if ndim == 3 else None
+    if views is not None:
+        for side in views.framings.values():
+            side.focus(tuple(float(v) for v in point), float(radius_mm))
 
 
 def focus_on_mask(viewer, mask: np.ndarray, layer) -> tuple[np.ndarray, float] | None:

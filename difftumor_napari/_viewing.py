@@ -177,15 +177,6 @@ def too_thin(shape_zyx, scale_zyx) -> str | None:
     return None
 
 
-def focus_zoom(canvas_size_hw, radius_mm: float, fit_zoom: float | None = None) -> float:
-    """Camera zoom (canvas pixels per mm) at which a sphere of ``radius_mm`` spans about a fifth of the
-    canvas's smaller side (a field of view of 5 diameters, at least 40 mm); never zoomed out beyond
-    ``fit_zoom`` (the whole volume in view)."""
-    fov = max(10.0 * float(radius_mm), 40.0)
-    zoom = float(min(canvas_size_hw)) / fov
-    return max(zoom, fit_zoom) if fit_zoom is not None else zoom
-
-
 def _mirrorable(layer) -> bool:
     from napari.layers import Image, Labels
 
@@ -198,27 +189,6 @@ _THREE_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # viewe
 def three_views_of(viewer) -> ThreeViews | None:
     """The :class:`ThreeViews` shown for ``viewer`` (None when three views were never opened)."""
     return _THREE_VIEWS.get(getattr(viewer, "__wrapped__", viewer))
-
-
-def focus_views(viewer, center_world, radius_mm: float) -> None:
-    """Go to a point in every view: its slice in the axial, coronal and sagittal views, each view
-    centred on it and zoomed so that a sphere of ``radius_mm`` spans a readable part of the canvas.
-
-    ``center_world``: (z, y, x) in the viewer's world coordinates (napari dims order, mm for layers
-    opened by DiffTumor). Works without three views (axial view only). The views keep this framing
-    when their canvases are resized (a dock shown or moved) until the user pans or zooms.
-    """
-    model = getattr(viewer, "__wrapped__", viewer)
-    center = tuple(float(c) for c in center_world)
-    if len(center) != 3 or model.dims.ndim != 3:
-        raise ValueError(f"focus_views: center_world must be (z, y, x) in a 3D viewer, got {center_world}")
-    model.dims.set_point((0, 1, 2), center)
-    views = three_views_of(model)
-    framing = _Framing(model)
-    framing.focus(center, float(radius_mm))
-    if views is not None:
-        for side in views.framings.values():
-            side.focus(center, float(radius_mm))
 
 
 class _Framing:
@@ -259,7 +229,9 @@ class _Framing:
             cam_center = list(model.camera.center)
             cam_center[-2], cam_center[-1] = center[rows], center[cols]
             model.camera.center = tuple(cam_center)
-            model.camera.zoom = focus_zoom(model.canvas.size, radius, fit_zoom)
+            from difftumor_napari._focus import focus_zoom
+
+            model.camera.zoom = focus_zoom(radius, model.canvas.size, fit_zoom)
         self._placed = self._camera_state()
 
     def _on_resize(self, event=None) -> None:
@@ -278,8 +250,8 @@ class ThreeViews:
     does not move. Moving the slider in any view moves the others; a click (without drag) in any of the
     three views moves the cursor there. Each extra view draws a crosshair through the cursor: its
     horizontal line is the axial slice, its vertical line the slice of the other extra view. Each view
-    fits the whole volume to its canvas (again when the canvas is resized) unless :func:`focus_views`
-    framed a point or the user panned or zoomed.
+    fits the whole volume to its canvas (again when the canvas is resized) unless
+    :func:`difftumor_napari._focus.focus_views` framed a point or the user panned or zoomed.
     """
 
     CROSSHAIR = "cursor"  # name of the crosshair layer in the extra views (not a copy of a main layer)

@@ -365,7 +365,7 @@ def test_a_thin_volume_says_so(make_napari_viewer, qtbot, monkeypatch):
 
 
 def test_focus_views_frames_a_point_in_all_three_views(ct_viewer, widget):
-    from difftumor_napari._viewing import focus_views
+    from difftumor_napari._focus import focus_views
 
     widget.toggle_three_views()
     views = widget._three_views
@@ -385,11 +385,11 @@ def test_focus_views_frames_a_point_in_all_three_views(ct_viewer, widget):
 
 
 def test_focus_zoom():
-    from difftumor_napari._viewing import focus_zoom
+    from difftumor_napari._focus import focus_zoom
 
-    assert focus_zoom((400, 600), 10.0) == pytest.approx(4.0)  # 100 mm field of view in 400 px
-    assert focus_zoom((400, 600), 1.0) == pytest.approx(10.0)  # never closer than 40 mm
-    assert focus_zoom((400, 600), 100.0, fit_zoom=2.0) == 2.0  # never farther than the whole volume
+    assert focus_zoom(10.0, (400, 600)) == pytest.approx(5.0)  # four diameters (80 mm) across 400 px
+    assert focus_zoom(1.0, (400, 600)) == pytest.approx(400 / 60)  # never closer than 60 mm
+    assert focus_zoom(100.0, (400, 600), fit_zoom=2.0) == 2.0  # never farther than the whole volume
 
 
 def test_slider_numbers_get_the_width_their_font_needs(make_napari_viewer):
