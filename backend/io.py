@@ -20,9 +20,10 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
@@ -83,10 +84,10 @@ class Geometry:
 
     # -- conversions -------------------------------------------------------------------------
     @classmethod
-    def from_image(cls, image: "sitk.Image") -> "Geometry":
+    def from_image(cls, image: sitk.Image) -> Geometry:
         return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
-    def apply_to(self, image: "sitk.Image") -> "sitk.Image":
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
         """Set spacing, origin and direction on ``image`` (in place; returned for chaining)."""
         if tuple(image.GetSize()) != self.size:
             raise ValueError(f"image size {image.GetSize()} differs from geometry size {self.size}")
@@ -105,7 +106,7 @@ class Geometry:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Geometry":
+    def from_dict(cls, d: dict) -> Geometry:
         return cls(tuple(d["size"]), tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]))
 
     # -- derived -----------------------------------------------------------------------------
@@ -123,7 +124,7 @@ class Geometry:
         """Volume of one voxel in millilitres (spacing in mm)."""
         return float(np.prod(self.spacing)) / 1000.0
 
-    def matches(self, other: "Geometry", *, rtol: float = 1e-6, atol: float = 1e-5) -> bool:
+    def matches(self, other: Geometry, *, rtol: float = 1e-6, atol: float = 1e-5) -> bool:
         """True if both describe the same grid up to floating-point noise.
 
         Sizes must be equal; spacing, origin (mm) and direction cosines are compared with
@@ -138,7 +139,7 @@ class Geometry:
             and np.allclose(self.direction, other.direction, rtol=rtol, atol=atol)
         )
 
-    def describe_difference(self, other: "Geometry", *, rtol: float = 1e-6, atol: float = 1e-5) -> str:
+    def describe_difference(self, other: Geometry, *, rtol: float = 1e-6, atol: float = 1e-5) -> str:
         """Short text naming the first field that differs ("" if the grids match)."""
         if self.size != other.size:
             return f"size {self.size} vs {other.size}"
@@ -242,11 +243,11 @@ class Volume:
     def name(self) -> str:
         return str(self.path) if self.path is not None else "<in-memory volume>"
 
-    def with_array(self, array: np.ndarray) -> "Volume":
+    def with_array(self, array: np.ndarray) -> Volume:
         """A new Volume on the same grid (no source path: it is new data)."""
         return Volume(np.asarray(array), self.geometry, None)
 
-    def to_sitk(self) -> "sitk.Image":
+    def to_sitk(self) -> sitk.Image:
         import SimpleITK as sitk
 
         arr = self.array
@@ -256,7 +257,7 @@ class Volume:
         return self.geometry.apply_to(image)
 
     @classmethod
-    def from_sitk(cls, image: "sitk.Image", path: PathLike | None = None) -> "Volume":
+    def from_sitk(cls, image: sitk.Image, path: PathLike | None = None) -> Volume:
         import SimpleITK as sitk
 
         return cls(sitk.GetArrayFromImage(image), Geometry.from_image(image), path)
@@ -379,7 +380,7 @@ def read_image(path: PathLike) -> Volume:
     return volume
 
 
-def _read_checked_file(path: Path) -> "sitk.Image | Volume":
+def _read_checked_file(path: Path) -> sitk.Image | Volume:
     """SimpleITK's read of one file, refused when the file is cut short or damaged (:mod:`backend.integrity`).
 
     A gzip NIfTI holding a plain scalar 3D volume (the usual CT or label file) is inflated once, by the check,
@@ -421,7 +422,7 @@ def _sitk_scalar_dtypes() -> dict:
             sitk.sitkFloat32: np.float32, sitk.sitkFloat64: np.float64}
 
 
-def _read_gzip_nifti(reader, path: Path) -> "Volume | None":
+def _read_gzip_nifti(reader, path: Path) -> Volume | None:
     """A plain scalar 3D gzip NIfTI as a Volume, its data inflated once with the integrity check; None for
     other layouts (4D, vector, scaled to float by ITK, ...), which SimpleITK reads whole."""
     from backend.integrity import Broken, broken, check_image_file, read_gzip_nifti_voxels
@@ -502,7 +503,7 @@ def _itk_reason(exc: Exception) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:200]
 
 
-def _as_3d(image: "sitk.Image", path: Path) -> "sitk.Image":
+def _as_3d(image: sitk.Image, path: Path) -> sitk.Image:
     import SimpleITK as sitk
 
     n_comp = image.GetNumberOfComponentsPerPixel()

@@ -134,7 +134,7 @@ class WeightsFolder:
     _sha: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def find(cls, path=None) -> "WeightsFolder":
+    def find(cls, path=None) -> WeightsFolder:
         root, source = resolve_weights_dir(path)
         return cls(root, source)
 

@@ -17,12 +17,11 @@ decode (about 4.5 s), which this script does not run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
 import time
-
-import importlib.util
 from pathlib import Path
 
 import torch

@@ -142,7 +142,6 @@ def scenario(ct_path: str, seg_path: str, three_views: bool) -> dict:
 
     from backend.cli import demo
     from difftumor_napari import _synthesis as syn
-
     from difftumor_napari._sample_data import make_phantom_sample
 
     # the window `difftumor demo` opens (phantom + widgets + three views or not); the user then closes the

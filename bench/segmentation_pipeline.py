@@ -31,7 +31,6 @@ sys.path.insert(0, str(REPO / "bench"))
 
 def _loader_seconds(cfg, items, batches: int) -> tuple[float, float]:
     """(median seconds per batch after the first, synthetic fraction) of the training DataLoader."""
-    import torch
     from monai.data import DataLoader, Dataset
 
     from backend.train.segmentation import build_transforms

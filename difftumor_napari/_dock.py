@@ -195,7 +195,7 @@ def dismiss_error_toasts(event=None) -> int:
     return closed
 
 
-_DISMISSING: "weakref.WeakSet" = weakref.WeakSet()  # viewers whose successes clear stale error toasts
+_DISMISSING: weakref.WeakSet = weakref.WeakSet()  # viewers whose successes clear stale error toasts
 
 
 def _on_notification(notification) -> None:

@@ -8,7 +8,8 @@ there, in the main viewer and in the "Window / level" widget's coronal and sagit
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 

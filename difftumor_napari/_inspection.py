@@ -14,8 +14,8 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, PushButton
 
 from difftumor_napari import inspection as ins
-from difftumor_napari._dock import ScrollableContainer, browse, forms
 from difftumor_napari import placement as pl
+from difftumor_napari._dock import ScrollableContainer, browse, forms
 from difftumor_napari._placement import notify_error, organ_label_layers, select_first, unwrap, wrapped
 
 if TYPE_CHECKING:

@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, FloatSlider, FloatSpinBox, Label, PushButton,
-                              SpinBox)
+from magicgui.widgets import CheckBox, ComboBox, FloatSlider, FloatSpinBox, Label, PushButton, SpinBox
 
 from difftumor_napari import placement as pl
 from difftumor_napari._dock import ScrollableContainer, forms

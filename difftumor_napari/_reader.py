@@ -15,8 +15,9 @@ as Labels layers; TotalSegmentator and MSD label ids are named in the layer's ``
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 

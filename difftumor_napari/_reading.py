@@ -288,7 +288,6 @@ def open_reading(session: ReadingSession, viewer: napari.viewer.Viewer | None = 
 def run_reading_app(session: ReadingSession) -> None:
     """``difftumor study read``: open napari with the reading widget and block until it closes."""
     import napari
-
     from qtpy.QtCore import QTimer
 
     _, widget = open_reading(session)

@@ -14,14 +14,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar,
-                              PushButton, SpinBox)
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
 
+from difftumor_napari import placement as pl
 from difftumor_napari import synthesis_tasks as st
 from difftumor_napari._dock import ScrollableContainer, browse, default_save_folder, forms, watch
-from difftumor_napari._placement import (TUMOR_LAYER, ct_image_layers, notify_error, organ_label_layers,
-                                         select_first, unwrap, wrapped)
-from difftumor_napari import placement as pl
+from difftumor_napari._placement import (
+    TUMOR_LAYER,
+    ct_image_layers,
+    notify_error,
+    organ_label_layers,
+    select_first,
+    unwrap,
+    wrapped,
+)
 
 if TYPE_CHECKING:
     import napari

@@ -18,9 +18,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
-
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, PushButton
-
 from qtpy.QtCore import QEvent
 
 from difftumor_napari._dock import ScrollableContainer, clear_errors_on_success, watch
@@ -78,7 +76,7 @@ def vertical_orientation(dims_order: tuple[int, ...], ndisplay: int, ndim: int) 
     return "up" if dims_order[-2] == ndim - 3 else "down"
 
 
-_RADIOLOGICAL: "weakref.WeakSet" = weakref.WeakSet()  # viewers already kept radiological
+_RADIOLOGICAL: weakref.WeakSet = weakref.WeakSet()  # viewers already kept radiological
 
 
 def keep_radiological(viewer: napari.components.ViewerModel) -> None:
@@ -183,7 +181,7 @@ def _mirrorable(layer) -> bool:
     return isinstance(layer, (Image, Labels)) and layer.ndim == 3 and not getattr(layer, "rgb", False)
 
 
-_THREE_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # viewer model -> its ThreeViews
+_THREE_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # viewer model -> its ThreeViews
 
 
 def three_views_of(viewer) -> ThreeViews | None:

@@ -45,7 +45,7 @@ def write_layer(path, data, meta: dict, *, labels: bool) -> Path:
     return write_image(array, target, geometry)
 
 
-def layer_volume(data, meta: dict, *, labels: bool, target) -> tuple[np.ndarray, "Geometry"]:
+def layer_volume(data, meta: dict, *, labels: bool, target) -> tuple[np.ndarray, Geometry]:
     """A layer's data as (array, geometry) of its original file: display reorientation undone, dtype restored
     (see :func:`write_layer`; ``target`` names the file in errors)."""
     from backend.errors import DiffTumorError

@@ -35,10 +35,10 @@ import fcntl
 import io
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage

@@ -13,8 +13,9 @@ be undone on its own; synthesis treats every non-zero voxel as tumour.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ def world_to_data(world: Sequence[float], scale: Sequence[float], translate: Seq
 
 
 def layer_geometry(shape: Sequence[int], scale: Sequence[float], translate: Sequence[float],
-                   metadata: dict | None = None) -> "Geometry":
+                   metadata: dict | None = None) -> Geometry:
     """The grid of a displayed layer: the reader's ``display_geometry`` when recorded, else an
     axis-aligned LPS grid from ``scale``/``translate`` (reversed to SimpleITK (x, y, z) order)."""
     from backend.io import Geometry
@@ -179,7 +180,7 @@ class Placement:
     params: dict = field(default_factory=dict)
 
 
-def ellipsoid_on_grid(geometry: "Geometry", spec: TumorSpec) -> np.ndarray:
+def ellipsoid_on_grid(geometry: Geometry, spec: TumorSpec) -> np.ndarray:
     """The tumour of ``spec`` on the display grid (boolean (z, y, x))."""
     from backend.synthesis.masks import ellipsoid_mask
 
@@ -260,9 +261,9 @@ class PlacementHistory:
         return [dict(p.params, label=p.label) for p in self.done]
 
 
-def place_ellipsoid(labels: np.ndarray, history: PlacementHistory, geometry: "Geometry", organ: np.ndarray | None,
+def place_ellipsoid(labels: np.ndarray, history: PlacementHistory, geometry: Geometry, organ: np.ndarray | None,
                     spec: TumorSpec, *, organ_name: str, keep_inside_organ: bool = True,
-                    file_geometry: "Geometry | None" = None, existing: np.ndarray | None = None) -> Placement:
+                    file_geometry: Geometry | None = None, existing: np.ndarray | None = None) -> Placement:
     """Validate ``spec`` against the organ, draw it (clipped to the organ if asked) and record it.
 
     ``existing``: tumours already labelled in the organ labels (label 2 of an MSD/LiTS/KiTS map). A centre on
@@ -298,7 +299,7 @@ def place_ellipsoid(labels: np.ndarray, history: PlacementHistory, geometry: "Ge
                                                 "keep_inside_organ": keep_inside_organ, **spec.to_dict(), **where})
 
 
-def random_tumors(geometry: "Geometry", organ: np.ndarray, organ_name: str, *, size: str, count: int,
+def random_tumors(geometry: Geometry, organ: np.ndarray, organ_name: str, *, size: str, count: int,
                   seed: int, keep_inside_organ: bool = True) -> tuple[list[np.ndarray], list[dict]]:
     """``count`` tumours of ``size`` at valid places in the organ, from the release's generator.
 
@@ -323,7 +324,7 @@ def random_tumors(geometry: "Geometry", organ: np.ndarray, organ_name: str, *, s
     return shapes, params
 
 
-def tumor_stages(labels: np.ndarray, geometry: "Geometry") -> list[str]:
+def tumor_stages(labels: np.ndarray, geometry: Geometry) -> list[str]:
     """The stage the engine will choose for each tumour group (its largest tumour: 'early' below 20 mm, else
     'mid_late'; :func:`backend.synthesis.engine.planned_stages`)."""
     from backend.synthesis.engine import planned_stages

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -123,7 +124,7 @@ class SynthesisJob:
     geometry: Any  # backend.io.Geometry of that grid
     organ_mask: np.ndarray  # bool
     tumor_mask: np.ndarray  # bool or ids (non-zero = tumour)
-    request: "SynthesisRequest"  # what to synthesize (backend.synthesis.request)
+    request: SynthesisRequest  # what to synthesize (backend.synthesis.request)
     device: str = "auto"
     weights_dir: str | None = None
     placements: list[dict] = field(default_factory=list)

@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 
 from backend.errors import DiffTumorError
-
 from study.resample import HU_RANGE
 
 log = logging.getLogger(__name__)

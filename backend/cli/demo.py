@@ -49,7 +49,6 @@ def _check_display() -> None:
 def _load_layers(args) -> list[tuple]:
     """Layer data for the demo; every input problem raises before any window opens."""
     from backend.io import check_same_grid, read_image
-
     from difftumor_napari._reader import layer_name, volume_to_layer_data
 
     if args.ct is None:

@@ -122,8 +122,8 @@ def handler(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from backend.errors import DiffTumorError
     from backend.cli.synthesize import check_out_writable
+    from backend.errors import DiffTumorError
     from backend.segmentation.evaluate import EvaluationConfig, evaluate_files
 
     # before any case is read or predicted: a file or unwritable place as --out would otherwise fail

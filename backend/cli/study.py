@@ -135,9 +135,8 @@ def create_handler(args) -> int:
 
 
 def read_handler(args) -> int:
-    from study.session import ReadingSession
-
     from study.design import load_study
+    from study.session import ReadingSession
 
     study = load_study(args.study, args.reader)
     if args.reader is None and len(study.readers) != 1:
@@ -158,7 +157,7 @@ def report_handler(args) -> int:
     from study.report import write_report
 
     paths = write_report(args.answers, args.key, args.out, force=args.force)
-    sys.stdout.write((Path(paths["table.md"]).read_text(encoding="utf-8")))
+    sys.stdout.write(Path(paths["table.md"]).read_text(encoding="utf-8"))
     print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}")
     return 0
 

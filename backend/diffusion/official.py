@@ -21,8 +21,8 @@ from typing import NamedTuple
 import torch
 
 from backend.diffusion.ddim import DDIMScheduler
-from backend.diffusion.dpm_solver import DPMSolverMultistepScheduler
 from backend.diffusion.ddpm import DDPMScheduler
+from backend.diffusion.dpm_solver import DPMSolverMultistepScheduler
 from backend.diffusion.schedule import SCHEDULE_BUFFER_NAMES, schedule_mismatch, timesteps_of
 from backend.diffusion.unet import Unet3D, Unet3DConfig
 from backend.errors import DiffTumorError, load_failure_cause

@@ -29,9 +29,9 @@ import csv
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

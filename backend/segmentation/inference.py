@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 def load_segmentation_model(path, device):
     """(model in eval mode, checkpoint dict) from a ``difftumor train segmentation`` checkpoint."""
-    from backend.segmentation.networks import NetworkConfig, build_network
     from backend.checkpoint import load_checkpoint
+    from backend.segmentation.networks import NetworkConfig, build_network
 
     ck = load_checkpoint(path)
     if ck.get("stage") != "segmentation":
@@ -61,11 +61,11 @@ def predict_volume(model, ct, *, roi_size, overlap: float, sw_batch_size: int, d
 def predict_dataset(model_path, data, out_dir, *, folds=None, fold=None, overlap=0.75, sw_batch_size=2, device="auto"):
     """Generator: predict every labelled case of ``data`` (only fold ``fold``'s validation cases
     when a split file and fold are given); returns ``(pred_dir, label_dir, meta)``."""
+    from backend.data import label_for as _label_for
     from backend.data import list_cases
     from backend.device import resolve_device
     from backend.io import check_same_grid, read_image, write_image
     from backend.segmentation.evaluate import read_fold_file, select_fold
-    from backend.data import label_for as _label_for
 
     if not 0.0 <= overlap < 1.0:
         raise DiffTumorError(f"--overlap: must be in [0, 1), got {overlap}")

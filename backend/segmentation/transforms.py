@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch

@@ -15,8 +15,8 @@ inside the crop's footprint; a voxel changes only where the sampled blurred mask
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage

@@ -15,12 +15,11 @@ or a ``torch.Generator``; noise is drawn on the CPU so a seed gives the same tum
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
-
 
 
 @dataclass

@@ -36,8 +36,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -45,11 +45,22 @@ from backend.errors import DiffTumorError
 from backend.io import Geometry, Volume, check_same_grid, label_map_range
 from backend.progress import run_sync
 from backend.synthesis import blend, crops, masks
-from backend.synthesis.crops import (GROUP_EXTENT_MM, bbox_slices, component_diameters_mm,  # noqa: F401 - re-exported
-                                     group_components, group_crop, outside_crop)
+from backend.synthesis.crops import (  # noqa: F401 - re-exported
+    GROUP_EXTENT_MM,
+    bbox_slices,
+    component_diameters_mm,
+    group_components,
+    group_crop,
+    outside_crop,
+)
 from backend.synthesis.model_based import ModelBasedConfig, cast_like, synthesize_model_based
-from backend.synthesis.placement import (_organ_in_model_space, _random_joint, _random_setup,  # noqa: F401
-                                         random_tumor_mask, random_tumor_masks)
+from backend.synthesis.placement import (  # noqa: F401
+    _organ_in_model_space,
+    _random_joint,
+    _random_setup,
+    random_tumor_mask,
+    random_tumor_masks,
+)
 from backend.synthesis.request import METHODS, Generated, OptionError, SynthesisRequest, UserMask  # noqa: F401
 from backend.synthesis.stage import EARLY_MAX_DIAMETER_MM, Stage, stage_of_diameter  # noqa: F401 - re-exported
 
@@ -287,6 +298,7 @@ class SynthesisEngine:
         if not ck.vqgan_state:
             return ae
         import torch
+
         from backend.vqgan.model import VQGAN
 
         own = ae.state_dict()
@@ -480,11 +492,11 @@ class SynthesisEngine:
         }
 
     # ---------------------------------------------------------------- helpers
-    def _generate(self, ct: Volume, organ_arr: np.ndarray, organ: str, size, count, rng, cached: "_CTEntry"):
+    def _generate(self, ct: Volume, organ_arr: np.ndarray, organ: str, size, count, rng, cached: _CTEntry):
         setup = _random_setup(ct, organ_arr, organ, size, count, rng)
         return _random_joint(*setup, count, prepared=lambda sz: cached.organ_model(ct.geometry, organ_arr, sz))
 
-    def _ct_entry(self, ct: Volume, organ_mask, organ_name: str) -> tuple["_CTEntry", np.ndarray]:
+    def _ct_entry(self, ct: Volume, organ_mask, organ_name: str) -> tuple[_CTEntry, np.ndarray]:
         """The per-CT cache entry (checked CT, prepared organ mask) for a repeated call on the same CT."""
         key = _ct_key(ct)
         organ_arr = _as_mask(organ_mask, ct, organ_name)

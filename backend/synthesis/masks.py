@@ -19,8 +19,8 @@ Everything is reproducible from a ``numpy.random.Generator`` (or an integer seed
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage

@@ -35,8 +35,9 @@ Everything runs on the support's bounding box: a 30 mm tumour takes well under a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage

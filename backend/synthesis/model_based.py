@@ -58,14 +58,18 @@ to the input; integer CTs stay integer (rounded, clipped to the dtype's range).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from backend.synthesis.mass_effect import (MassEffectConfig, apply_mass_effect, equivalent_diameter_mm,
-                                           mass_effect_applies)
+from backend.synthesis.mass_effect import (
+    MassEffectConfig,
+    apply_mass_effect,
+    equivalent_diameter_mm,
+    mass_effect_applies,
+)
 
 PHASES = ("non-contrast", "enhanced")
 

@@ -27,8 +27,9 @@ effect) is one field here, one line in :meth:`SynthesisRequest._check` and one i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 

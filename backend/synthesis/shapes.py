@@ -21,7 +21,7 @@ clipped to the organ and never overlaps ``avoid``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage

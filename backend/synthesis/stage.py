@@ -25,8 +25,8 @@ Spelling: :class:`Stage` values are ``"early"`` and ``"mid_late"`` (what the eng
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import Enum
-from typing import Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class Stage(str, Enum):
         return "early" if self is Stage.EARLY else "noearly"
 
     @classmethod
-    def parse(cls, value: "str | Stage", name: str = "stage") -> "Stage":
+    def parse(cls, value: str | Stage, name: str = "stage") -> Stage:
         """``early``, ``mid_late`` (also the release's ``noearly`` and ``mid/late``) -> Stage; a user error otherwise."""
         if isinstance(value, Stage):
             return value

@@ -157,7 +157,7 @@ def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, pad: tuple[int, ...] | None 
     return out if pad is None else F.pad(out, pad, mode="replicate")
 
 
-def _norm_silu_conv(norm: nn.GroupNorm, conv: "SamePadConv3d", x: torch.Tensor) -> torch.Tensor:
+def _norm_silu_conv(norm: nn.GroupNorm, conv: SamePadConv3d, x: torch.Tensor) -> torch.Tensor:
     """``conv(SiLU(GroupNorm(x)))``; on the fast path the padding is written with the activation."""
     if _is_fast(x) and conv.padding_type == "replicate" and any(conv.pad):
         return conv.conv(_norm_silu(norm, x, conv.pad))
@@ -336,7 +336,7 @@ class Decoder(nn.Module):
             h = block.res2(h, out_pad=self.conv_blocks[i + 1].up.pad if i < last else self.conv_last.pad)
         return self.conv_last.conv(h)  # (B, 1, Z, X, Y), no output activation
 
-    def _last_on_region(self, res: "ResBlock", x: torch.Tensor, region) -> torch.Tensor:
+    def _last_on_region(self, res: ResBlock, x: torch.Tensor, region) -> torch.Tensor:
         size = x.shape[2:]
         box = [(sl.start or 0, size[a] if sl.stop is None else sl.stop) for a, sl in enumerate(region)]
         if any(not 0 <= lo < hi <= n for (lo, hi), n in zip(box, size)):

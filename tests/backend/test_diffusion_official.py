@@ -6,8 +6,8 @@ network evaluations and the 50-step DDIM, and the looser count/mean rule for the
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from backend.diffusion.ddim import DDIMScheduler
 from backend.diffusion.ddpm import DDPMScheduler

@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from backend.synthesis.mass_effect import (MassEffectConfig, apply_mass_effect, equivalent_diameter_mm,
-                                           mass_effect_applies, warp_crop)
+from backend.synthesis.mass_effect import (
+    MassEffectConfig,
+    apply_mass_effect,
+    equivalent_diameter_mm,
+    mass_effect_applies,
+    warp_crop,
+)
 
 
 def _sphere(shape, centre, radius_vox):
@@ -164,8 +169,8 @@ def test_diffusion_crop_warped_before_encoding_reaches_the_output(parity_dir, pa
     import torch
 
     from backend.synthesis import blend
-    from backend.synthesis.engine import SynthesisEngine, run_sync
     from backend.synthesis.diffusion_crop import iter_synthesize_crop
+    from backend.synthesis.engine import SynthesisEngine, run_sync
 
     x = parity_outputs["x"][0, 0].numpy()  # (X, Y, Z) in [-1, 1], 1 mm
     tumor = _sphere(x.shape, (48, 48, 48), 15.5)  # 31 mm

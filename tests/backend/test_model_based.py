@@ -7,8 +7,13 @@ import pytest
 from scipy import ndimage
 
 from backend.synthesis.masks import ellipsoid_box
-from backend.synthesis.model_based import (CONTRAST_TABLE, ModelBasedConfig, contrast_phase, model_based_tumor,
-                                           synthesize_model_based)
+from backend.synthesis.model_based import (
+    CONTRAST_TABLE,
+    ModelBasedConfig,
+    contrast_phase,
+    model_based_tumor,
+    synthesize_model_based,
+)
 
 
 def _scene(dtype=np.int16, organ_hu=60.0, noise=10.0):

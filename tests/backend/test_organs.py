@@ -9,7 +9,16 @@ import pytest
 
 from backend.errors import DiffTumorError
 from backend.io import Geometry, Volume, read_image, write_image
-from backend.organs import ORGAN_TOTALSEG_IDS, ORGANS, TOTALSEG_IDS, TOTALSEG_NAMES, detect_convention, load_organ_mask, organs_present, parse_organ
+from backend.organs import (
+    ORGAN_TOTALSEG_IDS,
+    ORGANS,
+    TOTALSEG_IDS,
+    TOTALSEG_NAMES,
+    detect_convention,
+    load_organ_mask,
+    organs_present,
+    parse_organ,
+)
 
 GEO = Geometry((6, 5, 4), (1.5, 1.5, 2.0), (10.0, -5.0, 3.0))
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 from monai.data import MetaTensor
 from monai.transforms import Compose
+from scipy import ndimage
 
 from backend.errors import DiffTumorError
 from backend.segmentation.transforms import MapLabelsd, RandTumorSynthesisd

@@ -321,7 +321,6 @@ def test_check_names_a_positional_folder_as_given(tmp_path, capsys):
 
 def test_check_calls_a_pair_with_different_latent_channels_incompatible(tmp_path, capsys):
     """A 4-channel autoencoder beside a denoiser trained on 8-channel latents loads, but cannot synthesise."""
-    import torch
 
     from backend.cli import main
     from backend.diffusion.ddpm import DDPMScheduler

@@ -17,7 +17,15 @@ WIDGETS = ("Window / level", "Tumor placement", "Synthesis", "Inspection")
 def _cut_off(dock) -> list[str]:
     """Visible controls whose right edge lies beyond the visible part of the dock."""
     from qtpy.QtCore import QPoint
-    from qtpy.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QLabel, QLineEdit, QProgressBar, QScrollArea
+    from qtpy.QtWidgets import (
+        QAbstractButton,
+        QAbstractSpinBox,
+        QComboBox,
+        QLabel,
+        QLineEdit,
+        QProgressBar,
+        QScrollArea,
+    )
 
     content = dock.widget()
     visible_right = dock.contentsRect().right() + 1  # the dock clips whatever sticks out of it

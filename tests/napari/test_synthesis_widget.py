@@ -271,7 +271,6 @@ def test_user_errors_are_notifications(phantom_viewer, qtbot, monkeypatch, error
 
 def test_weights_folder_is_remembered(make_napari_viewer, qtbot, tmp_path, no_weights):
     from backend.weights import get_weights_dir_setting
-
     from difftumor_napari._synthesis import SynthesisWidget
 
     folder = tmp_path / "weights"

@@ -13,14 +13,14 @@ import pytest
 from backend.errors import DiffTumorError
 from study.design import (
     CaseSource,
-    _case_ids,
-    reader_orders,
     StudyOptions,
     StudySettings,
+    _case_ids,
     create_study,
     list_cases,
     load_study,
     read_key,
+    reader_orders,
 )
 
 SETTINGS = dict(readers=("R1", "R2"), seed=1234, roi_size_mm=(16.0, 14.0, 12.0), spacing=(1.0, 1.0, 1.5))
