@@ -307,12 +307,17 @@ _ERRNO_WHY = {
 }
 
 
+def error_reason(exc: OSError) -> str:
+    """What is wrong, in words a user can act on (``permission denied``, ``no space left on the device``)."""
+    return _ERRNO_WHY.get(exc.errno, exc.strerror or type(exc).__name__)
+
+
 def os_error_message(exc: OSError, path: PathLike | None = None) -> str:
     """One line for an :class:`OSError`: the path it concerns and what is wrong, in words a user can act on
     (``"out/a:b.csv: the file system refuses this name or operation (...)"`` rather than ``[Errno 22] Invalid
     argument``)."""
     where = exc.filename if exc.filename is not None else path
-    why = _ERRNO_WHY.get(exc.errno, exc.strerror or type(exc).__name__)
+    why = error_reason(exc)
     return f"{shown_path(where) if where is not None else 'file system'}: {why}"
 
 

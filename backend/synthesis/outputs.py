@@ -199,7 +199,10 @@ def _os_error(out: Path, exc: OSError, *, stage: Path | None = None, names: Name
     where = str(exc.filename) if getattr(exc, "filename", None) else str(out)
     if stage is not None and where.startswith(str(stage)):  # name the file as the user will see it
         where = str(out) + where[len(str(stage)):]
-    return OptionError("out", out, f"cannot write {where}: {exc.strerror or exc}", label=names("out"))
+    from backend.io import error_reason
+
+    what = "cannot write in it" if Path(where) == Path(out) else f"cannot write {where}"
+    return OptionError("out", out, f"{what}: {error_reason(exc)}", label=names("out"))
 
 
 # --------------------------------------------------------------------------------------------

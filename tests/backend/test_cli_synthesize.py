@@ -338,7 +338,7 @@ def test_failed_write_is_one_line_and_removes_the_partial_output(tmp_path, capsy
     monkeypatch.setattr(backend.io, "write_image", failing)
     assert _run(tmp_path, "--size", "tiny", out="new/case") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "label.nii.gz: Permission denied" in err[0] and err[0].startswith("difftumor: error: --out")
+    assert len(err) == 1 and "label.nii.gz: permission denied" in err[0] and err[0].startswith("difftumor: error: --out")
     assert not (tmp_path / "new").exists()  # the written ct.nii.gz and the folders made for it are gone
 
 

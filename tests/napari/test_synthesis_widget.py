@@ -594,7 +594,7 @@ def test_saving_into_a_read_only_folder_says_permission_denied(phantom_viewer, q
     folder = request.getfixturevalue("unwritable_folder")
     synth.out_dir.value = str(folder)
     assert synth.save() is None
-    assert errors[-1] == f"cannot write to {folder}: permission denied", errors[-1]
+    assert errors[-1] == f"output folder {folder}: cannot write in it: permission denied", errors[-1]
     assert synth.status.value == errors[-1] and list(folder.iterdir()) == []
 
 
