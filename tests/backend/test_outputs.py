@@ -44,7 +44,7 @@ def test_stem_outputs_never_replace_and_offer_a_free_stem(tmp_path):
 def test_a_failure_half_way_leaves_nothing_and_names_the_output_folder(tmp_path):
     images = _images()
     images["label"] = (np.zeros((2, 2, 2), np.uint8), images["label"][1])  # does not fit its grid
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match=r"Volume.array shape \(2, 2, 2\) \(z, y, x\) does not match geometry size"):
         outputs.write_output(tmp_path / "out", images, {})
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
     (tmp_path / "file").write_text("x", encoding="utf-8")
