@@ -418,20 +418,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _confound_report(rows: list[dict], truths: list[str], key_dir: Path) -> dict:
-    from study.confounds import compare_classes
-
-    result = compare_classes(rows, truths)
-    lines = [w["message"] for w in result["warnings"]]
-    auc = result["classifier"]["auc"]
-    lines.append("classifier: " + ("too few cases for a cross-validated AUC (needs 3 per class)" if auc is None else
-                                   f"cross-validated AUC {auc:.2f} on {', '.join(result['classifier']['features'])} "
-                                   f"(warning above {result['classifier']['warn_above']})"))
-    (key_dir / "confounds.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _write_json(key_dir / "confounds.json", result)
-    return result
-
-
 def _write_cases(ids: list[str], assigned: dict[str, CaseSource], cases_dir: Path, geometry, grid: dict,
                  phase, compress: bool):
     """Every case through the one path (read, resample, int16, NIfTI with a fixed mtime), in id order; yields
@@ -462,20 +448,6 @@ def _write_cases(ids: list[str], assigned: dict[str, CaseSource], cases_dir: Pat
         rows.append(case_statistics(volume, arr, labels, padded, nbytes if compress else None))
         modes[cid] = ",".join(placement.modes)
     return entries, rows, modes
-
-
-def _check_confounds(rows: list[dict], truths: list[str], key_dir: Path, strict: bool) -> None:
-    """Write the confound report to the key, log its warnings; with ``strict`` refuse the study on any."""
-    confounds = _confound_report(rows, truths, key_dir)
-    for w in confounds["warnings"]:
-        log.warning("%s", w["message"])
-    if confounds["classifier"]["auc"] is not None:
-        log.info("confound check: a classifier on the image statistics alone reaches cross-validated AUC %.2f",
-                 confounds["classifier"]["auc"])
-    if strict and confounds["warnings"]:
-        names = ", ".join(w["statistic"] for w in confounds["warnings"])
-        raise DiffTumorError(f"study --strict: {len(confounds['warnings'])} confound(s) between the real and synthetic "
-                             f"cases ({names}); nothing was written")
 
 
 def _write_packages(folder: Path, settings: StudySettings, entries: list[dict], orders: dict[str, list[str]],
@@ -545,6 +517,7 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
     overwritten.
     """
     from backend.io import Geometry
+    from study.confounds import check_confounds
     from study.resample import draw_phase
 
     settings = settings or StudySettings()
@@ -572,7 +545,7 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
         tmp_key.mkdir(parents=True)
         entries, rows, modes = yield from _write_cases(ids, assigned, tmp_out / first / "cases", geometry, grid,
                                                        phase, settings.compress)
-        _check_confounds(rows, [assigned[cid].truth for cid in ids], tmp_key, settings.strict)
+        check_confounds(rows, [assigned[cid].truth for cid in ids], tmp_key, strict=settings.strict)
         study_id = uuid.UUID(int=int(rng.integers(0, 2**63)) << 64 | int(rng.integers(0, 2**63))).hex
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         _write_packages(tmp_out, settings, entries, orders, study_id, created, geometry)
