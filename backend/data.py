@@ -114,11 +114,11 @@ def _fields(line: str) -> list[str]:
 
 def _from_list(list_path: Path) -> list[Case]:
     try:
-        lines = list_path.read_text(encoding="utf-8").splitlines()
+        lines = list_path.read_text(encoding="utf-8-sig").splitlines()  # -sig: Excel writes a BOM
     except (OSError, UnicodeDecodeError) as exc:
         raise DiffTumorError(f"{list_path}: not a readable list file ({type(exc).__name__})") from None
     base = list_path.parent
-    columns, cases = list(LIST_COLUMNS), []
+    columns, cases, header = list(LIST_COLUMNS), [], False
     for n, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -132,7 +132,7 @@ def _from_list(list_path: Path) -> list[Case]:
             if unknown or len(set(named)) != len(named):
                 raise DiffTumorError(f"{list_path}: line {n}: header columns must be among image, label (or mask), "
                                      f"organ, each once; got {', '.join(parts)}")
-            columns = named
+            columns, header = named, True
             continue
         if len(parts) > len(columns):
             raise DiffTumorError(f"{list_path}: line {n}: expected 'image[,label[,organ]]', got {len(parts)} fields")
@@ -147,6 +147,8 @@ def _from_list(list_path: Path) -> list[Case]:
             cases.append(dataclasses.replace(_atlas_case(img), organ=organ))
         else:
             cases.append(Case(img, lab, None, strip_image_suffix(img), organ))
+    if not cases:
+        raise DiffTumorError(f"{list_path}: the list file names no cases{' (a header and no rows)' if header else ''}")
     return cases
 
 

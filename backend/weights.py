@@ -62,10 +62,9 @@ def read_config() -> dict:
 def write_config(data: dict) -> Path:
     p = config_path()
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    from backend.io import write_text_atomic
+
+    return write_text_atomic(p, json.dumps(data, indent=2, sort_keys=True))
 
 
 def get_weights_dir_setting() -> Path | None:
@@ -226,14 +225,11 @@ def sha256_cached(path: Path) -> str:
     if len(cache) > SHA_CACHE_SIZE:
         keep = sorted(cache, key=lambda k: cache[k].get("at", 0) if isinstance(cache[k], dict) else 0)[-SHA_CACHE_SIZE:]
         cache = {k: cache[k] for k in keep}
-    tmp = side.with_name(f"{side.name}.{os.getpid()}.tmp")
-    try:
+    from backend.io import write_text_atomic
+
+    with contextlib.suppress(OSError):  # unwritable cache folder: no cache, still correct
         side.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, side)
-    except OSError:  # unwritable cache folder: no cache, still correct
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(side, json.dumps(cache, indent=1, sort_keys=True))
     return digest
 
 

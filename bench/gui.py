@@ -45,6 +45,8 @@ def large_case(cache: Path) -> tuple[Path, Path]:
     import numpy as np
     import SimpleITK as sitk
 
+    from backend.io import atomic_write
+
     ct_path, seg_path = cache / "large_ct.nii.gz", cache / "large_seg.nii.gz"
     if ct_path.exists() and seg_path.exists():
         return ct_path, seg_path
@@ -65,9 +67,8 @@ def large_case(cache: Path) -> tuple[Path, Path]:
     for arr, path in ((ct, ct_path), (seg, seg_path)):
         image = sitk.GetImageFromArray(arr)
         image.SetSpacing((0.8, 0.8, 1.5))
-        tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-        sitk.WriteImage(image, str(tmp), True)
-        os.replace(tmp, path)
+        with atomic_write(path, suffix=".nii.gz") as tmp:
+            sitk.WriteImage(image, str(tmp), True)
     return ct_path, seg_path
 
 

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,10 +33,11 @@ def _unpacked(name: str) -> Path:
     stamp = cache / f"{name}.src-size"
     if target.is_file() and stamp.is_file() and stamp.read_text() == str(gz.stat().st_size):
         return target
+    from backend.io import atomic_write
+
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache, delete=False) as tmp, gzip.open(gz, "rb") as fin:
-        shutil.copyfileobj(fin, tmp, length=16 << 20)
-    os.replace(tmp.name, target)
+    with atomic_write(target) as tmp, gzip.open(gz, "rb") as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout, length=16 << 20)
     stamp.write_text(str(gz.stat().st_size))
     return target
 

@@ -13,12 +13,18 @@ reader could separate real from synthetic by these image properties alone".
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from backend.errors import DiffTumorError
 from study import stats
+
+log = logging.getLogger(__name__)
 
 CLASSIFIER_AUC_WARN = 0.75  # cross-validated AUC above which the image statistics alone separate the classes
 SEPARATION_WARN = 0.8  # one statistic's AUC (or 1 - AUC) from which it is a confound, if the difference is material
@@ -214,3 +220,33 @@ def compare_classes(rows: list[dict], truths: list[str]) -> dict:
             "synthetic by these image properties alone")})
     return {"warnings": warnings, "classifier": {"auc": None if math.isnan(auc) else auc, "folds": folds,
                                                  "features": [s.key for s in used], "warn_above": CLASSIFIER_AUC_WARN}}
+
+
+def confound_report(rows: list[dict], truths: list[str], key_dir: Path) -> dict:
+    """:func:`compare_classes`, written to ``key_dir`` as ``confounds.txt`` (one line per warning, then the
+    classifier's AUC) and ``confounds.json``; returns the result."""
+    from backend.io import write_text_atomic
+
+    result = compare_classes(rows, truths)
+    lines = [w["message"] for w in result["warnings"]]
+    auc = result["classifier"]["auc"]
+    lines.append("classifier: " + ("too few cases for a cross-validated AUC (needs 3 per class)" if auc is None else
+                                   f"cross-validated AUC {auc:.2f} on {', '.join(result['classifier']['features'])} "
+                                   f"(warning above {result['classifier']['warn_above']})"))
+    write_text_atomic(key_dir / "confounds.txt", "\n".join(lines) + "\n")
+    write_text_atomic(key_dir / "confounds.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def check_confounds(rows: list[dict], truths: list[str], key_dir: Path, *, strict: bool = False) -> None:
+    """:func:`confound_report` into the key, its warnings logged; with ``strict`` any confound refuses the study."""
+    confounds = confound_report(rows, truths, key_dir)
+    for w in confounds["warnings"]:
+        log.warning("%s", w["message"])
+    if confounds["classifier"]["auc"] is not None:
+        log.info("confound check: a classifier on the image statistics alone reaches cross-validated AUC %.2f",
+                 confounds["classifier"]["auc"])
+    if strict and confounds["warnings"]:
+        names = ", ".join(w["statistic"] for w in confounds["warnings"])
+        raise DiffTumorError(f"study --strict: {len(confounds['warnings'])} confound(s) between the real and synthetic "
+                             f"cases ({names}); nothing was written")

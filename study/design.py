@@ -270,40 +270,24 @@ def check_case_files(study: Study, case_ids) -> None:
 # Inputs and key
 # --------------------------------------------------------------------------------------------
 def list_cases(spec: str | Path, truth: str, organ: str = "all") -> list[CaseSource]:
-    """Cases from a folder of images or a CSV with columns ``image[,mask][,organ]`` (paths relative to it)."""
-    from backend.io import IMAGE_SUFFIXES, image_suffix
+    """The ``truth`` ("real"/"synthetic") cases of ``spec``, listed by :func:`backend.data.list_cases`: a folder
+    of CTs (and/or case folders ``<case>/ct.<ext>``), one CT, or a list file in the project's one list-file
+    format (``image[,mask][,organ]``, an optional header line, paths relative to it). A list file's
+    ``mask``/``label`` column is the tumour mask that centres the view; labels found any other way (an
+    AbdomenAtlas ``combined_labels``, an MSD label map, a synthesize output's ``label.nii.gz``) hold organs
+    too and are not used. ``organ`` is the organ of cases the list does not name."""
+    from backend.data import list_cases as list_data
+    from backend.io import image_suffix
 
     spec = Path(spec)
-    flag = f"--{truth}"
-    if spec.is_dir():
-        images = sorted(p for p in spec.iterdir() if p.is_file() and image_suffix(p) in IMAGE_SUFFIXES)
-        if not images:
-            raise DiffTumorError(f"{flag} {spec}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        return [CaseSource(p, truth, organ) for p in images]
-    if not spec.is_file():
-        raise DiffTumorError(f"{flag} {spec}: no such folder or CSV file")
-    with open(spec, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
-        header = [(c or "").strip() for c in reader.fieldnames or []]
-    if "image" not in header:
-        raise DiffTumorError(f"{flag} {spec}: CSV needs a header with an 'image' column (optional 'mask', 'organ')")
-    if not rows:
-        raise DiffTumorError(f"{flag} {spec}: CSV lists no cases (a header and no rows)")
-    out = []
-    for i, row in enumerate(rows, start=2):
-        image = (row.get("image") or "").strip()
-        if not image:
-            raise DiffTumorError(f"{flag} {spec}: line {i} has no image")
-        mask = (row.get("mask") or "").strip()
-        resolve = lambda p: (spec.parent / p) if not Path(p).is_absolute() else Path(p)  # noqa: E731
-        out.append(CaseSource(resolve(image), truth, (row.get("organ") or "").strip() or organ,
-                              resolve(mask) if mask else None))
-    for c in out:
-        for p in (c.image, c.mask):
-            if p is not None and not p.exists():
-                raise DiffTumorError(f"{flag} {spec}: {p} does not exist")
-    return out
+    try:
+        found = list_data(spec)
+    except DiffTumorError as exc:
+        raise DiffTumorError(f"--{truth} {exc}") from None
+    from_list = spec.is_file() and not image_suffix(spec) and spec.suffix.lower() != ".json"
+    in_case_folder = lambda c: c.segmentations is not None or c.image.parent.name == c.name  # noqa: E731
+    return [CaseSource(c.image, truth, c.organ or organ, c.label if from_list and not in_case_folder(c) else None)
+            for c in found]
 
 
 def read_key(path: str | Path) -> dict[str, tuple[str, str]]:
@@ -365,9 +349,9 @@ def _case_ids(n: int, rng: np.random.Generator) -> list[str]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from backend.io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def default_key_path(out: Path) -> Path:
@@ -434,18 +418,91 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _confound_report(rows: list[dict], truths: list[str], key_dir: Path) -> dict:
-    from study.confounds import compare_classes
+def _write_cases(ids: list[str], assigned: dict[str, CaseSource], cases_dir: Path, geometry, grid: dict,
+                 phase, compress: bool):
+    """Every case through the one path (read, resample, int16, NIfTI with a fixed mtime), in id order; yields
+    ``(message, done, total)``, returns (study.json entries, statistics rows, placement modes by id)."""
+    from backend.io import write_image
+    from study.confounds import case_statistics
+    from study.resample import preprocess_case, resample_labels
 
-    result = compare_classes(rows, truths)
-    lines = [w["message"] for w in result["warnings"]]
-    auc = result["classifier"]["auc"]
-    lines.append("classifier: " + ("too few cases for a cross-validated AUC (needs 3 per class)" if auc is None else
-                                   f"cross-validated AUC {auc:.2f} on {', '.join(result['classifier']['features'])} "
-                                   f"(warning above {result['classifier']['warn_above']})"))
-    (key_dir / "confounds.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _write_json(key_dir / "confounds.json", result)
-    return result
+    suffix = ".nii.gz" if compress else ".nii"
+    total = len(ids)
+    entries, rows, modes, digests = [], [], {}, {}
+    for done, cid in enumerate(ids):
+        src = assigned[cid]
+        yield (f"case {done + 1} of {total}", done, total)
+        volume, mask = _read_case(src)
+        digest = voxel_digest(volume)
+        twin = digests.setdefault(digest, src)
+        if twin is not src:
+            raise DiffTumorError(f"study: {src.image} ({src.truth}) holds the same voxels as {twin.image} ({twin.truth}); "
+                                 "each image may be one case only")
+        arr, placement, padded = preprocess_case(volume, mask, phase=phase, **grid)
+        path = cases_dir / f"{cid}{suffix}"
+        write_image(arr, path, geometry, compress=compress)
+        os.utime(path, (FIXED_MTIME, FIXED_MTIME))
+        nbytes = path.stat().st_size
+        entries.append({"id": cid, "file": f"cases/{cid}{suffix}", "bytes": nbytes, "sha256": file_sha256(path)})
+        labels = resample_labels(mask, placement, **grid) if mask is not None else None
+        rows.append(case_statistics(volume, arr, labels, padded, nbytes if compress else None))
+        modes[cid] = ",".join(placement.modes)
+    return entries, rows, modes
+
+
+def _write_packages(folder: Path, settings: StudySettings, entries: list[dict], orders: dict[str, list[str]],
+                    study_id: str, created: str, geometry) -> None:
+    """One package per reader under ``folder`` (the first reader's cases are already written; the others get
+    hard links or copies) and ``packages.json``."""
+    first = settings.readers[0]
+    for reader in settings.readers:
+        package = folder / reader
+        if reader != first:
+            (package / "cases").mkdir(parents=True)
+            for e in entries:
+                _link_or_copy(folder / first / e["file"], package / e["file"])
+        _write_json(package / "study.json", {
+            "format": STUDY_FORMAT,
+            "version": STUDY_VERSION,
+            "study_id": study_id,
+            "created": created,
+            "readers": [reader],
+            "orders": {reader: orders[reader]},
+            "cases": entries,
+            "grid": {"spacing": list(geometry.spacing), "size": list(geometry.size), "orientation": "LPS",
+                     "dtype": "int16", "hu_range": list(HU_RANGE), "compressed": settings.compress},
+            "display": {"window": list(settings.window)},
+            "options": asdict(settings.options),
+        })
+    _write_json(folder / "packages.json", {"format": PACKAGES_FORMAT, "version": STUDY_VERSION,
+                                           "study_id": study_id, "readers": {r: r for r in settings.readers}})
+
+
+def _write_key(key_dir: Path, ids: list[str], assigned: dict[str, CaseSource], modes: dict[str, str],
+               rows: list[dict], header: dict) -> None:
+    """``key.csv`` (truth, organ, source, mask, placement per id), ``case_statistics.csv`` and ``key.json``
+    (``header`` plus the resampling policy)."""
+    with open(key_dir / "key.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow([*KEY_COLUMNS, "source", "mask", "placement"])
+        for cid in ids:
+            src = assigned[cid]
+            w.writerow([cid, src.truth, src.organ, str(src.image.resolve()),
+                        str(src.mask.resolve()) if src.mask else "", modes[cid]])
+    with open(key_dir / "case_statistics.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["case_id", "truth", *rows[0]])
+        for cid, row in zip(ids, rows):
+            w.writerow([cid, assigned[cid].truth, *row.values()])
+    header = dict(header)
+    phase = header.pop("phase")
+    _write_json(key_dir / "key.json", {
+        "format": "difftumor-study-key", "version": STUDY_VERSION, **header,
+        "resampling": {"phase": list(phase), "policy": (
+            "per world axis: source voxels copied with an integer shift where the source spacing equals the "
+            "study spacing, else grid points at 'phase' source voxels from the source voxel centres (drawn "
+            "once per study from OS randomness); key.csv 'placement' gives each case's mode per axis")},
+    })
 
 
 def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: str | Path, *,
@@ -459,9 +516,9 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
     the end, so a failure (or a strict refusal) leaves no half-made study. Existing targets are never
     overwritten.
     """
-    from backend.io import Geometry, write_image
-    from study.confounds import case_statistics
-    from study.resample import draw_phase, preprocess_case, resample_labels
+    from backend.io import Geometry
+    from study.confounds import check_confounds
+    from study.resample import draw_phase
 
     settings = settings or StudySettings()
     out = Path(out)
@@ -474,7 +531,6 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
     assigned = {ids[i]: cases[int(p)] for i, p in enumerate(perm)}  # id -> source, class-independent
     orders = reader_orders(ids, settings.readers, seed)
     phase = draw_phase()
-    suffix = ".nii.gz" if settings.compress else ".nii"
     size = settings.grid_size
     geometry = Geometry(size=size, spacing=tuple(float(s) for s in settings.spacing), origin=(0.0, 0.0, 0.0))
     grid = dict(size=size, spacing=geometry.spacing)
@@ -487,84 +543,19 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
     try:
         (tmp_out / first / "cases").mkdir(parents=True)
         tmp_key.mkdir(parents=True)
-        total = len(ids)
-        entries, rows, modes, digests = [], [], {}, {}
-        for done, cid in enumerate(ids):
-            src = assigned[cid]
-            yield (f"case {done + 1} of {total}", done, total)
-            volume, mask = _read_case(src)
-            digest = voxel_digest(volume)
-            twin = digests.setdefault(digest, src)
-            if twin is not src:
-                raise DiffTumorError(f"study: {src.image} ({src.truth}) holds the same voxels as {twin.image} ({twin.truth}); "
-                                     "each image may be one case only")
-            arr, placement, padded = preprocess_case(volume, mask, phase=phase, **grid)
-            path = tmp_out / first / "cases" / f"{cid}{suffix}"
-            write_image(arr, path, geometry, compress=settings.compress)
-            os.utime(path, (FIXED_MTIME, FIXED_MTIME))
-            nbytes = path.stat().st_size
-            entries.append({"id": cid, "file": f"cases/{cid}{suffix}", "bytes": nbytes, "sha256": file_sha256(path)})
-            labels = resample_labels(mask, placement, **grid) if mask is not None else None
-            rows.append(case_statistics(volume, arr, labels, padded, nbytes if settings.compress else None))
-            modes[cid] = ",".join(placement.modes)
-        truths = [assigned[cid].truth for cid in ids]
-        confounds = _confound_report(rows, truths, tmp_key)
-        for w in confounds["warnings"]:
-            log.warning("%s", w["message"])
-        if confounds["classifier"]["auc"] is not None:
-            log.info("confound check: a classifier on the image statistics alone reaches cross-validated AUC %.2f",
-                     confounds["classifier"]["auc"])
-        if settings.strict and confounds["warnings"]:
-            names = ", ".join(w["statistic"] for w in confounds["warnings"])
-            raise DiffTumorError(f"study --strict: {len(confounds['warnings'])} confound(s) between the real and synthetic "
-                                 f"cases ({names}); nothing was written")
+        entries, rows, modes = yield from _write_cases(ids, assigned, tmp_out / first / "cases", geometry, grid,
+                                                       phase, settings.compress)
+        check_confounds(rows, [assigned[cid].truth for cid in ids], tmp_key, strict=settings.strict)
         study_id = uuid.UUID(int=int(rng.integers(0, 2**63)) << 64 | int(rng.integers(0, 2**63))).hex
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for reader in settings.readers:
-            package = tmp_out / reader
-            if reader != first:
-                (package / "cases").mkdir(parents=True)
-                for e in entries:
-                    _link_or_copy(tmp_out / first / e["file"], package / e["file"])
-            _write_json(package / "study.json", {
-                "format": STUDY_FORMAT,
-                "version": STUDY_VERSION,
-                "study_id": study_id,
-                "created": created,
-                "readers": [reader],
-                "orders": {reader: orders[reader]},
-                "cases": entries,
-                "grid": {"spacing": list(geometry.spacing), "size": list(size), "orientation": "LPS",
-                         "dtype": "int16", "hu_range": list(HU_RANGE), "compressed": settings.compress},
-                "display": {"window": list(settings.window)},
-                "options": asdict(settings.options),
-            })
-        _write_json(tmp_out / "packages.json", {"format": PACKAGES_FORMAT, "version": STUDY_VERSION,
-                                                "study_id": study_id, "readers": {r: r for r in settings.readers}})
-        with open(tmp_key / "key.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow([*KEY_COLUMNS, "source", "mask", "placement"])
-            for cid in ids:
-                src = assigned[cid]
-                w.writerow([cid, src.truth, src.organ, str(src.image.resolve()),
-                            str(src.mask.resolve()) if src.mask else "", modes[cid]])
-        with open(tmp_key / "case_statistics.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["case_id", "truth", *rows[0]])
-            for cid, row in zip(ids, rows):
-                w.writerow([cid, assigned[cid].truth, *row.values()])
-        _write_json(tmp_key / "key.json", {
-            "format": "difftumor-study-key", "version": STUDY_VERSION, "study_id": study_id, "seed": seed,
-            "created": created, "n_real": len(real), "n_synthetic": len(synthetic),
-            "resampling": {"phase": list(phase), "policy": (
-                "per world axis: source voxels copied with an integer shift where the source spacing equals the "
-                "study spacing, else grid points at 'phase' source voxels from the source voxel centres (drawn "
-                "once per study from OS randomness); key.csv 'placement' gives each case's mode per axis")},
-        })
+        _write_packages(tmp_out, settings, entries, orders, study_id, created, geometry)
+        _write_key(tmp_key, ids, assigned, modes, rows, {
+            "study_id": study_id, "seed": seed, "created": created, "n_real": len(real),
+            "n_synthetic": len(synthetic), "phase": phase})
         for tmp, final in ((tmp_key, key_dir), (tmp_out, out)):
             if final.exists():
                 final.rmdir()  # checked empty above
-            os.replace(tmp, final)
+            os.replace(tmp, final)  # a whole folder into place (files inside were written atomically)
     finally:
         for tmp in (tmp_out, tmp_key):
             if tmp.exists():
@@ -573,17 +564,9 @@ def iter_create_study(real: list[CaseSource], synthetic: list[CaseSource], out: 
     return load_study(out, first)
 
 
-def run_generator(gen: Iterator, progress: Callable[[str, int, int], None] | None = None):
-    """Run a ``(message, done, total)`` generator to the end and return its result."""
-    while True:
-        try:
-            msg = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(*msg)
-
-
 def create_study(real, synthetic, out, *, settings: StudySettings | None = None, key_out=None,
                  progress: Callable[[str, int, int], None] | None = None) -> Study:
-    return run_generator(iter_create_study(real, synthetic, out, settings=settings, key_out=key_out), progress)
+    from backend.progress import run_sync
+
+    gen = iter_create_study(real, synthetic, out, settings=settings, key_out=key_out)
+    return run_sync(gen, None if progress is None else (lambda item: progress(*item)))

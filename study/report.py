@@ -18,8 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -388,13 +386,10 @@ REPORT_FILES = ("table.csv", "table.md", "summary.json", "figure.png", "imrmc.cs
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    from backend.io import atomic_write
+
+    with atomic_write(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def study_folder_holding(path: str | Path) -> Path | None:

@@ -79,6 +79,8 @@ def parity_src(shared_dir) -> Path:
 @pytest.fixture(scope="session")
 def parity_dir(parity_src) -> Path:
     """A folder holding the unpacked official-format files under their official names, plus the outputs."""
+    from backend.io import atomic_write
+
     out = _cache_dir() / "parity"
     out.mkdir(exist_ok=True)
     for name in ("AutoencoderModel.ckpt", "liver_early.pt", "liver_noearly.pt"):
@@ -87,10 +89,8 @@ def parity_dir(parity_src) -> Path:
         target = out / name
         if target.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == str(gz.stat().st_size):
             continue
-        tmp = out / f".{name}.tmp"
-        with gzip.open(gz, "rb") as fin, open(tmp, "wb") as fout:
+        with atomic_write(target) as tmp, gzip.open(gz, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout, length=16 << 20)
-        os.replace(tmp, target)
         stamp.write_text(str(gz.stat().st_size))
     for name in ("parity_outputs.pt", "parity_outputs.json"):
         link = out / name

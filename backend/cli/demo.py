@@ -207,15 +207,12 @@ def _save_screenshot(viewer, path: Path) -> None:
     import imageio.v3 as iio
     from qtpy.QtWidgets import QApplication
 
+    from backend.io import atomic_write
+
     for _ in range(5):  # let the docks lay out and the canvas draw
         QApplication.processEvents()
     viewer.reset_view()
     QApplication.processEvents()
     image = viewer.screenshot(canvas_only=False, flash=False)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
+    with atomic_write(path, suffix=".png") as tmp:
         iio.imwrite(tmp, image)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

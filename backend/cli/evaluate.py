@@ -69,29 +69,6 @@ def register(sub) -> None:
     p.set_defaults(func=handler)
 
 
-def run_with_bar(gen, desc: str):
-    """Drive a ``(message, done, total)`` progress generator with a tqdm bar on stderr (log lines are
-    printed above the bar) and return its result."""
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    bar = None
-    try:
-        with logging_redirect_tqdm():
-            while True:
-                try:
-                    message, done, total = next(gen)
-                except StopIteration as stop:
-                    return stop.value
-                if bar is None:
-                    bar = tqdm(total=total, desc=desc, unit="case", leave=False, disable=None)  # None: off when not a terminal
-                bar.n = done
-                bar.set_postfix_str(str(message), refresh=True)
-    finally:
-        if bar is not None:
-            bar.close()
-
-
 def check_out_outside_inputs(args) -> None:
     """``--out`` must not be (inside) a folder evaluate reads: its files would mix with the inputs (and, inside the
     prediction or label folder, a later run would pair them as cases)."""
@@ -124,6 +101,7 @@ def handler(args) -> int:
 def _evaluate(args) -> int:
     from backend.cli.synthesize import check_out_writable
     from backend.errors import DiffTumorError
+    from backend.progress import run_with_bar
     from backend.segmentation.evaluate import EvaluationConfig, evaluate_files
 
     # before any case is read or predicted: a file or unwritable place as --out would otherwise fail
@@ -140,7 +118,7 @@ def _evaluate(args) -> int:
                 args.model, args.data, Path(args.out), folds=args.folds, fold=args.fold,
                 overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=args.device,
             ),
-            "predict",
+            "predict", unit="case",
         )
         pre_skipped = meta["skipped"]
         if not any(pred_dir.glob("*.nii.gz")):
@@ -168,7 +146,7 @@ def _evaluate(args) -> int:
     rows, skipped, summary = run_with_bar(
         evaluate_files(args.pred, args.label, args.out, cfg, folds=args.folds, organ_masks=args.organ_masks,
                        fold=args.fold, skipped=pre_skipped),
-        "score",
+        "score", unit="case",
     )
     table = (Path(args.out) / "summary.md").read_text(encoding="utf-8").split("\n\n", 1)[0]
     print(table)  # the metric definitions follow it in summary.md and evaluation.json

@@ -320,54 +320,28 @@ class _OncePerMessage(logging.Filter):
 # --------------------------------------------------------------------------------------------
 # dataset mode: the cases of a folder
 # --------------------------------------------------------------------------------------------
-def case_ct_file(folder: Path) -> Path | None:
-    """``folder/ct.<ext>``: the CT of an AbdomenAtlas / TotalSegmentator case folder, or None."""
-    from backend.io import IMAGE_SUFFIXES
-
-    return next((folder / f"ct{sfx}" for sfx in IMAGE_SUFFIXES if (folder / f"ct{sfx}").is_file()), None)
-
-
-def _visible(folder: Path) -> list[Path]:
-    """Entries of ``folder`` sorted by name, without hidden ones (macOS '._' copies in the MSD archives,
-    staging folders)."""
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-
-
 def is_dataset_folder(folder: Path) -> bool:
     """A folder of CT files, or of case folders each holding ``ct.<ext>`` (any other folder is one DICOM CT)."""
+    from backend.data import case_ct_file
     from backend.io import image_suffix
 
     return folder.is_dir() and any((p.is_file() and image_suffix(p)) or (p.is_dir() and case_ct_file(p))
-                                   for p in _visible(folder))
+                                   for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def dataset_cases(ct_dir: Path, organs_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(case, CT, labels) for every CT in ``ct_dir``: ``<case>.<ext>`` files, or ``<case>/ct.<ext>`` case folders
-    (AbdomenAtlas, TotalSegmentator). Labels: ``organs_dir/<case>.<ext>`` or the case folder
-    ``organs_dir/<case>/`` (its ``segmentations/``); ``--organs`` may be the ``--ct`` folder itself."""
+    """(case, CT, labels) for every case :func:`backend.data.list_cases` finds in ``ct_dir`` with ``labels=
+    organs_dir``; labels: the file ``organs_dir/<case>.<ext>`` or the case folder ``organs_dir/<case>/``."""
+    from backend.data import list_cases
     from backend.errors import DiffTumorError
-    from backend.io import image_suffix, strip_image_suffix
 
-    if not organs_dir.is_dir():
-        raise DiffTumorError(f"--organs {organs_dir}: with a CT folder, --organs must be a folder too")
-    labels = _visible(organs_dir)
-    cases = []
-    for p in _visible(ct_dir):
-        if p.is_file() and image_suffix(p):
-            case, ct = strip_image_suffix(p), p
-        elif p.is_dir() and case_ct_file(p):
-            case, ct = p.name, case_ct_file(p)
-        else:
-            continue
-        match = [q for q in labels if (q.is_file() and image_suffix(q) and strip_image_suffix(q) == case)
-                 or (q.is_dir() and q.name == case)]
-        if not match:
-            raise DiffTumorError(f"--organs {organs_dir}: no label file or case folder for {p.name}")
-        cases.append((case, ct, match[0]))
-    if not cases:
-        raise DiffTumorError(f"--ct {ct_dir}: no CT files found in this folder (accepted: {_accepted()}, or case "
-                             "folders holding ct.nii.gz)")
-    return cases
+    organs_dir = organs_dir.expanduser()
+    try:
+        cases = list_cases(ct_dir, labels=organs_dir)
+    except DiffTumorError as exc:  # the lister names the folder; say which option gave it
+        raise DiffTumorError(f"{'--organs' if str(exc).startswith(str(organs_dir)) else '--ct'} {exc}") from None
+    from_file = lambda c: c.segmentations is None and c.label is not None and c.label.parent == organs_dir  # noqa: E731
+    return [(c.name, c.image, c.label if from_file(c) else organs_dir / c.name) for c in cases]
 
 
 def _accepted() -> str:

@@ -168,12 +168,9 @@ class DiffusionInferer:
 
     def sample(self, network: Callable, cond: torch.Tensor, **kwargs) -> torch.Tensor:
         """Run :meth:`iter_sample` to the end and return the sampled (normalised) latent."""
-        it = self.iter_sample(network, cond, **kwargs)
-        while True:
-            try:
-                next(it)
-            except StopIteration as stop:
-                return stop.value
+        from backend.progress import run_sync
+
+        return run_sync(self.iter_sample(network, cond, **kwargs))
 
 
 def _as_noise_list(noise) -> list[torch.Tensor]:

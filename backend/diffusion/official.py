@@ -26,6 +26,7 @@ from backend.diffusion.dpm_solver import DPMSolverMultistepScheduler
 from backend.diffusion.schedule import SCHEDULE_BUFFER_NAMES, schedule_mismatch, timesteps_of
 from backend.diffusion.unet import Unet3D, Unet3DConfig
 from backend.errors import DiffTumorError, load_failure_cause
+from backend.io import atomic_write
 
 UNET_PREFIX = "denoise_fn."
 VQGAN_PREFIX = "vqgan."
@@ -245,7 +246,6 @@ def save_official(
         "difftumor": {"unet": ema.config.to_dict(), "timesteps": scheduler.num_train_timesteps, **(extra or {})},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(blob, tmp)
     return path

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from backend.io import atomic_write
 
 SIZE_LABELS = {"lt20mm": "<20 mm", "20_50mm": "20–50 mm", "gt50mm": ">50 mm"}
 
@@ -59,7 +60,6 @@ def summary_figure(rows: list[dict], summary: list[dict], path: Path, tolerance_
         ax2.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
     return path

@@ -14,11 +14,11 @@ size; fold i validates on its share and trains on the rest (plus every healthy c
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 from backend.errors import DiffTumorError
+from backend.io import write_text_atomic
 
 
 def make_kfold(real: list[str], healthy: list[str], *, k: int = 5, seed: int = 0, organ: str = "") -> dict:
@@ -44,10 +44,7 @@ def make_kfold(real: list[str], healthy: list[str], *, k: int = 5, seed: int = 0
 def save_splits(splits: dict, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(splits, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(splits, indent=1))
 
 
 def load_splits(path: Path) -> dict:

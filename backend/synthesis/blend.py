@@ -62,11 +62,6 @@ def hu_to_01(hu: np.ndarray) -> np.ndarray:
     return (np.clip(hu, HU_LOW, HU_HIGH) - HU_LOW) / (HU_HIGH - HU_LOW)
 
 
-def hu_to_pm1(hu: np.ndarray) -> np.ndarray:
-    """HU -> the autoencoder's [-1, 1] window (float32)."""
-    return (hu_to_01(np.asarray(hu, dtype=np.float64)) * 2.0 - 1.0).astype(np.float32)
-
-
 def from_01(v01: np.ndarray) -> np.ndarray:
     return np.asarray(v01, dtype=np.float64) * (HU_HIGH - HU_LOW) + HU_LOW
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from backend.errors import DiffTumorError
 from backend.io import Geometry, Volume, check_same_grid, label_map_range
+from backend.preprocess import hu_to_unit
 from backend.progress import run_sync
 from backend.synthesis import blend, crops, masks
 from backend.synthesis.crops import (  # noqa: F401 - re-exported
@@ -527,7 +528,7 @@ class SynthesisEngine:
         m = crops.crop_from(group, geometry, crop, nearest=True, pad=0).astype(np.float32)
         if not m.any():
             raise DiffTumorError("tumor mask: a tumour component is thinner than the model's 1 mm grid can hold")
-        x = blend.hu_to_pm1(hu)
+        x = hu_to_unit(hu, "[-1,1]")
         blended = blend.uses_blend(organ, pancreas_blend)
         if blended:
             s = float(sigma) if sigma is not None else blend.draw_sigma(rng)

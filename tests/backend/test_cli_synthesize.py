@@ -401,6 +401,17 @@ def test_dataset_out_with_foreign_files_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "aug").iterdir()) == ["notes.txt"]
 
 
+def test_dataset_labels_missing_or_not_a_folder_name_the_organs_option(tmp_path, capsys):
+    args = _dataset(tmp_path)
+    (tmp_path / "cts_seg" / "c1.nii.gz").unlink()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"difftumor: error: --organs {tmp_path / 'cts_seg'}: no label file or case folder for c1.nii.gz"
+    args[args.index("--organs") + 1] = str(tmp_path / "cts_seg" / "c0.nii.gz")
+    assert main(args) == 2
+    assert "--organs " in capsys.readouterr().err and not (tmp_path / "aug").exists()
+
+
 def test_dataset_resume_redoes_outputs_missing_a_file_and_says_what_it_skipped(tmp_path, caplog):
     import logging
 

@@ -109,6 +109,19 @@ def test_empty_and_missing(tmp_path):
         list_cases(tmp_path / "nope")
 
 
+def test_a_list_file_saved_by_excel_and_one_with_only_a_header(tmp_path):
+    """A spreadsheet saved as CSV starts with a byte-order mark: its header line is still a header."""
+    _touch(tmp_path / "a.nii.gz")
+    _touch(tmp_path / "a_mask.nii.gz")
+    sheet = tmp_path / "cases.csv"
+    sheet.write_text("\ufeffimage,mask,organ\na.nii.gz,a_mask.nii.gz,liver\n", encoding="utf-8")
+    (case,) = list_cases(sheet)
+    assert (case.image.name, case.label.name, case.organ) == ("a.nii.gz", "a_mask.nii.gz", "liver")
+    sheet.write_text("image,mask,organ\n", encoding="utf-8")
+    with pytest.raises(DiffTumorError, match=r"cases.csv: the list file names no cases \(a header and no rows\)"):
+        list_cases(sheet)
+
+
 def test_split_is_deterministic(tmp_path):
     for i in range(10):
         _touch(tmp_path / f"c{i}.nii.gz")

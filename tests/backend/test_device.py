@@ -33,7 +33,7 @@ def test_oom_becomes_one_line_with_cpu_hint():
     with pytest.raises(DiffTumorError, match="out of GPU memory.*--device cpu"):
         with oom_guard("synthesis", "cuda:0"):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^other errors pass through$"):
         with oom_guard():
             raise ValueError("other errors pass through")
 

@@ -141,7 +141,7 @@ def test_cosine_schedule_any_T(T):
     assert schedule_mismatch(buffers) is None
     buffers["betas"] = buffers["betas"] * 1.1
     assert "betas" in schedule_mismatch(buffers)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="timesteps must be a positive integer, got 0"):
         cosine_betas(0)
 
 

@@ -7,6 +7,7 @@ import torch
 from backend.errors import DiffTumorError
 from backend.io import Geometry, Volume, read_image
 from backend.organs import load_organ_mask
+from backend.preprocess import hu_to_unit
 from backend.synthesis import blend, crops
 from backend.synthesis.diffusion_crop import iter_synthesize_crop
 from backend.synthesis.engine import SynthesisEngine, run_sync
@@ -30,7 +31,7 @@ def test_early_crop_parity_with_release(engine, parity_outputs, real):
     ct, _ = real
     grid = crops.model_grid(ct.geometry)
     crop = crops.Crop(grid, (172, 119, -3))  # the parity crop (parity grid has no half-voxel extension)
-    x = blend.hu_to_pm1(crops.crop_from(ct.array, ct.geometry, crop, nearest=False, pad=-1175.0))
+    x = hu_to_unit(crops.crop_from(ct.array, ct.geometry, crop, nearest=False, pad=-1175.0), "[-1,1]")
     ref_x = parity_outputs["x"][0, 0].numpy()
     x[:, :, :4] = -1.0
     x[:, :, 92:] = -1.0

@@ -9,6 +9,7 @@ import torch
 
 from backend.io import read_image
 from backend.organs import load_organ_mask
+from backend.preprocess import hu_to_unit
 from backend.synthesis import blend, crops
 from backend.synthesis.diffusion_crop import reconstruct_crop
 from backend.synthesis.engine import INTERMEDIATES, SynthesisEngine
@@ -60,7 +61,7 @@ def test_intermediates_sit_on_the_ct_grid_in_hu(run):
     dec = np.clip(inter["decoded"][core], blend.HU_LOW, blend.HU_HIGH)
     assert np.abs(kept.ct.array[core] - dec).mean() < 5.0
     # reconstruction: the autoencoder's round trip of the UNMASKED crop, mapped back like the others
-    x = blend.hu_to_pm1(crops.crop_from(ct.array, ct.geometry, crop, nearest=False, pad=blend.HU_LOW - 1000.0))
+    x = hu_to_unit(crops.crop_from(ct.array, ct.geometry, crop, nearest=False, pad=blend.HU_LOW - 1000.0), "[-1,1]")
     rec = reconstruct_crop(x, engine._autoencoder(), device=torch.device("cpu"))
     rec_hu = blend.from_01((rec.astype(np.float64) + 1) / 2).astype(np.float32)
     cover = crops.back_to_file(crop.inside().astype(np.float32), crop, ct.geometry, fp)

@@ -261,7 +261,7 @@ def test_write_text_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         write_text_atomic(target, "second")
     assert target.read_text(encoding="utf-8") == "first – UTF-8\n"  # the old file survives
     assert [p.name for p in tmp_path.iterdir()] == ["notes.json"]  # no temporary left behind

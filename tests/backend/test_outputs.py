@@ -44,7 +44,7 @@ def test_stem_outputs_never_replace_and_offer_a_free_stem(tmp_path):
 def test_a_failure_half_way_leaves_nothing_and_names_the_output_folder(tmp_path):
     images = _images()
     images["label"] = (np.zeros((2, 2, 2), np.uint8), images["label"][1])  # does not fit its grid
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match=r"Volume.array shape \(2, 2, 2\) \(z, y, x\) does not match geometry size"):
         outputs.write_output(tmp_path / "out", images, {})
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
     (tmp_path / "file").write_text("x", encoding="utf-8")
@@ -60,3 +60,22 @@ def test_a_dataset_folder_made_with_other_settings_is_refused_in_the_callers_wor
     outputs.start_dataset_run(tmp_path / "aug", {"seed": 0}, overwrite=False)  # same settings: resume
     with pytest.raises(DiffTumorError, match="made with seed 0, but this run has seed 9; choose another output folder"):
         outputs.start_dataset_run(tmp_path / "aug", {"seed": 9}, overwrite=False)
+
+
+def test_the_documented_library_example_runs_as_written(tmp_path, monkeypatch, totalseg_ct, totalseg_seg):
+    """docs/synthesis.md's "Library use" example: request -> engine -> outputs, on the shared CT."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "synthesis.md").read_text(encoding="utf-8")
+    code = doc.split("## Library use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "ct.nii.gz").symlink_to(totalseg_ct)
+    (tmp_path / "organs.nii.gz").symlink_to(totalseg_seg)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    exec(compile(code, "docs/synthesis.md", "exec"), {})
+    prov = json.loads((tmp_path / "out" / "provenance.json").read_text(encoding="utf-8"))
+    assert (prov["method"], prov["n_tumours"], prov["settings"]["seed"]) == ("model-based", 2, 7)
+    label = read_image(tmp_path / "out" / "label.nii.gz")
+    ct = read_image(tmp_path / "out" / "ct.nii.gz")
+    assert 0 < (label.array == 2).sum() <= sum(t["voxels"] for t in prov["mask"]["tumours"])
+    assert ct.array.dtype == read_image(totalseg_ct).array.dtype and ct.geometry == read_image(totalseg_ct).geometry

@@ -86,7 +86,7 @@ def test_bad_arguments():
         RandTumorSynthesisd(stage_probs=(0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match="method"):
         RandTumorSynthesisd(method="gan")
-    with pytest.raises(DiffTumorError):
+    with pytest.raises(DiffTumorError, match=r"^unknown organ 'brain'; choose one of liver, pancreas, kidney"):
         RandTumorSynthesisd(organ="brain")
 
 

@@ -322,7 +322,7 @@ def test_training_loop_removes_the_folder_it_created_when_nothing_was_trained(tm
             raise DiffTumorError("no usable case")
     assert not out.exists()
     (tmp_path / "kept").mkdir()  # a folder that was there before is left alone
-    with pytest.raises(DiffTumorError):
+    with pytest.raises(DiffTumorError, match="^no usable case$"):
         with TrainingLoop(DistInfo(), tmp_path / "kept" / "m.csv", step=0, max_steps=3, log_every=1, desc="t"):
             raise DiffTumorError("no usable case")
     assert (tmp_path / "kept").is_dir()

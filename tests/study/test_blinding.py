@@ -118,7 +118,7 @@ def test_a_spacing_confound_is_warned_with_numbers_and_strict_refuses(tmp_path, 
     real = _crops(ct, core, tmp_path / "real_1mm", "real", range(4), spacing=1.0)
     syn = _crops(ct, core, tmp_path / "syn_3mm", "synthetic", range(4))
     settings = dict(seed=2, spacing=(1.0, 1.0, 1.0), roi_size_mm=(40.0, 40.0, 30.0))
-    with caplog.at_level("WARNING", logger="study.design"):
+    with caplog.at_level("WARNING", logger="study.confounds"):
         create_study(real, syn, tmp_path / "study", settings=StudySettings(**settings))
     text = (tmp_path / "study.key" / "confounds.txt").read_text(encoding="utf-8")
     lines = text.splitlines()

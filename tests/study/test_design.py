@@ -321,10 +321,10 @@ def test_a_truncated_nii_gz_is_refused_in_one_line(tmp_path, source_cases):
 def test_a_csv_with_a_header_and_no_rows(tmp_path):
     sheet = tmp_path / "real.csv"
     sheet.write_text("image,mask,organ\n", encoding="utf-8")
-    with pytest.raises(DiffTumorError, match=r"--real .*real.csv: CSV lists no cases \(a header and no rows\)"):
+    with pytest.raises(DiffTumorError, match=r"--real .*real.csv: the list file names no cases \(a header and no rows\)"):
         list_cases(sheet, "real")
-    sheet.write_text("path,organ\nx.nii.gz,liver\n", encoding="utf-8")
-    with pytest.raises(DiffTumorError, match="needs a header with an 'image' column"):
+    sheet.write_text("path,organ\nx.nii.gz,liver\n", encoding="utf-8")  # no 'image' column: not a header
+    with pytest.raises(DiffTumorError, match=r"--real .*real.csv: line 1: image 'path' does not exist"):
         list_cases(sheet, "real")
 
 

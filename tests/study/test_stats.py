@@ -78,7 +78,7 @@ def test_wilson_interval_closed_forms():
     assert hi2 == 1.0 and lo2 == pytest.approx(1 - hi)
     lo, hi = wilson_interval(89, 120)  # hand-computed: centre 0.734171, half-width 0.077456
     assert lo == pytest.approx(0.656715, abs=2e-6) and hi == pytest.approx(0.811626, abs=2e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"successes=11 must lie in \[0, n=10\]"):
         wilson_interval(11, 10)
 
 
@@ -104,7 +104,7 @@ def test_answer_score_and_auc():
     assert [answer_score(R, c) for c in (1, 2, 3, 4, 5)] == [6, 7, 8, 9, 10]
     assert answer_score(R, None) == 1.0 and answer_score(S, None) == 0.0
     assert math.isnan(answer_score(U, 3))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="confidence 6 must be 1..5"):
         answer_score(R, 6)
     # pairs (real, synthetic): 10>5, 10>6, 6>5, 6=6 (half) -> 3.5 / 4
     assert roc_auc([R, R, S, S], [10, 6, 5, 6]) == pytest.approx(0.875)
