@@ -83,6 +83,23 @@ def _rows(items, flag: str, organ: str) -> list[dict]:
     return rows
 
 
+def _check_replaceable(out: Path) -> None:
+    """Only this command's own earlier report may be replaced: a realism.json it wrote marks one."""
+    import json
+
+    from backend.errors import DiffTumorError
+
+    taken = [n for n in OUTPUTS if (out / n).exists()]
+    if not taken:
+        return
+    try:
+        ours = json.loads((out / "realism.json").read_text(encoding="utf-8")).get("command") == "difftumor realism"
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise DiffTumorError(f"--out {out}: holds {taken[0]}, not written by 'difftumor realism'; choose another folder")
+
+
 def _table(rows: list[dict]) -> str:
     head = ["kind", "source", "#"] + [h for _, h, _ in SHOWN]
     body = [[r["kind"], Path(r["source"].split(",")[0]).name or r["source"], str(r["tumour"])]
@@ -107,6 +124,7 @@ def handler(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DiffTumorError(f"--out {out}: is a file; give a folder")
+    _check_replaceable(out)
     synthetic = _rows(args.synthetic, "--synthetic", organ)
     real = _rows(args.real, "--real", organ)
     report = None
@@ -135,7 +153,7 @@ def handler(args) -> int:
         for r in rows:
             w.writerow({k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()})
         write_text_atomic(out / "realism.csv", buf.getvalue())
-        summary = {"organ": organ, "real": list(args.real), "synthetic": list(args.synthetic), "seed": args.seed,
+        summary = {"command": "difftumor realism", "organ": organ, "real": list(args.real), "synthetic": list(args.synthetic), "seed": args.seed,
                    "features": list(FEATURES), "n_tumours": {"real": len(real), "synthetic": len(synthetic)}}
         if report:
             summary.update({k: v for k, v in report.items() if k != "probabilities"})

@@ -104,6 +104,12 @@ def test_realism_bad_input_is_one_line(tmp_path, capsys, totalseg_ct, totalseg_s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "labels no tumour" in err[0]
     assert not (tmp_path / "r").exists()
+    # a file of the same name that this command did not write is never replaced
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "realism.csv").write_text("mine")
+    assert main(["realism", "--synthetic", str(tmp_path / "r"), "--organ", "liver", "--out", str(tmp_path / "r")]) == 2
+    assert "not written by 'difftumor realism'" in capsys.readouterr().err
+    assert (tmp_path / "r" / "realism.csv").read_text() == "mine"
 
 
 def test_help_does_not_import_torch():
