@@ -86,6 +86,10 @@ class SynthesisWidget(ScrollableContainer):
         self.steps = SpinBox(label="Sampling steps", min=1, max=1000, value=50,
                              tooltip="DDIM steps for mid/late tumours; early tumours use the release's 4 steps")
         self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
+        self.mass_effect = ComboBox(
+            label="Mass effect", choices=[("auto (model-based ≥ 20 mm)", "auto"), ("on", "on"), ("off", "off")],
+            value="auto", tooltip="Push the tissue around the tumour outward, the organ label with it (both methods). "
+                                  "auto: model-based tumours of 20 mm and more, none for diffusion (as released)")
         self.weights_organ = ComboBox(
             label="Model organ", choices=[SAME_ORGAN, "liver", "pancreas", "kidney"], value=SAME_ORGAN,
             tooltip="Cross-organ (paper section 4.2): paint this organ's tumours with another organ's diffusion model; "
@@ -116,7 +120,8 @@ class SynthesisWidget(ScrollableContainer):
         self.status = wrapped(Label(value=""))
         layers, settings, blending, progress, saving = forms(
             [self.ct_layer, self.organ_layer, self.organ, self.tumor_layer, self.method],
-            [self.weights_dir, self.weights_organ, self.device, self.stage, self.steps, self.seed], [self.sigma],
+            [self.weights_dir, self.weights_organ, self.device, self.stage, self.steps, self.seed, self.mass_effect],
+            [self.sigma],
             [self.progress], [self.out_dir, self.stem])
         self.extend([layers, self.method_info, settings, self.fixed_sigma, blending, self.pancreas_blend,
                      self.keep_intermediates,
@@ -322,7 +327,8 @@ class SynthesisWidget(ScrollableContainer):
             placements=placements, source=ct.metadata.get("difftumor", {}).get("source"),
             keep_intermediates=bool(self.keep_intermediates.value), existing_tumor=existing,
             weights_organ=self.model_organ(), sigma=float(self.sigma.value) if self.fixed_sigma.value else None,
-            pancreas_blend=bool(self.pancreas_blend.value) and self.organ.value == "pancreas")
+            pancreas_blend=bool(self.pancreas_blend.value) and self.organ.value == "pancreas",
+            mass_effect=self.mass_effect.value)
 
     @property
     def running(self) -> bool:

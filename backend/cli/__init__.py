@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "backend.cli.synthesize",
     "backend.cli.weights",
     "backend.cli.evaluate",
+    "backend.cli.realism",
     "backend.cli.study",
     "backend.cli.train",
 ]

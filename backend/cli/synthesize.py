@@ -95,6 +95,13 @@ def register(sub) -> None:
     p.add_argument("--sigma", type=float, default=None, help="diffusion: blend blur in voxels (default: U(0,4) as released)")
     p.add_argument("--ddim-steps", type=int, default=None, help=f"diffusion: DDIM steps for mid/late tumours (default {DEFAULT_DDIM_STEPS})")
     p.add_argument("--pancreas-blend", action="store_true", help="diffusion: blend pancreas tumours like the other organs")
+    p.add_argument("--mass-effect", default="auto", metavar="auto|on|off",
+                   help="push the tissue around the tumour outward, organ label with it (both methods). auto "
+                        "(default): model-based tumours of 20 mm and more, none for diffusion (as released); on: "
+                        "every tumour; off: none")
+    p.add_argument("--phase", default=None, metavar="auto|non-contrast|enhanced",
+                   help="model-based: the contrast phase whose tumour contrast is drawn (default auto: told from the "
+                        "organ's HU)")
     p.add_argument("--weights", default=None, help="weights folder (default: $DIFFTUMOR_WEIGHTS or the user config)")
     p.add_argument("--seed", type=seed_arg, default=0,
                    help="random seed for tumour placement, shape and texture (default 0: identical runs give identical "
@@ -204,7 +211,8 @@ def build_request(args):
     with cli_words(args):
         return SynthesisRequest(organ=args.organ, tumor=tumor, method=args.method, seed=args.seed, stage=args.stage,
                                 sigma=args.sigma, ddim_steps=args.ddim_steps, pancreas_blend=args.pancreas_blend,
-                                keep_intermediates=bool(args.keep_intermediates), weights_organ=args.weights_organ)
+                                keep_intermediates=bool(args.keep_intermediates), weights_organ=args.weights_organ,
+                                mass_effect=args.mass_effect, phase=args.phase)
 
 
 @contextmanager

@@ -13,6 +13,9 @@ tiny/small 0.5/0.5 as in the release), draws tumour masks with the release's gen
   :meth:`~backend.synthesis.engine.SynthesisEngine.stage_models`) and the release's blend
   (pancreas: the whole crop becomes the reconstruction, as released).
 
+``mass_effect`` ("auto" | "on" | "off", as :class:`~backend.synthesis.request.SynthesisRequest`; "auto":
+model-based tumours of 20 mm and more, none for diffusion) pushes the tissue aside first; the label map
+is warped with the image (nearest neighbour), so the organ label still matches the crop.
 The tumour voxels get label 2. Real-tumour cases pass unchanged. ``weights_organ`` selects whose
 diffusion weights are used (cross-organ setting: liver weights in pancreas crops). The transform
 seeds like every MONAI transform (``set_random_state``); engines are created lazily in each worker.
@@ -66,6 +69,7 @@ class RandTumorSynthesisd(RandomizableTransform, MapTransform):
         organ_label: int = 1,
         tumor_label: int = 2,
         device: str = "cpu",
+        mass_effect: str = "auto",
         allow_missing_keys: bool = False,
     ):
         MapTransform.__init__(self, keys, allow_missing_keys)
@@ -82,6 +86,9 @@ class RandTumorSynthesisd(RandomizableTransform, MapTransform):
         self.organ = parse_organ(organ)
         self.weights_organ = parse_organ(weights_organ) if weights_organ else self.organ
         self.method, self.weights_dir, self.device = method, weights_dir, device
+        from backend.synthesis.request import SynthesisRequest
+
+        self.mass_effect = SynthesisRequest(organ=self.organ, mass_effect=mass_effect).mass_effect  # checked once
         self.stage_probs = probs
         self.healthy_key, self.organ_label, self.tumor_label = healthy_key, organ_label, tumor_label
         self._engine = None  # created lazily (once per worker process)
@@ -114,7 +121,8 @@ class RandTumorSynthesisd(RandomizableTransform, MapTransform):
         from backend.synthesis.request import Generated, SynthesisRequest
 
         return SynthesisRequest(organ=self.organ, tumor=Generated(self._size), method=self.method, seed=self._seed,
-                                weights_organ=self.weights_organ if self.weights_organ != self.organ else None)
+                                weights_organ=self.weights_organ if self.weights_organ != self.organ else None,
+                                mass_effect=self.mass_effect)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -129,13 +137,15 @@ class RandTumorSynthesisd(RandomizableTransform, MapTransform):
         lab = np.asarray(label.detach().cpu() if torch.is_tensor(label) else label)
         organ = lab[0] == self.organ_label
         img = np.asarray(image.detach().cpu() if torch.is_tensor(image) else image, dtype=np.float32)
-        painted = synthesize_training_crop(self.request(), img[0], organ, engine=self._engine_for_diffusion)
+        painted = synthesize_training_crop(self.request(), img[0], organ, engine=self._engine_for_diffusion,
+                                           label=lab[0])
         if painted is None:
             log.debug("crop has %d organ voxels, too few for a %s tumour; left unchanged", int(organ.sum()), self._size)
             return d
         img = img.copy()
-        img[0], tumor = painted
+        img[0], tumor, moved = painted
         lab = lab.copy()
+        lab[0] = moved  # the labels moved with the tissue (mass effect), nearest neighbour
         lab[0][tumor] = self.tumor_label
         d[img_key] = _like(image, img)
         d[lab_key] = _like(label, lab)

@@ -96,18 +96,22 @@ def reconstruct_crop(x_xyz: np.ndarray, autoencoder: torch.nn.Module, *, device:
 # --------------------------------------------------------------------------------------------
 # stage 3: a whole training crop, from a request
 # --------------------------------------------------------------------------------------------
-def synthesize_training_crop(request, image01: np.ndarray, organ: np.ndarray, *, engine=None):
+def synthesize_training_crop(request, image01: np.ndarray, organ: np.ndarray, *, engine=None, label=None):
     """Stage 3 (on-the-fly synthesis): draw ``request.tumor`` (a :class:`~backend.synthesis.request.Generated`
     size class) inside the organ of a model-space crop and paint it, as the release's training loop does.
 
-    ``image01``: (X, Y, Z) in [0, 1] (HU window [-175, 250], RAS, 1 mm); ``organ``: bool, same shape.
+    ``image01``: (X, Y, Z) in [0, 1] (HU window [-175, 250], RAS, 1 mm); ``organ``: bool, same shape;
+    ``label``: the crop's label map (any integer array, same shape) or None.
     ``request.method`` "model-based" needs no ``engine``; "diffusion" uses the networks of ``engine`` (a
     :class:`~backend.synthesis.engine.SynthesisEngine`, or a function returning one, called only once a tumour
     was drawn) for the
     stage of the size class (tiny/small early, medium/large mid/late; ``request.stage`` overrides it), the
     release's blend (``request.sigma``, default U(0, 4)) or, for the pancreas, the whole crop replaced.
-    Returns ``(new crop (X, Y, Z) float32 in [0, 1], tumour mask)``, or ``None`` when the crop holds too little
-    organ for a tumour of that size (no tumour this draw).
+    ``request.mass_effect`` (:meth:`~backend.synthesis.request.SynthesisRequest.mass_effect_mode`: "auto" is on
+    for model-based tumours of 20 mm and more, off for diffusion) first pushes the tissue aside
+    (:func:`backend.synthesis.mass_effect.warp_crop`); ``label`` moves with it (nearest neighbour).
+    Returns ``(new crop (X, Y, Z) float32 in [0, 1], tumour mask, label moved with the tissue or None)``, or
+    ``None`` when the crop holds too little organ for a tumour of that size (no tumour this draw).
     """
     from backend.errors import DiffTumorError
     from backend.synthesis import blend
@@ -121,15 +125,22 @@ def synthesize_training_crop(request, image01: np.ndarray, organ: np.ndarray, *,
     except DiffTumorError:  # the crop holds too little organ for this size: no tumour in this draw
         return None
     if request.method == "model-based":
-        from backend.synthesis.model_based import synthesize_model_based
+        from backend.synthesis.model_based import model_based_tumor
 
         hu = blend.from_01(image01)
-        new_hu, support, _ = synthesize_model_based(hu, (1.0, 1.0, 1.0), organ, tumor, rng=rng)
+        res = model_based_tumor(hu, (1.0, 1.0, 1.0), organ, tumor, rng=rng, organ=request.organ,
+                                phase=request.phase or "auto", mass_effect=request.mass_effect_mode("model-based"),
+                                labels=[label] if label is not None else [])
         out = np.array(image01, dtype=np.float32, copy=True)
-        out[support] = blend.hu_to_01(new_hu[support])  # voxels outside the blend stay bit-identical
-        return out, tumor
+        out[res.support] = blend.hu_to_01(res.ct[res.support])  # voxels outside the support stay bit-identical
+        return out, tumor, (res.labels[0] if label is not None else None)
     from backend.progress import run_sync
+    from backend.synthesis.mass_effect import warp_crop
 
+    # the warped crop is the model's context and the blend's background; the label (else the organ) moves with it
+    image01, moved, _, _ = warp_crop(image01, organ if label is None else label, tumor, intensity="01",
+                                     mode=request.mass_effect_mode("diffusion"))
+    label = None if label is None else moved
     engine = engine() if callable(engine) else engine
     stage = Stage.parse(request.stage or SIZE_CLASSES[size].stage)
     models = engine.stage_models(request.model_organ, stage.value, request.steps)
@@ -143,5 +154,5 @@ def synthesize_training_crop(request, image01: np.ndarray, organ: np.ndarray, *,
                                             device=engine.device, generator=gen))[tuple(slice(0, n) for n in image01.shape)]
     if blend.uses_blend(request.organ, request.pancreas_blend):
         sigma = float(request.sigma) if request.sigma is not None else blend.draw_sigma(rng)
-        return blend.blend01(image01, blend.blur_mask(m, sigma), decoded), tumor
-    return ((decoded + 1.0) / 2.0).astype(np.float32), tumor  # pancreas, as released: the whole crop
+        return blend.blend01(image01, blend.blur_mask(m, sigma), decoded), tumor, label
+    return ((decoded + 1.0) / 2.0).astype(np.float32), tumor, label  # pancreas, as released: the whole crop

@@ -54,7 +54,9 @@ from backend.synthesis.crops import (  # noqa: F401 - re-exported
     group_crop,
     outside_crop,
 )
-from backend.synthesis.model_based import ModelBasedConfig, cast_like, synthesize_model_based
+from backend.synthesis.ct_cache import CT_CACHE_SIZE, CTEntry, ct_key  # noqa: F401 - re-exported
+from backend.synthesis.model_based import ModelBasedConfig, cast_like
+from backend.synthesis.painting import Painting, mass_effect_summary, paint_model_based, push_tissue
 from backend.synthesis.placement import (  # noqa: F401
     _organ_in_model_space,
     _random_joint,
@@ -137,49 +139,6 @@ def _as_mask(m, ct: Volume, name: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# per-CT cache: a second tumour in the same CT skips the checks and the organ's model-space mask
-# --------------------------------------------------------------------------------------------
-CT_CACHE_SIZE = 4  # CTs (x organ masks) remembered per engine
-
-
-def _ct_key(ct: Volume) -> tuple:
-    """Identity + cheap content fingerprint of a CT: object id, shape, dtype, geometry, hash of a strided sample.
-
-    A CT edited in place outside the sampled voxels keeps its key; the cache only holds what a
-    wrong hit cannot corrupt much (the CT-likeness check, the organ's model-space mask, which is keyed
-    by the full organ-mask hash anyway).
-    """
-    a = ct.array
-    step = max(1, int(round((a.size / 65536) ** (1 / 3))))
-    sample = np.ascontiguousarray(a[::step, ::step, ::step])
-    return (id(a), a.shape, a.dtype.str, ct.geometry, hashlib.blake2b(sample.tobytes(), digest_size=16).hexdigest())
-
-
-@dataclass
-class _Painting:
-    """What the tumour groups are painted into, one after the other (see ``SynthesisEngine._paint``)."""
-
-    out: np.ndarray  # the CT's array, painted in place
-    rng: np.random.Generator
-    noise: object = None
-    intermediates: dict | None = None
-
-
-@dataclass
-class _CTEntry:
-    checked: bool
-    organ_models: dict = field(default_factory=dict)  # reach (mm) -> (organ_m, model grid, slices, sub-grid)
-
-    def organ_model(self, geometry: Geometry, organ_arr: np.ndarray, size: str):
-        reach = max(10.0, 2.0 * masks.SIZE_CLASSES[size].semi_axes[1])
-        if reach not in self.organ_models:
-            prepared = _organ_in_model_space(geometry, organ_arr, size)
-            prepared[0].flags.writeable = False  # shared by later calls: nobody may edit it
-            self.organ_models[reach] = prepared
-        return self.organ_models[reach]
-
-
-# --------------------------------------------------------------------------------------------
 # the method: diffusion when the weights are there (no networks loaded to find out)
 # --------------------------------------------------------------------------------------------
 def planned_stages(tumor: np.ndarray, geometry: Geometry) -> list[Stage]:
@@ -250,7 +209,7 @@ class SynthesisEngine:
         self.model_based_config = model_based_config or ModelBasedConfig()
         self._ae = None
         self._stage_models: dict = {}
-        self._ct_cache: dict = {}  # (CT fingerprint, organ mask hash) -> _CTEntry, least recently used first
+        self._ct_cache: dict = {}  # (CT fingerprint, organ mask hash) -> CTEntry, least recently used first
         self.cache_hits = 0
 
     # ---------------------------------------------------------------- weights
@@ -339,22 +298,27 @@ class SynthesisEngine:
         rng = np.random.default_rng(request.seed)
         organ_arr, existing, cached = yield from self._checked_inputs(request, ct, organ_mask, existing_tumor,
                                                                       organ_name)
-        tumor, mask_info, class_stage = self._tumour_mask(request, ct, organ_arr, existing, rng, cached)
+        # a generated tumour's method is known before it is drawn: diffusion keeps the release's generator,
+        # model-based draws realistic shapes away from vessels (backend.synthesis.shapes)
+        chosen = self._generated_method(request, rng) if isinstance(request.tumor, Generated) else None
+        tumor, mask_info, class_stage = self._tumour_mask(request, ct, organ_arr, existing, rng, cached,
+                                                          chosen and chosen[0])
         groups = group_components(tumor, ct.geometry)
         spacing_zyx = ct.geometry.spacing[::-1]
         diameters = [component_diameters_mm(g, spacing_zyx) for g in groups]  # per tumour, not per crop
         stages = [Stage.parse(request.stage or class_stage or stage_of_diameter(max(d))) for d in diameters]
-        chosen, reason = self.choose_method(request.method, request.model_organ, stages)
+        chosen, reason = chosen or self.choose_method(request.method, request.model_organ, stages)
         log.info("synthesis method: %s (%s)", chosen, reason)
         if chosen == "diffusion":
             self._fit_to_crops(request, ct.geometry, tumor, groups, diameters, mask_info)
-        state = _Painting(ct.array.copy(), rng, noise,
-                          ({k: ct.array.astype(np.float32) for k in INTERMEDIATES}
-                           if request.keep_intermediates and chosen == "diffusion" else None))
-        crops_info = yield from self._paint(request, chosen, ct.geometry, organ_arr, groups, stages, diameters, state)
-        out = state.out
+        state = Painting(ct.array.copy(), rng, noise,
+                         ({k: ct.array.astype(np.float32) for k in INTERMEDIATES}
+                          if request.keep_intermediates and chosen == "diffusion" else None),
+                         organ=organ_arr.copy(), tumor=np.zeros(tumor.shape, bool), fixed=existing)
+        crops_info = yield from self._paint(request, chosen, ct.geometry, groups, stages, diameters, state)
+        out, tumor = state.out, state.tumor  # the organ and earlier tumours moved with any mass effect
         label = np.zeros(ct.array.shape, np.uint8)
-        label[organ_arr] = 1
+        label[state.organ] = 1
         if existing is not None:
             out[existing] = ct.array[existing]  # a blend's soft edge never reaches into a real tumour
             label[existing] = 2
@@ -402,9 +366,32 @@ class SynthesisEngine:
         yield "checked the input", 0, 1
         return organ_arr, existing, cached
 
-    def _tumour_mask(self, request, ct: Volume, organ_arr, existing, rng, cached) -> tuple[np.ndarray, dict, str | None]:
-        """(tumour mask (z, y, x), its provenance entry, the generator's stage or None) from ``request.tumor``."""
+    def _generated_method(self, request, rng) -> tuple[str, str]:
+        """(method, why) for a generated tumour, from its size class's stage (a ``size`` None is peeked from a
+        copy of ``rng``: the release's draw that follows is unchanged)."""
+        import copy
+
+        size = request.tumor.size or masks.sample_size_class(copy.deepcopy(rng))
+        stage = Stage.parse(request.stage or masks.SIZE_CLASSES[size].stage)
+        return self.choose_method(request.method, request.model_organ, [stage])
+
+    def _tumour_mask(self, request, ct: Volume, organ_arr, existing, rng, cached,
+                     method: str | None = None) -> tuple[np.ndarray, dict, str | None]:
+        """(tumour mask (z, y, x), its provenance entry, the generator's stage or None) from ``request.tumor``;
+        a generated one by the release's generator (``method`` "diffusion") or realistic shapes (model-based)."""
         source = request.tumor
+        if isinstance(source, Generated) and method == "model-based":
+            from backend.synthesis.shapes import random_tumors
+
+            tumor, infos = random_tumors(ct.array, organ_arr, ct.geometry.spacing[::-1], rng, size=source.size,
+                                         count=source.count, organ_name=request.organ, avoid=existing,
+                                         phase=request.phase or "auto")
+            for t in infos:  # the centre as for the release's tumours: an (x, y, z) index and world mm (LPS)
+                t["centre_voxel_xyz"] = [int(v) for v in t.pop("centre_voxel")[::-1]]
+                t["centre_world_mm"] = [round(float(v), 2) for v in ct.geometry.voxel_to_world(t["centre_voxel_xyz"])]
+            info = {"source": "generated (realistic model-based shapes, backend.synthesis.shapes)",
+                    "count_requested": source.count, "count_placed": len(infos), "tumours": infos}
+            return tumor & ~existing if existing is not None else tumor, info, masks.SIZE_CLASSES[infos[0]["size"]].stage
         if isinstance(source, Generated):
             tumor, params = self._generate(ct, organ_arr, request.organ, source.size, source.count, rng, cached)
             info = {"source": "generated (release generator)", "count_requested": source.count,  # None: the class's range
@@ -442,18 +429,17 @@ class SynthesisEngine:
             mask_info["clipped_to_crop_voxels"] = mask_info.get("clipped_to_crop_voxels", 0) + int(outside.sum())
             diameters[i] = component_diameters_mm(g, spacing_zyx)
 
-    def _paint(self, request, chosen: str, geometry: Geometry, organ_arr, groups, stages, diameters, state):
+    def _paint(self, request, chosen: str, geometry: Geometry, groups, stages, diameters, state: Painting):
         """Paint every tumour group into ``state.out``; yields progress, returns one provenance entry per crop."""
         crops_info, n = [], len(groups)
         for i, (g, st, diam) in enumerate(zip(groups, stages, diameters)):
             t0 = time.perf_counter()
             if chosen == "model-based":
-                state.out, _, params = synthesize_model_based(state.out, geometry.spacing[::-1], organ_arr, g,
-                                                              rng=state.rng, config=self.model_based_config)
-                info = {"params": params}
+                info = paint_model_based(state, geometry.spacing[::-1], g, request, self.model_based_config)
                 yield f"model-based tumour {i + 1}/{n}", i + 1, n
             else:
-                sub = self._diffuse_group(state.out, geometry, organ_arr, g, organ=request.organ,
+                pushed = push_tissue(state, geometry.spacing[::-1], g, request.mass_effect_mode("diffusion"))
+                sub = self._diffuse_group(state.out, geometry, state.organ, g, organ=request.organ,
                                           model_organ=request.model_organ, stage=st.value,
                                           sigma=request.sigma, rng=state.rng, seed=request.seed, index=i,
                                           ddim_steps=request.steps, pancreas_blend=request.pancreas_blend,
@@ -465,6 +451,8 @@ class SynthesisEngine:
                         state.out, info = stop.value
                         break
                     yield f"tumour {i + 1}/{n}: {msg}", i * total + done, n * total
+                state.tumor |= g
+                info["mass_effect"] = pushed
             info.update(stage=st.value if chosen == "diffusion" else None,
                         seconds=round(time.perf_counter() - t0, 3), tumours=len(diam),
                         diameter_mm=round(max(diam), 2), diameters_mm=[round(d, 2) for d in diam])
@@ -488,23 +476,24 @@ class SynthesisEngine:
             "mask": mask_info,
             "n_tumours": int(sum(len(d) for d in diameters)),
             "tumours": crops_info,  # one entry per crop (tumours close together share a crop)
+            "mass_effect": mass_effect_summary(request, chosen, crops_info),
             "weights_sha256": sha,  # every weight file used, by name (empty for the model-based method)
             "seconds": round(time.perf_counter() - t_start, 3),
         }
 
     # ---------------------------------------------------------------- helpers
-    def _generate(self, ct: Volume, organ_arr: np.ndarray, organ: str, size, count, rng, cached: _CTEntry):
+    def _generate(self, ct: Volume, organ_arr: np.ndarray, organ: str, size, count, rng, cached: CTEntry):
         setup = _random_setup(ct, organ_arr, organ, size, count, rng)
         return _random_joint(*setup, count, prepared=lambda sz: cached.organ_model(ct.geometry, organ_arr, sz))
 
-    def _ct_entry(self, ct: Volume, organ_mask, organ_name: str) -> tuple[_CTEntry, np.ndarray]:
+    def _ct_entry(self, ct: Volume, organ_mask, organ_name: str) -> tuple[CTEntry, np.ndarray]:
         """The per-CT cache entry (checked CT, prepared organ mask) for a repeated call on the same CT."""
-        key = _ct_key(ct)
+        key = ct_key(ct)
         organ_arr = _as_mask(organ_mask, ct, organ_name)
         okey = (key, organ_arr.shape, hashlib.blake2b(np.packbits(organ_arr).tobytes(), digest_size=16).hexdigest())
         entry = self._ct_cache.get(okey)
         if entry is None:
-            entry = _CTEntry(checked=False)
+            entry = CTEntry(checked=False)
             self._ct_cache[okey] = entry
             while len(self._ct_cache) > CT_CACHE_SIZE:
                 self._ct_cache.pop(next(iter(self._ct_cache)))

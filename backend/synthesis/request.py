@@ -41,6 +41,9 @@ DEFAULT_DDIM_STEPS = 50
 SIGMA_RANGE = (0.0, 20.0)  # voxels
 # the options only the diffusion method reads (their defaults are None/False, so "given" can be told apart)
 DIFFUSION_ONLY = ("sigma", "stage", "ddim_steps", "keep_intermediates", "pancreas_blend", "weights_organ")
+MODEL_BASED_ONLY = ("phase",)  # default None: told from the organ's HU
+MASS_EFFECT = ("auto", "on", "off")  # = backend.synthesis.mass_effect.MASS_EFFECT_MODES
+PHASES = ("non-contrast", "enhanced")  # = backend.synthesis.model_based.PHASES
 
 #: plain-language names of the options, as errors and the widget say them
 OPTION_NAMES = {
@@ -53,6 +56,8 @@ OPTION_NAMES = {
     "ddim_steps": "DDIM steps",
     "pancreas_blend": "pancreas blend",
     "keep_intermediates": "keep intermediates",
+    "mass_effect": "mass effect",
+    "phase": "contrast phase",
     "size": "size class",
     "count": "number of tumours",
     "centre": "ellipsoid centre",
@@ -235,6 +240,11 @@ class SynthesisRequest:
     pancreas_blend: bool = False  # diffusion, pancreas: blend like the other organs instead of replacing the crop
     keep_intermediates: bool = False  # diffusion: masked / reconstruction / decoded volumes (one extra decode)
     weights_organ: str | None = None  # diffusion: whose weights paint the tumours (cross-organ; None: ``organ``)
+    # both methods: push the tissue around the tumour outward (backend.synthesis.mass_effect). "auto":
+    # model-based tumours of 20 mm and more (equivalent diameter), none for diffusion (the release has none,
+    # so its default outputs stay the release's); "on": every tumour of either method; "off": none
+    mass_effect: str = "auto"
+    phase: str | None = None  # model-based: "non-contrast" | "enhanced" contrast (None or "auto": from the organ's HU)
 
     def __post_init__(self):
         self._check()
@@ -262,6 +272,13 @@ class SynthesisRequest:
             raise OptionError("ddim_steps", self.ddim_steps, "must be >= 1")
         if not 0 <= int(self.seed) <= 2**32 - 1:
             raise OptionError("seed", self.seed, f"must be a whole number from 0 to {2**32 - 1}")
+        if self.mass_effect not in MASS_EFFECT:
+            raise OptionError("mass_effect", self.mass_effect, "choose auto (model-based tumours of 20 mm and more), "
+                              "on (every tumour, both methods) or off")
+        if self.phase == "auto":
+            object.__setattr__(self, "phase", None)
+        if self.phase is not None and self.phase not in PHASES:
+            raise OptionError("phase", self.phase, f"choose auto, {' or '.join(PHASES)}")
         if not isinstance(self.tumor, (Generated, Ellipsoid, UserMask)):
             raise TypeError(f"tumor must be Generated, Ellipsoid or UserMask, got {type(self.tumor).__name__}")
         self.tumor.check()
@@ -281,14 +298,19 @@ class SynthesisRequest:
         """The diffusion-only options that were set (not left at their default)."""
         return [name for name in DIFFUSION_ONLY if getattr(self, name) not in (None, False)]
 
+    def mass_effect_mode(self, method: str) -> str:
+        """The mass-effect mode of :mod:`backend.synthesis.mass_effect` for ``method``: "auto" is "off" for
+        diffusion (faithful to the release), the size rule for model-based."""
+        return "off" if self.mass_effect == "auto" and method == "diffusion" else self.mass_effect
+
     def unused(self, method: str, stages: Sequence[Stage]) -> list[str]:
-        """The given diffusion-only options that have no effect when ``method`` ran on tumours of ``stages``."""
+        """The given method-specific options that have no effect when ``method`` ran on tumours of ``stages``."""
         from backend.synthesis.blend import uses_blend
 
         given = self.given()
         if method != "diffusion":
             return given
-        unused = []
+        unused = [name for name in MODEL_BASED_ONLY if getattr(self, name) is not None]
         if "ddim_steps" in given and Stage.MID_LATE not in set(stages):
             unused.append("ddim_steps")  # early tumours use the ancestral sampler
         if "sigma" in given and not uses_blend(self.organ, self.pancreas_blend):
@@ -312,5 +334,7 @@ class SynthesisRequest:
             "ddim_steps": self.steps,
             "pancreas_blend": bool(self.pancreas_blend),
             "keep_intermediates": bool(self.keep_intermediates),
+            "mass_effect": self.mass_effect,
+            "phase": self.phase,
             "seed": int(self.seed),
         }

@@ -205,16 +205,20 @@ def place_tumor(organ: np.ndarray, spacing: Sequence[float], shape: np.ndarray, 
 
 def random_tumor(ct: np.ndarray, organ: np.ndarray, spacing: Sequence[float], rng: np.random.Generator, *,
                  size: str = "small", organ_name: str | None = None, avoid: np.ndarray | None = None,
-                 lobulated: bool | None = None, phase: str = "auto") -> tuple[np.ndarray, dict]:
+                 lobulated: bool | None = None, phase: str = "auto",
+                 vessels: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """One model-based tumour mask on the CT's grid: shape of class ``size``, a vessel- and
-    ``avoid``-free location in ``organ``. Returns (bool mask, provenance dict)."""
-    from backend.synthesis.model_based import contrast_phase
-
+    ``avoid``-free location in ``organ``. Returns (bool mask, provenance dict). ``vessels`` (from
+    :func:`organ_vessels`) skips finding them again."""
     organ = np.asarray(organ, bool)
     avoid = np.zeros(organ.shape, bool) if avoid is None else np.asarray(avoid, bool)
     organ_free = organ & ~avoid
-    ph, organ_hu, _ = contrast_phase(ct, organ_free, organ_name, phase)
-    vessels = vessel_mask(ct, organ_free, spacing) if ph == "enhanced" else np.zeros(organ.shape, bool)
+    if vessels is None:
+        vessels, ph, organ_hu = organ_vessels(ct, organ_free, spacing, organ_name, phase)
+    else:
+        from backend.synthesis.model_based import contrast_phase
+
+        ph, organ_hu, _ = contrast_phase(ct, organ_free, organ_name, phase)
     params = draw_shape(size, rng, lobulated=lobulated)
     shape = tumor_shape(params, spacing)
     mask, info = place_tumor(organ_free, spacing, shape, rng, obstacles=vessels | avoid)
@@ -232,3 +236,68 @@ def random_tumor(ct: np.ndarray, organ: np.ndarray, spacing: Sequence[float], rn
         **info,
     }
     return mask, prov
+
+
+def organ_vessels(ct: np.ndarray, organ: np.ndarray, spacing: Sequence[float], organ_name: str | None = None,
+                  phase: str = "auto") -> tuple[np.ndarray, str, float]:
+    """(vessel mask, phase, organ median HU): :func:`vessel_mask` in an enhanced organ, none in a non-contrast one."""
+    from backend.synthesis.model_based import contrast_phase
+
+    ph, organ_hu, _ = contrast_phase(ct, organ, organ_name, phase)
+    vessels = vessel_mask(ct, organ, spacing) if ph == "enhanced" else np.zeros(np.shape(organ), bool)
+    return vessels, ph, organ_hu
+
+
+def check_fits(organ: np.ndarray, spacing: Sequence[float], size: str, count: int = 1, *, organ_name: str = "organ",
+               name: str = "organ mask") -> None:
+    """Refuse an organ (on the CT's grid) smaller than the smallest tumour of ``size``, or a ``count`` of them that
+    cannot fit in its volume (as :func:`backend.synthesis.masks.check_organ_fits` does on the 1 mm grid)."""
+    volume = float(np.count_nonzero(organ)) * float(np.prod(spacing))  # mm³
+    if volume == 0:
+        raise DiffTumorError(f"{name}: the organ is absent (no voxel carries its label)")
+    a = SIZE_CLASSES[size].semi_axes[0]
+    need = 4.0 / 3.0 * math.pi * a**3
+    if volume < need:
+        raise DiffTumorError(f"{name}: the {organ_name} is {volume:.0f} mm³, too small for a {size} tumour (at least "
+                             f"{need:.0f} mm³); choose a smaller size")
+    if count > volume // need:
+        from backend.synthesis.masks import _size_words, _volume_ml
+
+        raise DiffTumorError(f"{name}: the {organ_name} is {_volume_ml(int(volume))}; at most {int(volume // need)} "
+                             f"{_size_words(size)} fit in that volume (asked for {count})")
+
+
+def random_tumors(ct: np.ndarray, organ: np.ndarray, spacing: Sequence[float], rng: np.random.Generator, *,
+                  size: str | None = None, count: int | None = None, organ_name: str | None = None,
+                  avoid: np.ndarray | None = None, phase: str = "auto",
+                  gap_mm: float | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Model-based tumours as the engine draws them for ``Generated(size, count)``: the size class (None:
+    the release's training mix, :func:`backend.synthesis.masks.sample_size_class`) and count (None: the
+    class's range) drawn from ``rng`` as the release does, then one :func:`random_tumor` after the other,
+    each keeping clear of the vessels, of ``avoid`` (labelled real tumours) and of the tumours placed before
+    it by ``gap_mm`` (default: one voxel more than the coarsest spacing, so they stay apart on the CT's grid).
+    Returns (bool mask, one provenance dict per tumour)."""
+    from backend.synthesis.masks import SIZE_CLASSES, sample_size_class
+
+    organ = np.asarray(organ, bool)
+    avoid = np.zeros(organ.shape, bool) if avoid is None else np.asarray(avoid, bool)
+    if size is None:
+        size = sample_size_class(rng)
+    if count is None:
+        lo, hi = SIZE_CLASSES[size].count
+        count = int(rng.integers(lo, hi + 1))
+    s = np.asarray(spacing, dtype=np.float64)
+    check_fits(organ & ~avoid, s, size, int(count), organ_name=organ_name or "organ")
+    gap = float(s.max()) + 1.0 if gap_mm is None else float(gap_mm)
+    vessels, _, _ = organ_vessels(ct, organ & ~avoid, s, organ_name, phase)
+    placed = np.zeros(organ.shape, bool)
+    infos = []
+    for _ in range(int(count)):
+        near = placed
+        if placed.any():
+            near = ndimage.distance_transform_edt(~placed, sampling=s) <= gap
+        mask, info = random_tumor(ct, organ, s, rng, size=size, organ_name=organ_name, avoid=avoid | near,
+                                  phase=phase, vessels=vessels)
+        placed |= mask
+        infos.append(info)
+    return placed, infos

@@ -102,6 +102,8 @@ class SynthesisConfig(RangeChecked):
     weights_dir: str | None = None  # diffusion weights folder (None: $DIFFTUMOR_WEIGHTS / user config)
     weights_organ: str | None = None  # cross-organ: use this organ's diffusion weights (None: `organ`)
     device: str = "cpu"  # where the workers run the diffusion model ("cuda" needs spawn workers)
+    # push the tissue aside (labels warped with it): auto = model-based tumours of 20 mm and more, none for diffusion
+    mass_effect: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass

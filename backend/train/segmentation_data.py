@@ -163,7 +163,8 @@ def build_transforms(cfg: SegmentationConfig, *, train: bool):
     if cfg.synthesis.enabled:
         s = cfg.synthesis
         xs.append(RandTumorSynthesisd(keys, prob=s.prob, stage_probs=s.stage_probs, organ=cfg.organ, method=s.method,
-                                      weights_dir=s.weights_dir, weights_organ=s.weights_organ, device=s.device))
+                                      weights_dir=s.weights_dir, weights_organ=s.weights_organ, device=s.device,
+                                      mass_effect=s.mass_effect))
     xs.append(T.EnsureTyped(keys, dtype=(torch.float32, torch.uint8), track_meta=False))
     return T.Compose(xs)
 

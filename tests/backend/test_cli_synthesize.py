@@ -610,3 +610,28 @@ def test_dataset_out_that_is_an_input_folder_is_refused(tmp_path, capsys, which)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"is the --{which} folder" in err
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_mass_effect_and_phase_flags(tmp_path, capsys, totalseg_ct, totalseg_seg):
+    """--mass-effect reaches the request (one line in the flag's words for a bad value) and the provenance; the
+    label written moves with the CT."""
+    assert _run(tmp_path, "--mass-effect", "sometimes", out="bad") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["difftumor: error: --mass-effect sometimes: choose auto (model-based tumours of 20 mm and more), "
+                   "on (every tumour, both methods) or off"]
+    assert not (tmp_path / "bad").exists()
+    assert _run(tmp_path, "--phase", "arterial", out="bad") == 2
+    assert capsys.readouterr().err.strip() == "difftumor: error: --phase arterial: choose auto, non-contrast or enhanced"
+    args = ["synthesize", "--ct", str(totalseg_ct), "--organs", str(totalseg_seg), "--organ", "liver", "--center",
+            "94,35,15", "--voxel", "--radii", "15,15,15", "--method", "model-based", "--phase", "non-contrast"]
+    assert main([*args, "--mass-effect", "on", "--out", str(tmp_path / "on")]) == 0
+    assert main([*args, "--mass-effect", "off", "--out", str(tmp_path / "off")]) == 0
+    on, off = _prov(tmp_path / "on"), _prov(tmp_path / "off")
+    assert on["settings"]["mass_effect"] == "on" and on["mass_effect"]["groups_applied"] == 1
+    assert off["settings"]["mass_effect"] == "off" and off["mass_effect"]["groups_applied"] == 0
+    assert on["tumours"][0]["params"]["phase_source"] == "given"
+    lab_on, lab_off = (read_image(tmp_path / d / "label.nii.gz").array for d in ("on", "off"))
+    ct_on, ct_off = (read_image(tmp_path / d / "ct.nii.gz").array for d in ("on", "off"))
+    assert np.array_equal(lab_on == 2, lab_off == 2)  # the same tumour
+    grown = (lab_on == 1) & (lab_off == 0)  # organ label pushed into what was outside the organ ...
+    assert grown.any() and ct_on[grown].mean() > ct_off[grown].mean() + 30  # ... where the CT now shows organ

@@ -29,12 +29,45 @@ def test_random_mask_on_ct_grid_seeded_inside_organ(real):
     assert not np.array_equal(mask, other)
 
 
-def test_engine_generated_mask_is_the_public_one(real, tmp_path):
+def test_engine_generated_mask_model_based_is_realistic_and_diffusion_keeps_the_release_generator(real, tmp_path):
+    """Model-based: the realistic shapes of backend.synthesis.shapes; diffusion: the release's generator on the
+    same seeded stream."""
+    from backend.synthesis.ct_cache import CTEntry
+    from backend.synthesis.request import Generated, SynthesisRequest
+    from backend.synthesis.shapes import random_tumors
+
     ct, organ = real
-    r = SynthesisEngine(tmp_path, device="cpu").synthesize(ct, organ, organ="liver", size="small", count=1, seed=3)
-    mask, params = random_tumor_mask(ct, organ, organ="liver", size="small", count=1, seed=np.random.default_rng(3))
+    e = SynthesisEngine(tmp_path, device="cpu")
+    r = e.synthesize(ct, organ, organ="liver", size="small", count=1, seed=3)
+    assert r.provenance["method"] == "model-based"  # no weights in tmp_path
+    mask, infos = random_tumors(ct.array, organ, ct.geometry.spacing[::-1], np.random.default_rng(3), size="small",
+                                count=1, organ_name="liver")
     np.testing.assert_array_equal(r.tumor_mask, mask)
-    assert r.provenance["mask"]["tumours"] == [p.to_dict() for p in params]
+    got = r.provenance["mask"]["tumours"]
+    assert [t["semi_axes_mm"] for t in got] == [t["semi_axes_mm"] for t in infos]
+    assert got[0]["centre_voxel_xyz"] == infos[0]["centre_voxel"][::-1] and "realistic" in r.provenance["mask"]["source"]
+    request = SynthesisRequest(organ="liver", tumor=Generated("small", 1), seed=3)
+    release, info, stage = e._tumour_mask(request, ct, organ, None, np.random.default_rng(3), CTEntry(False),
+                                          "diffusion")
+    mask, params = random_tumor_mask(ct, organ, organ="liver", size="small", count=1, seed=np.random.default_rng(3))
+    np.testing.assert_array_equal(release, mask)
+    assert info["tumours"] == [p.to_dict() for p in params] and stage == "early"
+
+
+def test_generated_model_based_tumours_avoid_real_tumours_and_each_other(real, tmp_path):
+    ct, organ = real
+    existing = np.zeros_like(organ)
+    z, y, x = np.argwhere(organ)[len(np.argwhere(organ)) // 2]
+    existing[z - 2:z + 3, y - 4:y + 5, x - 4:x + 5] = True
+    existing &= organ
+    r = SynthesisEngine(tmp_path, device="cpu").synthesize(ct, organ, organ="liver", size="small", count=3, seed=1,
+                                                           existing_tumor=existing)
+    assert r.provenance["mask"]["count_placed"] == 3
+    assert not (r.tumor_mask & existing).any()
+    from scipy import ndimage
+
+    assert ndimage.label(r.tumor_mask)[1] == 3  # three separate tumours
+    assert (r.label[existing] == 2).all()
 
 
 def test_separate_masks_and_bad_input(real):
@@ -75,17 +108,24 @@ def test_second_call_on_the_same_ct_uses_the_cache_and_changes_nothing(real, tmp
 
 
 def test_generated_tumour_centres_are_reported_on_the_ct_grid(totalseg_ct, totalseg_seg):
-    """Provenance names the generator's 1 mm model voxel as such and gives the CT-grid index beside it."""
+    """Provenance gives each centre's CT-grid index (x, y, z) and world position; the release generator's 1 mm
+    model voxel (diffusion) is named as such."""
     from backend.io import read_image
     from backend.organs import load_organ_mask
+    from backend.synthesis.ct_cache import CTEntry
     from backend.synthesis.engine import SynthesisEngine
+    from backend.synthesis.request import Generated, SynthesisRequest
 
     ct = read_image(totalseg_ct)
     organ = load_organ_mask(totalseg_seg, "liver", reference=ct)
-    r = SynthesisEngine(None, device="cpu").synthesize(ct, organ, organ="liver", size="small", count=2, seed=3,
-                                                       method="model-based")
-    for t in r.provenance["mask"]["tumours"]:
+    e = SynthesisEngine(None, device="cpu")
+    r = e.synthesize(ct, organ, organ="liver", size="small", count=2, seed=3, method="model-based")
+    request = SynthesisRequest(organ="liver", tumor=Generated("small", 2), seed=3)
+    _, released, _ = e._tumour_mask(request, ct, organ, None, np.random.default_rng(3), CTEntry(False), "diffusion")
+    for t in released["tumours"]:
         assert "centre" not in t and len(t["centre_model_voxel_xyz"]) == 3
+    for t in r.provenance["mask"]["tumours"]:
         x, y, z = t["centre_voxel_xyz"]
         assert 0 <= x < ct.geometry.size[0] and 0 <= y < ct.geometry.size[1] and 0 <= z < ct.geometry.size[2]
         assert r.tumor_mask[max(z - 1, 0):z + 2, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].any()
+        np.testing.assert_allclose(ct.geometry.world_to_voxel(t["centre_world_mm"]), [x, y, z], atol=0.01)

@@ -230,3 +230,39 @@ def test_organ_crop_is_seeded_through_compose():
 
     assert boxes(3) == boxes(3)
     assert boxes(3) != boxes(4)
+
+
+def _organ_sample(size=64):
+    """An organ (label 1, about 60 HU) filling the crop below x = 40, fat above: a large tumour near x = 40
+    pushes the boundary."""
+    rng = np.random.default_rng(0)
+    from backend.synthesis.blend import hu_to_01
+
+    lab = np.zeros((1, size, size, size), np.uint8)
+    lab[0, 4:40, 4:60, 4:60] = 1
+    hu = np.where(lab[0] == 1, 60.0, -100.0) + rng.normal(0, 8, lab[0].shape)
+    img = MetaTensor(torch.from_numpy(hu_to_01(hu)[None].astype(np.float32)))
+    return {"image": img, "label": MetaTensor(torch.from_numpy(lab)), "healthy": torch.tensor(1)}
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_mass_effect_warps_the_label_with_the_image(mode):
+    """A large model-based tumour with mass effect: the organ label moves with the tissue, so the voxels it gained
+    show organ in the image (not fat); with mass effect off the organ label is the input's."""
+    t = RandTumorSynthesisd(prob=1.0, stage_probs=(0.0, 0.0, 1.0), organ="liver", mass_effect=mode).set_random_state(1)
+    data = _organ_sample()
+    out = t(data)
+    assert out["synthetic"].item() == 1
+    before, after = data["label"][0].numpy(), out["label"][0].numpy()
+    grown = (after == 1) & (before == 0)
+    if mode == "off":
+        assert not grown.any() and ((after == 1) | (after == 2)).sum() == (before == 1).sum()
+        return
+    assert grown.sum() > 20, "the organ label did not move"
+    img0, img1 = data["image"][0].numpy(), out["image"][0].numpy()
+    assert img0[grown].mean() < 0.2 < img1[grown].mean()  # fat (-100 HU = 0.18) became organ (60 HU = 0.55)
+
+
+def test_bad_mass_effect_is_one_clear_error():
+    with pytest.raises(DiffTumorError, match="^mass effect maybe: choose auto"):
+        RandTumorSynthesisd(mass_effect="maybe")

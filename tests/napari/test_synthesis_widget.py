@@ -661,3 +661,30 @@ def test_result_screenshots_show_the_tumour(make_napari_viewer, qtbot, monkeypat
     cell = min(inspect._viewer.canvas.viewbox_size(viewer.layers))
     box = _yellow_box(grid)
     assert box is not None and min(box) >= 0.1 * cell, box  # in the cells, not 8 pixels
+
+
+def test_mass_effect_control_reaches_the_request(phantom_viewer, qtbot, monkeypatch, errors, no_weights):
+    """The Mass effect box maps to SynthesisRequest.mass_effect: "on" pushes the tissue around a small tumour
+    (recorded in the provenance), "off" leaves everything beyond the blend alone."""
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    place, synth = _widgets(phantom_viewer, qtbot)
+    place.organ.value = "liver"
+    assert synth.mass_effect.value == "auto"
+    assert tuple(synth.mass_effect.choices) == ("auto", "on", "off")
+    place.random_size.value = "small"
+    assert place.place_random() == 1
+    synth.organ.value = "liver"
+    runs = {}
+    for mode in ("on", "off"):
+        synth.mass_effect.value = mode
+        assert synth.run() and synth.outcome is not None
+        runs[mode] = synth.outcome
+    assert errors == []
+    on, off = runs["on"], runs["off"]
+    assert on.request.request.mass_effect == "on" and on.request.settings()["mass_effect"] == "on"
+    assert on.provenance["mass_effect"]["groups_applied"] == 1 and off.provenance["mass_effect"]["groups_applied"] == 0
+    assert np.array_equal(on.tumor_mask, off.tumor_mask)
+    from scipy import ndimage
+
+    beyond_blend = ~ndimage.binary_dilation(on.tumor_mask, iterations=4)
+    assert (on.ct != off.ct)[beyond_blend].any()  # tissue beyond the blend's reach moved
