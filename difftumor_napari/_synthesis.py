@@ -33,6 +33,7 @@ from difftumor_napari._dock import ScrollableContainer, browse, default_save_fol
 from difftumor_napari._placement import (
     TUMOR_LAYER,
     ct_image_layers,
+    label_facts,
     notify_error,
     organ_label_layers,
     select_first,
@@ -230,7 +231,7 @@ class SynthesisWidget(ScrollableContainer):
 
     def _on_organ_layer(self, _=None) -> None:
         layer = self.organ_layer.value
-        present = pl.organs_in_labels(layer.data) if layer is not None else []
+        present = list(label_facts(layer).organs) if layer is not None else []
         if present and self.organ.value not in present:
             self.organ.value = present[0]
 
