@@ -248,12 +248,19 @@ class ThreeViews:
         from napari.layers import Layer
 
         mask = _outline_mask(src)
-        if mask is not None:
-            from difftumor_napari._focus import outline_layer
+        if mask is not None:  # the voxels' edge in this view's plane: napari's label contour (a Shapes outline
+            # computed per plane rendered with gaps in these views), on a uint8 view of the mask, not a copy
+            from napari.layers import Labels
 
-            axis = self.VIEWS[view][0]  # the axis this view slices through
-            return outline_layer(mask, src, src.name, axis=axis, visible=src.visible, opacity=src.opacity,
-                                 metadata={"difftumor": {"kind": "outline"}})
+            from difftumor_napari._placement import tumor_colormap
+
+            data = np.asarray(mask)
+            data = data.view(np.uint8) if data.dtype == np.bool_ else data
+            copy = Labels(data, name=src.name, scale=src.scale, translate=src.translate, colormap=tumor_colormap(),
+                          opacity=src.opacity, visible=src.visible, blending="translucent_no_depth",
+                          metadata={"difftumor": {"kind": "outline"}})
+            copy.contour = 1
+            return copy
         return Layer.create(*src.as_layer_data_tuple())
 
     def _add_copy(self, src, name: str) -> None:
