@@ -25,24 +25,47 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("DIFFTUMOR_SHARED", "/work/shared")) / "data" / "totalseg_abdomen_3mm"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
-    args = parser.parse_args()
-    os.environ.setdefault("QT_API", "pyqt6")
-    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-    import napari
+def check_saved(ct_path: Path, folder: Path, reopened, ct_layer) -> list[str]:
+    """What is wrong with the saved result (empty when nothing): grid of the CT and the label against the
+    original, a tumour in the label, the re-opened CT placed like the original. Prints a summary."""
     import numpy as np
     import SimpleITK as sitk
-    from gui import Heartbeat, run_step  # bench/gui.py
-    from qtpy.QtWidgets import QApplication, QTabBar
+    from scipy import ndimage
+
+    problems: list[str] = []
+    original, saved = sitk.ReadImage(str(ct_path)), sitk.ReadImage(str(folder / "synthetic_ct.nii.gz"))
+    label = sitk.ReadImage(str(folder / "synthetic_label.nii.gz"))
+    for image, what in ((saved, "saved CT"), (label, "saved label")):
+        for attr in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+            a, b = getattr(original, attr)(), getattr(image, attr)()
+            if not np.allclose(a, b, atol=1e-5):
+                problems.append(f"{what}: {attr[3:].lower()} {b} differs from the original {a}")
+    lab = sitk.GetArrayFromImage(label) == 2  # 0 background, 1 organ, 2 tumour
+    diff = sitk.GetArrayFromImage(saved).astype(np.int32) - sitk.GetArrayFromImage(original).astype(np.int32)
+    if not lab.any():
+        problems.append("saved label holds no tumour")
+    changed = diff != 0
+    reach = float(ndimage.distance_transform_edt(~lab, sampling=original.GetSpacing()[::-1])[changed].max()) \
+        if changed.any() else 0.0  # how far from the tumour mask the blended texture reaches (mm)
+    if not np.allclose(reopened.scale, ct_layer.scale) or not np.allclose(reopened.translate, ct_layer.translate):
+        problems.append(f"re-opened CT placed differently: scale {reopened.scale} translate {reopened.translate}")
+    print(f"saved in {folder}: {int(lab.sum())} tumour voxels, {int(np.count_nonzero(diff))} voxels changed "
+          f"({int(np.count_nonzero(diff[~lab]))} outside the tumour mask, up to {reach:.0f} mm from it)")
+    return problems
+
+
+def demo_window():
+    """The window ``difftumor demo`` opens (phantom, widgets docked, three views on), once the engine warm-up
+    the Synthesis widget starts in the background has finished (start-up, not a user's step)."""
+    import time
+
+    import napari
+    from qtpy.QtWidgets import QApplication
 
     from backend.cli import demo
+    from difftumor_napari import synthesis_tasks as st
     from difftumor_napari._sample_data import make_phantom_sample
-    from difftumor_napari._synthesis import RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE
-    from difftumor_napari._three_views import three_views_of
 
-    ct_path, seg_path = SHARED / "example_ct_sm.nii.gz", SHARED / "example_seg.nii.gz"
     demo._quiet_qt_binding_notice()
     viewer = napari.Viewer(title="DiffTumor Studio", show=True)
     viewer.window.resize(*demo.WINDOW_SIZE)
@@ -51,8 +74,28 @@ def main() -> int:
     widgets, failed = demo.dock_plugin_widgets(viewer)
     widgets["Window / level"].toggle_three_views()
     viewer.window.resize(*demo.WINDOW_SIZE)
-    for _ in range(10):
+    t0 = time.perf_counter()
+    while not st._ENGINES and time.perf_counter() - t0 < 120:
         QApplication.processEvents()
+        time.sleep(0.01)
+    return viewer, widgets, failed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
+    args = parser.parse_args()
+    os.environ.setdefault("QT_API", "pyqt6")
+    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+    import numpy as np
+    from gui import Heartbeat, run_step  # bench/gui.py
+    from qtpy.QtWidgets import QApplication, QTabBar
+
+    from difftumor_napari._synthesis import RESULT_TUMOR, TUMOR_OUTLINE
+    from difftumor_napari._three_views import three_views_of
+
+    ct_path, seg_path = SHARED / "example_ct_sm.nii.gz", SHARED / "example_seg.nii.gz"
+    viewer, widgets, failed = demo_window()
     beat = Heartbeat()
     blocks: dict[str, float] = {}
     problems: list[str] = []
@@ -126,25 +169,7 @@ def main() -> int:
                                        for f in ("synthetic_ct.nii.gz", "synthetic_label.nii.gz")],
          until=lambda: len(viewer.layers) == n + 2)
 
-    original, saved = sitk.ReadImage(str(ct_path)), sitk.ReadImage(str(folder / "synthetic_ct.nii.gz"))
-    label = sitk.ReadImage(str(folder / "synthetic_label.nii.gz"))
-    for image, what in ((saved, "saved CT"), (label, "saved label")):
-        for attr in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
-            a, b = getattr(original, attr)(), getattr(image, attr)()
-            if not np.allclose(a, b, atol=1e-5):
-                problems.append(f"{what}: {attr[3:].lower()} {b} differs from the original {a}")
-    lab = sitk.GetArrayFromImage(label) == 2  # 0 background, 1 organ, 2 tumour
-    diff = sitk.GetArrayFromImage(saved).astype(np.int32) - sitk.GetArrayFromImage(original).astype(np.int32)
-    if not lab.any():
-        problems.append("saved label holds no tumour")
-    changed = diff != 0
-    reach = float(ndimage.distance_transform_edt(~lab, sampling=original.GetSpacing()[::-1])[changed].max()) \
-        if changed.any() else 0.0  # how far from the tumour mask the blended texture reaches (mm)
-    reopened = viewer.layers[-2]
-    if not np.allclose(reopened.scale, ct_layer.scale) or not np.allclose(reopened.translate, ct_layer.translate):
-        problems.append(f"re-opened CT placed differently: scale {reopened.scale} translate {reopened.translate}")
-    print(f"saved in {folder}: CT on the original grid, {int(lab.sum())} tumour voxels, "
-          f"{int(np.count_nonzero(diff))} voxels changed ({int(np.count_nonzero(diff[~lab]))} outside the tumour mask, up to {reach:.0f} mm from it)")
+    problems += check_saved(ct_path, folder, viewer.layers[-2], ct_layer)
 
     print("longest event-loop block per step (ms; target 500 on this CT):")
     for name, ms in blocks.items():
