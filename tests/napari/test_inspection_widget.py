@@ -178,7 +178,7 @@ def test_diffusion_run_shows_reconstruction_and_decoded(make_napari_viewer, qtbo
 
 def test_results_reopened_from_disk_can_be_inspected(make_napari_viewer, qtbot, monkeypatch, tmp_path, errors,
                                                      totalseg_ct, totalseg_seg):
-    """A later session: the original CT, the saved <stem>_ct and <stem>_tumor (0/1/2) opened with the reader.
+    """A later session: the original CT, the saved <stem>_ct and <stem>_label (0/1/2) opened with the reader.
     The saved label offers its tumours, and Original CT never defaults to the synthetic CT itself."""
     from difftumor_napari._inspection import InspectionWidget
     from difftumor_napari._reader import read_layer_data
@@ -198,7 +198,8 @@ def test_results_reopened_from_disk_can_be_inspected(make_napari_viewer, qtbot, 
     qtbot.addWidget(w.native)
     w.result_layer.value = later.layers["case_ct"]
     w._on_layers_changed()
-    assert w.tumor_layer.value is not None and w.tumor_layer.value.name == "case_tumor"
+    label_name = paths["label"].name.split(".")[0]  # the saved 0/1/2 label (case_label.nii.gz)
+    assert w.tumor_layer.value is not None and w.tumor_layer.value.name == label_name
     assert w.original_layer.value.name != "case_ct"
     assert len(w.tumor.choices) == 1 and w.measure() is not None and errors == []
     assert w.metrics["mean_hu"] < w.metrics["organ_mean_hu"]  # the model-based tumour is hypo-attenuating
