@@ -121,7 +121,7 @@ def focus_views(viewer: napari.components.ViewerModel, center_world: Sequence[fl
     ``radius_mm`` spans a readable part of the canvas. The main viewer (one grid cell when napari's grid
     is on) and, when the "Window / level" widget shows them, the coronal and sagittal views, which keep
     this framing when their canvases are resized until the user pans or zooms."""
-    from difftumor_napari._viewing import three_views_of
+    from difftumor_napari._three_views import three_views_of
 
     ndim = viewer.dims.ndim
     point = np.asarray(center_world, float)[-3:]
@@ -168,35 +168,50 @@ OUTLINE_RGBA = (1.0, 0.85, 0.0, 1.0)  # the tumour colour of the placement mask
 OUTLINE_WIDTH_MM = 0.35  # a line, not a ring of voxels over the tumour's margin (where the blending happens)
 
 
-def outline_paths(mask: np.ndarray) -> list[np.ndarray]:
-    """The tumour's boundary on every axial slice as closed polylines in data coordinates (z, y, x):
-    marching squares (``skimage.measure.find_contours``) at 0.5, i.e. half-way between a tumour voxel's centre
-    and its neighbour's, so the line runs along the tumour's edge without covering any voxel of it."""
+def outline_paths(mask: np.ndarray, axis: int = 0) -> list[np.ndarray]:
+    """The tumour's boundary on every slice across ``axis`` (0: axial, 1: coronal, 2: sagittal) as closed
+    polylines in data coordinates (z, y, x): marching squares (``skimage.measure.find_contours``) at 0.5, i.e.
+    half-way between a tumour voxel's centre and its neighbour's, so the line runs along the tumour's edge
+    without covering any voxel of it."""
     from skimage import measure
 
     box = _bounding_box(mask)
     if box is None:
         return []
-    sub = np.asarray(mask)[box] != 0
+    sub = np.moveaxis(np.asarray(mask)[box] != 0, axis, 0)
+    others = [a for a in range(3) if a != axis]
+    offset = np.array([box[a].start for a in others], float)
     paths = []
     for k in range(sub.shape[0]):
         if not sub[k].any():
             continue
         for line in measure.find_contours(np.pad(sub[k], 1).astype(np.float32), 0.5):
-            yx = line - 1 + np.array([box[1].start, box[2].start], float)
-            paths.append(np.column_stack([np.full(len(yx), float(box[0].start + k)), yx]))
+            path = np.empty((len(line), 3))
+            path[:, axis] = float(box[axis].start + k)
+            path[:, others] = line - 1 + offset
+            paths.append(path)
     return paths
 
 
-def outline_layer(mask: np.ndarray, ref, name: str, *, metadata: dict | None = None, visible: bool = True):
-    """A napari Shapes layer (not yet added) drawing :func:`outline_paths` of ``mask`` on ``ref``'s grid
-    (its ``scale`` and ``translate``), :data:`OUTLINE_WIDTH_MM` wide, in the tumour colour."""
+def outline_layer(mask: np.ndarray, ref, name: str, *, axis: int = 0, metadata: dict | None = None,
+                  visible: bool = True, opacity: float = 1.0):
+    """A napari Shapes layer (not yet added) drawing :func:`outline_paths` of ``mask`` across ``axis`` on
+    ``ref``'s grid (its ``scale`` and ``translate``), :data:`OUTLINE_WIDTH_MM` wide, in the tumour colour.
+    Its metadata names the mask (``difftumor.outline_of``), from which the coronal and sagittal views
+    (:mod:`difftumor_napari._three_views`) draw the outline in their own planes."""
     from napari.layers import Shapes
 
     scale = np.asarray(ref.scale, float)[-3:]
-    paths = outline_paths(mask)
-    layer = Shapes(paths, ndim=3, shape_type="path", name=name, scale=ref.scale, translate=ref.translate,
+    paths = outline_paths(mask, axis)
+    in_plane = [s for a, s in enumerate(scale) if a != axis]
+    meta = dict(metadata or {})
+    meta["difftumor"] = {**meta.get("difftumor", {}), "outline_of": mask}
+    # a closed contour (marching squares on a padded slice always closes) as a polygon without fill: a "path"
+    # whose last point repeats the first left a gap where the two ends meet
+    closed = [len(p) > 3 and np.allclose(p[0], p[-1]) for p in paths]
+    paths = [p[:-1] if c else p for p, c in zip(paths, closed)]
+    layer = Shapes(paths, ndim=3, shape_type=["polygon" if c else "path" for c in closed] or "path", name=name, scale=ref.scale, translate=ref.translate,
                    edge_color=[OUTLINE_RGBA] * len(paths) if paths else "yellow", face_color="transparent",
-                   edge_width=OUTLINE_WIDTH_MM / float(np.mean(scale[1:])), opacity=1.0, visible=visible,
-                   blending="translucent_no_depth", metadata=metadata or {})
+                   edge_width=OUTLINE_WIDTH_MM / float(np.mean(in_plane)), opacity=opacity, visible=visible,
+                   blending="translucent_no_depth", metadata=meta)
     return layer

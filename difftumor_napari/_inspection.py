@@ -16,7 +16,7 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, Push
 from difftumor_napari import inspection as ins
 from difftumor_napari import placement as pl
 from difftumor_napari._dock import ScrollableContainer, browse, forms
-from difftumor_napari._placement import notify_error, organ_label_layers, select_first, unwrap, wrapped
+from difftumor_napari._placement import label_facts, notify_error, organ_label_layers, select_first, unwrap, wrapped
 
 if TYPE_CHECKING:
     import napari
@@ -46,14 +46,6 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     from scipy import ndimage
 
     return ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3, 3), bool))
-
-
-def _tumour_values(data) -> np.ndarray | None:
-    """The tumour (value 2) of an MSD-style 0/1/2 map such as a saved ``*_tumor`` label, else None."""
-    arr = np.asarray(data)
-    if pl.is_single_organ_map(arr) and (arr == 2).any():
-        return arr == 2
-    return None
 
 
 def metrics_text(rows: list[tuple[str, str]]) -> str:
@@ -142,7 +134,7 @@ class InspectionWidget(ScrollableContainer):
 
         organs = organ_label_layers(self._viewer)
         layers = [ly for ly in self._viewer.layers if isinstance(ly, Labels) and not ly.name.startswith(PREFIX)
-                  and (ly not in organs or _tumour_values(ly.data) is not None)]  # a saved 0/1/2 label counts
+                  and (ly not in organs or label_facts(ly).has_tumour)]  # a saved 0/1/2 label counts
         layers.sort(key=lambda ly: ly.metadata.get("difftumor", {}).get("kind") != "synthetic")
         return [(ly.name, ly) for ly in layers]
 
@@ -183,7 +175,8 @@ class InspectionWidget(ScrollableContainer):
         if layer is None:
             self._comps, self._tumor_items = None, []
         else:
-            values = _tumour_values(layer.data) if layer in organ_label_layers(self._viewer) else None
+            values = (np.asarray(layer.data) == 2 if layer in organ_label_layers(self._viewer)
+                      and label_facts(layer).has_tumour else None)
             self._comps, n = components(layer.data if values is None else values)
             sizes = np.bincount(self._comps.ravel())[1:] if n else []
             vox_ml = float(np.prod(layer.scale[-3:])) / 1000.0

@@ -9,6 +9,8 @@ placements).
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -82,13 +84,44 @@ def ct_image_layers(viewer) -> list:
     return layers
 
 
+@dataclass(frozen=True)
+class LabelFacts:
+    """What the widgets need to know about a label layer's values (see :func:`label_facts`)."""
+
+    organs: tuple[str, ...]  # placeable organs present (:func:`difftumor_napari.placement.organs_in_labels`)
+    single_organ: bool  # an MSD/LiTS/KiTS-style 0/1/2 map (:func:`~difftumor_napari.placement.is_single_organ_map`)
+    has_tumour: bool  # ... holding a labelled tumour (value 2)
+
+
+_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (its data array, LabelFacts)
+
+
+def label_facts(layer) -> LabelFacts:
+    """:class:`LabelFacts` of a Labels layer, computed once per data array: every widget asks on every layer
+    added or removed (three widgets, several choice boxes each), and a full pass over a 512 x 512 x 300 label
+    map is ~0.3 s. A new array (``layer.data = ...``) or a brush stroke (the layer's paint event) recomputes."""
+    layer = unwrap(layer)
+    data = layer.data
+    cached = _FACTS.get(layer)
+    if cached is not None and cached[0] is data:
+        return cached[1]
+    if cached is None:  # first look at this layer: forget the facts when it is painted
+        ref = weakref.ref(layer)
+        layer.events.paint.connect(lambda _event=None: _FACTS.pop(ref(), None) if ref() is not None else None)
+    organs = tuple(pl.organs_in_labels(data))
+    single = pl.is_single_organ_map(data)
+    facts = LabelFacts(organs, single, bool(single and (np.asarray(data) == 2).any()))
+    _FACTS[layer] = (data, facts)
+    return facts
+
+
 def organ_label_layers(viewer) -> list:
     """Labels layers that are not tumour masks, those holding organ ids first."""
     from napari.layers import Labels
 
     layers = [ly for ly in viewer.layers if isinstance(ly, Labels) and ly.name != TUMOR_LAYER
               and ly.metadata.get("difftumor", {}).get("kind") not in ("tumor", "synthetic")]
-    best = pl.pick_organ_layer(layers)
+    best = next((ly for ly in layers if label_facts(ly).organs), None)
     layers.sort(key=lambda ly: ly is not best)
     return layers
 
@@ -170,10 +203,11 @@ class PlacementWidget(ScrollableContainer):
 
     def _on_organ_layer(self, _=None) -> None:
         layer = self.organ_layer.value
-        present = pl.organs_in_labels(layer.data) if layer is not None else []
+        facts = label_facts(layer) if layer is not None else None
+        present = list(facts.organs) if facts is not None else []
         if present and self.organ.value not in present:
             self.organ.value = present[0]
-        single = layer is not None and pl.is_single_organ_map(layer.data)
+        single = facts is not None and facts.single_organ
         self.status.value = (f"One organ labelled (1 organ, 2 tumour): choose which under Organ. {NEXT_PLACE}"
                              if present and single else f"Organs found: {', '.join(present)}. {NEXT_PLACE}" if present else (
             "No organ ids in this label layer" if layer is not None else "Open an organ label layer"))

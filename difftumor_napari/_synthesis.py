@@ -33,21 +33,20 @@ from difftumor_napari._dock import ScrollableContainer, browse, default_save_fol
 from difftumor_napari._placement import (
     TUMOR_LAYER,
     ct_image_layers,
+    label_facts,
     notify_error,
     organ_label_layers,
     select_first,
     unwrap,
     wrapped,
 )
+from difftumor_napari._results import DIFFERENCE, RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE, ResultViews
 
 if TYPE_CHECKING:
     import napari
 
-RESULT_CT = "CT + synthetic tumor"
-RESULT_TUMOR = "synthetic tumor"
-TUMOR_OUTLINE = "synthetic tumor outline"
-DIFFERENCE = "difference (synthetic − original)"
-ORGAN_OPACITY = 0.4  # the organ outline after a synthesis: there, but not over the tumour's texture
+__all__ = ["DIFFERENCE", "RESULT_CT", "RESULT_TUMOR", "TUMOR_OUTLINE", "SynthesisWidget", "done_summary"]
+
 SAME_ORGAN = "same as Organ"
 
 
@@ -59,7 +58,7 @@ class _Failed:
         self.exc = exc
 
 
-class SynthesisWidget(ScrollableContainer):
+class SynthesisWidget(ResultViews, ScrollableContainer):
     """Dock widget running the synthesis engine on the CT, organ and tumour-mask layers."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
@@ -146,6 +145,7 @@ class SynthesisWidget(ScrollableContainer):
         self.organ.changed.connect(self._on_organ)
         self.tumor_layer.changed.connect(self._watch_tumor_layer)
         self._watched_tumor = None
+        self._warmed = False  # the engine was prepared in the background (see _warm_engine)
         self._offered_folder = None  # the default "Save to" shown, replaced while the user has not chosen one
         self._on_organ()
         self.organ_layer.changed.connect(self._on_organ_layer)
@@ -156,6 +156,7 @@ class SynthesisWidget(ScrollableContainer):
 
         keep_radiological(viewer)  # superior up in coronal/sagittal, sliders named, whichever widget opens first
         self._watch_closing()
+        self._warm_engine()
 
     def _watch_closing(self) -> None:
         """Closing the dock (napari takes the widget out of it) cancels a run: no layers appear later."""
@@ -221,6 +222,17 @@ class SynthesisWidget(ScrollableContainer):
             self._watched_tumor = layer
         self._follow_placements()
 
+    def _warm_engine(self) -> None:
+        """Prepare the engine in a background thread (:func:`~difftumor_napari.synthesis_tasks.warm_engine`) as the
+        widget opens, once per widget; not with threads off. Loading torch's libraries holds Python's lock for
+        about a second whenever it happens: during start-up, before the user acts, rather than after the first
+        Synthesize click or in the middle of a placement."""
+        if self._warmed or st.threads_disabled():
+            return
+        self._warmed = True
+        threading.Thread(target=st.warm_engine, args=(self.weights_folder(), self.device.value),
+                         name="difftumor engine warm-up", daemon=True).start()
+
     def _follow_placements(self, _=None) -> None:
         """Organ := the organ the tumours were placed in (Tumor placement records it), so a tumour placed in
         the kidney is not synthesized as a liver tumour because Organ here still said liver."""
@@ -235,7 +247,7 @@ class SynthesisWidget(ScrollableContainer):
 
     def _on_organ_layer(self, _=None) -> None:
         layer = self.organ_layer.value
-        present = pl.organs_in_labels(layer.data) if layer is not None else []
+        present = list(label_facts(layer).organs) if layer is not None else []
         if present and self.organ.value not in present:
             self.organ.value = present[0]
 
@@ -406,7 +418,7 @@ class SynthesisWidget(ScrollableContainer):
             self.status.value = "The CT layer was removed during the run; the result was discarded"
             return
         self.outcome = outcome
-        self.add_result_layers(outcome)
+        self.add_result_layers(outcome, overlays_later=not st.threads_disabled())
         self.go_to_tumour()
         waited = time.perf_counter() - self._clicked_at if self._clicked_at is not None else None
         self.status.value = (f"Done: {done_summary(outcome.provenance, waited)}. "
@@ -427,119 +439,6 @@ class SynthesisWidget(ScrollableContainer):
         if self._cancel.is_set() and self.outcome is None:
             self.status.value = "Cancelled: nothing was changed"
         self.progress_text.value = "" if self.outcome is None else "Finished"
-
-    # -- results ----------------------------------------------------------------------------------
-    def add_result_layers(self, outcome: st.SynthesisOutcome) -> None:
-        """'CT + synthetic tumor' (image) and 'synthetic tumor' (labels) on the CT's grid."""
-        from difftumor_napari._placement import tumor_colormap, tumor_layer_metadata
-
-        ct = self._source_ct
-        info = dict(ct.metadata.get("difftumor", {}))
-        info.update(kind="synthetic", source=None, provenance=outcome.provenance, original_layer=ct.name,
-                    organ=outcome.request.organ, intermediates=outcome.intermediates)
-        for name in (RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE, DIFFERENCE):
-            if name in self._viewer.layers:
-                self._viewer.layers.remove(name)
-        # "after" is drawn exactly like "before": same window, colormap and interpolation, and at the original's
-        # place in the layer stack, so Before / after swaps only the CT and every overlay looks the same in both
-        result = self._viewer.add_image(outcome.ct, name=RESULT_CT, scale=ct.scale, translate=ct.translate,
-                                        contrast_limits=ct.contrast_limits, colormap=ct.colormap.name,
-                                        interpolation2d=ct.interpolation2d, interpolation3d=ct.interpolation3d,
-                                        metadata={"difftumor": info})
-        layers = self._viewer.layers
-        layers.move(layers.index(result), layers.index(ct) + 1)
-        meta = tumor_layer_metadata(ct, kind="synthetic")
-        meta["difftumor"].update(provenance=outcome.provenance, original_layer=ct.name, result_layer=RESULT_CT)
-        self._viewer.add_labels(np.asarray(outcome.tumor_mask).astype(np.uint8), name=RESULT_TUMOR, scale=ct.scale,
-                                translate=ct.translate, metadata=meta, opacity=0.35, visible=False,
-                                colormap=tumor_colormap())
-        # the tumour as a thin line along its edge on top of everything (toggled by "Tumour outline"): the
-        # synthetic texture and its blended margin stay visible; the organs drop to a faint outline, and the
-        # placement mask is hidden
-        from difftumor_napari._focus import outline_layer
-
-        outline = outline_layer(outcome.tumor_mask, ct, TUMOR_OUTLINE, visible=bool(self.show_outline.value),
-                                metadata={"difftumor": {"kind": "outline", "original_layer": ct.name}})
-        self._viewer.layers.append(outline)
-        outline.events.visible.connect(self._on_outline_visible)
-        for layer in layers:
-            if layer.name == TUMOR_LAYER:
-                layer.visible = False
-        organs = self.organ_layer.value
-        for layer in organ_label_layers(self._viewer):
-            if organs is not None and unwrap(layer) is unwrap(organs):
-                layer.contour = max(1, int(layer.contour))
-                layer.opacity = min(float(layer.opacity), ORGAN_OPACITY)
-        ct.visible = False  # "after" first; Before / after swaps
-        layers.selection.active = result  # its contrast (window) in the layer controls, not the outline's
-
-    def go_to_tumour(self) -> bool:
-        """Bring the synthetic tumour into view: its slice, centred, zoomed (the largest one when there are
-        several); False (and the status says why) without a result."""
-        from difftumor_napari._focus import focus_on_mask
-
-        if self.outcome is None or self._source_ct is None:
-            self.status.value = "Go to tumour: synthesize a tumour first"
-            return False
-        layer = self._viewer.layers[RESULT_CT] if RESULT_CT in self._viewer.layers else self._source_ct
-        return focus_on_mask(self._viewer, self.outcome.tumor_mask, layer) is not None
-
-    def _on_show_outline(self, on: bool) -> None:
-        if TUMOR_OUTLINE in self._viewer.layers:
-            self._viewer.layers[TUMOR_OUTLINE].visible = bool(on)
-
-    def _on_outline_visible(self, event=None) -> None:
-        """The layer list's eye on the outline and the checkbox show the same state."""
-        if TUMOR_OUTLINE in self._viewer.layers:
-            visible = bool(self._viewer.layers[TUMOR_OUTLINE].visible)
-            if visible != bool(self.show_outline.value):
-                with self.show_outline.changed.blocked():
-                    self.show_outline.value = visible
-
-    def toggle_before_after(self) -> str:
-        """Swap the visibility of the original CT and 'CT + synthetic tumor'; returns what is shown."""
-        if RESULT_CT not in self._viewer.layers or self._source_ct is None:
-            from napari.utils.notifications import show_info
-
-            self.status.value = "Before / after: synthesize a tumour first"
-            show_info(self.status.value)
-            return ""
-        after = self._viewer.layers[RESULT_CT]
-        if self._source_ct not in self._viewer.layers:  # hiding the result would leave an empty canvas
-            from backend.errors import DiffTumorError
-
-            after.visible = True
-            self.status.value = notify_error(
-                DiffTumorError(f"Before / after: the original CT '{self._source_ct.name}' was closed; open it again "
-                           f"and synthesize to compare (showing: after)"), "Before / after")
-            return "after"
-
-        show_after = not after.visible
-        after.visible, self._source_ct.visible = show_after, not show_after
-        self.status.value = "Showing: after (synthetic)" if show_after else "Showing: before (original)"
-        return "after" if show_after else "before"
-
-    def show_difference(self):
-        """A 'difference' layer: synthetic minus original HU, blue (darker) to red (brighter), unchanged voxels
-        transparent so the CT shows through; symmetric window."""
-        if self.outcome is None or self._source_ct is None:
-            from napari.utils.notifications import show_info
-
-            self.status.value = "Difference view: synthesize a tumour first"
-            show_info(self.status.value)
-            return None
-        if DIFFERENCE in self._viewer.layers:
-            layer = self._viewer.layers[DIFFERENCE]
-            layer.visible = not layer.visible
-            return layer
-        ct = self._source_ct
-        diff = self.outcome.ct.astype(np.float32) - np.asarray(ct.data, np.float32)
-        lim = float(max(1.0, np.abs(diff).max()))
-        info = dict(ct.metadata.get("difftumor", {}), kind="difference", dtype="float32", source=None)
-        info.pop("data_range", None)  # the CT's grid and orientation, so it saves onto the original file grid
-        return self._viewer.add_image(diff, name=DIFFERENCE, scale=ct.scale, translate=ct.translate,
-                                      colormap=difference_colormap(), contrast_limits=(-lim, lim), opacity=0.9,
-                                      metadata={"difftumor": info})
 
     def save(self) -> dict | None:
         """Write CT, tumour label (0/1/2) and provenance JSON onto the original grid."""
@@ -567,15 +466,6 @@ class SynthesisWidget(ScrollableContainer):
         show_info(f"Saved {paths['ct'].name}, {paths['label'].name} and {paths['provenance'].name} in {folder}")
         self.status.value = f"Saved to {folder}"
         return paths
-
-
-def difference_colormap():
-    """Blue (darker) - transparent (unchanged) - red (brighter): napari's 'bwr' is white at 0 and, over the whole
-    CT, washed the slice out so the change could not be seen against the anatomy."""
-    from napari.utils.colormaps import Colormap
-
-    return Colormap([[0.0, 0.3, 1.0, 1.0], [0.0, 0.3, 1.0, 0.0], [1.0, 0.15, 0.0, 0.0], [1.0, 0.15, 0.0, 1.0]],
-                    controls=[0.0, 0.5 - 1e-3, 0.5 + 1e-3, 1.0], name="difftumor difference")
 
 
 def done_summary(prov: dict, waited: float | None = None) -> str:

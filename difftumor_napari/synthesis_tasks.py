@@ -191,17 +191,33 @@ def _folder_signature(folder) -> tuple:
     return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir() if p.is_file()))
 
 
+_ENGINE_LOCK = threading.Lock()  # the warm-up thread and a run may ask at the same time
+
+
 def shared_engine(weights_dir, device: str):
     """One engine kept between runs, so its loaded networks and per-CT cache serve the next tumour."""
     from backend.synthesis.engine import SynthesisEngine
     from backend.weights import resolve_weights_dir
 
-    folder = weights_dir or resolve_weights_dir()[0]  # None: $DIFFTUMOR_WEIGHTS / user config, as the engine does
-    key = (str(weights_dir or ""), str(folder or ""), device, _folder_signature(folder))
-    if key not in _ENGINES:
-        _ENGINES.clear()  # one set of networks in memory at a time
-        _ENGINES[key] = SynthesisEngine(weights_dir=weights_dir, device=device)
-    return _ENGINES[key]
+    with _ENGINE_LOCK:
+        folder = weights_dir or resolve_weights_dir()[0]  # None: $DIFFTUMOR_WEIGHTS / user config, as the engine does
+        key = (str(weights_dir or ""), str(folder or ""), device, _folder_signature(folder))
+        if key not in _ENGINES:
+            _ENGINES.clear()  # one set of networks in memory at a time
+            _ENGINES[key] = SynthesisEngine(weights_dir=weights_dir, device=device)
+        return _ENGINES[key]
+
+
+def warm_engine(weights_dir, device: str) -> None:
+    """Worker (a background thread; must not touch Qt): make the shared engine before the first Synthesize
+    click, so that click does not wait for torch to be imported (~1.3 s on the 2-core machine, most of a
+    model-based run). A failure here is only logged: the run that needs the engine reports it to the user."""
+    import logging
+
+    try:
+        shared_engine(weights_dir, device)
+    except Exception as exc:  # noqa: BLE001 - reported by the run itself
+        logging.getLogger(__name__).debug("engine warm-up failed: %s", exc)
 
 
 def engine_generator(job: SynthesisJob):

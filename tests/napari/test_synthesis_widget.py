@@ -688,3 +688,34 @@ def test_mass_effect_control_reaches_the_request(phantom_viewer, qtbot, monkeypa
 
     beyond_blend = ~ndimage.binary_dilation(on.tumor_mask, iterations=4)
     assert (on.ct != off.ct)[beyond_blend].any()  # tissue beyond the blend's reach moved
+
+
+# -- issue 16 (second pass): the result first, the overlays a turn later; the engine ready before the click ----
+def test_result_ct_is_shown_before_its_overlays(phantom_viewer, qtbot, monkeypatch, errors):
+    """The GUI adds 'CT + synthetic tumor' at once and the tumour labels and outline on the next event-loop
+    turn (three inserts in one handler froze the window for all three before anything was drawn)."""
+    from difftumor_napari._synthesis import RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE
+
+    monkeypatch.setenv(st.NOTHREADS_ENV, "1")
+    place, synth = _widgets(phantom_viewer, qtbot)
+    assert place.place_at_voxel(_inner_voxel(place.organ_mask()))
+    assert synth.run() and synth.outcome is not None
+    assert {RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE} <= {ly.name for ly in phantom_viewer.layers}  # scripts: all
+    synth.add_result_layers(synth.outcome, overlays_later=True)
+    assert RESULT_CT in phantom_viewer.layers
+    assert RESULT_TUMOR not in phantom_viewer.layers and TUMOR_OUTLINE not in phantom_viewer.layers
+    qtbot.waitUntil(lambda: RESULT_TUMOR in phantom_viewer.layers, timeout=5000)  # one step per turn
+    assert not phantom_viewer.layers[RESULT_TUMOR].visible and phantom_viewer.layers[-1].name == TUMOR_OUTLINE
+    assert phantom_viewer.layers.selection.active.name == RESULT_CT
+    assert errors == []
+
+
+def test_engine_is_prepared_as_the_widget_opens(phantom_viewer, qtbot, monkeypatch, no_weights):
+    """The first Synthesize click does not wait for torch to load: the shared engine is made in a background
+    thread when the widget opens."""
+    monkeypatch.delenv(st.NOTHREADS_ENV, raising=False)
+    monkeypatch.setattr(st, "_ENGINES", {})
+    place, synth = _widgets(phantom_viewer, qtbot)
+    qtbot.waitUntil(lambda: bool(st._ENGINES), timeout=60000)
+    engine = next(iter(st._ENGINES.values()))
+    assert st.shared_engine(synth.weights_folder(), synth.device.value) is engine  # the run reuses it

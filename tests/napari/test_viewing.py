@@ -219,7 +219,7 @@ def test_crosshair_is_drawn_over_the_labels(make_napari_viewer, qtbot, totalseg_
     """Rendered, on the real CT with its organ labels: the crosshair's pixels appear in both extra views where
     the cursor is (a crosshair drawn with depth testing was hidden behind the labels layer)."""
     from difftumor_napari._reader import read_layer_data
-    from difftumor_napari._viewing import ThreeViews
+    from difftumor_napari._three_views import ThreeViews
 
     viewer = make_napari_viewer(show=True)
     for path, kind in ((totalseg_ct, "ct"), (totalseg_seg, "labels")):
@@ -274,6 +274,9 @@ def test_three_views_add_and_remove_only_the_layer_concerned(ct_viewer, widget):
     mask = ct_viewer.add_labels(np.zeros((12, 20, 24), np.uint8), name="tumour", scale=(3.0, 1.5, 1.5),
                                 translate=(100.0, -30.0, -20.0))
     assert ct_viewer.dims.point[0] == pytest.approx(z)  # the slice did not jump back to the middle
+    assert views.pending() == 2  # copied on the next event-loop turns, one view a turn
+    views.flush()
+    assert ct_viewer.dims.point[0] == pytest.approx(z)
     assert [ly.name for ly in cor.layers] == ["ct", "labels", "tumour", "cursor"]
     assert cor.layers["ct"] is before["ct"] and cor.layers["labels"] is before["labels"]
     assert cor.layers["tumour"].data is mask.data
@@ -294,6 +297,7 @@ def test_removing_a_layer_collects_garbage_once(ct_viewer, widget, monkeypatch):
 
     widget.toggle_three_views()
     extra = ct_viewer.add_labels(np.zeros((12, 20, 24), np.uint8), name="extra")
+    widget._three_views.flush()
     calls = []
     real = gc.collect
     monkeypatch.setattr(gc, "collect", lambda *a: calls.append(gc.get_freeze_count()) or real(*a))
@@ -326,7 +330,7 @@ def test_window_level_acts_on_the_result_too(ct_viewer, widget):
 def test_side_views_fit_the_whole_volume_when_resized(make_napari_viewer, qtbot):
     """A 128³ volume: each extra view shows it whole (not fitted to the width, cutting top and bottom), also
     after its canvas changed size."""
-    from difftumor_napari._viewing import ThreeViews
+    from difftumor_napari._three_views import ThreeViews
 
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((128, 128, 128), np.int16), scale=(1.0, 0.8, 0.8))
@@ -349,7 +353,7 @@ def test_side_views_fit_the_whole_volume_when_resized(make_napari_viewer, qtbot)
 def test_a_thin_volume_says_so(make_napari_viewer, qtbot, monkeypatch):
     import napari.utils.notifications as notifications
 
-    from difftumor_napari._viewing import ThreeViews, too_thin
+    from difftumor_napari._three_views import ThreeViews, too_thin
 
     assert too_thin((3, 512, 512), (5.0, 0.7, 0.7)) == "3 slices (15 mm)"
     assert too_thin((30, 101, 122), (3.0, 3.0, 3.0)) is None
@@ -436,3 +440,61 @@ def test_default_save_folder(tmp_path, monkeypatch):
     assert default_save_folder(None) == tmp_path / "home" / "Documents" / "DiffTumor"
     inside = Path(difftumor_napari.__file__).parent / "ct.nii.gz"  # never inside the package
     assert default_save_folder(str(inside)) == tmp_path / "home" / "Documents" / "DiffTumor"
+
+
+# -- issue 16 (second pass): copies made off the insert, hidden layers later, the outline in every plane -----
+def test_copies_are_made_one_view_per_event_loop_turn(ct_viewer, widget, qtbot):
+    """Adding a layer does not build its side-view copies in the same event (the window would stay frozen for
+    the main canvas and both copies at once): they follow on the next turns of the event loop."""
+    widget.toggle_three_views()
+    views = widget._three_views
+    ct_viewer.add_labels(np.zeros((12, 20, 24), np.uint8), name="tumour", scale=(3.0, 1.5, 1.5),
+                         translate=(100.0, -30.0, -20.0))
+    assert "tumour" not in views.models["coronal"].layers and "tumour" not in views.models["sagittal"].layers
+    qtbot.waitUntil(lambda: views.pending() == 0, timeout=5000)
+    assert all("tumour" in m.layers for m in views.models.values())
+    widget.toggle_three_views()
+
+
+def test_a_hidden_layer_is_copied_when_first_shown(ct_viewer, widget):
+    widget.toggle_three_views()
+    views = widget._three_views
+    hidden = ct_viewer.add_labels(np.zeros((12, 20, 24), np.uint8), name="hidden", visible=False,
+                                  scale=(3.0, 1.5, 1.5), translate=(100.0, -30.0, -20.0))
+    views.flush()
+    assert "hidden" not in views.models["coronal"].layers
+    hidden.visible = True
+    views.flush()
+    assert views.models["coronal"].layers["hidden"].data is hidden.data
+    assert [ly.name for ly in views.models["coronal"].layers] == ["ct", "labels", "hidden", "cursor"]
+    hidden.visible = False
+    assert views.models["coronal"].layers["hidden"].visible is False
+    ct_viewer.layers.remove(hidden)
+    assert "hidden" not in views.models["coronal"].layers
+    widget.toggle_three_views()
+
+
+def test_tumour_outline_is_drawn_in_the_side_views(ct_viewer, widget):
+    """The synthetic tumour's outline (a Shapes layer: napari cannot slice it across planes) is drawn in the
+    coronal and sagittal views as the contour of its mask, and is toggled with the main outline."""
+    from napari.layers import Labels
+
+    from difftumor_napari._focus import outline_layer
+
+    widget.toggle_three_views()
+    views = widget._three_views
+    ct = ct_viewer.layers["ct"]
+    mask = np.zeros((12, 20, 24), bool)
+    mask[4:8, 6:12, 8:14] = True
+    outline = ct_viewer.add_layer(outline_layer(mask, ct, "synthetic tumor outline"))
+    views.flush()
+    for name in ("coronal", "sagittal"):
+        copy = views.models[name].layers["synthetic tumor outline"]
+        assert isinstance(copy, Labels) and copy.contour == 1  # the edge of the voxels in the view's plane
+        assert np.shares_memory(copy.data, mask) and copy.visible  # a view of the mask, not a copy
+        assert views.models[name].layers[-1].name == "cursor"
+    outline.visible = False
+    assert not views.models["coronal"].layers["synthetic tumor outline"].visible
+    ct_viewer.layers.remove(outline)
+    assert "synthetic tumor outline" not in views.models["sagittal"].layers
+    widget.toggle_three_views()
