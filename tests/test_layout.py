@@ -24,14 +24,6 @@ ENGINE_PACKAGES = ("backend/vqgan", "backend/diffusion", "backend/synthesis", "b
 HEAVY = ("torch", "monai", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "vispy", "magicgui",
          "difftumor_napari")
 
-# Files another change is splitting at the time of writing: they are reported as expected failures (not
-# strict), so the test turns green by itself once they are under the limits.
-BEING_SPLIT = {
-    "difftumor_napari/_viewing.py": "difftumor_napari/_viewing.py is being split by another change",
-    "difftumor_napari/_synthesis.py": "difftumor_napari/_synthesis.py is being split by another change",
-}
-
-
 def _sources() -> list[Path]:
     return sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts)
 
@@ -40,14 +32,8 @@ def _rel(path: Path) -> str:
     return path.relative_to(REPO).as_posix()
 
 
-def _params(files: list[Path], expected_failures: dict[str, str] | None = None) -> list:
-    out = []
-    for p in files:
-        rel = _rel(p)
-        reason = (expected_failures or {}).get(rel)
-        marks = [pytest.mark.xfail(reason=reason, strict=False)] if reason else []
-        out.append(pytest.param(p, id=rel, marks=marks))
-    return out
+def _params(files: list[Path]) -> list:
+    return [pytest.param(p, id=_rel(p)) for p in files]
 
 
 def _imports(path: Path) -> set[str]:
@@ -95,7 +81,7 @@ def test_the_rules_can_fail(tmp_path):
     assert len(_sources()) > 50
 
 
-@pytest.mark.parametrize("path", _params(_sources(), BEING_SPLIT))
+@pytest.mark.parametrize("path", _params(_sources()))
 def test_no_source_file_over_the_line_limit(path):
     n = len(path.read_text(encoding="utf-8").splitlines())
     assert n <= MAX_FILE_LINES, f"{_rel(path)}: {n} lines (at most {MAX_FILE_LINES})"
