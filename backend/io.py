@@ -22,7 +22,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from backend.geometry import Geometry
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 #: File endings SimpleITK reads/writes here (besides DICOM series folders for reading).
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")

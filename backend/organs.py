@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 
@@ -109,7 +109,7 @@ _ALIASES = {
     "kidney_r": "kidney_right",
 }
 
-Source = Union[str, os.PathLike, Volume, np.ndarray]
+Source = str | os.PathLike | Volume | np.ndarray
 log = logging.getLogger(__name__)
 
 
@@ -219,7 +219,8 @@ def load_organ_and_tumors(
 
     if not isinstance(source, (Volume, np.ndarray)) and Path(source).is_dir():
         if label_id is not None or convention not in ("auto", "atlas"):
-            raise DiffTumorError(f"{name}: a folder is read as an AbdomenAtlas case; convention '{convention}' / label_id need a label file")
+            raise DiffTumorError(f"{name}: a folder is read as an AbdomenAtlas case; "
+                                 f"convention '{convention}' / label_id need a label file")
         return _load_atlas(Path(source), organ, reference), None
     if convention == "atlas":
         raise DiffTumorError(f"{name}: convention 'atlas' needs a case folder with segmentations/<organ>.nii.gz")

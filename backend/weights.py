@@ -103,7 +103,8 @@ def resolve_weights_dir(path=None, *, what: str = "--weights") -> tuple[Path | N
     p = get_weights_dir_setting()
     if p is not None:
         if not p.is_dir():
-            raise DiffTumorError(f"{config_path()}: weights_dir {p} is not a folder; set another with 'difftumor weights check DIR --remember'")
+            raise DiffTumorError(f"{config_path()}: weights_dir {p} is not a folder; set another with "
+                                 "'difftumor weights check DIR --remember'")
         return p, "user config"
     return None, "none"
 
@@ -414,7 +415,7 @@ def check_folder(root, *, organs=WEIGHT_ORGANS, load: bool = True) -> list[dict]
                         ae = loaded
                     else:
                         ae_row = rows[0]
-                        error, warning = fit_problems(name, loaded, ae, lambda: ae_row["sha256"])
+                        error, warning = fit_problems(name, loaded, ae, lambda row=ae_row: row["sha256"])
                         row.update(error=error, warning=warning)
                         if error or ae is not None:
                             row["compatible"] = not error
@@ -441,7 +442,8 @@ def _range_total(content_range: str | None) -> int | None:
         return None
 
 
-def download(url: str, dest: Path, *, sha256: str | None = None, progress: bool = True, chunk: int = 1 << 20, timeout: float = 60.0) -> Path:
+def download(url: str, dest: Path, *, sha256: str | None = None, progress: bool = True, chunk: int = 1 << 20,
+             timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part`` with HTTP Range resume, then verify and rename.
 
     A partial ``.part`` left by an interrupted run is resumed when the server honours ``Range``
@@ -511,7 +513,8 @@ def download(url: str, dest: Path, *, sha256: str | None = None, progress: bool 
         got = sha256_file(part)
         if got != sha256:
             part.unlink()
-            raise DiffTumorError(f"{url}: sha256 {got[:16]}… differs from the expected {sha256[:16]}…; the partial file was deleted, rerun to retry")
+            raise DiffTumorError(f"{url}: sha256 {got[:16]}… differs from the expected {sha256[:16]}…; the partial file "
+                                 "was deleted, rerun to retry")
     os.replace(part, dest)
     return dest
 

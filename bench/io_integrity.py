@@ -96,8 +96,8 @@ def main() -> None:
         for name in ("ct.nii.gz", "ct.nii"):
             path = Path(tmp) / name
             make_ct(path)
-            t = measure({"check": lambda: check_image_file(path), "sitk": lambda: sitk_read(path),
-                         "read_image": lambda: read_image(path)}, args.repeats)
+            t = measure({"check": lambda p=path: check_image_file(p), "sitk": lambda p=path: sitk_read(p),
+                         "read_image": lambda p=path: read_image(p)}, args.repeats)
             results.append({
                 "file": name, "mb": round(os.path.getsize(path) / 1e6, 1), "repeats": args.repeats,
                 **{f"{k}_wall_ms": round(v[0] * 1e3, 1) for k, v in t.items()},

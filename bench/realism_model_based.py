@@ -134,18 +134,18 @@ def figures(folder: Path, name: str, ct, liver, spacing, geometry) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
         me = res.params["mass_effect"]
+        pushed = f"on, surface push {me['surface_push_mm']:.1f} mm" if me["applied"] else "off"
         fig.suptitle(f"{name}: {size} tumour, seed {seed}, contrast drawn {res.params['contrast_hu']:.0f} HU "
-                     f"({res.params['phase']}), mass effect {'on, surface push %.1f mm' % me['surface_push_mm'] if me['applied'] else 'off'}",
-                     fontsize=10)
+                     f"({res.params['phase']}), mass effect {pushed}", fontsize=10)
         fig.savefig(folder / f"realism_{tag}_{size}.png", dpi=90)
         plt.close(fig)
         if size != "medium":
             continue
         # zoom: the synthetic tumour beside the same place before, and an untouched liver region
-        cz, cy, cx = (int(v) for v in np.argwhere(tumor[z:z + 1]).mean(0).round())
-        cz = z
+        _, cy, cx = (int(v) for v in np.argwhere(tumor[z:z + 1]).mean(0).round())
         half = [int(round(35.0 / spacing[1])), int(round(35.0 / spacing[2]))]
-        def crop(a, y, x):
+
+        def crop(a, y, x, half=half):
             y0, x0 = max(y - half[0], 0), max(x - half[1], 0)
             return a[y0:y0 + 2 * half[0], x0:x0 + 2 * half[1]]
         far = np.argwhere(liver[z] & ~np.any(res.support, axis=0))

@@ -12,4 +12,5 @@ from difftumor_napari._synthesis import SynthesisWidget
 from difftumor_napari._viewing import ViewingWidget
 from difftumor_napari._writer import write_image, write_labels
 
-__all__ = ["InspectionWidget", "PlacementWidget", "SynthesisWidget", "ViewingWidget", "get_reader", "make_phantom_sample", "write_image", "write_labels"]
+__all__ = ["InspectionWidget", "PlacementWidget", "SynthesisWidget", "ViewingWidget", "get_reader", "make_phantom_sample",
+           "write_image", "write_labels"]

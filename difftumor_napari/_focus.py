@@ -210,7 +210,8 @@ def outline_layer(mask: np.ndarray, ref, name: str, *, axis: int = 0, metadata: 
     # whose last point repeats the first left a gap where the two ends meet
     closed = [len(p) > 3 and np.allclose(p[0], p[-1]) for p in paths]
     paths = [p[:-1] if c else p for p, c in zip(paths, closed)]
-    layer = Shapes(paths, ndim=3, shape_type=["polygon" if c else "path" for c in closed] or "path", name=name, scale=ref.scale, translate=ref.translate,
+    layer = Shapes(paths, ndim=3, shape_type=["polygon" if c else "path" for c in closed] or "path", name=name,
+                   scale=ref.scale, translate=ref.translate,
                    edge_color=[OUTLINE_RGBA] * len(paths) if paths else "yellow", face_color="transparent",
                    edge_width=OUTLINE_WIDTH_MM / float(np.mean(in_plane)), opacity=opacity, visible=visible,
                    blending="translucent_no_depth", metadata=meta)

@@ -239,7 +239,8 @@ class PlacementWidget(ScrollableContainer):
         if mask.shape != tuple(ct.data.shape):
             from backend.errors import DiffTumorError
 
-            raise DiffTumorError(f"{layer.name}: shape {mask.shape} differs from the CT {tuple(ct.data.shape)}; use labels on the CT's grid")
+            raise DiffTumorError(f"{layer.name}: shape {mask.shape} differs from the CT {tuple(ct.data.shape)}; "
+                                 "use labels on the CT's grid")
         return mask, existing
 
     def geometry(self):

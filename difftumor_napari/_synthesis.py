@@ -113,7 +113,8 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
         self.go_to_button = PushButton(text="Go to tumour", tooltip="Its slice, centred and zoomed")
         self.show_outline = CheckBox(text="Tumour outline", value=True,
                                      tooltip="Draw the synthetic tumour's outline over the result")
-        self.out_dir = browse(FileEdit(label="Save to", mode="d", value="", tooltip="Folder the CT, tumour mask and provenance are written to"))
+        self.out_dir = browse(FileEdit(label="Save to", mode="d", value="",
+                                       tooltip="Folder the CT, tumour mask and provenance are written to"))
         self.stem = LineEdit(label="File name stem", value="synthetic")
         self.save_button = PushButton(text="Save CT, tumour mask and provenance")
         self.status = wrapped(Label(value=""))

@@ -350,7 +350,8 @@ class ViewingWidget(ScrollableContainer):
             self._three_views = ThreeViews(self._viewer)
             self._dock = window.add_dock_widget(self._three_views.widget, name="Three views", area="bottom")
             if isinstance(main, QMainWindow):  # about 40 % of the window: the axial view keeps the rest
-                main.resizeDocks([getattr(self._dock, "__wrapped__", self._dock)], [max(260, int(0.4 * main.height()))], Qt.Orientation.Vertical)
+                main.resizeDocks([getattr(self._dock, "__wrapped__", self._dock)], [max(260, int(0.4 * main.height()))],
+                                 Qt.Orientation.Vertical)
             self._views_shown = True
         else:
             self._views_shown = not self._views_shown

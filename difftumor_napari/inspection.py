@@ -314,7 +314,8 @@ def failure_flags(metrics: dict, th: FlagThresholds = FlagThresholds()) -> dict[
         flags["fluid_density"] = f"mean {mean:.0f} HU is water-like in an enhanced organ ({organ:.0f} HU)"
     sim = metrics.get("noise_similarity", float("nan"))
     if np.isfinite(sim) and sim < th.noise_similarity_min:
-        flags["noise_mismatch"] = f"high-pass noise ratio {metrics['noise_ratio']:.2f} (outside [{th.noise_similarity_min}, {1 / th.noise_similarity_min:g}])"
+        flags["noise_mismatch"] = (f"high-pass noise ratio {metrics['noise_ratio']:.2f} "
+                                   f"(outside [{th.noise_similarity_min}, {1 / th.noise_similarity_min:g}])")
     change, diam = metrics.get("shell_change_hu"), metrics.get("equivalent_diameter_mm", 0.0)
     if change is not None and np.isfinite(change) and diam >= th.mass_effect_min_diameter_mm and change < th.mass_effect_min_change_hu:
         flags["no_mass_effect"] = (f"{diam:.0f} mm tumour but the tissue around it is unchanged "

@@ -62,7 +62,8 @@ def register(sub) -> None:
                    help="score all-zero labels as tumour-free cases, and accept label files in which --tumor-label "
                    "never occurs (an all tumour-free set); without it that is an error")
     inf = p.add_argument_group("inference (--model)")
-    inf.add_argument("--fold", type=int, default=None, help="with --folds: score only that fold's validation cases (--model: predicts only them)")
+    inf.add_argument("--fold", type=int, default=None,
+                     help="with --folds: score only that fold's validation cases (--model: predicts only them)")
     inf.add_argument("--overlap", type=float, default=0.75, help="sliding-window overlap (paper 0.75; release validates with 0.5)")
     inf.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass")
     inf.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")

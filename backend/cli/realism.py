@@ -153,7 +153,8 @@ def handler(args) -> int:
         for r in rows:
             w.writerow({k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()})
         write_text_atomic(out / "realism.csv", buf.getvalue())
-        summary = {"command": "difftumor realism", "organ": organ, "real": list(args.real), "synthetic": list(args.synthetic), "seed": args.seed,
+        summary = {"command": "difftumor realism", "organ": organ, "real": list(args.real),
+                   "synthetic": list(args.synthetic), "seed": args.seed,
                    "features": list(FEATURES), "n_tumours": {"real": len(real), "synthetic": len(synthetic)}}
         if report:
             summary.update({k: v for k, v in report.items() if k != "probabilities"})

@@ -93,7 +93,8 @@ def register(sub) -> None:
                    help="auto = diffusion when the organ's weights are found, else model-based")
     p.add_argument("--stage", choices=["early", "mid_late"], default=None, help="diffusion: override the stage chosen from the size")
     p.add_argument("--sigma", type=float, default=None, help="diffusion: blend blur in voxels (default: U(0,4) as released)")
-    p.add_argument("--ddim-steps", type=int, default=None, help=f"diffusion: DDIM steps for mid/late tumours (default {DEFAULT_DDIM_STEPS})")
+    p.add_argument("--ddim-steps", type=int, default=None,
+                   help=f"diffusion: DDIM steps for mid/late tumours (default {DEFAULT_DDIM_STEPS})")
     p.add_argument("--pancreas-blend", action="store_true", help="diffusion: blend pancreas tumours like the other organs")
     p.add_argument("--mass-effect", default="auto", metavar="auto|on|off",
                    help="push the tissue around the tumour outward, organ label with it (both methods). auto "
@@ -441,7 +442,7 @@ def _run_dataset(engine, args, request, ct_path: Path, out: Path, settings: dict
     try:
         with logging_redirect_tqdm():
             desc = "synthesize" if world == 1 else f"synthesize shard {rank}/{world}"
-            for ci, case, c, o, k in tqdm(todo, desc=desc, unit="output", disable=not todo):
+            for _, case, c, o, k in tqdm(todo, desc=desc, unit="output", disable=not todo):
                 try:
                     case_request = dataclasses.replace(request, seed=output_seed(args.seed, case, k))
                     _warn_unused(synthesize_case(engine, c, o, out / f"{case}_s{k}", args, case_request, settings),

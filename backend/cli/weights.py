@@ -39,7 +39,8 @@ def check_handler(args) -> int:
 
     root, source = weights.resolve_weights_dir(args.dir, what="weights folder")
     if root is None:
-        raise DiffTumorError(f"weights check: no folder given; pass DIR, set ${weights.ENV_VAR}, or run 'difftumor weights fetch --dest DIR'")
+        raise DiffTumorError(f"weights check: no folder given; pass DIR, set ${weights.ENV_VAR}, "
+                             "or run 'difftumor weights fetch --dest DIR'")
     rows = weights.check_folder(root, load=not args.no_load)
     empty = not any(r["present"] for r in rows)
     if args.remember:

@@ -221,7 +221,8 @@ class RandOrganCropd(Randomizable, MapTransform):
             image = d[self.image_key] if self.image_key else None
             d[self.fg_key], d[self.bg_key] = self._indices(d[self.label_key], image)
         healthy = _as_bool(d.get(self.healthy_key, False))
-        for self.tries in range(1, self.max_tries + 1):
+        for tries in range(1, self.max_tries + 1):
+            self.tries = tries
             out = self.cropper(d)
             if not healthy:
                 break

@@ -118,11 +118,13 @@ def check_ct_like(ct: Volume, organ_mask: np.ndarray, name: str = "CT") -> None:
     med, lo = float(np.median(sub)), float(sub.min())
     if organ_vals.size and not -200.0 <= organ_med <= 400.0:
         raise DiffTumorError(
-            f"{name}: does not look like a CT in Hounsfield units (organ median {organ_med:.0f}, expected -200..400 HU); MR or scaled data is not supported"
+            f"{name}: does not look like a CT in Hounsfield units (organ median {organ_med:.0f}, expected -200..400 HU); "
+            "MR or scaled data is not supported"
         )
     if lo > -500.0 and not -200.0 <= med <= 200.0:
         raise DiffTumorError(
-            f"{name}: does not look like a CT in Hounsfield units (no air near -1000 HU, median {med:.0f}); MR or scaled data is not supported"
+            f"{name}: does not look like a CT in Hounsfield units (no air near -1000 HU, median {med:.0f}); "
+            "MR or scaled data is not supported"
         )
 
 

@@ -348,8 +348,8 @@ def generate_tumor_mask(
                 pad = np.pad(shape[src], gap)
                 grown = ndimage.binary_dilation(pad, structure=grow)
                 lo = [d.start - gap for d in dst]
-                gdst = tuple(slice(max(l, 0), min(l + g, N)) for l, g, N in zip(lo, grown.shape, canvas.shape))
-                gsrc = tuple(slice(d.start - l, d.stop - l) for d, l in zip(gdst, lo))
+                gdst = tuple(slice(max(low, 0), min(low + g, N)) for low, g, N in zip(lo, grown.shape, canvas.shape))
+                gsrc = tuple(slice(d.start - low, d.stop - low) for d, low in zip(gdst, lo))
                 taken[gdst] |= grown[gsrc]
             else:
                 taken[dst] |= shape[src]
@@ -420,7 +420,8 @@ def ellipsoid_mask(
     idx_c = geometry.world_to_voxel(world_c)
     size = np.asarray(geometry.size)
     if np.any(idx_c < -0.5) or np.any(idx_c > size - 0.5):
-        raise DiffTumorError(f"centre: {np.round(c, 2).tolist()} lies outside the image (voxel index {np.round(idx_c, 1).tolist()}, size {[int(v) for v in size]})")
+        raise DiffTumorError(f"centre: {np.round(c, 2).tolist()} lies outside the image (voxel index "
+                             f"{np.round(idx_c, 1).tolist()}, size {[int(v) for v in size]})")
     R = _rotation_matrix(rotation)
     amp = float(irregularity) * 0.3 * float(radii.mean())
     reach = radii.max() + 3.0 * amp + 1.0  # mm

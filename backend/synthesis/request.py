@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -216,7 +216,7 @@ class UserMask:
         return {"source": "mask file", "file": self.file} if self.file else {}
 
 
-MaskSource = Union[Generated, Ellipsoid, UserMask]
+MaskSource = Generated | Ellipsoid | UserMask
 
 
 # --------------------------------------------------------------------------------------------

@@ -117,7 +117,8 @@ class LPIPS(nn.Module):
         bad = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
         if missing or bad:
             first = (missing or bad)[0]
-            raise DiffTumorError(f"{path}: not the expected LPIPS/VGG16 weights ({len(missing)} missing, {len(bad)} misshapen tensors; first: '{first}')")
+            raise DiffTumorError(f"{path}: not the expected LPIPS/VGG16 weights ({len(missing)} missing, {len(bad)} "
+                                 f"misshapen tensors; first: '{first}')")
         module.load_state_dict({k: sd[k] for k in expected})
 
     def forward(self, a, b):

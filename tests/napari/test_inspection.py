@@ -150,7 +150,8 @@ def test_bad_inputs_raise_one_line_errors(scene):
 
 def test_review_log_grows_across_sessions_with_one_header(tmp_path):
     log = tmp_path / "reviews.csv"
-    ins.append_review(log, ins.Review("case1", "tumor 1", "dr a", "model-based", "3", ("too_sharp_edge",), ("noise_mismatch",), "edge\nlooks cut"))
+    ins.append_review(log, ins.Review("case1", "tumor 1", "dr a", "model-based", "3", ("too_sharp_edge",), ("noise_mismatch",),
+                                      "edge\nlooks cut"))
     ins.append_review(log, ins.Review("case1", "tumor 2", "dr b", failures=()), timestamp="2024-01-01T00:00:00")
     text = log.read_text(encoding="utf-8")
     assert text.count("timestamp,case") == 1

@@ -59,7 +59,8 @@ def _flow(viewer, qtbot, tmp_path, source_ct, organ: str):
     assert synth.tumor_layer.value is tumor and synth.ct_layer.value is ct
     synth.organ.value = organ
     assert synth.update_method_info().method == "model-based"
-    assert "Model-based" in synth.method_info.value and "choose the folder with the DiffTumor weights under Weights" in synth.method_info.value
+    assert "Model-based" in synth.method_info.value
+    assert "choose the folder with the DiffTumor weights under Weights" in synth.method_info.value
     synth.seed.value = 11
     assert synth.run()
     out = synth.outcome
