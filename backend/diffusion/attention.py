@@ -156,8 +156,11 @@ class Attention(nn.Module):
         table = torch.complex(cos.to(qkv.dtype), sin.to(qkv.dtype))  # (n, d/2)
         table = torch.stack((table * self.scale, table))[:, None, None]  # (2, 1, 1, n, d/2): q's row scaled
         pairs = torch.view_as_complex(qkv[:, :, :2].unflatten(-1, (d // 2, 2)))  # (B', n, 2, h, d/2)
-        qk = torch.empty((2, b, h, n, d // 2), dtype=pairs.dtype, device=qkv.device)
-        torch.mul(pairs.permute(2, 0, 3, 1, 4), table, out=qk)  # rotate while moving to (2, B', h, n, d/2)
+        if qkv.requires_grad:  # training: out= does not take part in autograd
+            qk = (pairs.permute(2, 0, 3, 1, 4) * table).contiguous()
+        else:
+            qk = torch.empty((2, b, h, n, d // 2), dtype=pairs.dtype, device=qkv.device)
+            torch.mul(pairs.permute(2, 0, 3, 1, 4), table, out=qk)  # rotate while moving to (2, B', h, n, d/2)
         q, k = torch.view_as_real(qk).flatten(-2).unbind(0)  # each (B', h, n, d)
         return q, k, qkv[:, :, 2].transpose(1, 2).contiguous()
 
