@@ -239,8 +239,8 @@ class SpatialLinearAttention(nn.Module):
         z = e.sum(dim=1).view(fr, h, d, 1)  # (frames, h, d, 1)
         heads = [torch.bmm(e[:, :, i * d:(i + 1) * d].transpose(1, 2), v[:, :, i * d:(i + 1) * d]) for i in range(h)]
         context = torch.stack(heads, dim=1).div_(z)  # (frames, h, d, e) = softmax_n(k)^T v
-        w_out = self.to_out.weight.flatten(1).view(-1, h, d) * self.scale  # (c, h, e)
-        fold = torch.einsum("fhde,che->fhdc", context, w_out).reshape(fr, h * d, -1)  # (frames, h*d, c)
+        w_out = (self.to_out.weight.flatten(1) * self.scale).view(-1, h, d).permute(1, 2, 0)  # (h, e, c)
+        fold = torch.matmul(context, w_out).reshape(fr, h * d, -1)  # (frames, h*d, c)
         return torch.baddbmm(self.to_out.bias, q.reshape(fr, n, h * d), fold)
 
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
