@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     for (block, variant), ts in times.items():
         ref = outs[block, "plain"]
         res[f"{block}_{variant}_ms"] = round(statistics.median(ts) * 1e3, 2)
-        res[f"{block}_{variant}_rel_diff"] = float(f"{((outs[block, variant] - ref).abs().max() / ref.abs().max()).item():.2e}")
+        diff = ((outs[block, variant] - ref).abs().max() / ref.abs().max()).item()
+        res[f"{block}_{variant}_rel_diff"] = float(f"{diff:.2e}")
     for block in ("temporal", "linear"):
         res[f"{block}_current_over_plain"] = round(res[f"{block}_current_ms"] / res[f"{block}_plain_ms"], 2)
     res["temporal_sdpa_over_current"] = round(res["temporal_sdpa_ms"] / res["temporal_current_ms"], 2)
@@ -108,12 +109,14 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"U-Net level-0 attention, {dev}, {args.threads} threads, torch {torch.__version__}, medians of {args.repeats}")
+    print(f"U-Net level-0 attention, {dev}, {args.threads} threads, torch {torch.__version__}, "
+          f"medians of {args.repeats}")
     for (block, variant) in cases:
         print(f"  {block:8s} {variant:8s} {res[f'{block}_{variant}_ms']:8.2f} ms   rel. diff to plain "
               f"{res[f'{block}_{variant}_rel_diff']:.1e}")
     print(f"  current / plain: temporal {res['temporal_current_over_plain']:.2f}x, linear "
-          f"{res['linear_current_over_plain']:.2f}x; sdpa / current (temporal) {res['temporal_sdpa_over_current']:.2f}x")
+          f"{res['linear_current_over_plain']:.2f}x; sdpa / current (temporal) "
+          f"{res['temporal_sdpa_over_current']:.2f}x")
     return 0
 
 
