@@ -76,7 +76,8 @@ def _range(T: int) -> tuple[int, int]:
 
 
 def dpm_solver_max_steps(num_train_timesteps: int) -> int:
-    """The most steps :func:`dpm_solver_timesteps` takes for a T-step model (one per called timestep: 197 for T = 200)."""
+    """The most steps :func:`dpm_solver_timesteps` takes for a T-step model (one per called timestep:
+    197 for T = 200)."""
     top, lowest = _range(int(num_train_timesteps))
     return top - lowest + 1
 
