@@ -93,8 +93,10 @@ def register(sub) -> None:
                    help="auto = diffusion when the organ's weights are found, else model-based")
     p.add_argument("--stage", choices=["early", "mid_late"], default=None, help="diffusion: override the stage chosen from the size")
     p.add_argument("--sigma", type=float, default=None, help="diffusion: blend blur in voxels (default: U(0,4) as released)")
-    p.add_argument("--ddim-steps", type=int, default=None,
-                   help=f"diffusion: DDIM steps for mid/late tumours (default {DEFAULT_DDIM_STEPS})")
+    p.add_argument("--ddim-steps", "--steps", dest="ddim_steps", type=int, default=None,
+                   help=f"diffusion: sampler steps for mid/late tumours (default {DEFAULT_DDIM_STEPS}; 15 with --sampler dpm++)")
+    p.add_argument("--sampler", default=None,  # checked by the request: a bad name is one line
+                   help="diffusion, mid/late tumours: ddim (default, as released) or dpm++ (DPM-Solver++(2M), opt-in)")
     p.add_argument("--pancreas-blend", action="store_true", help="diffusion: blend pancreas tumours like the other organs")
     p.add_argument("--mass-effect", default="auto", metavar="auto|on|off",
                    help="push the tissue around the tumour outward, organ label with it (both methods). auto "
@@ -213,7 +215,7 @@ def build_request(args):
         return SynthesisRequest(organ=args.organ, tumor=tumor, method=args.method, seed=args.seed, stage=args.stage,
                                 sigma=args.sigma, ddim_steps=args.ddim_steps, pancreas_blend=args.pancreas_blend,
                                 keep_intermediates=bool(args.keep_intermediates), weights_organ=args.weights_organ,
-                                mass_effect=args.mass_effect, phase=args.phase)
+                                mass_effect=args.mass_effect, phase=args.phase, sampler=args.sampler)
 
 
 @contextmanager

@@ -120,22 +120,49 @@ class Attention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         lead, n = x.shape[:-2], x.shape[-2]
-        qkv = self.to_qkv(x).reshape(-1, n, 3, self.heads, self.dim_head)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # each (B', h, n, d)
-        q = q * self.scale
+        qkv = self.to_qkv(x).reshape(-1, n, 3, self.heads, self.dim_head)  # (B', n, 3, h, d)
         if self.rotary_emb is not None:
             cos, sin = rotary if rotary is not None else self.rotary_emb.cos_sin(n)
-            q = RotaryEmbedding.rotate(q, cos, sin)
-            k = RotaryEmbedding.rotate(k, cos, sin)
-        # softmax(q k^T + bias) v; q is already scaled. Written out rather than through
-        # F.scaled_dot_product_attention: with a float bias its CPU path scans the mask for -inf rows on
-        # every call, which cost more than the attention itself at these sizes.
-        sim = torch.matmul(q, k.transpose(-1, -2))  # (B', h, n, n)
-        if pos_bias is not None:
-            sim = sim + pos_bias
-        out = torch.matmul(sim.softmax(dim=-1), v)  # (B', h, n, d)
+        if self.rotary_emb is not None and qkv.dtype == torch.float32 and 2 * cos.shape[-1] == self.dim_head:
+            q, k, v = self._rotated_heads(qkv, cos, sin)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # each (B', h, n, d)
+            q = q * self.scale
+            if self.rotary_emb is not None:
+                q = RotaryEmbedding.rotate(q, cos, sin)
+                k = RotaryEmbedding.rotate(k, cos, sin)
+        if x.device.type == "cuda":  # fused kernels win on the GPU (q is already scaled)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=pos_bias, scale=1.0)
+        else:
+            # softmax(q k^T + bias) v; q is already scaled. Written out rather than through
+            # F.scaled_dot_product_attention: on CPU its fused kernel ran 1.5x slower at these shapes (24 frames,
+            # 32 features), and with a float bias it scans the mask for -inf rows on every call.
+            sim = torch.matmul(q, k.transpose(-1, -2))  # (B', h, n, n)
+            if pos_bias is not None:
+                sim.add_(pos_bias)
+            out = torch.matmul(sim.softmax(dim=-1), v)  # (B', h, n, d)
         out = out.transpose(1, 2).reshape(*lead, n, -1)  # (..., n, h*d)
         return self.to_out(out)
+
+    def _rotated_heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(B', n, 3, h, d) float32 projections -> q (scaled and rotated), k (rotated), v, each (B', h, n, d).
+
+        The rotation of every pair (x1, x2) is the complex product (x1 + i x2)(cos + i sin) (see
+        :meth:`RotaryEmbedding.rotate`); here it runs in the same pass that moves q and k to the head-major
+        layout, with the 1/sqrt(d) scale folded into q's table, instead of a permuting copy, a scaling pass and
+        two rotation passes (~2x less time for this part at 24 frames).
+        """
+        b, n, _, h, d = qkv.shape
+        table = torch.complex(cos.to(qkv.dtype), sin.to(qkv.dtype))  # (n, d/2)
+        table = torch.stack((table * self.scale, table))[:, None, None]  # (2, 1, 1, n, d/2): q's row scaled
+        pairs = torch.view_as_complex(qkv[:, :, :2].unflatten(-1, (d // 2, 2)))  # (B', n, 2, h, d/2)
+        if qkv.requires_grad:  # training: out= does not take part in autograd
+            qk = (pairs.permute(2, 0, 3, 1, 4) * table).contiguous()
+        else:
+            qk = torch.empty((2, b, h, n, d // 2), dtype=pairs.dtype, device=qkv.device)
+            torch.mul(pairs.permute(2, 0, 3, 1, 4), table, out=qk)  # rotate while moving to (2, B', h, n, d/2)
+        q, k = torch.view_as_real(qk).flatten(-2).unbind(0)  # each (B', h, n, d)
+        return q, k, qkv[:, :, 2].transpose(1, 2).contiguous()
 
 
 # Attention runs over a few thousand tokens at a time: the 768-wide q/k/v of one chunk stays in cache
@@ -196,16 +223,25 @@ class SpatialLinearAttention(nn.Module):
         self.to_out = nn.Conv2d(hidden, dim, 1)
 
     def attend(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(frames, n pixels, c) -> (frames, n, c)."""
+        """(frames, n pixels, c) -> (frames, n, c).
+
+        Per frame and head, out = softmax_d(q) (softmax_n(k)^T v) W_o^T + b: both products are folded into one
+        (d, c) matrix per head before q meets it, so q (all heads at once, (n, h*d)) is multiplied once by an
+        (h*d, c) matrix; and softmax_n(k)^T v is computed as exp(k - max)^T v divided by the row sums, instead of
+        normalising all of k. Same sums, in another order (equal to float32 rounding); ~1.25x faster at 24^3.
+        """
         fr, n, _ = tokens.shape
-        qkv = F.linear(tokens, self.to_qkv.weight.flatten(1)).view(fr, n, 3, self.heads, self.dim_head)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # each (frames, h, n, d)
-        q = q.softmax(dim=-1) * self.scale  # over the features of each pixel
-        k = k.softmax(dim=-2)  # over the pixels
-        context = torch.matmul(k.transpose(-1, -2), v)  # (frames, h, d, e)
-        out = torch.matmul(q, context)  # (frames, h, n, e)
-        out = out.transpose(1, 2).reshape(fr, n, -1)
-        return F.linear(out, self.to_out.weight.flatten(1), self.to_out.bias)
+        h, d = self.heads, self.dim_head
+        qkv = F.linear(tokens, self.to_qkv.weight.flatten(1)).view(fr, n, 3, h * d)
+        q = qkv[:, :, 0].unflatten(-1, (h, d)).softmax(dim=-1)  # (frames, n, h, d): over the features of each pixel
+        k, v = qkv[:, :, 1], qkv[:, :, 2]  # (frames, n, h*d)
+        e = (k - k.amax(dim=1, keepdim=True)).exp_()  # softmax over the pixels, not yet normalised
+        z = e.sum(dim=1).view(fr, h, d, 1)  # (frames, h, d, 1)
+        heads = [torch.bmm(e[:, :, i * d:(i + 1) * d].transpose(1, 2), v[:, :, i * d:(i + 1) * d]) for i in range(h)]
+        context = torch.stack(heads, dim=1).div_(z)  # (frames, h, d, e) = softmax_n(k)^T v
+        w_out = (self.to_out.weight.flatten(1) * self.scale).view(-1, h, d).permute(1, 2, 0)  # (h, e, c)
+        fold = torch.matmul(context, w_out).reshape(fr, h * d, -1)  # (frames, h*d, c)
+        return torch.baddbmm(self.to_out.bias, q.reshape(fr, n, h * d), fold)
 
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         b, c, f, h, w = x.shape

@@ -51,9 +51,7 @@ def dpm_solver_timesteps(
     if spacing not in get_args(DPMSpacing):
         raise ValueError(f"spacing {spacing!r} is not one of {', '.join(get_args(DPMSpacing))}")
     T = int(num_train_timesteps)
-    released_top = (T // 50) * 49 + 1  # the largest timestep of the released DDIM-50 grid (197 for T = 200)
-    top = released_top if T >= 50 and released_top < T else T - 1
-    lowest = min(1, top)
+    top, lowest = _range(T)
     n = int(num_inference_steps)
     if not 1 <= n <= top - lowest + 1:
         raise ValueError(f"num_inference_steps must be in 1..{top - lowest + 1} for T = {T}, got {n}")
@@ -68,6 +66,20 @@ def dpm_solver_timesteps(
     grid = torch.arange(lowest, top + 1)
     targets = torch.linspace(float(lam[top]), float(lam[lowest]), n, dtype=torch.float64)  # rising = t falling
     return _distinct(grid[(lam[grid][None, :] - targets[:, None]).abs().argmin(dim=1)], lowest)
+
+
+def _range(T: int) -> tuple[int, int]:
+    """(top, lowest) timestep the network is called at for a T-step model."""
+    released_top = (T // 50) * 49 + 1  # the largest timestep of the released DDIM-50 grid (197 for T = 200)
+    top = released_top if T >= 50 and released_top < T else T - 1
+    return top, min(1, top)
+
+
+def dpm_solver_max_steps(num_train_timesteps: int) -> int:
+    """The most steps :func:`dpm_solver_timesteps` takes for a T-step model (one per called timestep:
+    197 for T = 200)."""
+    top, lowest = _range(int(num_train_timesteps))
+    return top - lowest + 1
 
 
 def _distinct(ts: torch.Tensor, lowest: int) -> torch.Tensor:

@@ -32,21 +32,41 @@ from backend.diffusion.attention import (
 )
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B*F, C, H, W): a free view of a channels-last tensor (NHWC frames), else a copy."""
+    b, c, f, h, w = x.shape
+    if _channels_last(x):
+        return x.permute(0, 2, 3, 4, 1).reshape(b * f, h, w, c).permute(0, 3, 1, 2)
+    return x.transpose(1, 2).reshape(b * f, c, h, w)
+
+
+def _unframes(y: torch.Tensor, b: int, channels_last: bool) -> torch.Tensor:
+    """(B*F, C', H', W') -> (B, C', F, H', W'), channels-last (a view of NHWC frames) or contiguous."""
+    f = y.shape[0] // b
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)  # a no-op when the kernel kept NHWC
+        return y.permute(0, 2, 3, 1).reshape(b, f, *y.shape[2:], y.shape[1]).permute(0, 4, 1, 2, 3)
+    return y.reshape(b, f, *y.shape[1:]).transpose(1, 2).contiguous()
+
+
 class InPlaneConv3d(nn.Conv3d):
     """A ``Conv3d`` whose kernel spans one frame ((1, k, k)), run as a 2D convolution over every frame.
 
     Same parameters and names as ``nn.Conv3d`` (so released weights load unchanged) and the same result
-    to float rounding; oneDNN's 2D kernels are about twice as fast on CPU as its (1, k, k) 3D path.
+    to float rounding; oneDNN's 2D kernels are about twice as fast on CPU as its (1, k, k) 3D path, and twice
+    again at 24 channels with channels-last (NHWC) frames, which a channels-last input gives without a copy.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_size[0] != 1 or self.stride[0] != 1 or self.padding[0] != 0 or self.padding_mode != "zeros":
             return super().forward(x)
-        b, c, f, h, w = x.shape
-        frames = x.transpose(1, 2).reshape(b * f, c, h, w)  # (B*F, C, H, W)
-        y = F.conv2d(frames, self.weight.squeeze(2), self.bias, self.stride[1:], self.padding[1:],
+        y = F.conv2d(_frames(x), self.weight.squeeze(2), self.bias, self.stride[1:], self.padding[1:],
                      self.dilation[1:], self.groups)
-        return y.reshape(b, f, *y.shape[1:]).transpose(1, 2).contiguous()  # (B, C', F, H', W')
+        return _unframes(y, x.shape[0], _channels_last(x))  # (B, C', F, H', W')
 
 
 class InPlaneConvTranspose3d(nn.ConvTranspose3d):
@@ -56,11 +76,9 @@ class InPlaneConvTranspose3d(nn.ConvTranspose3d):
         if (self.kernel_size[0] != 1 or self.stride[0] != 1 or self.padding[0] != 0
                 or self.output_padding[0] != 0 or output_size is not None):
             return super().forward(x, output_size)
-        b, c, f, h, w = x.shape
-        frames = x.transpose(1, 2).reshape(b * f, c, h, w)
-        y = F.conv_transpose2d(frames, self.weight.squeeze(2), self.bias, self.stride[1:], self.padding[1:],
+        y = F.conv_transpose2d(_frames(x), self.weight.squeeze(2), self.bias, self.stride[1:], self.padding[1:],
                                self.output_padding[1:], self.groups, self.dilation[1:])
-        return y.reshape(b, f, *y.shape[1:]).transpose(1, 2).contiguous()
+        return _unframes(y, x.shape[0], _channels_last(x))
 
 
 @dataclass(frozen=True)
@@ -275,6 +293,8 @@ class Unet3D(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         frames = x.shape[2]
+        if x.device.type == "cpu":  # the whole network runs channels-last on CPU: NHWC convolutions, free
+            x = x.contiguous(memory_format=torch.channels_last_3d)  # per-frame tokens (measured: bench/diffusion.py)
         # position encodings along the frame axis, once per forward
         attn_kw = {"pos_bias": self.time_rel_pos_bias(frames).to(x.dtype), "rotary": self.rotary.cos_sin(frames)}
 
@@ -306,4 +326,4 @@ class Unet3D(nn.Module):
             x = upsample(x)
 
         x = torch.cat((x, r), dim=1)
-        return self.final_conv(x)
+        return self.final_conv(x).contiguous()  # (B, out_dim, F, H, W) in the default layout

@@ -7,7 +7,8 @@ nearest-resized mask code (9 channels). Then:
 
 * **early** (T = 4 model): ancestral sampling, x̂₀ clamped, decoded (re-quantised) with the VQGAN
   embedded in ``{organ}_early.pt``;
-* **mid_late** (T = 200 model): DDIM, 50 steps, η = 0, decoded with the standalone autoencoder.
+* **mid_late** (T = 200 model): DDIM, 50 steps, η = 0, decoded with the standalone autoencoder; or, opt-in
+  (``SynthesisRequest.sampler = "dpm++"``), DPM-Solver++(2M) on the same model (15 steps by default).
 
 Randomness comes from ``noise`` (``[x_T, z_{T-1}, …]`` as in :class:`~backend.diffusion.inferer.DiffusionInferer`)
 or a ``torch.Generator``; noise is drawn on the CPU so a seed gives the same tumour on any device.
@@ -33,6 +34,41 @@ class StageModels:
     decoder: torch.nn.Module  # early: the .pt's embedded VQGAN (or the AE when identical); mid_late: the AE
     sha256: dict
     steps: int
+
+
+SAMPLERS = ("ddim", "dpm++")  # mid/late tumours: the release's DDIM (default) or DPM-Solver++(2M) (opt-in)
+
+
+def mid_late_scheduler(ck, sampler: str, steps: int, name: str):
+    """The sampler of a T-step mid/late model ``ck`` (:class:`~backend.diffusion.official.DiffusionCheckpoint`):
+    ``"ddim"`` is the release's DDIM (eta 0), ``"dpm++"`` DPM-Solver++(2M) on the log-SNR grid; ``steps`` out of
+    range is an :class:`~backend.synthesis.request.OptionError` naming the file ``name`` and what it allows."""
+    from backend.diffusion.dpm_solver import dpm_solver_max_steps
+    from backend.synthesis.request import OptionError
+
+    if sampler not in SAMPLERS:
+        raise OptionError("sampler", sampler, f"choose one of {', '.join(SAMPLERS)}")
+    most = ck.timesteps if sampler == "ddim" else dpm_solver_max_steps(ck.timesteps)  # one step per timestep
+    if not 1 <= int(steps) <= most:
+        how = "" if sampler == "ddim" else " (DPM-Solver++ calls the network at most once per timestep below the top)"
+        raise OptionError("ddim_steps", steps, f"{name} was trained with T = {ck.timesteps} steps; give 1 to {most}"
+                          + how, label=None if sampler == "ddim" else "DPM-Solver++ steps")
+    if sampler == "ddim":
+        return ck.ddim_scheduler(int(steps))
+    return ck.dpm_solver_scheduler(int(steps))
+
+
+def sampler_label(models: StageModels) -> str:
+    """How a stage samples, for the provenance: ``DDIM 50 steps, eta 0 (T=200)``."""
+    from backend.diffusion.dpm_solver import DPMSolverMultistepScheduler
+
+    sched = models.scheduler
+    T = sched.num_train_timesteps
+    if models.stage == "early":
+        return f"ancestral (T={T})"
+    if isinstance(sched, DPMSolverMultistepScheduler):
+        return f"DPM-Solver++(2M) {models.steps} steps, {sched.spacing} grid (T={T})"
+    return f"DDIM {models.steps} steps, eta 0 (T={T})"
 
 
 def _draw_noise(shape, n: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -143,7 +179,7 @@ def synthesize_training_crop(request, image01: np.ndarray, organ: np.ndarray, *,
     label = None if label is None else moved
     engine = engine() if callable(engine) else engine
     stage = Stage.parse(request.stage or SIZE_CLASSES[size].stage)
-    models = engine.stage_models(request.model_organ, stage.value, request.steps)
+    models = engine.stage_models(request.model_organ, stage.value, request.steps, request.sampler_name)
     m = tumor.astype(np.float32)
     gen = torch.Generator().manual_seed(int(request.seed))
     # the latent U-Net needs x, y multiples of 32 and z of 4 (96^3 in the release); a training crop of

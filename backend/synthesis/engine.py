@@ -227,13 +227,13 @@ class SynthesisEngine:
             self._ae = load_autoencoder(self.weights.path(AE_NAME)).to(self.device).eval()
         return self._ae
 
-    def stage_models(self, organ: str, stage: str, ddim_steps: int = 50):
+    def stage_models(self, organ: str, stage: str, ddim_steps: int = 50, sampler: str = "ddim"):
         """Load (once) and return the :class:`~backend.synthesis.diffusion_crop.StageModels` for a stage."""
         from backend.diffusion.official import load_diffusion
-        from backend.synthesis.diffusion_crop import StageModels
+        from backend.synthesis.diffusion_crop import StageModels, mid_late_scheduler
         from backend.weights import AE_NAME, diffusion_name, require_fit
 
-        key = (diffusion_name(organ, stage), ddim_steps if stage == "mid_late" else None)
+        key = (diffusion_name(organ, stage), (ddim_steps, sampler) if stage == "mid_late" else None)
         if key in self._stage_models:
             return self._stage_models[key]
         paths = self.weights.require(organ, stage)
@@ -245,10 +245,7 @@ class SynthesisEngine:
             decoder = self._embedded_decoder(ck, ae)
             steps = ck.timesteps
         else:
-            if not 1 <= int(ddim_steps) <= ck.timesteps:  # DDIM takes at most one step per training timestep
-                raise OptionError("ddim_steps", ddim_steps, f"{diffusion_name(organ, stage)} was trained with "
-                                  f"T = {ck.timesteps} steps; give 1 to {ck.timesteps}")
-            scheduler = ck.ddim_scheduler(ddim_steps)
+            scheduler = mid_late_scheduler(ck, sampler, ddim_steps, diffusion_name(organ, stage))
             decoder, steps = ae, ddim_steps
         sha = {n: self.weights.sha256(n) for n in (AE_NAME, diffusion_name(organ, stage))}
         models = StageModels(stage, ae, ck.unet.to(self.device).eval(), scheduler.to(self.device), decoder, sha, steps)
@@ -444,7 +441,8 @@ class SynthesisEngine:
                 sub = self._diffuse_group(state.out, geometry, state.organ, g, organ=request.organ,
                                           model_organ=request.model_organ, stage=st.value,
                                           sigma=request.sigma, rng=state.rng, seed=request.seed, index=i,
-                                          ddim_steps=request.steps, pancreas_blend=request.pancreas_blend,
+                                          ddim_steps=request.steps, sampler=request.sampler_name,
+                                          pancreas_blend=request.pancreas_blend,
                                           noise=state.noise, intermediates=state.intermediates)
                 while True:
                     try:
@@ -505,14 +503,14 @@ class SynthesisEngine:
         return entry, organ_arr
 
     def _diffuse_group(self, out, geometry: Geometry, organ_arr, group, *, organ, stage, sigma, rng, seed, index,
-                       ddim_steps, pancreas_blend, noise, intermediates=None, model_organ=None):
+                       ddim_steps, pancreas_blend, noise, intermediates=None, model_organ=None, sampler="ddim"):
         import torch
 
         from backend.device import oom_guard, reuse_freed_memory
-        from backend.synthesis.diffusion_crop import iter_synthesize_crop, reconstruct_crop
+        from backend.synthesis.diffusion_crop import iter_synthesize_crop, reconstruct_crop, sampler_label
 
         t0 = time.perf_counter()
-        models = self.stage_models(model_organ or organ, stage, ddim_steps)
+        models = self.stage_models(model_organ or organ, stage, ddim_steps, sampler)
         crop, centre_world = group_crop(geometry, group)
         inside = crop.inside()
         hu = crops.crop_from(out, geometry, crop, nearest=False, pad=blend.HU_LOW - 1000.0)  # float32 (X, Y, Z)
@@ -566,8 +564,7 @@ class SynthesisEngine:
             "sigma": s,
             "steps": models.steps,
             "timesteps": int(models.scheduler.num_train_timesteps),  # T of the model that ran
-            "sampler": (f"ancestral (T={models.scheduler.num_train_timesteps})" if stage == "early" else
-                        f"DDIM {models.steps} steps, eta 0 (T={models.scheduler.num_train_timesteps})"),
+            "sampler": sampler_label(models),
             "weights_sha256": models.sha256,
             "crop_start_model_xyz": list(crop.start),
             "crop_centre_world_mm": [round(float(v), 2) for v in centre_world],

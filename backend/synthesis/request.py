@@ -38,9 +38,11 @@ from backend.synthesis.stage import Stage
 
 METHODS = ("auto", "diffusion", "model-based")
 DEFAULT_DDIM_STEPS = 50
+SAMPLERS = ("ddim", "dpm++")  # mid/late tumours: the release's DDIM, or DPM-Solver++(2M) (opt-in, fewer steps)
+DEFAULT_DPM_STEPS = 15
 SIGMA_RANGE = (0.0, 20.0)  # voxels
 # the options only the diffusion method reads (their defaults are None/False, so "given" can be told apart)
-DIFFUSION_ONLY = ("sigma", "stage", "ddim_steps", "keep_intermediates", "pancreas_blend", "weights_organ")
+DIFFUSION_ONLY = ("sigma", "stage", "ddim_steps", "keep_intermediates", "pancreas_blend", "weights_organ", "sampler")
 MODEL_BASED_ONLY = ("phase",)  # default None: told from the organ's HU
 MASS_EFFECT = ("auto", "on", "off")  # = backend.synthesis.mass_effect.MASS_EFFECT_MODES
 PHASES = ("non-contrast", "enhanced")  # = backend.synthesis.model_based.PHASES
@@ -54,6 +56,7 @@ OPTION_NAMES = {
     "stage": "stage",
     "sigma": "blend blur sigma",
     "ddim_steps": "DDIM steps",
+    "sampler": "sampler",
     "pancreas_blend": "pancreas blend",
     "keep_intermediates": "keep intermediates",
     "mass_effect": "mass effect",
@@ -245,6 +248,7 @@ class SynthesisRequest:
     # so its default outputs stay the release's); "on": every tumour of either method; "off": none
     mass_effect: str = "auto"
     phase: str | None = None  # model-based: "non-contrast" | "enhanced" contrast (None or "auto": from the organ's HU)
+    sampler: str | None = None  # diffusion, mid/late: "ddim" (None: as released) or "dpm++" (DPM-Solver++(2M))
 
     def __post_init__(self):
         self._check()
@@ -268,6 +272,8 @@ class SynthesisRequest:
                 raise OptionError("stage", self.stage, "choose early or mid_late") from None
         if self.sigma is not None and not SIGMA_RANGE[0] <= float(self.sigma) <= SIGMA_RANGE[1]:
             raise OptionError("sigma", self.sigma, "the blend blur must lie in [0, 20] voxels")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise OptionError("sampler", self.sampler, f"choose one of {', '.join(SAMPLERS)}")
         if self.ddim_steps is not None and int(self.ddim_steps) < 1:
             raise OptionError("ddim_steps", self.ddim_steps, "must be >= 1")
         if not 0 <= int(self.seed) <= 2**32 - 1:
@@ -291,8 +297,13 @@ class SynthesisRequest:
 
     @property
     def steps(self) -> int:
-        """DDIM steps for mid/late tumours."""
-        return int(self.ddim_steps or DEFAULT_DDIM_STEPS)
+        """Sampler steps for mid/late tumours (``ddim_steps``; default 50 for DDIM, 15 for DPM-Solver++)."""
+        return int(self.ddim_steps or (DEFAULT_DPM_STEPS if self.sampler == "dpm++" else DEFAULT_DDIM_STEPS))
+
+    @property
+    def sampler_name(self) -> str:
+        """The mid/late sampler that runs: ``sampler``, or the release's ``"ddim"``."""
+        return self.sampler or "ddim"
 
     def given(self) -> list[str]:
         """The diffusion-only options that were set (not left at their default)."""
@@ -313,6 +324,8 @@ class SynthesisRequest:
         unused = [name for name in MODEL_BASED_ONLY if getattr(self, name) is not None]
         if "ddim_steps" in given and Stage.MID_LATE not in set(stages):
             unused.append("ddim_steps")  # early tumours use the ancestral sampler
+        if "sampler" in given and Stage.MID_LATE not in set(stages):
+            unused.append("sampler")
         if "sigma" in given and not uses_blend(self.organ, self.pancreas_blend):
             unused.append("sigma")  # the pancreas crop is replaced, not blended
         if "pancreas_blend" in given and self.organ != "pancreas":
@@ -332,6 +345,7 @@ class SynthesisRequest:
             "stage": None if self.stage is None else self.stage.value,
             "sigma": self.sigma,
             "ddim_steps": self.steps,
+            "sampler": self.sampler_name,
             "pancreas_blend": bool(self.pancreas_blend),
             "keep_intermediates": bool(self.keep_intermediates),
             "mass_effect": self.mass_effect,

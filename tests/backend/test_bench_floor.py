@@ -24,8 +24,11 @@ def test_exact_flops_match_the_release_architecture():
     torch.manual_seed(0)
     ae = VQGAN().eval()
     flops = _bench().exact_flops(SimpleNamespace(autoencoder=ae, unet=Unet3D().eval(), decoder=ae))
-    # official_pipeline.md 2.1: 13.43 GFLOP per Unet3D forward at 24^3 (probe of the released model)
-    assert abs(flops["unet_call"] / 1e9 - 13.43) < 0.07
+    # official_pipeline.md 2.1: 13.43 GFLOP per Unet3D forward at 24^3 (probe of the released model). Issue 19 folds
+    # the linear attention's output projection into its per-head context: q (n pixels x h*d) then meets one
+    # (h*d x c) matrix instead of the (d x e) context and the projection, which counts 13.05; the floor counts
+    # what this code does
+    assert abs(flops["unet_call"] / 1e9 - 13.05) < 0.07
     # hand count of the encoder convolutions (96^3 -> 24^3): 14.99 GMAC = 29.98 GFLOP
     assert 29.5 < flops["encode"] / 1e9 < 30.5
     # the decode must run the whole crop up to the last GroupNorm: far more than a 32^3 region alone
