@@ -164,18 +164,18 @@ def main(argv=None) -> int:
         run(small, "early", 999)  # warm-up, not timed: first-call kernel selection (oneDNN, cuDNN), caches
         early, second, mid, mb, dpm = [], [], [], [], []
         for i in range(args.repeats):
-            t, r = timed(lambda: run(small, "early", i))
+            t, r = timed(lambda i=i: run(small, "early", i))
             early.append(t)
             other = sphere(ct, organ, 2, 6.0)
-            t, _ = timed(lambda: run(other, "early", i, r.ct))  # a second tumour into the same (now modified) CT
+            t, _ = timed(lambda i=i, other=other, r=r: run(other, "early", i, r.ct))  # a second tumour into the same (now modified) CT
             second.append(t)
-            t, _ = timed(lambda: engine.synthesize(ct, organ, small, organ="liver", method="model-based", seed=i))
+            t, _ = timed(lambda i=i: engine.synthesize(ct, organ, small, organ="liver", method="model-based", seed=i))
             mb.append(t)
         for i in range(args.repeats_mid):
-            t, _ = timed(lambda: run(sphere(ct, organ, 1, 14.0), "mid_late", i))
+            t, _ = timed(lambda i=i: run(sphere(ct, organ, 1, 14.0), "mid_late", i))
             mid.append(t)
             if args.dpm_steps:
-                t, _ = timed(lambda: engine.synthesize(ct, organ, sphere(ct, organ, 1, 14.0), organ="liver",
+                t, _ = timed(lambda i=i: engine.synthesize(ct, organ, sphere(ct, organ, 1, 14.0), organ="liver",
                                                        method="diffusion", stage="mid_late", seed=i, sigma=2.0,
                                                        sampler="dpm++", ddim_steps=args.dpm_steps))
                 dpm.append(t)
