@@ -35,8 +35,16 @@ COMMAND_MODULES = [
 NUMBER_LIST_OPTIONS = ("--center", "--radii", "--rotation")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors (``--count three``) are one line naming the option and where the options are
+    listed, instead of the whole usage block (14 lines for ``synthesize``) with the error at its end."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="difftumor",
         description="DiffTumor Studio: synthesize realistic tumors in CT, train the models, run reader studies.",
     )
