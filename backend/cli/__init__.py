@@ -150,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     except DiffTumorError as exc:
         print(f"difftumor: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path the system refuses (too long, a file in the way, EINVAL...): one line naming it
+        from backend.io import os_error_message
+
+        print(f"difftumor: error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("difftumor: interrupted", file=sys.stderr)
         return 130
