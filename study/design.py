@@ -383,12 +383,6 @@ def _check_inputs(real: list[CaseSource], synthetic: list[CaseSource], out: Path
     if not real or not synthetic:
         raise DiffTumorError("study: need at least one real and one synthetic case")
     cases = list(real) + list(synthetic)
-    for target, flag in ((out, "--out"), (key_dir, "--key-out")):
-        # inside a folder of source cases, the package would be listed as cases by the next run over that folder
-        holder = next((c for c in cases if target.resolve().is_relative_to(Path(c.image).resolve().parent)), None)
-        if holder is not None:
-            raise DiffTumorError(f"{flag} {target}: is inside {Path(holder.image).parent}, which holds the source case "
-                                 f"{Path(holder.image).name}; put the study outside the input folders")
     seen: dict[Path, CaseSource] = {}
     for c in cases:  # one image twice would be two cases (or contradicting truths) that are one
         first = seen.setdefault(Path(c.image).resolve(), c)

@@ -93,6 +93,12 @@ def _(w, kit):
     return Spec(study_create(real, syn, real / "study"), ("--out", str(real)))
 
 
+@case("study-key-out-inside-synthetic-folder")
+def _(w, kit):
+    real, syn = _study_sources(w)
+    return Spec(study_create(real, syn, w / "study", "--key-out", str(syn / "key")), ("--key-out", str(syn)))
+
+
 @case("study-out-exists")
 def _(w, kit):
     real, syn = _study_sources(w)
