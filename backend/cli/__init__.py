@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     except DiffTumorError as exc:
         print(f"difftumor: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # a reader that stopped early (`| head`): entry() ends quietly
+        raise
     except OSError as exc:  # a path the system refuses (too long, a file in the way, EINVAL...): one line naming it
         from backend.io import os_error_message
 
