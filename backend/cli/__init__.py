@@ -36,8 +36,16 @@ COMMAND_MODULES = [
 NUMBER_LIST_OPTIONS = ("--center", "--radii", "--rotation")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors (``--count three``) are one line naming the option and where the options are
+    listed, instead of the whole usage block (14 lines for ``synthesize``) with the error at its end."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="difftumor",
         description="DiffTumor Studio: synthesize realistic tumors in CT, train the models, run reader studies.",
     )
@@ -142,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except DiffTumorError as exc:
         print(f"difftumor: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # a reader that stopped early (`| head`): entry() ends quietly
+        raise
+    except OSError as exc:  # a path the system refuses (too long, a file in the way, EINVAL...): one line naming it
+        from backend.io import os_error_message
+
+        print(f"difftumor: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("difftumor: interrupted", file=sys.stderr)

@@ -117,6 +117,12 @@ def create_handler(args) -> int:
     )
     real = list_cases(args.real, "real", args.organ)
     synthetic = list_cases(args.synthetic, "synthetic", args.organ)
+    key_out = Path(args.key_out or args.out.parent / f"{args.out.name}.key")
+    for source, flag in ((Path(args.real), "--real"), (Path(args.synthetic), "--synthetic")):
+        for target, name in ((args.out, "--out"), (key_out, "--key-out")):
+            if source.is_dir() and target.resolve().is_relative_to(source.resolve()):  # blinded package (or key)
+                raise DiffTumorError(f"{name} {target}: is inside the {flag} folder {source}; put the study and its "
+                                     "key outside the folders of source cases")
 
     def progress(message: str, done: int, total: int) -> None:
         log.info("preprocessing %s", message)

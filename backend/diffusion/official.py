@@ -140,7 +140,9 @@ def load_diffusion(
         raise DiffTumorError(f"{path}: is a {stage} training checkpoint (what --resume reads), not a diffusion model "
                              f"file; {instead}")
     if not isinstance(blob.get(which), Mapping):
-        raise DiffTumorError(f"{path}: {WHAT}: it has no '{which}' weights (keys found: {_keys(blob)}); {GIVE}")
+        held = (f"its '{which}' entry is a {type(blob[which]).__name__}, not a dict of named weights" if which in blob
+                else f"it has no '{which}' weights (keys found: {_keys(blob)})")
+        raise DiffTumorError(f"{path}: {WHAT}: {held}; {GIVE}")
     state: Mapping[str, torch.Tensor] = blob[which]
 
     schedule = {k: state[k] for k in SCHEDULE_BUFFER_NAMES if k in state}

@@ -31,7 +31,7 @@ from backend.train.checkpoint import (
     resume_lr_scheduler,
     resume_path,
 )
-from backend.train.config import NON_NEGATIVE, POSITIVE, RangeChecked, config_to_dict, ranged
+from backend.train.config import CROP_VOXELS, NON_NEGATIVE, POSITIVE, RangeChecked, config_to_dict, ranged
 from backend.train.data import DrawSchedule, next_batch
 from backend.train.distributed import allreduce_grads, start_run, wrap_ddp
 from backend.train.loop import TrainingLoop, amp_dtype, autocast, check_output_dir, grad_scaler, optimizer_step
@@ -49,7 +49,7 @@ class DataConfig(RangeChecked):
     source: str = ""  # CT folder, AbdomenAtlas tree, MSD dataset.json or list file
     val_source: str | None = None  # default: a seeded split of `source` (training cases if val_fraction 0)
     val_fraction: float = ranged(0.1, ge=0.0, lt=1.0)
-    crop_size: tuple[int, int, int] = ranged((96, 96, 96), **POSITIVE)  # (X, Y, Z) in RAS; divisible by downsample
+    crop_size: tuple[int, int, int] = ranged((96, 96, 96), **CROP_VOXELS)  # (X, Y, Z) in RAS; divisible by downsample
     spacing: tuple[float, float, float] = ranged((1.0, 1.0, 1.0), gt=0.0)  # mm
     hu_min: float = ranged(-175.0, ge=-2000.0, le=4000.0)  # HU window -> [-1, 1]
     hu_max: float = ranged(250.0, ge=-2000.0, le=4000.0)

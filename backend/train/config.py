@@ -66,6 +66,9 @@ def ranged(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, 
 
 POSITIVE = {"ge": 1}  # counts: ranged(10, **POSITIVE)
 NON_NEGATIVE = {"ge": 0}
+# a crop side in voxels: 1 .. 512 (the release trains on 96; a 512^3 float32 batch is already 0.5 GB a crop)
+CROP_VOXELS = {"ge": 1, "le": 512,
+               "why": "each value must be a positive integer, at most 512 (voxels a side; the release uses 96)"}
 PROBABILITY = {"ge": 0.0, "le": 1.0, "why": "must be a probability in [0, 1]"}
 
 

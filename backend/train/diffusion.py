@@ -49,7 +49,7 @@ from backend.train.checkpoint import (
     restore_rank_rng_state,
     resume_path,
 )
-from backend.train.config import NON_NEGATIVE, POSITIVE, PROBABILITY, RangeChecked, config_to_dict, ranged
+from backend.train.config import CROP_VOXELS, NON_NEGATIVE, POSITIVE, PROBABILITY, RangeChecked, config_to_dict, ranged
 from backend.train.data import DrawSchedule, next_batch
 from backend.train.distributed import start_run, wrap_ddp
 from backend.train.loop import TrainingLoop, check_output_dir, optimizer_step
@@ -68,7 +68,7 @@ class DataConfig(RangeChecked):
     organ: Organ = "liver"  # organ of the training data (names the output file; weights work for any organ)
     organ_labels: tuple[int, ...] = ranged((1,), **NON_NEGATIVE)  # label ids of the organ (MSD / LiTS / KiTS: 1)
     tumor_labels: tuple[int, ...] = ranged((2,), **NON_NEGATIVE)  # label ids of the tumour (MSD / LiTS / KiTS: 2)
-    crop_size: tuple[int, int, int] = ranged((96, 96, 96), **POSITIVE)  # (X, Y, Z) in RAS; divisible by the AE's factor
+    crop_size: tuple[int, int, int] = ranged((96, 96, 96), **CROP_VOXELS)  # (X, Y, Z) in RAS; divisible by the AE's factor
     spacing: tuple[float, float, float] = ranged((1.0, 1.0, 1.0), gt=0.0)  # mm
     hu_min: float = ranged(-175.0, ge=-2000.0, le=4000.0)  # HU window -> [-1, 1]
     hu_max: float = ranged(250.0, ge=-2000.0, le=4000.0)

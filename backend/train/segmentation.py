@@ -113,8 +113,8 @@ class SegmentationConfig(RangeChecked):
     network: NetworkConfig = field(default_factory=NetworkConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
-    roi_size: list[int] = ranged(default_factory=lambda: [96, 96, 96], ge=1,
-                                 why="needs 3 positive crop sizes (x, y, z voxels at 1 mm), e.g. [96, 96, 96]")
+    roi_size: list[int] = ranged(default_factory=lambda: [96, 96, 96], ge=1, le=512,
+                                 why="needs 3 crop sizes of 1 to 512 (x, y, z voxels at 1 mm), e.g. [96, 96, 96]")
     hu_range: list[float] = ranged(default_factory=lambda: [-175.0, 250.0], ge=-2000.0, le=4000.0)  # -> [0, 1]
     rotate90_prob: float = ranged(0.1, **PROBABILITY)
     shift_intensity: float = ranged(0.1, **NON_NEGATIVE)

@@ -43,7 +43,10 @@ def test_bad_learning_rate_is_one_line(tmp_path, capsys, stage, key, value, why)
 @pytest.mark.parametrize("override, message", [
     ("data.val_fraction=1.5", "data.val_fraction=1.5: must be in [0, 1)"),
     ("optim.gamma=-0.1", "optim.gamma=-0.1: must be > 0"),
-    ("data.crop_size=[0,16,16]", "data.crop_size=[0, 16, 16]: each value must be a positive integer"),
+    ("data.crop_size=[0,16,16]", "data.crop_size=[0, 16, 16]: each value must be a positive integer, at most 512 "
+                                 "(voxels a side; the release uses 96)"),
+    ("data.crop_size=[100000,16,16]", "data.crop_size=[100000, 16, 16]: each value must be a positive integer, at "
+                                      "most 512 (voxels a side; the release uses 96)"),
     ("data.hu_max=.nan", "data.hu_max=nan: must be a finite number"),
 ])
 def test_autoencoder_ranges(tmp_path, capsys, override, message):
