@@ -116,7 +116,7 @@ def handler(args) -> int:
     from backend.errors import DiffTumorError
     from backend.io import atomic_write, write_text_atomic
     from backend.organs import parse_organ
-    from backend.realism import FEATURES, compare, embedding_png
+    from backend.realism import FEATURES, MIN_PER_CLASS, compare, embedding_png, feature_aucs
 
     organ = parse_organ(args.organ)
     if args.folds < 2:
@@ -128,7 +128,8 @@ def handler(args) -> int:
     synthetic = _rows(args.synthetic, "--synthetic", organ)
     real = _rows(args.real, "--real", organ)
     report = None
-    if real:
+    few = bool(real) and min(len(real), len(synthetic)) < MIN_PER_CLASS
+    if real and not few:
         report = compare(real, synthetic, seed=args.seed, folds=args.folds)
         for r, p in zip(real + synthetic, report["probabilities"]):
             r["p_synthetic"] = p
@@ -141,8 +142,14 @@ def handler(args) -> int:
         top = list(report["feature_auc"].items())[:5]
         print("separating most (feature AUC, > 0.5: higher in synthetic): "
               + ", ".join(f"{f} {a:.2f}" for f, a in top))
+    elif few:
+        top = list(feature_aucs(real, synthetic).items())[:5]
+        print(f"\ntoo few tumours for a classifier's AUC: {len(real)} real / {len(synthetic)} synthetic (it needs at "
+              f"least {MIN_PER_CLASS} of each); single features (AUC, > 0.5: higher in synthetic): "
+              + ", ".join(f"{f} {a:.2f}" for f, a in top))
     else:
         print("\nno --real tumours: the table compares each synthetic tumour with its own surroundings only")
+    png = embedding_png(real, synthetic, report["auc"] if report else None)  # before any file is written
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -158,8 +165,11 @@ def handler(args) -> int:
                    "features": list(FEATURES), "n_tumours": {"real": len(real), "synthetic": len(synthetic)}}
         if report:
             summary.update({k: v for k, v in report.items() if k != "probabilities"})
+        elif few:
+            summary["feature_auc"] = feature_aucs(real, synthetic)
+            summary["auc"] = None
+            summary["auc_note"] = f"too few tumours for a classifier (needs {MIN_PER_CLASS} of each kind)"
         write_text_atomic(out / "realism.json", json.dumps(summary, indent=1))
-        png = embedding_png(real, synthetic, report["auc"] if report else None)
         with atomic_write(out / "realism_embedding.png") as tmp:
             Path(tmp).write_bytes(png)
     except OSError as exc:

@@ -20,8 +20,8 @@ def test_classifier_auc_is_chance_for_one_distribution_and_one_for_two():
     apart = compare(_rows(rng, 40), _rows(rng, 40, shift=4.0), seed=0, n_boot=200)
     assert apart["auc"] >= 0.97 and apart["auc_ci95"][0] > 0.9
     assert set(list(apart["feature_auc"])[:3]) == {"mean_hu", "std_hu", "contrast_hu"}  # the shifted ones first
-    with pytest.raises(Exception, match="at least 2 real and 2 synthetic"):
-        compare(_rows(rng, 1), _rows(rng, 5))
+    with pytest.raises(Exception, match="at least 5 real and 5 synthetic"):
+        compare(_rows(rng, 4), _rows(rng, 5))
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,32 @@ def test_help_does_not_import_torch():
 
     code = "import sys; from backend.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_realism_without_real_and_with_too_few_tumours(shared, tmp_path, capsys, totalseg_ct, totalseg_seg):
+    """Without --real it crashed in the embedding (after writing two of its three files); with 2-3 tumours a
+    side it printed 'AUC 0.50 (95% CI 0.50-0.50)' while single features separated perfectly."""
+    from backend.io import Volume, write_image
+
+    ct, organ = shared
+    syn = tmp_path / "syn"
+    assert main(["synthesize", "--ct", str(totalseg_ct), "--organs", str(totalseg_seg), "--organ", "liver",
+                 "--size", "small", "--count", "2", "--method", "model-based", "--seed", "1", "--out", str(syn)]) == 0
+    capsys.readouterr()
+    alone = tmp_path / "alone"
+    assert main(["realism", "--synthetic", str(syn), "--organ", "liver", "--out", str(alone)]) == 0
+    assert "no --real tumours" in capsys.readouterr().out
+    assert sorted(p.name for p in alone.iterdir()) == ["realism.csv", "realism.json", "realism_embedding.png"]
+    a, mask = _flat(ct, organ, 4)
+    lab = np.where(organ, 1, 0).astype(np.uint8)
+    lab[mask] = 2
+    c, lpath = tmp_path / "real_ct.nii.gz", tmp_path / "real_lab.nii.gz"
+    write_image(Volume(a, ct.geometry), c)
+    write_image(Volume(lab, ct.geometry), lpath)
+    few = tmp_path / "few"
+    assert main(["realism", "--synthetic", str(syn), "--real", f"{c},{lpath}", "--organ", "liver",
+                 "--out", str(few)]) == 0
+    text = capsys.readouterr().out
+    assert "too few tumours for a classifier's AUC: 2 real / 2 synthetic" in text and "AUC 0.50" not in text
+    summary = json.loads((few / "realism.json").read_text())
+    assert summary["auc"] is None and summary["feature_auc"]
