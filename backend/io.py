@@ -248,6 +248,10 @@ def read_image(path: PathLike) -> Volume:
         if path.is_dir():
             files = _dicom_series_files(path)
             if not files:
+                images = sorted(p.name for p in path.iterdir() if p.is_file() and image_suffix(p) and not p.name.startswith("."))
+                if images:  # e.g. a synthesize output folder: name its files
+                    raise DiffTumorError(f"{path}: a folder of image files, not a DICOM series; give one of them "
+                                         f"({', '.join(images[:4])}{', ...' if len(images) > 4 else ''})")
                 raise DiffTumorError(f"{path}: folder holds no DICOM series (expected a folder of .dcm slices)")
             folder = Path(files[0]).parent
             series = {os.path.abspath(f) for f in files}

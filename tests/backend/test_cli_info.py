@@ -125,3 +125,15 @@ def test_info_odd_paths_are_one_line(tmp_path, capsys):
         assert main(["info", path]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and problem in err and "Traceback" not in err
+
+
+def test_info_on_a_folder_of_image_files_names_them(tmp_path, capsys):
+    """`info out/case1` (a synthesize output folder) said 'folder holds no DICOM series'."""
+    g = Geometry((6, 5, 4), (2.0, 2.0, 2.5), (0, 0, 0))
+    for name in ("ct.nii.gz", "label.nii.gz"):
+        write_image(np.zeros(g.shape, np.int16), g, tmp_path / name)
+    (tmp_path / "provenance.json").write_text("{}")
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"{tmp_path}: a folder of image files, not a DICOM series; give one of them "
+                                             "(ct.nii.gz, label.nii.gz)"), err
