@@ -43,11 +43,15 @@ def check_handler(args) -> int:
                              "or run 'difftumor weights fetch --dest DIR'")
     rows = weights.check_folder(root, load=not args.no_load)
     empty = not any(r["present"] for r in rows)
+    bad = [r for r in rows if r["present"] and (r["loads"] is False or r["sha_ok"] is False or r.get("compatible") is False)]
     if args.remember:
         weights.set_weights_dir(root)
         if empty:
             log.warning("remembered %s as the weights folder although it holds no weights yet "
                         "('difftumor weights fetch' downloads into it)", root)
+        elif bad:
+            log.warning("remembered %s as the weights folder although %s %s (see below)", root,
+                        ", ".join(r["name"] for r in bad), "is broken or does not fit" if len(bad) == 1 else "are broken or do not fit")
     if args.json:
         print(json.dumps({"folder": str(root), "source": source, "files": rows}, indent=1))
     else:
@@ -76,7 +80,6 @@ def check_handler(args) -> int:
                 "expected names" if others else f"; download them with 'difftumor weights fetch --dest {root}'")
         log.error("weights folder %s holds none of the expected files (%s)%s", root, weights.EXPECTED_NAMES, hint)
         return 1
-    bad = [r for r in rows if r["present"] and (r["loads"] is False or r["sha_ok"] is False or r.get("compatible") is False)]
     return 1 if bad else 0
 
 

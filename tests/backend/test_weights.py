@@ -312,6 +312,18 @@ def test_remember_an_empty_folder_warns_but_remembers(tmp_path, caplog):
         "('difftumor weights fetch' downloads into it)"]
 
 
+def test_remember_a_folder_with_a_broken_file_warns(tmp_path, caplog):
+    """docs/weights.md promised a warning; only an empty folder gave one."""
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "AutoencoderModel.ckpt").write_bytes(b"not a checkpoint")
+    assert _cli(["weights", "check", str(folder), "--remember"]) == 1
+    assert weights.get_weights_dir_setting() == folder.resolve()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"remembered {folder} as the weights folder although AutoencoderModel.ckpt is broken or does not fit "
+        "(see below)"]
+
+
 def test_check_names_a_positional_folder_as_given(tmp_path, capsys):
     assert _cli(["weights", "check", str(tmp_path / "nonexist")]) == 2
     assert capsys.readouterr().err.strip() == f"difftumor: error: weights folder {tmp_path / 'nonexist'}: not a folder"
