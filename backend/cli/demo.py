@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from backend.cli.qt_setup import prefer_qt6, quiet_qt_binding_notice
 from backend.errors import DiffTumorError
 
 log = logging.getLogger(__name__)
@@ -70,27 +71,6 @@ def plugin_widget_names() -> list[str]:
 
     manifest = PluginManifest.from_distribution(PLUGIN)
     return [w.display_name for w in manifest.contributions.widgets or ()]
-
-
-def _prefer_qt6() -> None:
-    """Use PyQt6 (napari's recommended binding) when it is installed and no binding was chosen: qtpy
-    would otherwise pick PyQt5 first in an environment that has both."""
-    import importlib.util
-
-    if not os.environ.get("QT_API") and importlib.util.find_spec("PyQt6") is not None:
-        os.environ["QT_API"] = "pyqt6"
-
-
-def _quiet_qt_binding_notice() -> None:
-    """napari 0.9 pops a 'PyQt5 support is deprecated' toast over the canvas on first show when it runs on
-    PyQt5 (an environment without PyQt6): a note for developers choosing a Qt binding, not for someone
-    looking at CT, so the demo skips it."""
-    try:
-        from napari._qt import qt_main_window
-    except ImportError:  # pragma: no cover - other napari layouts
-        return
-    if hasattr(qt_main_window, "SHOW_QT_WARNING"):
-        qt_main_window.SHOW_QT_WARNING = False
 
 
 LAYER_LIST_ROWS = 8  # rows of the layer list visible without scrolling (CT, organs, tumour, result, ...)
@@ -174,12 +154,12 @@ def handler(args) -> int:
         if not args.screenshot.resolve().parent.is_dir():
             raise DiffTumorError(f"--screenshot {args.screenshot}: folder {args.screenshot.parent} does not exist")
     _check_display()
-    _prefer_qt6()  # before anything imports qtpy
+    prefer_qt6()  # before anything imports qtpy
     layers = _load_layers(args)
 
     import napari
 
-    _quiet_qt_binding_notice()
+    quiet_qt_binding_notice()
 
     viewer = napari.Viewer(title="DiffTumor Studio", show=True)
     viewer.window.resize(*WINDOW_SIZE)

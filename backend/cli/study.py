@@ -149,10 +149,14 @@ def read_handler(args) -> int:
         raise DiffTumorError(f"{args.study}: --reader is needed (readers: {', '.join(study.readers)})")
     # errors (damaged case files, bad reader, bad database) come before Qt starts
     session = ReadingSession(study, args.reader or study.readers[0])
+    from backend.cli.qt_setup import prefer_qt6, quiet_qt_binding_notice
+
+    prefer_qt6()  # before anything imports qtpy
     try:
         from difftumor_napari._reading import run_reading_app
     except ImportError as exc:  # napari / Qt missing
         raise DiffTumorError(f"study read: needs napari and a Qt binding (pip install 'difftumor[gui]'): {exc}") from None
+    quiet_qt_binding_notice()
     run_reading_app(session)
     print(f"{session.reader}: {session.n_answered} of {session.n_cases} cases answered "
           f"(saved in {session.store.path})")
