@@ -413,8 +413,8 @@ def check_report_folder(out: Path, *, force: bool = False) -> None:
         raise DiffTumorError(f"--out {out}: exists and is not a folder")
     study = study_folder_holding(out)
     if study is not None:
-        raise DiffTumorError(f"--out {out}: lies inside the reader package {study}; a report holds the truth, "
-                             "write it elsewhere")
+        raise DiffTumorError(f"--out {out}: lies inside the study folder {study} that readers are given; a report "
+                             "holds the truth, write it elsewhere")
     if out.is_dir() and not force:
         foreign = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES or not p.is_file())
         if foreign:
@@ -470,7 +470,8 @@ def export_answers(study_dir: str | Path, reader: str, out: str | Path, *, force
     target = Path(out)
     study_inside = study_folder_holding(target.parent)
     if study_inside is not None:
-        raise DiffTumorError(f"--out {target}: lies inside the reader package {study_inside}; write answers elsewhere")
+        raise DiffTumorError(f"--out {target}: lies inside the study folder {study_inside} that readers are given; "
+                             "write answers elsewhere")
     if target.is_dir():
         raise DiffTumorError(f"--out {target}: is a folder; give the CSV file to write")
     if target.exists() and not force:

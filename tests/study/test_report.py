@@ -367,7 +367,7 @@ def test_export_refuses_out_inside_a_study(answered_study, capsys, where):
     for force in ([], ["--force"]):
         assert main(["study", "export", str(study_dir), "--reader", "R1", "--out", str(folder / "r1.csv"), *force]) == 2
         err = capsys.readouterr().err.strip()
-        assert "inside the reader package" in err and "\n" not in err
+        assert "inside the study folder" in err and "that readers are given" in err and "\n" not in err
     assert sorted(p.relative_to(study_dir) for p in study_dir.rglob("*")) == before
 
 
@@ -386,7 +386,7 @@ def test_report_refuses_out_inside_a_study(answered_study, capsys, where):
     for force in ([], ["--force"]):
         assert main(["study", "report", "--answers", str(study_dir), "--key", str(key_dir), "--out", str(out), *force]) == 2
         err = capsys.readouterr().err.strip()
-        assert "inside the reader package" in err and "\n" not in err
+        assert "inside the study folder" in err and "that readers are given" in err and "\n" not in err
     assert not any((study_dir / where / name).exists() for name in REPORT_FILES)
     assert not (study_dir / "report").exists()
 
