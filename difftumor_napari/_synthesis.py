@@ -89,6 +89,11 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
             label="Mass effect", choices=[("auto (model-based ≥ 20 mm)", "auto"), ("on", "on"), ("off", "off")],
             value="auto", tooltip="Push the tissue around the tumour outward, the organ label with it (both methods). "
                                   "auto: model-based tumours of 20 mm and more, none for diffusion (as released)")
+        self.phase = ComboBox(
+            label="Contrast phase", choices=[("auto (from the organ's HU)", "auto"), ("non-contrast", "non-contrast"),
+                                             ("enhanced", "enhanced")],
+            value="auto", tooltip="Model-based: the phase whose tumour contrast is drawn; auto tells it from the "
+                                  "organ's own median HU (a threshold per organ, 80 HU for the liver)")
         self.weights_organ = ComboBox(
             label="Model organ", choices=[SAME_ORGAN, "liver", "pancreas", "kidney"], value=SAME_ORGAN,
             tooltip="Cross-organ (paper section 4.2): paint this organ's tumours with another organ's diffusion model; "
@@ -120,7 +125,8 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
         self.status = wrapped(Label(value=""))
         layers, settings, blending, progress, saving = forms(
             [self.ct_layer, self.organ_layer, self.organ, self.tumor_layer, self.method],
-            [self.weights_dir, self.weights_organ, self.device, self.stage, self.steps, self.seed, self.mass_effect],
+            [self.weights_dir, self.weights_organ, self.device, self.stage, self.steps, self.seed, self.mass_effect,
+             self.phase],
             [self.sigma],
             [self.progress], [self.out_dir, self.stem])
         self.extend([layers, self.method_info, settings, self.fixed_sigma, blending, self.pancreas_blend,
@@ -341,7 +347,7 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
             keep_intermediates=bool(self.keep_intermediates.value), existing_tumor=existing,
             weights_organ=self.model_organ(), sigma=float(self.sigma.value) if self.fixed_sigma.value else None,
             pancreas_blend=bool(self.pancreas_blend.value) and self.organ.value == "pancreas",
-            mass_effect=self.mass_effect.value)
+            mass_effect=self.mass_effect.value, phase=self.phase.value)
 
     @property
     def running(self) -> bool:

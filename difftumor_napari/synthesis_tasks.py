@@ -148,12 +148,13 @@ def build_job(*, ct, geometry, organ_mask, tumor_mask, organ: str, method: str =
               stage: str = "auto", steps: int | None = None, seed: int = 0, weights_dir: str | None = None,
               placements=(), source: str | None = None, keep_intermediates: bool = True, existing_tumor=None,
               weights_organ: str | None = None, sigma: float | None = None,
-              pancreas_blend: bool = False, mass_effect: str = "auto") -> SynthesisJob:
+              pancreas_blend: bool = False, mass_effect: str = "auto", phase: str | None = None) -> SynthesisJob:
     """The widget's values -> a :class:`SynthesisJob` (its request checked by
     :class:`~backend.synthesis.request.SynthesisRequest`). ``stage`` "auto" lets the engine choose from each
     tumour's size; ``steps`` are the DDIM steps of mid/late tumours; ``weights_organ`` None or ``organ`` means
     the organ's own weights; ``keep_intermediates`` (diffusion) feeds the Inspection widget; ``mass_effect`` is
-    the request's (auto | on | off)."""
+    the request's (auto | on | off); ``phase`` (model-based contrast: non-contrast | enhanced; None or "auto": told
+    from the organ's HU)."""
     from backend.synthesis.request import SynthesisRequest, UserMask
 
     if stage not in STAGES:
@@ -164,6 +165,7 @@ def build_job(*, ct, geometry, organ_mask, tumor_mask, organ: str, method: str =
         stage=None if stage == "auto" else stage, ddim_steps=int(steps) if steps else None,
         sigma=None if sigma is None else float(sigma), pancreas_blend=bool(pancreas_blend),
         keep_intermediates=bool(keep_intermediates), mass_effect=mass_effect,
+        phase=None if phase in (None, "auto") else phase,
         weights_organ=weights_organ if weights_organ and weights_organ != organ else None)
     return SynthesisJob(np.asarray(ct), geometry, np.asarray(organ_mask, bool), tumor, request, device, weights_dir,
                         list(placements), source, None if existing_tumor is None else np.asarray(existing_tumor, bool))
