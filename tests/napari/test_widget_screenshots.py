@@ -53,7 +53,7 @@ def test_widget_screenshots(make_napari_viewer, qtbot, monkeypatch, tmp_path):
     from difftumor_napari._inspection import InspectionWidget
     from difftumor_napari._placement import PlacementWidget
     from difftumor_napari._sample_data import make_phantom_sample
-    from difftumor_napari._synthesis import RESULT_CT, SynthesisWidget
+    from difftumor_napari._synthesis import RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE, SynthesisWidget
     from difftumor_napari._viewing import window_to_contrast_limits
 
     out = Path(os.environ.get("DIFFTUMOR_SCREENSHOT_DIR", tmp_path))
@@ -92,6 +92,10 @@ def test_widget_screenshots(make_napari_viewer, qtbot, monkeypatch, tmp_path):
     dock = viewer.window.add_dock_widget(synth, name="Synthesis", area="right")
     synth.seed.value = 2
     assert synth.run() and synth.outcome is not None
+    # the GUI adds the overlays one event-loop turn each and then frames the tumour: let that finish before
+    # the view is set for the picture (in a full run a late step moved the camera after reset_view)
+    qtbot.waitUntil(lambda: {TUMOR_OUTLINE, RESULT_TUMOR} <= {ly.name for ly in viewer.layers}, timeout=20000)
+    qtbot.wait(200)
     tumor.visible = False
     viewer.layers["synthetic tumor"].visible = False
     viewer.layers["phantom organs"].visible = False
