@@ -111,6 +111,8 @@ def test_synthesize_case_writes_one_output_with_its_settings(tmp_path, engine):
     result = dataset.synthesize_case(engine, request, ct, seg, tmp_path / "out", settings=settings)
     prov = json.loads((tmp_path / "out" / "provenance.json").read_text(encoding="utf-8"))
     assert prov["settings"] == settings and prov["seed"] == 4 and prov["inputs"]["organs"] == str(seg.resolve())
+    assert result.provenance["settings"] == settings and result.provenance["inputs"] == prov["inputs"]
+    assert prov["files"] == {"ct": "ct.nii.gz", "label": "label.nii.gz"}
     assert set(np.unique(read_image(tmp_path / "out" / "label.nii.gz").array)) == {0, 1, 2}
     (tmp_path / "bad.nii.gz").write_bytes(b"not an image")
     with pytest.raises(dataset.InputError, match=r"^CT .*bad\.nii\.gz") as info:
