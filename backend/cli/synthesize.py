@@ -23,7 +23,8 @@ the same settings resumes (an output counts as done when all its files exist and
 these settings), a run with other settings is refused unless ``--overwrite`` is given.
 
 This module parses and prints only: the options become a :class:`backend.synthesis.request.SynthesisRequest`
-(:func:`build_request`; its errors are re-worded with the flags by :func:`cli_words`), the engine runs it and
+(:func:`build_request`; library errors are re-worded with the flags by :func:`cli_words`),
+:mod:`backend.synthesis.dataset` reads the inputs, runs it on one CT or a dataset (shards, seeds, resume) and
 :mod:`backend.synthesis.outputs` writes and checks the outputs (docs/synthesis.md).
 """
 
@@ -141,31 +142,6 @@ def _floats(text: str, n: int, name: str) -> list[float]:
     return vals
 
 
-def output_seed(seed: int, case: str, k: int) -> int:
-    """Dataset mode: the seed of output ``k`` of ``case``, from ``--seed``, the case's name and k (numpy's
-    SeedSequence), so it does not change when other cases are added to or removed from the folder, and
-    distinct outputs never share a seed the way ``seed + 1000 * case index + k`` did for k >= 1000."""
-    import zlib
-
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, zlib.crc32(case.encode("utf-8")), k]).generate_state(1)[0])
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    from backend.errors import DiffTumorError
-
-    if text is None:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        i, n = -1, 0
-    if not (n >= 1 and 0 <= i < n):
-        raise DiffTumorError(f"--shard {text}: expected i/n with 0 <= i < n")
-    return i, n
-
-
 def check_options(args) -> None:
     """Refuse options that contradict each other, and values the request does not see (one line naming them).
     The values of the request's own options are checked by :func:`build_request`."""
@@ -174,7 +150,10 @@ def check_options(args) -> None:
     if args.n is not None and args.n < 1:
         raise DiffTumorError(f"--n {args.n}: must be >= 1")
     if args.shard is not None:
-        parse_shard(args.shard)
+        from backend.synthesis.dataset import parse_shard
+
+        with cli_words(args):
+            parse_shard(args.shard)
     random = [f for f in ("size", "count") if getattr(args, f) is not None]
     placed = [f for f in ("tumor_mask", "center", "radii") if getattr(args, f)]
     if random and placed:
@@ -199,7 +178,7 @@ def check_options(args) -> None:
 
 def build_request(args):
     """The :class:`~backend.synthesis.request.SynthesisRequest` of the command line (a ``--tumor-mask`` is read
-    per case, see :func:`synthesize_case`)."""
+    per case, see :func:`backend.synthesis.dataset.synthesize_case`)."""
     from backend.synthesis.request import Ellipsoid, Generated, SynthesisRequest, UserMask
 
     if args.tumor_mask:
@@ -227,18 +206,18 @@ def cli_words(args):
     try:
         yield
     except OptionError as exc:
-        typed = {"centre": args.center and args.center + (" --voxel" if args.voxel else ""),
-                 "radii": args.radii, "rotation": args.rotation}.get(exc.option)
-        raise exc.renamed(_flag(exc.option), typed) from None
+        raise _in_flags(exc, args) from None
 
 
-def _check_inputs_exist(args) -> None:
-    from backend.errors import DiffTumorError
+def _in_flags(exc, args):
+    """A library error as the command line says it: an option error under the option's flag."""
+    from backend.synthesis.request import OptionError
 
-    for dest in ("ct", "organs", "tumor_mask"):
-        value = getattr(args, dest)
-        if value and not Path(value).exists():
-            raise DiffTumorError(f"{_flag(dest)} {value}: no such file or folder")
+    if not isinstance(exc, OptionError):
+        return exc
+    typed = {"centre": args.center and args.center + (" --voxel" if args.voxel else ""),
+             "radii": args.radii, "rotation": args.rotation}.get(exc.option)
+    return exc.renamed(_flag(exc.option), typed)
 
 
 def check_out_writable(out: Path) -> None:
@@ -246,60 +225,6 @@ def check_out_writable(out: Path) -> None:
     from backend.synthesis.outputs import check_out_writable as check
 
     check(out, names=_flag)
-
-
-def run_settings(args, request, engine) -> dict:
-    """What defines the outputs (recorded in the run file and each provenance; a resume must match it)."""
-
-    def absolute(p):
-        return os.path.abspath(p) if p else None
-
-    return {"ct": absolute(args.ct), "organs": absolute(args.organs), "organ_label": args.organ_label,
-            **request.settings(), "weights": str(engine.weights.root) if engine.weights.root is not None else None,
-            "n": args.n or 1}
-
-
-# --------------------------------------------------------------------------------------------
-# one output
-# --------------------------------------------------------------------------------------------
-def _read(path: Path, flag: str):
-    from backend.errors import DiffTumorError
-    from backend.io import read_image
-
-    try:
-        return read_image(path)
-    except DiffTumorError as exc:
-        text = str(exc)
-        raise DiffTumorError(f"{flag} {text}" if text.startswith(str(path)) else f"{flag} {path}: {text}") from None
-
-
-def synthesize_case(engine, ct_path, organs_path, out_dir: Path, args, request, settings: dict):
-    """Read, synthesize, then write the outputs (nothing is left behind when anything fails); returns the result."""
-    import dataclasses
-
-    from backend.errors import DiffTumorError
-    from backend.organs import load_organ_and_tumors
-    from backend.synthesis import outputs
-
-    ct = _read(Path(ct_path), "--ct")
-    try:
-        organ, existing = load_organ_and_tumors(organs_path, args.organ, label_id=args.organ_label, reference=ct)
-    except DiffTumorError as exc:  # the organs module names the file; say which option gave it
-        raise DiffTumorError(f"--organs {exc}") from None
-    if args.tumor_mask:
-        request = dataclasses.replace(request, tumor=dataclasses.replace(
-            request.tumor, mask=_read(Path(args.tumor_mask), "--tumor-mask")))
-    with cli_words(args):
-        # an MSD/LiTS/KiTS map's tumours (existing) stay tumour, never painted over
-        result = engine.run(request, ct, organ, existing_tumor=existing, organ_name=str(organs_path))
-        prov = outputs.provenance(
-            result.provenance, settings=settings, organ_label=args.organ_label,
-            inputs={"ct": os.path.abspath(ct_path), "organs": os.path.abspath(organs_path),
-                    "tumor_mask": os.path.abspath(args.tumor_mask) if args.tumor_mask else None},
-            intermediates=list(result.intermediates) if args.keep_intermediates else None)
-        outputs.write_output(out_dir, outputs.result_images(result), prov, names=_flag)
-    result.provenance = prov
-    return result
 
 
 def _warn_unused(result, warned: set) -> None:
@@ -329,113 +254,58 @@ class _OncePerMessage(logging.Filter):
 
 
 # --------------------------------------------------------------------------------------------
-# dataset mode: the cases of a folder
-# --------------------------------------------------------------------------------------------
-def is_dataset_folder(folder: Path) -> bool:
-    """A folder of CT files, or of case folders each holding ``ct.<ext>`` (any other folder is one DICOM CT)."""
-    from backend.data import case_ct_file
-    from backend.io import image_suffix
-
-    return folder.is_dir() and any((p.is_file() and image_suffix(p)) or (p.is_dir() and case_ct_file(p))
-                                   for p in folder.iterdir() if not p.name.startswith("."))
-
-
-def dataset_cases(ct_dir: Path, organs_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(case, CT, labels) for every case :func:`backend.data.list_cases` finds in ``ct_dir`` with ``labels=
-    organs_dir``; labels: the file ``organs_dir/<case>.<ext>`` or the case folder ``organs_dir/<case>/``."""
-    from backend.data import list_cases
-    from backend.errors import DiffTumorError
-
-    organs_dir = organs_dir.expanduser()
-    try:
-        cases = list_cases(ct_dir, labels=organs_dir)
-    except DiffTumorError as exc:  # the lister names the folder; say which option gave it
-        raise DiffTumorError(f"{'--organs' if str(exc).startswith(str(organs_dir)) else '--ct'} {exc}") from None
-    from_file = lambda c: c.segmentations is None and c.label is not None and c.label.parent == organs_dir  # noqa: E731
-    return [(c.name, c.image, c.label if from_file(c) else organs_dir / c.name) for c in cases]
-
-
-def _accepted() -> str:
-    from backend.io import IMAGE_SUFFIXES
-
-    return ", ".join(IMAGE_SUFFIXES)
-
-
-def rank_device(device: str, *, sharded_by_flag: bool) -> str:
-    """Under ``torchrun`` on a machine with several GPUs, rank r uses GPU ``LOCAL_RANK`` (modulo the GPUs
-    present) when ``--device`` is auto or cuda; otherwise ``device`` as given."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = os.environ.get("LOCAL_RANK")
-    if sharded_by_flag or world < 2 or local is None or str(device).lower() not in ("auto", "cuda"):
-        return device
-    import torch
-
-    if not torch.cuda.is_available():
-        return device
-    return f"cuda:{int(local) % torch.cuda.device_count()}"
-
-
-# --------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------
 def handler(args) -> int:
-    from backend.errors import DiffTumorError
-    from backend.synthesis import outputs
+    from backend.synthesis import dataset, outputs
 
     check_options(args)
     request = build_request(args)
-    _check_inputs_exist(args)
+    inputs = {d: getattr(args, d) for d in ("ct", "organs", "tumor_mask")}
     ct_path, out = Path(args.ct), Path(args.out)
-    # a folder holding image files or case folders is a dataset; any other folder is read as one DICOM series
-    dataset = is_dataset_folder(ct_path)
-    if not dataset:
-        dataset_flags = [f for f in ("n", "shard") if getattr(args, f) is not None]
-        if ct_path.is_dir() and (dataset_flags or not any(files for _, _, files in os.walk(ct_path))):
-            raise DiffTumorError(f"--ct {ct_path}: no CT files found in this folder (accepted: {_accepted()}, "
-                                 "or a folder of DICOM slices for one CT)")
-        if dataset_flags:
-            flag = dataset_flags[0]
-            raise DiffTumorError(f"{_flag(flag)} {getattr(args, flag)}: only for dataset mode (--ct a folder of CT files); "
-                                 f"--ct {ct_path} is a single CT")
-    check_out_writable(out)
-    if not dataset:
-        outputs.check_single_out(out, {d: getattr(args, d) for d in ("ct", "organs", "tumor_mask")}, args.overwrite,
-                                 names=_flag)
-    else:
-        outputs.check_dataset_out(out, {"ct": args.ct, "organs": args.organs}, names=_flag)
+    with cli_words(args):
+        dataset.check_inputs_exist(inputs)
+        # a folder holding image files or case folders is a dataset; any other folder is read as one DICOM series
+        is_dataset = dataset.is_dataset_folder(ct_path)
+        if not is_dataset:
+            dataset.check_single_ct(ct_path, {"n": args.n, "shard": args.shard}, names=_flag)
+        check_out_writable(out)
+        if not is_dataset:
+            outputs.check_single_out(out, inputs, args.overwrite, names=_flag)
+        else:
+            outputs.check_dataset_out(out, {"ct": args.ct, "organs": args.organs}, names=_flag)
 
     from backend.synthesis.engine import SynthesisEngine
 
-    engine = SynthesisEngine(args.weights, device=rank_device(args.device, sharded_by_flag=args.shard is not None))
-    settings = run_settings(args, request, engine)
+    engine = SynthesisEngine(args.weights, device=dataset.rank_device(args.device, sharded_by_flag=args.shard is not None))
+    settings = dataset.run_settings(request, engine, ct=args.ct, organs=args.organs, organ_label=args.organ_label,
+                                    n=args.n)
     warned: set = set()
-    if not dataset:
-        result = synthesize_case(engine, ct_path, Path(args.organs), out, args, request, settings)
+    if not is_dataset:
+        with cli_words(args):
+            result = dataset.synthesize_case(engine, request, ct_path, Path(args.organs), out, settings=settings,
+                                             organ_label=args.organ_label, tumor_mask=args.tumor_mask, names=_flag)
         _warn_unused(result, warned)
         log.info("%s: %s tumour(s) by %s -> %s", ct_path.name, result.provenance["n_tumours"],
                  result.provenance["method"], out)
         return 0
-    return _run_dataset(engine, args, request, ct_path, out, settings, warned)
+    with cli_words(args):
+        plan = dataset.plan_dataset(ct_path, Path(args.organs), out, settings, n=args.n, shard=args.shard,
+                                    overwrite=args.overwrite, names=_flag)
+    return _run_dataset(engine, args, request, plan, out, settings, warned)
 
 
-def _run_dataset(engine, args, request, ct_path: Path, out: Path, settings: dict, warned: set) -> int:
-    import dataclasses
-
+def _run_dataset(engine, args, request, plan, out: Path, settings: dict, warned: set) -> int:
+    """Synthesize the plan's outputs under a progress bar, saying what failed, what was skipped and how to
+    resume."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from backend.errors import DiffTumorError
-    from backend.synthesis import outputs
+    from backend.synthesis.dataset import iter_dataset
 
-    rank, world = parse_shard(args.shard)
-    cases = dataset_cases(ct_path, Path(args.organs))
-    outputs.start_dataset_run(out, settings, args.overwrite, names=_flag)
-    n = args.n or 1
-    jobs = [(ci, case, c, o, k) for ci, (case, c, o) in enumerate(cases) for k in range(n)]
-    jobs = [j for j in jobs if j[0] % world == rank]
-    todo = [j for j in jobs if not outputs.output_done(out / f"{j[1]}_s{j[4]}", settings)]
-    if len(todo) < len(jobs):
-        log.info("%d of %d outputs already done in %s (skipped); %d to synthesize", len(jobs) - len(todo), len(jobs),
+    todo, jobs, rank, world = plan.todo, plan.outputs, plan.rank, plan.world
+    if plan.skipped:
+        log.info("%d of %d outputs already done in %s (skipped); %d to synthesize", plan.skipped, len(jobs),
                  out, len(todo))
     engine_log = logging.getLogger("backend.synthesis.engine")
     once = _OncePerMessage()
@@ -444,16 +314,15 @@ def _run_dataset(engine, args, request, ct_path: Path, out: Path, settings: dict
     try:
         with logging_redirect_tqdm():
             desc = "synthesize" if world == 1 else f"synthesize shard {rank}/{world}"
-            for _, case, c, o, k in tqdm(todo, desc=desc, unit="output", disable=not todo):
-                try:
-                    case_request = dataclasses.replace(request, seed=output_seed(args.seed, case, k))
-                    _warn_unused(synthesize_case(engine, c, o, out / f"{case}_s{k}", args, case_request, settings),
-                                 warned)
-                except DiffTumorError as exc:
+            runs = iter_dataset(engine, request, plan, settings=settings, organ_label=args.organ_label,
+                                tumor_mask=args.tumor_mask, names=_flag)
+            for job, result, error in tqdm(runs, desc=desc, unit="output", total=len(todo), disable=not todo):
+                if error is not None:
                     failures += 1
-                    log.error("%s: %s", case, exc)
+                    log.error("%s: %s", job.case, _in_flags(error, args))
                 else:
                     done += 1
+                    _warn_unused(result, warned)
     except KeyboardInterrupt:
         left = len(todo) - done - failures
         log.warning("interrupted with %d of %d outputs left; re-run the same command to resume (finished outputs "
@@ -461,10 +330,20 @@ def _run_dataset(engine, args, request, ct_path: Path, out: Path, settings: dict
         raise
     finally:
         engine_log.removeFilter(once)
-    shard = "" if world == 1 else f" (shard {rank}/{world}: {len(jobs)} of {len(cases) * n})"
+    shard = "" if world == 1 else f" (shard {rank}/{world}: {len(jobs)} of {plan.n_cases * plan.n})"
     log.info("%d of %d outputs written to %s, %d already there, %d failed%s", done, len(jobs), out,
-             len(jobs) - len(todo), failures, shard)
+             plan.skipped, failures, shard)
     if failures:
         log.error("%d of %d outputs failed (see the messages above); rerun to retry them", failures, len(jobs))
         return 1
     return 0
+
+
+def __getattr__(name: str):
+    """The library functions this module used to hold (``synth_cli.output_seed``, ...), imported on first use
+    so that ``difftumor --help`` stays light."""
+    if name in ("output_seed", "parse_shard", "rank_device", "is_dataset_folder", "dataset_cases"):
+        from backend.synthesis import dataset
+
+        return getattr(dataset, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
