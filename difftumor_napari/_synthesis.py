@@ -85,15 +85,7 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
         self.steps = SpinBox(label="Sampling steps", min=1, max=1000, value=50,
                              tooltip="DDIM steps for mid/late tumours; early tumours use the release's 4 steps")
         self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
-        self.mass_effect = ComboBox(
-            label="Mass effect", choices=[("auto (model-based ≥ 20 mm)", "auto"), ("on", "on"), ("off", "off")],
-            value="auto", tooltip="Push the tissue around the tumour outward, the organ label with it (both methods). "
-                                  "auto: model-based tumours of 20 mm and more, none for diffusion (as released)")
-        self.phase = ComboBox(
-            label="Contrast phase", choices=[("auto (from the organ's HU)", "auto"), ("non-contrast", "non-contrast"),
-                                             ("enhanced", "enhanced")],
-            value="auto", tooltip="Model-based: the phase whose tumour contrast is drawn; auto tells it from the "
-                                  "organ's own median HU (a threshold per organ, 80 HU for the liver)")
+        self._add_realism_controls()
         self.weights_organ = ComboBox(
             label="Model organ", choices=[SAME_ORGAN, "liver", "pancreas", "kidney"], value=SAME_ORGAN,
             tooltip="Cross-organ (paper section 4.2): paint this organ's tumours with another organ's diffusion model; "
@@ -164,6 +156,19 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
         keep_radiological(viewer)  # superior up in coronal/sagittal, sliders named, whichever widget opens first
         self._watch_closing()
         self._warm_engine()
+
+
+    def _add_realism_controls(self) -> None:
+        """Mass effect and contrast phase: the request's ``mass_effect`` and ``phase``."""
+        self.mass_effect = ComboBox(
+            label="Mass effect", choices=[("auto (model-based ≥ 20 mm)", "auto"), ("on", "on"), ("off", "off")],
+            value="auto", tooltip="Push the tissue around the tumour outward, the organ label with it (both methods). "
+                                  "auto: model-based tumours of 20 mm and more, none for diffusion (as released)")
+        self.phase = ComboBox(
+            label="Contrast phase", choices=[("auto (from the organ's HU)", "auto"), ("non-contrast", "non-contrast"),
+                                             ("enhanced", "enhanced")],
+            value="auto", tooltip="Model-based: the phase whose tumour contrast is drawn; auto tells it from the "
+                                  "organ's own median HU (a threshold per organ, 80 HU for the liver)")
 
     def _watch_closing(self) -> None:
         """Closing the dock (napari takes the widget out of it) cancels a run: no layers appear later."""
