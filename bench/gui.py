@@ -60,7 +60,7 @@ def large_case(cache: Path) -> tuple[Path, Path]:
     for label, (cz, cy, cx, rz, ry, rx) in organs.items():
         seg[((z - cz) / rz) ** 2 + ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0] = label
     rng = np.random.default_rng(0)
-    ct = np.where(body, 40, -1000).astype(np.int16)
+    ct = np.where(np.broadcast_to(body, seg.shape), 40, -1000).astype(np.int16)
     ct[seg == 5] = 60
     ct[seg == 1] = 50
     ct[(seg == 2) | (seg == 3)] = 30
