@@ -162,7 +162,7 @@ def scenario(ct_path: str, seg_path: str, three_views: bool) -> dict:
 
     # the window `difftumor demo` opens (phantom + widgets + three views or not); the user then closes the
     # phantom and opens their own CT and organ labels (File > Open, through the DiffTumor reader)
-    demo._quiet_qt_binding_notice()
+    demo.quiet_qt_binding_notice()
     viewer = napari.Viewer(title="bench", show=True)
     viewer.window.resize(*demo.WINDOW_SIZE)
     for data, kwargs, layer_type in make_phantom_sample(0):

@@ -66,7 +66,7 @@ def demo_window():
     from difftumor_napari import synthesis_tasks as st
     from difftumor_napari._sample_data import make_phantom_sample
 
-    demo._quiet_qt_binding_notice()
+    demo.quiet_qt_binding_notice()
     viewer = napari.Viewer(title="DiffTumor Studio", show=True)
     viewer.window.resize(*demo.WINDOW_SIZE)
     for data, kwargs, layer_type in make_phantom_sample(0):

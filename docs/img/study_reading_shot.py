@@ -48,7 +48,7 @@ def main(synthetic_ct: str, synthetic_label: str, out: Path = ROOT / "docs" / "i
     study = create_study(real, syn, work / "study", settings=StudySettings(readers=("R1",), seed=1))
     session = ReadingSession(study, "R1")
 
-    demo._quiet_qt_binding_notice()
+    demo.quiet_qt_binding_notice()
     import napari
     from qtpy.QtWidgets import QApplication
 
