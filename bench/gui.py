@@ -177,7 +177,7 @@ def scenario(ct_path: str, seg_path: str, three_views: bool) -> dict:
         QApplication.processEvents()
     # the Synthesis widget prepares the engine (torch) in a background thread as it opens: part of start-up,
     # let it finish before the user's steps are timed (its own duration is printed)
-    from difftumor_napari import synthesis_tasks as st
+    from difftumor_napari import synthesis as st
 
     t0 = time.perf_counter()
     while not st._ENGINES and time.perf_counter() - t0 < 120:

@@ -31,7 +31,7 @@ def notify_error(exc: BaseException, what: str) -> str:
     message, for the widget's own status line (a notification disappears, the status stays)."""
     from napari.utils.notifications import show_error
 
-    from difftumor_napari.synthesis_tasks import user_message
+    from difftumor_napari.synthesis import user_message
 
     message = user_message(exc, what)
     show_error(message)

@@ -15,7 +15,7 @@ import numpy as np
 from difftumor_napari._placement import TUMOR_LAYER, notify_error, organ_label_layers, unwrap
 
 if TYPE_CHECKING:
-    from difftumor_napari import synthesis_tasks as st
+    from difftumor_napari import synthesis as st
 
 RESULT_CT = "CT + synthetic tumor"
 RESULT_TUMOR = "synthetic tumor"

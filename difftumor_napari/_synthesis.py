@@ -1,7 +1,7 @@
 """The "Synthesis" dock widget: method / weights folder / device / stage / steps / seed, a threaded run
 with progress and Cancel, before/after + difference views, and Save onto the original grid.
 
-Logic lives in :mod:`difftumor_napari.synthesis_tasks`; this module builds the layout, runs the
+Logic lives in :mod:`difftumor_napari.synthesis`; this module builds the layout, runs the
 task's generator in a napari ``thread_worker`` (synchronously when ``DIFFTUMOR_NAPARI_NOTHREADS=1``)
 and turns results into layers.
 """
@@ -28,7 +28,7 @@ from magicgui.widgets import (
 )
 
 from difftumor_napari import placement as pl
-from difftumor_napari import synthesis_tasks as st
+from difftumor_napari import synthesis as st
 from difftumor_napari._dock import ScrollableContainer, browse, default_save_folder, forms, watch
 from difftumor_napari._placement import (
     TUMOR_LAYER,
@@ -230,7 +230,7 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
         self._follow_placements()
 
     def _warm_engine(self) -> None:
-        """Prepare the engine in a background thread (:func:`~difftumor_napari.synthesis_tasks.warm_engine`) as the
+        """Prepare the engine in a background thread (:func:`~difftumor_napari.synthesis.warm_engine`) as the
         widget opens, once per widget; not with threads off. Loading torch's libraries holds Python's lock for
         about a second whenever it happens: during start-up, before the user acts, rather than after the first
         Synthesize click or in the middle of a placement."""

@@ -63,7 +63,7 @@ def demo_window():
     from qtpy.QtWidgets import QApplication
 
     from backend.cli import demo
-    from difftumor_napari import synthesis_tasks as st
+    from difftumor_napari import synthesis as st
     from difftumor_napari._sample_data import make_phantom_sample
 
     demo._quiet_qt_binding_notice()

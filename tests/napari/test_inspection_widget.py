@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from difftumor_napari import inspection as ins
-from difftumor_napari import synthesis_tasks as st
+from difftumor_napari import synthesis as st
 
 pytestmark = pytest.mark.gui
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from backend.io import read_image
-from difftumor_napari import synthesis_tasks as st
+from difftumor_napari import synthesis as st
 
 pytestmark = pytest.mark.gui
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from difftumor_napari import synthesis_tasks as st
+from difftumor_napari import synthesis as st
 
 pytestmark = pytest.mark.gui
 
