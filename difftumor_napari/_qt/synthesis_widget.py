@@ -29,18 +29,9 @@ from magicgui.widgets import (
 
 from difftumor_napari import placement as pl
 from difftumor_napari import synthesis as st
-from difftumor_napari._dock import ScrollableContainer, browse, default_save_folder, forms, watch
-from difftumor_napari._placement import (
-    TUMOR_LAYER,
-    ct_image_layers,
-    label_facts,
-    notify_error,
-    organ_label_layers,
-    select_first,
-    unwrap,
-    wrapped,
-)
-from difftumor_napari._results import DIFFERENCE, RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE, ResultViews
+from difftumor_napari._qt.dock import ScrollableContainer, browse, forms, notify_error, select_first, watch, wrapped
+from difftumor_napari._qt.synthesis_results import DIFFERENCE, RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE, ResultViews
+from difftumor_napari.layers import TUMOR_LAYER, ct_image_layers, label_facts, organ_label_layers, unwrap
 
 if TYPE_CHECKING:
     import napari
@@ -138,6 +129,23 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
                      saving, self.save_button, self.status])
 
         self._remembered_weights()
+        self._connect_buttons()
+        self._watched_tumor = None
+        self._warmed = False  # the engine was prepared in the background (see _warm_engine)
+        self._offered_folder = None  # the default "Save to" shown, replaced while the user has not chosen one
+        self._on_organ()
+        self.organ_layer.changed.connect(self._on_organ_layer)
+        for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            emitter.connect(self._on_layers_changed)
+        self._on_layers_changed()
+        from difftumor_napari._qt.viewing_widget import keep_radiological
+
+        keep_radiological(viewer)  # superior up in coronal/sagittal, sliders named, whichever widget opens first
+        self._watch_closing()
+        self._warm_engine()
+
+    def _connect_buttons(self) -> None:
+        """What each button and option box does when clicked or changed."""
         self.run_button.changed.connect(lambda _=None: self.run())
         self.cancel_button.changed.connect(lambda _=None: self.cancel())
         self.before_after.changed.connect(lambda _=None: self.toggle_before_after())
@@ -151,19 +159,6 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
         self.fixed_sigma.changed.connect(lambda on: setattr(self.sigma, "enabled", bool(on)))
         self.organ.changed.connect(self._on_organ)
         self.tumor_layer.changed.connect(self._watch_tumor_layer)
-        self._watched_tumor = None
-        self._warmed = False  # the engine was prepared in the background (see _warm_engine)
-        self._offered_folder = None  # the default "Save to" shown, replaced while the user has not chosen one
-        self._on_organ()
-        self.organ_layer.changed.connect(self._on_organ_layer)
-        for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
-            emitter.connect(self._on_layers_changed)
-        self._on_layers_changed()
-        from difftumor_napari._viewing import keep_radiological
-
-        keep_radiological(viewer)  # superior up in coronal/sagittal, sliders named, whichever widget opens first
-        self._watch_closing()
-        self._warm_engine()
 
     def _watch_closing(self) -> None:
         """Closing the dock (napari takes the widget out of it) cancels a run: no layers appear later."""
@@ -206,7 +201,7 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
         if current not in ("", ".") and current != self._offered_folder:
             return
         ct = self.ct_layer.value
-        folder = str(default_save_folder(ct.metadata.get("difftumor", {}).get("source") if ct is not None else None))
+        folder = str(st.default_save_folder(ct.metadata.get("difftumor", {}).get("source") if ct is not None else None))
         self._offered_folder = folder
         if current != folder:
             self.out_dir.value = folder
