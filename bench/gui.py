@@ -157,7 +157,7 @@ def scenario(ct_path: str, seg_path: str, three_views: bool) -> dict:
     from qtpy.QtWidgets import QApplication
 
     from backend.cli import demo
-    from difftumor_napari import _synthesis as syn
+    from difftumor_napari._qt import synthesis_widget as syn
     from difftumor_napari._sample_data import make_phantom_sample
 
     # the window `difftumor demo` opens (phantom + widgets + three views or not); the user then closes the
@@ -177,7 +177,7 @@ def scenario(ct_path: str, seg_path: str, three_views: bool) -> dict:
         QApplication.processEvents()
     # the Synthesis widget prepares the engine (torch) in a background thread as it opens: part of start-up,
     # let it finish before the user's steps are timed (its own duration is printed)
-    from difftumor_napari import synthesis_tasks as st
+    from difftumor_napari import synthesis as st
 
     t0 = time.perf_counter()
     while not st._ENGINES and time.perf_counter() - t0 < 120:
@@ -200,7 +200,7 @@ def scenario(ct_path: str, seg_path: str, three_views: bool) -> dict:
     synth.method.value = "model-based"
     from qtpy.QtCore import QEvent
 
-    from difftumor_napari._dock import watch
+    from difftumor_napari._qt.dock import watch
 
     draws: list[float] = []  # Qt paint events of the main canvas (vispy draws the scene in them)
     canvas_hook = watch(viewer.window._qt_viewer.canvas.native, (QEvent.Type.Paint,),

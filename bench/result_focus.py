@@ -28,7 +28,7 @@ def _ball(shape, centre_vox, radius_mm, spacing):
 
 
 def main() -> None:
-    from difftumor_napari._focus import outline_paths, tumor_focus
+    from difftumor_napari.layers import outline_paths, tumor_focus
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)

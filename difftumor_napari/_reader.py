@@ -223,7 +223,7 @@ def volume_to_layer_data(volume: Volume, *, kind: str = "ct", name: str | None =
         }
         kwargs["opacity"] = 0.5
         return data, kwargs, "labels"
-    from difftumor_napari._viewing import window_to_contrast_limits
+    from difftumor_napari.viewing import window_to_contrast_limits
 
     kwargs["contrast_limits"] = window_to_contrast_limits(*ABDOMEN_WINDOW)
     kwargs["colormap"] = "gray"

@@ -1,7 +1,7 @@
 """Quality numbers, failure flags and the review log for one synthetic tumour (no Qt, no napari).
 
 Everything works on numpy arrays in SimpleITK order (z, y, x) with ``spacing`` given in the same
-(z, y, x) order (napari's layer ``scale``). The widget in ``_inspection.py`` only displays what
+(z, y, x) order (napari's layer ``scale``). The widget in ``_qt/inspection_widget.py`` only displays what
 :func:`tumor_metrics` and :func:`failure_flags` return and appends reviews via :func:`append_review`.
 
 Metrics (all HU or mm):

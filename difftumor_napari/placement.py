@@ -1,6 +1,6 @@
 """Tumour placement without Qt: click -> voxel, ellipsoid / random tumours, undo stack, layer guesses.
 
-The placement widget (``_placement.py``) only collects values and calls these functions. Arrays are
+The placement widget (``_qt/placement_widget.py``) only collects values and calls these functions. Arrays are
 in the napari display order (z, y, x) of the DiffTumor reader (an LPS grid); the grid itself is a
 :class:`backend.io.Geometry` built by :func:`layer_geometry` from the layer's metadata (or its
 ``scale``/``translate``). Shapes come from :mod:`backend.synthesis.masks` (the engine's generators):

@@ -2,7 +2,7 @@
 
 The CLI layer of the study: argument parsing and thin handlers. The library (:mod:`study`) holds
 design, sessions, statistics and reports and imports neither napari nor this module; the reading
-GUI (:mod:`difftumor_napari._reading`) is imported inside :func:`read_handler` only, so
+GUI (:mod:`difftumor_napari._qt.reading_widget`) is imported inside :func:`read_handler` only, so
 ``difftumor --help`` loads neither Qt nor napari.
 """
 
@@ -153,7 +153,7 @@ def read_handler(args) -> int:
 
     prefer_qt6()  # before anything imports qtpy
     try:
-        from difftumor_napari._reading import run_reading_app
+        from difftumor_napari._qt.reading_widget import run_reading_app
     except ImportError as exc:  # napari / Qt missing
         raise DiffTumorError(f"study read: needs napari and a Qt binding (pip install 'difftumor[gui]'): {exc}") from None
     quiet_qt_binding_notice()

@@ -63,7 +63,7 @@ def demo_window():
     from qtpy.QtWidgets import QApplication
 
     from backend.cli import demo
-    from difftumor_napari import synthesis_tasks as st
+    from difftumor_napari import synthesis as st
     from difftumor_napari._sample_data import make_phantom_sample
 
     demo.quiet_qt_binding_notice()
@@ -91,8 +91,8 @@ def main() -> int:
     from gui import Heartbeat, run_step  # bench/gui.py
     from qtpy.QtWidgets import QApplication, QTabBar
 
-    from difftumor_napari._synthesis import RESULT_TUMOR, TUMOR_OUTLINE
-    from difftumor_napari._three_views import three_views_of
+    from difftumor_napari._qt.synthesis_widget import RESULT_TUMOR, TUMOR_OUTLINE
+    from difftumor_napari.layers import three_views_of
 
     ct_path, seg_path = SHARED / "example_ct_sm.nii.gz", SHARED / "example_seg.nii.gz"
     viewer, widgets, failed = demo_window()

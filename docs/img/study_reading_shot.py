@@ -52,7 +52,7 @@ def main(synthetic_ct: str, synthetic_label: str, out: Path = ROOT / "docs" / "i
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from difftumor_napari._reading import open_reading
+    from difftumor_napari._qt.reading_widget import open_reading
 
     viewer = napari.Viewer(title="DiffTumor reading session: reader R1", show=True)
     viewer.window.resize(*demo.WINDOW_SIZE)

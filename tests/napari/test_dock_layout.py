@@ -78,7 +78,7 @@ def test_docked_widgets_fit_the_dock(make_napari_viewer, qtbot, size):
 def test_scrollable_widget_hands_napari_its_scroll_area(make_napari_viewer):
     from qtpy.QtWidgets import QScrollArea
 
-    from difftumor_napari._synthesis import SynthesisWidget
+    from difftumor_napari._qt.synthesis_widget import SynthesisWidget
 
     viewer = make_napari_viewer()
     widget = SynthesisWidget(viewer)

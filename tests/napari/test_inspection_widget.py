@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from difftumor_napari import inspection as ins
-from difftumor_napari import synthesis_tasks as st
+from difftumor_napari import synthesis as st
 
 pytestmark = pytest.mark.gui
 
@@ -16,9 +16,9 @@ def _real_ct_with_tumour(make_napari_viewer, qtbot, monkeypatch, tmp_path, ct_pa
     returns (viewer, synthesis widget). No weights configured unless the caller sets them."""
     from scipy import ndimage
 
-    from difftumor_napari._placement import PlacementWidget
+    from difftumor_napari._qt.placement_widget import PlacementWidget
+    from difftumor_napari._qt.synthesis_widget import SynthesisWidget
     from difftumor_napari._reader import read_layer_data
-    from difftumor_napari._synthesis import SynthesisWidget
 
     monkeypatch.setenv(st.NOTHREADS_ENV, "1")
     monkeypatch.delenv("DIFFTUMOR_WEIGHTS", raising=False)
@@ -52,7 +52,7 @@ def synthesized(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, t
 def test_measure_flags_and_side_by_side(synthesized, qtbot, errors):
     from napari.layers import Shapes
 
-    from difftumor_napari._inspection import OUTLINE, PREFIX, InspectionWidget
+    from difftumor_napari._qt.inspection_widget import OUTLINE, PREFIX, InspectionWidget
 
     viewer = synthesized
     w = InspectionWidget(viewer)
@@ -102,7 +102,7 @@ def test_measure_flags_and_side_by_side(synthesized, qtbot, errors):
 
 
 def test_review_log_grows_across_sessions(synthesized, qtbot, tmp_path, errors):
-    from difftumor_napari._inspection import InspectionWidget
+    from difftumor_napari._qt.inspection_widget import InspectionWidget
 
     log = tmp_path / "reviews.csv"
     for session in range(2):  # two widgets = two sessions appending to one file
@@ -128,7 +128,7 @@ def test_review_log_grows_across_sessions(synthesized, qtbot, tmp_path, errors):
 
 
 def test_nothing_to_inspect_is_a_notification(make_napari_viewer, qtbot, errors):
-    from difftumor_napari._inspection import InspectionWidget
+    from difftumor_napari._qt.inspection_widget import InspectionWidget
 
     w = InspectionWidget(make_napari_viewer())
     qtbot.addWidget(w.native)
@@ -143,8 +143,8 @@ def test_diffusion_run_shows_reconstruction_and_decoded(make_napari_viewer, qtbo
     import torch
     from scipy import ndimage
 
-    from difftumor_napari._inspection import OUTLINE, PREFIX, InspectionWidget
-    from difftumor_napari._synthesis import RESULT_CT
+    from difftumor_napari._qt.inspection_widget import OUTLINE, PREFIX, InspectionWidget
+    from difftumor_napari._qt.synthesis_widget import RESULT_CT
 
     torch.set_num_threads(2)
     viewer, synth = _real_ct_with_tumour(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, totalseg_seg,
@@ -180,7 +180,7 @@ def test_results_reopened_from_disk_can_be_inspected(make_napari_viewer, qtbot, 
                                                      totalseg_ct, totalseg_seg):
     """A later session: the original CT, the saved <stem>_ct and <stem>_label (0/1/2) opened with the reader.
     The saved label offers its tumours, and Original CT never defaults to the synthetic CT itself."""
-    from difftumor_napari._inspection import InspectionWidget
+    from difftumor_napari._qt.inspection_widget import InspectionWidget
     from difftumor_napari._reader import read_layer_data
 
     viewer, synth = _real_ct_with_tumour(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, totalseg_seg,
@@ -210,7 +210,7 @@ def test_docked_before_synthesis_picks_up_the_result(make_napari_viewer, qtbot, 
                                                       totalseg_ct, totalseg_seg):
     """The usual docked flow: Inspection exists before the first run. The new result and its tumour are
     chosen (not the original CT and the placement mask chosen before), also after a second run."""
-    from difftumor_napari._inspection import InspectionWidget
+    from difftumor_napari._qt.inspection_widget import InspectionWidget
 
     viewer, synth = _real_ct_with_tumour(make_napari_viewer, qtbot, monkeypatch, tmp_path, totalseg_ct, totalseg_seg,
                                          size="small")
@@ -229,8 +229,8 @@ def test_docked_before_synthesis_picks_up_the_result(make_napari_viewer, qtbot, 
 def test_side_by_side_cells_are_zoomed_to_the_tumour(synthesized, qtbot, errors):
     """Defect 6: each side-by-side cell showed the whole slice (a 13 mm tumour was ~8 px); every cell is now
     centred on the tumour and zoomed so that it spans a readable part of the cell."""
-    from difftumor_napari._focus import _camera, view_size_px
-    from difftumor_napari._inspection import InspectionWidget
+    from difftumor_napari._qt.inspection_widget import InspectionWidget
+    from difftumor_napari.layers import _camera, view_size_px
 
     viewer = synthesized
     w = InspectionWidget(viewer)
@@ -254,7 +254,7 @@ def test_organ_numbers_leave_out_tumours_labelled_in_msd_organ_labels(synthesize
     count as organ: the numbers match those measured with the clean liver."""
     from scipy import ndimage
 
-    from difftumor_napari._inspection import InspectionWidget
+    from difftumor_napari._qt.inspection_widget import InspectionWidget
 
     viewer = synthesized
     w = InspectionWidget(viewer)

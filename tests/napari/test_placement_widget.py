@@ -25,7 +25,7 @@ def real_viewer(make_napari_viewer, totalseg_ct, totalseg_seg):
 
 
 def _widget(viewer, qtbot):
-    from difftumor_napari._placement import PlacementWidget
+    from difftumor_napari._qt.placement_widget import PlacementWidget
 
     w = PlacementWidget(viewer)
     qtbot.addWidget(w.native)
@@ -261,7 +261,7 @@ def test_a_click_on_a_labelled_tumour_is_refused_and_overlap_left_out(real_viewe
 
 def test_after_a_placement_the_view_goes_to_the_tumour(real_viewer, qtbot, errors):
     """Defect 3 (placement): the slice, the camera centre and the zoom go to the placed tumour."""
-    from difftumor_napari._focus import _camera, view_size_px
+    from difftumor_napari.layers import _camera, view_size_px
 
     viewer = real_viewer
     w = _widget(viewer, qtbot)

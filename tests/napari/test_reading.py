@@ -45,7 +45,7 @@ def _make_study(tmp_path, n_per_class=3, **options):
 @pytest.fixture(autouse=True)
 def _no_answer_guard(monkeypatch):
     """These tests answer faster than a reader can; the guard has its own test."""
-    from difftumor_napari._reading import ReadingWidget
+    from difftumor_napari._qt.reading_widget import ReadingWidget
 
     monkeypatch.setattr(ReadingWidget, "ANSWER_GUARD_S", 0.0)
 
@@ -66,7 +66,7 @@ def _stored(study, reader="R1"):
 
 
 def test_widget_drives_a_whole_session(make_napari_viewer, qtbot, tmp_path):
-    from difftumor_napari._reading import ReadingWidget
+    from difftumor_napari._qt.reading_widget import ReadingWidget
 
     study = _make_study(tmp_path, unsure=True, confidence=True)
     viewer = make_napari_viewer()
@@ -117,7 +117,7 @@ def test_widget_drives_a_whole_session(make_napari_viewer, qtbot, tmp_path):
 
 
 def test_nothing_in_the_viewer_names_the_source(make_napari_viewer, tmp_path):
-    from difftumor_napari._reading import ReadingWidget
+    from difftumor_napari._qt.reading_widget import ReadingWidget
 
     study = _make_study(tmp_path)
     viewer = make_napari_viewer()
@@ -130,7 +130,7 @@ def test_nothing_in_the_viewer_names_the_source(make_napari_viewer, tmp_path):
 
 
 def test_revisit_and_resume_in_the_widget(make_napari_viewer, tmp_path):
-    from difftumor_napari._reading import ReadingWidget
+    from difftumor_napari._qt.reading_widget import ReadingWidget
 
     study = _make_study(tmp_path, revisit=True)
     viewer = make_napari_viewer()
@@ -151,7 +151,7 @@ def test_revisit_and_resume_in_the_widget(make_napari_viewer, tmp_path):
 
 
 def test_no_back_without_revisit(make_napari_viewer, tmp_path):
-    from difftumor_napari._reading import ReadingWidget
+    from difftumor_napari._qt.reading_widget import ReadingWidget
 
     study = _make_study(tmp_path)
     widget = ReadingWidget(make_napari_viewer(), ReadingSession(study, "R1"))
@@ -163,7 +163,7 @@ GUI_CHILD = textwrap.dedent("""
     import sys, time
     import napari
     from study.session import ReadingSession
-    from difftumor_napari._reading import ReadingWidget
+    from difftumor_napari._qt.reading_widget import ReadingWidget
     viewer = napari.Viewer(show=False)
     ReadingWidget.ANSWER_GUARD_S = 0.0  # answers come faster than a reader's
     widget = ReadingWidget(viewer, ReadingSession(sys.argv[1], "R1"))
@@ -177,7 +177,7 @@ GUI_CHILD = textwrap.dedent("""
 
 def test_sigkill_during_a_widget_session_then_resume(make_napari_viewer, tmp_path):
     """A reader answers through the widget in another process, which is SIGKILLed mid-session."""
-    from difftumor_napari._reading import ReadingWidget
+    from difftumor_napari._qt.reading_widget import ReadingWidget
 
     study = _make_study(tmp_path, n_per_class=4)
     env = dict(os.environ, PYTHONPATH=str(REPO), QT_QPA_PLATFORM="offscreen")
@@ -202,7 +202,7 @@ def test_sigkill_during_a_widget_session_then_resume(make_napari_viewer, tmp_pat
 
 def test_held_key_or_double_click_answers_one_case(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """Auto-repeat is off for every key, and an answer right after a case appears is ignored."""
-    from difftumor_napari._reading import ReadingWidget
+    from difftumor_napari._qt.reading_widget import ReadingWidget
 
     monkeypatch.setattr(ReadingWidget, "ANSWER_GUARD_S", 0.5)
     study = _make_study(tmp_path, unsure=True)
@@ -226,7 +226,7 @@ def test_held_key_or_double_click_answers_one_case(make_napari_viewer, qtbot, tm
 def test_the_answer_time_starts_at_the_first_paint(make_napari_viewer, qtbot, tmp_path):
     """A shown window: the canvas's draw event marks the case shown; before it no answer is taken, and the time
     does not include what happened before the paint (napari's start-up for the first case)."""
-    from difftumor_napari._reading import ReadingWidget
+    from difftumor_napari._qt.reading_widget import ReadingWidget
 
     study = _make_study(tmp_path)
     viewer = make_napari_viewer(show=True)
@@ -247,7 +247,7 @@ def test_the_answer_time_starts_at_the_first_paint(make_napari_viewer, qtbot, tm
 def test_a_case_that_cannot_be_shown_takes_no_answer(make_napari_viewer, tmp_path):
     """The file of case 2 is truncated after the session started: no traceback, no empty canvas with live
     buttons, no answer with seconds 0; one line, answering disabled, the case noted as unreadable."""
-    from difftumor_napari._reading import ReadingWidget
+    from difftumor_napari._qt.reading_widget import ReadingWidget
 
     study = _make_study(tmp_path)
     viewer = make_napari_viewer()

@@ -1,6 +1,6 @@
 """The Synthesis widget's engine is kept between runs (loaded networks, per-CT cache) until the weights change."""
 
-from difftumor_napari import synthesis_tasks as st
+from difftumor_napari import synthesis as st
 
 
 def test_shared_engine_is_reused_until_the_folder_changes(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from backend.io import read_image
-from difftumor_napari import synthesis_tasks as st
+from difftumor_napari import synthesis as st
 
 pytestmark = pytest.mark.gui
 
@@ -27,8 +27,8 @@ def no_weights(monkeypatch, tmp_path):
 
 
 def _widgets(viewer, qtbot):
-    from difftumor_napari._placement import PlacementWidget
-    from difftumor_napari._synthesis import SynthesisWidget
+    from difftumor_napari._qt.placement_widget import PlacementWidget
+    from difftumor_napari._qt.synthesis_widget import SynthesisWidget
 
     place, synth = PlacementWidget(viewer), SynthesisWidget(viewer)
     qtbot.addWidget(place.native)
@@ -45,7 +45,7 @@ def _inner_voxel(mask):
 
 def _flow(viewer, qtbot, tmp_path, source_ct, organ: str):
     """place by click -> random placement -> synthesize -> before/after -> difference -> save -> reopen."""
-    from difftumor_napari._synthesis import DIFFERENCE, RESULT_CT, RESULT_TUMOR
+    from difftumor_napari._qt.synthesis_widget import DIFFERENCE, RESULT_CT, RESULT_TUMOR
 
     place, synth = _widgets(viewer, qtbot)
     place.organ.value = organ
@@ -184,7 +184,7 @@ def phantom_viewer(make_napari_viewer, no_weights):
 def test_event_loop_stays_responsive_during_a_threaded_run(phantom_viewer, qtbot, monkeypatch, errors):
     from qtpy.QtCore import QTimer
 
-    from difftumor_napari._synthesis import RESULT_CT
+    from difftumor_napari._qt.synthesis_widget import RESULT_CT
 
     monkeypatch.delenv(st.NOTHREADS_ENV, raising=False)
     place, synth = _widgets(phantom_viewer, qtbot)
@@ -211,7 +211,7 @@ def test_event_loop_stays_responsive_during_a_threaded_run(phantom_viewer, qtbot
 
 
 def test_cancel_stops_the_run_and_changes_nothing(phantom_viewer, qtbot, monkeypatch, errors):
-    from difftumor_napari._synthesis import RESULT_CT
+    from difftumor_napari._qt.synthesis_widget import RESULT_CT
 
     monkeypatch.delenv(st.NOTHREADS_ENV, raising=False)
     place, synth = _widgets(phantom_viewer, qtbot)
@@ -272,7 +272,7 @@ def test_user_errors_are_notifications(phantom_viewer, qtbot, monkeypatch, error
 
 def test_weights_folder_is_remembered(make_napari_viewer, qtbot, tmp_path, no_weights):
     from backend.weights import get_weights_dir_setting
-    from difftumor_napari._synthesis import SynthesisWidget
+    from difftumor_napari._qt.synthesis_widget import SynthesisWidget
 
     folder = tmp_path / "weights"
     folder.mkdir()
@@ -313,7 +313,7 @@ def test_tumours_already_in_msd_labels_stay_tumour(phantom_viewer, qtbot, monkey
 
 
 def test_closing_the_dock_cancels_and_removing_the_ct_discards_the_run(phantom_viewer, qtbot, monkeypatch, errors):
-    from difftumor_napari._synthesis import RESULT_CT
+    from difftumor_napari._qt.synthesis_widget import RESULT_CT
 
     monkeypatch.delenv(st.NOTHREADS_ENV, raising=False)
     place, synth = _widgets(phantom_viewer, qtbot)
@@ -450,7 +450,7 @@ def test_missing_weights_folder_is_named_in_the_widgets_words(phantom_viewer, qt
 def test_before_after_with_the_original_ct_closed_keeps_the_result_shown(phantom_viewer, qtbot, monkeypatch, errors):
     """Closing the original CT after a run, Before / after used to hide the result and say 'Showing: before
     (original)' over an empty canvas."""
-    from difftumor_napari._synthesis import RESULT_CT
+    from difftumor_napari._qt.synthesis_widget import RESULT_CT
 
     monkeypatch.setenv(st.NOTHREADS_ENV, "1")
     place, synth = _widgets(phantom_viewer, qtbot)
@@ -479,8 +479,8 @@ def test_after_synthesis_the_view_goes_to_the_tumour(phantom_viewer, qtbot, monk
     drop to an outline and the tumour is a thin outline that the checkbox toggles."""
     from napari.layers import Shapes
 
-    from difftumor_napari._focus import _camera, view_size_px
-    from difftumor_napari._synthesis import TUMOR_OUTLINE
+    from difftumor_napari._qt.synthesis_widget import TUMOR_OUTLINE
+    from difftumor_napari.layers import _camera, view_size_px
 
     monkeypatch.setenv(st.NOTHREADS_ENV, "1")
     viewer = phantom_viewer
@@ -617,10 +617,10 @@ def test_result_screenshots_show_the_tumour(make_napari_viewer, qtbot, monkeypat
 
     from PIL import Image
 
-    from difftumor_napari._inspection import InspectionWidget
-    from difftumor_napari._placement import PlacementWidget
+    from difftumor_napari._qt.inspection_widget import InspectionWidget
+    from difftumor_napari._qt.placement_widget import PlacementWidget
+    from difftumor_napari._qt.synthesis_widget import SynthesisWidget
     from difftumor_napari._sample_data import make_phantom_sample
-    from difftumor_napari._synthesis import SynthesisWidget
 
     out = Path(os.environ.get("DIFFTUMOR_SCREENSHOT_DIR", tmp_path))
     monkeypatch.setenv(st.NOTHREADS_ENV, "1")
@@ -695,7 +695,7 @@ def test_mass_effect_control_reaches_the_request(phantom_viewer, qtbot, monkeypa
 def test_result_ct_is_shown_before_its_overlays(phantom_viewer, qtbot, monkeypatch, errors):
     """The GUI adds 'CT + synthetic tumor' at once and the tumour labels and outline on the next event-loop
     turn (three inserts in one handler froze the window for all three before anything was drawn)."""
-    from difftumor_napari._synthesis import RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE
+    from difftumor_napari._qt.synthesis_widget import RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE
 
     monkeypatch.setenv(st.NOTHREADS_ENV, "1")
     place, synth = _widgets(phantom_viewer, qtbot)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from difftumor_napari._viewing import (
+from difftumor_napari.viewing import (
     PRESETS,
     contrast_limits_to_window,
     drag_window_level,
@@ -66,7 +66,7 @@ def ct_viewer(make_napari_viewer):
 
 @pytest.fixture
 def widget(ct_viewer, qtbot):
-    from difftumor_napari._viewing import ViewingWidget
+    from difftumor_napari._qt.viewing_widget import ViewingWidget
 
     w = ViewingWidget(ct_viewer)
     qtbot.addWidget(w.native)
@@ -184,7 +184,7 @@ def click_at(viewer, world_point):
 
 def test_opening_three_views_refits_the_axial_view(make_napari_viewer, qtbot):
     """The bottom dock halves the canvas: the axial view is fitted again so the whole body stays in view."""
-    from difftumor_napari._viewing import ViewingWidget
+    from difftumor_napari._qt.viewing_widget import ViewingWidget
 
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1400, 900)
@@ -202,12 +202,12 @@ def test_opening_three_views_refits_the_axial_view(make_napari_viewer, qtbot):
 def test_any_difftumor_widget_keeps_the_view_radiological(make_napari_viewer, qtbot):
     """Docking only Tumor placement (from the Plugins menu) names the sliders and keeps superior up when the
     user shows a coronal plane; a second widget does not connect the handlers twice."""
-    from difftumor_napari import _viewing
+    from difftumor_napari import viewing
 
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((20, 30, 40), np.int16))
     viewer.window.add_plugin_dock_widget("difftumor", "Tumor placement")
-    assert tuple(viewer.dims.axis_labels) == _viewing.SLIDER_NAMES
+    assert tuple(viewer.dims.axis_labels) == viewing.SLIDER_NAMES
     viewer.dims.order = (1, 0, 2)  # coronal in the main canvas
     assert viewer.camera.orientation2d[0] == "up"
     n = len(viewer.dims.events.order.callbacks)
@@ -218,8 +218,8 @@ def test_any_difftumor_widget_keeps_the_view_radiological(make_napari_viewer, qt
 def test_crosshair_is_drawn_over_the_labels(make_napari_viewer, qtbot, totalseg_ct, totalseg_seg):
     """Rendered, on the real CT with its organ labels: the crosshair's pixels appear in both extra views where
     the cursor is (a crosshair drawn with depth testing was hidden behind the labels layer)."""
+    from difftumor_napari._qt.three_views import ThreeViews
     from difftumor_napari._reader import read_layer_data
-    from difftumor_napari._three_views import ThreeViews
 
     viewer = make_napari_viewer(show=True)
     for path, kind in ((totalseg_ct, "ct"), (totalseg_seg, "labels")):
@@ -246,15 +246,16 @@ def test_slider_names_survive_swapping_the_only_volume():
     and prepends '-3'; the sliders must still read axial / coronal / sagittal. User-chosen names stay."""
     from napari.components import ViewerModel
 
-    from difftumor_napari import _viewing
+    from difftumor_napari import viewing
+    from difftumor_napari._qt import viewing_widget
 
     viewer = ViewerModel()
-    _viewing.keep_radiological(viewer)
+    viewing_widget.keep_radiological(viewer)
     first = viewer.add_image(np.zeros((4, 5, 6), np.int16), name="case 1")
-    assert tuple(viewer.dims.axis_labels) == _viewing.SLIDER_NAMES
+    assert tuple(viewer.dims.axis_labels) == viewing.SLIDER_NAMES
     viewer.layers.remove(first)
     viewer.add_image(np.zeros((4, 5, 6), np.int16), name="case 2")
-    assert tuple(viewer.dims.axis_labels) == _viewing.SLIDER_NAMES
+    assert tuple(viewer.dims.axis_labels) == viewing.SLIDER_NAMES
     viewer.dims.axis_labels = ("z", "y", "x")
     viewer.layers.remove(viewer.layers[0])
     viewer.add_image(np.zeros((4, 5, 6), np.int16), name="case 3")
@@ -330,7 +331,7 @@ def test_window_level_acts_on_the_result_too(ct_viewer, widget):
 def test_side_views_fit_the_whole_volume_when_resized(make_napari_viewer, qtbot):
     """A 128³ volume: each extra view shows it whole (not fitted to the width, cutting top and bottom), also
     after its canvas changed size."""
-    from difftumor_napari._three_views import ThreeViews
+    from difftumor_napari._qt.three_views import ThreeViews
 
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((128, 128, 128), np.int16), scale=(1.0, 0.8, 0.8))
@@ -353,7 +354,7 @@ def test_side_views_fit_the_whole_volume_when_resized(make_napari_viewer, qtbot)
 def test_a_thin_volume_says_so(make_napari_viewer, qtbot, monkeypatch):
     import napari.utils.notifications as notifications
 
-    from difftumor_napari._three_views import ThreeViews, too_thin
+    from difftumor_napari._qt.three_views import ThreeViews, too_thin
 
     assert too_thin((3, 512, 512), (5.0, 0.7, 0.7)) == "3 slices (15 mm)"
     assert too_thin((30, 101, 122), (3.0, 3.0, 3.0)) is None
@@ -369,7 +370,7 @@ def test_a_thin_volume_says_so(make_napari_viewer, qtbot, monkeypatch):
 
 
 def test_focus_views_frames_a_point_in_all_three_views(ct_viewer, widget):
-    from difftumor_napari._focus import focus_views
+    from difftumor_napari.layers import focus_views
 
     widget.toggle_three_views()
     views = widget._three_views
@@ -389,7 +390,7 @@ def test_focus_views_frames_a_point_in_all_three_views(ct_viewer, widget):
 
 
 def test_focus_zoom():
-    from difftumor_napari._focus import focus_zoom
+    from difftumor_napari.layers import focus_zoom
 
     assert focus_zoom(10.0, (400, 600)) == pytest.approx(5.0)  # four diameters (80 mm) across 400 px
     assert focus_zoom(1.0, (400, 600)) == pytest.approx(400 / 60)  # never closer than 60 mm
@@ -397,7 +398,7 @@ def test_focus_zoom():
 
 
 def test_slider_numbers_get_the_width_their_font_needs(make_napari_viewer):
-    from difftumor_napari._viewing import fit_slider_labels
+    from difftumor_napari._qt.viewing_widget import fit_slider_labels
 
     viewer = make_napari_viewer(show=True)
     viewer.add_image(np.zeros((128, 8, 8), np.uint8))
@@ -412,7 +413,7 @@ def test_a_success_closes_stale_error_toasts(make_napari_viewer, qtbot):
     from napari._qt.dialogs.qt_notification import NapariQtNotification
     from napari.utils.notifications import Notification, NotificationSeverity, notification_manager
 
-    from difftumor_napari._dock import clear_errors_on_success
+    from difftumor_napari._qt.dock import clear_errors_on_success
 
     viewer = make_napari_viewer(show=True)
     clear_errors_on_success(viewer)
@@ -429,7 +430,7 @@ def test_default_save_folder(tmp_path, monkeypatch):
     from pathlib import Path
 
     import difftumor_napari
-    from difftumor_napari._dock import default_save_folder
+    from difftumor_napari.synthesis import default_save_folder
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home" / "Documents").mkdir(parents=True)
@@ -479,7 +480,7 @@ def test_tumour_outline_is_drawn_in_the_side_views(ct_viewer, widget):
     coronal and sagittal views as the contour of its mask, and is toggled with the main outline."""
     from napari.layers import Labels
 
-    from difftumor_napari._focus import outline_layer
+    from difftumor_napari.layers import outline_layer
 
     widget.toggle_three_views()
     views = widget._three_views

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from difftumor_napari import synthesis_tasks as st
+from difftumor_napari import synthesis as st
 
 pytestmark = pytest.mark.gui
 
@@ -50,11 +50,11 @@ def _tumour_screen_colour(viewer, layer, voxel) -> bool:
 def test_widget_screenshots(make_napari_viewer, qtbot, monkeypatch, tmp_path):
     from scipy import ndimage
 
-    from difftumor_napari._inspection import InspectionWidget
-    from difftumor_napari._placement import PlacementWidget
+    from difftumor_napari._qt.inspection_widget import InspectionWidget
+    from difftumor_napari._qt.placement_widget import PlacementWidget
+    from difftumor_napari._qt.synthesis_widget import RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE, SynthesisWidget
     from difftumor_napari._sample_data import make_phantom_sample
-    from difftumor_napari._synthesis import RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE, SynthesisWidget
-    from difftumor_napari._viewing import window_to_contrast_limits
+    from difftumor_napari.viewing import window_to_contrast_limits
 
     out = Path(os.environ.get("DIFFTUMOR_SCREENSHOT_DIR", tmp_path))
     out.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,7 @@
-"""Viewing CT the way radiologists do: window/level presets, mouse window/level, three views.
-
-Pure functions first (no viewer needed): :func:`window_to_contrast_limits`,
-:func:`contrast_limits_to_window`, :func:`drag_window_level`, :func:`vertical_orientation`.
-Then the Qt side: :func:`keep_radiological` (superior stays at the top whenever the z axis is shown
-vertically), the slider labels, and :class:`ViewingWidget`, the "Window / level" dock widget, which
-shows the coronal + sagittal views of :mod:`difftumor_napari._three_views`.
-
-Layers opened by the DiffTumor reader are in LPS order (z, y, x) = (superior, posterior, left), so the
-default axial view shows anterior at the top and the patient's left on the screen's right.
+"""The "Window / level" dock widget (:class:`ViewingWidget`: presets, mouse window/level, three views) and
+what keeps every DiffTumor viewer radiological (:func:`keep_radiological`: superior stays at the top whenever
+the z axis is shown vertically, the sliders named and readable). The window arithmetic is Qt-free, in
+:mod:`difftumor_napari.viewing`; the coronal + sagittal views are :mod:`difftumor_napari._qt.three_views`.
 """
 
 from __future__ import annotations
@@ -15,64 +9,25 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING
 
-import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, PushButton
 from qtpy.QtCore import QEvent
 
-from difftumor_napari._dock import ScrollableContainer, clear_errors_on_success, watch
+from difftumor_napari._qt.dock import ScrollableContainer, clear_errors_on_success, watch
+from difftumor_napari.viewing import (
+    MIN_WIDTH,
+    PRESETS,
+    apply_window,
+    contrast_limits_to_window,
+    ct_layers,
+    drag_window_level,
+    linked_ct_layers,
+    name_slider_axes,
+    vertical_orientation,
+    window_to_contrast_limits,
+)
 
 if TYPE_CHECKING:
     import napari
-    import napari.layers
-
-# name -> (window width, window level) in HU
-PRESETS: dict[str, tuple[float, float]] = {
-    "abdomen": (400.0, 50.0),
-    "liver": (150.0, 30.0),
-    "soft tissue": (350.0, 40.0),
-    "bone": (1800.0, 400.0),
-    "lung": (1500.0, -600.0),
-}
-DEFAULT_PRESET = "abdomen"
-# HU per screen pixel of mouse drag for the width (horizontal) and level (vertical)
-DRAG_HU_PER_PIXEL = 2.0
-MIN_WIDTH = 1.0
-
-
-def window_to_contrast_limits(width: float, level: float) -> tuple[float, float]:
-    """(W, L) -> napari contrast limits ``[L - W/2, L + W/2]``; W400/L50 -> (-150, 250)."""
-    if not width > 0:
-        raise ValueError(f"window width must be > 0, got {width}")
-    return (float(level) - float(width) / 2.0, float(level) + float(width) / 2.0)
-
-
-def contrast_limits_to_window(low: float, high: float) -> tuple[float, float]:
-    """Napari contrast limits -> (W, L), the inverse of :func:`window_to_contrast_limits`."""
-    return (float(high) - float(low), (float(high) + float(low)) / 2.0)
-
-
-def drag_window_level(
-    width: float, level: float, dx: float, dy: float, *, hu_per_pixel: float = DRAG_HU_PER_PIXEL
-) -> tuple[float, float]:
-    """New (W, L) after dragging the mouse by (dx, dy) screen pixels from where (W, L) was set.
-
-    Right widens the window, left narrows it (never below :data:`MIN_WIDTH`); down raises the
-    level (image darker), up lowers it (image brighter) - the usual workstation convention.
-    """
-    return (max(MIN_WIDTH, width + dx * hu_per_pixel), level + dy * hu_per_pixel)
-
-
-def vertical_orientation(dims_order: tuple[int, ...], ndisplay: int, ndim: int) -> str:
-    """'up' when the superior-inferior axis (z = world axis ``ndim - 3``) is shown vertically.
-
-    In a 2D view the vertical screen axis is ``dims_order[-2]``; z grows toward superior in LPS, so
-    it must grow upward on screen for coronal and sagittal views. Axial views keep 'down'
-    (posterior grows downward: anterior at the top).
-    """
-    if ndisplay != 2 or ndim < 3:
-        return "down"
-    return "up" if dims_order[-2] == ndim - 3 else "down"
-
 
 _RADIOLOGICAL: weakref.WeakSet = weakref.WeakSet()  # viewers already kept radiological
 
@@ -80,7 +35,7 @@ _RADIOLOGICAL: weakref.WeakSet = weakref.WeakSet()  # viewers already kept radio
 def keep_radiological(viewer: napari.components.ViewerModel) -> None:
     """Keep superior at the top whenever the z axis is displayed vertically (now and later), name the
     sliders after their planes, and let a success close stale error toasts
-    (:func:`~difftumor_napari._dock.clear_errors_on_success`). Every DiffTumor widget calls it; a viewer
+    (:func:`~difftumor_napari._qt.dock.clear_errors_on_success`). Every DiffTumor widget calls it; a viewer
     is set up once."""
     model = getattr(viewer, "__wrapped__", viewer)  # the same viewer behind napari's plugin proxy
     if model in _RADIOLOGICAL:
@@ -97,52 +52,6 @@ def keep_radiological(viewer: napari.components.ViewerModel) -> None:
     for emitter in (viewer.dims.events.order, viewer.dims.events.ndisplay, viewer.dims.events.ndim):
         emitter.connect(_update)
     _update()
-
-
-SLIDER_NAMES = ("axial", "coronal", "sagittal")  # what moving world axis z / y / x scrolls through
-
-
-def name_slider_axes(viewer: napari.components.ViewerModel) -> None:
-    """Name the three spatial sliders after the plane they scroll, over napari's default (numeric) names
-    and over ours: after the last layer is removed napari keeps two of our names and prepends '-3' when the
-    next volume comes (the reading session swaps its case layer so). Names a user set stay."""
-    labels = tuple(viewer.dims.axis_labels)
-    if (viewer.dims.ndim == 3 and labels != SLIDER_NAMES
-            and all(lbl.lstrip("-").isdigit() or lbl in SLIDER_NAMES for lbl in labels)):
-        viewer.dims.axis_labels = SLIDER_NAMES
-
-
-def ct_layers(viewer: napari.components.ViewerModel) -> list[napari.layers.Image]:
-    """Single-channel image layers, CT (DiffTumor metadata kind 'ct') first."""
-    from napari.layers import Image
-
-    images = [ly for ly in viewer.layers if isinstance(ly, Image) and not ly.rgb]
-    return sorted(images, key=lambda ly: ly.metadata.get("difftumor", {}).get("kind") != "ct")
-
-
-def linked_ct_layers(viewer: napari.components.ViewerModel, layer) -> list[napari.layers.Image]:
-    """The CT layers that share one window with ``layer``: ``layer`` and every other CT or synthesis result
-    (DiffTumor kind 'ct' or 'synthetic') on the same voxel grid, so that the original and 'CT + synthetic
-    tumor' always show with the same W/L, whichever is visible."""
-    def same_grid(other):
-        return (tuple(other.data.shape) == tuple(layer.data.shape) and np.allclose(other.scale, layer.scale)
-                and np.allclose(other.translate, layer.translate))
-
-    linked = [layer]
-    for other in ct_layers(viewer):
-        if other is not layer and other.metadata.get("difftumor", {}).get("kind") in ("ct", "synthetic") \
-                and same_grid(other):
-            linked.append(other)
-    return linked
-
-
-def apply_window(layer, low: float, high: float) -> None:
-    """Set contrast limits, widening the layer's contrast range when the window reaches beyond it."""
-    lo_range, hi_range = layer.contrast_limits_range
-    if low < lo_range or high > hi_range:  # let the window reach beyond the data range
-        layer.contrast_limits_range = (min(lo_range, low), max(hi_range, high))
-    if tuple(layer.contrast_limits) != (low, high):
-        layer.contrast_limits = (low, high)
 
 
 def fit_slider_labels(qt_dims, *, axis_names: bool = True) -> None:
@@ -345,7 +254,7 @@ class ViewingWidget(ScrollableContainer):
             main = self.native.window()
             if isinstance(main, QMainWindow):  # the layer list and controls keep the full height on the left
                 main.setCorner(Qt.Corner.BottomLeftCorner, Qt.DockWidgetArea.LeftDockWidgetArea)
-            from difftumor_napari._three_views import ThreeViews
+            from difftumor_napari._qt.three_views import ThreeViews
 
             self._three_views = ThreeViews(self._viewer)
             self._dock = window.add_dock_widget(self._three_views.widget, name="Three views", area="bottom")

@@ -1,4 +1,5 @@
-"""A magicgui Container that scrolls inside a napari dock.
+"""What every DiffTumor dock widget is built from: a magicgui Container that scrolls inside a napari dock,
+aligned forms, event hooks, wrapped status lines, error notifications and stale-toast clean-up.
 
 napari docks a magicgui widget's ``.native``. For ``Container(scrollable=True)`` that is the inner
 widget holding the layout, not the ``QScrollArea`` around it (magicgui's ``root_native_widget``;
@@ -13,11 +14,9 @@ cannot be made narrower than the form's minimum width plus that scroll bar.
 from __future__ import annotations
 
 import functools
-import os
 import weakref
-from pathlib import Path
 
-from magicgui.widgets import Container
+from magicgui.widgets import ComboBox, Container, Label
 from qtpy.QtCore import QEvent, QObject
 
 
@@ -225,17 +224,30 @@ def clear_errors_on_success(viewer) -> None:
     notification_manager.notification_ready.connect(_on_notification)  # no-op when connected
 
 
-def default_save_folder(source: str | None) -> Path:
-    """Where results are saved unless the user picks a folder: ``difftumor_results`` next to the CT file
-    (its folder for a DICOM series) when that folder is writable, else ``DiffTumor`` in the user's
-    documents (home when there is no Documents folder); never inside the installed package."""
-    package = Path(__file__).resolve().parent.parent
-    if source:
-        folder = Path(source).expanduser().resolve()
-        folder = folder if folder.is_dir() else folder.parent
-        inside_package = folder == package or package in folder.parents
-        if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK) and not inside_package:
-            return folder / "difftumor_results"
-    home = Path.home()
-    documents = home / "Documents"
-    return (documents if documents.is_dir() else home) / "DiffTumor"
+def notify_error(exc: BaseException, what: str) -> str:
+    """One napari error notification for a user error (DiffTumorError / out of memory); returns the
+    message, for the widget's own status line (a notification disappears, the status stays)."""
+    from napari.utils.notifications import show_error
+
+    from difftumor_napari.synthesis import user_message
+
+    message = user_message(exc, what)
+    show_error(message)
+    return message
+
+
+def wrapped(label: Label) -> Label:
+    """A status/info label that wraps long sentences instead of widening the dock."""
+    from qtpy.QtWidgets import QSizePolicy
+
+    label.native.setWordWrap(True)
+    label.native.setMinimumWidth(50)
+    label.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+    return label
+
+
+def select_first(box: ComboBox, previous) -> None:
+    """After ``reset_choices``: keep ``previous`` if still offered, else take the first real choice."""
+    options = [c for c in box.choices if c is not None]
+    if (previous is None or previous not in options) and options:
+        box.value = options[0]

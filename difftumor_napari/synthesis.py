@@ -1,6 +1,6 @@
 """Synthesis as a Qt-free task: request -> generator of progress -> outcome; saving; messages.
 
-The "Synthesis" widget (``_synthesis.py``) builds a :class:`SynthesisJob` (the layers' arrays + a
+The "Synthesis" widget (``_qt/synthesis_widget.py``) builds a :class:`SynthesisJob` (the layers' arrays + a
 :class:`backend.synthesis.request.SynthesisRequest`, :func:`build_job`) from its layers and
 runs :func:`synthesis_steps` in a napari ``thread_worker`` (or, with ``DIFFTUMOR_NAPARI_NOTHREADS=1``
 and in scripts, through :func:`run_sync`). The generator yields ``(message, done, total)`` from the
@@ -325,3 +325,19 @@ def save_outcome(outcome: SynthesisOutcome, folder, stem: str, ct_metadata: dict
               "label": layer_volume(np.asarray(outcome.label).astype(np.uint8), label_meta, labels=True,
                                     target=folder / f"{stem}_label.nii.gz")}
     return write_output(folder, images, provenance_record(outcome), stem=stem, replace=False)
+
+
+def default_save_folder(source: str | None) -> Path:
+    """Where results are saved unless the user picks a folder: ``difftumor_results`` next to the CT file
+    (its folder for a DICOM series) when that folder is writable, else ``DiffTumor`` in the user's
+    documents (home when there is no Documents folder); never inside the installed package."""
+    package = Path(__file__).resolve().parent.parent
+    if source:
+        folder = Path(source).expanduser().resolve()
+        folder = folder if folder.is_dir() else folder.parent
+        inside_package = folder == package or package in folder.parents
+        if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK) and not inside_package:
+            return folder / "difftumor_results"
+    home = Path.home()
+    documents = home / "Documents"
+    return (documents if documents.is_dir() else home) / "DiffTumor"

@@ -1,21 +1,125 @@
-"""Bring a tumour into view: its slice, centred, zoomed so that it spans a readable part of the canvas.
+"""The layers every DiffTumor widget shares, and bringing a tumour into view. Qt-free: napari layers and a
+napari ``ViewerModel`` (its dims point, camera and canvas size) and numpy masks only.
 
-Qt-free: everything here works on a napari ``ViewerModel`` (the dims point, the camera, the canvas size)
-and on numpy masks. :func:`tumor_focus` finds what to look at (the centre of mass of the largest
-connected component of a mask, in world millimetres, and its radius); :func:`focus_views` moves the view
-there, in the main viewer and in the "Window / level" widget's coronal and sagittal views.
+* Which layer is which: :func:`ct_image_layers` (the CT first), :func:`organ_label_layers` (organ ids first),
+  :func:`label_facts` (the organs a label map holds, computed once per array), :func:`unwrap` (the layer behind
+  napari's plugin proxy).
+* The tumour mask's look: :data:`TUMOR_LAYER`, :func:`tumor_colormap`, :func:`tumor_layer_metadata`.
+* The view: :func:`tumor_focus` finds what to look at (the centre of mass of the largest connected component of
+  a mask, in world millimetres, and its radius); :func:`focus_views` moves the view there, in the main viewer
+  and in the "Window / level" widget's coronal and sagittal views (:func:`three_views_of`).
+* The tumour's outline: :func:`outline_paths`, :func:`outline_layer`.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from difftumor_napari import placement as pl
+
 if TYPE_CHECKING:
     import napari
 
+    from difftumor_napari._qt.three_views import ThreeViews
+
+TUMOR_LAYER = "tumor mask"
+
+
+def unwrap(layer):
+    """The layer itself behind napari's ``PublicOnlyProxy``: a plugin widget's viewer hands out a new
+    proxy on every ``viewer.layers[...]``, so ``is`` between two look-ups is False for the same layer."""
+    return getattr(layer, "__wrapped__", layer)
+
+
+TUMOR_RGBA = (1.0, 0.85, 0.0, 1.0)  # one bright yellow for every tumour id: never an organ's colour
+
+
+def tumor_colormap():
+    """Tumour masks in one colour of their own (napari's default label colours would paint tumour 1 in
+    the spleen's colour, 2 in the right kidney's, ... of the organ layer beneath)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: TUMOR_RGBA, 0: (0.0, 0.0, 0.0, 0.0)})
+
+
+def tumor_layer_metadata(ct_layer, kind: str = "tumor") -> dict:
+    """Metadata for a mask made on ``ct_layer``'s grid: the CT's geometry record, integer dtype."""
+    info = dict(ct_layer.metadata.get("difftumor", {}))
+    info.update(kind=kind, dtype="uint8")
+    info.pop("data_range", None)
+    return {"difftumor": info}
+
+
+def ct_image_layers(viewer) -> list:
+    """3D single-channel image layers, the most CT-like first (synthetic results last)."""
+    from napari.layers import Image
+
+    layers = [ly for ly in viewer.layers if isinstance(ly, Image) and not ly.rgb and ly.ndim == 3
+              and ly.metadata.get("difftumor", {}).get("kind") not in ("difference", "intermediate")]
+    best = pl.pick_ct_layer([ly for ly in layers if ly.metadata.get("difftumor", {}).get("kind") != "synthetic"])
+    layers.sort(key=lambda ly: (ly is not best, ly.metadata.get("difftumor", {}).get("kind") == "synthetic"))
+    return layers
+
+
+@dataclass(frozen=True)
+class LabelFacts:
+    """What the widgets need to know about a label layer's values (see :func:`label_facts`)."""
+
+    organs: tuple[str, ...]  # placeable organs present (:func:`difftumor_napari.placement.organs_in_labels`)
+    single_organ: bool  # an MSD/LiTS/KiTS-style 0/1/2 map (:func:`~difftumor_napari.placement.is_single_organ_map`)
+    has_tumour: bool  # ... holding a labelled tumour (value 2)
+
+
+_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (its data array, LabelFacts)
+
+
+def label_facts(layer) -> LabelFacts:
+    """:class:`LabelFacts` of a Labels layer, computed once per data array: every widget asks on every layer
+    added or removed (three widgets, several choice boxes each), and a full pass over a 512 x 512 x 300 label
+    map is ~0.3 s. A new array (``layer.data = ...``) or a brush stroke (the layer's paint event) recomputes."""
+    layer = unwrap(layer)
+    data = layer.data
+    cached = _FACTS.get(layer)
+    if cached is not None and cached[0] is data:
+        return cached[1]
+    if cached is None:  # first look at this layer: forget the facts when it is painted
+        ref = weakref.ref(layer)
+        layer.events.paint.connect(lambda _event=None: _FACTS.pop(ref(), None) if ref() is not None else None)
+    organs = tuple(pl.organs_in_labels(data))
+    single = pl.is_single_organ_map(data)
+    facts = LabelFacts(organs, single, bool(single and (np.asarray(data) == 2).any()))
+    _FACTS[layer] = (data, facts)
+    return facts
+
+
+def organ_label_layers(viewer) -> list:
+    """Labels layers that are not tumour masks, those holding organ ids first."""
+    from napari.layers import Labels
+
+    layers = [ly for ly in viewer.layers if isinstance(ly, Labels) and ly.name != TUMOR_LAYER
+              and ly.metadata.get("difftumor", {}).get("kind") not in ("tumor", "synthetic")]
+    best = next((ly for ly in layers if label_facts(ly).organs), None)
+    layers.sort(key=lambda ly: ly is not best)
+    return layers
+
+
+_THREE_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # viewer model -> its ThreeViews
+
+
+def three_views_of(viewer) -> ThreeViews | None:
+    """The coronal and sagittal views (:class:`~difftumor_napari._qt.three_views.ThreeViews`) shown for
+    ``viewer`` (None when three views were never opened); they register themselves here."""
+    return _THREE_VIEWS.get(getattr(viewer, "__wrapped__", viewer))
+
+
+# --------------------------------------------------------------------------------------------
+# bring a tumour into view: its slice, centred, zoomed so that it spans a readable part of the canvas
+# --------------------------------------------------------------------------------------------
 #: the view shows at least this many tumour diameters across its shorter side ...
 DIAMETERS_ACROSS = 4.0
 #: ... and never less than this many millimetres (a 5 mm tumour is not blown up to fill a 3 mm-voxel screen)
@@ -121,8 +225,6 @@ def focus_views(viewer: napari.components.ViewerModel, center_world: Sequence[fl
     ``radius_mm`` spans a readable part of the canvas. The main viewer (one grid cell when napari's grid
     is on) and, when the "Window / level" widget shows them, the coronal and sagittal views, which keep
     this framing when their canvases are resized until the user pans or zooms."""
-    from difftumor_napari._three_views import three_views_of
-
     ndim = viewer.dims.ndim
     point = np.asarray(center_world, float)[-3:]
     if ndim < 3 or point.size != 3 or not np.all(np.isfinite(point)):
@@ -198,7 +300,7 @@ def outline_layer(mask: np.ndarray, ref, name: str, *, axis: int = 0, metadata: 
     """A napari Shapes layer (not yet added) drawing :func:`outline_paths` of ``mask`` across ``axis`` on
     ``ref``'s grid (its ``scale`` and ``translate``), :data:`OUTLINE_WIDTH_MM` wide, in the tumour colour.
     Its metadata names the mask (``difftumor.outline_of``), from which the coronal and sagittal views
-    (:mod:`difftumor_napari._three_views`) draw the outline in their own planes."""
+    (:mod:`difftumor_napari._qt.three_views`) draw the outline in their own planes."""
     from napari.layers import Shapes
 
     scale = np.asarray(ref.scale, float)[-3:]

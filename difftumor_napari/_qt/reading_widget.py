@@ -275,7 +275,7 @@ def open_reading(session: ReadingSession, viewer: napari.viewer.Viewer | None = 
     if viewer is None:
         viewer = napari.Viewer(title=f"DiffTumor reading session: reader {session.reader}")
     try:
-        from difftumor_napari._viewing import keep_radiological
+        from difftumor_napari._qt.viewing_widget import keep_radiological
 
         keep_radiological(viewer)
     except ImportError:  # pragma: no cover - viewing helpers are optional here

@@ -9,130 +9,28 @@ placements).
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSlider, FloatSpinBox, Label, PushButton, SpinBox
 
 from difftumor_napari import placement as pl
-from difftumor_napari._dock import ScrollableContainer, forms
+from difftumor_napari._qt.dock import ScrollableContainer, forms, notify_error, select_first, wrapped
+from difftumor_napari.layers import (
+    TUMOR_LAYER,
+    ct_image_layers,
+    focus_on_voxels,
+    label_facts,
+    organ_label_layers,
+    tumor_colormap,
+    tumor_layer_metadata,
+    unwrap,
+)
 
 if TYPE_CHECKING:
     import napari
 
-TUMOR_LAYER = "tumor mask"
 CUSTOM = "custom (radii below)"
-
-
-def notify_error(exc: BaseException, what: str) -> str:
-    """One napari error notification for a user error (DiffTumorError / out of memory); returns the
-    message, for the widget's own status line (a notification disappears, the status stays)."""
-    from napari.utils.notifications import show_error
-
-    from difftumor_napari.synthesis_tasks import user_message
-
-    message = user_message(exc, what)
-    show_error(message)
-    return message
-
-
-def wrapped(label: Label) -> Label:
-    """A status/info label that wraps long sentences instead of widening the dock."""
-    from qtpy.QtWidgets import QSizePolicy
-
-    label.native.setWordWrap(True)
-    label.native.setMinimumWidth(50)
-    label.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
-    return label
-
-
-def unwrap(layer):
-    """The layer itself behind napari's ``PublicOnlyProxy``: a plugin widget's viewer hands out a new
-    proxy on every ``viewer.layers[...]``, so ``is`` between two look-ups is False for the same layer."""
-    return getattr(layer, "__wrapped__", layer)
-
-
-TUMOR_RGBA = (1.0, 0.85, 0.0, 1.0)  # one bright yellow for every tumour id: never an organ's colour
-
-
-def tumor_colormap():
-    """Tumour masks in one colour of their own (napari's default label colours would paint tumour 1 in
-    the spleen's colour, 2 in the right kidney's, ... of the organ layer beneath)."""
-    from napari.utils.colormaps import DirectLabelColormap
-
-    return DirectLabelColormap(color_dict={None: TUMOR_RGBA, 0: (0.0, 0.0, 0.0, 0.0)})
-
-
-def tumor_layer_metadata(ct_layer, kind: str = "tumor") -> dict:
-    """Metadata for a mask made on ``ct_layer``'s grid: the CT's geometry record, integer dtype."""
-    info = dict(ct_layer.metadata.get("difftumor", {}))
-    info.update(kind=kind, dtype="uint8")
-    info.pop("data_range", None)
-    return {"difftumor": info}
-
-
-def ct_image_layers(viewer) -> list:
-    """3D single-channel image layers, the most CT-like first (synthetic results last)."""
-    from napari.layers import Image
-
-    layers = [ly for ly in viewer.layers if isinstance(ly, Image) and not ly.rgb and ly.ndim == 3
-              and ly.metadata.get("difftumor", {}).get("kind") not in ("difference", "intermediate")]
-    best = pl.pick_ct_layer([ly for ly in layers if ly.metadata.get("difftumor", {}).get("kind") != "synthetic"])
-    layers.sort(key=lambda ly: (ly is not best, ly.metadata.get("difftumor", {}).get("kind") == "synthetic"))
-    return layers
-
-
-@dataclass(frozen=True)
-class LabelFacts:
-    """What the widgets need to know about a label layer's values (see :func:`label_facts`)."""
-
-    organs: tuple[str, ...]  # placeable organs present (:func:`difftumor_napari.placement.organs_in_labels`)
-    single_organ: bool  # an MSD/LiTS/KiTS-style 0/1/2 map (:func:`~difftumor_napari.placement.is_single_organ_map`)
-    has_tumour: bool  # ... holding a labelled tumour (value 2)
-
-
-_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (its data array, LabelFacts)
-
-
-def label_facts(layer) -> LabelFacts:
-    """:class:`LabelFacts` of a Labels layer, computed once per data array: every widget asks on every layer
-    added or removed (three widgets, several choice boxes each), and a full pass over a 512 x 512 x 300 label
-    map is ~0.3 s. A new array (``layer.data = ...``) or a brush stroke (the layer's paint event) recomputes."""
-    layer = unwrap(layer)
-    data = layer.data
-    cached = _FACTS.get(layer)
-    if cached is not None and cached[0] is data:
-        return cached[1]
-    if cached is None:  # first look at this layer: forget the facts when it is painted
-        ref = weakref.ref(layer)
-        layer.events.paint.connect(lambda _event=None: _FACTS.pop(ref(), None) if ref() is not None else None)
-    organs = tuple(pl.organs_in_labels(data))
-    single = pl.is_single_organ_map(data)
-    facts = LabelFacts(organs, single, bool(single and (np.asarray(data) == 2).any()))
-    _FACTS[layer] = (data, facts)
-    return facts
-
-
-def organ_label_layers(viewer) -> list:
-    """Labels layers that are not tumour masks, those holding organ ids first."""
-    from napari.layers import Labels
-
-    layers = [ly for ly in viewer.layers if isinstance(ly, Labels) and ly.name != TUMOR_LAYER
-              and ly.metadata.get("difftumor", {}).get("kind") not in ("tumor", "synthetic")]
-    best = next((ly for ly in layers if label_facts(ly).organs), None)
-    layers.sort(key=lambda ly: ly is not best)
-    return layers
-
-
-def select_first(box: ComboBox, previous) -> None:
-    """After ``reset_choices``: keep ``previous`` if still offered, else take the first real choice."""
-    options = [c for c in box.choices if c is not None]
-    if (previous is None or previous not in options) and options:
-        box.value = options[0]
-
-
 # what to do next, for a first-time user (the status line under the buttons)
 NEXT_PLACE = "Tick 'Click on the image to place a tumour' and click inside the organ, or press Random placement."
 NEXT_SYNTHESIZE = "Next: Synthesis > Synthesize."
@@ -183,7 +81,7 @@ class PlacementWidget(ScrollableContainer):
             emitter.connect(self._on_layers_changed)
         self._on_layers_changed()
         self._on_organ_layer()  # the first hint even when no organ layer is open yet (no change event then)
-        from difftumor_napari._viewing import keep_radiological
+        from difftumor_napari._qt.viewing_widget import keep_radiological
 
         keep_radiological(viewer)  # superior up in coronal/sagittal, sliders named, whichever widget opens first
         self._on_size()
@@ -364,8 +262,6 @@ class PlacementWidget(ScrollableContainer):
         layer.events.paint(value=[])  # linked views (three views) refresh on paint events
         self._viewer.layers.selection.active = layer
         if focus:
-            from difftumor_napari._focus import focus_on_voxels
-
             index = tuple(np.concatenate([p.index[axis] for p in focus]) for axis in range(3))
             focus_on_voxels(self._viewer, index, layer)
         self.status.value = message

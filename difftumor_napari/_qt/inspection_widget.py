@@ -15,8 +15,8 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, Label, LineEdit, Push
 
 from difftumor_napari import inspection as ins
 from difftumor_napari import placement as pl
-from difftumor_napari._dock import ScrollableContainer, browse, forms
-from difftumor_napari._placement import label_facts, notify_error, organ_label_layers, select_first, unwrap, wrapped
+from difftumor_napari._qt.dock import ScrollableContainer, browse, forms, notify_error, select_first, wrapped
+from difftumor_napari.layers import label_facts, organ_label_layers, unwrap
 
 if TYPE_CHECKING:
     import napari
@@ -105,7 +105,7 @@ class InspectionWidget(ScrollableContainer):
         for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
             emitter.connect(self._on_layers_changed)
         self._on_layers_changed()
-        from difftumor_napari._viewing import keep_radiological
+        from difftumor_napari._qt.viewing_widget import keep_radiological
 
         keep_radiological(viewer)  # superior up in coronal/sagittal, sliders named, whichever widget opens first
 
@@ -237,7 +237,7 @@ class InspectionWidget(ScrollableContainer):
 
     def _centre_on(self, mask: np.ndarray, layer) -> None:
         """The tumour's slice, centred and zoomed (in every cell of the side-by-side grid: they share a camera)."""
-        from difftumor_napari._focus import focus_on_mask
+        from difftumor_napari.layers import focus_on_mask
 
         focus_on_mask(self._viewer, mask, layer)
 
@@ -280,7 +280,7 @@ class InspectionWidget(ScrollableContainer):
         a second click restores the view."""
         from napari.layers import Image, Shapes
 
-        from difftumor_napari._focus import OUTLINE_RGBA, OUTLINE_WIDTH_MM, outline_paths
+        from difftumor_napari.layers import OUTLINE_RGBA, OUTLINE_WIDTH_MM, outline_paths
 
         if self._grid.enabled and any(ly.name.startswith(PREFIX) for ly in self._viewer.layers):
             for ly in [ly for ly in self._viewer.layers if ly.name.startswith(PREFIX)]:

@@ -1,7 +1,7 @@
 """The "Synthesis" dock widget: method / weights folder / device / stage / steps / seed, a threaded run
 with progress and Cancel, before/after + difference views, and Save onto the original grid.
 
-Logic lives in :mod:`difftumor_napari.synthesis_tasks`; this module builds the layout, runs the
+Logic lives in :mod:`difftumor_napari.synthesis`; this module builds the layout, runs the
 task's generator in a napari ``thread_worker`` (synchronously when ``DIFFTUMOR_NAPARI_NOTHREADS=1``)
 and turns results into layers.
 """
@@ -28,19 +28,10 @@ from magicgui.widgets import (
 )
 
 from difftumor_napari import placement as pl
-from difftumor_napari import synthesis_tasks as st
-from difftumor_napari._dock import ScrollableContainer, browse, default_save_folder, forms, watch
-from difftumor_napari._placement import (
-    TUMOR_LAYER,
-    ct_image_layers,
-    label_facts,
-    notify_error,
-    organ_label_layers,
-    select_first,
-    unwrap,
-    wrapped,
-)
-from difftumor_napari._results import DIFFERENCE, RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE, ResultViews
+from difftumor_napari import synthesis as st
+from difftumor_napari._qt.dock import ScrollableContainer, browse, forms, notify_error, select_first, watch, wrapped
+from difftumor_napari._qt.synthesis_results import DIFFERENCE, RESULT_CT, RESULT_TUMOR, TUMOR_OUTLINE, ResultViews
+from difftumor_napari.layers import TUMOR_LAYER, ct_image_layers, label_facts, organ_label_layers, unwrap
 
 if TYPE_CHECKING:
     import napari
@@ -130,6 +121,23 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
                      saving, self.save_button, self.status])
 
         self._remembered_weights()
+        self._connect_buttons()
+        self._watched_tumor = None
+        self._warmed = False  # the engine was prepared in the background (see _warm_engine)
+        self._offered_folder = None  # the default "Save to" shown, replaced while the user has not chosen one
+        self._on_organ()
+        self.organ_layer.changed.connect(self._on_organ_layer)
+        for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            emitter.connect(self._on_layers_changed)
+        self._on_layers_changed()
+        from difftumor_napari._qt.viewing_widget import keep_radiological
+
+        keep_radiological(viewer)  # superior up in coronal/sagittal, sliders named, whichever widget opens first
+        self._watch_closing()
+        self._warm_engine()
+
+    def _connect_buttons(self) -> None:
+        """What each button and option box does when clicked or changed."""
         self.run_button.changed.connect(lambda _=None: self.run())
         self.cancel_button.changed.connect(lambda _=None: self.cancel())
         self.before_after.changed.connect(lambda _=None: self.toggle_before_after())
@@ -143,19 +151,6 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
         self.fixed_sigma.changed.connect(lambda on: setattr(self.sigma, "enabled", bool(on)))
         self.organ.changed.connect(self._on_organ)
         self.tumor_layer.changed.connect(self._watch_tumor_layer)
-        self._watched_tumor = None
-        self._warmed = False  # the engine was prepared in the background (see _warm_engine)
-        self._offered_folder = None  # the default "Save to" shown, replaced while the user has not chosen one
-        self._on_organ()
-        self.organ_layer.changed.connect(self._on_organ_layer)
-        for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
-            emitter.connect(self._on_layers_changed)
-        self._on_layers_changed()
-        from difftumor_napari._viewing import keep_radiological
-
-        keep_radiological(viewer)  # superior up in coronal/sagittal, sliders named, whichever widget opens first
-        self._watch_closing()
-        self._warm_engine()
 
 
     def _add_realism_controls(self) -> None:
@@ -211,7 +206,7 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
         if current not in ("", ".") and current != self._offered_folder:
             return
         ct = self.ct_layer.value
-        folder = str(default_save_folder(ct.metadata.get("difftumor", {}).get("source") if ct is not None else None))
+        folder = str(st.default_save_folder(ct.metadata.get("difftumor", {}).get("source") if ct is not None else None))
         self._offered_folder = folder
         if current != folder:
             self.out_dir.value = folder
@@ -235,7 +230,7 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
         self._follow_placements()
 
     def _warm_engine(self) -> None:
-        """Prepare the engine in a background thread (:func:`~difftumor_napari.synthesis_tasks.warm_engine`) as the
+        """Prepare the engine in a background thread (:func:`~difftumor_napari.synthesis.warm_engine`) as the
         widget opens, once per widget; not with threads off. Loading torch's libraries holds Python's lock for
         about a second whenever it happens: during start-up, before the user acts, rather than after the first
         Synthesize click or in the middle of a placement."""

@@ -3,20 +3,22 @@
 Each side view is a napari ``ViewerModel`` with its own canvas holding light copies of the main viewer's 3D
 image and labels layers (the same arrays, never a data copy), kept up to date one layer at a time, plus the
 side view's own drawing of the synthetic tumour's outline (a Shapes layer cannot be sliced across planes).
-The "Window / level" widget (:mod:`difftumor_napari._viewing`) shows them; :func:`three_views_of` finds them
-for a viewer (:func:`difftumor_napari._focus.focus_views` frames the tumour in them).
+The "Window / level" widget (:mod:`difftumor_napari._qt.viewing_widget`) shows them;
+:func:`~difftumor_napari.layers.three_views_of` finds them for a viewer (:func:`~difftumor_napari.layers.focus_views`
+frames the tumour in them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from difftumor_napari._viewing import keep_slider_labels_readable, name_slider_axes
+from difftumor_napari._qt.viewing_widget import keep_slider_labels_readable
+from difftumor_napari.layers import _THREE_VIEWS
+from difftumor_napari.viewing import name_slider_axes
 
 if TYPE_CHECKING:
     import napari
@@ -50,7 +52,7 @@ def too_thin(shape_zyx, scale_zyx) -> str | None:
 
 
 def _outline_mask(layer):
-    """The mask a tumour outline (:func:`difftumor_napari._focus.outline_layer`) was drawn from, else None."""
+    """The mask a tumour outline (:func:`difftumor_napari.layers.outline_layer`) was drawn from, else None."""
     from napari.layers import Shapes
 
     return layer.metadata.get("difftumor", {}).get("outline_of") if isinstance(layer, Shapes) else None
@@ -63,14 +65,6 @@ def _mirrorable(layer) -> bool:
     if isinstance(layer, Shapes):
         return layer.ndim == 3 and _outline_mask(layer) is not None
     return isinstance(layer, (Image, Labels)) and layer.ndim == 3 and not getattr(layer, "rgb", False)
-
-
-_THREE_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # viewer model -> its ThreeViews
-
-
-def three_views_of(viewer) -> ThreeViews | None:
-    """The :class:`ThreeViews` shown for ``viewer`` (None when three views were never opened)."""
-    return _THREE_VIEWS.get(getattr(viewer, "__wrapped__", viewer))
 
 
 class _Framing:
@@ -111,7 +105,7 @@ class _Framing:
             cam_center = list(model.camera.center)
             cam_center[-2], cam_center[-1] = center[rows], center[cols]
             model.camera.center = tuple(cam_center)
-            from difftumor_napari._focus import focus_zoom
+            from difftumor_napari.layers import focus_zoom
 
             model.camera.zoom = focus_zoom(radius, model.canvas.size, fit_zoom)
         self._placed = self._camera_state()
@@ -133,7 +127,7 @@ class ThreeViews:
     three views moves the cursor there. Each extra view draws a crosshair through the cursor: its
     horizontal line is the axial slice, its vertical line the slice of the other extra view. Each view
     fits the whole volume to its canvas (again when the canvas is resized) unless
-    :func:`difftumor_napari._focus.focus_views` framed a point or the user panned or zoomed.
+    :func:`difftumor_napari.layers.focus_views` framed a point or the user panned or zoomed.
     """
 
     CROSSHAIR = "cursor"  # name of the crosshair layer in the extra views (not a copy of a main layer)
@@ -252,7 +246,7 @@ class ThreeViews:
             # computed per plane rendered with gaps in these views), on a uint8 view of the mask, not a copy
             from napari.layers import Labels
 
-            from difftumor_napari._placement import tumor_colormap
+            from difftumor_napari.layers import tumor_colormap
 
             data = np.asarray(mask)
             data = data.view(np.uint8) if data.dtype == np.bool_ else data

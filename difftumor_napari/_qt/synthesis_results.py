@@ -1,7 +1,7 @@
 """What the "Synthesis" widget does with a result: the layers it adds ('CT + synthetic tumor', the tumour
 labels, the tumour outline), the view brought to the tumour, Before / after and the Difference view.
 
-:class:`ResultViews` is a part of :class:`difftumor_napari._synthesis.SynthesisWidget` (which holds the
+:class:`ResultViews` is a part of :class:`difftumor_napari._qt.synthesis_widget.SynthesisWidget` (which holds the
 options, the run and Save): it needs the widget's ``_viewer``, ``outcome``, ``_source_ct``, ``organ_layer``,
 ``show_outline`` and ``status``.
 """
@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from difftumor_napari._placement import TUMOR_LAYER, notify_error, organ_label_layers, unwrap
+from difftumor_napari._qt.dock import notify_error
+from difftumor_napari.layers import TUMOR_LAYER, organ_label_layers, unwrap
 
 if TYPE_CHECKING:
-    from difftumor_napari import synthesis_tasks as st
+    from difftumor_napari import synthesis as st
 
 RESULT_CT = "CT + synthetic tumor"
 RESULT_TUMOR = "synthetic tumor"
@@ -72,7 +73,7 @@ class ResultViews:
     def _add_result_outline(self, outcome: st.SynthesisOutcome) -> None:
         """The tumour as a thin line along its edge on top of everything (toggled by "Tumour outline"): the
         synthetic texture and its blended margin stay visible."""
-        from difftumor_napari._focus import outline_layer
+        from difftumor_napari.layers import outline_layer
 
         ct = self._source_ct
         outline = outline_layer(outcome.tumor_mask, ct, TUMOR_OUTLINE, visible=bool(self.show_outline.value),
@@ -94,7 +95,7 @@ class ResultViews:
 
     def _add_result_labels(self, outcome: st.SynthesisOutcome) -> None:
         """'synthetic tumor' (labels, hidden): what Inspection measures and Save writes."""
-        from difftumor_napari._placement import tumor_colormap, tumor_layer_metadata
+        from difftumor_napari.layers import tumor_colormap, tumor_layer_metadata
 
         ct = self._source_ct
         meta = tumor_layer_metadata(ct, kind="synthetic")
@@ -110,7 +111,7 @@ class ResultViews:
     def go_to_tumour(self) -> bool:
         """Bring the synthetic tumour into view: its slice, centred, zoomed (the largest one when there are
         several); False (and the status says why) without a result."""
-        from difftumor_napari._focus import focus_on_mask
+        from difftumor_napari.layers import focus_on_mask
 
         if self.outcome is None or self._source_ct is None:
             self.status.value = "Go to tumour: synthesize a tumour first"
