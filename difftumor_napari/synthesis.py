@@ -266,17 +266,6 @@ def synthesis_steps(job: SynthesisJob, *, cancel: threading.Event | None = None,
     return SynthesisOutcome(ct, np.asarray(result.label), np.asarray(result.tumor_mask), prov, inter, job)
 
 
-def run_sync(gen: Generator, on_progress=None):
-    """Drive a progress generator to its end on this thread; returns its return value."""
-    while True:
-        try:
-            item = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if on_progress is not None:
-            on_progress(item)
-
-
 # --------------------------------------------------------------------------------------------
 # saving
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
+from backend.progress import run_sync
 from difftumor_napari import placement as pl
 from difftumor_napari import synthesis as st
 from difftumor_napari._qt.dock import ScrollableContainer, browse, forms, notify_error, select_first, watch, wrapped
@@ -371,7 +372,7 @@ class SynthesisWidget(ResultViews, ScrollableContainer):
         self._set_running(True)
         if st.threads_disabled():
             try:
-                outcome = st.run_sync(gen, self._on_progress)
+                outcome = run_sync(gen, self._on_progress)
             except Exception as exc:  # noqa: BLE001
                 self._on_synthesis_errored(exc)
             else:
