@@ -232,17 +232,21 @@ NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "
                 1280: "u8"}  # NIfTI datatype code -> numpy scalar type (byte order from the header)
 
 
-def nifti_layout(header: bytes):
-    """(numpy dtype, dims, vox_offset, slope, inter) of a NIfTI-1/2 header, or None (not NIfTI, or a type that is
-    not a plain scalar)."""
-    if len(header) < 348:
-        return None
+def _nifti_endian(header: bytes) -> tuple[str, int] | None:
+    """(struct byte-order prefix, sizeof_hdr) of a NIfTI-1 (348) or NIfTI-2 (540) header; None if neither."""
     for endian in "<>":
         (sizeof_hdr,) = struct.unpack(endian + "i", header[:4])
         if sizeof_hdr in (348, 540):
-            break
-    else:
+            return endian, sizeof_hdr
+    return None
+
+
+def nifti_layout(header: bytes):
+    """(numpy dtype, dims, vox_offset, slope, inter) of a NIfTI-1/2 header, or None (not NIfTI, or a type that is
+    not a plain scalar)."""
+    if len(header) < 348 or (found := _nifti_endian(header)) is None:
         return None
+    endian, sizeof_hdr = found
     if len(header) < sizeof_hdr:
         return None
     if sizeof_hdr == 348:
@@ -313,12 +317,9 @@ def nifti_promise(header: bytes, *, single_file: bool) -> int | None:
     floor). Raises :class:`Broken` for a header cut short."""
     if len(header) < 4:
         raise Broken(f"the NIfTI header is incomplete ({len(header)} of 348 bytes)")
-    for endian in "<>":
-        (sizeof_hdr,) = struct.unpack(endian + "i", header[:4])
-        if sizeof_hdr in (348, 540):
-            break
-    else:
+    if (found := _nifti_endian(header)) is None:
         return None
+    endian, sizeof_hdr = found
     if len(header) < sizeof_hdr:
         raise Broken(f"the NIfTI header is incomplete ({len(header)} of {sizeof_hdr} bytes)")
     if sizeof_hdr == 348:
