@@ -266,3 +266,21 @@ def check(res: Result) -> None:
     assert any(name in res.stderr for name in res.spec.names), f"stderr names none of {res.spec.names}\n" + shown
     assert res.spec.says in res.stderr, shown
     assert res.after == res.before, diff(res.before, res.after) + "\n" + shown
+
+
+def sweep_tests(cases: dict[str, Builder]):
+    """The module-scoped ``sweep`` fixture and the parametrised ``test_bad_input`` for a table of cases, complete
+    when this is called: a test module binds them as ``sweep, test_bad_input = sweep_tests(CASES)``."""
+
+    @pytest.fixture(scope="module")
+    def sweep(request, tmp_path_factory) -> dict[str, Result]:
+        return run_sweep(request, tmp_path_factory, cases)
+
+    @pytest.mark.parametrize("case_id", list(cases))
+    def test_bad_input(sweep, case_id):
+        res = sweep[case_id]
+        if res.skip:
+            pytest.skip(res.skip)
+        check(res)
+
+    return sweep, test_bad_input

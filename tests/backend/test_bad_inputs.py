@@ -23,11 +23,9 @@ import SimpleITK as sitk
 from bad_input_sweep import (
     MARKER,
     REPO,
-    Result,
     Spec,
     build_kit,
     case_pair,
-    check,
     cut,
     difftumor,
     evil_torch_file,
@@ -36,8 +34,8 @@ from bad_input_sweep import (
     msd_pair,
     phantom,
     registry,
-    run_sweep,
     snapshot,
+    sweep_tests,
 )
 
 CASES, case = registry()
@@ -766,17 +764,7 @@ def _(w, kit):
                  "--out", str(w / "eval")], ("--overlap",))
 
 
-@pytest.fixture(scope="module")
-def sweep(request, tmp_path_factory) -> dict[str, Result]:
-    return run_sweep(request, tmp_path_factory, CASES)
-
-
-@pytest.mark.parametrize("case_id", list(CASES))
-def test_bad_input(sweep, case_id):
-    res = sweep[case_id]
-    if res.skip:
-        pytest.skip(res.skip)
-    check(res)
+sweep, test_bad_input = sweep_tests(CASES)
 
 
 def test_the_sweep_has_enough_distinct_inputs():

@@ -8,10 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
-from bad_input_sweep import Result, Spec, check, cut, image, phantom, registry, run_sweep  # noqa: E402
+from bad_input_sweep import Spec, cut, image, phantom, registry, sweep_tests  # noqa: E402
 
 CASES, case = registry()
 
@@ -129,17 +127,7 @@ def _(w, kit):
                  "--out", str(w / "report")], ("nokey",))
 
 
-@pytest.fixture(scope="module")
-def sweep(request, tmp_path_factory) -> dict[str, Result]:
-    return run_sweep(request, tmp_path_factory, CASES)
-
-
-@pytest.mark.parametrize("case_id", list(CASES))
-def test_bad_input(sweep, case_id):
-    res = sweep[case_id]
-    if res.skip:
-        pytest.skip(res.skip)
-    check(res)
+sweep, test_bad_input = sweep_tests(CASES)
 
 
 def test_the_study_sweep_has_its_cases():
